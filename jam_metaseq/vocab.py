@@ -1,0 +1,232 @@
+"""The vocabulary layout shared by data, checkpoints, trainer and generator (paper §3.1 Tokenizers).
+
+One JSON manifest describes every id:
+  [bos=0, pad=1, eos=2, unk=3]  fairseq/metaseq Dictionary specials
+  [text_start, text_end)        text tokenizer ids, shifted by text_start
+  [image_start, image_end)      image codes (default 8192: a 32x32 VQ grid per image)
+  break                         <break>, framing every image: <break> img_0 .. img_1023 <break>
+  [sentinel_start, +num_sentinels)  CM3 sentinels <mask:0> ... <mask:K-1>
+  eoss                          end-of-span token closing each moved span
+  [.., size)                    filler rows so that size is a multiple of ``pad_to_multiple``
+
+``<mask:0>`` doubles as the classifier-free-guidance ``<mask>``: the unconditional context is
+the CM3 infilling input whose condition was cut out (cm3_retrieval_decoding.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BOS, PAD, EOS, UNK = 0, 1, 2, 3
+NUM_DICT_SPECIALS = 4
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class VocabManifest:
+    """Ids of every token class; derived ranges are properties."""
+
+    text_size: int
+    """Number of text-tokenizer ids (placed at [4, 4 + text_size))."""
+    image_codes: int = 8192
+    """Number of image codes."""
+    num_sentinels: int = 16
+    """CM3 sentinels <mask:0> ... <mask:num_sentinels-1> (max spans per sequence)."""
+    pad_to_multiple: int = 8
+    """The total size is rounded up to this multiple (fairseq Dictionary padding)."""
+    image_tokens_per_image: int = 1024
+    """Tokens per image (VQ grid h * w)."""
+    image_grid: tuple[int, int] = (32, 32)
+    """VQ grid (rows, cols) of one image."""
+    text_tokenizer: str | None = None
+    """Path or description of the text tokenizer model (informational)."""
+
+    def __post_init__(self) -> None:
+        if self.text_size < 0 or self.image_codes < 0:
+            raise ValueError("text_size and image_codes must be >= 0")
+        if self.num_sentinels < 1:
+            raise ValueError("num_sentinels must be >= 1 (<mask:0> is the CFG mask)")
+        grid = tuple(int(g) for g in self.image_grid)
+        object.__setattr__(self, "image_grid", grid)
+        if grid[0] * grid[1] != self.image_tokens_per_image:
+            raise ValueError(
+                f"image_grid {grid} does not hold image_tokens_per_image={self.image_tokens_per_image}"
+            )
+
+    # ---- ids -------------------------------------------------------------------------------
+    bos = BOS
+    pad = PAD
+    eos = EOS
+    unk = UNK
+
+    @property
+    def text_start(self) -> int:
+        return NUM_DICT_SPECIALS
+
+    @property
+    def text_end(self) -> int:
+        return NUM_DICT_SPECIALS + self.text_size
+
+    @property
+    def image_start(self) -> int:
+        return self.text_end
+
+    @property
+    def image_end(self) -> int:
+        return self.image_start + self.image_codes
+
+    @property
+    def break_id(self) -> int:
+        return self.image_end
+
+    @property
+    def sentinel_start(self) -> int:
+        return self.break_id + 1
+
+    @property
+    def sentinel_end(self) -> int:
+        return self.sentinel_start + self.num_sentinels
+
+    @property
+    def mask_id(self) -> int:
+        """The CFG ``<mask>`` (= ``<mask:0>``)."""
+        return self.sentinel_start
+
+    @property
+    def eoss(self) -> int:
+        return self.sentinel_end
+
+    @property
+    def num_used(self) -> int:
+        return self.eoss + 1
+
+    @property
+    def size(self) -> int:
+        m = self.pad_to_multiple
+        return ((self.num_used + m - 1) // m) * m
+
+    @property
+    def text_range(self) -> range:
+        return range(self.text_start, self.text_end)
+
+    @property
+    def image_range(self) -> range:
+        return range(self.image_start, self.image_end)
+
+    @property
+    def sentinel_range(self) -> range:
+        return range(self.sentinel_start, self.sentinel_end)
+
+    def sentinel(self, i: int) -> int:
+        if not 0 <= i < self.num_sentinels:
+            raise IndexError(f"sentinel {i} out of range [0, {self.num_sentinels})")
+        return self.sentinel_start + i
+
+    # ---- predicates (work on ints and on numpy / torch arrays) ------------------------------
+    def is_image(self, ids: Any) -> Any:
+        return (ids >= self.image_start) & (ids < self.image_end)
+
+    def is_text(self, ids: Any) -> Any:
+        return (ids >= self.text_start) & (ids < self.text_end)
+
+    def is_sentinel(self, ids: Any) -> Any:
+        return (ids >= self.sentinel_start) & (ids < self.sentinel_end)
+
+    def image_code(self, ids: Any) -> Any:
+        """Vocabulary id -> VQ code index (0 .. image_codes-1)."""
+        return ids - self.image_start
+
+    def image_id(self, codes: Any) -> Any:
+        """VQ code index -> vocabulary id."""
+        return codes + self.image_start
+
+    # ---- symbols (fairseq/metaseq Dictionary) ----------------------------------------------
+    def symbols(self) -> list[str]:
+        """One string per id, in id order, for building a host Dictionary."""
+        out = ["<s>", "<pad>", "</s>", "<unk>"]
+        out += [f"<t{i}>" for i in range(self.text_size)]
+        out += [f"<img{i}>" for i in range(self.image_codes)]
+        out += ["<break>"]
+        out += [f"<mask:{i}>" for i in range(self.num_sentinels)]
+        out += ["<eoss>"]
+        out += [f"madeupword{i:04d}" for i in range(self.size - self.num_used)]
+        assert len(out) == self.size
+        return out
+
+    # ---- (de)serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image_grid"] = list(self.image_grid)
+        d["version"] = MANIFEST_VERSION
+        d["ids"] = {
+            "bos": self.bos, "pad": self.pad, "eos": self.eos, "unk": self.unk,
+            "break": self.break_id, "eoss": self.eoss, "mask": self.mask_id,
+            "text": [self.text_start, self.text_end],
+            "image": [self.image_start, self.image_end],
+            "sentinels": [self.sentinel_start, self.sentinel_end],
+            "size": self.size,
+        }
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "<dict>") -> "VocabManifest":
+        d = dict(d)
+        version = d.pop("version", MANIFEST_VERSION)
+        if version != MANIFEST_VERSION:
+            raise ValueError(f"{source}: vocab manifest version {version}, expected {MANIFEST_VERSION}")
+        ids = d.pop("ids", None)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"{source}: unknown vocab manifest fields {sorted(unknown)}")
+        if "text_size" not in d:
+            raise ValueError(f"{source}: vocab manifest has no 'text_size'")
+        m = cls(**d)
+        if ids is not None and ids.get("size", m.size) != m.size:
+            raise ValueError(f"{source}: manifest says size {ids['size']} but its fields give {m.size}")
+        return m
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (temp file + rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "VocabManifest":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"vocab manifest not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
+
+    def check_embedding(self, num_rows: int, *, what: str = "checkpoint") -> None:
+        """Stop when a model's embedding does not fit this manifest, saying both sizes."""
+        if num_rows != self.size:
+            raise ValueError(
+                f"vocab manifest has {self.size} ids but the {what}'s embedding has {num_rows} rows"
+            )
+
+
+def tiny_manifest(text_size: int = 64, image_codes: int = 32, image_grid: tuple[int, int] = (2, 2),
+                  num_sentinels: int = 4) -> VocabManifest:
+    """A small layout for tests and the quickstart."""
+    return VocabManifest(
+        text_size=text_size, image_codes=image_codes, num_sentinels=num_sentinels,
+        image_tokens_per_image=image_grid[0] * image_grid[1], image_grid=image_grid,
+    )
+
+
+def as_array(ids: Any) -> np.ndarray:
+    return np.asarray(ids, dtype=np.int64)
