@@ -1,0 +1,61 @@
+"""Explicit key/value cache for incremental decoding (house style: allocated in ``setup_caches``).
+
+One preallocated buffer per attention *slot* (a self-attention layer, or one direction of a JAM-Cross
+cross block), plus the per-row bookkeeping that metaseq's learned positions and left padding need.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys/values for ``num_slots`` attention modules of one model, ``(B, H, max_len, D)`` each."""
+
+    def __init__(
+        self,
+        *,
+        num_slots: int,
+        batch_size: int,
+        heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        shape = (num_slots, batch_size, heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (S, B, H, L, D)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # True where the cached key is padding (never attended to).
+        self.key_padding = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        # Non-pad tokens seen so far per row: the next real token's position is this + pad + 1.
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+        self.max_len = max_len
+        self.batch_size = batch_size
+
+    def reset(self) -> None:
+        self.key_padding.zero_()
+        self.positions.zero_()
+        self.length = 0
+
+    def check_room(self, new_tokens: int) -> None:
+        if self.length + new_tokens > self.max_len:
+            raise ValueError(
+                f"KV cache holds {self.max_len} positions; {self.length} used, {new_tokens} more asked"
+            )
+
+    def write(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, H, T, D) keys/values at the current offset; return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[slot, :, :, start:end] = k
+        self.v[slot, :, :, start:end] = v
+        return self.k[slot, :, :, :end], self.v[slot, :, :, :end]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` of the batch (e.g. after finished sequences are dropped)."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+        self.key_padding = self.key_padding[rows]
+        self.positions = self.positions[rows]
+        self.batch_size = int(self.k.shape[1])

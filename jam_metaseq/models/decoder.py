@@ -1,0 +1,234 @@
+"""The parent decoder: metaseq's ``model_parallel_transformer_lm`` at model-parallel size 1.
+
+OPT / CM3leon family (paper §3.1): pre-LayerNorm layers, learned positions offset by
+``padding_idx + 1``, token embedding scaled by sqrt(E) unless ``scale_embedding=False``, output
+projection tied to the token embedding. State-dict keys and shapes are exactly metaseq's (the fused
+``qkv_proj`` stacks rows as [K; V; Q]), so the ``model`` dict of a metaseq checkpoint loads with
+``strict=True``. JAM-Uniform (Eq. 1) and JAM-Width (Eq. 2-3) are this module with a parent-shaped
+or twice-as-wide ``DecoderConfig``.
+
+Attention runs through ``torch.nn.functional.scaled_dot_product_attention``; tokens equal to
+``padding_idx`` are masked as keys and get the padding position row, so left-padded batches give
+each row the result it would give alone (unlike metaseq's training path, which ignores padding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import DecoderConfig
+
+
+@dataclass
+class AttentionContext:
+    """What every attention call of one forward pass shares."""
+
+    mask: torch.Tensor | None
+    """(B, 1, T, S) bool, True = may attend; None with ``is_causal`` or when all keys are visible."""
+    is_causal: bool
+    cache: KVCache | None
+
+
+def build_context(tokens: torch.Tensor, *, padding_idx: int, cache: KVCache | None) -> AttentionContext:
+    """Causal + key-padding mask for a chunk of ``tokens`` (B, T) appended after ``cache``."""
+    B, T = tokens.shape
+    pad = tokens.eq(padding_idx)  # (B, T)
+    start = 0
+    if cache is not None:
+        cache.check_room(T)
+        start = cache.length
+        cache.key_padding[:, start : start + T] = pad
+        key_pad = cache.key_padding[:, : start + T]
+    else:
+        key_pad = pad
+    has_pad = bool(key_pad.any())
+    if not has_pad and start == 0:
+        return AttentionContext(mask=None, is_causal=T > 1, cache=cache)
+    if not has_pad and T == 1:
+        return AttentionContext(mask=None, is_causal=False, cache=cache)
+    S = start + T
+    idx_q = torch.arange(start, S, device=tokens.device)[:, None]  # (T, 1) absolute query positions
+    idx_k = torch.arange(S, device=tokens.device)[None, :]  # (1, S)
+    causal = idx_k <= idx_q  # (T, S)
+    mask = causal[None, None] & ~key_pad[:, None, None, :]  # (B, 1, T, S)
+    # A query may always see itself: pad queries then stay finite (their outputs are ignored).
+    mask = mask | (idx_k == idx_q)[None, None]
+    return AttentionContext(mask=mask, is_causal=False, cache=cache)
+
+
+def metaseq_positions(
+    tokens: torch.Tensor, *, padding_idx: int, cache: KVCache | None, max_positions: int
+) -> torch.Tensor:
+    """Position ids as metaseq counts them: over non-pad tokens, starting at padding_idx + 1."""
+    nonpad = tokens.ne(padding_idx).long()  # (B, T)
+    counts = nonpad.cumsum(dim=1)
+    if cache is not None:
+        counts = counts + cache.positions[:, None]
+    if counts.numel() and int(counts.max()) > max_positions:
+        raise ValueError(
+            f"sequence of {int(counts.max())} tokens is longer than max_positions={max_positions}"
+        )
+    return counts * nonpad + padding_idx
+
+
+def layer_norm(dim: int, cfg: DecoderConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=cfg.ln_eps, elementwise_affine=cfg.affine_ln, bias=cfg.affine_ln)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ctx: AttentionContext, slot: int,
+    dropout_p: float,
+) -> torch.Tensor:
+    """SDPA over (B, H, T, D) tensors, appending k/v to the cache slot first when decoding."""
+    if ctx.cache is not None:
+        k, v = ctx.cache.write(slot, k, v)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal, dropout_p=dropout_p
+    )
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    B, T, E = x.shape
+    return x.view(B, T, heads, E // heads).transpose(1, 2)  # (B, H, T, D)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    B, H, T, D = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * D)  # (B, T, E)
+
+
+class SelfAttention(nn.Module):
+    """Fused-qkv self-attention; ``qkv_proj`` rows are [K; V; Q] as in metaseq."""
+
+    def __init__(self, cfg: DecoderConfig, slot: int) -> None:
+        super().__init__()
+        E = cfg.embed_dim
+        self.heads = cfg.heads
+        self.slot = slot
+        self.dropout = cfg.attention_dropout
+        self.qkv_proj = nn.Linear(E, 3 * E, bias=cfg.bias)
+        self.out_proj = nn.Linear(E, E, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        k, v, q = self.qkv_proj(x).chunk(3, dim=-1)  # 3 x (B, T, E)
+        out = attend(
+            split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads),
+            ctx=ctx, slot=self.slot, dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out_proj(merge_heads(out))
+
+
+def ffn(layer: nn.Module, x: torch.Tensor, activation: str, dropout: float, training: bool) -> torch.Tensor:
+    """fc1 -> activation -> fc2 -> dropout; ``fc1``/``fc2`` live on the layer, as in metaseq."""
+    h = layer.fc1(x)
+    h = F.relu(h) if activation == "relu" else F.gelu(h)
+    return F.dropout(layer.fc2(h), p=dropout, training=training)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-LN: x + Attn(LN(x)), then x + FFN(LN(x))."""
+
+    def __init__(self, cfg: DecoderConfig, slot: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.self_attn = SelfAttention(cfg, slot)
+        self.self_attn_layer_norm = layer_norm(cfg.embed_dim, cfg)
+        self.fc1 = nn.Linear(cfg.embed_dim, cfg.ffn_dim, bias=cfg.bias)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.embed_dim, bias=cfg.bias)
+        self.final_layer_norm = layer_norm(cfg.embed_dim, cfg)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        h = self.self_attn(self.self_attn_layer_norm(x), ctx)
+        x = x + F.dropout(h, p=self.cfg.dropout, training=self.training)
+        return x + ffn(self, self.final_layer_norm(x), self.cfg.activation, self.cfg.dropout, self.training)
+
+
+def init_normal_(module: nn.Module, std: float) -> None:
+    """Fresh-weight init: N(0, std) for matrices and embeddings, zeros for biases, ones for LN."""
+    for name, p in module.named_parameters():
+        if p.is_meta:
+            continue
+        with torch.no_grad():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "layer_norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+
+
+class Decoder(nn.Module):
+    """The ``decoder.*`` submodule: embeddings, layers, final LayerNorm, tied output projection."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("version", torch.tensor([3.0]))
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.padding_idx)
+        self.embed_positions = nn.Embedding(cfg.num_position_rows, cfg.embed_dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, slot=i) for i in range(cfg.layers))
+        self.layer_norm = layer_norm(cfg.embed_dim, cfg)
+        self.output_projection = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
+        self.output_projection.weight = self.embed_tokens.weight
+        self.embed_scale = math.sqrt(cfg.embed_dim) if cfg.scale_embedding else 1.0
+
+    def embed(self, tokens: torch.Tensor, positions_table: nn.Embedding, cache: KVCache | None) -> torch.Tensor:
+        return embed_input(self, tokens, positions_table=positions_table, cfg=self.cfg, cache=cache)
+
+
+def embed_input(
+    decoder: nn.Module, tokens: torch.Tensor, *, positions_table: nn.Embedding, cfg: DecoderConfig,
+    cache: KVCache | None,
+) -> torch.Tensor:
+    """scale * token embedding + learned position embedding, then dropout: (B, T) -> (B, T, E)."""
+    pos = metaseq_positions(tokens, padding_idx=cfg.padding_idx, cache=cache, max_positions=cfg.max_positions)
+    x = decoder.embed_scale * decoder.embed_tokens(tokens) + positions_table(pos)
+    return F.dropout(x, p=cfg.dropout, training=decoder.training)
+
+
+class DecoderLM(nn.Module):
+    """Decoder-only LM; ``state_dict()`` is metaseq's ``model`` dict (keys ``decoder.*``)."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.decoder = Decoder(cfg)
+        init_normal_(self, cfg.init_std)
+
+    @property
+    def num_attention_slots(self) -> int:
+        return self.cfg.layers
+
+    def setup_caches(
+        self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        p = self.decoder.embed_tokens.weight
+        return KVCache(
+            num_slots=self.num_attention_slots, batch_size=batch_size, heads=self.cfg.heads,
+            head_dim=self.cfg.head_dim, max_len=max_len, dtype=dtype or p.dtype, device=device or p.device,
+        )
+
+    def extract_features(self, tokens: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, E) final hidden states (after the final LayerNorm)."""
+        d = self.decoder
+        ctx = build_context(tokens, padding_idx=self.cfg.padding_idx, cache=cache)
+        x = d.embed(tokens, d.embed_positions, cache)
+        for layer in d.layers:
+            x = layer(x, ctx)
+        if cache is not None:
+            cache.positions += tokens.ne(self.cfg.padding_idx).sum(dim=1)
+            cache.length += tokens.shape[1]
+        return d.layer_norm(x)
+
+    def output_layer(self, features: torch.Tensor) -> torch.Tensor:
+        return self.decoder.output_projection(features)  # (B, T, V)
+
+    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor:
+        return self.output_layer(self.extract_features(tokens, cache=cache))
