@@ -1,0 +1,141 @@
+"""Token sampling for the generator: temperature, top-k, top-p, repetition penalty (paper §3.1).
+
+The paper samples with temperature tau = 1 and top-p between 0.8 and 1 (Holtzman et al. 2019).
+Every knob is a per-row tensor so rows of one batch may use different settings (text rows and
+image rows of one step differ), and randomness comes from a *counter-based* generator: the
+uniform noise of row ``b`` at decode step ``t`` for token ``v`` is a hash of
+``(seed_b, t, v)``. That makes sampling
+
+- reproducible (same seed, same output, on any device),
+- independent of batch composition (a prompt gives the same answer alone or batched with others,
+  which a shared ``torch.Generator`` stream cannot give), and
+- free of host synchronisation (seeds and step are tensors; nothing is read back).
+
+Sampling is the Gumbel-max trick on the filtered, temperature-scaled logits:
+``argmax(logits / tau - log(-log u))`` draws from ``softmax(logits / tau)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingConfig:
+    """How one modality's next token is drawn."""
+
+    temperature: float = 1.0
+    """Softmax temperature tau; 0 = greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off)."""
+    repetition_penalty: float = 1.0
+    """CTRL-style penalty on tokens already seen (1 = off): positive logits / p, negative * p."""
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (lowbias32, Wellons) on int64 tensors holding values < 2**32."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    x = x ^ (x >> 16)
+    return x
+
+
+def row_uniform(seeds: torch.Tensor, step: torch.Tensor | int, num: int) -> torch.Tensor:
+    """Uniform noise in (0, 1), shape (B, num), a pure function of (seed_b, step, column).
+
+    ``seeds`` (B,) int64; ``step`` a python int or 0-d / (B,) int64 tensor.
+    """
+    seeds = seeds.to(torch.int64)
+    if not torch.is_tensor(step):
+        step = torch.tensor(step, dtype=torch.int64, device=seeds.device)
+    base = _hash32(_hash32(seeds) ^ _hash32(step.to(torch.int64) * 0x9E3779B1 + 0x632BE5AB))  # (B,)
+    cols = torch.arange(num, dtype=torch.int64, device=seeds.device)  # (num,)
+    h = _hash32(base[:, None] ^ _hash32(cols * 0x85EBCA6B + 0x27D4EB2F)[None, :])  # (B, num)
+    # 24 random bits -> float32 exactly, centred in its bin so u is never 0 or 1.
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, *, seen: torch.Tensor, penalty: torch.Tensor | float
+) -> torch.Tensor:
+    """CTRL penalty (Keskar et al. 2019): seen tokens' logits divided (if > 0) or multiplied by p.
+
+    ``logits`` (B, V) float, ``seen`` (B, V) bool, ``penalty`` float or (B,) tensor.
+    """
+    if not torch.is_tensor(penalty):
+        penalty = torch.full((logits.shape[0],), float(penalty), device=logits.device)
+    p = penalty.to(logits.dtype)[:, None]  # (B, 1)
+    penalised = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_k_top_p(
+    logits: torch.Tensor, *, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Set logits outside the per-row top-k / nucleus to -inf; one sort serves both.
+
+    ``logits`` (B, V) float (already temperature-scaled), ``top_k`` (B,) int64 (0 = off),
+    ``top_p`` (B,) float (1 = off). The most likely token always survives.
+    """
+    B, V = logits.shape
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    rank = torch.arange(V, device=logits.device)[None, :]  # (1, V)
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))[:, None]  # (B, 1)
+    drop = rank >= k
+    probs = sorted_logits.float().softmax(dim=-1)
+    # Mass strictly before each token: a token is kept while that mass is below top_p.
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop = drop | (mass_before >= top_p.to(probs.dtype)[:, None])
+    drop[:, 0] = False
+    drop_unsorted = torch.zeros_like(drop).scatter_(1, order, drop)
+    return logits.masked_fill(drop_unsorted, float("-inf"))
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    seeds: torch.Tensor,
+    step: torch.Tensor | int,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor | None = None,
+    top_p: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Draw one token per row: (B, V) logits -> (B,) int64.
+
+    Disallowed tokens should already be -inf. ``temperature`` (B,) float, 0 = greedy for that row.
+    ``top_k``/``top_p`` (B,) or None (off for every row: skips the sort).
+    """
+    logits = logits.float()
+    greedy = temperature <= 0
+    tau = torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]  # (B, 1)
+    scaled = logits / tau
+    if top_k is not None or top_p is not None:
+        B = logits.shape[0]
+        if top_k is None:
+            top_k = torch.zeros(B, dtype=torch.int64, device=logits.device)
+        if top_p is None:
+            top_p = torch.ones(B, device=logits.device)
+        scaled = filter_top_k_top_p(scaled, top_k=top_k, top_p=top_p)
+    u = row_uniform(seeds, step, logits.shape[-1])  # (B, V)
+    gumbel = -torch.log(-torch.log(u))
+    drawn = (scaled + gumbel).argmax(dim=-1)
+    return torch.where(greedy, logits.argmax(dim=-1), drawn)
