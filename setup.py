@@ -1,0 +1,51 @@
+"""jam_metaseq: Joint Autoregressive Mixture (JAM) models on metaseq and fairseq."""
+
+from setuptools import find_packages, setup
+
+# torch/torchvision are pinned: a looser pin lets pip pull a newer multi-GB CUDA build.
+CORE = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "numpy>=1.24,<3",
+    "safetensors>=0.4,<1",
+    "sentencepiece>=0.2,<0.3",
+    "tokenizers>=0.20,<1",
+    "pillow>=10",
+    "tqdm>=4.66",
+    "rich>=13",
+    "psutil>=5.9",
+    "matplotlib>=3.8",
+]
+EXTRAS = {
+    "fairseq": ["fairseq-fixed==0.12.3.1"],
+    "retrieval": ["faiss-cpu==1.15.1", "open_clip_torch==3.3.0"],
+    "launch": ["submitit>=1.5,<2"],
+    "eval": ["lm_eval==0.4.13"],
+    "dev": [
+        "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100",
+        "transformers>=4.45,<6",  # HF OPT: the independent reference in parity tests and benchmarks
+    ],
+}
+EXTRAS["all"] = sorted({d for deps in EXTRAS.values() for d in deps})
+
+setup(
+    name="jam_metaseq",
+    version="0.1.0",
+    description="Joint Autoregressive Mixture (JAM): fuse a text LLM and a text-to-image decoder",
+    python_requires=">=3.10",
+    packages=find_packages(include=["jam_metaseq*", "checkpoints_tools*", "launch*"]),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "jam = jam_metaseq.cli:main",
+            "jam-data = jam_metaseq.data.cli:main",
+            "jam-ckpt = checkpoints_tools.cli:main",
+            "jam-generate = jam_metaseq.generation.cli:main",
+            "jam-retrieval = jam_metaseq.retrieval.cli:main",
+            "jam-vq = jam_metaseq.image_tokenizer.cli:main",
+            "jam-launch = launch.cli:main",
+            "jam-eval = jam_metaseq.eval.cli:main",
+        ],
+    },
+)
