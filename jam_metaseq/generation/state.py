@@ -9,7 +9,7 @@ tokenizer, and keeps every row's state in (B,) tensors so a decode step needs no
     TEXT  --<eos> or length limit-->  DONE (forced <pad> from then on)
 
 Limits: at most ``max_images`` images per answer; ``<eos>`` is forbidden until ``min_images``
-images are written; ``<break>`` is only allowed while a whole image (``image_tokens + 2``) still
+images are written, and owed images are forced as late as they still fit; ``<break>`` is only allowed while a whole image (``image_tokens + 2``) still
 fits, so an answer never holds a truncated image; ``force_image_first`` opens an image at once
 (text-to-image); ``max_images=0`` forbids images.
 """
@@ -152,7 +152,8 @@ class MixedModalState:
         image_fits = remaining >= r.image_tokens + 2
         owe_image = text & image_fits & (self.images < r.max_images) & (
             (r.force_image_first & (self.generated == 0) & (self.images == 0))
-            | ((self.images < r.min_images) & (remaining == r.image_tokens + 2))
+            # Owed images start as late as possible, and back to back.
+            | ((self.images < r.min_images) & (remaining <= (r.min_images - self.images) * (r.image_tokens + 2)))
         )
         forced = torch.where(owe_image, torch.full_like(forced, r.break_id), forced)
         forced = torch.where(self.mode == CLOSE, torch.full_like(forced, r.break_id), forced)
