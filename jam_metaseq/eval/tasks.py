@@ -1,0 +1,154 @@
+"""Local task definitions for lm-evaluation-harness: the six zero-shot tasks of Table 1 (paper
+§3.2.1) and a plain multiple-choice format, read from JSONL files the user supplies (nothing can
+be downloaded here).
+
+``write_task_configs(data_dir=DIR, out_dir=OUT)`` writes one lm_eval YAML per task whose file is in
+DIR; pass OUT as ``--include_path`` / ``TaskManager(include_path=OUT)``. The prompts, targets and
+metrics are those of lm_eval's own tasks (``piqa``, ``arc_easy``, ``arc_challenge``,
+``storycloze_2016``, ``wsc273``, ``winogrande``), so scores are comparable; only the data source
+changes (``dataset_path: json`` with the local file). Expected files (one JSON object a line, the
+fields of the Hugging Face data sets those tasks read):
+
+    piqa.jsonl           {"goal", "sol1", "sol2", "label"}                      (validation split)
+    arc_easy.jsonl       {"question", "choices": {"text": [...], "label": [...]}, "answerKey"}
+    arc_challenge.jsonl  same as arc_easy                                       (test split)
+    storycloze.jsonl     {"input_sentence_1".."input_sentence_4", "sentence_quiz1",
+                          "sentence_quiz2", "answer_right_ending" (1 or 2)}     (2016 val/test)
+    winograd.jsonl       {"text", "pronoun", "pronoun_loc", "options": [a, b], "label"}  (WSC273)
+    winogrande.jsonl     {"sentence" (with one "_"), "option1", "option2", "answer" ("1"|"2")}
+
+Plain multiple choice (tests, new tasks): ``{"context": str, "choices": [str, ...], "label": int}``;
+score each choice as the continuation of the context (joined by one space); ``mc_tasks={name: path}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+# task name -> (file in the data folder, lm_eval config fields besides the data source)
+_ACC = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
+_ACC_NORM = _ACC + [{"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]
+_ARC = {
+    "doc_to_text": "Question: {{question}}\nAnswer:",
+    "doc_to_target": "{{choices.label.index(answerKey)}}",
+    "doc_to_choice": "{{choices.text}}",
+    "metric_list": _ACC_NORM,
+}
+TASKS: dict[str, tuple[str, dict[str, Any]]] = {
+    "piqa_local": ("piqa.jsonl", {
+        "doc_to_text": "Question: {{goal}}\nAnswer:",
+        "doc_to_target": "label",
+        "doc_to_choice": "{{[sol1, sol2]}}",
+        "metric_list": _ACC_NORM,
+    }),
+    "arc_easy_local": ("arc_easy.jsonl", _ARC),
+    "arc_challenge_local": ("arc_challenge.jsonl", _ARC),
+    "storycloze_local": ("storycloze.jsonl", {
+        "doc_to_text": "{{[input_sentence_1, input_sentence_2, input_sentence_3, input_sentence_4]|join(' ')}}",
+        "doc_to_target": "{{answer_right_ending-1}}",
+        "doc_to_choice": "{{[sentence_quiz1, sentence_quiz2]}}",
+        "metric_list": _ACC,
+    }),
+    # partial scoring: the choices are the contexts, the shared continuation is the target
+    "winograd_local": ("winograd.jsonl", {
+        "process_docs": "!function jam_task_utils.wsc273_process_docs",
+        "doc_to_text": "label",
+        "doc_to_target": "{% set index = pronoun_loc + pronoun | length %}{{text[index:]}}",
+        "doc_to_choice": "{% set template = text[:pronoun_loc] %}{{[template+options[0], template+options[1]]}}",
+        "metric_list": _ACC,
+    }),
+    "winogrande_local": ("winogrande.jsonl", {
+        "doc_to_text": "!function jam_task_utils.winogrande_doc_to_text",
+        "doc_to_target": "!function jam_task_utils.winogrande_doc_to_target",
+        "doc_to_choice": "!function jam_task_utils.winogrande_doc_to_choice",
+        "metric_list": _ACC,
+    }),
+}
+MC_FIELDS = {
+    "doc_to_text": "{{context}}",
+    "doc_to_target": "{{label}}",
+    "doc_to_choice": "{{choices}}",
+    "metric_list": _ACC_NORM,
+}
+GROUP = "jam_table1"
+"""Group name of the six Table 1 tasks (those whose files were found)."""
+UTILS_SOURCE = Path(__file__).with_name("task_utils.py")
+
+
+def _yaml_value(v: Any) -> str:
+    if isinstance(v, str) and v.startswith("!function "):
+        return v  # a YAML tag, not a string
+    return json.dumps(v)  # JSON is YAML: quoting and escapes are exact
+
+
+def task_yaml(name: str, *, data_file: str | os.PathLike, fields: dict[str, Any],
+              cache_dir: str | os.PathLike | None = None) -> str:
+    """The YAML text of one local task reading ``data_file`` as its test split."""
+    kwargs: dict[str, Any] = {"data_files": {"test": str(Path(data_file).resolve())}}
+    if cache_dir is not None:
+        kwargs["cache_dir"] = str(cache_dir)
+    conf: dict[str, Any] = {
+        "task": name, "dataset_path": "json", "dataset_kwargs": kwargs, "output_type": "multiple_choice",
+        "test_split": "test", **fields, "metadata": {"version": 1.0},
+    }
+    return "".join(f"{k}: {_yaml_value(v)}\n" for k, v in conf.items())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_task_configs(
+    *,
+    out_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    names: list[str] | None = None,
+    mc_tasks: dict[str, str | os.PathLike] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[str]:
+    """Write lm_eval task YAMLs into ``out_dir``; return the task names written.
+
+    ``names`` (default: every Table 1 task whose file is in ``data_dir``) must all have their file.
+    ``mc_tasks`` adds plain multiple-choice tasks ``{name: jsonl path}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    if names is not None:
+        unknown = [n for n in names if n not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown local task(s) {unknown}; known: {', '.join(TASKS)}")
+    if names is not None and names and data_dir is None:
+        raise ValueError(f"tasks {names} need a data folder (--data-dir)")
+    if data_dir is not None:
+        data = Path(data_dir)
+        if not data.is_dir():
+            raise FileNotFoundError(f"task data folder not found: {data}")
+        for name in (names if names is not None else list(TASKS)):
+            file, fields = TASKS[name]
+            path = data / file
+            if not path.is_file():
+                if names is not None:
+                    raise FileNotFoundError(f"task {name}: data file not found: {path}")
+                continue
+            _atomic_write(out / f"{name}.yaml", task_yaml(name, data_file=path, fields=fields, cache_dir=cache_dir))
+            written.append(name)
+        if any(written):
+            shutil.copyfile(UTILS_SOURCE, out / "jam_task_utils.py")
+            table1 = [n for n in written if n in TASKS]
+            _atomic_write(out / f"{GROUP}.yaml", f"group: {GROUP}\ntask: {json.dumps(table1)}\n"
+                          "aggregate_metric_list: []\nmetadata: {\"version\": 1.0}\n")
+    for name, path in (mc_tasks or {}).items():
+        if name in TASKS or name == GROUP:
+            raise ValueError(f"multiple-choice task name {name!r} clashes with a built-in local task")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"task {name}: data file not found: {path}")
+        _atomic_write(out / f"{name}.yaml", task_yaml(name, data_file=path, fields=MC_FIELDS, cache_dir=cache_dir))
+        written.append(name)
+    return written
