@@ -1,0 +1,117 @@
+"""Model-parallel split rules, as data (``reference/metaseq.md``: state-dict keys and qkv order).
+
+metaseq's Megatron-style model parallelism splits each tensor of the decoder in one of five ways.
+``rule_for(name)`` says which; ``split`` and ``join`` apply it. ``join(split(t, M)) == t`` bitwise
+for every rule, which is what makes resharding N -> M exact.
+
+- ``replicated``: every rank holds the whole tensor (LayerNorms, positions, row-parallel biases).
+- ``vocab``: vocab-parallel embedding / output projection: rows split evenly (V % M == 0).
+- ``column``: column-parallel linear: output rows split (fc1, cross-attention q/k/v).
+- ``row``: row-parallel linear: input columns split, dim 1 (out_proj, fc2).
+- ``qkv``: the fused self-attention projection: rank r holds ``[K_r; V_r; Q_r]``, so joining N
+  parts splits each in three and concatenates the K parts, then V, then Q (not the parts).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Sequence
+
+import torch
+
+Rule = Literal["replicated", "vocab", "column", "row", "qkv"]
+
+# (pattern on the full key, rule). First match wins; anything unmatched is replicated.
+# Layer containers: decoder.layers (parents, Uniform, Width), decoder.layers_llm / layers_cm3
+# (JAM-Cross branches), decoder.x_attn_layers_llm / x_attn_layers_cm3 (cross blocks).
+_L = r"decoder\.(?:layers|layers_llm|layers_cm3|x_attn_layers_llm|x_attn_layers_cm3)\.\d+\."
+MP_RULES: list[tuple[str, Rule]] = [
+    (r"decoder\.embed_tokens\.weight", "vocab"),
+    (r"decoder\.output_projection\.weight", "vocab"),
+    (_L + r"self_attn\.qkv_proj\.(?:weight|bias)", "qkv"),
+    (_L + r"(?:self_attn|cross_attn)\.(?:q_proj|k_proj|v_proj)\.(?:weight|bias)", "column"),
+    (_L + r"(?:self_attn|cross_attn)\.out_proj\.weight", "row"),
+    (_L + r"fc1\.(?:weight|bias)", "column"),
+    (_L + r"fc2\.weight", "row"),
+    # feature_projection (E, 2E) is small next to the branches: kept whole on every rank.
+]
+_COMPILED = [(re.compile(p + r"$"), r) for p, r in MP_RULES]
+
+
+def rule_for(name: str) -> Rule:
+    """The model-parallel rule of a state-dict key."""
+    for pat, rule in _COMPILED:
+        if pat.match(name):
+            return rule
+    return "replicated"
+
+
+def split(name: str, tensor: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """Split a consolidated tensor into ``parts`` model-parallel pieces (views where possible)."""
+    if parts == 1:
+        return [tensor]
+    rule = rule_for(name)
+    if rule == "replicated":
+        return [tensor] * parts
+    if rule == "row":
+        _check_div(name, tensor.shape[1], parts, "columns")
+        return list(torch.chunk(tensor, parts, dim=1))
+    if rule in ("vocab", "column"):
+        _check_div(name, tensor.shape[0], parts, "rows")
+        return list(torch.chunk(tensor, parts, dim=0))
+    # qkv: (3E, ...) in [K; V; Q]; rank r gets [K_r; V_r; Q_r].
+    _check_div(name, tensor.shape[0], 3 * parts, "rows (3 x parts)")
+    k, v, q = torch.chunk(tensor, 3, dim=0)
+    ks, vs, qs = (torch.chunk(x, parts, dim=0) for x in (k, v, q))
+    return [torch.cat([ks[r], vs[r], qs[r]], dim=0) for r in range(parts)]
+
+
+def join(name: str, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Inverse of ``split``: the consolidated tensor from N model-parallel pieces."""
+    if len(pieces) == 1:
+        return pieces[0]
+    rule = rule_for(name)
+    if rule == "replicated":
+        return pieces[0]
+    if rule == "row":
+        return torch.cat(list(pieces), dim=1)
+    if rule in ("vocab", "column"):
+        return torch.cat(list(pieces), dim=0)
+    thirds = [torch.chunk(p, 3, dim=0) for p in pieces]
+    return torch.cat([t[i] for i in range(3) for t in thirds], dim=0)
+
+
+def part_shape(name: str, shape: Sequence[int], parts: int) -> tuple[int, ...]:
+    """Shape of one rank's piece of a tensor of consolidated ``shape``."""
+    shape = tuple(int(s) for s in shape)
+    rule = rule_for(name)
+    if parts == 1 or rule == "replicated":
+        return shape
+    if rule == "row":
+        return (shape[0], shape[1] // parts, *shape[2:])
+    return (shape[0] // parts, *shape[1:])
+
+
+def full_shape(name: str, piece_shape: Sequence[int], parts: int) -> tuple[int, ...]:
+    """Consolidated shape from one rank's piece shape."""
+    shape = tuple(int(s) for s in piece_shape)
+    rule = rule_for(name)
+    if parts == 1 or rule == "replicated":
+        return shape
+    if rule == "row":
+        return (shape[0], shape[1] * parts, *shape[2:])
+    return (shape[0] * parts, *shape[1:])
+
+
+def check_mp(*, heads: int, vocab_size: int, ffn_dim: int, embed_dim: int, parts: int,
+             what: str = "model") -> None:
+    """Stop when ``parts`` does not divide what model parallelism splits."""
+    for label, n in (("attention heads", heads), ("vocabulary rows", vocab_size),
+                     ("FFN dim", ffn_dim), ("embed dim", embed_dim)):
+        if n % parts:
+            raise ValueError(f"{what}: model-parallel size {parts} does not divide its {label} ({n})")
+
+
+def _check_div(name: str, n: int, parts: int, what: str) -> None:
+    if n % parts:
+        raise ValueError(f"tensor {name}: {n} {what} not divisible by model-parallel size {parts}")

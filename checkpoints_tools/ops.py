@@ -1,0 +1,294 @@
+"""Streaming checkpoint operations: reshard, merge (JAM-Uniform), widen (JAM-Width), cross (JAM-Cross).
+
+Paper §2.1.1-2.1.3. The fusion math is ``jam_metaseq.fusion`` (pure, tensor-wise, fp32); this
+module feeds it one tensor name at a time from lazy readers and hands each result to an
+``OutputDir``, so memory stays at a few tensors whatever the model size. Every check that can
+fail (parents that differ, missing tensors, mixed dtypes, target MP, disk space) runs before the
+first byte is written; any error later removes the temp output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from checkpoints_tools.readers import Reader, is_version_key, open_checkpoint
+from checkpoints_tools.safe_load import CheckpointError
+from checkpoints_tools.writers import OutputDir, OutputSpec, sha256_file
+from jam_metaseq.models.config import (
+    CrossConfig, DecoderConfig, ModelConfig, cross_of, uniform_of, width_of,
+)
+from jam_metaseq.vocab import VocabManifest
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, disable=not enabled, leave=False)
+
+
+def _parent_shape_cfg(cfg: ModelConfig) -> DecoderConfig:
+    return cfg.parent if isinstance(cfg, CrossConfig) else cfg
+
+
+def load_vocab(path: str | os.PathLike | None, *, cfg: ModelConfig,
+               sources: Sequence[Reader] = ()) -> dict[str, Any] | None:
+    """The vocab manifest to store with an output: ``path`` if given (checked against the
+    embedding), else the first source's own manifest."""
+    if path is not None:
+        v = VocabManifest.load(path)
+        v.check_embedding(cfg.vocab_size, what=f"model ({path})")
+        return v.to_dict()
+    for r in sources:
+        d = r.vocab_dict()
+        if d is not None:
+            return d
+    return None
+
+
+def source_record(role: str, reader: Reader, *, hash_sources: bool) -> dict[str, Any]:
+    files = {}
+    for f in reader.files:
+        files[str(f)] = {"bytes": f.stat().st_size, "sha256": sha256_file(f) if hash_sources else None}
+    return {"role": role, "path": str(reader.path), "format": reader.format, "mp": reader.mp,
+            "fsdp": reader.fsdp, "files": files}
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    from jam_metaseq.fusion import state_shapes
+    return state_shapes(cfg)
+
+
+def check_parent_tensors(reader: Reader, cfg: DecoderConfig, *, role: str) -> None:
+    """The parent holds exactly the tensors (names, shapes) of a decoder shaped ``cfg``."""
+    want = expected_shapes(cfg)
+    have = reader.shapes()
+    where = reader.files[0] if reader.files else reader.path
+    for n, s in want.items():
+        if n not in have:
+            raise CheckpointError(f"{where}: {role} parent has no tensor {n}")
+        if tuple(have[n]) != tuple(s):
+            raise CheckpointError(f"{where}: {role} parent tensor {n} has shape {tuple(have[n])}, expected {tuple(s)}")
+    extra = [n for n in have if n not in want]
+    if extra:
+        raise CheckpointError(f"{where}: {role} parent has unexpected tensor(s) {extra[:3]}")
+
+
+def check_same_parents(readers: Sequence[Reader], cfgs: Sequence[DecoderConfig], roles: Sequence[str]) -> None:
+    """Parents must agree in layers, width, FFN, heads, vocab and every tensor shape."""
+    a = cfgs[0]
+    for r, c, role in zip(readers[1:], cfgs[1:], roles[1:]):
+        for fld in ("layers", "embed_dim", "ffn_dim", "heads", "vocab_size", "max_positions", "bias", "affine_ln"):
+            if getattr(c, fld) != getattr(a, fld):
+                raise CheckpointError(
+                    f"{r.files[0] if r.files else r.path}: {role} parent has {fld}={getattr(c, fld)}, "
+                    f"{roles[0]} parent ({readers[0].path}) has {getattr(a, fld)}")
+        sa, sb = readers[0].shapes(), r.shapes()
+        for n in sa:
+            if n not in sb:
+                raise CheckpointError(f"{r.path}: {role} parent has no tensor {n} ({roles[0]} parent has it)")
+            if tuple(sa[n]) != tuple(sb[n]):
+                raise CheckpointError(f"{r.path}: {role} parent tensor {n} has shape {tuple(sb[n])}, "
+                                      f"{roles[0]} parent has {tuple(sa[n])}")
+        for n in sb:
+            if n not in sa:
+                raise CheckpointError(f"{r.path}: {role} parent has extra tensor {n}")
+
+
+def common_dtype(readers: Sequence[Reader], dtype: torch.dtype | None) -> torch.dtype:
+    """The output dtype: ``dtype`` if given, else the parents' one dtype (mixed = error)."""
+    dts = [r.param_dtype for r in readers]  # raises on mixed dtypes inside one checkpoint
+    if dtype is not None:
+        return dtype
+    if len(set(dts)) > 1:
+        desc = ", ".join(f"{r.path}: {d}" for r, d in zip(readers, dts))
+        raise CheckpointError(f"parents have different dtypes ({desc}); choose one with --dtype")
+    return dts[0]
+
+
+def stream_to(
+    out: OutputDir,
+    produce: Callable[[str], torch.Tensor],
+    *,
+    produced_dtypes: Mapping[str, torch.dtype],
+    desc: str,
+    progress: bool,
+    manifest_extra: Mapping[str, Any],
+) -> Path:
+    """Produce every target tensor in order and write it; atomic commit or full cleanup."""
+    started = time.time()
+    bar = None
+    try:
+        out.open(produced_dtypes)
+        bar = _progress(len(out.shapes), desc, progress)
+        for name in out.shapes:
+            out.add(name, produce(name))
+            if bar is not None:
+                bar.update(1)
+        extra = dict(manifest_extra)
+        extra["seconds"] = round(time.time() - started, 3)
+        return out.commit(manifest_extra=extra)
+    except BaseException:
+        out.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+@dataclasses.dataclass
+class CommonOptions:
+    """Options shared by every writing operation."""
+
+    spec: OutputSpec
+    vocab: str | None = None
+    """Vocab manifest JSON stored as vocab.json (checked against the embedding)."""
+    hash_sources: bool = True
+    """sha256 every source file into the manifest (costs one extra read of the sources)."""
+    progress: bool = True
+    command: Sequence[str] | None = None
+    """The command line, recorded in the manifest."""
+    trust_pickle: bool = False
+
+
+def _extra(opts: CommonOptions, op: str, sources: list[dict[str, Any]], **params: Any) -> dict[str, Any]:
+    return {"operation": op, "parameters": params, "sources": sources,
+            "command": list(opts.command) if opts.command else None}
+
+
+def _float_dtypes(shapes: Mapping[str, Any], dtype: torch.dtype) -> dict[str, torch.dtype]:
+    return {n: dtype for n in shapes}
+
+
+# ---- operations --------------------------------------------------------------------------------
+
+
+def reshard(src: str | os.PathLike, *, opts: CommonOptions, heads: int | None = None) -> Path:
+    """Any layout -> any layout (MP N->M, FSDP in/out, consolidated <-> sharded, .pt <-> safetensors)."""
+    r = open_checkpoint(src, trust_pickle=opts.trust_pickle)
+    cfg = r.config(**({"heads": heads} if heads else {}))
+    shapes = r.shapes()
+    dtype_in = r.param_dtype
+    vocab = load_vocab(opts.vocab, cfg=cfg, sources=[r])
+    out = OutputDir(opts.spec, cfg=cfg, shapes=shapes, vocab=vocab)
+    produced = {n: r.info(n).dtype for n in shapes}
+    extra = _extra(opts, "reshard", [source_record("source", r, hash_sources=opts.hash_sources)],
+                   source_dtype=str(dtype_in))
+    return stream_to(out, lambda n: r.get(n), produced_dtypes=produced, desc="reshard",
+                     progress=opts.progress, manifest_extra=extra)
+
+
+def _open_parents(paths: Sequence[str | os.PathLike], roles: Sequence[str], *, trust_pickle: bool,
+                  heads: int | None) -> tuple[list[Reader], list[DecoderConfig]]:
+    readers = [open_checkpoint(p, trust_pickle=trust_pickle) for p in paths]
+    cfgs = []
+    for r, role in zip(readers, roles):
+        c = r.config(**({"heads": heads} if heads else {}))
+        if isinstance(c, CrossConfig):
+            raise CheckpointError(f"{r.path}: {role} parent is a JAM-Cross model; parents must be decoders")
+        cfgs.append(c)
+    check_same_parents(readers, cfgs, roles)
+    for r, c, role in zip(readers, cfgs, roles):
+        check_parent_tensors(r, c, role=role)
+    return readers, cfgs
+
+
+def merge(parents: Sequence[str | os.PathLike], *, opts: CommonOptions,
+          weights: Sequence[float] | None = None, heads: int | None = None) -> Path:
+    """JAM-Uniform (Eq. 1), n-way: theta = sum_i w_i theta_i (default w_i = 1/n)."""
+    from jam_metaseq.fusion import merge_tensor
+
+    if len(parents) < 2:
+        raise CheckpointError("merge needs at least two parents")
+    if weights is not None:
+        if len(weights) != len(parents):
+            raise CheckpointError(f"{len(parents)} parents but {len(weights)} weights")
+    else:
+        weights = [1.0 / len(parents)] * len(parents)
+    roles = [f"#{i}" for i in range(len(parents))]
+    readers, cfgs = _open_parents(parents, roles, trust_pickle=opts.trust_pickle, heads=heads)
+    cfg = uniform_of(cfgs[0])
+    shapes = expected_shapes(cfg)
+    dtype = common_dtype(readers, opts.spec.dtype)
+    vocab = load_vocab(opts.vocab, cfg=cfg, sources=readers)
+    out = OutputDir(dataclasses.replace(opts.spec, dtype=dtype), cfg=cfg, shapes=shapes, vocab=vocab)
+
+    def produce(name: str) -> torch.Tensor:
+        return merge_tensor(name, [r.get(name) for r in readers], weights=list(weights))
+
+    sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(roles, readers)]
+    return stream_to(out, produce, produced_dtypes=_float_dtypes(shapes, torch.float32), desc="merge",
+                     progress=opts.progress, manifest_extra=_extra(opts, "merge", sources, weights=list(weights)))
+
+
+def widen(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions, init: str = "copy",
+          heads: int | None = None) -> Path:
+    """JAM-Width (Eq. 2/3): a decoder of width 2E initialised block-wise from both parents."""
+    from jam_metaseq.fusion import widen_tensor
+
+    readers, cfgs = _open_parents([llm, img], ["llm", "img"], trust_pickle=opts.trust_pickle, heads=heads)
+    parent = cfgs[0]
+    cfg = width_of(parent)
+    shapes = expected_shapes(cfg)
+    dtype = common_dtype(readers, opts.spec.dtype)
+    vocab = load_vocab(opts.vocab, cfg=cfg, sources=readers)
+    out = OutputDir(dataclasses.replace(opts.spec, dtype=dtype), cfg=cfg, shapes=shapes, vocab=vocab)
+    a, b = readers
+
+    def produce(name: str) -> torch.Tensor:
+        return widen_tensor(name, a.get(name), b.get(name), parent=parent, init=init)
+
+    sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(("llm", "img"), readers)]
+    return stream_to(out, produce, produced_dtypes=_float_dtypes(shapes, torch.float32), desc="widen",
+                     progress=opts.progress, manifest_extra=_extra(opts, "widen", sources, init=init))
+
+
+def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions, cross_every: int = 2,
+          init: str = "paper", seed: int = 0, image_vocab: tuple[int, int] | None = None,
+          heads: int | None = None) -> Path:
+    """JAM-Cross (§2.1.3): both parents as branches, cross blocks every ``cross_every`` layers."""
+    from jam_metaseq.fusion import cross_tensor
+
+    readers, cfgs = _open_parents([llm, img], ["llm", "img"], trust_pickle=opts.trust_pickle, heads=heads)
+    parent = cfgs[0]
+    if image_vocab is None and opts.vocab is not None:
+        v = VocabManifest.load(opts.vocab)
+        image_vocab = (v.image_start, v.image_end)
+    if image_vocab is None:
+        for r in readers:
+            d = r.vocab_dict()
+            if d is not None:
+                v = VocabManifest.from_dict(d, source=str(r.path))
+                image_vocab = (v.image_start, v.image_end)
+                break
+    if image_vocab is None:
+        raise CheckpointError("cross needs the image-code range: pass --vocab MANIFEST or --image-vocab START END")
+    lo, hi = image_vocab
+    if not 0 <= lo < hi <= parent.vocab_size:
+        raise CheckpointError(f"image vocab range [{lo}, {hi}) does not fit the {parent.vocab_size}-row embedding")
+    cfg = cross_of(parent, cross_every, cross_init=init, image_vocab_start=lo, image_vocab_end=hi)
+    shapes = expected_shapes(cfg)
+    dtype = common_dtype(readers, opts.spec.dtype)
+    vocab = load_vocab(opts.vocab, cfg=cfg, sources=readers)
+    out = OutputDir(dataclasses.replace(opts.spec, dtype=dtype), cfg=cfg, shapes=shapes, vocab=vocab)
+    a, b = readers
+
+    def produce(name: str) -> torch.Tensor:
+        # No caching: the parents' embeddings are read twice (embed_tokens, output_projection)
+        # rather than held for the whole stream.
+        return cross_tensor(name, cfg=cfg, llm=a.get, img=b.get, seed=seed)
+
+    sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(("llm", "img"), readers)]
+    return stream_to(out, produce, produced_dtypes=_float_dtypes(shapes, torch.float32), desc="cross",
+                     progress=opts.progress,
+                     manifest_extra=_extra(opts, "cross", sources, cross_every=cross_every, init=init, seed=seed,
+                                           image_vocab=[lo, hi]))

@@ -1,0 +1,145 @@
+"""Safe, lazy loading of pickled torch checkpoints (metaseq/fairseq ``.pt`` files).
+
+Checkpoints are pickles; a converter must not run code from them. We load with
+``weights_only=True`` plus an allow-list of the few non-tensor globals metaseq and fairseq store
+(``argparse.Namespace`` in ``cfg["model"]``, numpy scalars in meters); anything else is refused
+with the offending global named, unless the caller opts into ``trust_pickle``.
+Files are memory-mapped (``mmap=True``): tensors are views of the file and nothing is read until
+a tensor is copied; ``copy_out`` then copies one tensor and drops its pages from our resident set,
+so streaming a 26B model keeps RSS at about one tensor (``reference/metaseq.md``, Checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import mmap as _mmap
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or combined; the message names the file and tensor."""
+
+
+class UnsafePickleError(CheckpointError):
+    """The pickle names a global outside the allow-list."""
+
+
+def _numpy_globals() -> list[Any]:
+    out: list[Any] = [np.dtype, np.ndarray]
+    for mod_name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            mod = __import__(mod_name, fromlist=["scalar"])
+        except Exception:  # pragma: no cover - depends on numpy version
+            continue
+        for attr in ("scalar", "_reconstruct"):
+            if hasattr(mod, attr):
+                out.append(getattr(mod, attr))
+    # np.dtype(...) pickles through its concrete class (numpy.dtypes.Float64DType, ...).
+    for t in (np.float16, np.float32, np.float64, np.int32, np.int64, np.bool_, np.uint8, np.int8):
+        out.append(type(np.dtype(t)))
+    return out
+
+
+ALLOWED_GLOBALS: list[Any] = [argparse.Namespace, *_numpy_globals()]
+"""What metaseq/fairseq checkpoints contain besides tensors, dicts, lists and scalars."""
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def safe_torch_load(path: str | os.PathLike, *, trust_pickle: bool = False, mmap: bool = True) -> Any:
+    """``torch.load`` a checkpoint safely: allow-listed globals only, memory-mapped when possible.
+
+    Raises ``UnsafePickleError`` naming the global when the pickle needs anything else (unless
+    ``trust_pickle``), and ``CheckpointError`` naming the file when it is truncated or not a
+    checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    use_mmap = mmap and _is_zip(path)  # legacy (pre-1.6, non-zip) files cannot be mapped
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (truncated?)")
+    if not use_mmap and not _looks_like_legacy_pickle(path):
+        raise CheckpointError(f"{path}: not a torch checkpoint (no zip central directory: truncated?)")
+    try:
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=use_mmap)
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Unsupported global" in msg or "weights_only" in msg.lower():
+            bad = _unsafe_globals(path)
+            what = ", ".join(bad) if bad else msg.splitlines()[0]
+            raise UnsafePickleError(
+                f"{path}: refusing to unpickle global(s) {what} (not on the allow-list); "
+                "pass --trust-pickle only if you trust this file"
+            ) from None
+        raise CheckpointError(f"{path}: cannot unpickle ({msg.splitlines()[0]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {first}") from None
+
+
+def _looks_like_legacy_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80  # pickle protocol opcode
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return []
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
+    return [g for g in found if g not in allowed]
+
+
+# ---- copying one tensor out of a mapped file --------------------------------------------------
+
+_PAGE = _mmap.PAGESIZE
+_MADV_DONTNEED = 4
+_libc = None
+
+
+def _madvise_dontneed(ptr: int, nbytes: int) -> None:
+    """Drop the pages of [ptr, ptr+nbytes) from our resident set (private read-only file map)."""
+    global _libc
+    if nbytes <= 0 or os.name != "posix":
+        return
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    start = (ptr // _PAGE) * _PAGE
+    end = ((ptr + nbytes + _PAGE - 1) // _PAGE) * _PAGE
+    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def copy_out(view: torch.Tensor, *, mapped: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fresh contiguous copy of ``view`` (optionally cast); if ``view`` lives in a private file
+    mapping, release its pages afterwards so the mapped file never accumulates in RSS."""
+    out = view.to(dtype=dtype or view.dtype, copy=True, memory_format=torch.contiguous_format)
+    if mapped and view.numel():
+        # Only for mmap=True loads: the pages are clean file pages, re-read on next access.
+        # (On anonymous memory MADV_DONTNEED would zero data: never call it there.)
+        _madvise_dontneed(view.data_ptr(), (_max_offset(view) + 1) * view.element_size())
+    return out
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)

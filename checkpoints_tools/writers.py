@@ -1,0 +1,599 @@
+"""Streaming checkpoint writers: metaseq ``.pt`` (MP parts, optional FSDP shards) and safetensors.
+
+Tensors arrive one at a time (consolidated, fp32 or any dtype) and go straight to disk: the torch
+zip format is written record by record through torch's own ``PyTorchFileWriter`` with the
+pickle (``data.pkl``) last, so a 26B model is never held in memory (STYLE.md #10). Every file is
+hashed while it is written. ``OutputDir`` makes the whole output atomic: everything goes into a
+temp dir next to the target, files are fsynced, ``manifest.json`` is written last, then one
+rename; on any error the temp dir is removed and no output appears.
+Layouts follow ``reference/metaseq.md``: ``{name}.pt`` (consolidated), ``{name}-model_part-{r}.pt``
+(MP), ``-shard{j}`` (FSDP, fairscale's ``shard_metadata``: flat parameters per unit, padding on the
+last shards), so metaseq's ``--restore-file OUT/{name}.pt`` finds the parts.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import struct
+import sys
+import tempfile
+from argparse import Namespace
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch.serialization import _get_storage_alignment
+
+from checkpoints_tools import layout
+from checkpoints_tools.readers import ST_DTYPE_NAMES, is_version_key
+from jam_metaseq.models.config import CrossConfig, DecoderConfig, ModelConfig
+
+TIED = ("decoder.embed_tokens.weight", "decoder.output_projection.weight")
+
+
+class OutputError(ValueError):
+    """The output cannot be written (exists, no space, bad target layout)."""
+
+
+# ---- hashed sequential file ---------------------------------------------------------------------
+
+
+class _HashedFile:
+    """A write-only file that sha256-hashes what goes through it (the zip writer only appends)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.f = open(path, "wb")
+        self.sha = hashlib.sha256()
+        self.nbytes = 0
+
+    def write(self, b: Any) -> int:
+        mv = memoryview(b)
+        self.sha.update(mv)
+        self.nbytes += mv.nbytes
+        return self.f.write(mv)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> tuple[str, int]:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        return self.sha.hexdigest(), self.nbytes
+
+
+# ---- torch zip format, streamed ----------------------------------------------------------------
+
+
+class _StorageStub:
+    def __init__(self, key: str, dtype: torch.dtype, numel: int) -> None:
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorStub:
+    """Pickles exactly like a contiguous CPU tensor whose storage was already written."""
+
+    def __init__(self, storage: _StorageStub, shape: Sequence[int]) -> None:
+        self.storage, self.shape = storage, tuple(int(s) for s in shape)
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        stride, acc = [], 1
+        for d in reversed(self.shape):
+            stride.append(acc)
+            acc *= max(d, 1)
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, self.shape, tuple(reversed(stride)), False, collections.OrderedDict()))
+
+
+_STORAGE_TYPES = torch.storage._dtype_to_storage_type_map()
+
+
+class _StubPickler(pickle.Pickler):
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _StorageStub):
+            return ("storage", getattr(torch, _STORAGE_TYPES[obj.dtype]), obj.key, "cpu", obj.numel)
+        return None
+
+
+class TorchStreamWriter:
+    """One ``.pt`` file: ``add`` writes a tensor's bytes now; ``finish`` pickles the object tree."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = _HashedFile(path)
+        self._zip = torch._C.PyTorchFileWriter(self._file, True, _get_storage_alignment())
+        self._n = 0
+
+    def add(self, tensor: torch.Tensor) -> _TensorStub:
+        t = tensor.detach().contiguous()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        key = str(self._n)
+        self._n += 1
+        storage = t.untyped_storage()
+        # A view (e.g. a chunk) may not start at its storage's beginning: copy to own storage.
+        if t.storage_offset() != 0 or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+            storage = t.untyped_storage()
+        self._zip.write_record(f"data/{key}", storage, storage.nbytes())
+        return _TensorStub(_StorageStub(key, t.dtype, t.numel()), t.shape)
+
+    def finish(self, obj: Any) -> tuple[str, int]:
+        buf = io.BytesIO()
+        _StubPickler(buf, protocol=2).dump(obj)
+        data = buf.getvalue()
+        self._zip.write_record("data.pkl", data, len(data))
+        self._zip.write_record(".format_version", "1", 1)
+        align = str(_get_storage_alignment())
+        self._zip.write_record(".storage_alignment", align, len(align))
+        self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        self._zip.write_end_of_file()
+        del self._zip
+        return self._file.close()
+
+    def abort(self) -> None:
+        try:
+            self._file.f.close()
+        except Exception:
+            pass
+
+
+# ---- safetensors, streamed ---------------------------------------------------------------------
+
+
+class SafetensorsStreamWriter:
+    """A safetensors file whose header is fixed up front from the planned shapes/dtypes."""
+
+    def __init__(self, path: Path, plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+                 metadata: Mapping[str, str] | None = None) -> None:
+        header: dict[str, Any] = {}
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        off = 0
+        self._order: list[tuple[str, tuple[int, ...], torch.dtype, int]] = []
+        for name, shape, dt in plan:
+            n = dt.itemsize
+            for s in shape:
+                n *= s
+            header[name] = {"dtype": ST_DTYPE_NAMES[dt], "shape": list(shape), "data_offsets": [off, off + n]}
+            self._order.append((name, tuple(shape), dt, n))
+            off += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * ((8 - len(raw) % 8) % 8)  # keep tensor data 8-byte aligned
+        self._file = _HashedFile(path)
+        self._file.write(struct.pack("<Q", len(raw)))
+        self._file.write(raw)
+        self._i = 0
+        self.path = path
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        want, shape, dt, n = self._order[self._i]
+        if name != want or tuple(tensor.shape) != shape or tensor.dtype != dt:
+            raise OutputError(f"{self.path}: expected {want} {shape} {dt}, got {name} "
+                              f"{tuple(tensor.shape)} {tensor.dtype}")
+        t = tensor.detach().contiguous()
+        if n:
+            self._file.write(t.view(-1).view(torch.uint8).numpy().data if t.dtype != torch.bool
+                             else t.to(torch.uint8).numpy().data)
+        self._i += 1
+
+    def finish(self) -> tuple[str, int]:
+        if self._i != len(self._order):
+            raise OutputError(f"{self.path}: only {self._i} of {len(self._order)} tensors written")
+        return self._file.close()
+
+    def abort(self) -> None:
+        try:
+            self._file.f.close()
+        except Exception:
+            pass
+
+
+# ---- model args that the hosts understand ------------------------------------------------------
+
+
+def model_namespace(cfg: ModelConfig, *, model_parallel_size: int = 1) -> Namespace:
+    """``cfg["model"]`` for metaseq/fairseq: the arch and the flags of one parent (as
+    ``jam_metaseq.hosts.args`` reads them), plus ``jam_config`` which the hosts prefer."""
+    if isinstance(cfg, CrossConfig):
+        parent, arch = cfg.parent, "jam_cross"
+    elif cfg.arch == "jam_width":
+        parent = DecoderConfig(**{**cfg.__dict__, "embed_dim": cfg.embed_dim // 2,
+                                  "ffn_dim": cfg.ffn_dim // 2, "heads": cfg.heads // 2})
+        arch = "jam_width"
+    else:
+        parent = cfg
+        arch = "jam_uniform" if cfg.arch == "jam_uniform" else "transformer_lm"
+    ns = Namespace(
+        _name=arch, arch=arch,
+        decoder_embed_dim=parent.embed_dim, decoder_ffn_embed_dim=parent.ffn_dim,
+        decoder_layers=parent.layers, decoder_attention_heads=parent.heads,
+        decoder_input_dim=parent.embed_dim, decoder_output_dim=parent.embed_dim,
+        max_target_positions=parent.max_positions, tokens_per_sample=parent.max_positions,
+        activation_fn=parent.activation, dropout=parent.dropout, attention_dropout=parent.attention_dropout,
+        disable_bias=not parent.bias, disable_affine_ln=not parent.affine_ln,
+        no_scale_embedding=not parent.scale_embedding,
+        decoder_learned_pos=True, share_decoder_input_output_embed=True, decoder_normalize_before=True,
+        model_parallel_size=model_parallel_size,
+        jam_family=arch if arch != "transformer_lm" else None,
+        jam_config=cfg.to_dict(),
+    )
+    if isinstance(cfg, CrossConfig):
+        ns.cross_every, ns.cross_init = cfg.cross_every, cfg.cross_init
+        ns.image_vocab_start, ns.image_vocab_end = cfg.image_vocab_start, cfg.image_vocab_end
+    return ns
+
+
+def checkpoint_meta(cfg: ModelConfig, *, mp: int, fsdp: int, vocab: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Non-model keys of every written ``.pt``: what metaseq/fairseq restore from, plus our config."""
+    return {
+        "cfg": {
+            "model": model_namespace(cfg, model_parallel_size=mp),
+            "common": {"model_parallel_size": mp},
+            "distributed_training": {"distributed_world_size": mp * max(fsdp, 1),
+                                     "use_sharded_state": fsdp > 0},
+        },
+        "criterion": None,
+        "optimizer_history": [],
+        "task_state": {},
+        "extra_state": None,
+        "last_optimizer_state": None,
+        "jam_config": cfg.to_dict(),
+        "jam_vocab": dict(vocab) if vocab else None,
+    }
+
+
+# ---- FSDP units --------------------------------------------------------------------------------
+
+_UNIT_RE = re.compile(r"^(decoder\.(?:layers|layers_llm|layers_cm3|x_attn_layers_llm|x_attn_layers_cm3)\.\d+)\.(.+)$")
+
+
+def fsdp_unit(name: str) -> tuple[str, str]:
+    """(fsdp_path, name inside the unit): one unit per layer / cross block, the rest in the root."""
+    m = _UNIT_RE.match(name)
+    return (m.group(1), m.group(2)) if m else ("", name)
+
+
+@dataclass
+class _Unit:
+    path: str
+    names: list[str]  # local names, in order
+    pending: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class _FsdpRank:
+    """FSDP shard files of one MP rank: collects each unit's tensors, then flattens and chunks it."""
+
+    def __init__(self, files: list[TorchStreamWriter], units: dict[str, _Unit], shared: list[tuple[str, str]],
+                 buffers: list[str]) -> None:
+        self.files = files
+        self.units = units
+        self.shared = shared
+        self.buffers = buffers
+        self.models: list[dict[str, Any]] = [collections.OrderedDict() for _ in files]
+        self.metas: list[dict[str, dict[str, Any]]] = [{} for _ in files]  # unit path -> entry
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name in self.buffers:
+            for j, w in enumerate(self.files):
+                self.models[j][name] = w.add(t)
+            return
+        path, local = fsdp_unit(name)
+        unit = self.units[path]
+        unit.pending[local] = t
+        if len(unit.pending) == len(unit.names):
+            self._flush(unit)
+
+    def _flush(self, unit: _Unit) -> None:
+        W = len(self.files)
+        tensors = [unit.pending[n] for n in unit.names]
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) > 1:
+            raise OutputError(f"FSDP unit {unit.path or '<root>'}: mixed dtypes {dtypes}")
+        flat = torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.empty(0)
+        unit.pending.clear()
+        # fairscale: chunk(W), pad every chunk to chunk 0's size with zeros.
+        chunks = list(torch.flatten(flat).chunk(W))
+        while len(chunks) < W:
+            chunks.append(flat.new_empty(0))
+        size0 = chunks[0].numel()
+        flat_key = f"{unit.path}.flat_param_0" if unit.path else "flat_param_0"
+        for j, w in enumerate(self.files):
+            c = chunks[j]
+            pad = size0 - c.numel()
+            if pad:
+                c = torch.cat([c, c.new_zeros(pad)])
+            self.models[j][flat_key] = w.add(c)
+            self.metas[j][unit.path] = {
+                "fsdp_path": unit.path,
+                "params": {"flat_param_0": {
+                    "names": list(unit.names), "shapes": [tuple(t.shape) for t in tensors],
+                    "numels": [t.numel() for t in tensors], "padding": pad}},
+                "no_broadcast_optim_state": False,
+                "shared_param_info": list(self.shared) if unit.path == "" else [],
+            }
+        del flat, chunks
+
+    def shard_metadata(self, j: int) -> dict[str, Any]:
+        order = sorted(self.metas[j], key=lambda p: (p != "", 0))  # root first, then as flushed
+        return {"param_metadata": [self.metas[j][p] for p in order], "buffer_names": list(self.buffers)}
+
+
+# ---- the output directory ----------------------------------------------------------------------
+
+
+@dataclass
+class OutputSpec:
+    """Where and how to write one model."""
+
+    out_dir: Path
+    """Final directory (must not exist unless ``overwrite``)."""
+    format: str = "metaseq"
+    """``metaseq`` (.pt files) or ``safetensors`` (one consolidated file)."""
+    mp: int = 1
+    """Target model-parallel size."""
+    fsdp: int = 0
+    """FSDP shards per MP rank (0 = plain, unflattened state dicts)."""
+    dtype: torch.dtype | None = None
+    """Output dtype of floating tensors (None = as produced)."""
+    name: str = "checkpoint"
+    """File stem: ``{name}.pt`` / ``{name}-model_part-{r}[-shard{j}].pt`` / ``{name}.safetensors``."""
+    overwrite: bool = False
+    """Replace an existing output directory."""
+
+    def file_names(self) -> list[list[str]]:
+        """[rank][shard] -> file name."""
+        if self.format == "safetensors":
+            return [[f"{self.name}.safetensors"]]
+        out = []
+        for r in range(self.mp):
+            part = f"-model_part-{r}" if self.mp > 1 else ""
+            if self.fsdp:
+                out.append([f"{self.name}{part}-shard{j}.pt" for j in range(self.fsdp)])
+            else:
+                out.append([f"{self.name}{part}.pt"])
+        return out
+
+
+def estimate_output_bytes(shapes: Mapping[str, Sequence[int]], *, spec: OutputSpec,
+                          dtypes: Mapping[str, torch.dtype]) -> int:
+    total = 0
+    for name, shape in shapes.items():
+        n = 1
+        for s in shape:
+            n *= s
+        dt = dtypes[name]
+        if name == TIED[1] and spec.format != "safetensors":
+            continue  # aliased to the embedding in .pt files
+        copies = spec.mp if layout.rule_for(name) == "replicated" else 1
+        total += n * dt.itemsize * copies
+    return total
+
+
+def check_free_space(out_dir: Path, need: int) -> None:
+    parent = out_dir.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if need + (64 << 20) > free:
+        raise OutputError(f"{parent}: not enough free disk for {out_dir.name}: need ~{need / 2**30:.2f} GiB, "
+                          f"{free / 2**30:.2f} GiB free")
+
+
+class OutputDir:
+    """Write one model atomically: ``add`` tensors in plan order, then ``commit`` (or ``abort``)."""
+
+    def __init__(self, spec: OutputSpec, *, cfg: ModelConfig, shapes: Mapping[str, Sequence[int]],
+                 vocab: Mapping[str, Any] | None = None, check_space: bool = True) -> None:
+        if spec.format not in ("metaseq", "safetensors", "hf_opt"):
+            raise OutputError(f"unknown output format {spec.format!r}")
+        if spec.format in ("safetensors", "hf_opt") and (spec.mp != 1 or spec.fsdp):
+            raise OutputError(f"{spec.format} output is consolidated: use --mp 1 without --fsdp")
+        if spec.mp < 1 or spec.fsdp < 0:
+            raise OutputError(f"bad layout mp={spec.mp} fsdp={spec.fsdp}")
+        out = Path(spec.out_dir)
+        if out.exists() and not spec.overwrite:
+            raise OutputError(f"{out}: already exists (pass --overwrite to replace it)")
+        if spec.mp > 1:
+            parent = cfg.parent if isinstance(cfg, CrossConfig) else cfg
+            layout.check_mp(heads=parent.heads, vocab_size=parent.vocab_size, ffn_dim=parent.ffn_dim,
+                            embed_dim=parent.embed_dim, parts=spec.mp, what=f"target {out}")
+        self.spec, self.cfg, self.vocab = spec, cfg, vocab
+        self.shapes = collections.OrderedDict((k, tuple(int(s) for s in v)) for k, v in shapes.items())
+        self.out = out
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+        self._done: set[str] = set()
+        self._tied_sha: list[str | None] = [None] * spec.mp
+        self._tied_stub: list[Any] = [None] * spec.mp
+        self.tensor_meta: dict[str, dict[str, Any]] = {}
+        names = spec.file_names()
+        self._st: SafetensorsStreamWriter | None = None
+        self._pt: list[list[TorchStreamWriter]] = []
+        self._fsdp: list[_FsdpRank] = []
+        self._plain: list[dict[str, Any]] = []
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._check_space = check_space
+        self._st_names = names
+
+    def _out_dtype(self, name: str, produced: torch.dtype) -> torch.dtype:
+        if self.spec.dtype is not None and produced.is_floating_point and not is_version_key(name):
+            return self.spec.dtype
+        if is_version_key(name) and self.spec.dtype is not None:
+            return self.spec.dtype  # metaseq casts buffers with the model (.half())
+        return produced
+
+    def open(self, dtypes: Mapping[str, torch.dtype]) -> None:
+        """Create the files; ``dtypes`` = the dtype each tensor will be produced in."""
+        self._dtypes = {n: self._out_dtype(n, dtypes[n]) for n in self.shapes}
+        if self._check_space:
+            check_free_space(self.out, estimate_output_bytes(self.shapes, spec=self.spec, dtypes=self._dtypes))
+        if self.spec.format == "hf_opt":
+            from checkpoints_tools.convert_hf import hf_config, hf_shapes
+            self._hf_config = hf_config(self.cfg, dtype=self.spec.dtype or next(iter(self._dtypes.values())))
+            plan = [(n, s, self._dtypes["decoder.embed_tokens.weight"])
+                    for n, s in hf_shapes(self.shapes, cfg=self.cfg).items()]
+            self._st = SafetensorsStreamWriter(self.tmp / "model.safetensors", plan, {"format": "pt"})
+            return
+        if self.spec.format == "safetensors":
+            md = {"format": "pt", "jam_config": json.dumps(self.cfg.to_dict())}
+            if self.vocab:
+                md["jam_vocab"] = json.dumps(dict(self.vocab))
+            plan = [(n, s, self._dtypes[n]) for n, s in self.shapes.items()]
+            self._st = SafetensorsStreamWriter(self.tmp / self._st_names[0][0], plan, md)
+            return
+        self._pt = [[TorchStreamWriter(self.tmp / f) for f in rank] for rank in self._st_names]
+        if self.spec.fsdp:
+            buffers = [n for n in self.shapes if is_version_key(n)]
+            shared = [TIED] if all(t in self.shapes for t in TIED) else []
+            for r in range(self.spec.mp):
+                units: dict[str, _Unit] = {}
+                for n in self.shapes:
+                    if n in buffers or (shared and n == TIED[1]):
+                        continue
+                    path, local = fsdp_unit(n)
+                    units.setdefault(path, _Unit(path, [])).names.append(local)
+                self._fsdp.append(_FsdpRank(self._pt[r], units, shared, buffers))
+        else:
+            self._plain = [collections.OrderedDict() for _ in range(self.spec.mp)]
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.shapes:
+            raise OutputError(f"unexpected tensor {name} (not in the target model)")
+        if tuple(tensor.shape) != self.shapes[name]:
+            raise OutputError(f"tensor {name}: produced shape {tuple(tensor.shape)}, target {self.shapes[name]}")
+        if name in self._done:
+            raise OutputError(f"tensor {name} written twice")
+        t = tensor.to(self._dtypes[name])
+        self.tensor_meta[name] = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+        self._done.add(name)
+        if self._st is not None and self.spec.format == "hf_opt":
+            from checkpoints_tools.convert_hf import to_hf_items
+            for hn, ht in to_hf_items(name, t, cfg=self.cfg):
+                self._st.add(hn, ht)
+            return
+        if self._st is not None:
+            self._st.add(name, t)
+            return
+        pieces = layout.split(name, t, self.spec.mp)
+        for r, piece in enumerate(pieces):
+            if name in TIED and all(x in self.shapes for x in TIED):
+                sha = hashlib.sha256(piece.contiguous().view(-1).view(torch.uint8).numpy().data).hexdigest()
+                if name == TIED[0]:
+                    self._tied_sha[r] = sha
+                elif sha == self._tied_sha[r] and self._tied_stub[r] is not None:
+                    # Tied output projection: alias the embedding's storage (as torch.save would).
+                    if not self.spec.fsdp:
+                        self._plain[r][name] = self._tied_stub[r]
+                    continue
+                elif self.spec.fsdp:
+                    raise OutputError(f"tensor {name} differs from {TIED[0]}: cannot write it tied into FSDP shards")
+            if self.spec.fsdp:
+                self._fsdp[r].add(name, piece)
+            else:
+                stub = self._pt[r][0].add(piece)
+                self._plain[r][name] = stub
+                if name == TIED[0]:
+                    self._tied_stub[r] = stub
+        if self.spec.fsdp and name == TIED[0]:
+            self._tied_stub = [True] * self.spec.mp
+
+    def commit(self, *, manifest_extra: Mapping[str, Any]) -> Path:
+        """Close every file, write vocab.json and manifest.json (last), rename into place."""
+        missing = [n for n in self.shapes if n not in self._done]
+        if missing:
+            raise OutputError(f"{len(missing)} tensor(s) never produced, e.g. {missing[:3]}")
+        files: dict[str, dict[str, Any]] = {}
+        if self._st is not None:
+            sha, nb = self._st.finish()
+            files[self._st.path.name] = {"sha256": sha, "bytes": nb}
+        else:
+            meta = checkpoint_meta(self.cfg, mp=self.spec.mp, fsdp=self.spec.fsdp, vocab=self.vocab)
+            for r, rank in enumerate(self._pt):
+                for j, w in enumerate(rank):
+                    obj = dict(meta)
+                    if self.spec.fsdp:
+                        obj["model"] = self._fsdp[r].models[j]
+                        obj["shard_metadata"] = self._fsdp[r].shard_metadata(j)
+                    else:
+                        obj["model"] = self._plain[r]
+                    sha, nb = w.finish(obj)
+                    files[w.path.name] = {"sha256": sha, "bytes": nb}
+        if self.spec.format == "hf_opt":
+            data = (json.dumps(self._hf_config, indent=2) + "\n").encode()
+            (self.tmp / "config.json").write_bytes(data)
+            files["config.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        if self.vocab:
+            data = (json.dumps(dict(self.vocab), indent=2) + "\n").encode()
+            (self.tmp / "vocab.json").write_bytes(data)
+            files["vocab.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        manifest = {
+            "manifest_version": 1,
+            "created_by": "jam-ckpt",
+            "config": self.cfg.to_dict(),
+            "layout": {"format": self.spec.format, "mp": self.spec.mp, "fsdp": self.spec.fsdp,
+                       "name": self.spec.name,
+                       "dtype": str(self.spec.dtype).replace("torch.", "") if self.spec.dtype else None},
+            "files": files,
+            "tensors": self.tensor_meta,
+            "vocab": "vocab.json" if self.vocab else None,
+            **dict(manifest_extra),
+        }
+        write_json_fsync(self.tmp / "manifest.json", manifest)
+        _fsync_dir(self.tmp)
+        if self.out.exists():
+            if not self.spec.overwrite:
+                raise OutputError(f"{self.out}: appeared while writing; not replaced")
+            shutil.rmtree(self.out)
+        os.rename(self.tmp, self.out)
+        _fsync_dir(self.out.resolve().parent)
+        return self.out
+
+    def abort(self) -> None:
+        for rank in self._pt:
+            for w in rank:
+                w.abort()
+        if self._st is not None:
+            self._st.abort()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def write_json_fsync(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path, *, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
