@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jam_metaseq.objectives.cm3 import CM3Config, apply_spans, cm3_inverse, cm3_transform, draw_spans
+from jam_metaseq.objectives.cm3 import (
+    CM3Config, apply_spans, cm3_inverse, cm3_transform, draw_spans, item_rng)
 from jam_metaseq.vocab import tiny_manifest
 
 V = tiny_manifest(text_size=64, image_codes=32, image_grid=(2, 2), num_sentinels=16)
@@ -69,6 +70,13 @@ def test_determinism_and_seed_sensitivity():
     assert np.array_equal(outs[0], outs[1])
     other = cm3_transform(tokens, np.random.default_rng(8), vocab=V, min_spans=3, max_spans=3)
     assert not np.array_equal(outs[0], other)
+
+
+def test_item_rng_is_per_item():
+    tokens = np.arange(V.text_start, V.text_start + 60, dtype=np.int64)
+    f = lambda *k: cm3_transform(tokens, item_rng(*k), vocab=V, min_spans=2, max_spans=4).tolist()
+    assert f(0, 1, 5) == f(0, 1, 5)
+    assert f(0, 1, 5) != f(0, 2, 5) and f(0, 1, 5) != f(0, 1, 6)
 
 
 def test_errors():
@@ -177,6 +185,8 @@ def test_cm3_properties(tokens, seed, min_spans, extra, mode, lam):
     assert sent.tolist() == [V.sentinel(i) for i in range(n)] * 2
     # inverting gives back the original; so every token appears exactly once, in place or in its span
     assert np.array_equal(cm3_inverse(out, vocab=V), tokens)
+    kept = out[~(V.is_sentinel(out) | (out == EOSS))]
+    assert np.array_equal(np.sort(kept), np.sort(tokens))  # same multiset: each token exactly once
     # no span contains a barrier (hence none crosses <break> or a document end)
     if n:
         moved = out[np.flatnonzero(V.is_sentinel(out))[n]:]

@@ -94,8 +94,10 @@ def _load_inputs(args: argparse.Namespace) -> tuple[VocabManifest, Any, Any, Any
                          f"holds text_size {vocab.text_size}")
     image_tok = None
     if args.image_tokenizer:
-        from jam_metaseq.image_tokenizer import load_image_tokenizer  # type: ignore[attr-defined]
-
+        try:
+            from jam_metaseq.image_tokenizer import load_image_tokenizer  # type: ignore[attr-defined]
+        except ImportError as e:
+            raise ValueError(f"--image-tokenizer needs jam_metaseq.image_tokenizer.load_image_tokenizer ({e})") from None
         image_tok = load_image_tokenizer(args.image_tokenizer)
     max_tokens = args.max_tokens
     if max_tokens is None and args.format != "plain":

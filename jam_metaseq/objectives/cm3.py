@@ -14,6 +14,7 @@ Public API (other parts build against these names)::
         -> np.ndarray int64 (L_out,)  or  (tokens, weights float32 (L_out,))
     cm3_inverse(tokens, *, vocab) -> np.ndarray int64
     CM3Config (dataclass) and CM3Config.apply(tokens, rng, *, vocab, loss_mask=None)
+    item_rng(seed, epoch, index) -> np.random.Generator   (per-item stream for on-the-fly use)
 
 Rules, stated once:
 - Number of spans: ``poisson``: n ~ Poisson(lam) clamped to [min_spans, max_spans]; ``fixed``:
@@ -204,6 +205,12 @@ def cm3_transform(
     if return_loss_weights:
         return out, w_out
     return out
+
+
+def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator for one dataset item: the same item in the same epoch is always masked the
+    same way, whichever worker or resume point reads it; a new epoch draws new spans."""
+    return np.random.default_rng([int(seed), int(epoch), int(index)])
 
 
 def cm3_inverse(tokens: np.ndarray, *, vocab: VocabManifest) -> np.ndarray:
