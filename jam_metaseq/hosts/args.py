@@ -1,0 +1,161 @@
+"""argparse ``Namespace`` <-> config dataclasses, shared by the fairseq and metaseq adapters.
+
+The only place where host-style flags (``--decoder-embed-dim``, ``--cross-every`` ...) meet the
+typed configs of ``jam_metaseq.models.config`` (paper §2.1, §3.1). Host-free: argparse only.
+
+Flags describe ONE PARENT (the shape both 7B parents share); the arch's family derives the model:
+``jam_uniform`` = the parent's shape (Eq. 1), ``jam_width`` = ``width_of(parent)`` (Eq. 2-3),
+``jam_cross`` = ``cross_of(parent, cross_every)`` (Eq. 4-5). Sized archs (``jam_cross_7b`` ...) fill
+every flag the user did not give; the bare family name is the 7B size. Boolean flags default to
+``None`` so that an arch can tell "not given" from "given".
+
+The resulting config is stored on the args as ``args.jam_config`` (``cfg.to_dict()``): hosts pickle
+their model args into every checkpoint (``cfg["model"]``), so a checkpoint carries its config.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from jam_metaseq.models.config import (
+    ARCH_CROSS, ARCH_UNIFORM, ARCH_WIDTH, CrossConfig, DecoderConfig, ModelConfig, config_from_dict,
+    cross_of, preset, uniform_of, width_of,
+)
+
+FAMILIES = (ARCH_UNIFORM, ARCH_WIDTH, ARCH_CROSS)
+SIZES = {"tiny": "tiny", "1_3b": "opt_1_3b", "7b": "cm3leon_7b"}
+"""Arch size suffix -> parent preset (``7b`` = the paper's CM3leon-shaped 7B parents)."""
+DEFAULT_SIZE = "7b"
+
+
+def arch_names() -> dict[str, tuple[str, str]]:
+    """Every registered arch name -> (family, size): ``jam_cross`` and ``jam_cross_{tiny,1_3b,7b}``..."""
+    out = {}
+    for fam in FAMILIES:
+        out[fam] = (fam, DEFAULT_SIZE)
+        for size in SIZES:
+            out[f"{fam}_{size}"] = (fam, size)
+    return out
+
+
+# flag dest -> (DecoderConfig field, converter from config value to flag value)
+_SHAPE_FLAGS = {
+    "decoder_embed_dim": "embed_dim",
+    "decoder_ffn_embed_dim": "ffn_dim",
+    "decoder_layers": "layers",
+    "decoder_attention_heads": "heads",
+    "max_target_positions": "max_positions",
+    "activation_fn": "activation",
+    "dropout": "dropout",
+    "attention_dropout": "attention_dropout",
+}
+# negated booleans: flag True means config field False
+_NEG_FLAGS = {
+    "disable_bias": "bias",
+    "disable_affine_ln": "affine_ln",
+    "no_scale_embedding": "scale_embedding",
+}
+
+
+def add_model_args(parser: argparse.ArgumentParser | Any) -> None:
+    """The JAM model flags (defaults None: the arch fills what is not given)."""
+    a = parser.add_argument
+    a("--decoder-embed-dim", type=int, metavar="E", help="hidden size of each parent (JAM-Width doubles it)")
+    a("--decoder-ffn-embed-dim", type=int, metavar="F", help="FFN inner size of each parent")
+    a("--decoder-layers", type=int, metavar="L", help="layers of each parent / branch")
+    a("--decoder-attention-heads", type=int, metavar="H", help="attention heads of each parent")
+    a("--max-target-positions", type=int, metavar="T", help="longest sequence (learned positions)")
+    a("--activation-fn", choices=("relu", "gelu"), help="FFN activation")
+    a("--dropout", type=float, metavar="P", help="residual/embedding dropout")
+    a("--attention-dropout", type=float, metavar="P", help="attention-probability dropout")
+    a("--disable-bias", action="store_true", default=None, help="no biases in projections (CM3leon)")
+    a("--disable-affine-ln", action="store_true", default=None, help="LayerNorm without weight/bias (CM3leon)")
+    a("--no-scale-embedding", action="store_true", default=None, help="do not scale embeddings by sqrt(E)")
+    a("--decoder-learned-pos", action="store_true", default=None,
+      help="learned positions (always on; accepted for metaseq compatibility)")
+    a("--share-decoder-input-output-embed", action="store_true", default=None,
+      help="tie input and output embeddings (always on; accepted for metaseq compatibility)")
+    a("--cross-every", type=int, metavar="K",
+      help="JAM-Cross: a cross-attention block pair after every K-th layer; 0 = none (Table 4)")
+    a("--cross-init", choices=("paper", "preserve"),
+      help="JAM-Cross: how new parameters start when the model is built from scratch")
+
+
+def apply_arch_defaults(args: argparse.Namespace, *, family: str, size: str) -> None:
+    """Fill every model flag left at None from the size's parent preset (in place)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown JAM family {family!r}; expected one of {FAMILIES}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
+    parent = preset(SIZES[size])
+    for flag, fld in _SHAPE_FLAGS.items():
+        if getattr(args, flag, None) is None:
+            setattr(args, flag, getattr(parent, fld))
+    for flag, fld in _NEG_FLAGS.items():
+        if getattr(args, flag, None) is None:
+            setattr(args, flag, not getattr(parent, fld))
+    # metaseq's model_parallel_transformer_lm requires both; our models always have them.
+    args.decoder_learned_pos = True
+    args.share_decoder_input_output_embed = True
+    if getattr(args, "cross_every", None) is None:
+        args.cross_every = 2  # the paper's best (Table 4)
+    if getattr(args, "cross_init", None) is None:
+        args.cross_init = "paper"
+    args.jam_family = family
+    args.jam_size = size
+
+
+def config_from_args(args: argparse.Namespace, *, vocab_size: int, padding_idx: int = 1,
+                     image_range: tuple[int, int] = (-1, -1)) -> ModelConfig:
+    """Build the model config from filled args (after ``apply_arch_defaults``).
+
+    A stored ``args.jam_config`` (a checkpoint's own args) wins over the flags: it is what the
+    weights were trained with.
+    """
+    stored = getattr(args, "jam_config", None)
+    if stored:
+        cfg = config_from_dict(dict(stored))
+        if cfg.vocab_size != vocab_size:
+            raise ValueError(f"the checkpoint's model has {cfg.vocab_size} embedding rows but the "
+                             f"dictionary has {vocab_size} symbols")
+        return cfg
+    family = getattr(args, "jam_family", None)
+    if family not in FAMILIES:
+        raise ValueError(f"args carry no JAM family (got {family!r}); was the arch function applied?")
+    if not getattr(args, "share_decoder_input_output_embed", True):
+        raise ValueError("JAM models always tie input and output embeddings")
+    missing = [f for f in list(_SHAPE_FLAGS) + list(_NEG_FLAGS) if getattr(args, f, None) is None]
+    if missing:
+        raise ValueError(f"model flags not set: {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    fields: dict[str, Any] = {fld: getattr(args, flag) for flag, fld in _SHAPE_FLAGS.items()}
+    fields.update({fld: not bool(getattr(args, flag)) for flag, fld in _NEG_FLAGS.items()})
+    parent = DecoderConfig(vocab_size=vocab_size, padding_idx=padding_idx, **fields)
+    if family == ARCH_UNIFORM:
+        return uniform_of(parent)
+    if family == ARCH_WIDTH:
+        return width_of(parent)
+    return cross_of(parent, int(args.cross_every), cross_init=args.cross_init,
+                    image_vocab_start=image_range[0], image_vocab_end=image_range[1])
+
+
+def args_from_config(cfg: ModelConfig) -> dict[str, Any]:
+    """Inverse of ``config_from_args``: the flag values (dest names) that rebuild ``cfg``."""
+    if isinstance(cfg, CrossConfig):
+        parent, family = cfg.parent, ARCH_CROSS
+        extra = {"cross_every": cfg.cross_every, "cross_init": cfg.cross_init}
+    elif isinstance(cfg, DecoderConfig):
+        family = cfg.arch if cfg.arch in FAMILIES else ARCH_UNIFORM
+        if family == ARCH_WIDTH:  # flags describe the parent: halve the widened dims
+            parent = DecoderConfig(**{**cfg.__dict__, "embed_dim": cfg.embed_dim // 2,
+                                      "ffn_dim": cfg.ffn_dim // 2, "heads": cfg.heads // 2})
+        else:
+            parent = cfg
+        extra = {}
+    else:
+        raise TypeError(f"not a model config: {type(cfg).__name__}")
+    out: dict[str, Any] = {flag: getattr(parent, fld) for flag, fld in _SHAPE_FLAGS.items()}
+    out.update({flag: not getattr(parent, fld) for flag, fld in _NEG_FLAGS.items()})
+    out.update(extra)
+    out["jam_family"] = family
+    return out

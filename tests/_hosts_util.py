@@ -1,0 +1,144 @@
+"""Fixtures for the host tests: a tiny mixed text + image-caption dataset and fused starting
+checkpoints built from two tiny parents (``jam-ckpt`` when available, else the fusion functions)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jam_metaseq.data.binarize import binarize
+from jam_metaseq.vocab import VocabManifest, tiny_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+USER_DIR = str(ROOT / "jam_metaseq")
+VOCAB = tiny_manifest()  # 112 ids: text [4, 68), image [68, 100), <break> 100, 4 sentinels, <eoss>
+WORDS = ["red cube", "blue ball", "green star", "tiny cat", "big dog", "old tree"]
+
+
+class CharTokenizer:
+    """Lower-case letters and space -> 27 text ids (fits the tiny manifest's 64)."""
+
+    spec = "chars"
+    vocab_size = 27
+
+    def encode(self, text: str) -> list[int]:
+        return [26 if c == " " else ord(c) - ord("a") for c in text.lower() if c == " " or c.isalpha()]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(" " if i == 26 else chr(ord("a") + i) for i in ids)
+
+
+def _docs(kind: str, n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(len(WORDS)))
+        if kind == "text":
+            words = [WORDS[int(rng.integers(len(WORDS)))] for _ in range(3)]
+            out.append({"segments": [{"text": " and ".join(words)}]})
+        else:  # caption then a 2x2 "image" whose codes are a function of the caption
+            codes = [(4 * k + j) % VOCAB.image_codes for j in range(VOCAB.image_tokens_per_image)]
+            out.append({"segments": [{"text": WORDS[k]}, {"image_tokens": codes}]})
+    return out
+
+
+def make_data(root: Path, *, n_train: int = 48, n_valid: int = 8, block_size: int = 33) -> Path:
+    """DATA/{train,valid}/{text,caption} binarized with the tiny manifest; returns DATA."""
+    root.mkdir(parents=True, exist_ok=True)
+    VOCAB.save(root / "vocab.json")
+    for split, n, seed in (("train", n_train, 0), ("valid", n_valid, 1)):
+        (root / split).mkdir(exist_ok=True)
+        for kind in ("text", "caption"):
+            jsonl = root / f"{split}.{kind}.jsonl"
+            jsonl.write_text("".join(json.dumps(d) + "\n" for d in _docs(kind, n, seed + (kind == "caption"))))
+            binarize(jsonl, out_prefix=root / split / kind, vocab=VOCAB, text_tokenizer=CharTokenizer(),
+                     block_size=block_size, progress=False)
+    return root
+
+
+def tiny_parent_cfg(vocab: VocabManifest = VOCAB):
+    from jam_metaseq.models.config import preset
+
+    return preset("tiny", vocab_size=vocab.size)
+
+
+def _save(state: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def make_parents(root: Path, vocab: VocabManifest = VOCAB) -> tuple[Path, Path]:
+    """Two tiny random parents in metaseq layout (different seeds)."""
+    from jam_metaseq.models import build_model
+
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, seed in (("llm", 11), ("img", 22)):
+        torch.manual_seed(seed)
+        cfg = tiny_parent_cfg(vocab)
+        model = build_model(cfg)
+        p = root / f"{name}.pt"
+        _save({"model": model.state_dict(), "jam_config": cfg.to_dict(),
+               "cfg": {"model": argparse.Namespace(_name="transformer_lm", arch="transformer_lm")}}, p)
+        paths.append(p)
+    return paths[0], paths[1]
+
+
+def fused_checkpoint(family: str, root: Path, *, cross_every: int = 1, vocab: VocabManifest = VOCAB) -> Path:
+    """Starting weights for ``family`` from two tiny parents: ``jam-ckpt`` output when the
+    checkpoint tools are installed, else the same fusion done here with ``jam_metaseq.fusion``."""
+    llm, img = make_parents(root / "parents", vocab)
+    out = root / f"{family}.pt"
+    cli = _jam_ckpt_command(family, llm=llm, img=img, out=out, cross_every=cross_every, vocab=vocab)
+    if cli is not None:
+        subprocess.run(cli, check=True, capture_output=True, text=True)
+        return out if out.is_file() else next(out.glob("*.pt"))
+    return _fuse_locally(family, llm=llm, img=img, out=out, cross_every=cross_every, vocab=vocab)
+
+
+def _jam_ckpt_command(family, *, llm, img, out, cross_every, vocab):
+    try:
+        import checkpoints_tools.cli  # noqa: F401
+    except Exception:
+        return None
+    verb = {"jam_uniform": "merge", "jam_width": "widen", "jam_cross": "cross"}[family]
+    cmd = [sys.executable, "-m", "checkpoints_tools.cli", verb, "--llm", str(llm), "--img", str(img),
+           "--out", str(out)]
+    if family == "jam_cross":
+        cmd += ["--cross-every", str(cross_every), "--vocab", str(out.parent / "vocab.json")]
+        vocab.save(out.parent / "vocab.json")
+    return cmd
+
+
+def _fuse_locally(family, *, llm, img, out, cross_every, vocab) -> Path:
+    from jam_metaseq.fusion import cross_tensor, merge_tensor, state_shapes, widen_tensor
+    from jam_metaseq.models.config import cross_of, uniform_of, width_of
+
+    a = torch.load(llm, weights_only=False)["model"]
+    b = torch.load(img, weights_only=False)["model"]
+    parent = tiny_parent_cfg(vocab)
+    if family == "jam_uniform":
+        cfg = uniform_of(parent)
+        state = {k: merge_tensor(k, [a[k], b[k]], weights=[0.5, 0.5]) for k in state_shapes(cfg)}
+    elif family == "jam_width":
+        cfg = width_of(parent)
+        state = {k: widen_tensor(k, a[k], b[k], parent=parent, init="copy") for k in state_shapes(cfg)}
+    else:
+        cfg = cross_of(parent, cross_every, image_vocab_start=vocab.image_start, image_vocab_end=vocab.image_end)
+        state = {k: cross_tensor(k, cfg=cfg, llm=a.__getitem__, img=b.__getitem__, seed=0)
+                 for k in state_shapes(cfg)}
+    state["decoder.output_projection.weight"] = state["decoder.embed_tokens.weight"]
+    _save({"model": state, "jam_config": cfg.to_dict(),
+           "cfg": {"model": argparse.Namespace(_name=family, arch=f"{family}_tiny", jam_config=cfg.to_dict())},
+           "optimizer_history": [{"criterion_name": "CM3Criterion", "optimizer_name": "none",
+                                  "lr_scheduler_state": {}, "num_updates": 0}],
+           "extra_state": {}, "last_optimizer_state": None}, out)
+    return out
