@@ -95,6 +95,20 @@ def test_resume_equals_uninterrupted(balance):
     assert [(it["source"], it["index"]) for it in islice(fresh, 300 - 123)] != tail
 
 
+def test_ranks_partition_the_single_process_stream():
+    weights = {"text": 0.5, "image_caption": 0.5}
+    single = [(it["source"], it["index"]) for it in islice(MixtureStream(sources(), weights, seed=5), 90)]
+    per_rank = [[(it["source"], it["index"]) for it in
+                 islice(MixtureStream(sources(), weights, seed=5, rank=r, world_size=3), 30)] for r in range(3)]
+    assert [per_rank[t % 3][t // 3] for t in range(90)] == single
+    # resume on a rank
+    s = MixtureStream(sources(), weights, seed=5, rank=1, world_size=3)
+    list(islice(s, 10))
+    r = MixtureStream(sources(), weights, seed=5, rank=1, world_size=3)
+    r.load_state_dict(s.state_dict())
+    assert [(it["source"], it["index"]) for it in islice(r, 20)] == per_rank[1][10:30]
+
+
 def test_state_and_argument_errors():
     with pytest.raises(ValueError, match="different sets"):
         MixtureStream(sources(), {"text": 1.0}, seed=0)

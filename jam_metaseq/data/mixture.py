@@ -12,13 +12,17 @@ recomputed on resume, never stored). Which source comes next:
   token mixture of the alignment stage.
 - ``balance="samples"``: an independent draw with probabilities = weights (seeded).
 
+Data parallelism: with ``rank``/``world_size``, every rank walks the same global sequence (cheap:
+item sizes come from ``.sizes``, items are read only when kept) and keeps steps rank, rank + W, ...;
+the union over ranks is the single-process stream and token shares hold globally.
+
 ``state_dict()`` is a small JSON-able dict (step, per-source epoch / position / counts, the PCG64
 state); a new stream given ``load_state_dict(state)`` continues exactly where the old one was.
 
 Public API::
 
     MixtureStream(sources: dict[str, dataset], weights: dict[str, float], *, seed: int,
-                  balance="tokens", shuffle=True)
+                  balance="tokens", shuffle=True, rank=0, world_size=1)
         iter / next -> item dict;  .state_dict();  .load_state_dict(state);  .token_shares()
 """
 
@@ -37,8 +41,11 @@ class MixtureStream:
 
     def __init__(
         self, sources: Mapping[str, Any], weights: Mapping[str, float], *, seed: int,
-        balance: str = "tokens", shuffle: bool = True,
+        balance: str = "tokens", shuffle: bool = True, rank: int = 0, world_size: int = 1,
     ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        self.rank, self.world_size = int(rank), int(world_size)
         if set(sources) != set(weights):
             raise ValueError(f"sources {sorted(sources)} and weights {sorted(weights)} name different sets")
         if not sources:
@@ -85,28 +92,44 @@ class MixtureStream:
     def __iter__(self) -> "MixtureStream":
         return self
 
-    def __next__(self) -> dict[str, Any]:
+    def _size(self, k: int, i: int) -> int:
+        sizes = getattr(self.sources[self.names[k]], "sizes", None)
+        if sizes is not None:
+            return int(sizes[i])
+        return int(np.asarray(self.sources[self.names[k]][i]["tokens"]).size)
+
+    def _next_key(self) -> tuple[int, int]:
+        """Advance the global (all ranks) sequence by one step without reading the item."""
         k = self._choose()
-        name = self.names[k]
         perm = self._permutation(k)
         i = int(perm[self._pos[k]])
-        item = dict(self.sources[name][i])
-        item["source"] = name
-        item["index"] = i
         self._pos[k] += 1
         if self._pos[k] == perm.size:  # epoch done: next permutation on demand
             self._pos[k] = 0
             self._epoch[k] += 1
             self._perm[k] = None
         self._items[k] += 1
-        self._tokens[k] += int(np.asarray(item["tokens"]).size)
+        self._tokens[k] += self._size(k, i)
         self._step += 1
+        return k, i
+
+    def __next__(self) -> dict[str, Any]:
+        # every rank walks the same global sequence and keeps steps rank, rank + W, ...
+        while True:
+            step = self._step
+            k, i = self._next_key()
+            if step % self.world_size == self.rank:
+                break
+        name = self.names[k]
+        item = dict(self.sources[name][i])
+        item["source"] = name
+        item["index"] = i
         return item
 
     # ---- resume ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "seed": self.seed, "balance": self.balance, "step": self._step,
+            "seed": self.seed, "balance": self.balance, "step": self._step, "world_size": self.world_size,
             "sources": {n: {"epoch": self._epoch[k], "pos": self._pos[k], "items": self._items[k],
                             "tokens": self._tokens[k]} for k, n in enumerate(self.names)},
             "rng": copy.deepcopy(self._rng.bit_generator.state),
@@ -117,6 +140,9 @@ class MixtureStream:
             raise ValueError(
                 f"mixture state is for seed={state['seed']} balance={state['balance']}, this stream has "
                 f"seed={self.seed} balance={self.balance}")
+        if int(state.get("world_size", 1)) != self.world_size:
+            raise ValueError(f"mixture state is for world_size={state.get('world_size')}, this stream has "
+                             f"{self.world_size}")
         if set(state["sources"]) != set(self.names):
             raise ValueError(f"mixture state names sources {sorted(state['sources'])}, expected {sorted(self.names)}")
         self._step = int(state["step"])
@@ -130,6 +156,6 @@ class MixtureStream:
         self._rng.bit_generator.state = copy.deepcopy(dict(state["rng"]))
 
     def token_shares(self) -> dict[str, float]:
-        """Fraction of emitted tokens per source so far."""
+        """Fraction of tokens per source so far (over all ranks' global sequence)."""
         total = max(1, sum(self._tokens))
         return {n: self._tokens[k] / total for k, n in enumerate(self.names)}
