@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jam_metaseq.data.documents import DataReport, DocumentError, iter_jsonl, tokenize_document
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jam_metaseq.data.documents import (
+    DataReport, DocumentError, detokenize_document, iter_jsonl, tokenize_document)
 from jam_metaseq.data.instruct import (
     fit_document, lima_to_document, make_transform, rewrite_this_article, wikihow_to_document)
 from jam_metaseq.data.tokenizers import (
@@ -101,6 +105,42 @@ def test_image_files_go_through_the_image_tokenizer(tmp_path):
         + txt("x") + [EOS]
     with pytest.raises(DocumentError, match="no image tokenizer"):
         tokenize_document(doc, vocab=V, text_tokenizer=BYTES, base_dir=tmp_path)
+
+
+segment = st.one_of(
+    st.builds(lambda t: {"text": t}, st.text(min_size=1, max_size=20)),
+    st.builds(lambda c: {"image_tokens": c}, st.lists(st.integers(0, 31), min_size=4, max_size=4)))
+
+
+def _merge_text(segs):
+    out = []
+    for s in segs:
+        if out and "text" in s and "text" in out[-1]:
+            out[-1] = {"text": out[-1]["text"] + s["text"]}
+        else:
+            out.append(dict(s))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(segs=st.lists(segment, min_size=1, max_size=6))
+def test_serialisation_round_trip(segs):
+    tokens, mask = tokenize_document(segs, vocab=V, text_tokenizer=BYTES)
+    assert tokens[-1] == EOS and mask.all()
+    n_img = sum("image_tokens" in s for s in segs)
+    assert (tokens == BRK).sum() == 2 * n_img and V.is_image(tokens).sum() == 4 * n_img
+    assert detokenize_document(tokens, vocab=V, text_tokenizer=BYTES) == _merge_text(segs)
+
+
+def test_sentencepiece_document_round_trip(trained):
+    spm = load_text_tokenizer(trained[0])
+    doc = [{"text": "the lazy dog"}, {"image_tokens": [9, 8, 7, 6]}, {"text": "jumps over the fox"}]
+    tokens, _ = tokenize_document(doc, vocab=V, text_tokenizer=spm)
+    assert V.is_text(tokens[:-1][tokens[:-1] != BRK][:3]).all()
+    assert detokenize_document(tokens, vocab=V, text_tokenizer=spm) == doc
+    small = tiny_manifest(text_size=16, image_codes=32, image_grid=(2, 2), num_sentinels=4)
+    with pytest.raises(DocumentError, match="text_size 16"):
+        tokenize_document(doc, vocab=small, text_tokenizer=spm)
 
 
 # ---- validation: every error names file:line and its reason --------------------------------------

@@ -21,6 +21,16 @@ Validation errors (``DocumentError``) name ``file:line`` and what is wrong: bad 
 segment shape, wrong number of image tokens, code out of range, missing image file, empty
 document, too long. ``iter_jsonl(..., on_error="skip")`` counts skipped lines by reason in a
 ``DataReport``; nothing is dropped silently.
+
+Public API::
+
+    tokenize_document(doc, *, vocab, text_tokenizer, image_tokenizer=None, base_dir=None,
+                      response_loss_only=True, max_tokens=None) -> (tokens int64 (L,), loss_mask bool (L,))
+    detokenize_document(tokens, *, vocab, text_tokenizer) -> list[segment]
+    validate_document(doc, *, vocab, base_dir=None) -> (prompt segments | None, segments)
+    iter_jsonl(path, *, on_error="fail"|"skip", vocab, text_tokenizer=None, image_tokenizer=None,
+               max_tokens=None, response_loss_only=True, report=None, transform=None) -> DocRecord...
+    DocumentError(reason, where), DataReport
 """
 
 from __future__ import annotations
@@ -278,6 +288,35 @@ def tokenize_document(
     if max_tokens is not None and tokens.size > max_tokens:
         raise DocumentError(f"too long: {tokens.size} tokens > max {max_tokens}", reason="too_long")
     return tokens, loss_mask
+
+
+def detokenize_document(tokens: np.ndarray, *, vocab: VocabManifest, text_tokenizer: Any) -> list[dict]:
+    """Token ids -> segments (inverse of ``tokenize_document`` up to merging adjacent text).
+
+    ``<break> codes <break>`` becomes ``{"image_tokens": codes}``; runs of text ids are decoded;
+    ``<eos>``/``<s>``/``<pad>`` are dropped; any other id (sentinels, an unclosed image) raises.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    tokens = tokens[~np.isin(tokens, [vocab.eos, vocab.bos, vocab.pad])]
+    brk = np.flatnonzero(tokens == vocab.break_id)
+    if brk.size % 2:
+        raise ValueError(f"unclosed image: {brk.size} <break> tokens")
+    out: list[dict] = []
+    prev = 0
+    for s, e in list(zip(brk[0::2], brk[1::2])) + [(tokens.size, tokens.size)]:
+        text = tokens[prev:s]
+        if text.size:
+            if not vocab.is_text(text).all():
+                bad = int(text[~vocab.is_text(text)][0])
+                raise ValueError(f"id {bad} at a text position is not a text token")
+            out.append({"text": text_tokenizer.decode((text - vocab.text_start).tolist())})
+        if e > s:
+            codes = tokens[s + 1:e]
+            if not vocab.is_image(codes).all():
+                raise ValueError("non-image id between <break> tokens")
+            out.append({"image_tokens": (codes - vocab.image_start).tolist()})
+        prev = e + 1
+    return out
 
 
 @dataclass
