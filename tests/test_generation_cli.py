@@ -1,0 +1,123 @@
+"""jam-generate end to end on a tiny checkpoint written to a temp dir; rendering to files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jam_metaseq.generation.answer import Answer, split_segments
+from jam_metaseq.generation.cli import main
+from jam_metaseq.generation.render import save_images, to_html, to_markdown
+from jam_metaseq.models import build_model, preset
+from jam_metaseq.vocab import tiny_manifest
+
+VOCAB = tiny_manifest(text_size=256)  # room for the byte tokenizer
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=VOCAB.size, max_positions=80, init_std=0.3)
+    model = build_model(cfg)
+    torch.save(
+        {"model": model.state_dict(), "jam_config": cfg.to_dict(), "jam_vocab": VOCAB.to_dict()},
+        d / "checkpoint.pt",
+    )
+    return d / "checkpoint.pt"
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_prompt_to_json_lines(ckpt, capsys):
+    rc, out, err = run(capsys, "--checkpoint", ckpt, "--tokenizer", "bytes", "--prompt", "How can I make shakshuka?",
+                       "--prompt", "Cats?", "--max-new-tokens", "20", "--min-images", "1", "--no-progress")
+    assert rc == 0, err
+    answers = [Answer.from_dict(json.loads(line)) for line in out.splitlines()]
+    assert [a.prompt for a in answers] == ["How can I make shakshuka?", "Cats?"]
+    assert answers[0].prompt_ids[0] == VOCAB.eos  # document separator first
+    assert answers[0].prompt_ids[1:] == [VOCAB.text_start + b for b in b"How can I make shakshuka?"]
+    for a in answers:
+        assert len(a.images) >= 1 and a.images[0].complete
+        assert all(isinstance(s.text, str) for s in a.segments if s.to_dict()["type"] == "text")
+    # Same flags, same answers; --seed changes them.
+    rc2, out2, _ = run(capsys, "--checkpoint", ckpt, "--tokenizer", "bytes", "--prompt", "How can I make shakshuka?",
+                       "--prompt", "Cats?", "--max-new-tokens", "20", "--min-images", "1", "--no-progress")
+    assert out2 == out
+
+
+def test_prompts_file_to_out_dir(ckpt, capsys, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a red square", "seed": 4}) + "\n\n"
+                       + json.dumps({"prompt_ids": [VOCAB.eos, VOCAB.text_start + 7]}) + "\n")
+    out = tmp_path / "out"
+    rc, _, err = run(capsys, "--checkpoint", ckpt, "--tokenizer", "bytes", "--prompts", prompts, "--out", out,
+                     "--images", "force", "--max-new-tokens", "8", "--batch-size", "1")
+    assert rc == 0, err
+    lines = (out / "answers.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["seed"] == 4 and json.loads(lines[1])["seed"] == 1
+    assert json.loads(lines[0])["ids"][0] == VOCAB.break_id  # --images force
+    assert "## Answer 1: a red square" in (out / "answers.md").read_text()
+    assert "<table class=\"grid\"" in (out / "answers.html").read_text()
+    assert "image tokens" in err  # progress bar on stderr
+
+
+def test_clear_errors(ckpt, capsys, tmp_path):
+    other = tiny_manifest(text_size=300)
+    other.save(tmp_path / "vocab.json")
+    rc, _, err = run(capsys, "--checkpoint", ckpt, "--vocab", tmp_path / "vocab.json", "--tokenizer", "bytes",
+                     "--prompt", "x", "--no-progress")
+    assert rc == 2 and f"{other.size} ids" in err and f"{VOCAB.size} rows" in err
+    rc, _, err = run(capsys, "--checkpoint", ckpt, "--tokenizer", "bytes", "--prompt", "x" * 100, "--no-progress")
+    assert rc == 2 and "context holds 80" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    rc, _, err = run(capsys, "--checkpoint", ckpt, "--tokenizer", "bytes", "--prompts", bad)
+    assert rc == 2 and f"{bad}:2" in err
+    rc, _, err = run(capsys, "--checkpoint", tmp_path / "nope.pt", "--prompt", "x")
+    assert rc == 2 and "nope.pt" in err
+    rc, _, err = run(capsys, "--checkpoint", ckpt, "--prompt", "x", "--prompts", bad)
+    assert rc == 2 and "not both" in err
+
+
+def test_help_runs_as_a_module():
+    r = subprocess.run([sys.executable, "-m", "jam_metaseq.generation.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--guidance-scale" in r.stdout and "Eq. 6" in r.stdout
+
+
+class PaletteDecoder:
+    """A stand-in VQ decoder with the image-tokenizer interface: each code is a fixed colour."""
+
+    grid = VOCAB.image_grid
+
+    def decode_codes(self, codes):
+        codes = np.asarray(codes)
+        palette = np.stack([np.arange(256) * 37 % 256, np.arange(256) * 91 % 256, np.arange(256) * 13 % 256], 1)
+        return [Image.fromarray(palette[c].astype(np.uint8)).resize((16, 16), Image.NEAREST) for c in codes]
+
+
+def test_save_images_writes_pngs_and_renderers_link_them(tmp_path):
+    img = VOCAB.image_start
+    ids = [VOCAB.text_start, VOCAB.break_id, img, img + 1, img + 2, img + 3, VOCAB.break_id, VOCAB.break_id, img + 9]
+    a = Answer(prompt_ids=[VOCAB.eos], ids=ids, finish_reason="length", seed=0,
+               segments=split_segments(ids, vocab=VOCAB), prompt="<b>bold</b>")
+    save_images([a], image_decoder=PaletteDecoder(), out_dir=tmp_path)
+    full, cut = a.images
+    assert full.png == "images/answer0_image0.png" and cut.png is None  # incomplete images stay grids
+    png = Image.open(tmp_path / full.png)
+    assert png.size == (16, 16)
+    expected = PaletteDecoder().decode_codes([[[0, 1], [2, 3]]])[0]
+    assert png.convert("RGB").getpixel((15, 15)) == expected.getpixel((15, 15)) == (3 * 37, 3 * 91 % 256, 3 * 13)
+    md, html = to_markdown([a]), to_html([a])
+    assert "![image 2](images/answer0_image0.png)" in md and "(incomplete)" in md
+    assert '<img src="images/answer0_image0.png"' in html and "&lt;b&gt;bold" in html and "<b>bold" not in html
