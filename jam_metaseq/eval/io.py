@@ -4,13 +4,14 @@ as token sequences (paper §3.2: the checkpoints evaluated in Tables 1-5).
 Checkpoints
     ``load_checkpoint(path)`` first asks the checkpoint helper (``checkpoints_tools.load_model``),
     which reads every layout the project writes or meets (jam-ckpt output, metaseq/fairseq parts,
-    FSDP shards). When it is not installed, or when the caller names the config or vocabulary
-    explicitly, a small local reader is used: a ``.pt`` file (or a folder holding exactly one)
-    whose ``model`` key is a metaseq-layout state dict, with
+    FSDP shards, HF OPT); ``vocab=`` then overrides the manifest it finds. When the helper is not
+    installed, or when the caller names the config explicitly, a small local reader is used: a
+    ``.pt`` file (or a folder holding exactly one) whose ``model`` key is a metaseq-layout state
+    dict, with
 
     - the model config from ``config=`` (a JSON file of ``config_to_json``), else the checkpoint's
       ``jam_config`` / ``config`` key (a dict with ``type``), else ``config.json`` beside it;
-    - the vocabulary manifest from ``vocab=``, else the checkpoint's ``vocab`` key, else
+    - the vocabulary manifest from ``vocab=``, else the checkpoint's ``jam_vocab`` key, else
       ``vocab.json`` / ``manifest.json`` beside it.
 
     The manifest must match the embedding (``VocabManifest.check_embedding``).
@@ -85,14 +86,23 @@ def load_checkpoint(
 ) -> tuple[nn.Module, ModelConfig, VocabManifest]:
     """(model in eval mode, fp32 on CPU; its config; its vocabulary manifest)."""
     path = Path(path)
-    if config is None and vocab is None:
+    if config is None:
         try:
             from checkpoints_tools import load_model  # type: ignore[attr-defined]
         except ImportError:
             load_model = None
         if load_model is not None:
-            model, cfg, manifest = load_model(path)
-            return model.eval(), cfg, manifest
+            model, cfg, manifest = load_model(path, trust_pickle=trust_pickle)
+            if vocab is not None:
+                manifest = VocabManifest.load(vocab)
+            if manifest is None:
+                raise EvalInputError(f"{path}: the checkpoint carries no vocabulary manifest (no jam_vocab, no "
+                                     "vocab.json beside it); pass --vocab")
+            try:
+                manifest.check_embedding(int(model.decoder.embed_tokens.weight.shape[0]))
+            except ValueError as e:
+                raise EvalInputError(f"{path}: {e}") from None
+            return model.float().eval(), cfg, manifest
     file = _find_checkpoint_file(path)
     ckpt = _torch_load(file, trust_pickle=trust_pickle)
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
@@ -117,8 +127,8 @@ def load_checkpoint(
         raise EvalInputError(f"{file}: bad model config ({e})") from None
     if vocab is not None:
         manifest = VocabManifest.load(vocab)
-    elif isinstance(ckpt.get("vocab"), dict):
-        manifest = VocabManifest.from_dict(ckpt["vocab"], source=f"{file}['vocab']")
+    elif isinstance(ckpt.get("jam_vocab", ckpt.get("vocab")), dict):
+        manifest = VocabManifest.from_dict(ckpt.get("jam_vocab", ckpt.get("vocab")), source=str(file))
     else:
         side = [here / n for n in ("vocab.json", "manifest.json") if (here / n).is_file()]
         if not side:
@@ -142,10 +152,10 @@ def load_checkpoint(
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, vocab: VocabManifest) -> None:
-    """Write what ``load_checkpoint``'s local reader reads (model + jam_config + vocab), atomically."""
+    """A single-file checkpoint both readers accept (``model``, ``jam_config``, ``jam_vocab``), atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "jam_config": model.cfg.to_dict(), "vocab": vocab.to_dict()}, tmp)
+    torch.save({"model": model.state_dict(), "jam_config": model.cfg.to_dict(), "jam_vocab": vocab.to_dict()}, tmp)
     os.replace(tmp, path)
 
 

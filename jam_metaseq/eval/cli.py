@@ -1,0 +1,168 @@
+"""``jam-eval``: the paper's evaluations for any JAM checkpoint (paper §3.2-3.3, Tables 1-5).
+
+    jam-eval ppl --checkpoint CKPT --data wiki.jsonl [--kind text]          Wikipedia-style PPL
+    jam-eval ppl --checkpoint CKPT --data coco_val --kind caption           MS-COCO-style PPL
+    jam-eval lm-eval --model-args checkpoint=CKPT,tokenizer=TOK --tasks jam_table1 --data-dir DIR
+
+``ppl`` prints one row per data file (overall, text-token and image-token PPL; definition in
+``jam_metaseq.eval.ppl``) and writes the full numbers as JSON with ``--output``. ``lm-eval`` (alias
+``zeroshot``) runs lm-evaluation-harness with the ``jam`` model on local task files
+(``jam_metaseq.eval.tasks``) and prints accuracy per task. Progress goes to stderr, results to
+stdout; bad input exits with status 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _write_json(path: str, obj: Any) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, p)
+
+
+def _fmt(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jam-eval", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{ppl,lm-eval}")
+
+    q = sub.add_parser("ppl", help="text / image-caption perplexity (Tables 2-5)",
+                       description="Token-weighted perplexity of a checkpoint over local data files "
+                                   "(definition and window rule: jam_metaseq/eval/ppl.py).")
+    q.add_argument("--checkpoint", required=True,
+                   help="checkpoint file or folder (jam-ckpt output, or a .pt with 'model' + config)")
+    q.add_argument("--data", required=True, nargs="+",
+                   help="JSONL documents file(s) and/or binarized dataset prefix(es) (jam-data binarize)")
+    q.add_argument("--kind", choices=("text", "caption", "auto"), default="auto",
+                   help="text: Wikipedia-style, refuses documents with images; caption: MS-COCO-style, every "
+                        "document must hold an image; auto: no check (default)")
+    q.add_argument("--tokenizer", help="text tokenizer spec for JSONL input (.model, .json, spm:/bpe: prefix or "
+                                       "'bytes'); default: the vocabulary manifest's text_tokenizer")
+    q.add_argument("--config", help="model config JSON overriding the checkpoint's (config_to_json format)")
+    q.add_argument("--vocab", help="vocabulary manifest JSON overriding the checkpoint's")
+    q.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default 8)")
+    q.add_argument("--max-len", type=_positive_int,
+                   help="window length in tokens (default: the model's max_positions)")
+    q.add_argument("--stride", type=_positive_int,
+                   help="new targets per window, <= max-len (default: max-len, i.e. no overlap)")
+    q.add_argument("--prefix", default="eos", choices=("eos", "bos", "none"),
+                   help="token put before every sequence so its first token is predicted too (default eos)")
+    q.add_argument("--use-loss-mask", action="store_true",
+                   help="count only targets with loss mask True (instruction data: the response only)")
+    q.add_argument("--limit", type=_positive_int, help="evaluate at most this many documents per file")
+    q.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    q.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="model weights dtype; log-probabilities are always fp32 (default float32)")
+    q.add_argument("--trust-pickle", action="store_true",
+                   help="allow arbitrary pickled objects in the checkpoint (only for files you trust)")
+    q.add_argument("--output", help="write the full results as JSON here (atomically)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    z = sub.add_parser("lm-eval", aliases=["zeroshot"], help="zero-shot tasks through lm-eval (Table 1)",
+                       description="Zero-shot multiple-choice accuracy with lm-evaluation-harness and the "
+                                   "'jam' model, on local task files (jam_metaseq/eval/tasks.py).")
+    z.add_argument("--model-args", required=True,
+                   help="jam model args, k=v comma-separated: checkpoint=PATH[,tokenizer=SPEC,config=,vocab=,"
+                        "max_length=,device=,dtype=,trust_pickle=]")
+    z.add_argument("--tasks", required=True,
+                   help="comma-separated task names: piqa_local, arc_easy_local, arc_challenge_local, "
+                        "storycloze_local, winograd_local, winogrande_local, the group jam_table1 (all whose "
+                        "files exist), names of --mc-task tasks, or tasks under --include-path")
+    z.add_argument("--data-dir", help="folder with piqa.jsonl, arc_easy.jsonl, arc_challenge.jsonl, "
+                                      "storycloze.jsonl, winograd.jsonl, winogrande.jsonl (any subset)")
+    z.add_argument("--mc-task", action="append", default=[], metavar="NAME=FILE",
+                   help="a plain multiple-choice task from a JSONL of {context, choices, label}; repeatable")
+    z.add_argument("--include-path", action="append", default=[],
+                   help="extra folder of lm_eval task YAMLs (their data must be local); repeatable")
+    z.add_argument("--include-defaults", action="store_true",
+                   help="also index lm_eval's built-in tasks (slow; they download data, so offline they fail)")
+    z.add_argument("--batch-size", type=_positive_int, default=8, help="requests per forward pass (default 8)")
+    z.add_argument("--limit", type=float, help="at most this many documents per task (or a fraction < 1)")
+    z.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (Table 1 is zero-shot: 0)")
+    z.add_argument("--seed", type=int, default=1234, help="random seed for lm_eval (default 1234)")
+    z.add_argument("--cache-dir", help="datasets cache folder for the local JSON files (default: HF default)")
+    z.add_argument("--output", help="write lm_eval's results (plus jam_summary) as JSON here (atomically)")
+    return p
+
+
+def _run_ppl(args: argparse.Namespace) -> int:
+    from jam_metaseq.eval.ppl import evaluate_ppl_files
+
+    results = evaluate_ppl_files(
+        checkpoint=args.checkpoint, data=args.data, kind=args.kind, tokenizer=args.tokenizer,
+        config=args.config, vocab=args.vocab, batch_size=args.batch_size, max_len=args.max_len,
+        stride=args.stride, prefix=None if args.prefix == "none" else args.prefix,
+        use_loss_mask=args.use_loss_mask, limit=args.limit, device=args.device, dtype=args.dtype,
+        trust_pickle=args.trust_pickle, progress=not args.no_progress)
+    print(f"{'data':<40} {'kind':<8} {'docs':>6} {'tokens':>9} {'PPL':>10} {'text PPL':>10} {'image PPL':>10}")
+    for path, r in results.items():
+        print(f"{path[-40:]:<40} {r['kind']:<8} {r['sequences']:>6} {r['tokens']:>9} {_fmt(r['ppl']):>10} "
+              f"{_fmt(r['text']['ppl']):>10} {_fmt(r['image']['ppl']):>10}")
+    if args.output:
+        _write_json(args.output, results)
+    return 0
+
+
+def _run_lm_eval(args: argparse.Namespace) -> int:
+    from jam_metaseq.eval.zeroshot import parse_model_args, run_zeroshot
+
+    mc = {}
+    for item in args.mc_task:
+        if "=" not in item:
+            raise ValueError(f"--mc-task expects NAME=FILE, got {item!r}")
+        name, path = item.split("=", 1)
+        mc[name] = path
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = run_zeroshot(
+        tasks=tasks, model_args=parse_model_args(args.model_args), data_dir=args.data_dir, mc_tasks=mc,
+        include_path=args.include_path, include_defaults=args.include_defaults, batch_size=args.batch_size,
+        limit=limit, num_fewshot=args.num_fewshot, seed=args.seed, cache_dir=args.cache_dir)
+    print(f"{'task':<28} {'n':>6} {'acc':>8} {'acc_norm':>9}")
+    for task, row in results["jam_summary"].items():
+        acc, norm = row.get("acc"), row.get("acc_norm")
+        print(f"{task:<28} {int(row.get('n', 0)):>6} {_fmt(acc) if acc is not None else '-':>8} "
+              f"{_fmt(norm) if norm is not None else '-':>9}")
+    if args.output:
+        _write_json(args.output, {k: v for k, v in results.items() if k != "samples"})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_grad_enabled(False)
+    try:
+        if args.command == "ppl":
+            return _run_ppl(args)
+        return _run_lm_eval(args)
+    except (ValueError, FileNotFoundError, KeyError, NotImplementedError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"jam-eval: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""jam-eval perplexity (issue 9 item 1; paper Tables 2-5): hand-computed values, an independent
+per-sequence cross-entropy reference with padding in the batch, the window rule, loss masks, the
+three architectures, and the ``jam-eval ppl`` CLI on JSONL and binarized data."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jam_metaseq.eval.io import load_checkpoint, save_checkpoint
+from jam_metaseq.eval.ppl import perplexity, rolling_windows
+from jam_metaseq.models import build_model, cross_of, preset, width_of
+from jam_metaseq.vocab import VocabManifest, tiny_manifest
+
+torch.set_num_threads(1)
+
+VOCAB = tiny_manifest()  # text [4, 68), image [68, 100), size 112
+
+
+def randomize_(model: torch.nn.Module, *, seed: int, std: float = 0.3) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            p.copy_(1.0 + noise if ("layer_norm" in name and name.endswith("weight")) else noise)
+    return model.eval()
+
+
+def tiny_model(*, seed: int = 0, max_positions: int = 32, layers: int = 2) -> torch.nn.Module:
+    return randomize_(build_model(preset("tiny", vocab_size=VOCAB.size, max_positions=max_positions,
+                                         layers=layers)), seed=seed)
+
+
+def random_docs(n: int, *, seed: int, lengths: tuple[int, int] = (3, 20)) -> list[np.ndarray]:
+    """Caption-like documents: text, then an image (<break> codes <break>), then <eos>."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n):
+        text = rng.integers(VOCAB.text_start, VOCAB.text_end, rng.integers(*lengths))
+        codes = rng.integers(VOCAB.image_start, VOCAB.image_end, VOCAB.image_tokens_per_image)
+        docs.append(np.concatenate([text, [VOCAB.break_id], codes, [VOCAB.break_id, VOCAB.eos]]))
+    return docs
+
+
+def reference_nll(model, seqs, *, max_len: int, stride: int | None = None, prefix: int = VOCAB.eos):
+    """Independent computation: one sequence at a time, full-window logits, F.cross_entropy."""
+    stride = stride or max_len
+    nll, count = 0.0, 0
+    per_class = {"text": [0.0, 0], "image": [0.0, 0], "other": [0.0, 0]}
+    with torch.no_grad():
+        for s in seqs:
+            x = torch.tensor([prefix, *map(int, s)])
+            n = len(s)
+            for a in range(0, n, stride):
+                b = min(a + stride, n)
+                lo = max(0, b - max_len)
+                logits = model(x[lo:b][None])[0]  # (b - lo, V), no padding anywhere
+                k = b - a
+                tgt = x[a + 1 : b + 1]
+                losses = F.cross_entropy(logits[-k:].double(), tgt, reduction="none")
+                nll += float(losses.sum())
+                count += k
+                for t, l in zip(tgt.tolist(), losses.tolist()):
+                    cls = "text" if VOCAB.is_text(t) else "image" if VOCAB.is_image(t) else "other"
+                    per_class[cls][0] += l
+                    per_class[cls][1] += 1
+    return nll, count, per_class
+
+
+def test_hand_computed_constant_predictor():
+    """Final LayerNorm weight 0: every position predicts softmax(E @ b); PPL follows by hand."""
+    model = tiny_model(seed=1, layers=1)
+    with torch.no_grad():
+        model.decoder.layer_norm.weight.zero_()
+    E = model.decoder.embed_tokens.weight.detach().double().numpy()  # (V, D)
+    b = model.decoder.layer_norm.bias.detach().double().numpy()  # (D,)
+    z = E @ b
+    logp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))  # log-softmax by hand
+    seqs = [np.array([10, 20, 30]), np.array([70, 71, VOCAB.eos])]
+    r = perplexity(model, seqs, vocab=VOCAB, batch_size=2)
+    # targets: 10, 20, 30 (after the <eos> prefix) and 70, 71, <eos>
+    targets = [10, 20, 30, 70, 71, VOCAB.eos]
+    expect = math.exp(-np.mean([logp[t] for t in targets]))
+    assert r["tokens"] == 6
+    assert r["ppl"] == pytest.approx(expect, rel=1e-5)
+    assert r["text"]["ppl"] == pytest.approx(math.exp(-np.mean([logp[t] for t in (10, 20, 30)])), rel=1e-5)
+    assert r["image"]["ppl"] == pytest.approx(math.exp(-np.mean([logp[70], logp[71]])), rel=1e-5)
+    assert r["other"]["tokens"] == 1 and r["other"]["ppl"] == pytest.approx(math.exp(-logp[VOCAB.eos]), rel=1e-5)
+
+
+def test_zero_model_is_uniform():
+    """All weights zero: logits are 0, so PPL is the vocabulary size exactly."""
+    model = build_model(preset("tiny", vocab_size=VOCAB.size, max_positions=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    r = perplexity(model, random_docs(3, seed=0), vocab=VOCAB, batch_size=2)
+    assert r["ppl"] == pytest.approx(VOCAB.size, rel=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_matches_per_sequence_cross_entropy_with_padding(batch_size):
+    model = tiny_model(seed=2)
+    seqs = random_docs(7, seed=3)  # lengths differ: batches are right-padded
+    r = perplexity(model, seqs, vocab=VOCAB, batch_size=batch_size)
+    nll, count, per_class = reference_nll(model, seqs, max_len=32)
+    assert r["tokens"] == count == sum(len(s) for s in seqs)
+    assert r["nll"] == pytest.approx(nll, rel=1e-5)
+    assert r["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    for cls, (n, c) in per_class.items():
+        assert r[cls]["tokens"] == c
+        assert r[cls]["nll"] == pytest.approx(n, rel=1e-5)
+
+
+@pytest.mark.parametrize("max_len,stride", [(8, None), (8, 3), (5, 5), (32, 1)])
+def test_long_sequences_in_windows(max_len, stride):
+    model = tiny_model(seed=4)
+    seqs = random_docs(3, seed=5, lengths=(10, 30))
+    r = perplexity(model, seqs, vocab=VOCAB, batch_size=4, max_len=max_len, stride=stride)
+    nll, count, _ = reference_nll(model, seqs, max_len=max_len, stride=stride)
+    assert r["tokens"] == count
+    assert r["nll"] == pytest.approx(nll, rel=1e-5)
+
+
+def test_window_rule_each_target_once():
+    toks = list(range(10, 23))  # 13 tokens
+    ws = rolling_windows(toks, prefix=2, max_len=5, stride=4)
+    got = [t for w in ws for t in w.targets]
+    assert got == toks
+    for w in ws:
+        assert len(w.inputs) <= 5
+        x = [2, *toks]
+        # the scored positions' next tokens are the targets
+        assert x[x.index(w.inputs[0]) + 1 : x.index(w.inputs[0]) + len(w.inputs) + 1][-len(w.targets):] == w.targets
+    assert ws[-1].inputs == [2, *toks][13 - 5 : 13]  # the last window reaches back to max_len
+    with pytest.raises(ValueError, match="stride"):
+        rolling_windows(toks, prefix=2, max_len=5, stride=6)
+
+
+def test_loss_mask_and_prefix():
+    model = tiny_model(seed=6)
+    seqs = random_docs(3, seed=7)
+    masks = [np.arange(len(s)) >= 2 for s in seqs]  # drop each sequence's first two targets
+    r = perplexity(model, seqs, vocab=VOCAB, masks=masks)
+    full = perplexity(model, seqs, vocab=VOCAB)
+    assert r["tokens"] == full["tokens"] - 6
+    # reference: the masked targets' own losses, recomputed
+    drop = 0.0
+    with torch.no_grad():
+        for s in seqs:
+            x = torch.tensor([VOCAB.eos, *map(int, s)])
+            lp = F.log_softmax(model(x[None])[0].double(), -1)
+            drop -= float(lp[0, x[1]] + lp[1, x[2]])
+    assert r["nll"] == pytest.approx(full["nll"] - drop, rel=1e-5)
+    # without a prefix the first token is context only
+    nopre = perplexity(model, seqs, vocab=VOCAB, prefix=None)
+    assert nopre["tokens"] == full["tokens"] - len(seqs)
+
+
+@pytest.mark.parametrize("arch", ["width", "cross"])
+def test_other_architectures(arch):
+    parent = preset("tiny", vocab_size=VOCAB.size, max_positions=32)
+    cfg = width_of(parent) if arch == "width" else cross_of(
+        parent, 1, image_vocab_start=VOCAB.image_start, image_vocab_end=VOCAB.image_end)
+    model = randomize_(build_model(cfg), seed=8, std=0.2)
+    seqs = random_docs(5, seed=9)
+    r = perplexity(model, seqs, vocab=VOCAB, batch_size=3)
+    nll, count, _ = reference_nll(model, seqs, max_len=32)
+    assert r["nll"] == pytest.approx(nll, rel=1e-5) and r["tokens"] == count
+
+
+def test_bad_inputs():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        perplexity(model, [np.array([5, VOCAB.size])], vocab=VOCAB)
+    with pytest.raises(ValueError, match="max_positions"):
+        perplexity(model, [np.array([5, 6])], vocab=VOCAB, max_len=64)
+    with pytest.raises(ValueError, match="pad id"):
+        perplexity(model, [np.array([5, VOCAB.pad, 6])], vocab=VOCAB)
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+BYTES_VOCAB = VocabManifest(text_size=256, image_codes=16, image_tokens_per_image=4, image_grid=(2, 2),
+                            num_sentinels=2, text_tokenizer="bytes")
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    model = randomize_(build_model(preset("tiny", vocab_size=BYTES_VOCAB.size, max_positions=48)), seed=11)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, vocab=BYTES_VOCAB)
+    return path, model
+
+
+def _write_jsonl(path, docs):
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return path
+
+
+def test_checkpoint_round_trip(ckpt):
+    path, model = ckpt
+    loaded, cfg, vocab = load_checkpoint(path)
+    assert vocab == BYTES_VOCAB and cfg == model.cfg
+    x = torch.tensor([[2, 70, 80, 90]])
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_cli_ppl_jsonl_and_binarized(ckpt, tmp_path, capsys):
+    from jam_metaseq.data.binarize import binarize
+    from jam_metaseq.data.tokenizers import ByteTokenizer
+    from jam_metaseq.eval.cli import main
+
+    path, model = ckpt
+    caption_docs = [[{"text": f"a red square number {i}"}, {"image_tokens": [i % 16, 3, 5, 7]}] for i in range(4)]
+    text_docs = [[{"text": "some wikipedia text that is longer than the forty-eight token context of this model"}],
+                 [{"text": "short"}]]
+    cap = _write_jsonl(tmp_path / "coco.jsonl", caption_docs)
+    wiki = _write_jsonl(tmp_path / "wiki.jsonl", text_docs)
+    binarize(cap, out_prefix=tmp_path / "bin" / "coco", vocab=BYTES_VOCAB, text_tokenizer=ByteTokenizer(),
+             block_size=64, progress=False)
+    out = tmp_path / "res.json"
+    rc = main(["ppl", "--checkpoint", str(path), "--data", str(cap), str(tmp_path / "bin" / "coco"),
+               "--kind", "caption", "--batch-size", "3", "--output", str(out), "--no-progress"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    a, b = res[str(cap)], res[str(tmp_path / "bin" / "coco")]
+    assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-9) and a["tokens"] == b["tokens"]
+    tok = ByteTokenizer()
+    seqs = [np.array([*(np.array(tok.encode(d[0]["text"])) + 4), BYTES_VOCAB.break_id,
+                      *(np.array(d[1]["image_tokens"]) + BYTES_VOCAB.image_start), BYTES_VOCAB.break_id,
+                      BYTES_VOCAB.eos]) for d in caption_docs]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for s in seqs:
+            x = torch.tensor([BYTES_VOCAB.eos, *s.tolist()])
+            nll += float(F.cross_entropy(model(x[None, :-1])[0], x[1:], reduction="sum"))
+            count += len(s)
+    assert a["tokens"] == count and a["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert a["image"]["tokens"] == 4 * 4 and a["text"]["tokens"] == sum(len(d[0]["text"]) for d in caption_docs)
+    printed = capsys.readouterr().out
+    assert "coco.jsonl" in printed and f"{a['ppl']:.3f}" in printed
+
+    # text data longer than the context is scored in windows
+    assert main(["ppl", "--checkpoint", str(path), "--data", str(wiki), "--kind", "text", "--no-progress",
+                 "--output", str(out)]) == 0
+    r = json.loads(out.read_text())[str(wiki)]
+    assert r["windows"] > r["sequences"] and r["image"]["tokens"] == 0
+
+    # wrong kind: one-line error, exit status 2
+    assert main(["ppl", "--checkpoint", str(path), "--data", str(cap), "--kind", "text", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "document 0 holds image tokens" in err and len(err.strip().splitlines()) == 1
+    assert main(["ppl", "--checkpoint", str(tmp_path / "missing.pt"), "--data", str(cap)]) == 2
+    assert "missing.pt" in capsys.readouterr().err
