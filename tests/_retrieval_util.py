@@ -48,3 +48,20 @@ def write_docs(folder: Path, n: int, *, seed: int = 0, name: str = "docs.jsonl")
     path = folder / name
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+class GreyGridTokenizer:
+    """A deterministic stand-in image tokenizer: (h, w) grid of grey levels as codes.
+
+    Has the data pipeline's interface ``encode_images(list[PIL]) -> (N, h, w) int64``.
+    """
+
+    def __init__(self, *, grid: tuple[int, int], codes: int) -> None:
+        self.grid, self.codes = grid, codes
+
+    def encode_images(self, images) -> np.ndarray:
+        out = []
+        for im in images:
+            g = np.asarray(im.convert("L").resize(self.grid[::-1]), dtype=np.int64)  # (h, w)
+            out.append(g * self.codes // 256)
+        return np.stack(out)
