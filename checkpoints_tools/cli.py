@@ -1,0 +1,208 @@
+"""``jam-ckpt``: inspect, merge, widen, cross, reshard, convert and verify checkpoints (paper §2.1).
+
+Each subcommand parses and validates its flags, then calls one library function
+(``checkpoints_tools.ops`` / ``checkpoints_tools.load``). Progress bars go to stderr, results to
+stdout; any error exits non-zero with a one-line message naming the file and tensor.
+
+Examples:
+  jam-ckpt inspect llm/checkpoint_last.pt
+  jam-ckpt widen --llm llm/checkpoint_last.pt --img cm3leon/ --init copy --mp 4 --dtype fp16 -o width26b
+  jam-ckpt cross --llm llm/ --img cm3leon/ --cross-every 2 --vocab vocab.json --mp 4 -o cross19b
+  jam-ckpt reshard width26b --mp 2 --fsdp 8 -o width26b_mp2_fsdp8
+  jam-ckpt convert facebook-opt-1.3b/ --to metaseq -o opt13b_metaseq
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def _add_input_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle globals outside the allow-list (argparse.Namespace, numpy scalars); "
+                        "only for files you trust: a pickle can run code")
+    p.add_argument("--heads", type=int, metavar="H",
+                   help="attention heads of the input when the checkpoint does not record them")
+
+
+def _add_output_flags(p: argparse.ArgumentParser, *, formats: Sequence[str] = ("metaseq", "safetensors")) -> None:
+    p.add_argument("-o", "--out", required=True, type=Path, metavar="DIR",
+                   help="output directory (created atomically: written to a temp dir, then renamed)")
+    p.add_argument("--mp", type=int, default=1, metavar="M",
+                   help="target model-parallel size: files NAME-model_part-{r}.pt (default 1 = consolidated)")
+    p.add_argument("--fsdp", type=int, default=0, metavar="W",
+                   help="write W FSDP shards per MP rank (-shard{j}, fairscale shard_metadata); 0 = unflattened")
+    p.add_argument("--format", choices=formats, default=formats[0],
+                   help="metaseq .pt files, or one consolidated safetensors file")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="dtype of the written floating tensors (default: the inputs'); math is fp32 either way")
+    p.add_argument("--name", default="checkpoint",
+                   help="file stem; pass OUT/NAME.pt to metaseq --restore-file (default: checkpoint)")
+    p.add_argument("--vocab", type=Path, metavar="JSON",
+                   help="vocabulary manifest stored as OUT/vocab.json and in every file "
+                        "(checked against the embedding; default: the input's own, if any)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-hash-sources", action="store_true",
+                   help="do not sha256 the input files into manifest.json (saves one read of the inputs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_input_flags(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="jam-ckpt", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="architecture, parameter count, MP/FSDP layout, dtype, vocab")
+    p.add_argument("path", help="checkpoint file, directory, X.pt of MP parts, or HF OPT directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_input_flags(p)
+
+    p = sub.add_parser("merge", help="JAM-Uniform (Eq. 1): weighted average of n parents of one shape")
+    p.add_argument("parents", nargs="+", help="two or more parent checkpoints (any layout)")
+    p.add_argument("--weights", type=float, nargs="+", metavar="W",
+                   help="one weight per parent (default 1/n each; Eq. 1 uses 0.5, 0.5)")
+    _add_output_flags(p)
+
+    p = sub.add_parser("widen", help="JAM-Width (Eq. 2/3): a 2x wider decoder from two parents")
+    p.add_argument("--llm", required=True, help="text LLM parent")
+    p.add_argument("--img", required=True, help="image-text (CM3leon) parent")
+    p.add_argument("--init", choices=("copy", "average"), default="copy",
+                   help="new off-diagonal blocks: copy each parent (Eq. 2) or the parents' average (Eq. 3)")
+    _add_output_flags(p)
+
+    p = sub.add_parser("cross", help="JAM-Cross (§2.1.3): both parents as branches + cross-attention blocks")
+    p.add_argument("--llm", required=True, help="text LLM parent")
+    p.add_argument("--img", required=True, help="image-text (CM3leon) parent")
+    p.add_argument("--cross-every", type=int, default=2, metavar="N",
+                   help="a cross-block pair after layers 0, N, 2N, ... (paper Table 4; 0 = none; default 2)")
+    p.add_argument("--init", choices=("paper", "preserve"), default="paper",
+                   help="new weights: paper = normal init; preserve = cross blocks start as identities "
+                        "(each branch reproduces its parent)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new weights (per tensor name)")
+    p.add_argument("--image-vocab", type=int, nargs=2, metavar=("START", "END"),
+                   help="embedding rows [START, END) taken from the image parent (default: the vocab "
+                        "manifest's image range)")
+    _add_output_flags(p)
+
+    p = sub.add_parser("reshard", help="change layout: MP N->M, FSDP in/out, consolidated <-> sharded")
+    p.add_argument("src", help="input checkpoint (any layout)")
+    _add_output_flags(p)
+
+    p = sub.add_parser("convert", help="HF OPT <-> metaseq")
+    p.add_argument("src", help="input: HF OPT directory (config.json + weights) or a metaseq checkpoint")
+    p.add_argument("--to", choices=("metaseq", "hf"), required=True,
+                   help="hf: OUT/config.json + OUT/model.safetensors with HF OPT names; metaseq: .pt files")
+    _add_output_flags(p, formats=("metaseq",))
+
+    p = sub.add_parser("verify", help="check manifest hashes; forward pass on a few tokens if small")
+    p.add_argument("path", help="a jam-ckpt output directory (or any checkpoint, without hashes)")
+    p.add_argument("--no-forward", action="store_true", help="skip the forward pass")
+    p.add_argument("--max-forward-params", type=int, default=50_000_000, metavar="N",
+                   help="run the forward pass only below this many parameters (default 50M)")
+    _add_input_flags(p)
+    return ap
+
+
+def _opts(args: argparse.Namespace, argv: Sequence[str], *, fmt: str | None = None):
+    from checkpoints_tools.ops import CommonOptions
+    from checkpoints_tools.writers import OutputSpec
+
+    if args.mp < 1:
+        raise ValueError(f"--mp must be >= 1, got {args.mp}")
+    if args.fsdp < 0:
+        raise ValueError(f"--fsdp must be >= 0, got {args.fsdp}")
+    spec = OutputSpec(out_dir=args.out, format=fmt or args.format, mp=args.mp, fsdp=args.fsdp,
+                      dtype=DTYPES[args.dtype] if args.dtype else None, name=args.name, overwrite=args.overwrite)
+    return CommonOptions(spec=spec, vocab=str(args.vocab) if args.vocab else None,
+                         hash_sources=not args.no_hash_sources, progress=not args.quiet,
+                         command=["jam-ckpt", *argv], trust_pickle=args.trust_pickle)
+
+
+def _print_inspect(info: dict) -> None:
+    rows = [("path", info["path"]), ("format", info["format"]), ("arch", info.get("arch")),
+            ("layout", f"MP={info['mp']}" + (f", FSDP shards={info['fsdp_shards']}" if info["fsdp_shards"] else "")),
+            ("files", len(info["files"])), ("tensors", info["tensors"]),
+            ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e9:.3f} B)"),
+            ("dtype", info["dtype"]), ("size", f"{info['bytes'] / 2**30:.3f} GiB"),
+            ("embedding rows", info.get("embedding_rows")), ("vocab", info.get("vocab")),
+            ("manifest", info.get("manifest"))]
+    cfg = info.get("config")
+    if cfg:
+        c = cfg.get("parent", cfg)
+        rows.insert(3, ("shape", f"layers={c['layers']} embed={c['embed_dim']} ffn={c['ffn_dim']} heads={c['heads']} "
+                                 f"vocab={c['vocab_size']} positions={c['max_positions']}"
+                                 + (f" cross_every={cfg['cross_every']}" if "cross_every" in cfg else "")))
+    if info.get("config_error"):
+        rows.append(("config", info["config_error"]))
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from checkpoints_tools import ops
+    from checkpoints_tools.load import inspect_checkpoint, verify_checkpoint
+
+    if args.cmd == "inspect":
+        info = inspect_checkpoint(args.path, trust_pickle=args.trust_pickle, heads=args.heads)
+        if args.json:
+            print(json.dumps(info, indent=2, default=str))
+        else:
+            _print_inspect(info)
+        return 0
+    if args.cmd == "verify":
+        rep = verify_checkpoint(args.path, forward=not args.no_forward, max_forward_params=args.max_forward_params,
+                                trust_pickle=args.trust_pickle)
+        print(json.dumps({"ok": True, **rep}, default=str))
+        return 0
+    if args.cmd == "merge":
+        out = ops.merge(args.parents, opts=_opts(args, argv), weights=args.weights, heads=args.heads)
+    elif args.cmd == "widen":
+        out = ops.widen(args.llm, args.img, opts=_opts(args, argv), init=args.init, heads=args.heads)
+    elif args.cmd == "cross":
+        if args.cross_every < 0:
+            raise ValueError(f"--cross-every must be >= 0, got {args.cross_every}")
+        out = ops.cross(args.llm, args.img, opts=_opts(args, argv), cross_every=args.cross_every, init=args.init,
+                        seed=args.seed, image_vocab=tuple(args.image_vocab) if args.image_vocab else None,
+                        heads=args.heads)
+    elif args.cmd == "reshard":
+        out = ops.reshard(args.src, opts=_opts(args, argv), heads=args.heads)
+    elif args.cmd == "convert":
+        fmt = "hf_opt" if args.to == "hf" else "metaseq"
+        out = ops.reshard(args.src, opts=_opts(args, argv, fmt=fmt), heads=args.heads)
+    else:  # pragma: no cover - argparse guards this
+        raise ValueError(f"unknown command {args.cmd}")
+    print(out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    from checkpoints_tools.safe_load import CheckpointError
+    from checkpoints_tools.writers import OutputError
+
+    try:
+        return run(args, argv)
+    except (CheckpointError, OutputError, ValueError, KeyError, FileNotFoundError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"jam-ckpt {args.cmd}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jam-ckpt {args.cmd}: interrupted (no output written)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

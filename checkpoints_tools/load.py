@@ -1,0 +1,160 @@
+"""Load any checkpoint the tools read into a core model; inspect and verify outputs.
+
+``load_model`` is what the generator and evaluator call: it accepts a ``jam-ckpt`` output
+directory (any layout), a single file, model-parallel parts or FSDP shards, an HF OPT directory,
+or a fairseq/metaseq-trained checkpoint (whose ``cfg["model"]`` carries ``jam_config``), and
+returns ``(model, cfg, vocab)`` with the weights loaded ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from checkpoints_tools.readers import Reader, is_version_key, open_checkpoint
+from checkpoints_tools.safe_load import CheckpointError
+from checkpoints_tools.writers import sha256_file
+from jam_metaseq.models.config import CrossConfig, ModelConfig
+from jam_metaseq.vocab import VocabManifest
+
+
+def _build_empty(cfg: ModelConfig) -> nn.Module:
+    """The model without spending time on random init (meta build, then real empty storage)."""
+    from jam_metaseq.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.to_empty(device="cpu")
+    dec = getattr(model, "decoder", None)
+    if dec is not None and hasattr(dec, "output_projection") and hasattr(dec, "embed_tokens"):
+        dec.output_projection.weight = dec.embed_tokens.weight  # to_empty unties shared params
+    return model
+
+
+def _key_map(reader: Reader, expected: list[str]) -> dict[str, str]:
+    """expected name -> checkpoint name; tolerates a host wrapper prefix (e.g. ``decoder.decoder.``)."""
+    names = reader.names()
+    if all(n in reader for n in expected):
+        return {n: n for n in expected}
+    anchor = "decoder.embed_tokens.weight"
+    hits = [n for n in names if n.endswith(anchor)]
+    if len(hits) == 1:
+        prefix = hits[0][: -len(anchor)]
+        mapped = {n: prefix + n for n in expected}
+        if all(v in reader for v in mapped.values()):
+            return mapped
+    missing = [n for n in expected if n not in reader]
+    raise CheckpointError(f"{reader.path}: checkpoint lacks {len(missing)} tensor(s) of the model, e.g. {missing[:3]}")
+
+
+def load_vocab_of(reader: Reader) -> VocabManifest | None:
+    d = reader.vocab_dict()
+    if d is None:
+        p = reader.path if reader.path.is_dir() else reader.path.parent
+        if (p / "vocab.json").is_file():
+            d = json.loads((p / "vocab.json").read_text())
+    if d is None:
+        return None
+    return VocabManifest.from_dict(d, source=str(reader.path))
+
+
+def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None, trust_pickle: bool = False,
+               heads: int | None = None) -> tuple[nn.Module, ModelConfig, VocabManifest | None]:
+    """(model in eval mode, its config, its vocab manifest or None) from any supported checkpoint.
+
+    ``dtype`` None keeps the stored parameter dtype. The vocab manifest, when present, is checked
+    against the embedding (a mismatch stops with both sizes).
+    """
+    reader = open_checkpoint(path, trust_pickle=trust_pickle)
+    cfg = reader.config(**({"heads": heads} if heads else {}))
+    vocab = load_vocab_of(reader)
+    if vocab is not None:
+        vocab.check_embedding(cfg.vocab_size, what=f"checkpoint {path}")
+    model = _build_empty(cfg)
+    expected = list(model.state_dict().keys())
+    kmap = _key_map(reader, expected)
+    extra = set(reader.names()) - set(kmap.values())
+    if extra:
+        raise CheckpointError(f"{reader.path}: tensors the model does not have: {sorted(extra)[:3]}")
+    state = {n: reader.get(kmap[n]) for n in expected}
+    out_dtype = dtype or reader.param_dtype
+    model.load_state_dict(state, strict=True)
+    del state
+    model.to(out_dtype)
+    model.eval()
+    return model, cfg, vocab
+
+
+def inspect_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, heads: int | None = None) -> dict[str, Any]:
+    """Architecture, parameter count, layout, dtype and vocab of a checkpoint (reads no tensor data)."""
+    r = open_checkpoint(path, trust_pickle=trust_pickle)
+    info: dict[str, Any] = {"path": str(r.path), "format": r.format, "mp": r.mp, "fsdp_shards": r.fsdp,
+                            "files": [str(f) for f in r.files], "tensors": len(r.names()),
+                            "parameters": r.num_params(), "bytes": sum(r.info(n).nbytes for n in r.names())}
+    try:
+        info["dtype"] = str(r.param_dtype).replace("torch.", "")
+    except CheckpointError as e:
+        info["dtype"] = f"mixed ({e})"
+    try:
+        cfg = r.config(**({"heads": heads} if heads else {}))
+        info["arch"] = "jam_cross" if isinstance(cfg, CrossConfig) else cfg.arch
+        info["config"] = cfg.to_dict()
+    except CheckpointError as e:
+        info["arch"] = None
+        info["config_error"] = str(e)
+    v = None
+    try:
+        v = load_vocab_of(r)
+    except ValueError as e:
+        info["vocab_error"] = str(e)
+    info["vocab"] = None if v is None else {"size": v.size, "text": [v.text_start, v.text_end],
+                                            "image": [v.image_start, v.image_end]}
+    info["embedding_rows"] = r.info("decoder.embed_tokens.weight").shape[0] if "decoder.embed_tokens.weight" in r else None
+    mpath = (r.path if r.path.is_dir() else r.path.parent) / "manifest.json"
+    info["manifest"] = str(mpath) if mpath.is_file() else None
+    return info
+
+
+def verify_checkpoint(path: str | os.PathLike, *, forward: bool = True, max_forward_params: int = 50_000_000,
+                      trust_pickle: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Check manifest hashes of a ``jam-ckpt`` output; run a forward pass on a few tokens when the
+    model is small. Raises ``CheckpointError`` on the first failure."""
+    path = Path(path)
+    root = path if path.is_dir() else path.parent
+    report: dict[str, Any] = {"path": str(path), "files_checked": 0, "forward": None}
+    mpath = root / "manifest.json"
+    if mpath.is_file():
+        manifest = json.loads(mpath.read_text())
+        for name, rec in manifest.get("files", {}).items():
+            f = root / name
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed in {mpath} but missing")
+            if f.stat().st_size != rec["bytes"]:
+                raise CheckpointError(f"{f}: {f.stat().st_size} bytes, manifest says {rec['bytes']} (truncated?)")
+            got = sha256_file(f)
+            if got != rec["sha256"]:
+                raise CheckpointError(f"{f}: sha256 {got[:12]}... does not match the manifest ({rec['sha256'][:12]}...)")
+            report["files_checked"] += 1
+    else:
+        report["manifest"] = None
+    r = open_checkpoint(path, trust_pickle=trust_pickle)
+    n = r.num_params()
+    report["parameters"] = n
+    if forward and n <= max_forward_params:
+        model, cfg, vocab = load_model(path, dtype=torch.float32, trust_pickle=trust_pickle)
+        g = torch.Generator().manual_seed(seed)
+        lo = 4 if cfg.vocab_size > 8 else 0
+        tokens = torch.randint(lo, cfg.vocab_size, (2, 8), generator=g)
+        with torch.no_grad():
+            logits = model(tokens)
+        if tuple(logits.shape) != (2, 8, cfg.vocab_size):
+            raise CheckpointError(f"{path}: forward gave logits {tuple(logits.shape)}, expected (2, 8, {cfg.vocab_size})")
+        if not torch.isfinite(logits).all():
+            raise CheckpointError(f"{path}: forward pass gave non-finite logits")
+        report["forward"] = {"tokens": [2, 8], "logits_abs_mean": float(logits.abs().mean())}
+    return report

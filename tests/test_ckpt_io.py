@@ -1,0 +1,242 @@
+"""checkpoints_tools I/O: safe loading, lazy readers of every layout, streaming writers, atomicity."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoints_tools import layout
+from checkpoints_tools.ops import CommonOptions, reshard
+from checkpoints_tools.readers import open_checkpoint
+from checkpoints_tools.safe_load import CheckpointError, UnsafePickleError, safe_torch_load
+from checkpoints_tools.writers import OutputError, OutputSpec, check_free_space
+from _ckpt_util import assert_state_equal, ref_mp_split, save_metaseq, tiny_parent
+
+torch.set_num_threads(1)
+
+
+def _opts(out: Path, **kw) -> CommonOptions:
+    return CommonOptions(spec=OutputSpec(out_dir=out, **kw), progress=False, hash_sources=True)
+
+
+def _read_all(path) -> dict[str, torch.Tensor]:
+    r = open_checkpoint(path)
+    return collections.OrderedDict((n, r.get(n)) for n in r.names())
+
+
+@pytest.fixture(scope="module")
+def parent():
+    return tiny_parent(0)
+
+
+# ---- safe loading ------------------------------------------------------------------------------
+
+
+class NotAllowed:
+    """A class no checkpoint allow-list contains."""
+
+    def __init__(self) -> None:
+        self.x = 1
+
+
+def test_disallowed_global_is_refused_unless_trusted(tmp_path):
+    torch.save({"model": {"w": torch.ones(2)}, "extra": NotAllowed()}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafePickleError, match=r"NotAllowed.*--trust-pickle"):
+        safe_torch_load(tmp_path / "evil.pt")
+    obj = safe_torch_load(tmp_path / "evil.pt", trust_pickle=True)
+    assert isinstance(obj["extra"], NotAllowed)
+
+
+def test_namespace_cfg_is_allowed(tmp_path, parent):
+    cfg, state = parent
+    p = save_metaseq(tmp_path, cfg, state)
+    obj = safe_torch_load(p)
+    assert obj["cfg"]["model"].decoder_attention_heads == cfg.heads
+
+
+def test_truncated_file_is_reported_and_no_output_left(tmp_path, parent):
+    cfg, state = parent
+    p = save_metaseq(tmp_path / "src", cfg, state)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"checkpoint_last\.pt.*truncated"):
+        reshard(p, opts=_opts(tmp_path / "out", mp=2))
+    assert not (tmp_path / "out").exists()
+    assert [x for x in tmp_path.iterdir() if x.name.startswith(".out")] == []
+
+
+# ---- model parallelism -------------------------------------------------------------------------
+
+
+def test_layout_split_matches_reference_and_joins_back(parent):
+    _, state = parent
+    for n, t in state.items():
+        for parts in (1, 2, 4):
+            got = layout.split(n, t, parts)
+            want = ref_mp_split(n, t, parts)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (n, parts)
+            assert torch.equal(layout.join(n, got), t)
+
+
+def test_qkv_join_is_not_plain_concatenation():
+    # Hand case: E=2, MP=2. Rows of the consolidated qkv are K0 K1 V0 V1 Q0 Q1.
+    t = torch.arange(6.0).view(6, 1)
+    parts = layout.split("decoder.layers.0.self_attn.qkv_proj.weight", t, 2)
+    assert parts[0].view(-1).tolist() == [0, 2, 4] and parts[1].view(-1).tolist() == [1, 3, 5]
+    assert not torch.equal(torch.cat(parts), t)
+
+
+def test_reshard_1_2_4_1_is_bitwise_identical(tmp_path, parent):
+    cfg, state = parent
+    src = save_metaseq(tmp_path / "src", cfg, state)
+    o2 = reshard(src, opts=_opts(tmp_path / "mp2", mp=2))
+    # The MP=2 files hold exactly the reference split (what metaseq expects per rank).
+    for r in range(2):
+        part = torch.load(o2 / f"checkpoint-model_part-{r}.pt", weights_only=False)["model"]
+        for n, t in state.items():
+            assert torch.equal(part[n], ref_mp_split(n, t, 2)[r]), n
+    o4 = reshard(o2, opts=_opts(tmp_path / "mp4", mp=4))
+    o1 = reshard(o4, opts=_opts(tmp_path / "mp1", mp=1))
+    back = torch.load(o1 / "checkpoint.pt", weights_only=False)
+    assert_state_equal(back["model"], state)
+    # tied output projection is stored once, like torch.save does for shared parameters
+    m = back["model"]
+    assert m["decoder.output_projection.weight"].data_ptr() == m["decoder.embed_tokens.weight"].data_ptr()
+    assert back["jam_config"] == cfg.to_dict()
+    assert back["cfg"]["model"].decoder_embed_dim == cfg.embed_dim
+
+
+def test_mp_parts_give_full_vocab_output_projection(tmp_path, parent):
+    """metaseq's reshard_mp copied output_projection from the last part (V/N rows): not here."""
+    cfg, state = parent
+    src = save_metaseq(tmp_path / "src", cfg, state, mp=4)
+    r = open_checkpoint(src)
+    assert r.mp == 4
+    out = r.get("decoder.output_projection.weight")
+    assert out.shape == (cfg.vocab_size, cfg.embed_dim)
+    assert torch.equal(out, state["decoder.output_projection.weight"])
+    assert_state_equal(_read_all(src), state)
+
+
+def test_missing_part_is_reported_and_no_output_left(tmp_path, parent):
+    cfg, state = parent
+    src = save_metaseq(tmp_path / "src", cfg, state, mp=4)
+    os.remove(tmp_path / "src" / "checkpoint_last-model_part-2.pt")
+    with pytest.raises(CheckpointError, match=r"missing model part\(s\) \[2\]"):
+        reshard(src, opts=_opts(tmp_path / "out"))
+    os.remove(tmp_path / "src" / "checkpoint_last-model_part-3.pt")  # now parts 0,1: cfg says 4
+    with pytest.raises(CheckpointError, match="model_parallel_size=4 but 2 part"):
+        reshard(src, opts=_opts(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_target_mp_must_divide_heads(tmp_path, parent):
+    cfg, state = parent
+    src = save_metaseq(tmp_path / "src", cfg, state)
+    with pytest.raises(ValueError, match="model-parallel size 3 does not divide its attention heads"):
+        reshard(src, opts=_opts(tmp_path / "out", mp=3))
+    assert not (tmp_path / "out").exists()
+
+
+# ---- FSDP --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mp,world", [(1, 3), (2, 2)])
+def test_reads_fairscale_style_shards(tmp_path, parent, mp, world):
+    cfg, state = parent
+    src = save_metaseq(tmp_path / "src", cfg, state, mp=mp, fsdp=world)
+    r = open_checkpoint(src)
+    assert (r.mp, r.fsdp) == (mp, world)
+    assert_state_equal(_read_all(src), state)
+
+
+def test_consolidated_fsdp_consolidated_identical(tmp_path, parent):
+    cfg, state = parent
+    src = save_metaseq(tmp_path / "src", cfg, state)
+    sh = reshard(src, opts=_opts(tmp_path / "fsdp", fsdp=3))
+    files = sorted(p.name for p in sh.glob("*.pt"))
+    assert files == ["checkpoint-shard0.pt", "checkpoint-shard1.pt", "checkpoint-shard2.pt"]
+    shard0 = torch.load(sh / files[0], weights_only=False)
+    md = shard0["shard_metadata"]
+    assert md["param_metadata"][0]["fsdp_path"] == "" and md["buffer_names"] == ["decoder.version"]
+    assert "decoder.layers.0.flat_param_0" in shard0["model"]
+    # fairscale's own consolidation rule (cat unpadded shards, split by numels) recovers the state
+    shards = [torch.load(sh / f, weights_only=False) for f in files]
+    for unit_idx, unit in enumerate(md["param_metadata"]):
+        key = (unit["fsdp_path"] + "." if unit["fsdp_path"] else "") + "flat_param_0"
+        pieces = []
+        for s in shards:
+            pad = s["shard_metadata"]["param_metadata"][unit_idx]["params"]["flat_param_0"]["padding"]
+            t = s["model"][key]
+            pieces.append(t[: t.numel() - pad])
+        full = torch.cat(pieces)
+        p = unit["params"]["flat_param_0"]
+        for n, t, shp in zip(p["names"], full.split(p["numels"]), p["shapes"]):
+            name = (unit["fsdp_path"] + "." if unit["fsdp_path"] else "") + n
+            assert torch.equal(t.view(shp), state[name]), name
+    back = reshard(sh, opts=_opts(tmp_path / "back"))
+    assert_state_equal(torch.load(back / "checkpoint.pt", weights_only=False)["model"], state)
+
+
+def test_missing_last_fsdp_shard_is_detected(tmp_path, parent):
+    cfg, state = parent
+    src = save_metaseq(tmp_path / "src", cfg, state, fsdp=3)
+    os.remove(tmp_path / "src" / "checkpoint_last-shard2.pt")
+    with pytest.raises(CheckpointError, match="missing or extra shards"):
+        open_checkpoint(src)
+
+
+def test_mixed_dtypes_are_refused(tmp_path, parent):
+    cfg, state = parent
+    mixed = collections.OrderedDict(state)
+    mixed["decoder.layers.1.fc1.weight"] = mixed["decoder.layers.1.fc1.weight"].half()
+    src = save_metaseq(tmp_path / "src", cfg, mixed)
+    with pytest.raises(CheckpointError, match=r"mixed parameter dtypes.*fc1"):
+        reshard(src, opts=_opts(tmp_path / "out", dtype=None))
+    assert not (tmp_path / "out").exists()
+
+
+# ---- safetensors, dtype, manifest --------------------------------------------------------------
+
+
+def test_safetensors_output_is_readable_by_the_safetensors_library(tmp_path, parent):
+    from safetensors.torch import load_file
+
+    cfg, state = parent
+    src = save_metaseq(tmp_path / "src", cfg, state)
+    out = reshard(src, opts=_opts(tmp_path / "st", format="safetensors", dtype=torch.bfloat16))
+    loaded = load_file(str(out / "checkpoint.safetensors"))
+    assert_state_equal(loaded, {k: v.to(torch.bfloat16) for k, v in state.items()})
+    assert_state_equal(_read_all(out), loaded)
+    assert open_checkpoint(out).config() == cfg
+
+
+def test_manifest_lists_files_tensors_and_sources(tmp_path, parent):
+    import hashlib
+
+    cfg, state = parent
+    src = save_metaseq(tmp_path / "src", cfg, state, mp=2)
+    out = reshard(src, opts=_opts(tmp_path / "out", mp=2, dtype=torch.float16))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["layout"] == {"format": "metaseq", "mp": 2, "fsdp": 0, "name": "checkpoint", "dtype": "float16"}
+    for f, rec in m["files"].items():
+        assert hashlib.sha256((out / f).read_bytes()).hexdigest() == rec["sha256"]
+    assert m["tensors"]["decoder.embed_tokens.weight"] == {"shape": [128, 32], "dtype": "float16"}
+    srcs = m["sources"][0]["files"]
+    assert len(srcs) == 2 and all(len(v["sha256"]) == 64 for v in srcs.values())
+    assert m["config"] == cfg.to_dict()
+
+
+def test_existing_output_and_disk_space_are_checked(tmp_path, parent):
+    cfg, state = parent
+    src = save_metaseq(tmp_path / "src", cfg, state)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputError, match="already exists"):
+        reshard(src, opts=_opts(tmp_path / "out"))
+    with pytest.raises(OutputError, match="not enough free disk"):
+        check_free_space(tmp_path / "new", 1 << 62)
