@@ -19,12 +19,9 @@ def clustered_unit_vectors(n: int, d: int, *, clusters: int, spread: float, seed
 
 @functools.lru_cache(maxsize=None)
 def tiny_encoder():
-    """One random-weight ``jam-tiny-clip`` encoder per test process (seeded, so reproducible)."""
-    import torch
-
+    """One random-weight ``jam-tiny-clip`` encoder per test process (``init_seed`` 0: reproducible)."""
     from jam_metaseq.retrieval.encoders import TINY_CLIP_NAME, ClipDocumentEncoder, ClipEncoderConfig
 
-    torch.manual_seed(0)
     return ClipDocumentEncoder(config=ClipEncoderConfig(model_name=TINY_CLIP_NAME, batch_size=4))
 
 

@@ -67,6 +67,8 @@ class ClipEncoderConfig:
     """L2-normalise the averaged text/image vector (scores become cosines)."""
     precision: str = "fp32"
     """open_clip precision (``fp32``, ``fp16``, ``bf16``, ``amp``)."""
+    init_seed: int = 0
+    """Seed of the random weights when there is no checkpoint (so a bank and its queries agree)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -118,10 +120,12 @@ class ClipDocumentEncoder:
         if config.model_name == TINY_CLIP_NAME:
             register_tiny_clip()
         self.config = config
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            config.model_name, pretrained=config.checkpoint, device=config.device,
-            precision=config.precision,
-        )
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+            torch.manual_seed(config.init_seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                config.model_name, pretrained=config.checkpoint, device=config.device,
+                precision=config.precision,
+            )
         self.model = model.eval().requires_grad_(False)
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(config.model_name)

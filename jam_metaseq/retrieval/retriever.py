@@ -147,7 +147,7 @@ class Retriever:
             enc_cfg = ClipEncoderConfig(
                 model_name=rec["model_name"], checkpoint=clip_checkpoint or rec.get("checkpoint"),
                 device=device, renormalize=rec.get("renormalize", True),
-                precision=rec.get("precision", "fp32"))
+                precision=rec.get("precision", "fp32"), init_seed=rec.get("init_seed", 0))
             encoder = ClipDocumentEncoder(config=enc_cfg)
         return cls(bank=bank, config=config, index=bank.load_index(overrides=index_overrides),
                    encoder=encoder)
