@@ -46,7 +46,10 @@ def load_vocab(path: str | os.PathLike | None, *, cfg: ModelConfig,
     embedding), else the first source's own manifest."""
     if path is not None:
         v = VocabManifest.load(path)
-        v.check_embedding(cfg.vocab_size, what=f"model ({path})")
+        try:
+            v.check_embedding(cfg.vocab_size, what="output model")
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         return v.to_dict()
     for r in sources:
         d = r.vocab_dict()

@@ -1,0 +1,165 @@
+"""checkpoints_tools fusion ops (paper §2.1.1-2.1.3) streamed from lazy parents: merge (JAM-Uniform),
+widen (JAM-Width), cross (JAM-Cross); outputs load into the core models with strict=True."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoints_tools import load_model
+from checkpoints_tools.ops import CommonOptions, cross, merge, widen
+from checkpoints_tools.readers import open_checkpoint
+from checkpoints_tools.safe_load import CheckpointError
+from checkpoints_tools.writers import OutputSpec
+from jam_metaseq.fusion import cross_tensor, state_shapes, widen_tensor
+from jam_metaseq.models import build_model
+from jam_metaseq.models.config import cross_of, width_of
+from jam_metaseq.vocab import tiny_manifest
+from _ckpt_util import assert_state_equal, save_metaseq, tiny_parent
+
+torch.set_num_threads(1)
+
+
+def _opts(out: Path, **kw) -> CommonOptions:
+    return CommonOptions(spec=OutputSpec(out_dir=out, **kw), progress=False, hash_sources=False)
+
+
+@pytest.fixture(scope="module")
+def parents(tmp_path_factory):
+    d = tmp_path_factory.mktemp("parents")
+    cfg, a = tiny_parent(1)
+    _, b = tiny_parent(2)
+    # LLM parent as MP=2 parts, image parent as FSDP shards: the ops must not care.
+    pa = save_metaseq(d / "llm", cfg, a, mp=2)
+    pb = save_metaseq(d / "img", cfg, b, fsdp=2)
+    return cfg, a, b, pa, pb
+
+
+def _tokens(lo: int, hi: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(lo, hi, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def test_merge_of_identical_parents_is_the_parent(tmp_path, parents):
+    cfg, a, _, pa, _ = parents
+    out = merge([pa, pa], opts=_opts(tmp_path / "m"))  # Eq. 1: 0.5 a + 0.5 a is exact in fp32
+    got = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    assert_state_equal(got, a)
+    out3 = merge([pa, pa, pa], opts=_opts(tmp_path / "m3"))  # thirds round: equal to 1 ulp
+    got3 = torch.load(out3 / "checkpoint.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(got3[k], a[k], rtol=1e-6, atol=1e-7)
+
+
+def test_merge_weights_match_a_whole_state_dict_reference(tmp_path, parents):
+    cfg, a, b, pa, pb = parents
+    out = merge([pa, pb], opts=_opts(tmp_path / "m", mp=2), weights=[0.25, 0.75])
+    got = collections.OrderedDict(open_checkpoint(out).items())
+    for k in a:
+        if k.endswith("version"):
+            continue
+        torch.testing.assert_close(got[k], 0.25 * a[k] + 0.75 * b[k], rtol=0, atol=1e-6)
+    model, mcfg, _ = load_model(out)
+    assert mcfg.arch == "jam_uniform" and mcfg.embed_dim == cfg.embed_dim
+
+
+def test_widen_loads_strict_and_gives_reference_logits(tmp_path, parents):
+    cfg, a, b, pa, pb = parents
+    for init in ("copy", "average"):
+        out = widen(pa, pb, opts=_opts(tmp_path / f"w_{init}", mp=2), init=init)
+        model, wcfg, _ = load_model(out)
+        assert wcfg == width_of(cfg)
+        ref = build_model(wcfg)
+        ref.load_state_dict({k: widen_tensor(k, a[k], b[k], parent=cfg, init=init)
+                             for k in state_shapes(wcfg)}, strict=True)
+        x = _tokens(4, cfg.vocab_size)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+def test_widen_rejects_parents_of_different_depth(tmp_path, parents):
+    cfg, a, _, pa, _ = parents
+    cfg3, c = tiny_parent(3, layers=3)
+    pc = save_metaseq(tmp_path / "deep", cfg3, c)
+    with pytest.raises(CheckpointError, match=r"deep.*img parent has layers=3.*has 2"):
+        widen(pa, pc, opts=_opts(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+    cfgv, v = tiny_parent(4, vocab_size=136)
+    pv = save_metaseq(tmp_path / "vocab", cfgv, v)
+    with pytest.raises(CheckpointError, match="vocab_size=136"):
+        merge([pa, pv], opts=_opts(tmp_path / "m"))
+    assert not (tmp_path / "m").exists()
+
+
+def test_cross_preserve_reproduces_each_parent_branch(tmp_path, parents):
+    cfg, a, b, pa, pb = parents
+    vocab = tiny_manifest(text_size=60, image_codes=56)  # size 128 = the tiny embedding
+    vpath = tmp_path / "vocab.json"
+    vocab.save(vpath)
+    opts = _opts(tmp_path / "x", mp=2, fsdp=2)
+    opts.vocab = str(vpath)
+    out = cross(pa, pb, opts=opts, cross_every=1, init="preserve", seed=5)
+    model, ccfg, v = load_model(out)
+    assert v == vocab and (ccfg.image_vocab_start, ccfg.image_vocab_end) == (vocab.image_start, vocab.image_end)
+    assert (out / "vocab.json").is_file()
+    assert len(ccfg.cross_after) == 2
+
+    def pre_final_ln(state, tokens):
+        m = build_model(cfg)
+        m.load_state_dict(state, strict=True)
+        seen = {}
+        m.decoder.layer_norm.register_forward_pre_hook(lambda mod, inp: seen.setdefault("x", inp[0]))
+        with torch.no_grad():
+            m(tokens)
+        return seen["x"]
+
+    text = _tokens(vocab.text_start, vocab.text_end)
+    image = _tokens(vocab.image_start, vocab.image_end, seed=1)
+    with torch.no_grad():
+        x_llm, _ = model.branch_features(text)
+        _, x_img = model.branch_features(image)
+    torch.testing.assert_close(x_llm, pre_final_ln(a, text), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_img, pre_final_ln(b, image), rtol=1e-5, atol=1e-5)
+    # negative control: the LLM branch does not reproduce the image parent
+    assert not torch.allclose(x_llm, pre_final_ln(b, text), atol=1e-3)
+
+
+def test_cross_paper_init_equals_in_memory_reference(tmp_path, parents):
+    cfg, a, b, pa, pb = parents
+    out = cross(pa, pb, opts=_opts(tmp_path / "x"), cross_every=2, init="paper", seed=3, image_vocab=(64, 96))
+    ccfg = cross_of(cfg, 2, cross_init="paper", image_vocab_start=64, image_vocab_end=96)
+    got = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    for k in state_shapes(ccfg):
+        want = cross_tensor(k, cfg=ccfg, llm=a.__getitem__, img=b.__getitem__, seed=3)
+        assert torch.equal(got[k], want.to(got[k].dtype)), k
+    emb = got["decoder.embed_tokens.weight"]
+    assert torch.equal(emb[64:96], b["decoder.embed_tokens.weight"][64:96])
+    assert torch.equal(emb[:64], a["decoder.embed_tokens.weight"][:64])
+
+
+def test_cross_without_image_range_is_refused(tmp_path, parents):
+    _, _, _, pa, pb = parents
+    with pytest.raises(CheckpointError, match="image-code range"):
+        cross(pa, pb, opts=_opts(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_fp16_parents_give_fp16_output_with_fp32_math(tmp_path):
+    cfg, a = tiny_parent(7)
+    _, b = tiny_parent(8)
+    ha = collections.OrderedDict((k, v.half()) for k, v in a.items())
+    hb = collections.OrderedDict((k, v.half()) for k, v in b.items())
+    pa = save_metaseq(tmp_path / "a", cfg, ha)
+    pb = save_metaseq(tmp_path / "b", cfg, hb)
+    out = merge([pa, pb], opts=_opts(tmp_path / "m"))
+    got = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    k = "decoder.layers.0.fc1.weight"
+    assert got[k].dtype == torch.float16
+    assert torch.equal(got[k], ((ha[k].float() + hb[k].float()) / 2).half())
+    pf = save_metaseq(tmp_path / "f", cfg, a)  # fp32 parent next to fp16 ones
+    with pytest.raises(CheckpointError, match="different dtypes.*--dtype"):
+        merge([pa, pf], opts=_opts(tmp_path / "m2"))
+    out = merge([pa, pf], opts=_opts(tmp_path / "m3", dtype=torch.bfloat16))
+    assert open_checkpoint(out).param_dtype == torch.bfloat16
