@@ -80,6 +80,13 @@ def test_cached_greedy_equals_uncached(model):
     assert all(a.images for a in cached)
 
 
+def test_sliced_image_logits_change_nothing(model):
+    cfg = config(max_new_tokens=30, min_images=2)
+    fast = Engine(model, vocab=VOCAB).generate(PROMPTS, config=cfg, seeds=[3, 4, 5])
+    full = Engine(model, vocab=VOCAB, slice_image_logits=False).generate(PROMPTS, config=cfg, seeds=[3, 4, 5])
+    assert [a.ids for a in fast] == [a.ids for a in full]
+
+
 def test_images_are_exactly_n_codes_framed_by_break(model):
     answers = Engine(model, vocab=VOCAB).generate(
         PROMPTS, config=config(max_new_tokens=40, min_images=2, max_images=3), seeds=[1, 2, 3]

@@ -29,7 +29,7 @@ from jam_metaseq.vocab import VocabManifest
 from .answer import Answer, open_image_codes, split_segments
 from .cfg import DEFAULT_ALPHA, blend, unconditional_prompt
 from .sampling import SamplingConfig, apply_repetition_penalty, sample
-from .state import MixedModalRules, MixedModalState
+from .state import IMAGE, MixedModalRules, MixedModalState
 
 
 def _default_sampling() -> SamplingConfig:
@@ -73,7 +73,11 @@ class GenerationConfig:
 class Engine:
     """Generates interleaved answers from any model with the ``jam_metaseq.models`` interface."""
 
-    def __init__(self, model: nn.Module, *, vocab: VocabManifest, use_cache: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, *, vocab: VocabManifest, use_cache: bool = True, slice_image_logits: bool = True,
+    ) -> None:
+        """``use_cache=False`` reruns the whole sequence each step (the reference for tests);
+        ``slice_image_logits`` projects only the image-code rows on image-only steps."""
         cfg = model.cfg
         vocab.check_embedding(cfg.vocab_size, what="model")
         if cfg.padding_idx != vocab.pad:
@@ -81,6 +85,7 @@ class Engine:
         self.model = model.eval()
         self.vocab = vocab
         self.use_cache = use_cache
+        self.slice_image_logits = slice_image_logits
         self.vocab_size = cfg.vocab_size
         self.max_positions = cfg.max_positions
         self.pad = vocab.pad
@@ -98,31 +103,45 @@ class Engine:
         self.cache = self.model.setup_caches(batch_size, max_len) if self.use_cache else None
         return self.cache
 
-    def _last_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        feats = self.model.extract_features(tokens, cache=self.cache)  # (R, T, E)
-        return self.model.output_layer(feats[:, -1:])[:, 0]  # (R, V): project the last position only
+    def _last_logits(self, tokens: torch.Tensor, columns: tuple[int, int] | None) -> torch.Tensor:
+        feats = self.model.extract_features(tokens, cache=self.cache)[:, -1]  # (R, E): last position only
+        if columns is None:
+            return self.model.output_layer(feats)  # (R, V)
+        # Image steps only need the image-code rows of the tied projection (8192 of ~65k).
+        weight = self.model.decoder.output_projection.weight[columns[0] : columns[1]]
+        return torch.nn.functional.linear(feats, weight)  # (R, hi - lo)
 
-    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(R, T) left-padded prompts -> (R, V) next-token logits."""
+    def prefill(self, tokens: torch.Tensor, *, columns: tuple[int, int] | None = None) -> torch.Tensor:
+        """(R, T) left-padded prompts -> (R, V) next-token logits (or the ``columns`` [lo, hi) only)."""
         if not self.use_cache:
             self._seq = tokens
-        return self._last_logits(tokens)
+        return self._last_logits(tokens, columns)
 
-    def decode_one_token(self, tokens: torch.Tensor) -> torch.Tensor:
+    def decode_one_token(self, tokens: torch.Tensor, *, columns: tuple[int, int] | None = None) -> torch.Tensor:
         """(R, 1) tokens -> (R, V) next-token logits (uncached mode reruns the whole sequence)."""
         if self.use_cache:
-            return self._last_logits(tokens)
+            return self._last_logits(tokens, columns)
         assert self._seq is not None, "prefill first"
         self._seq = torch.cat([self._seq, tokens], dim=1)
-        return self._last_logits(self._seq)
+        return self._last_logits(self._seq, columns)
+
+    def logit_columns(self, state: MixedModalState) -> tuple[int, int] | None:
+        """The image-code columns when every row's next token is an image code or forced, else None
+        (all columns). One host sync; it saves most of the output projection on image steps."""
+        if not self.slice_image_logits or not hasattr(self.model.decoder, "output_projection"):
+            return None
+        if bool(((state.mode == IMAGE) | (state.forced() >= 0)).all()):
+            return (self.vocab.image_start, self.vocab.image_end)
+        return None
 
     # ---- token choice --------------------------------------------------------------------------
     def choose_tokens(
         self, logits: torch.Tensor, *, state: MixedModalState, seeds: torch.Tensor, step: int,
-        seen: torch.Tensor, config: GenerationConfig,
+        seen: torch.Tensor, config: GenerationConfig, columns: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """(R, V) logits of all rows -> (B,) next token per prompt."""
+        """(R, V) logits of all rows (or their ``columns`` [lo, hi)) -> (B,) next token per prompt."""
         B = state.mode.shape[0]
+        lo, hi = columns if columns is not None else (0, self.vocab_size)
         cond = logits[:B].float()  # (B, V)
         image_rows = state.image_rows()  # (B,)
         scores = cond
@@ -130,9 +149,15 @@ class Engine:
             guided = blend(cond, logits[B:].float(), alpha=config.guidance_scale)
             scores = torch.where(image_rows[:, None], guided, cond)
         if config.text.repetition_penalty != 1.0:
-            penalised = apply_repetition_penalty(scores, seen=seen, penalty=config.text.repetition_penalty)
+            penalised = apply_repetition_penalty(
+                scores, seen=seen[:, lo:hi], penalty=config.text.repetition_penalty
+            )
             scores = torch.where(image_rows[:, None], scores, penalised)
-        scores = state.constrain(scores)
+        allowed = state.allowed()[:, lo:hi]
+        # Forced rows may have nothing allowed inside ``columns``: give them finite scores (unused).
+        scores = torch.where(
+            allowed.any(dim=-1, keepdim=True), scores.masked_fill(~allowed, float("-inf")), torch.zeros_like(scores)
+        )
         txt, img = config.text, config.image
 
         def per_row(text_value, image_value, dtype):
@@ -150,21 +175,26 @@ class Engine:
             top_p=per_row(txt.top_p, img.top_p, torch.float32) if filtering else None,
         )
         forced = state.forced()
-        return torch.where(forced >= 0, forced, tokens)
+        return torch.where(forced >= 0, forced, tokens + lo)
 
     # ---- the loop ------------------------------------------------------------------------------
     def decode_n_tokens(
         self, logits: torch.Tensor, *, state: MixedModalState, seeds: torch.Tensor, seen: torch.Tensor,
         config: GenerationConfig, num_steps: int,
         on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+        columns_of_first: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Up to ``num_steps`` tokens per prompt, starting from the prefill ``logits`` -> (B, steps)."""
+        """Up to ``num_steps`` tokens per prompt, starting from the prefill ``logits`` -> (B, steps);
+        ``columns_of_first``: the columns those logits hold (``logit_columns``)."""
         B = state.mode.shape[0]
         rows = torch.arange(B, device=logits.device)
         out = torch.full((B, num_steps), self.pad, dtype=torch.int64, device=logits.device)
+        columns = columns_of_first
         for step in range(num_steps):
             image_rows = state.image_rows()
-            tokens = self.choose_tokens(logits, state=state, seeds=seeds, step=step, seen=seen, config=config)
+            tokens = self.choose_tokens(
+                logits, state=state, seeds=seeds, step=step, seen=seen, config=config, columns=columns
+            )
             out[:, step] = tokens
             state.advance(tokens)
             seen[rows, tokens] = True
@@ -175,7 +205,8 @@ class Engine:
             if (step + 1) % config.check_done_every == 0 and bool(state.done.all()):
                 break
             feed = tokens.repeat(logits.shape[0] // B)  # same token to the cond and uncond row
-            logits = self.decode_one_token(feed[:, None])
+            columns = self.logit_columns(state)
+            logits = self.decode_one_token(feed[:, None], columns=columns)
         return out
 
     def generate(
@@ -237,10 +268,11 @@ class Engine:
         try:
             with torch.inference_mode():
                 self.setup_caches(batch_size=len(rows), max_len=L + steps)
-                logits = self.prefill(tokens.to(device))
+                columns = self.logit_columns(state)
+                logits = self.prefill(tokens.to(device), columns=columns)
                 out = self.decode_n_tokens(
                     logits, state=state, seeds=seed_t, seen=seen, config=config, num_steps=steps,
-                    on_step=on_step,
+                    on_step=on_step, columns_of_first=columns,
                 )
         finally:
             if bar is not None:

@@ -3,16 +3,16 @@
 The paper samples with temperature tau = 1 and top-p between 0.8 and 1 (Holtzman et al. 2019).
 Every knob is a per-row tensor so rows of one batch may use different settings (text rows and
 image rows of one step differ), and randomness comes from a *counter-based* generator: the
-uniform noise of row ``b`` at decode step ``t`` for token ``v`` is a hash of
-``(seed_b, t, v)``. That makes sampling
+uniform number of row ``b`` at decode step ``t`` is a hash of
+``(seed_b, t)``. That makes sampling
 
 - reproducible (same seed, same output, on any device),
 - independent of batch composition (a prompt gives the same answer alone or batched with others,
   which a shared ``torch.Generator`` stream cannot give), and
 - free of host synchronisation (seeds and step are tensors; nothing is read back).
 
-Sampling is the Gumbel-max trick on the filtered, temperature-scaled logits:
-``argmax(logits / tau - log(-log u))`` draws from ``softmax(logits / tau)``.
+Sampling is an inverse-CDF draw from ``softmax(filtered logits / tau)`` with the row's single
+uniform number ``u = hash(seed_b, t)``: one hash per row instead of one per vocabulary entry.
 """
 
 from __future__ import annotations
@@ -59,17 +59,15 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def row_uniform(seeds: torch.Tensor, step: torch.Tensor | int, num: int) -> torch.Tensor:
-    """Uniform noise in (0, 1), shape (B, num), a pure function of (seed_b, step, column).
+def row_uniform(seeds: torch.Tensor, step: torch.Tensor | int) -> torch.Tensor:
+    """One uniform number in (0, 1) per row, (B,), a pure function of (seed_b, step).
 
     ``seeds`` (B,) int64; ``step`` a python int or 0-d / (B,) int64 tensor.
     """
     seeds = seeds.to(torch.int64)
     if not torch.is_tensor(step):
         step = torch.tensor(step, dtype=torch.int64, device=seeds.device)
-    base = _hash32(_hash32(seeds) ^ _hash32(step.to(torch.int64) * 0x9E3779B1 + 0x632BE5AB))  # (B,)
-    cols = torch.arange(num, dtype=torch.int64, device=seeds.device)  # (num,)
-    h = _hash32(base[:, None] ^ _hash32(cols * 0x85EBCA6B + 0x27D4EB2F)[None, :])  # (B, num)
+    h = _hash32(_hash32(seeds * 0x9E3779B1 + 0x632BE5AB) ^ _hash32(step.to(torch.int64) + 0x27D4EB2F))
     # 24 random bits -> float32 exactly, centred in its bin so u is never 0 or 1.
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
@@ -135,7 +133,11 @@ def sample(
         if top_p is None:
             top_p = torch.ones(B, device=logits.device)
         scaled = filter_top_k_top_p(scaled, top_k=top_k, top_p=top_p)
-    u = row_uniform(seeds, step, logits.shape[-1])  # (B, V)
-    gumbel = -torch.log(-torch.log(u))
-    drawn = (scaled + gumbel).argmax(dim=-1)
+    # Inverse-CDF draw with one uniform per row: (seed, step) alone decide the row's token.
+    weights = (scaled - scaled.max(dim=-1, keepdim=True).values).exp()  # (B, V), 0 where -inf
+    cdf = weights.cumsum(dim=-1)
+    u = row_uniform(seeds, step)[:, None] * cdf[:, -1:]  # (B, 1)
+    drawn = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=logits.shape[-1] - 1)
+    # Rounding may land past the last positive weight: fall back to the mode there.
+    drawn = torch.where(weights.gather(1, drawn[:, None])[:, 0] > 0, drawn, weights.argmax(dim=-1))
     return torch.where(greedy, logits.argmax(dim=-1), drawn)
