@@ -224,3 +224,48 @@ def test_cli_errors(tmp_path, capsys):
     assert rc == 2 and "piqa.jsonl" in capsys.readouterr().err
     rc = main(["lm-eval", "--model-args", f"checkpoint={ckpt},bogus=1", "--tasks", "x", "--mc-task", "x=nofile"])
     assert rc == 2 and "bogus" in capsys.readouterr().err
+
+
+def test_cli_tasks_writes_include_path(tmp_path, capsys):
+    from lm_eval.tasks import TaskManager
+
+    from jam_metaseq.eval.cli import main
+
+    d = tmp_path / "data"
+    d.mkdir()
+    table1_files(d)
+    (d / "arc_challenge.jsonl").unlink()
+    out = tmp_path / "tasks"
+    assert main(["tasks", "--data-dir", str(d), "--out", str(out)]) == 0
+    names = capsys.readouterr().out.split()
+    assert names == ["piqa_local", "arc_easy_local", "storycloze_local", "winograd_local", "winogrande_local"]
+    assert (out / "jam_task_utils.py").is_file()
+    manager = TaskManager(include_path=str(out), include_defaults=False)
+    assert set(names) <= set(manager.all_tasks)
+    assert main(["tasks", "--data-dir", str(tmp_path / "none"), "--out", str(out)]) == 2
+
+
+@pytest.mark.slow
+def test_lm_eval_own_cli_with_jam_registered(copy_model, tmp_path):
+    """``python -m jam_metaseq.eval.lm_eval_adapter`` is lm_eval's CLI with ``--model jam`` available."""
+    import os
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "copy.pt"
+    save_checkpoint(ckpt, copy_model, vocab=VOCAB)
+    data = write_jsonl(tmp_path / "copy.jsonl", copy_items(12, seed=8))
+    from jam_metaseq.eval.tasks import write_task_configs
+
+    write_task_configs(out_dir=tmp_path / "tasks", mc_tasks={"copy_mc": data}, cache_dir=tmp_path / "hf")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jam_metaseq.eval.lm_eval_adapter", "--model", "jam", "--model_args",
+         f"checkpoint={ckpt}", "--tasks", "copy_mc", "--include_path", str(tmp_path / "tasks"),
+         "--device", "cpu", "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = sorted((tmp_path / "out").rglob("results*.json"))
+    assert files, proc.stdout[-2000:]
+    res = json.loads(files[-1].read_text())["results"]["copy_mc"]
+    assert res["acc,none"] >= 0.9

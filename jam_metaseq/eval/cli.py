@@ -3,6 +3,7 @@
     jam-eval ppl --checkpoint CKPT --data wiki.jsonl [--kind text]          Wikipedia-style PPL
     jam-eval ppl --checkpoint CKPT --data coco_val --kind caption           MS-COCO-style PPL
     jam-eval lm-eval --model-args checkpoint=CKPT,tokenizer=TOK --tasks jam_table1 --data-dir DIR
+    jam-eval tasks --data-dir DIR --out TASKS      (YAMLs for lm_eval's own CLI: --include_path TASKS)
 
 ``ppl`` prints one row per data file (overall, text-token and image-token PPL; definition in
 ``jam_metaseq.eval.ppl``) and writes the full numbers as JSON with ``--output``. ``lm-eval`` (alias
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jam-eval", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{ppl,lm-eval}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{ppl,lm-eval,tasks}")
 
     q = sub.add_parser("ppl", help="text / image-caption perplexity (Tables 2-5)",
                        description="Token-weighted perplexity of a checkpoint over local data files "
@@ -105,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--seed", type=int, default=1234, help="random seed for lm_eval (default 1234)")
     z.add_argument("--cache-dir", help="datasets cache folder for the local JSON files (default: HF default)")
     z.add_argument("--output", help="write lm_eval's results (plus jam_summary) as JSON here (atomically)")
+
+    t = sub.add_parser("tasks", help="write the local task YAMLs for lm_eval's own CLI (--include_path)",
+                       description="Write lm_eval task YAMLs for the Table 1 task files found in --data-dir "
+                                   "(and any --mc-task) into --out, for use as lm_eval --include_path.")
+    t.add_argument("--data-dir", help="folder with the Table 1 JSONL files (see jam-eval lm-eval --help)")
+    t.add_argument("--mc-task", action="append", default=[], metavar="NAME=FILE",
+                   help="a plain multiple-choice task from a JSONL of {context, choices, label}; repeatable")
+    t.add_argument("--out", required=True, help="folder to write the YAML files into")
+    t.add_argument("--cache-dir", help="datasets cache folder written into the task configs")
     return p
 
 
@@ -126,15 +136,31 @@ def _run_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_lm_eval(args: argparse.Namespace) -> int:
-    from jam_metaseq.eval.zeroshot import parse_model_args, run_zeroshot
-
+def _mc_tasks(items: list[str]) -> dict[str, str]:
     mc = {}
-    for item in args.mc_task:
+    for item in items:
         if "=" not in item:
             raise ValueError(f"--mc-task expects NAME=FILE, got {item!r}")
         name, path = item.split("=", 1)
         mc[name] = path
+    return mc
+
+
+def _run_tasks(args: argparse.Namespace) -> int:
+    from jam_metaseq.eval.tasks import write_task_configs
+
+    names = write_task_configs(out_dir=args.out, data_dir=args.data_dir, mc_tasks=_mc_tasks(args.mc_task),
+                               cache_dir=args.cache_dir)
+    if not names:
+        raise FileNotFoundError(f"no task files found in {args.data_dir} and no --mc-task given")
+    print("\n".join(names))
+    return 0
+
+
+def _run_lm_eval(args: argparse.Namespace) -> int:
+    from jam_metaseq.eval.zeroshot import parse_model_args, run_zeroshot
+
+    mc = _mc_tasks(args.mc_task)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     results = run_zeroshot(
@@ -157,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "ppl":
             return _run_ppl(args)
+        if args.command == "tasks":
+            return _run_tasks(args)
         return _run_lm_eval(args)
     except (ValueError, FileNotFoundError, KeyError, NotImplementedError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
