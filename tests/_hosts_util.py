@@ -105,17 +105,21 @@ def fused_checkpoint(family: str, root: Path, *, cross_every: int = 1, vocab: Vo
 
 
 def _jam_ckpt_command(family, *, llm, img, out, cross_every, vocab):
+    """The ``jam-ckpt`` command line (as ``python -m checkpoints_tools.cli``), or None if absent."""
     try:
         import checkpoints_tools.cli  # noqa: F401
     except Exception:
         return None
-    verb = {"jam_uniform": "merge", "jam_width": "widen", "jam_cross": "cross"}[family]
-    cmd = [sys.executable, "-m", "checkpoints_tools.cli", verb, "--llm", str(llm), "--img", str(img),
-           "--out", str(out)]
-    if family == "jam_cross":
-        cmd += ["--cross-every", str(cross_every), "--vocab", str(out.parent / "vocab.json")]
-        vocab.save(out.parent / "vocab.json")
-    return cmd
+    vocab_path = out.parent / "vocab.json"
+    vocab.save(vocab_path)
+    cmd = [sys.executable, "-m", "checkpoints_tools.cli"]
+    if family == "jam_uniform":
+        cmd += ["merge", str(llm), str(img)]
+    elif family == "jam_width":
+        cmd += ["widen", "--llm", str(llm), "--img", str(img), "--init", "copy"]
+    else:
+        cmd += ["cross", "--llm", str(llm), "--img", str(img), "--cross-every", str(cross_every)]
+    return cmd + ["--vocab", str(vocab_path), "-o", str(out), "--quiet"]
 
 
 def _fuse_locally(family, *, llm, img, out, cross_every, vocab) -> Path:

@@ -28,7 +28,7 @@ import torch
 
 from jam_metaseq.data.binarize import TokenBlockDataset, open_dataset
 from jam_metaseq.data.mixture import MixtureStream
-from jam_metaseq.objectives.cm3 import CM3Config, cm3_transform
+from jam_metaseq.objectives.cm3 import CM3Config, cm3_transform, item_rng
 from jam_metaseq.vocab import VocabManifest
 
 
@@ -219,7 +219,7 @@ class CM3Items:
             weights = w
         if use_cm3:
             c = self.opts.cm3
-            rng = np.random.default_rng([self.opts.seed, self.epoch if self.train else 0, int(i)])
+            rng = item_rng(self.opts.seed, self.epoch if self.train else 0, int(i))
             tokens, weights = cm3_transform(
                 tokens, rng, vocab=self.vocab, mode=c.mode, lam=c.lam, min_spans=c.min_spans,
                 max_spans=c.max_spans, num_spans=c.num_spans, max_len=max_len, return_loss_weights=True,
@@ -276,6 +276,32 @@ def allow_checkpoint_globals() -> None:
     add = getattr(torch.serialization, "add_safe_globals", None)
     if add is not None:
         add(safe_globals())
+
+
+def normalise_start_state(state: Any) -> Any:
+    """Give a freshly written starting checkpoint (``jam-ckpt``: ``optimizer_history == []``,
+    ``extra_state is None``) the neutral entries the hosts' checkpoint upgraders index into."""
+    if isinstance(state, dict) and "model" in state:
+        if not state.get("optimizer_history"):
+            state["optimizer_history"] = [{"criterion_name": "CM3Criterion", "optimizer_name": "none",
+                                           "lr_scheduler_state": {}, "num_updates": 0}]
+        if state.get("extra_state") is None:
+            state["extra_state"] = {}
+    return state
+
+
+def patch_host_upgrader(module: Any) -> None:
+    """Wrap ``module._upgrade_state_dict`` (fairseq/metaseq ``checkpoint_utils``) once with
+    ``normalise_start_state``."""
+    orig = getattr(module, "_upgrade_state_dict", None)
+    if orig is None or getattr(orig, "_jam_wrapped", False):
+        return
+
+    def upgrade(state: Any) -> Any:
+        return orig(normalise_start_state(state))
+
+    upgrade._jam_wrapped = True  # type: ignore[attr-defined]
+    module._upgrade_state_dict = upgrade
 
 
 def peek_checkpoint(path: str | Path) -> dict[str, Any]:
