@@ -253,3 +253,42 @@ def test_training_retrieval_uses_dropout_reproducibly(clip_bank):
     # bank-row queries in training use the stored dropout vectors
     assert bank.query_vectors is not None and not np.allclose(bank.query_vectors[0], bank.vectors[0])
     assert 0 not in [d.row for d in r.retrieve_by_row(0, training=True)]
+
+
+# ---- integration helpers (training task, generator) -----------------------------------------
+def test_augmenter_prefixes_neighbours_within_context(tmp_path):
+    from jam_metaseq.retrieval.prefix import build_retrieval_prefix
+    from jam_metaseq.retrieval.retriever import RetrievalAugmenter
+    from jam_metaseq.vocab import tiny_manifest
+
+    vocab = tiny_manifest()
+    xb = clustered_unit_vectors(60, 8, clusters=3, spread=0.4, seed=4)
+    toks = [np.array([vocab.text_start + i % 60, vocab.text_start + 1, vocab.eos]) for i in range(60)]
+    bank = write_memory_bank(out_dir=tmp_path / "b", vectors=xb, doc_ids=[str(i) for i in range(60)],
+                             token_seqs=toks, vocab=vocab)
+    seq = np.array([vocab.bos] + [vocab.text_start + 5] * 6 + [vocab.eos])
+    live = RetrievalAugmenter(bank_dir=bank.path, vocab=vocab, context=16)
+    r = Retriever(bank=bank)
+    want_docs = [d.tokens for d in r.retrieve_by_row(7, training=True)]
+    tokens, is_prefix = live.augment(seq, row=7)
+    assert tokens.size <= 16 and tokens[0] == vocab.bos
+    assert tokens[is_prefix].tolist() == build_retrieval_prefix(want_docs, vocab=vocab, max_len=8).tolist()
+    assert tokens[~is_prefix].tolist() == seq.tolist()
+    rows, scores = r.precompute_neighbours(progress=False)
+    save_neighbours(bank, rows=rows, scores=scores, config=r.config, training=False)
+    pre = RetrievalAugmenter(bank_dir=bank.path, vocab=vocab, context=16)
+    assert pre.neighbours is not None
+    np.testing.assert_array_equal(pre.augment(seq, row=7)[0], tokens)
+    with pytest.raises(ValueError, match="ids"):
+        RetrievalAugmenter(bank_dir=bank.path, vocab=tiny_manifest(text_size=80), context=16)
+
+
+def test_prompt_prefix_for_the_generator(clip_bank):
+    from jam_metaseq.retrieval.retriever import retrieval_prefix_for_prompt
+    from jam_metaseq.vocab import tiny_manifest
+
+    bank, enc, docs = clip_bank
+    r = Retriever(bank=bank, encoder=enc)
+    prefix, got = retrieval_prefix_for_prompt(r, prompt_text="a red cat", vocab=tiny_manifest(), max_len=64)
+    assert len(got) == 2
+    assert prefix.tolist() == sum((d.tokens[:-1].tolist() + [2] for d in got), [])

@@ -24,7 +24,7 @@ _EXPORTS = {
     "query_dropout_keep": "encoders",
     "Retriever": "retriever", "RetrieverConfig": "retriever", "RetrievedDoc": "retriever",
     "select_diverse": "retriever", "retrieval_prefix_for_prompt": "retriever",
-    "load_neighbours": "retriever", "neighbour_docs": "retriever",
+    "load_neighbours": "retriever", "neighbour_docs": "retriever", "RetrievalAugmenter": "retriever",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -37,6 +37,8 @@ class IndexConfig:
     """IVF cells visited per query."""
     train_size: int = 131072
     """At most this many vectors (a random sample) train the IVF k-means."""
+    train_iters: int = 10
+    """IVF k-means iterations."""
     hnsw_m: int = 32
     """HNSW links per node."""
     ef_construction: int = 80
@@ -51,7 +53,7 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.kind not in INDEX_KINDS:
             raise ValueError(f"index kind {self.kind!r} not in {INDEX_KINDS}")
-        for name in ("nprobe", "train_size", "hnsw_m", "ef_construction", "ef_search"):
+        for name in ("nprobe", "train_size", "train_iters", "hnsw_m", "ef_construction", "ef_search"):
             if getattr(self, name) < 1:
                 raise ValueError(f"index {name} must be >= 1, got {getattr(self, name)}")
         if self.nlist is not None and self.nlist < 1:
@@ -103,6 +105,7 @@ def build_index(vectors: np.ndarray, *, config: IndexConfig, add_batch: int = 65
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = config.seed
+        index.cp.niter = config.train_iters
         rng = np.random.default_rng(config.seed)
         sample = xb if n <= config.train_size else xb[np.sort(rng.choice(n, config.train_size, replace=False))]
         index.train(np.ascontiguousarray(sample))

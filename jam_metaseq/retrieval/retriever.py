@@ -304,3 +304,40 @@ def load_neighbours(bank: MemoryBank) -> tuple[np.ndarray, np.ndarray]:
 def neighbour_docs(bank: MemoryBank, neighbours: np.ndarray, row: int) -> list[np.ndarray]:
     """Token arrays of bank document ``row``'s precomputed neighbours, best first (-1 slots skipped)."""
     return [bank.tokens(int(r)) for r in neighbours[row] if r >= 0]
+
+
+class RetrievalAugmenter:
+    """What the ``cm3_multimodal`` task calls per training document: retrieve, then prefix.
+
+    ``augment(sequence, row=i)`` -> ``(tokens, is_prefix)``: document i's retrieved neighbours
+    (precomputed ``neighbours.npy`` when the bank has them, else a live ``retrieve_by_row`` with
+    the training query vectors) laid out by ``prefix.prepend_retrieved`` within ``context`` tokens.
+    Row i must be document i of the binarized dataset (same JSONL files, same order).
+    """
+
+    def __init__(self, *, bank_dir: str | Path, vocab: VocabManifest, context: int,
+                 config: RetrieverConfig | None = None, use_precomputed: bool = True,
+                 training: bool = True) -> None:
+        bank = MemoryBank.load(bank_dir)
+        bank_vocab = bank.vocab
+        if bank_vocab is not None and bank_vocab != vocab:
+            raise ValueError(f"{bank.path}: bank vocab manifest has {bank_vocab.size} ids, the model's "
+                             f"{vocab.size} (or their layouts differ): rebuild the bank with this vocab")
+        self.bank, self.vocab, self.context, self.training = bank, vocab, int(context), training
+        self.config = config or RetrieverConfig()
+        self.neighbours: np.ndarray | None = None
+        if use_precomputed and "neighbours" in bank.manifest:
+            self.neighbours = load_neighbours(bank)[0]
+        self._retriever: Retriever | None = None  # built lazily: faiss only when needed
+
+    def docs_for(self, row: int) -> list[np.ndarray]:
+        if self.neighbours is not None:
+            return neighbour_docs(self.bank, self.neighbours, row)[: self.config.k]
+        if self._retriever is None:
+            self._retriever = Retriever(bank=self.bank, config=self.config)
+        return [d.tokens for d in self._retriever.retrieve_by_row(row, training=self.training)]
+
+    def augment(self, sequence: np.ndarray, *, row: int) -> tuple[np.ndarray, np.ndarray]:
+        from jam_metaseq.retrieval.prefix import prepend_retrieved
+
+        return prepend_retrieved(sequence, self.docs_for(row), vocab=self.vocab, context=self.context)
