@@ -227,6 +227,7 @@ def test_cli_ppl_jsonl_and_binarized(ckpt, tmp_path, capsys):
     rc = main(["ppl", "--checkpoint", str(path), "--data", str(cap), str(tmp_path / "bin" / "coco"),
                "--kind", "caption", "--batch-size", "3", "--output", str(out), "--no-progress"])
     assert rc == 0
+    assert torch.is_grad_enabled()  # the CLI does not switch autograd off for its caller's process
     res = json.loads(out.read_text())
     a, b = res[str(cap)], res[str(tmp_path / "bin" / "coco")]
     assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-9) and a["tokens"] == b["tokens"]
@@ -257,3 +258,39 @@ def test_cli_ppl_jsonl_and_binarized(ckpt, tmp_path, capsys):
     assert "document 0 holds image tokens" in err and len(err.strip().splitlines()) == 1
     assert main(["ppl", "--checkpoint", str(tmp_path / "missing.pt"), "--data", str(cap)]) == 2
     assert "missing.pt" in capsys.readouterr().err
+
+
+def test_cli_ppl_on_jam_ckpt_cross_output(tmp_path, capsys):
+    """A JAM-Cross checkpoint written by jam-ckpt at MP=2 evaluates like the same model fused in-process."""
+    ck = pytest.importorskip("checkpoints_tools.cli")
+    from jam_metaseq.eval.cli import main
+    from jam_metaseq.fusion import cross_tensor, state_shapes
+
+    parent = preset("tiny", vocab_size=BYTES_VOCAB.size, max_positions=48)
+    parents = {}
+    for i, name in enumerate(("llm", "img")):
+        m = randomize_(build_model(parent), seed=20 + i, std=0.2)
+        save_checkpoint(tmp_path / f"{name}.pt", m, vocab=BYTES_VOCAB)
+        parents[name] = m.state_dict()
+    BYTES_VOCAB.save(tmp_path / "vocab.json")
+    out = tmp_path / "cross"
+    assert ck.main(["cross", "--llm", str(tmp_path / "llm.pt"), "--img", str(tmp_path / "img.pt"),
+                    "--cross-every", "1", "--vocab", str(tmp_path / "vocab.json"), "--mp", "2", "--seed", "3",
+                    "-o", str(out)]) == 0
+    capsys.readouterr()
+    cfg = cross_of(parent, 1, image_vocab_start=BYTES_VOCAB.image_start, image_vocab_end=BYTES_VOCAB.image_end)
+    fused = build_model(cfg)
+    fused.load_state_dict({k: cross_tensor(k, cfg=cfg, llm=parents["llm"].__getitem__,
+                                           img=parents["img"].__getitem__, seed=3) for k in state_shapes(cfg)})
+    docs = [[{"text": "a red circle"}, {"image_tokens": [1, 2, 3, 4]}], [{"text": "a blue square"}]]
+    data = _write_jsonl(tmp_path / "d.jsonl", docs)
+    res_path = tmp_path / "r.json"
+    assert main(["ppl", "--checkpoint", str(out), "--data", str(data), "--no-progress", "--output", str(res_path)]) == 0
+    r = json.loads(res_path.read_text())[str(data)]
+    assert r["arch"] == "jam_cross"
+    from jam_metaseq.data.tokenizers import ByteTokenizer
+    from jam_metaseq.eval.io import read_sequences
+
+    seqs, _ = read_sequences(data, vocab=BYTES_VOCAB, text_tokenizer=ByteTokenizer())
+    expect = perplexity(fused.eval(), seqs, vocab=BYTES_VOCAB)
+    assert r["ppl"] == pytest.approx(expect["ppl"], rel=1e-5)

@@ -179,13 +179,13 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
-        if args.command == "ppl":
-            return _run_ppl(args)
-        if args.command == "tasks":
-            return _run_tasks(args)
-        return _run_lm_eval(args)
+        with torch.no_grad():  # scoped: callers in the same process (tests, quickstart) keep autograd
+            if args.command == "ppl":
+                return _run_ppl(args)
+            if args.command == "tasks":
+                return _run_tasks(args)
+            return _run_lm_eval(args)
     except (ValueError, FileNotFoundError, KeyError, NotImplementedError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"jam-eval: error: {msg}", file=sys.stderr)
