@@ -81,6 +81,26 @@ def join(name: str, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t[i] for i in range(3) for t in thirds], dim=0)
 
 
+def join_into(name: str, out: torch.Tensor, piece: torch.Tensor, rank: int, parts: int) -> None:
+    """Copy one rank's ``piece`` (possibly a mapped view, any dtype) into its place in the
+    consolidated ``out``: ``join`` without the intermediate copies."""
+    if parts == 1 or rule_for(name) == "replicated":
+        if rank == 0:
+            out.copy_(piece)
+        return
+    rule = rule_for(name)
+    if rule == "row":
+        w = piece.shape[1]
+        out[:, rank * w:(rank + 1) * w].copy_(piece)
+    elif rule in ("vocab", "column"):
+        h = piece.shape[0]
+        out[rank * h:(rank + 1) * h].copy_(piece)
+    else:  # qkv: piece = [K_r; V_r; Q_r], each third goes to its block of out
+        third, block = piece.shape[0] // 3, out.shape[0] // 3
+        for i in range(3):
+            out[i * block + rank * third:i * block + (rank + 1) * third].copy_(piece[i * third:(i + 1) * third])
+
+
 def part_shape(name: str, shape: Sequence[int], parts: int) -> tuple[int, ...]:
     """Shape of one rank's piece of a tensor of consolidated ``shape``."""
     shape = tuple(int(s) for s in shape)

@@ -9,8 +9,8 @@ first byte is written; any error later removes the temp output.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-import hashlib
 import os
 import sys
 import time
@@ -58,7 +58,16 @@ def load_vocab(path: str | os.PathLike | None, *, cfg: ModelConfig,
     return None
 
 
-def source_record(role: str, reader: Reader, *, hash_sources: bool) -> dict[str, Any]:
+_HASH_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jam-ckpt-hash")
+
+
+def source_record(role: str, reader: Reader, *, hash_sources: bool) -> "concurrent.futures.Future[dict[str, Any]]":
+    """The manifest's record of one source; its sha256s are computed in a background thread
+    (hashlib releases the GIL), overlapping the streaming work."""
+    return _HASH_POOL.submit(_source_record, role, reader, hash_sources=hash_sources)
+
+
+def _source_record(role: str, reader: Reader, *, hash_sources: bool) -> dict[str, Any]:
     files = {}
     for f in reader.files:
         files[str(f)] = {"bytes": f.stat().st_size, "sha256": sha256_file(f) if hash_sources else None}
@@ -138,6 +147,8 @@ def stream_to(
             if bar is not None:
                 bar.update(1)
         extra = dict(manifest_extra)
+        extra["sources"] = [f.result() if isinstance(f, concurrent.futures.Future) else f
+                            for f in extra.get("sources", [])]
         extra["seconds"] = round(time.time() - started, 3)
         return out.commit(manifest_extra=extra)
     except BaseException:

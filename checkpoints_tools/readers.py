@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from checkpoints_tools import layout
-from checkpoints_tools.safe_load import CheckpointError, copy_out, safe_torch_load
+from checkpoints_tools.safe_load import CheckpointError, copy_out, release, safe_torch_load
 from jam_metaseq.models.config import (
     ARCH_CROSS, CrossConfig, DecoderConfig, ModelConfig, config_from_dict,
 )
@@ -295,29 +295,50 @@ class MetaseqReader(Reader):
         return infos
 
     # -- reading -----------------------------------------------------------------------------
-    def _rank_tensor(self, src: _RankSource, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+    def _rank_view_pieces(self, src: _RankSource, name: str) -> list[tuple[torch.Tensor, slice]]:
+        """(mapped view, where it goes in the rank's flat tensor) pieces of one rank's tensor."""
         if name in src.plain:
-            return copy_out(src.models[0][src.plain[name]], mapped=True, dtype=dtype)
+            return [(src.models[0][src.plain[name]], slice(None))]
         slot = src.slots[name]
-        out_dtype = dtype or src.models[0][slot.flat_key].dtype
-        out = torch.empty(slot.numel, dtype=out_dtype)
-        # Walk the shards' unpadded chunks; copy the part of each that overlaps [offset, offset+numel).
+        out: list[tuple[torch.Tensor, slice]] = []
+        # Walk the shards' unpadded chunks; take the part of each that overlaps [offset, offset+numel).
         pos, lo, hi = 0, slot.offset, slot.offset + slot.numel
         for j, model in enumerate(src.models):
             flat = model[slot.flat_key]
             n = flat.numel() - src.pads[j][slot.flat_key]
             a, b = max(lo, pos), min(hi, pos + n)
             if a < b:
-                out[a - lo:b - lo] = copy_out(flat[a - pos:b - pos], mapped=True, dtype=out_dtype)
+                out.append((flat[a - pos:b - pos], slice(a - lo, b - lo)))
             pos += n
             if pos >= hi or slot.flat_key in src.flat_only_rank0:
                 break
+        return out
+
+    def _rank_tensor(self, src: _RankSource, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+        """One rank's piece of ``name``, copied once out of the mapped files."""
+        pieces = self._rank_view_pieces(src, name)
+        if name in src.plain:
+            return copy_out(pieces[0][0], mapped=True, dtype=dtype)
+        slot = src.slots[name]
+        out = torch.empty(slot.numel, dtype=dtype or pieces[0][0].dtype)
+        for view, where in pieces:
+            out[where].copy_(view)
+            release(view, mapped=True)
         return out.view(slot.shape)
 
     def get(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        self.info(name)
-        pieces = [self._rank_tensor(s, name, dtype) for s in self._ranks]
-        return layout.join(name, pieces)
+        info = self.info(name)
+        if self.mp == 1 or layout.rule_for(name) == "replicated":
+            return self._rank_tensor(self._ranks[0], name, dtype)
+        out = torch.empty(info.shape, dtype=dtype or info.dtype)
+        for r, src in enumerate(self._ranks):
+            if name in src.plain:  # unflattened part: copy straight from the mapped file
+                view = src.models[0][src.plain[name]]
+                layout.join_into(name, out, view, r, self.mp)
+                release(view, mapped=True)
+            else:
+                layout.join_into(name, out, self._rank_tensor(src, name, dtype), r, self.mp)
+        return out
 
     def get_rank_piece(self, name: str, rank: int) -> torch.Tensor:
         return self._rank_tensor(self._ranks[rank], name, None)

@@ -141,5 +141,11 @@ def copy_out(view: torch.Tensor, *, mapped: bool, dtype: torch.dtype | None = No
     return out
 
 
+def release(view: torch.Tensor, *, mapped: bool) -> None:
+    """Drop the resident pages of a mapped view that has been copied from (see ``copy_out``)."""
+    if mapped and view.numel():
+        _madvise_dontneed(view.data_ptr(), (_max_offset(view) + 1) * view.element_size())
+
+
 def _max_offset(t: torch.Tensor) -> int:
     return sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)

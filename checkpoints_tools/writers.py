@@ -120,11 +120,12 @@ class TorchStreamWriter:
         key = str(self._n)
         self._n += 1
         storage = t.untyped_storage()
-        # A view (e.g. a chunk) may not start at its storage's beginning: copy to own storage.
-        if t.storage_offset() != 0 or storage.nbytes() != t.numel() * t.element_size():
-            t = t.clone()
-            storage = t.untyped_storage()
-        self._zip.write_record(f"data/{key}", storage, storage.nbytes())
+        nbytes = t.numel() * t.element_size()
+        if t.storage_offset() != 0 or storage.nbytes() != nbytes:
+            # A contiguous view (an MP chunk): write just its bytes, a storage slice (no copy).
+            start = t.storage_offset() * t.element_size()
+            storage = storage[start:start + nbytes]
+        self._zip.write_record(f"data/{key}", storage, nbytes)
         return _TensorStub(_StorageStub(key, t.dtype, t.numel()), t.shape)
 
     def finish(self, obj: Any) -> tuple[str, int]:

@@ -81,6 +81,10 @@ def test_layout_split_matches_reference_and_joins_back(parent):
             want = ref_mp_split(n, t, parts)
             assert all(torch.equal(a, b) for a, b in zip(got, want)), (n, parts)
             assert torch.equal(layout.join(n, got), t)
+            into = torch.full_like(t, float("nan"))
+            for r, piece in enumerate(got):
+                layout.join_into(n, into, piece, r, parts)
+            assert torch.equal(into, t), (n, parts)
 
 
 def test_qkv_join_is_not_plain_concatenation():

@@ -1,0 +1,256 @@
+"""Benchmark jam-ckpt's streaming merge / widen / cross (paper §2.1) against the naive way.
+
+Synthetic parents of a preset (default ``opt_1_3b`` shape, fp16, MP=2) are written to a scratch
+dir. Each measurement runs in a fresh subprocess, which reports its wall time and peak RSS
+(``ru_maxrss``). In the same run we measure, for each operation:
+  - ``stream``: checkpoints_tools.ops (lazy readers, fp32 math per tensor, streaming writer, hashes);
+  - ``naive``: torch.load every parent file whole, fuse whole state dicts, torch.save;
+  - ``copy``: a plain sequential copy of the same bytes (read every parent file, write as many
+    bytes as the op's output, fsync): the I/O floor.
+Targets (issue 4): stream peak RSS <= 2 x the largest output tensor + 1 GiB (above the bare
+``import torch`` process), stream throughput >= 0.5 x the plain copy.
+
+  python benchmarks/bench_ckpt.py                       # opt_1_3b, fp16, MP=2 (~2.6 GB per parent)
+  python benchmarks/bench_ckpt.py --preset opt_125m --ops merge widen cross
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+# ---- child-side work ---------------------------------------------------------------------------
+
+
+def make_parent(out: Path, *, preset: str, seed: int, mp: int, dtype: str) -> None:
+    """Random parent streamed to disk through our writer (never whole in memory)."""
+    import torch
+
+    from checkpoints_tools.ops import expected_shapes
+    from checkpoints_tools.writers import OutputDir, OutputSpec
+    from jam_metaseq.models.config import preset as get_preset
+
+    cfg = get_preset(preset)
+    shapes = expected_shapes(cfg)
+    dt = getattr(torch, dtype)
+    od = OutputDir(OutputSpec(out_dir=out, mp=mp, dtype=dt), cfg=cfg, shapes=shapes)
+    od.open({n: dt for n in shapes})
+    g = torch.Generator().manual_seed(seed)
+    emb = None
+    for n, s in shapes.items():
+        if n == "decoder.version":
+            t = torch.tensor([3.0])
+        elif n == "decoder.output_projection.weight":
+            t = emb
+        else:
+            t = (torch.randn(s, generator=g) * 0.02).to(dt)
+        if n == "decoder.embed_tokens.weight":
+            emb = t
+        od.add(n, t)
+    od.commit(manifest_extra={})
+
+
+def child_stream(op: str, llm: str, img: str, out: str, mp: int, image_vocab: tuple[int, int]) -> None:
+    from checkpoints_tools import ops
+    from checkpoints_tools.writers import OutputSpec
+
+    opts = ops.CommonOptions(spec=OutputSpec(out_dir=Path(out), mp=mp), progress=False)
+    if op == "merge":
+        ops.merge([llm, img], opts=opts)
+    elif op == "widen":
+        ops.widen(llm, img, opts=opts, init="copy")
+    else:
+        ops.cross(llm, img, opts=opts, cross_every=2, image_vocab=image_vocab)
+
+
+def child_naive(op: str, llm: str, img: str, out: str, image_vocab: tuple[int, int]) -> None:
+    import torch
+
+    from checkpoints_tools import layout
+    from jam_metaseq.fusion import cross_tensor, merge_tensor, state_shapes, widen_tensor
+    from jam_metaseq.models.config import config_from_dict, cross_of, uniform_of, width_of
+
+    def load_whole(d: str) -> tuple[dict, object]:
+        files = sorted(Path(d).glob("*.pt"))
+        objs = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+        cfg = config_from_dict(objs[0]["jam_config"])
+        sd = {k: layout.join(k, [o["model"][k] for o in objs]) for k in objs[0]["model"]}
+        return sd, cfg
+
+    a, cfg = load_whole(llm)
+    b, _ = load_whole(img)
+    dt = a["decoder.layers.0.fc1.weight"].dtype
+    if op == "merge":
+        tcfg = uniform_of(cfg)
+        outsd = {k: merge_tensor(k, [a[k], b[k]], weights=[0.5, 0.5]).to(dt) for k in state_shapes(tcfg)}
+    elif op == "widen":
+        tcfg = width_of(cfg)
+        outsd = {k: widen_tensor(k, a[k], b[k], parent=cfg, init="copy").to(dt) for k in state_shapes(tcfg)}
+    else:
+        tcfg = cross_of(cfg, 2, image_vocab_start=image_vocab[0], image_vocab_end=image_vocab[1])
+        outsd = {k: cross_tensor(k, cfg=tcfg, llm=a.__getitem__, img=b.__getitem__, seed=0).to(dt)
+                 for k in state_shapes(tcfg)}
+    Path(out).mkdir(parents=True)
+    torch.save({"model": outsd, "jam_config": tcfg.to_dict()}, Path(out) / "checkpoint.pt")
+
+
+def child_copy(srcs: list[str], out: str, out_bytes: int) -> None:
+    chunk = 16 << 20
+    Path(out).mkdir(parents=True)
+    written = 0
+    with open(Path(out) / "copy.bin", "wb") as w:
+        for d in srcs:
+            for f in sorted(Path(d).glob("*.pt")):
+                with open(f, "rb") as r:
+                    while True:
+                        b = r.read(chunk)
+                        if not b:
+                            break
+                        if written < out_bytes:
+                            w.write(b[: out_bytes - written])
+                            written += min(len(b), out_bytes - written)
+        pad = b"\0" * chunk
+        while written < out_bytes:  # outputs larger than the inputs (widen, cross)
+            n = min(chunk, out_bytes - written)
+            w.write(pad[:n])
+            written += n
+        w.flush()
+        os.fsync(w.fileno())
+
+
+def child_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kind")
+    ap.add_argument("--json", required=True)
+    a = ap.parse_args(argv)
+    job = json.loads(a.json)
+    import torch  # noqa: F401  (counted in the import baseline)
+
+    t0 = time.perf_counter()
+    k = a.kind
+    if k == "import":
+        pass
+    elif k == "parent":
+        make_parent(Path(job["out"]), preset=job["preset"], seed=job["seed"], mp=job["mp"], dtype=job["dtype"])
+    elif k == "stream":
+        child_stream(job["op"], job["llm"], job["img"], job["out"], job["mp"], tuple(job["image_vocab"]))
+    elif k == "naive":
+        child_naive(job["op"], job["llm"], job["img"], job["out"], tuple(job["image_vocab"]))
+    elif k == "copy":
+        child_copy(job["srcs"], job["out"], job["out_bytes"])
+    print(json.dumps({"seconds": time.perf_counter() - t0, "maxrss": _rss()}))
+
+
+# ---- parent-side driver ------------------------------------------------------------------------
+
+
+def run_child(kind: str, job: dict) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--json", json.dumps(job)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.glob("*") if f.is_file())
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child_main(sys.argv[2:])
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="opt_1_3b", help="parent shape (jam_metaseq.models.config.PRESETS)")
+    ap.add_argument("--dtype", default="float16", help="parent and output dtype")
+    ap.add_argument("--mp", type=int, default=2, help="model-parallel size of parents and outputs")
+    ap.add_argument("--ops", nargs="+", default=["merge", "widen", "cross"], choices=["merge", "widen", "cross"])
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive baseline (it needs RAM for everything)")
+    ap.add_argument("--scratch", type=Path, default=None, help="scratch dir (default: a temp dir, removed after)")
+    args = ap.parse_args()
+
+    import torch
+
+    from checkpoints_tools.ops import expected_shapes
+    from jam_metaseq.models.config import cross_of, preset, uniform_of, width_of
+
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench_ckpt_"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg = preset(args.preset)
+        lo, hi = cfg.vocab_size // 2, cfg.vocab_size  # any image-code range: the cost does not depend on it
+        base = run_child("import", {})
+        t = time.perf_counter()
+        for name, seed in (("llm", 1), ("img", 2)):
+            r = run_child("parent", {"out": str(scratch / name), "preset": args.preset, "seed": seed,
+                                     "mp": args.mp, "dtype": args.dtype})
+            if "error" in r:
+                raise SystemExit(f"making parent {name}: {r['error']}")
+        parent_bytes = dir_bytes(scratch / "llm") + dir_bytes(scratch / "img")
+        itemsize = getattr(torch, args.dtype).itemsize
+        print(f"# preset {args.preset}, {args.dtype}, MP={args.mp}; parents {parent_bytes / 2**30:.2f} GiB "
+              f"(made in {time.perf_counter() - t:.1f} s); bare `import torch` RSS {base['maxrss'] / 2**20:.0f} MiB",
+              file=sys.stderr)
+        rows = []
+        for op in args.ops:
+            tcfg = {"merge": uniform_of(cfg), "widen": width_of(cfg),
+                    "cross": cross_of(cfg, 2, image_vocab_start=lo, image_vocab_end=hi)}[op]
+            largest = max(int(torch.Size(s).numel()) for s in expected_shapes(tcfg).values()) * itemsize
+            job = {"op": op, "llm": str(scratch / "llm"), "img": str(scratch / "img"), "mp": args.mp,
+                   "image_vocab": [lo, hi]}
+            res = {}
+            res["stream"] = run_child("stream", {**job, "out": str(scratch / f"{op}_stream")})
+            out_bytes = dir_bytes(scratch / f"{op}_stream")
+            shutil.rmtree(scratch / f"{op}_stream", ignore_errors=True)
+            res["copy"] = run_child("copy", {"srcs": [job["llm"], job["img"]], "out": str(scratch / f"{op}_copy"),
+                                             "out_bytes": out_bytes})
+            shutil.rmtree(scratch / f"{op}_copy", ignore_errors=True)
+            if not args.no_naive:
+                res["naive"] = run_child("naive", {**job, "out": str(scratch / f"{op}_naive")})
+                shutil.rmtree(scratch / f"{op}_naive", ignore_errors=True)
+            rows.append((op, largest, out_bytes, res))
+
+        budget_note = "target: stream RSS <= 2 x largest + 1 GiB; throughput >= 0.5 x copy"
+        print(f"\n{'op':<6} {'method':<7} {'wall s':>8} {'peak RSS MiB':>13} {'RSS-import MiB':>15} "
+              f"{'vs copy (thr.)':>15} {'RSS budget MiB':>15} {'within':>7}")
+        for op, largest, out_bytes, res in rows:
+            budget = (2 * largest + (1 << 30)) / 2**20
+            copy_s = res["copy"].get("seconds")
+            for method in ("stream", "naive", "copy"):
+                r = res.get(method)
+                if r is None:
+                    continue
+                if "error" in r:
+                    print(f"{op:<6} {method:<7} error: {r['error']}")
+                    continue
+                rss = r["maxrss"] / 2**20
+                net = (r["maxrss"] - base["maxrss"]) / 2**20
+                ratio = copy_s / r["seconds"] if copy_s else float("nan")
+                ok = "" if method != "stream" else ("yes" if net <= budget else "NO")
+                print(f"{op:<6} {method:<7} {r['seconds']:>8.2f} {rss:>13.0f} {net:>15.0f} {ratio:>14.2f}x "
+                      f"{budget if method == 'stream' else float('nan'):>15.0f} {ok:>7}")
+            print(f"{'':<6} output {out_bytes / 2**30:.2f} GiB, largest output tensor {largest / 2**20:.0f} MiB")
+        print(f"\n{budget_note}")
+    finally:
+        if args.scratch is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
