@@ -35,6 +35,15 @@ def tiny_config(arch: str):
     return cross_of(parent, cross_every=1, image_vocab_start=VOCAB.image_start, image_vocab_end=VOCAB.image_end)
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest, and the machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 @pytest.fixture(scope="module", params=ARCHS)
 def model(request):
     torch.manual_seed(0)

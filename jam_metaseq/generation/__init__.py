@@ -1,0 +1,26 @@
+"""Mixed-modal generation (paper §3.1 "Decoding Strategies", Eq. 6).
+
+Text until ``<break>``, exactly N image codes with classifier-free guidance, a forced closing
+``<break>``, text until ``<eos>``; prefill + KV cache for every architecture; seeded per-row
+sampling (temperature, top-p, top-k, repetition penalty). Modules:
+
+- ``sampling``: ``SamplingConfig``, ``sample``, counter-based ``row_uniform``
+- ``state``: ``MixedModalRules``, ``MixedModalState`` (per-row modality state on token ids)
+- ``cfg``: ``unconditional_prompt``, ``blend`` (Eq. 6)
+- ``engine``: ``GenerationConfig``, ``Engine`` (setup_caches / prefill / decode_one_token /
+  decode_n_tokens / generate)
+- ``answer``: ``Answer``, ``TextSegment``, ``ImageSegment``, ``split_segments``
+- ``render``: JSON lines, Markdown, HTML, PNGs through an image-tokenizer decoder
+- ``run`` / ``cli``: ``jam-generate``
+"""
+
+from .answer import Answer, ImageSegment, TextSegment, split_segments
+from .cfg import blend, unconditional_prompt
+from .engine import Engine, GenerationConfig
+from .sampling import SamplingConfig, sample
+from .state import MixedModalRules, MixedModalState
+
+__all__ = [
+    "Answer", "Engine", "GenerationConfig", "ImageSegment", "MixedModalRules", "MixedModalState",
+    "SamplingConfig", "TextSegment", "blend", "sample", "split_segments", "unconditional_prompt",
+]
