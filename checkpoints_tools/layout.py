@@ -81,24 +81,28 @@ def join(name: str, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t[i] for i in range(3) for t in thirds], dim=0)
 
 
-def join_into(name: str, out: torch.Tensor, piece: torch.Tensor, rank: int, parts: int) -> None:
-    """Copy one rank's ``piece`` (possibly a mapped view, any dtype) into its place in the
-    consolidated ``out``: ``join`` without the intermediate copies."""
+def destinations(name: str, out: torch.Tensor, piece_shape: Sequence[int], rank: int,
+                 parts: int) -> list[tuple[torch.Tensor, slice]]:
+    """Where rank ``rank``'s piece goes in the consolidated ``out``: [(view of out, rows of the
+    piece)], so callers can fill ``out`` straight from a file (``join`` without intermediates)."""
+    rows = int(piece_shape[0]) if len(piece_shape) else 0
     if parts == 1 or rule_for(name) == "replicated":
-        if rank == 0:
-            out.copy_(piece)
-        return
+        return [(out, slice(0, rows))] if rank == 0 else []
     rule = rule_for(name)
     if rule == "row":
-        w = piece.shape[1]
-        out[:, rank * w:(rank + 1) * w].copy_(piece)
-    elif rule in ("vocab", "column"):
-        h = piece.shape[0]
-        out[rank * h:(rank + 1) * h].copy_(piece)
-    else:  # qkv: piece = [K_r; V_r; Q_r], each third goes to its block of out
-        third, block = piece.shape[0] // 3, out.shape[0] // 3
-        for i in range(3):
-            out[i * block + rank * third:i * block + (rank + 1) * third].copy_(piece[i * third:(i + 1) * third])
+        w = int(piece_shape[1])
+        return [(out[:, rank * w:(rank + 1) * w], slice(0, rows))]
+    if rule in ("vocab", "column"):
+        return [(out[rank * rows:(rank + 1) * rows], slice(0, rows))]
+    third, block = rows // 3, out.shape[0] // 3  # qkv: piece = [K_r; V_r; Q_r]
+    return [(out[i * block + rank * third:i * block + (rank + 1) * third], slice(i * third, (i + 1) * third))
+            for i in range(3)]
+
+
+def join_into(name: str, out: torch.Tensor, piece: torch.Tensor, rank: int, parts: int) -> None:
+    """Copy one rank's ``piece`` into its place in the consolidated ``out``."""
+    for dest, rows in destinations(name, out, piece.shape, rank, parts):
+        dest.copy_(piece[rows])
 
 
 def part_shape(name: str, shape: Sequence[int], parts: int) -> tuple[int, ...]:

@@ -6,7 +6,8 @@ Layouts (``reference/metaseq.md``, Checkpoints): a consolidated ``X.pt``; model-
 (converted on the fly by ``convert_hf``). ``open_checkpoint(path)`` picks the layout and returns
 a ``Reader`` whose ``get(name)`` materialises one consolidated tensor at a time: MP pieces are
 joined with ``layout.join``, FSDP flat parameters are unpadded and cut by offset without ever
-building the whole flat vector, and mapped pages are released after each copy.
+building the whole flat vector; bytes are read with pread (``safe_load.MappedFile``), each
+tensor copied once, straight into its place in the consolidated tensor where the layout allows.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from checkpoints_tools import layout
-from checkpoints_tools.safe_load import CheckpointError, copy_out, release, safe_torch_load
+from checkpoints_tools.safe_load import CheckpointError, MappedFile, safe_torch_load
 from jam_metaseq.models.config import (
     ARCH_CROSS, CrossConfig, DecoderConfig, ModelConfig, config_from_dict,
 )
@@ -149,6 +150,7 @@ class _RankSource:
 
     files: list[Path]
     models: list[Mapping[str, torch.Tensor]]
+    mapped: list[MappedFile] = field(default_factory=list)
     pads: list[dict[str, int]] = field(default_factory=list)  # per shard: flat_key -> padding
     slots: dict[str, _FlatSlot] = field(default_factory=dict)  # param name -> where
     plain: dict[str, str] = field(default_factory=dict)  # name -> key in models[0] (unflattened)
@@ -180,7 +182,8 @@ class MetaseqReader(Reader):
             if not self.meta:
                 self.meta = {k: v for k, v in loaded[0].items()
                              if k not in ("model", "last_optimizer_state", "shard_metadata")}
-            src = _RankSource(files=files, models=[o["model"] for o in loaded])
+            src = _RankSource(files=files, models=[o["model"] for o in loaded],
+                              mapped=[MappedFile(f) for f in files])
             if fsdp:
                 self._index_fsdp(src, [o.get("shard_metadata") for o in loaded])
             else:
@@ -295,12 +298,12 @@ class MetaseqReader(Reader):
         return infos
 
     # -- reading -----------------------------------------------------------------------------
-    def _rank_view_pieces(self, src: _RankSource, name: str) -> list[tuple[torch.Tensor, slice]]:
-        """(mapped view, where it goes in the rank's flat tensor) pieces of one rank's tensor."""
+    def _rank_view_pieces(self, src: _RankSource, name: str) -> list[tuple[int, torch.Tensor, slice]]:
+        """(shard index, mapped view, where it goes in the rank's flat tensor) of one rank's tensor."""
         if name in src.plain:
-            return [(src.models[0][src.plain[name]], slice(None))]
+            return [(0, src.models[0][src.plain[name]], slice(None))]
         slot = src.slots[name]
-        out: list[tuple[torch.Tensor, slice]] = []
+        out: list[tuple[int, torch.Tensor, slice]] = []
         # Walk the shards' unpadded chunks; take the part of each that overlaps [offset, offset+numel).
         pos, lo, hi = 0, slot.offset, slot.offset + slot.numel
         for j, model in enumerate(src.models):
@@ -308,36 +311,42 @@ class MetaseqReader(Reader):
             n = flat.numel() - src.pads[j][slot.flat_key]
             a, b = max(lo, pos), min(hi, pos + n)
             if a < b:
-                out.append((flat[a - pos:b - pos], slice(a - lo, b - lo)))
+                out.append((j, flat[a - pos:b - pos], slice(a - lo, b - lo)))
             pos += n
             if pos >= hi or slot.flat_key in src.flat_only_rank0:
                 break
         return out
 
-    def _rank_tensor(self, src: _RankSource, name: str, dtype: torch.dtype | None) -> torch.Tensor:
-        """One rank's piece of ``name``, copied once out of the mapped files."""
+    def _rank_tensor(self, src: _RankSource, name: str, dtype: torch.dtype | None,
+                     dest: torch.Tensor | None = None) -> torch.Tensor:
+        """One rank's piece of ``name``, read once from the files (into ``dest`` if given)."""
         pieces = self._rank_view_pieces(src, name)
         if name in src.plain:
-            return copy_out(pieces[0][0], mapped=True, dtype=dtype)
+            j, view, _ = pieces[0]
+            return src.mapped[j].read(view, dest=dest, dtype=dtype)
         slot = src.slots[name]
-        out = torch.empty(slot.numel, dtype=dtype or pieces[0][0].dtype)
-        for view, where in pieces:
-            out[where].copy_(view)
-            release(view, mapped=True)
-        return out.view(slot.shape)
+        out = dest if dest is not None else torch.empty(slot.shape, dtype=dtype or pieces[0][1].dtype)
+        flat = out.view(-1) if out.is_contiguous() else None
+        if flat is None:  # a strided destination: assemble contiguously first
+            return out.copy_(self._rank_tensor(src, name, out.dtype))
+        for j, view, where in pieces:
+            src.mapped[j].read(view, dest=flat[where])
+        return out
 
     def get(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         info = self.info(name)
         if self.mp == 1 or layout.rule_for(name) == "replicated":
             return self._rank_tensor(self._ranks[0], name, dtype)
         out = torch.empty(info.shape, dtype=dtype or info.dtype)
+        piece_shape = layout.part_shape(name, info.shape, self.mp)
         for r, src in enumerate(self._ranks):
-            if name in src.plain:  # unflattened part: copy straight from the mapped file
-                view = src.models[0][src.plain[name]]
-                layout.join_into(name, out, view, r, self.mp)
-                release(view, mapped=True)
-            else:
-                layout.join_into(name, out, self._rank_tensor(src, name, dtype), r, self.mp)
+            dests = layout.destinations(name, out, piece_shape, r, self.mp)
+            if len(dests) == 1:  # rows / columns / vocab: read straight into place
+                self._rank_tensor(src, name, dtype, dest=dests[0][0])
+            else:  # qkv: three blocks of one piece
+                piece = self._rank_tensor(src, name, dtype)
+                for dest, rows in dests:
+                    dest.copy_(piece[rows])
         return out
 
     def get_rank_piece(self, name: str, rank: int) -> torch.Tensor:

@@ -5,8 +5,9 @@ Checkpoints are pickles; a converter must not run code from them. We load with
 (``argparse.Namespace`` in ``cfg["model"]``, numpy scalars in meters); anything else is refused
 with the offending global named, unless the caller opts into ``trust_pickle``.
 Files are memory-mapped (``mmap=True``): tensors are views of the file and nothing is read until
-a tensor is copied; ``copy_out`` then copies one tensor and drops its pages from our resident set,
-so streaming a 26B model keeps RSS at about one tensor (``reference/metaseq.md``, Checkpoints).
+a tensor is needed; ``MappedFile.read`` then ``pread``s that tensor's bytes (located through the
+mapping) into fresh memory, so file pages never pile up in our RSS and streaming a 26B model
+keeps memory at a few tensors (``reference/metaseq.md``, Checkpoints).
 """
 
 from __future__ import annotations
@@ -149,3 +150,70 @@ def release(view: torch.Tensor, *, mapped: bool) -> None:
 
 def _max_offset(t: torch.Tensor) -> int:
     return sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
+
+
+# ---- reading a mapped tensor's bytes with pread -----------------------------------------------
+
+
+class MappedFile:
+    """Reads the bytes behind tensors that ``torch.load(mmap=True)`` mapped from ``path`` with
+    ``pread`` into fresh memory: no page faults on the mapping and no file pages in our RSS.
+    Falls back to copying from the mapping (then releasing its pages) where the mapping of a
+    tensor cannot be located (non-Linux, non-contiguous views)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._maps: list[tuple[int, int, int]] | None = None
+        self._fd: int | None = None
+
+    def _locate(self, ptr: int) -> int | None:
+        if self._maps is None:
+            self._maps = []
+            real = os.path.realpath(self.path)
+            try:
+                with open("/proc/self/maps") as f:
+                    for line in f:
+                        parts = line.split(maxsplit=5)
+                        if len(parts) == 6 and parts[5].rstrip("\n") == real:
+                            a, b = (int(x, 16) for x in parts[0].split("-"))
+                            self._maps.append((a, b, int(parts[2], 16)))
+            except OSError:
+                pass
+        for a, b, off in self._maps:
+            if a <= ptr < b:
+                return off + (ptr - a)
+        self._maps = None  # the mapping may be newer than our snapshot: re-read next time
+        return None
+
+    def read(self, view: torch.Tensor, *, dest: torch.Tensor | None = None,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Copy ``view`` into ``dest`` (same shape; any strides/dtype) or a new tensor."""
+        if dest is None:
+            dest = torch.empty(view.shape, dtype=dtype or view.dtype)
+        nbytes = view.numel() * view.element_size()
+        off = self._locate(view.data_ptr()) if view.is_contiguous() and nbytes else None
+        if off is None:
+            dest.copy_(view)
+            release(view, mapped=True)
+            return dest
+        direct = dest.dtype == view.dtype and dest.is_contiguous()
+        buf = dest if direct else torch.empty(view.shape, dtype=view.dtype)
+        mv = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        got = 0
+        while got < nbytes:
+            n = os.preadv(self._fd, [mv[got:]], off + got)
+            if n <= 0:
+                raise CheckpointError(f"{self.path}: truncated while reading a tensor at byte {off + got}")
+            got += n
+        if not direct:
+            dest.copy_(buf)
+        return dest
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass

@@ -59,6 +59,21 @@ def test_namespace_cfg_is_allowed(tmp_path, parent):
     assert obj["cfg"]["model"].decoder_attention_heads == cfg.heads
 
 
+def test_mapped_file_reads_by_pread_and_falls_back(tmp_path):
+    from checkpoints_tools.safe_load import MappedFile
+
+    t = torch.randn(6, 5)
+    torch.save({"model": {"w": t}}, tmp_path / "a.pt")
+    view = safe_torch_load(tmp_path / "a.pt")["model"]["w"]
+    mf = MappedFile(tmp_path / "a.pt")
+    assert mf._locate(view.data_ptr()) is not None  # found in /proc/self/maps: the pread path
+    assert torch.equal(mf.read(view), t)
+    assert torch.equal(mf.read(view, dtype=torch.float64), t.double())
+    dest = torch.zeros(5, 6).t()  # strided destination
+    assert torch.equal(mf.read(view, dest=dest), t)
+    assert torch.equal(mf.read(view.t()), t.t())  # non-contiguous view: copied from the map
+
+
 def test_truncated_file_is_reported_and_no_output_left(tmp_path, parent):
     cfg, state = parent
     p = save_metaseq(tmp_path / "src", cfg, state)
