@@ -130,3 +130,31 @@ def test_save_images_writes_pngs_and_renderers_link_them(tmp_path):
     md, html = to_markdown([a]), to_html([a])
     assert "![image 2](images/answer0_image0.png)" in md and "(incomplete)" in md
     assert '<img src="images/answer0_image0.png"' in html and "&lt;b&gt;bold" in html and "<b>bold" not in html
+
+
+def test_out_dir_with_a_real_image_tokenizer(capsys, tmp_path):
+    """--image-tokenizer: the VQ decoder (random tiny VQGAN, 8x8 codes) turns each image into a PNG."""
+    from jam_metaseq.image_tokenizer import VQGAN, ImageTokenizer
+    from jam_metaseq.image_tokenizer import preset as vq_preset
+
+    torch.manual_seed(0)
+    vq = ImageTokenizer(VQGAN(vq_preset("tiny")))
+    vq.save(tmp_path / "vq")
+    vocab = tiny_manifest(text_size=256, image_codes=vq.n_codes, image_grid=vq.grid)
+    cfg = preset("tiny", vocab_size=vocab.size, max_positions=160, init_std=0.3)
+    torch.save({"model": build_model(cfg).state_dict(), "jam_config": cfg.to_dict()}, tmp_path / "ckpt.pt")
+    vocab.save(tmp_path / "vocab.json")  # found beside the checkpoint
+    rc, _, err = run(capsys, "--checkpoint", tmp_path / "ckpt.pt", "--tokenizer", "bytes", "--prompt", "a cat",
+                     "--images", "force", "--max-new-tokens", 70, "--image-tokenizer", tmp_path / "vq",
+                     "--out", tmp_path / "out", "--no-progress")
+    assert rc == 0, err
+    answer = json.loads((tmp_path / "out" / "answers.jsonl").read_text())
+    png = answer["segments"][0]["png"]
+    assert Image.open(tmp_path / "out" / png).size == (vq.resolution, vq.resolution)
+    assert png in (tmp_path / "out" / "answers.html").read_text()
+    # A manifest whose grid does not match the tokenizer is refused, naming both.
+    tiny_manifest(text_size=256, image_codes=vq.n_codes, image_grid=(4, 16)).save(tmp_path / "v2.json")
+    rc, _, err = run(capsys, "--checkpoint", tmp_path / "ckpt.pt", "--vocab", tmp_path / "v2.json",
+                     "--tokenizer", "bytes", "--prompt", "a cat", "--image-tokenizer", tmp_path / "vq",
+                     "--out", tmp_path / "out2", "--no-progress")
+    assert rc == 2 and "(8, 8)" in err and "(4, 16)" in err

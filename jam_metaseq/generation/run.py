@@ -184,10 +184,10 @@ def generate_answers(
         from jam_metaseq.image_tokenizer import load_image_tokenizer
 
         decoder = load_image_tokenizer(image_tokenizer, device=device)
-        if tuple(decoder.grid) != tuple(vocab.image_grid):
+        if tuple(decoder.grid) != tuple(vocab.image_grid) or decoder.n_codes != vocab.image_codes:
             raise ValueError(
-                f"image tokenizer {image_tokenizer} has a {tuple(decoder.grid)} grid but the manifest "
-                f"says {tuple(vocab.image_grid)}"
+                f"image tokenizer {image_tokenizer} has a {tuple(decoder.grid)} grid of {decoder.n_codes} codes "
+                f"but the manifest says {tuple(vocab.image_grid)} and {vocab.image_codes}"
             )
     ids = encode_prompts(prompts, vocab=vocab, tokenizer=tok, prefix=prompt_prefix)
     seeds = [s.seed if s.seed is not None else config.seed + i for i, s in enumerate(prompts)]
