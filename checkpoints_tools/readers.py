@@ -119,6 +119,9 @@ class Reader:
 
     def vocab_dict(self) -> dict[str, Any] | None:
         v = self.meta.get("jam_vocab")
+        task_state = self.meta.get("task_state")
+        if v is None and isinstance(task_state, dict):  # fairseq-trained: the task's state
+            v = task_state.get("vocab_manifest")
         if v is None and self.path.is_dir() and (self.path / "vocab.json").is_file():
             v = json.loads((self.path / "vocab.json").read_text())
         return v
@@ -538,6 +541,9 @@ def _maybe_hf(reader: Reader, path: Path) -> Reader:
 
 def resolve_config(reader: Reader, **overrides: Any) -> ModelConfig:
     d = reader.meta.get("jam_config")
+    task_state = reader.meta.get("task_state")
+    if d is None and isinstance(task_state, dict):
+        d = task_state.get("jam_config")
     if d is None and reader.path.is_dir() and (reader.path / "manifest.json").is_file():
         d = json.loads((reader.path / "manifest.json").read_text()).get("config")
     if d is not None:

@@ -163,3 +163,33 @@ def test_fp16_parents_give_fp16_output_with_fp32_math(tmp_path):
         merge([pa, pf], opts=_opts(tmp_path / "m2"))
     out = merge([pa, pf], opts=_opts(tmp_path / "m3", dtype=torch.bfloat16))
     assert open_checkpoint(out).param_dtype == torch.bfloat16
+
+
+def test_load_model_reads_a_fairseq_trained_checkpoint(tmp_path, parents):
+    """fairseq saves cfg["model"] (a Namespace with jam_config), task_state (vocab manifest,
+    jam_config), optimizer state and meters; load_model needs only the safe parts."""
+    import argparse
+
+    from jam_metaseq.models.config import uniform_of
+
+    cfg, a, _, _, _ = parents
+    ucfg = uniform_of(cfg)
+    vocab = tiny_manifest(text_size=60, image_codes=56)
+    ckpt = {
+        "model": a,
+        "cfg": {"model": argparse.Namespace(arch="jam_uniform_tiny", jam_config=ucfg.to_dict()),
+                "task": {"_name": "cm3_multimodal"}},
+        "task_state": {"vocab_manifest": vocab.to_dict(), "jam_config": ucfg.to_dict()},
+        "optimizer_history": [{"criterion_name": "Cm3Criterion", "optimizer_name": "FairseqAdam",
+                               "lr_scheduler_state": {"best": None}, "num_updates": 10}],
+        "extra_state": {"train_iterator": {"epoch": 1}, "metrics": {}, "previous_training_time": 1.5},
+        "last_optimizer_state": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": [1e-4]}]},
+    }
+    torch.save(ckpt, tmp_path / "checkpoint_last.pt")
+    model, got_cfg, got_vocab = load_model(tmp_path / "checkpoint_last.pt")
+    assert got_cfg == ucfg and got_vocab == vocab
+    ref = build_model(cfg)
+    ref.load_state_dict(a, strict=True)
+    x = _tokens(4, cfg.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
