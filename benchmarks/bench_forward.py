@@ -161,29 +161,32 @@ def run_shape(shape: str, args, device: torch.device, dtype: torch.dtype, progre
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(4, parent.vocab_size, (args.batch, args.seq), generator=g).to(device)
     n_tokens = args.batch * args.seq
-    kinds = [k for k in MODEL_KINDS if k in args.models]
-    # Two groups so that at most one shape's worth of wide models is resident at once.
-    groups = [[k for k in kinds if k in ("hf_opt", "decoder", "jam_cross")],
-              [k for k in kinds if k in ("hf_opt_wide", "jam_width")]]
-    rows: dict[str, Row] = {}
-    for group in groups:
-        if not group:
+    # (row name, kind, cross_every, baseline row) in table order.
+    entries = []
+    for kind in MODEL_KINDS:
+        if kind not in args.models:
             continue
+        baseline = {"decoder": "hf_opt", "jam_cross": "hf_opt", "jam_width": "hf_opt_wide"}.get(kind)
+        for every in args.cross_every if kind == "jam_cross" else [0]:
+            entries.append((f"jam_cross_{every}" if kind == "jam_cross" else kind, kind, every, baseline))
+    if device.type == "cpu":
+        # Round-robin within two groups: parent-shaped rows, then the twice-as-wide ones.
+        groups = [[e for e in entries if e[1] not in ("hf_opt_wide", "jam_width")],
+                  [e for e in entries if e[1] in ("hf_opt_wide", "jam_width")]]
+    else:
+        groups = [[e] for e in entries]  # one model (and its optimizer state) on the device at a time
+    rows: dict[str, Row] = {}
+    for group in filter(None, groups):
         models, steps = {}, {}
-        for kind in group:
-            for every in (args.cross_every if kind == "jam_cross" else [None]):
-                name = kind if every is None else f"jam_cross_{every}"
-                torch.manual_seed(0)
-                model, E = build(kind, parent, every or 0)
-                model = model.to(device).train()
-                rows[name] = Row(shape=shape, name=name, params=sum(p.numel() for p in model.parameters()),
-                                 flops_per_token=flops_per_token(model, embed_dim=E, seq=args.seq))
-                if kind == "decoder" or kind == "jam_cross":
-                    rows[name].baseline = "hf_opt"
-                if kind == "jam_width":
-                    rows[name].baseline = "hf_opt_wide"
-                models[name] = model
-                steps[name] = make_step(model, tokens=tokens, device=device, dtype=dtype, optimizer=args.optimizer)
+        for name, kind, every, baseline in group:
+            torch.manual_seed(0)
+            with device:  # build (and initialise) on the device: no multi-GB host copy
+                model, E = build(kind, parent, every)
+            model = model.train()
+            rows[name] = Row(shape=shape, name=name, params=sum(p.numel() for p in model.parameters()),
+                             flops_per_token=flops_per_token(model, embed_dim=E, seq=args.seq), baseline=baseline)
+            models[name] = model
+            steps[name] = make_step(model, tokens=tokens, device=device, dtype=dtype, optimizer=args.optimizer)
         try:
             timed = measure(steps, warmup=args.warmup, repeats=args.steps, device=device,
                             interleave=device.type == "cpu", progress=progress)
@@ -259,10 +262,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "hf_opt,decoder,jam_cross on CUDA (JAM-Width of 1.3B needs sharding to train)")
     ap.add_argument("--cross-every", default="2",
                     help="comma-separated cross_every values for the JAM-Cross rows (0 = no cross blocks)")
-    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 4 on CPU, 8 on CUDA)")
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 2 on CPU, 8 on CUDA)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128 on CPU, 2048 on CUDA)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per model; the median is reported "
-                    "(default 5 on CPU, 10 on CUDA)")
+                    "(default 3 on CPU, 10 on CUDA)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per model before timing")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
@@ -276,9 +279,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cuda = args.device == "cuda"
     args.shapes = args.shapes or ("opt_1_3b" if cuda else "tiny,opt_125m")
     args.models = args.models or ("hf_opt,decoder,jam_cross" if cuda else ",".join(MODEL_KINDS))
-    args.batch = args.batch or (8 if cuda else 4)
+    args.batch = args.batch or (8 if cuda else 2)
     args.seq = args.seq or (2048 if cuda else 128)
-    args.steps = args.steps or (10 if cuda else 5)
+    args.steps = args.steps or (10 if cuda else 3)
     args.optimizer = cuda if args.optimizer is None else args.optimizer
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from _model_util import randomize_, random_tokens, tiny_cfg
 from jam_metaseq.fusion import (
@@ -318,3 +320,41 @@ def test_cross_tensor_rejects_bad_input():
     ok = cross_of(parent_cfg, 2, image_vocab_start=IMG_START, image_vocab_end=IMG_END)
     with pytest.raises(KeyError, match="decoder.layers.0.fc1.weight: not a JAM-Cross tensor"):
         cross_tensor("decoder.layers.0.fc1.weight", cfg=ok, llm=L.__getitem__, img=I.__getitem__)
+
+
+# ---------------------------------------------------------------- properties
+
+@settings(max_examples=25, deadline=None)
+@given(heads=st.integers(1, 4), head_dim=st.integers(1, 4), init=st.sampled_from(["copy", "average"]),
+       seed=st.integers(0, 2**16))
+def test_widened_qkv_heads_come_whole_from_one_parent(heads, head_dim, init, seed):
+    """For any shape: in each of K, V, Q of the widened qkv, head h < H is the LLM's head h (left
+    half of the inputs) and head H + h the image model's head h (Eq. 2/3 applied per block)."""
+    E = heads * head_dim
+    parent = tiny_cfg(embed_dim=E, heads=heads, ffn_dim=4, layers=1)
+    g = torch.Generator().manual_seed(seed)
+    llm, img = torch.randn(3 * E, E, generator=g), torch.randn(3 * E, E, generator=g)
+    wide = widen_tensor("decoder.layers.0.self_attn.qkv_proj.weight", llm, img, parent=parent, init=init)
+    assert wide.shape == (6 * E, 2 * E)
+    w = wide.view(3, 2 * heads, head_dim, 2 * E)  # (K/V/Q, head, row in head, input)
+    src_l, src_i = llm.view(3, heads, head_dim, E), img.view(3, heads, head_dim, E)
+    assert torch.equal(w[:, :heads, :, :E], src_l)
+    assert torch.equal(w[:, heads:, :, :E], src_i)
+    right_l = src_l if init == "copy" else (src_l + src_i) / 2
+    right_i = src_i if init == "copy" else (src_l + src_i) / 2
+    assert torch.equal(w[:, :heads, :, E:], right_l)
+    assert torch.equal(w[:, heads:, :, E:], right_i)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_merge_is_linear_and_exact_for_constant_parents(n, seed):
+    """Weights summing to 1 map identical parents to themselves; merge is linear in each parent."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(n, generator=g) + 0.1
+    w = (w / w.sum()).tolist()
+    t = torch.randn(3, 5, generator=g)
+    torch.testing.assert_close(merge_tensor("w", [t] * n, weights=w), t, atol=1e-6, rtol=1e-6)
+    ts = [torch.randn(3, 5, generator=g) for _ in range(n)]
+    expected = sum(wi * ti for wi, ti in zip(w, ts))
+    torch.testing.assert_close(merge_tensor("w", ts, weights=w), expected, atol=1e-6, rtol=1e-6)
