@@ -92,12 +92,15 @@ def make_parents(root: Path, vocab: VocabManifest = VOCAB) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def fused_checkpoint(family: str, root: Path, *, cross_every: int = 1, vocab: VocabManifest = VOCAB) -> Path:
+def fused_checkpoint(family: str, root: Path, *, cross_every: int = 1, vocab: VocabManifest = VOCAB,
+                     use_cli: bool = True) -> Path:
     """Starting weights for ``family`` from two tiny parents: ``jam-ckpt`` output when the
-    checkpoint tools are installed, else the same fusion done here with ``jam_metaseq.fusion``."""
+    checkpoint tools are installed (and ``use_cli``), else the same fusion done in-process with
+    ``jam_metaseq.fusion`` (faster: for in-process tests)."""
     llm, img = make_parents(root / "parents", vocab)
     out = root / f"{family}.pt"
-    cli = _jam_ckpt_command(family, llm=llm, img=img, out=out, cross_every=cross_every, vocab=vocab)
+    cli = _jam_ckpt_command(family, llm=llm, img=img, out=out, cross_every=cross_every, vocab=vocab) \
+        if use_cli else None
     if cli is not None:
         subprocess.run(cli, check=True, capture_output=True, text=True)
         return out if out.is_file() else next(out.glob("*.pt"))

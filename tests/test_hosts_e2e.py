@@ -138,13 +138,15 @@ def test_two_process_data_parallel_matches_single(data, tmp_path):
     start = fused_checkpoint("jam_uniform", tmp_path / "start")
     args = [str(data), *COMMON, *TRAIN, "--arch", "jam_uniform_tiny", "--batch-size", "4",
             "--max-tokens", "256", "--max-update", "10", "--restore-file", str(start), *RESETS]
-    single = losses(run_cli("fairseq-train", *args, "--update-freq", "2",
-                            "--save-dir", str(tmp_path / "single")).stderr)
+    res = run_cli("fairseq-train", *args, "--update-freq", "2", "--save-dir", str(tmp_path / "single"))
+    single = losses(res.stdout + res.stderr)
     port = _free_port()
     procs = [subprocess.Popen(
         [str(BIN / "fairseq-train"), *args, "--save-dir", str(tmp_path / "ddp"), "--distributed-world-size", "2",
          "--distributed-rank", str(rank), "--distributed-backend", "gloo", "--distributed-no-spawn",
-         "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--device-id", "0"],
+         "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--device-id", "0",
+         # fairseq's pytorch_ddp passes device_ids (GPU only); its legacy_ddp all-reduces on CPU/gloo
+         "--ddp-backend", "legacy_ddp"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()) for rank in (0, 1)]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (o, e) in zip(procs, outs):

@@ -304,6 +304,29 @@ def patch_host_upgrader(module: Any) -> None:
     module._upgrade_state_dict = upgrade
 
 
+def patch_host_broadcast(module: Any) -> None:
+    """Let ``module._broadcast_object_slow`` (fairseq/metaseq ``distributed.utils``) unpickle on
+    torch >= 2.6. It carries objects rank 0 built itself (e.g. a checkpoint it read through the
+    allow-listed ``weights_only`` load, plus the host's OmegaConf config) to the other ranks of the
+    same job, so the receiving side may load it unrestricted; checkpoint files never go through it."""
+    orig = getattr(module, "_broadcast_object_slow", None)
+    if orig is None or getattr(orig, "_jam_wrapped", False):
+        return
+    import io
+
+    def broadcast_object_slow(obj: Any, src_rank: int, group: object, dist_device: torch.device) -> Any:
+        if module.get_rank(group) == src_rank:
+            return orig(obj, src_rank, group, dist_device)
+        length = torch.LongTensor([0]).to(dist_device)
+        module.broadcast(length, src=src_rank, group=group)
+        buffer = torch.ByteTensor(int(length.item())).to(dist_device)
+        module.broadcast(buffer, src=src_rank, group=group)
+        return torch.load(io.BytesIO(buffer.cpu().numpy()), map_location="cpu", weights_only=False)
+
+    broadcast_object_slow._jam_wrapped = True  # type: ignore[attr-defined]
+    module._broadcast_object_slow = broadcast_object_slow
+
+
 def peek_checkpoint(path: str | Path) -> dict[str, Any]:
     """Shapes and stored JAM config of a checkpoint without reading its tensors (mmap)."""
     allow_checkpoint_globals()

@@ -37,7 +37,8 @@ from fairseq.criterions import CRITERION_REGISTRY
 from jam_metaseq.hosts import args as jam_args
 from jam_metaseq.hosts.common import (
     CM3Items, DataSetupError, TaskOptions, allow_checkpoint_globals, check_start_checkpoint, collate,
-    find_sources, load_manifest, parse_mixture, patch_host_upgrader, start_checkpoint,
+    find_sources, load_manifest, parse_mixture, patch_host_broadcast, patch_host_upgrader,
+    start_checkpoint,
 )
 from jam_metaseq.models import build_model
 from jam_metaseq.objectives.cm3 import CM3Config
@@ -331,8 +332,10 @@ def register() -> None:
         return
     allow_checkpoint_globals()
     from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as distributed_utils
 
     patch_host_upgrader(checkpoint_utils)
+    patch_host_broadcast(distributed_utils)
     for family in jam_args.FAMILIES:
         if family not in MODEL_REGISTRY:
             register_model(family)(_family_class(family))

@@ -1,0 +1,222 @@
+"""Host adapters in-process: flags <-> configs, registration, the fairseq model wrapper, the
+cm3_multimodal items (JAM §2.1, §3.1)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _hosts_util import USER_DIR, VOCAB, fused_checkpoint, make_data
+from jam_metaseq.hosts import args as jam_args
+from jam_metaseq.hosts.common import (
+    CM3Items, DataSetupError, TaskOptions, check_start_checkpoint, collate, find_sources, load_manifest,
+    parse_mixture,
+)
+from jam_metaseq.data.binarize import open_dataset
+from jam_metaseq.models import build_model, count_parameters
+from jam_metaseq.models.config import PRESETS, CrossConfig
+from jam_metaseq.objectives.cm3 import CM3Config, cm3_inverse
+
+
+def _filled(arch: str, **flags) -> argparse.Namespace:
+    family, size = jam_args.arch_names()[arch]
+    p = argparse.ArgumentParser()
+    jam_args.add_model_args(p)
+    ns = p.parse_args([])
+    for k, v in flags.items():
+        setattr(ns, k, v)
+    jam_args.apply_arch_defaults(ns, family=family, size=size)
+    return ns
+
+
+# ---- flags <-> configs -------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", sorted(jam_args.arch_names()))
+def test_args_config_round_trip(arch):
+    cfg = jam_args.config_from_args(_filled(arch), vocab_size=VOCAB.size)
+    back = argparse.Namespace(**jam_args.args_from_config(cfg))
+    assert jam_args.config_from_args(back, vocab_size=VOCAB.size).to_dict() == cfg.to_dict()
+
+
+def test_sized_archs_match_the_paper():
+    c7 = PRESETS["cm3leon_7b"]
+    width = jam_args.config_from_args(_filled("jam_width_7b"), vocab_size=c7.vocab_size)
+    assert (width.embed_dim, width.layers, width.bias, width.affine_ln) == (8192, 32, False, False)
+    cross = jam_args.config_from_args(_filled("jam_cross_7b"), vocab_size=c7.vocab_size)
+    assert isinstance(cross, CrossConfig) and cross.cross_every == 2 and len(cross.cross_after) == 16
+    assert jam_args.config_from_args(_filled("jam_cross"), vocab_size=100).parent.embed_dim == 4096
+    none = jam_args.config_from_args(_filled("jam_cross_7b", cross_every=0), vocab_size=c7.vocab_size)
+    assert none.cross_after == []  # Table 4 "no cross-attention"
+    # flags given by the user win over the arch
+    ns = _filled("jam_uniform_tiny", decoder_layers=3, disable_bias=True)
+    cfg = jam_args.config_from_args(ns, vocab_size=VOCAB.size)
+    assert cfg.layers == 3 and cfg.bias is False and cfg.embed_dim == PRESETS["tiny"].embed_dim
+    assert ns.decoder_learned_pos and ns.share_decoder_input_output_embed  # metaseq requires both
+
+
+def test_cross_parameter_counts_follow_table_4():
+    """Paper: 13B (no cross), 16B / 19B / 26B with a cross pair every 4 / 2 / 1 layers."""
+    vocab = PRESETS["cm3leon_7b"].vocab_size
+    counts = {k: count_parameters(jam_args.config_from_args(_filled("jam_cross_7b", cross_every=k),
+                                                            vocab_size=vocab)) / 1e9 for k in (0, 4, 2, 1)}
+    for k, paper in ((0, 13), (4, 16), (2, 19), (1, 26)):  # the paper's rounded sizes
+        assert abs(counts[k] - paper) < 1.0, counts
+
+
+def test_stored_config_wins_and_vocab_must_match():
+    cfg = jam_args.config_from_args(_filled("jam_width_tiny"), vocab_size=VOCAB.size)
+    ns = _filled("jam_uniform_7b")
+    ns.jam_config = cfg.to_dict()
+    assert jam_args.config_from_args(ns, vocab_size=VOCAB.size).to_dict() == cfg.to_dict()
+    with pytest.raises(ValueError, match="112 embedding rows but the dictionary has 120"):
+        jam_args.config_from_args(ns, vocab_size=120)
+    with pytest.raises(ValueError, match="no JAM family"):
+        jam_args.config_from_args(argparse.Namespace(), vocab_size=VOCAB.size)
+
+
+# ---- data items --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_data(tmp_path_factory.mktemp("hostdata"))
+
+
+def _items(data: Path, split: str, **kw) -> CM3Items:
+    sources = {n: open_dataset(p) for n, p in find_sources(data, split).items()}
+    opts = TaskOptions(data=str(data), tokens_per_sample=32, cm3=CM3Config(min_spans=1, max_spans=4), **kw)
+    return CM3Items(sources, vocab=VOCAB, opts=opts, train=split == "train")
+
+
+def test_items_are_deterministic_per_epoch_and_cm3_invertible(data):
+    a, b = _items(data, "train"), _items(data, "train")
+    infilling = 0
+    for i in range(len(a)):
+        x, y = a[i], b[i]
+        assert torch.equal(x["source"], y["source"]) and torch.equal(x["weights"], y["weights"])
+        assert x["source"].numel() <= 32
+        full = torch.cat([x["source"][:1], x["target"]]).numpy()
+        infilling += bool(VOCAB.is_sentinel(full).any())
+        restored = cm3_inverse(full, vocab=VOCAB)
+        assert not VOCAB.is_sentinel(restored).any() and restored.size == full.size - 3 * (
+            VOCAB.is_sentinel(full).sum() // 2)
+    assert infilling > len(a) // 2  # min_spans=1: all but too-short blocks become infilling items
+    seq0 = [a[i]["source"] for i in range(len(a))]
+    a.set_epoch(2)
+    assert any(not torch.equal(s, a[i]["source"]) for i, s in enumerate(seq0))
+
+
+def test_mixture_weights_and_valid_coverage(data):
+    sizes = {n: open_dataset(p).sizes.sum() for n, p in find_sources(data, "train").items()}
+    items = _items(data, "train", mixture={"text": 3.0, "caption": 1.0}, epoch_items=60)
+    tokens = {"text": 0, "caption": 0}
+    for j in range(len(items)):
+        name = items.names[int(items._src[j])]
+        tokens[name] += int(items.sources[name].sizes[items._idx[j]])
+    share = tokens["text"] / sum(tokens.values())
+    assert abs(share - 0.75) < 0.03, (share, sizes)
+    valid = _items(data, "valid")
+    n = sum(len(s) for s in valid.sources.values())
+    assert len(valid) == n
+    seen = {(int(s), int(i)) for s, i in zip(valid._src, valid._idx)}
+    assert len(seen) == n  # every block once
+    item = valid[0]
+    assert not VOCAB.is_sentinel(item["source"]).any()  # validation is plain LM
+    with pytest.raises(DataSetupError, match="--mixture names"):
+        _items(data, "train", mixture={"nope": 1.0})
+
+
+def test_collate_pads_right_with_zero_weight():
+    s = [{"id": 0, "source": torch.tensor([5, 6, 7]), "target": torch.tensor([6, 7, 2]),
+          "weights": torch.ones(3)},
+         {"id": 1, "source": torch.tensor([8]), "target": torch.tensor([2]), "weights": torch.ones(1)}]
+    b = collate(s, pad=1)
+    assert b["net_input"]["src_tokens"].tolist() == [[5, 6, 7], [8, 1, 1]]
+    assert b["target"].tolist() == [[6, 7, 2], [2, 1, 1]]
+    assert b["loss_weights"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["ntokens"] == 4 and b["nsentences"] == 2
+
+
+def test_data_errors_name_the_path(tmp_path):
+    with pytest.raises(DataSetupError, match="data directory not found"):
+        load_manifest(tmp_path / "missing")
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataSetupError, match="no binarized source"):
+        find_sources(tmp_path, "train")
+    assert parse_mixture("text=1, caption=2") == {"text": 1.0, "caption": 2.0}
+    with pytest.raises(ValueError, match="NAME=WEIGHT"):
+        parse_mixture("text")
+
+
+def test_start_checkpoint_check(tmp_path):
+    from jam_metaseq.vocab import tiny_manifest
+
+    path = fused_checkpoint("jam_uniform", tmp_path, use_cli=False)
+    cfg = jam_args.config_from_args(_filled("jam_uniform_tiny"), vocab_size=VOCAB.size)
+    shapes = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+    check_start_checkpoint(path, model_shapes=shapes, vocab=VOCAB)  # fits
+    big = tiny_manifest(text_size=72)
+    with pytest.raises(ValueError, match=f"vocab manifest has {big.size} ids but the checkpoint"):
+        check_start_checkpoint(path, model_shapes=shapes, vocab=big)
+    wide = jam_args.config_from_args(_filled("jam_width_tiny"), vocab_size=VOCAB.size)
+    wshapes = {k: tuple(v.shape) for k, v in build_model(wide).state_dict().items()}
+    with pytest.raises(ValueError, match="has shape .* but the --arch model expects"):
+        check_start_checkpoint(path, model_shapes=wshapes, vocab=VOCAB)
+
+
+# ---- the fairseq wrapper -------------------------------------------------------------------------
+def test_fairseq_model_is_the_core_model(tmp_path, data):
+    pytest.importorskip("fairseq")
+    from jam_metaseq.hosts import register_hosts
+    from jam_metaseq.hosts.fairseq import CM3MultimodalTask, JamLanguageModel, dictionary_from_manifest
+
+    assert "fairseq" in register_hosts(import_hosts=True)
+    register_hosts(import_hosts=True)  # a second time is a no-op
+    ns = _filled("jam_cross_tiny", cross_every=1, dropout=0.1)
+    task = argparse.Namespace(vocab=VOCAB, target_dictionary=dictionary_from_manifest(VOCAB))
+    model = JamLanguageModel.build_model(ns, task)
+    assert ns.jam_config["type"] == "CrossConfig"  # carried into checkpoints with cfg["model"]
+    core = model.decoder.core
+    assert list(model.state_dict()) == list(core.state_dict())  # metaseq keys, same order
+    start = torch.load(fused_checkpoint("jam_cross", tmp_path, cross_every=1, use_cli=False), weights_only=False)["model"]
+    model.load_state_dict(start, strict=True)
+    model.eval()
+    tokens = torch.randint(4, VOCAB.size, (2, 9))
+    tokens[1, :3] = 1  # left padding
+    logits, _ = model(tokens)
+    assert not core.training
+    assert torch.allclose(logits, core(tokens), atol=0)
+    model.train()
+    assert core.training and core.decoder.training
+
+
+def test_registration_when_package_is_imported_before_the_host(tmp_path):
+    pytest.importorskip("fairseq")
+    code = (
+        "import sys\n"
+        "import jam_metaseq\n"
+        "assert 'fairseq' not in sys.modules\n"
+        "from fairseq import options\n"
+        "from fairseq.models import ARCH_MODEL_REGISTRY\n"
+        "assert 'jam_width_7b' in ARCH_MODEL_REGISTRY\n"
+        "p = options.get_training_parser()\n"
+        f"a = options.parse_args_and_arch(p, ['{tmp_path}', '--user-dir', '{USER_DIR}', '--task', "
+        "'cm3_multimodal', '--arch', 'jam_cross_tiny', '--criterion', 'cm3', '--cross-every', '0'])\n"
+        "print('ARCH', a.arch, a.cross_every, a.decoder_embed_dim)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=str(Path(USER_DIR).parent), env={"PYTHONWARNINGS": "ignore", "PATH": ""})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ARCH jam_cross_tiny 0 32" in res.stdout
+
+
+def test_core_import_does_not_import_a_host():
+    res = subprocess.run([sys.executable, "-c", "import sys, jam_metaseq, jam_metaseq.models, "
+                          "jam_metaseq.hosts.args, jam_metaseq.objectives.loss; "
+                          "print(sorted(h for h in ('fairseq', 'metaseq') if h in sys.modules))"],
+                         capture_output=True, text=True, cwd=str(Path(USER_DIR).parent))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
