@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jam_metaseq.retrieval.bank import MemoryBank, build_memory_bank, content_hash, read_documents, write_memory_bank
-from jam_metaseq.retrieval.bank import BankBuildConfig, document_parts
-from jam_metaseq.retrieval.encoders import QueryParts, query_dropout_keep
-from jam_metaseq.retrieval.index import IndexConfig
+from jam_metaseq.retrieval.bank import (BankBuildConfig, MemoryBank, build_memory_bank, document_parts,
+                                        read_documents, write_memory_bank)
+from jam_metaseq.retrieval.encoders import query_dropout_keep
 from jam_metaseq.retrieval.retriever import (Retriever, RetrieverConfig, load_neighbours, neighbour_docs,
                                              save_neighbours, select_diverse)
 from _retrieval_util import clustered_unit_vectors, tiny_encoder, write_docs
