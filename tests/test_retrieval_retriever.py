@@ -291,3 +291,17 @@ def test_prompt_prefix_for_the_generator(clip_bank):
     prefix, got = retrieval_prefix_for_prompt(r, prompt_text="a red cat", vocab=tiny_manifest(), max_len=64)
     assert len(got) == 2
     assert prefix.tolist() == sum((d.tokens[:-1].tolist() + [2] for d in got), [])
+
+
+@pytest.mark.slow
+def test_default_vit_b_32_encodes_512_d_unit_vectors():
+    from PIL import Image
+
+    from jam_metaseq.retrieval.encoders import ClipDocumentEncoder, ClipEncoderConfig, QueryParts
+
+    enc = ClipDocumentEncoder(config=ClipEncoderConfig())  # ViT-B-32, random weights
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    v = enc.encode_documents([QueryParts("a photo of a cat", [im]), QueryParts(None, [im])],
+                             drop_rate=0.2, rng=np.random.default_rng(0))
+    assert enc.dim == 512 and enc.patch_size == (32, 32) and v.shape == (2, 512)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
