@@ -6,7 +6,8 @@ image rows of one step differ), and randomness comes from a *counter-based* gene
 uniform number of row ``b`` at decode step ``t`` is a hash of
 ``(seed_b, t)``. That makes sampling
 
-- reproducible (same seed, same output, on any device),
+- reproducible (same seed, same output; the random numbers are the same on every device, the
+  logits only up to the device's rounding),
 - independent of batch composition (a prompt gives the same answer alone or batched with others,
   which a shared ``torch.Generator`` stream cannot give), and
 - free of host synchronisation (seeds and step are tensors; nothing is read back).
