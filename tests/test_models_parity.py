@@ -118,17 +118,28 @@ def _has_module(name: str) -> bool:
 @pytest.mark.skipif(
     not _has_module("checkpoints_tools.convert_hf"), reason="checkpoints_tools/convert_hf.py not written yet"
 )
-def test_production_converter_agrees_with_test_map():
-    """Cross-check: the checkpoint helper's HF converter gives the same metaseq dict as ours."""
-    import checkpoints_tools.convert_hf as convert_hf
-
+def test_production_converter_agrees_with_test_map(tmp_path):
+    """Cross-check: the checkpoint helper's HF reader (a saved HF OPT, read with metaseq names) gives
+    the same tensors as this file's key map, its config is ours, and its inverse gives HF's names."""
+    convert_hf = pytest.importorskip("checkpoints_tools.convert_hf")
+    if not all(hasattr(convert_hf, a) for a in ("HFOptReader", "to_hf_items")):
+        pytest.skip("convert_hf exposes no HFOptReader / to_hf_items")
     cfg = tiny_cfg(scale_embedding=False)
     hf = make_hf_opt(cfg, seed=7)
+    hf.save_pretrained(tmp_path)
+    reader = convert_hf.HFOptReader(tmp_path)
     expected = hf_to_metaseq(hf.state_dict(), layers=cfg.layers)
-    fn = getattr(convert_hf, "hf_to_metaseq_state", None) or getattr(convert_hf, "convert_state_dict", None)
-    if fn is None:
-        pytest.skip("convert_hf exposes no known state-dict function")
-    got = fn(hf.state_dict())
+    got = dict(reader.items())
     assert set(got) == set(expected)
     for k in expected:
-        torch.testing.assert_close(got[k].float(), expected[k].float(), atol=0, rtol=0)
+        assert torch.equal(got[k].float(), expected[k].float()), k
+    read_cfg = reader.config()
+    for field in ("vocab_size", "embed_dim", "ffn_dim", "layers", "heads", "max_positions", "bias",
+                  "affine_ln", "activation", "scale_embedding"):
+        assert getattr(read_cfg, field) == getattr(cfg, field), field
+    back = {}
+    for k, v in expected.items():
+        back.update(dict(convert_hf.to_hf_items(k, v, cfg=cfg)))
+    hf_sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    assert set(back) == set(hf_sd)
+    assert all(torch.equal(back[k], hf_sd[k]) for k in hf_sd)
