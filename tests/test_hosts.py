@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -171,7 +170,7 @@ def test_start_checkpoint_check(tmp_path):
 def test_fairseq_model_is_the_core_model(tmp_path, data):
     pytest.importorskip("fairseq")
     from jam_metaseq.hosts import register_hosts
-    from jam_metaseq.hosts.fairseq import CM3MultimodalTask, JamLanguageModel, dictionary_from_manifest
+    from jam_metaseq.hosts.fairseq import JamLanguageModel, dictionary_from_manifest
 
     assert "fairseq" in register_hosts(import_hosts=True)
     register_hosts(import_hosts=True)  # a second time is a no-op

@@ -255,6 +255,69 @@ def collate(samples: Sequence[dict[str, Any]], *, pad: int) -> dict[str, Any]:
     }
 
 
+# ---- flags (argparse only; both hosts use these) ----------------------------------------------
+def add_task_args(parser: Any) -> None:
+    """The cm3_multimodal task flags."""
+    a = parser.add_argument
+    a("data", help="data directory: DATA/{split}/{source}.json binarized sources (+ optional vocab.json)")
+    a("--tokens-per-sample", type=int, default=2048, help="model input length (default %(default)s)")
+    a("--mixture", default=None,
+      help="training source weights NAME=W,NAME=W (token-balanced; default: all sources equally)")
+    a("--cm3-mode", default="poisson", choices=("poisson", "fixed", "fim"), help="CM3 span-count rule")
+    a("--cm3-lambda", type=float, default=1.0, help="Poisson rate of the number of CM3 spans")
+    a("--cm3-min-spans", type=int, default=0, help="lower clamp of the span count (0 allows plain LM)")
+    a("--cm3-max-spans", type=int, default=None, help="upper clamp (default: the vocabulary's sentinels)")
+    a("--cm3-cross-documents", action="store_true", help="let spans cross <eos> inside a packed block")
+    a("--cm3-on-valid", action="store_true", help="CM3-transform validation items too")
+    a("--instruction", action="store_true",
+      help="instruction mode: loss only on tokens the data's loss mask keeps (responses)")
+    a("--epoch-items", type=int, default=0, help="training items per epoch (0 = all blocks)")
+    a("--retrieval-bank", default=None, help="memory bank for retrieval prefixes (needs *.neighbors.npy)")
+    a("--retrieval-k", type=int, default=2, help="retrieved documents per item at most")
+    a("--retrieval-weight", type=float, default=0.0, help="loss weight of retrieved prefix tokens")
+
+
+def task_options_from_args(args: argparse.Namespace, vocab: VocabManifest) -> TaskOptions:
+    """TaskOptions from parsed task flags (+ the host's ``--seed``)."""
+    max_spans = args.cm3_max_spans if args.cm3_max_spans is not None else vocab.num_sentinels
+    return TaskOptions(
+        data=args.data.split(":")[0], tokens_per_sample=args.tokens_per_sample,
+        mixture=parse_mixture(args.mixture),
+        cm3=CM3Config(mode=args.cm3_mode, lam=args.cm3_lambda, min_spans=min(args.cm3_min_spans, max_spans),
+                      max_spans=max_spans, cross_documents=args.cm3_cross_documents),
+        cm3_on_valid=args.cm3_on_valid, instruction=args.instruction, seed=args.seed,
+        epoch_items=args.epoch_items, retrieval_bank=args.retrieval_bank, retrieval_k=args.retrieval_k,
+        retrieval_weight=args.retrieval_weight)
+
+
+def logging_output(out: Any, sample: dict[str, Any]) -> dict[str, Any]:
+    """The criterion's per-batch log (sums; summable across workers)."""
+    return {
+        "loss": out.loss.data, "nll_loss": out.nll_sum.data, "ntokens": sample["ntokens"],
+        "nsentences": sample["nsentences"], "sample_size": out.weight_sum.data,
+        "counted_tokens": out.ntokens.data, "text_nll": out.text_nll_sum, "text_tokens": out.text_tokens,
+        "image_nll": out.image_nll_sum, "image_tokens": out.image_tokens,
+    }
+
+
+def reduce_cm3_metrics(logging_outputs: list[dict[str, Any]], *, metrics: Any, get_perplexity: Any) -> None:
+    """Shared by both hosts (their ``metrics`` modules have the same API)."""
+    def total(key: str) -> float:
+        return float(sum(float(log.get(key, 0)) for log in logging_outputs))
+
+    ln2 = math.log(2)
+    sample_size = total("sample_size")
+    metrics.log_scalar("loss", total("loss") / max(sample_size, 1e-8) / ln2, sample_size, round=3)
+    counted = total("counted_tokens")
+    metrics.log_scalar("nll_loss", total("nll_loss") / max(counted, 1e-8) / ln2, counted, round=3)
+    metrics.log_derived("ppl", lambda m: get_perplexity(m["nll_loss"].avg))
+    for kind in ("text", "image"):
+        n = total(f"{kind}_tokens")
+        if n > 0:
+            metrics.log_scalar(f"{kind}_loss", total(f"{kind}_nll") / n / ln2, n, round=3)
+            metrics.log_derived(f"{kind}_ppl", (lambda k: lambda m: get_perplexity(m[f"{k}_loss"].avg))(kind))
+
+
 # ---- checkpoints ---------------------------------------------------------------------------
 def safe_globals() -> list[Any]:
     """Non-tensor globals fairseq/metaseq checkpoints hold, for ``weights_only`` loading (torch >= 2.6)."""

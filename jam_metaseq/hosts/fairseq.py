@@ -16,7 +16,6 @@ and ``vocab_manifest``; ``fairseq-validate`` and ``checkpoints_tools.load_model`
 from __future__ import annotations
 
 import logging
-import math
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
@@ -36,12 +35,12 @@ from fairseq.criterions import CRITERION_REGISTRY
 
 from jam_metaseq.hosts import args as jam_args
 from jam_metaseq.hosts.common import (
-    CM3Items, DataSetupError, TaskOptions, allow_checkpoint_globals, check_start_checkpoint, collate,
-    find_sources, load_manifest, parse_mixture, patch_host_broadcast, patch_host_upgrader,
-    start_checkpoint,
+    CM3Items, add_task_args, allow_checkpoint_globals, check_start_checkpoint, collate,
+    find_sources, load_manifest, patch_host_broadcast, patch_host_upgrader, reduce_cm3_metrics,
+    start_checkpoint, task_options_from_args,
 )
+from jam_metaseq.hosts.common import logging_output as logging_output_of
 from jam_metaseq.models import build_model
-from jam_metaseq.objectives.cm3 import CM3Config
 from jam_metaseq.objectives.loss import cm3_loss
 from jam_metaseq.vocab import VocabManifest
 
@@ -189,37 +188,13 @@ class CM3MultimodalTask(LegacyFairseqTask):
 
     @staticmethod
     def add_args(parser: Any) -> None:
-        a = parser.add_argument
-        a("data", help="data directory: DATA/{split}/{source}.json binarized sources (+ optional vocab.json)")
-        a("--tokens-per-sample", type=int, default=2048, help="model input length (default %(default)s)")
-        a("--mixture", default=None,
-          help="training source weights NAME=W,NAME=W (token-balanced; default: all sources equally)")
-        a("--cm3-mode", default="poisson", choices=("poisson", "fixed", "fim"), help="CM3 span-count rule")
-        a("--cm3-lambda", type=float, default=1.0, help="Poisson rate of the number of CM3 spans")
-        a("--cm3-min-spans", type=int, default=0, help="lower clamp of the span count (0 allows plain LM)")
-        a("--cm3-max-spans", type=int, default=None, help="upper clamp (default: the vocabulary's sentinels)")
-        a("--cm3-cross-documents", action="store_true", help="let spans cross <eos> inside a packed block")
-        a("--cm3-on-valid", action="store_true", help="CM3-transform validation items too")
-        a("--instruction", action="store_true",
-          help="instruction mode: loss only on tokens the data's loss mask keeps (responses)")
-        a("--epoch-items", type=int, default=0, help="training items per epoch (0 = all blocks)")
-        a("--retrieval-bank", default=None, help="memory bank for retrieval prefixes (needs *.neighbors.npy)")
-        a("--retrieval-k", type=int, default=2, help="retrieved documents per item at most")
-        a("--retrieval-weight", type=float, default=0.0, help="loss weight of retrieved prefix tokens")
+        add_task_args(parser)
 
     def __init__(self, args: Namespace, vocab: VocabManifest, dictionary: Dictionary) -> None:
         super().__init__(args)
         self.vocab = vocab
         self.dictionary = dictionary
-        max_spans = args.cm3_max_spans if args.cm3_max_spans is not None else vocab.num_sentinels
-        self.opts = TaskOptions(
-            data=args.data.split(":")[0], tokens_per_sample=args.tokens_per_sample,
-            mixture=parse_mixture(args.mixture),
-            cm3=CM3Config(mode=args.cm3_mode, lam=args.cm3_lambda, min_spans=min(args.cm3_min_spans, max_spans),
-                          max_spans=max_spans, cross_documents=args.cm3_cross_documents),
-            cm3_on_valid=args.cm3_on_valid, instruction=args.instruction, seed=args.seed,
-            epoch_items=args.epoch_items, retrieval_bank=args.retrieval_bank, retrieval_k=args.retrieval_k,
-            retrieval_weight=args.retrieval_weight)
+        self.opts = task_options_from_args(args, vocab)
         self.state.merge_state_dict({"vocab_manifest": vocab.to_dict()})
 
     @classmethod
@@ -285,13 +260,7 @@ class CM3Criterion(FairseqCriterion):
         logits, _ = model(**sample["net_input"])
         out = cm3_loss(logits, sample["target"], vocab=self.vocab, loss_mask=sample.get("loss_weights"),
                        sentinel_weight=self.sentinel_weight, padding_idx=self.padding_idx)
-        logging_output = {
-            "loss": out.loss.data, "nll_loss": out.nll_sum.data, "ntokens": sample["ntokens"],
-            "nsentences": sample["nsentences"], "sample_size": out.weight_sum.data,
-            "counted_tokens": out.ntokens.data,
-            "text_nll": out.text_nll_sum, "text_tokens": out.text_tokens,
-            "image_nll": out.image_nll_sum, "image_tokens": out.image_tokens,
-        }
+        logging_output = logging_output_of(out, sample)
         return out.loss, out.weight_sum.data, logging_output
 
     @staticmethod
@@ -301,24 +270,6 @@ class CM3Criterion(FairseqCriterion):
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
-
-
-def reduce_cm3_metrics(logging_outputs: list[dict[str, Any]], *, metrics: Any, get_perplexity: Any) -> None:
-    """Shared by both hosts (their ``metrics`` modules have the same API)."""
-    def total(key: str) -> float:
-        return float(sum(float(log.get(key, 0)) for log in logging_outputs))
-
-    ln2 = math.log(2)
-    sample_size = total("sample_size")
-    metrics.log_scalar("loss", total("loss") / max(sample_size, 1e-8) / ln2, sample_size, round=3)
-    counted = total("counted_tokens")
-    metrics.log_scalar("nll_loss", total("nll_loss") / max(counted, 1e-8) / ln2, counted, round=3)
-    metrics.log_derived("ppl", lambda m: get_perplexity(m["nll_loss"].avg))
-    for kind in ("text", "image"):
-        n = total(f"{kind}_tokens")
-        if n > 0:
-            metrics.log_scalar(f"{kind}_loss", total(f"{kind}_nll") / n / ln2, n, round=3)
-            metrics.log_derived(f"{kind}_ppl", (lambda k: lambda m: get_perplexity(m[f"{k}_loss"].avg))(kind))
 
 
 # ---- registration --------------------------------------------------------------------------
