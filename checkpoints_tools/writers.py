@@ -410,6 +410,8 @@ class OutputDir:
         self.spec, self.cfg, self.vocab = spec, cfg, vocab
         self.shapes = collections.OrderedDict((k, tuple(int(s) for s in v)) for k, v in shapes.items())
         self.out = out
+        out.resolve().parent.mkdir(parents=True, exist_ok=True)
+        # Same filesystem as the target, so the final rename is atomic.
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
         self._done: set[str] = set()
         self._tied_sha: list[str | None] = [None] * spec.mp
