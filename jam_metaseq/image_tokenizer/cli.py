@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--codes", type=int, default=None, help="override the preset's codebook size")
     t.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
     t.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
-    t.add_argument("--lr", type=float, default=3e-3, help="peak Adam learning rate, cosine-decayed (default 3e-3)")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate, cosine-decayed (default 1e-3)")
     t.add_argument("--codebook", choices=("ema", "loss"), default="ema",
                    help="codebook update: moving average (ema) or VQ loss gradient (loss)")
     t.add_argument("--pool-size", type=int, default=1024,

@@ -146,16 +146,16 @@ PRESETS: dict[str, VQGANConfig] = {
     "chameleon_512": VQGANConfig(
         resolution=512, channel_multipliers=(1, 1, 2, 2, 4), n_codes=8192, code_dim=256
     ),
-    # Tests and the embedded quickstart: 32 px -> 8x8 codes, 64 codes; trains on CPU in ~a minute.
+    # Tests and the embedded quickstart: 32 px -> 8x8 codes, 64 codes; trains on CPU in minutes.
     "tiny": VQGANConfig(
         resolution=32,
-        base_channels=32,
+        base_channels=16,
         channel_multipliers=(1, 2, 2),
         num_res_blocks=1,
         attn_resolutions=(),
-        z_channels=32,
+        z_channels=16,
         n_codes=64,
-        code_dim=16,
+        code_dim=8,
         norm_groups=8,
     ),
 }

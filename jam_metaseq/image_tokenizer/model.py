@@ -279,12 +279,25 @@ class VectorQuantizer(nn.Module):
         self.embedding.weight.copy_(self.ema_embed_sum / size.unsqueeze(1))
 
     @torch.no_grad()
-    def restart_codes(self, dead: torch.Tensor, samples: torch.Tensor) -> None:
-        """Move the codes flagged in ``dead`` (K,) bool onto rows of ``samples`` (N, D)."""
+    def restart_codes(self, dead: torch.Tensor, samples: torch.Tensor, *, generator: torch.Generator | None = None) -> None:
+        """Move the codes flagged in ``dead`` (K,) bool onto rows of ``samples`` (N, D).
+
+        Rows are drawn with probability proportional to their squared distance to the nearest
+        live code (k-means++ seeding): restarted codes land where the codebook is worst, not in
+        the densest region, where they would only duplicate a live code.
+        """
         k = int(dead.sum())
         if k == 0 or samples.shape[0] == 0:
             return
-        pick = samples[torch.randint(samples.shape[0], (k,), device=samples.device)]
+        live = self.embedding.weight[~dead]
+        if live.shape[0]:
+            err = torch.cdist(samples, live).min(dim=1).values.pow(2)  # (N,)
+        else:
+            err = torch.ones(samples.shape[0], device=samples.device)
+        if float(err.sum()) <= 0:
+            err = torch.ones_like(err)
+        rows = torch.multinomial(err.cpu(), k, replacement=k > samples.shape[0], generator=generator)
+        pick = samples[rows.to(samples.device)]
         self.embedding.weight[dead] = pick
         if self.ema_decay is not None:
             self.ema_embed_sum[dead] = pick

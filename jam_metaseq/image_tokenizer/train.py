@@ -45,7 +45,7 @@ class TrainConfig:
     """Optimizer steps."""
     batch_size: int = 16
     """Images per step."""
-    lr: float = 3e-3
+    lr: float = 1e-3
     """Peak Adam learning rate (cosine decay to 10% over ``steps``)."""
     seed: int = 0
     """Seeds weights, data pool and batch order."""
@@ -55,6 +55,9 @@ class TrainConfig:
     """EMA decay of the codebook statistics (``codebook="ema"``)."""
     restart_every: int = 25
     """Every this many steps, codes unused since the last check move to batch latents (0 = never)."""
+    restart_until: float = 0.7
+    """Fraction of ``steps`` after which restarts stop, so late restarts do not leave half-trained
+    duplicate codes in the final codebook."""
     pool_size: int = 1024
     """Images drawn up front from a generator source (sequences are used whole)."""
     num_threads: int | None = None
@@ -130,9 +133,13 @@ def train_vqgan(
             loss.backward()
             opt.step()
             usage += torch.bincount(out.codes.reshape(-1), minlength=q.n_codes)
-            if train.restart_every and (step + 1) % train.restart_every == 0:
+            if (
+                train.restart_every
+                and (step + 1) % train.restart_every == 0
+                and step < train.restart_until * train.steps
+            ):
                 z = out.z.detach().permute(0, 2, 3, 1).reshape(-1, q.code_dim)
-                q.restart_codes(usage == 0, z)
+                q.restart_codes(usage == 0, z, generator=gen)
                 usage.zero_()
             entry = {"step": step, "rec": rec.item(), "vq": out.vq_loss.item(), "perplexity": out.perplexity.item()}
             log.append(entry)

@@ -1,0 +1,191 @@
+"""A tiny tokenizer trained on CPU (paper §3.1 tokenizer, reproduced small) and the ``jam-vq`` CLI.
+
+One module-scoped training run (16 px shapes -> 8x8 codes of 64) serves the quality tests; the tiny
+preset's full training (32 px -> 8x8, the quickstart's) is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jam_metaseq.image_tokenizer import (
+    load_image_tokenizer,
+    make_shape_image,
+    preset,
+    shape_samples,
+    train_tiny_tokenizer,
+)
+from jam_metaseq.image_tokenizer.cli import main as vq_main
+from jam_metaseq.image_tokenizer.train import image_pool
+
+torch.set_num_threads(1)
+
+# Small enough to train in well under a minute on one busy core.
+TEST_CFG = preset("tiny", resolution=16, channel_multipliers=(1, 2))
+TEST_STEPS = 300
+# Held-out reconstruction MSE (pixels in [-1, 1]) the trained test tokenizer must beat. For scale:
+# predicting the mean image scores about 0.35 on this distribution.
+HELD_OUT_MSE = 0.07
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vq_tiny")
+    tok = train_tiny_tokenizer(None, out_path=out, steps=TEST_STEPS, seed=0, config=TEST_CFG, progress=False, pool_size=512)
+    return tok, out
+
+
+def _held_out(n: int, size: int) -> list[Image.Image]:
+    return [s.image for s in shape_samples(n, size=size, seed=12345)]  # training pool used seed 0
+
+
+def test_reconstructs_held_out_images_below_stated_mse(trained):
+    tok, _ = trained
+    x = tok.preprocess(_held_out(64, TEST_CFG.resolution))
+    recon = tok.decode(tok.encode(x))
+    mse = float(((recon - x) ** 2).mean())
+    baseline = float(((x - x.mean(0, keepdim=True)) ** 2).mean())  # the mean-image predictor
+    assert mse < HELD_OUT_MSE, f"held-out MSE {mse:.4f} (mean-image baseline {baseline:.4f})"
+    assert mse < 0.25 * baseline
+
+
+def test_encode_decode_encode_is_stable(trained):
+    tok, _ = trained
+    codes = tok.encode_images(_held_out(64, TEST_CFG.resolution))
+    decoded = tok.decode_codes(codes)  # uint8 images, as written to PNG
+    again = tok.encode_images(decoded)
+    agreement = float((codes == again).mean())
+    # Chance agreement is 1/64. At this training budget the codes that flip are mostly near-duplicate
+    # codebook entries: decoding the re-encoded grid gives back (almost) the same picture.
+    assert agreement >= 0.5, f"only {agreement:.2%} of codes survive encode -> decode -> encode"
+    first = tok.preprocess(decoded)
+    second = tok.decode(torch.as_tensor(again))
+    assert float(((second - first) ** 2).mean()) < 0.02
+
+
+def test_trained_codebook_is_used(trained):
+    tok, _ = trained
+    codes = tok.encode_images(_held_out(64, TEST_CFG.resolution))
+    assert codes.min() >= 0 and codes.max() < tok.n_codes
+    assert len(np.unique(codes)) >= tok.n_codes // 4  # dead-code restarts keep the codebook alive
+
+
+def test_saved_tokenizer_reloads_identically(trained):
+    tok, out = trained
+    again = load_image_tokenizer(out)
+    imgs = _held_out(8, TEST_CFG.resolution)
+    codes = tok.encode_images(imgs)
+    assert np.array_equal(again.encode_images(imgs), codes)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(again.decode_codes(codes), tok.decode_codes(codes)))
+    meta = torch.load(out / "vqgan.ckpt", weights_only=True)["jam_metaseq"]
+    assert meta["train"]["steps"] == TEST_STEPS and meta["final_rec_mse"] < 0.2
+
+
+def test_image_pool_sources():
+    size = 16
+    from_none = image_pool(None, size=size, pool_size=5, seed=0)
+    assert from_none.shape == (5, 3, size, size)
+    calls = image_pool(lambda rng: make_shape_image("square", "red", size=20, rng=rng), size=size, pool_size=3, seed=0)
+    assert calls.shape == (3, 3, size, size)
+    gen = (Image.new("RGB", (8, 8), (0, 0, 0)) for _ in range(100))
+    assert image_pool(gen, size=size, pool_size=4, seed=0).shape[0] == 4  # an iterator is truncated
+    with pytest.raises(ValueError, match="no images"):
+        image_pool([], size=size, pool_size=4, seed=0)
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+def _write_pngs(d, n: int, size: int) -> list:
+    d.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, s in enumerate(shape_samples(n, size=size, seed=99)):
+        p = d / f"img{i}.png"
+        s.image.save(p)
+        paths.append(p)
+    return paths
+
+
+def test_cli_encode_decode_match_the_library(trained, tmp_path, capsys):
+    tok, out = trained
+    paths = _write_pngs(tmp_path / "imgs", 5, 24)  # 24 px: resized to 16 by the tokenizer
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"image": f"imgs/{p.name}"}) + "\n" for p in paths[:2]))
+    codes_npy = tmp_path / "codes.npy"
+    rc = vq_main(["encode", "--tokenizer", str(out), "--out", str(codes_npy), "--quiet", str(tmp_path / "imgs"), str(jsonl)])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 7 and summary["grid"] == [8, 8]
+    codes = np.load(codes_npy)
+    assert codes.dtype == np.int64 and codes.shape == (7, 8, 8)
+    assert np.array_equal(codes, tok.encode_files(paths + paths[:2]))
+
+    rc = vq_main(["decode", "--tokenizer", str(out / "vqgan.ckpt"), "--codes", str(codes_npy), "--out-dir", str(tmp_path / "png"), "--quiet"])
+    assert rc == 0
+    pngs = sorted((tmp_path / "png").glob("*.png"))
+    assert [p.name for p in pngs][:2] == ["000000.png", "000001.png"] and len(pngs) == 7
+    expected = tok.decode_codes(codes)
+    assert all(np.array_equal(np.asarray(Image.open(p)), np.asarray(e)) for p, e in zip(pngs, expected))
+
+
+def test_cli_train_writes_a_loadable_tokenizer(tmp_path, capsys):
+    imgs = _write_pngs(tmp_path / "train", 6, 16)
+    out = tmp_path / "tok"
+    rc = vq_main(["train", "--out", str(out), "--steps", "2", "--batch-size", "2", "--resolution", "16", "--codes", "16",
+                  "--images", str(imgs[0].parent), "--quiet"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["grid"] == [4, 4]
+    tok = load_image_tokenizer(out)
+    assert tok.n_codes == 16 and tok.encode_files(imgs).shape == (6, 4, 4)
+
+
+def test_cli_errors_are_one_line_and_name_the_input(trained, tmp_path, capsys):
+    _, out = trained
+    assert vq_main(["encode", "--tokenizer", str(out), "--out", str(tmp_path / "c.npy"), str(tmp_path / "nope.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nope.png: no such file" in err
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png"}\n{"text": "no image"}\n')
+    assert vq_main(["encode", "--tokenizer", str(out), "--out", str(tmp_path / "c.npy"), str(bad)]) == 2
+    assert "bad.jsonl:2:" in capsys.readouterr().err
+
+    np.save(tmp_path / "big.npy", np.full((1, 8, 8), 999, dtype=np.int64))
+    assert vq_main(["decode", "--tokenizer", str(out), "--codes", str(tmp_path / "big.npy"), "--out-dir", str(tmp_path / "o")]) == 2
+    assert "tokenizer has 64" in capsys.readouterr().err
+
+    np.save(tmp_path / "shape.npy", np.zeros((2, 5, 5), dtype=np.int64))
+    assert vq_main(["decode", "--tokenizer", str(out), "--codes", str(tmp_path / "shape.npy"), "--out-dir", str(tmp_path / "o")]) == 2
+    assert "expects (N, 8, 8)" in capsys.readouterr().err
+
+    ok = _write_pngs(tmp_path / "ok", 1, 16)[0]
+    assert vq_main(["encode", "--tokenizer", str(tmp_path), "--out", str(tmp_path / "c.npy"), str(ok)]) == 2
+    assert "vqgan.ckpt: no such tokenizer file" in capsys.readouterr().err
+
+
+def test_cli_help_documents_every_flag(capsys):
+    import argparse
+
+    from jam_metaseq.image_tokenizer.cli import build_parser
+
+    subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subs.choices) == {"train", "encode", "decode"}
+    for name, sp in subs.choices.items():
+        undocumented = [a.dest for a in sp._actions if not a.help]
+        assert not undocumented, f"jam-vq {name}: flags without help: {undocumented}"
+        with pytest.raises(SystemExit) as ex:
+            vq_main([name, "--help"])
+        assert ex.value.code == 0 and "usage: jam-vq " + name in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tiny_preset_trains_to_low_error(tmp_path):
+    """The quickstart's configuration (32 px -> 8x8 codes, 64 codes) at its default step count."""
+    tok = train_tiny_tokenizer(None, out_path=tmp_path, steps=1500, seed=0, progress=False)
+    x = tok.preprocess(_held_out(64, 32))
+    mse = float(((tok.decode(tok.encode(x)) - x) ** 2).mean())
+    assert mse < 0.02, mse
+    codes = tok.encode_images(_held_out(64, 32))
+    assert float((codes == tok.encode_images(tok.decode_codes(codes))).mean()) >= 0.9
