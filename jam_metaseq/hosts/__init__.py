@@ -9,6 +9,7 @@ finishes importing, without importing any host itself. Each registration runs on
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -33,6 +34,7 @@ def register_hosts(*, import_hosts: bool = False) -> list[str]:
         loaded = host in sys.modules
         if not loaded and not (import_hosts and importlib.util.find_spec(host) is not None):
             continue
+        importlib.import_module(host)  # the host first: the adapter imports from it
         _adapter(host).register()
         done.append(host)
     return done
@@ -52,6 +54,8 @@ class _HostImportHook(importlib.abc.MetaPathFinder):
 
         def exec_then_register(module: Any) -> None:
             exec_module(module)
+            if f"jam_metaseq.hosts.{fullname}" in sys.modules:
+                return  # the adapter itself is importing the host; its caller registers
             try:
                 _adapter(fullname).register()
             except ImportError:  # a host too broken to register with: its own CLI will say so
