@@ -15,7 +15,8 @@ measured/predicted (target: within 10%). FLOPs per token follow the PaLM convent
 MFU = tokens/s * FLOPs per token / peak (``--peak-tflops``, dense bf16).
 
 On CPU the models of one shape are timed round-robin, one step each in turn, so that load from other
-processes hits them alike; the median step is reported. On CUDA they run one after the other.
+processes hits them alike; the median step is reported (on a shared machine ``--threads 1`` gives
+steadier ratios). On CUDA they run one after the other, each built on the device and freed after.
 """
 
 from __future__ import annotations
