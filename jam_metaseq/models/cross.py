@@ -104,8 +104,13 @@ class CrossDecoder(nn.Module):
         self.embed_scale = p.embed_dim**0.5 if p.scale_embedding else 1.0
         self.cross_index = {layer: j for j, layer in enumerate(cfg.cross_after)}
 
-    def embed(self, tokens: torch.Tensor, table: nn.Embedding, cache: KVCache | None) -> torch.Tensor:
-        return embed_input(self, tokens, positions_table=table, cfg=self.cfg.parent, cache=cache)
+    def embed(self, tokens: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) -> (x_llm, x_cm3): one shared token lookup, each branch's own positions."""
+        x_llm, x_cm3 = embed_input(
+            self, tokens, positions_tables=[self.embed_positions_llm, self.embed_positions_cm3],
+            cfg=self.cfg.parent, cache=cache,
+        )
+        return x_llm, x_cm3
 
 
 class JamCrossLM(nn.Module):
@@ -152,8 +157,7 @@ class JamCrossLM(nn.Module):
         d = self.decoder
         pad_idx = self.cfg.parent.padding_idx
         ctx = build_context(tokens, padding_idx=pad_idx, cache=cache)
-        x_llm = d.embed(tokens, d.embed_positions_llm, cache)
-        x_cm3 = d.embed(tokens, d.embed_positions_cm3, cache)
+        x_llm, x_cm3 = d.embed(tokens, cache)
         for i, (layer_llm, layer_cm3) in enumerate(zip(d.layers_llm, d.layers_cm3)):
             x_llm = layer_llm(x_llm, ctx)
             x_cm3 = layer_cm3(x_cm3, ctx)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -179,17 +180,20 @@ class Decoder(nn.Module):
         self.embed_scale = math.sqrt(cfg.embed_dim) if cfg.scale_embedding else 1.0
 
     def embed(self, tokens: torch.Tensor, positions_table: nn.Embedding, cache: KVCache | None) -> torch.Tensor:
-        return embed_input(self, tokens, positions_table=positions_table, cfg=self.cfg, cache=cache)
+        return embed_input(self, tokens, positions_tables=[positions_table], cfg=self.cfg, cache=cache)[0]
 
 
 def embed_input(
-    decoder: nn.Module, tokens: torch.Tensor, *, positions_table: nn.Embedding, cfg: DecoderConfig,
-    cache: KVCache | None,
-) -> torch.Tensor:
-    """scale * token embedding + learned position embedding, then dropout: (B, T) -> (B, T, E)."""
+    decoder: nn.Module, tokens: torch.Tensor, *, positions_tables: Sequence[nn.Embedding],
+    cfg: DecoderConfig, cache: KVCache | None,
+) -> list[torch.Tensor]:
+    """scale * token embedding + each learned position table, then dropout: (B, T) -> [(B, T, E)].
+
+    The token embedding is looked up once and shared (JAM-Cross has one position table per branch).
+    """
     pos = metaseq_positions(tokens, padding_idx=cfg.padding_idx, cache=cache, max_positions=cfg.max_positions)
-    x = decoder.embed_scale * decoder.embed_tokens(tokens) + positions_table(pos)
-    return F.dropout(x, p=cfg.dropout, training=decoder.training)
+    tok = decoder.embed_scale * decoder.embed_tokens(tokens)
+    return [F.dropout(tok + table(pos), p=cfg.dropout, training=decoder.training) for table in positions_tables]
 
 
 class DecoderLM(nn.Module):
