@@ -322,6 +322,10 @@ def test_taming_params_round_trip():
         assert VQGANConfig.from_taming_params(cfg.to_taming_params()) == cfg
     with pytest.raises(ValueError, match="divisible"):
         VQGANConfig(resolution=100, channel_multipliers=(1, 1, 2, 4))
+    params = preset("chameleon_512").to_taming_params()
+    params["ddconfig"]["attn_type"] = "linear"
+    with pytest.raises(ValueError, match="attn_type 'linear' is not supported"):
+        VQGANConfig.from_taming_params(params)
 
 
 # ---- preprocessing -----------------------------------------------------------------------------

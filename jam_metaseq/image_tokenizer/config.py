@@ -114,6 +114,8 @@ class VQGANConfig:
             )
         except KeyError as e:
             raise ValueError(f"taming params lack key {e.args[0]!r}") from None
+        if dd.get("attn_type", "vanilla") != "vanilla":
+            raise ValueError(f"attn_type {dd['attn_type']!r} is not supported (only 'vanilla' attention)")
         if int(dd.get("out_ch", kw["in_channels"])) != kw["in_channels"]:
             raise ValueError(f"out_ch {dd['out_ch']} != in_channels {kw['in_channels']} is not supported")
         kw.update(overrides)

@@ -279,7 +279,9 @@ class VectorQuantizer(nn.Module):
         self.embedding.weight.copy_(self.ema_embed_sum / size.unsqueeze(1))
 
     @torch.no_grad()
-    def restart_codes(self, dead: torch.Tensor, samples: torch.Tensor, *, generator: torch.Generator | None = None) -> None:
+    def restart_codes(
+        self, dead: torch.Tensor, samples: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> None:
         """Move the codes flagged in ``dead`` (K,) bool onto rows of ``samples`` (N, D).
 
         Rows are drawn with probability proportional to their squared distance to the nearest

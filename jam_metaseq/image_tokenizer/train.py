@@ -32,8 +32,13 @@ from .preprocess import pil_to_tensor
 from .synthetic import random_shape_sample
 from .tokenizer import ImageTokenizer, open_image
 
+# A list of images or paths, a ``(rng) -> image`` generator, an iterable of images, or None (shapes).
 ImageSource = (
-    Sequence[Image.Image] | Sequence[str | os.PathLike] | Callable[[np.random.Generator], Image.Image] | Iterable[Image.Image] | None
+    Sequence[Image.Image]
+    | Sequence[str | os.PathLike]
+    | Callable[[np.random.Generator], Image.Image]
+    | Iterable[Image.Image]
+    | None
 )
 
 
