@@ -2,6 +2,11 @@
 
     jam-generate --checkpoint ckpt.pt --tokenizer spm.model --prompt "How can I make shakshuka?"
     jam-generate --checkpoint ckpt_dir --prompts prompts.jsonl --out answers/ --image-tokenizer vq/
+    jam-generate --checkpoint ckpt.pt --prompt "A red bicycle" --retrieve bank/ --clip-checkpoint clip.pt
+
+``--retrieve`` prefixes each prompt with the documents a memory bank (``jam-retrieval build``)
+retrieves for it (paper §3.1 retrieval augmentation; layout, context rule and CFG rows in
+``run.py``'s docstring).
 
 Parses and validates flags, then calls ``run.generate_answers``. Progress (image tokens) goes to
 stderr; answers go to stdout as JSON lines, or to ``--out`` as answers.jsonl/.md/.html + PNGs.
@@ -15,10 +20,14 @@ import sys
 import torch
 
 from .engine import GenerationConfig
-from .run import PROMPT_PREFIXES, PromptSpec, generate_answers, read_prompts_jsonl
+from .run import PROMPT_PREFIXES, PromptSpec, RetrievalOptions, generate_answers, read_prompts_jsonl
 from .sampling import SamplingConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _threshold(s: str) -> float | None:
+    return None if s.lower() == "none" else float(s)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-images", type=int, default=0, help="forbid <eos> until this many images were written")
     g.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i unless its JSONL line sets one")
     g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (each pair of CFG rows counts once)")
+    r = p.add_argument_group("retrieval augmentation")
+    r.add_argument("--retrieve", metavar="BANK_DIR",
+                   help="memory bank (jam-retrieval build): put the documents retrieved for each text prompt "
+                   "before it; the prefix gets the context left by the prompt and --max-new-tokens")
+    r.add_argument("--retrieve-k", type=int, default=2, help="documents retrieved per prompt (default 2, as in the paper)")
+    r.add_argument("--retrieve-threshold", type=_threshold, default=0.9,
+                   help="skip candidates scoring above this relevance (too close to the prompt), or 'none' "
+                   "(default 0.9)")
+    r.add_argument("--clip-checkpoint",
+                   help="local CLIP weights of the query encoder (default: the path recorded in the bank; "
+                   "without either the encoder is randomly initialised, with a warning)")
     o = p.add_argument_group("output")
     o.add_argument("--out", help="directory for answers.jsonl, answers.md, answers.html and images/ "
                    "(default: JSON lines on stdout)")
@@ -76,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--image-tokenizer writes PNG files: give --out DIR")
         if args.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
+        if args.clip_checkpoint and not args.retrieve:
+            raise ValueError("--clip-checkpoint is for --retrieve: give --retrieve BANK_DIR")
+        retrieval = None if not args.retrieve else RetrievalOptions(
+            bank_dir=args.retrieve, k=args.retrieve_k, score_threshold=args.retrieve_threshold,
+            clip_checkpoint=args.clip_checkpoint,
+        )
         specs = read_prompts_jsonl(args.prompts) if args.prompts else [
             PromptSpec(text=t, source=f"--prompt {i + 1}") for i, t in enumerate(args.prompt)
         ]
@@ -100,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer=args.tokenizer, image_tokenizer=args.image_tokenizer, out_dir=args.out,
             batch_size=args.batch_size, device=args.device, dtype=DTYPES[args.dtype],
             prompt_prefix=PROMPT_PREFIXES[args.prompt_prefix], progress=not args.no_progress,
+            retrieval=retrieval,
         )
     except (ValueError, FileNotFoundError, ImportError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -5,12 +5,32 @@ Checkpoints are opened with ``checkpoints_tools.readers.open_checkpoint`` (any l
 read: consolidated, MP parts, FSDP shards, safetensors); when that package is missing, a plain
 ``torch.load`` of a dict with ``model`` and ``jam_config`` is used. The manifest comes from
 ``--vocab``, else the checkpoint's ``jam_vocab`` entry, else a ``vocab.json`` beside it.
+
+Retrieval augmentation (``--retrieve BANK``; paper §3.1 "Retrieval Augmentation", as for the
+retrieval-augmented samples): each text prompt is the query of the bank's dense retriever (CLIP
+document vectors, MIPS, the diversity rules; no query dropout), and the retrieved documents are put
+before the prompt text in the layout of ``retrieval/prefix.py``:
+
+    [prompt prefix token]  doc_1 <eos> doc_2 <eos>  prompt text
+
+The prompt prefix token (``<eos>`` by default) stays first, as ``prepend_retrieved`` keeps a leading
+``<bos>``; the prompt text then follows an ``<eos>`` as a document does in the packed training data.
+The retrieved prefix gets the room the context leaves: ``max_positions - max_new_tokens -
+len(prompt)`` tokens, filled by the retrieval module's truncation rule (best document first, whole
+documents while they fit, the first that does not cut outside images, later ones dropped); the prompt
+is never cut. The unconditional CFG row (Eq. 6) keeps the same retrieved prefix and masks only the
+prompt text (``<prompt prefix> docs <mask>``): the condition that guidance amplifies is the prompt,
+not the retrieved context, so both rows see the same documents. Repetition-penalty bookkeeping
+counts the retrieved tokens as prompt tokens. Each answer records the retrieved documents' ids,
+scores and the tokens each contributed (0 = dropped by the truncation rule).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import sys
+import warnings
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,6 +58,37 @@ class PromptSpec:
     """Seed of this prompt's random stream (default: --seed + its index)."""
     source: str = "<command line>"
     """Where it came from, for error messages."""
+
+
+@dataclass
+class RetrievalOptions:
+    """What ``--retrieve`` puts before each prompt (paper §3.1 retrieval augmentation)."""
+
+    bank_dir: str | Path
+    """Memory bank directory written by ``jam-retrieval build``."""
+    k: int = 2
+    """Documents retrieved per prompt (the paper retrieves 2)."""
+    score_threshold: float | None = 0.9
+    """Relevance threshold of the diversity rule (skip candidates scoring above it); None = off."""
+    clip_checkpoint: str | None = None
+    """Local CLIP weights of the query encoder (default: the path recorded in the bank)."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"--retrieve-k must be >= 1, got {self.k}")
+
+
+@dataclass
+class RetrievalAnswer(Answer):
+    """An answer whose prompt was prefixed with retrieved documents (``prompt_ids`` holds them)."""
+
+    retrieval: dict[str, Any] = field(default_factory=dict)
+    """``{"bank", "prefix_start", "prefix_len", "docs": [{"doc_id", "score", "row", "prefix_tokens"}]}``:
+    the prefix is ``prompt_ids[prefix_start : prefix_start + prefix_len]``; ``prefix_tokens`` is what
+    each document put into it, separator included (0 = dropped by the truncation rule)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "retrieval": self.retrieval}
 
 
 def read_prompts_jsonl(path: str | Path) -> list[PromptSpec]:
@@ -164,14 +215,121 @@ def encode_prompts(
     return out
 
 
+class RetrievalEngine(Engine):
+    """``Engine`` whose unconditional CFG rows are given, not derived from the prompts.
+
+    ``Engine.generate`` builds the unconditional rows as ``unconditional_prompt(prompt)``, which
+    would mask the retrieved documents' text too. Set ``unconditional`` (one row per prompt of the
+    next ``generate`` call, each no longer than its prompt) and ``prefill`` puts those rows into
+    rows [B, 2B) of its left-padded batch (the layout documented in ``engine.py``) instead.
+    """
+
+    unconditional: list[list[int]] | None = None
+
+    def prefill(self, tokens: torch.Tensor, *, columns: tuple[int, int] | None = None) -> torch.Tensor:
+        rows = self.unconditional
+        if rows is not None and tokens.shape[0] == 2 * len(rows):  # guidance on: (2B, L)
+            B, L = len(rows), tokens.shape[1]
+            tokens = tokens.clone()
+            for i, r in enumerate(rows):
+                if not 0 < len(r) <= L:
+                    raise ValueError(f"unconditional row {i} has {len(r)} tokens; the batch is {L} wide")
+                tokens[B + i] = self.pad
+                tokens[B + i, L - len(r):] = torch.tensor(r, dtype=tokens.dtype, device=tokens.device)
+        return super().prefill(tokens, columns=columns)
+
+
+def load_retriever(options: RetrievalOptions, *, vocab: VocabManifest, device: str = "cpu"):
+    """The bank's ``Retriever`` with its CLIP query encoder; checks the bank's vocabulary manifest.
+
+    Without ``clip_checkpoint`` and without weights recorded in the bank the encoder is randomly
+    initialised (the bank's ``init_seed``): a warning is issued, as retrieval is then only
+    meaningful against a bank built with the same random weights (smoke tests).
+    """
+    from jam_metaseq.retrieval.bank import MemoryBank
+    from jam_metaseq.retrieval.retriever import Retriever, RetrieverConfig
+
+    bank = MemoryBank.load(options.bank_dir)
+    if bank.vocab is not None and bank.vocab != vocab:
+        raise ValueError(
+            f"{bank.path}: the bank's vocab manifest ({bank.vocab.size} ids) differs from the model's "
+            f"({vocab.size} ids): rebuild the bank with the model's manifest"
+        )
+    recorded = dict(bank.manifest.get("encoder", {})).get("checkpoint")
+    if options.clip_checkpoint is None and recorded is None:
+        warnings.warn(
+            f"no CLIP weights (--clip-checkpoint, or a checkpoint recorded in {bank.path}): the query "
+            "encoder is randomly initialised; retrieval is meaningless unless the bank was built with "
+            "the same random weights", stacklevel=2,
+        )
+    config = RetrieverConfig(k=options.k, score_threshold=options.score_threshold)
+    return Retriever.from_bank_dir(bank.path, config=config, with_encoder=True,
+                                   clip_checkpoint=options.clip_checkpoint, device=device)
+
+
+def prefix_retrieved(
+    specs: Sequence[PromptSpec], ids: Sequence[Sequence[int]], *, retriever: Any, vocab: VocabManifest,
+    max_positions: int, max_new_tokens: int, prompt_prefix: str | None = "eos", progress: bool = False,
+) -> tuple[list[list[int]], list[list[int]], list[dict[str, Any]]]:
+    """Retrieve for each text prompt and lay out ``[head] docs prompt`` (module docstring).
+
+    ``ids``: the encoded prompts (``encode_prompts``). Returns the conditional prompts, the
+    unconditional CFG rows (``[head] docs <mask>``) and one retrieval record per prompt.
+    """
+    from jam_metaseq.retrieval.prefix import build_retrieval_prefix
+    from jam_metaseq.retrieval.retriever import retrieval_prefix_for_prompt
+
+    from .cfg import unconditional_prompt
+
+    head_len = 0 if prompt_prefix is None else 1
+    cond, uncond, records = [], [], []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(specs), desc="retrieving", unit="prompt", file=sys.stderr)
+    for s, p in zip(specs, ids):
+        if s.ids is not None or s.text is None:
+            raise ValueError(f"{s.source}: --retrieve needs a text prompt (the retrieval query), not prompt_ids")
+        # The prompt plus max_new_tokens must still fit the context; the prefix gets what is left.
+        room = max(0, max_positions - max_new_tokens - len(p))
+        prefix, docs = retrieval_prefix_for_prompt(retriever, prompt_text=s.text, vocab=vocab, max_len=room)
+        prefix = [int(t) for t in prefix]
+        # What each document contributed: the rule is greedy in rank order, so the prefix of the
+        # first j documents is a prefix of the prefix of the first j + 1.
+        sizes = [build_retrieval_prefix([d.tokens for d in docs[:j]], vocab=vocab, max_len=room).size
+                 for j in range(len(docs) + 1)]
+        head, rest = list(p[:head_len]), list(p[head_len:])
+        cond.append(head + prefix + rest)
+        uncond.append(head + prefix + unconditional_prompt(rest, vocab=vocab))
+        records.append({
+            "bank": str(retriever.bank.path), "prefix_start": head_len, "prefix_len": len(prefix),
+            "docs": [{"doc_id": d.doc_id, "score": float(d.score), "row": int(d.row),
+                      "prefix_tokens": int(sizes[j + 1] - sizes[j])} for j, d in enumerate(docs)],
+        })
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return cond, uncond, records
+
+
 def generate_answers(
     *, checkpoint: str | Path, prompts: Sequence[PromptSpec], config: GenerationConfig,
     vocab_path: str | Path | None = None, tokenizer: str | None = None,
     image_tokenizer: str | None = None, out_dir: str | Path | None = None, batch_size: int = 8,
     device: str = "cpu", dtype: torch.dtype = torch.float32, prompt_prefix: str | None = "eos",
-    progress: bool = True,
+    progress: bool = True, retrieval: RetrievalOptions | None = None,
 ) -> list[Answer]:
-    """Everything ``jam-generate`` does; returns the answers (and writes files under ``out_dir``)."""
+    """Everything ``jam-generate`` does; returns the answers (and writes files under ``out_dir``).
+
+    ``retrieval``: prefix each text prompt with documents retrieved from a memory bank (module
+    docstring); the answers are then ``RetrievalAnswer``s recording them.
+    """
+    if retrieval is not None:
+        for s in prompts:  # fail before loading anything
+            if s.ids is not None or s.text is None:
+                raise ValueError(f"{s.source}: --retrieve needs a text prompt (the retrieval query), not prompt_ids")
     model, vocab = load_model_and_vocab(checkpoint, vocab_path=vocab_path, device=device, dtype=dtype)
     tok = None
     spec = tokenizer or vocab.text_tokenizer
@@ -191,13 +349,25 @@ def generate_answers(
             )
     ids = encode_prompts(prompts, vocab=vocab, tokenizer=tok, prefix=prompt_prefix)
     seeds = [s.seed if s.seed is not None else config.seed + i for i, s in enumerate(prompts)]
-    engine = Engine(model, vocab=vocab)
+    uncond: list[list[int]] | None = None
+    records: list[dict[str, Any]] | None = None
+    if retrieval is not None:
+        retriever = load_retriever(retrieval, vocab=vocab, device=device)
+        ids, uncond, records = prefix_retrieved(
+            prompts, ids, retriever=retriever, vocab=vocab, max_positions=model.cfg.max_positions,
+            max_new_tokens=config.max_new_tokens, prompt_prefix=prompt_prefix, progress=progress,
+        )
+    engine = RetrievalEngine(model, vocab=vocab)
     answers: list[Answer] = []
     for start in range(0, len(ids), batch_size):
+        engine.unconditional = None if uncond is None else uncond[start : start + batch_size]
         answers += engine.generate(
             ids[start : start + batch_size], config=config, seeds=seeds[start : start + batch_size],
             progress=progress,
         )
+    if records is not None:
+        answers = [RetrievalAnswer(**{f.name: getattr(a, f.name) for f in fields(Answer)}, retrieval=r)
+                   for a, r in zip(answers, records)]
     for a, s in zip(answers, prompts):
         a.prompt = s.text
     if tok is not None:
