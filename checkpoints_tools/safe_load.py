@@ -13,6 +13,7 @@ keeps memory at a few tensors (``reference/metaseq.md``, Checkpoints).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import mmap as _mmap
@@ -79,7 +80,7 @@ def safe_torch_load(path: str | os.PathLike, *, trust_pickle: bool = False, mmap
     try:
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False, mmap=use_mmap)
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+        with _allowed_globals():
             return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as e:
         msg = str(e)
@@ -94,6 +95,17 @@ def safe_torch_load(path: str | os.PathLike, *, trust_pickle: bool = False, mmap
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {first}") from None
+
+
+@contextlib.contextmanager
+def _allowed_globals():
+    """``torch.serialization.safe_globals(ALLOWED_GLOBALS)``, but leaving globals the process had
+    already allowed (a host's ``add_safe_globals``) allowed afterwards: torch's context manager
+    removes all of its list on exit, including those that were there before."""
+    before = {id(g) for g in torch.serialization.get_safe_globals()}
+    new = [g for g in ALLOWED_GLOBALS if id(g) not in before]
+    with torch.serialization.safe_globals(new):
+        yield
 
 
 def _looks_like_legacy_pickle(path: Path) -> bool:

@@ -234,6 +234,28 @@ def model_namespace(cfg: ModelConfig, *, model_parallel_size: int = 1) -> Namesp
     return ns
 
 
+START_CRITERION = "CM3Criterion"
+"""``criterion_name`` of the neutral history entry: the class name of the fairseq host's ``cm3``
+criterion (``jam_metaseq.hosts.fairseq.CM3Criterion``). The trainers compare it only when they
+restore an optimizer state, which a fresh starting checkpoint does not have."""
+
+
+def start_optimizer_history() -> list[dict[str, Any]]:
+    """One neutral ``optimizer_history`` entry: fairseq's and metaseq's ``_upgrade_state_dict``
+    index ``optimizer_history[-1]`` unconditionally (``[]`` crashes them), and their trainers read
+    ``num_updates`` from it (0: the run starts at update 0)."""
+    return [{"criterion_name": START_CRITERION, "optimizer_name": "none",
+             "lr_scheduler_state": {}, "num_updates": 0}]
+
+
+def start_extra_state() -> dict[str, Any]:
+    """The minimal ``extra_state`` for ``--restore-file`` without ``--reset-dataloader``: the
+    upgraders look up ``extra_state["train_iterator"]`` (``None`` crashes them) and the trainer
+    starts its data iterator at that epoch (1, iteration 0; ``version`` 2 = meters start fresh)."""
+    return {"train_iterator": {"epoch": 1, "iterations_in_epoch": 0, "shuffle": True, "version": 2},
+            "val_loss": None}
+
+
 def checkpoint_meta(cfg: ModelConfig, *, mp: int, fsdp: int, vocab: Mapping[str, Any] | None) -> dict[str, Any]:
     """Non-model keys of every written ``.pt``: what metaseq/fairseq restore from, plus our config."""
     return {
@@ -244,9 +266,9 @@ def checkpoint_meta(cfg: ModelConfig, *, mp: int, fsdp: int, vocab: Mapping[str,
                                      "use_sharded_state": fsdp > 0},
         },
         "criterion": None,
-        "optimizer_history": [],
+        "optimizer_history": start_optimizer_history(),
         "task_state": {},
-        "extra_state": None,
+        "extra_state": start_extra_state(),
         "last_optimizer_state": None,
         "jam_config": cfg.to_dict(),
         "jam_vocab": dict(vocab) if vocab else None,
