@@ -15,6 +15,7 @@ CORE = [
     "rich>=13",
     "psutil>=5.9",
     "matplotlib>=3.8",
+    "pyyaml>=6",
 ]
 EXTRAS = {
     "fairseq": ["fairseq-fixed==0.12.3.1"],
