@@ -7,17 +7,31 @@ Data directory layout (``DATA``, the task's positional argument)::
     DATA/vocab.json                 optional; else the manifest stored with the binarized sources
     DATA/{split}/{source}.json ...  one ``jam-data binarize`` output per source (prefix {source})
     DATA/{split}/{source}.neighbors.npy   optional (B, k) int64 memory-bank rows per block, -1 = none
+                                          (``jam-retrieval neighbours BANK --dataset DATA/{split}/{source}``)
 
 Training items of epoch e: ``epoch_items`` blocks drawn from the sources by ``MixtureStream``
 (token-balanced to the ``--mixture`` weights, seeded by (seed, e)); item i is CM3-transformed with
 ``np.random.default_rng([seed, e, i])``, so an item is the same whichever worker, process or resumed
 run builds it. Validation items are every block of every source once, in order, untransformed
 (plain -log p(x), the PPL of Tables 1-5) unless ``cm3_on_valid``.
+
+Retrieval augmentation (§3.1, RA-CM3/CM3leon), with ``--retrieval-bank BANK``: the block of an
+item whose source has a ``.neighbors.npy`` (checked against the block count and the bank's size
+when the split loads) becomes ``[bos] r_1 <eos> ... r_k <eos> block`` before the CM3 transform,
+r_i = the first ``--retrieval-k`` bank rows of the block, best first (``retrieval/prefix.py``
+layout). Truncation so the item fits T + 1 tokens: room = T + 1 - 3 * max_spans when the item is
+CM3-transformed (each span adds 3 tokens), else T + 1; the block keeps its first room - 1 tokens
+and the retrieved documents fill what is left (whole documents in rank order, then one cut that
+splits no image, then nothing). Prefix tokens get loss weight ``--retrieval-weight``. A block
+that already fills the context leaves no room: binarize retrieval-augmented sources with
+``--break-mode eos`` and a block size well below T. Bank row i must be document i of the source's
+JSONL files (``jam-retrieval neighbours --dataset`` checks it).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +44,9 @@ from jam_metaseq.data.binarize import TokenBlockDataset, open_dataset
 from jam_metaseq.data.mixture import MixtureStream
 from jam_metaseq.objectives.cm3 import CM3Config, cm3_transform, item_rng
 from jam_metaseq.vocab import VocabManifest
+
+
+logger = logging.getLogger(__name__)
 
 
 class DataSetupError(ValueError):
@@ -66,6 +83,10 @@ class TaskOptions:
     def __post_init__(self) -> None:
         if self.tokens_per_sample < 2:
             raise ValueError(f"tokens_per_sample must be >= 2, got {self.tokens_per_sample}")
+        if self.retrieval_k < 1:
+            raise ValueError(f"retrieval_k must be >= 1, got {self.retrieval_k}")
+        if not (self.retrieval_weight >= 0 and math.isfinite(self.retrieval_weight)):
+            raise ValueError(f"retrieval_weight must be finite and >= 0, got {self.retrieval_weight}")
         if self.mixture is not None:
             bad = {k: v for k, v in self.mixture.items() if not (v > 0 and math.isfinite(v))}
             if bad:
@@ -144,6 +165,8 @@ class CM3Items:
         self.train = train
         self._bank = None
         self._neighbors: dict[str, np.ndarray | None] = {}
+        if opts.retrieval_bank:
+            self._check_retrieval()
         if train:
             mix = opts.mixture or {n: 1.0 for n in self.names}
             unknown = sorted(set(mix) - set(self.names))
@@ -182,21 +205,61 @@ class CM3Items:
         """Every item is at most T tokens; batches are planned with this bound."""
         return self.opts.tokens_per_sample
 
-    def _retrieved(self, name: str, block: int) -> list[np.ndarray]:
-        if not self.opts.retrieval_bank:
-            return []
-        if name not in self._neighbors:
-            p = Path(f"{self.sources[name].prefix}.neighbors.npy")
-            self._neighbors[name] = np.load(p, mmap_mode="r") if p.is_file() else None
-        nb = self._neighbors[name]
-        if nb is None:
-            return []
+    # memory maps (bank, neighbours) are not pickled into DataLoader workers: reopened on first use
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["_bank"] = None
+        d["_neighbors"] = {}
+        return d
+
+    def _load_bank(self) -> Any:
         if self._bank is None:
             from jam_metaseq.retrieval.bank import MemoryBank
 
-            self._bank = MemoryBank.load(self.opts.retrieval_bank)
+            try:
+                self._bank = MemoryBank.load(self.opts.retrieval_bank)
+            except (FileNotFoundError, ValueError, KeyError) as e:
+                raise DataSetupError(f"cm3_multimodal: --retrieval-bank {self.opts.retrieval_bank}: {e}") from None
+        return self._bank
+
+    def _load_neighbors(self, name: str) -> np.ndarray | None:
+        if name not in self._neighbors:
+            from jam_metaseq.retrieval.retriever import load_block_neighbours
+
+            ds = self.sources[name]
+            try:
+                self._neighbors[name] = load_block_neighbours(ds.prefix, num_blocks=len(ds),
+                                                              bank_size=len(self._load_bank()))
+            except ValueError as e:
+                raise DataSetupError(f"cm3_multimodal: {e}") from None
+        return self._neighbors[name]
+
+    def _check_retrieval(self) -> None:
+        """Fail at setup, not mid-epoch: the bank's vocabulary and every neighbours file must fit."""
+        bank = self._load_bank()
+        bv = bank.vocab
+        if bv is not None and bv.to_dict() != self.vocab.to_dict():
+            raise DataSetupError(f"cm3_multimodal: --retrieval-bank {bank.path} was built with a vocabulary "
+                                 f"of {bv.size} ids, the data's has {self.vocab.size} (or their layouts differ)")
+        found = [n for n in self.names if self._load_neighbors(n) is not None]
+        logger.info(f"cm3_multimodal: retrieval prefixes from {bank.path} ({len(bank)} documents, k <= "
+                    f"{self.opts.retrieval_k}, weight {self.opts.retrieval_weight}) for sources {found}")
+        if self.train and not found:
+            raise DataSetupError(
+                f"cm3_multimodal: --retrieval-bank is set but no training source has a neighbours file "
+                f"({', '.join(self.sources[n].prefix + '.neighbors.npy' for n in self.names)}): run "
+                f"`jam-retrieval neighbours {self.opts.retrieval_bank} --dataset PREFIX`")
+
+    def _retrieved(self, name: str, block: int) -> list[np.ndarray]:
+        """Token arrays of the block's retrieved documents (at most ``retrieval_k``, best first)."""
+        if not self.opts.retrieval_bank:
+            return []
+        nb = self._load_neighbors(name)
+        if nb is None:
+            return []
+        bank = self._load_bank()
         rows = [int(r) for r in np.asarray(nb[block]).reshape(-1) if r >= 0][: self.opts.retrieval_k]
-        return [self._bank.tokens(r) for r in rows]
+        return [bank.tokens(r) for r in rows]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         name = self.names[int(self._src[i])]
@@ -207,11 +270,11 @@ class CM3Items:
         weights = mask.astype(np.float32)
         use_cm3 = self.train or self.opts.cm3_on_valid
         max_len = self.opts.tokens_per_sample + 1
-        docs = self._retrieved(name, block)
-        if docs:
+        room = max_len - (3 * self.opts.cm3.max_spans if use_cm3 else 0)
+        docs = self._retrieved(name, block) if room >= 3 else []
+        if docs:  # truncation rule: module docstring
             from jam_metaseq.retrieval.prefix import prepend_retrieved
 
-            room = max_len - (3 * self.opts.cm3.max_spans if use_cm3 else 0)
             tokens, is_prefix = prepend_retrieved(tokens[: room - 1], docs, vocab=self.vocab, context=room)
             w = np.ones(tokens.size, dtype=np.float32)
             w[~is_prefix] = weights[: int((~is_prefix).sum())]
@@ -272,9 +335,13 @@ def add_task_args(parser: Any) -> None:
     a("--instruction", action="store_true",
       help="instruction mode: loss only on tokens the data's loss mask keeps (responses)")
     a("--epoch-items", type=int, default=0, help="training items per epoch (0 = all blocks)")
-    a("--retrieval-bank", default=None, help="memory bank for retrieval prefixes (needs *.neighbors.npy)")
-    a("--retrieval-k", type=int, default=2, help="retrieved documents per item at most")
-    a("--retrieval-weight", type=float, default=0.0, help="loss weight of retrieved prefix tokens")
+    a("--retrieval-bank", default=None,
+      help="memory bank (jam-retrieval build) whose documents are prefixed to items; a source's blocks "
+           "get neighbours from DATA/{split}/{source}.neighbors.npy (jam-retrieval neighbours BANK "
+           "--dataset DATA/{split}/{source}); sources without one get no prefix")
+    a("--retrieval-k", type=int, default=2, help="retrieved documents per item at most (default %(default)s)")
+    a("--retrieval-weight", type=float, default=0.0,
+      help="loss weight of retrieved prefix tokens (RA-CM3 used 0.1; default %(default)s)")
 
 
 def task_options_from_args(args: argparse.Namespace, vocab: VocabManifest) -> TaskOptions:

@@ -3,7 +3,7 @@
   jam-retrieval build DOCS.jsonl ... --out BANK --vocab V.json --tokenizer T --clip-checkpoint W.pt
   jam-retrieval index BANK --index ivf --nlist 4096 --nprobe 32
   jam-retrieval query BANK --text "a red bicycle" -k 2
-  jam-retrieval neighbours BANK -k 2 [--training]
+  jam-retrieval neighbours BANK -k 2 [--training] [--dataset PREFIX ...]
   jam-retrieval info BANK
 
 Each command parses and validates its flags and calls one library function; progress goes to
@@ -43,6 +43,15 @@ def _index_config(args: argparse.Namespace) -> IndexConfig:
     return IndexConfig(kind=args.index, nlist=args.nlist, nprobe=args.nprobe, train_size=args.train_size,
                        hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
                        ef_search=args.ef_search, use_gpu=False if args.no_gpu else None)
+
+
+def _check_count(s: str) -> int | None:
+    if s.lower() == "all":
+        return None
+    n = int(s)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--check-documents must be >= 1 or 'all', got {s}")
+    return n
 
 
 def _threshold(s: str) -> float | None:
@@ -123,11 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_select_args(p)
 
     p = sub.add_parser("neighbours", help="retrieve for every bank document (not itself); writes "
-                       "neighbours.npy and neighbour_scores.npy into the bank")
+                       "neighbours.npy and neighbour_scores.npy into the bank, and with --dataset the "
+                       "per-block PREFIX.neighbors.npy the cm3_multimodal task reads")
     p.add_argument("bank", type=Path, help="bank directory")
     p.add_argument("--training", action="store_true",
                    help="query with the stored query-dropout vectors (bank built with --query-vectors)")
     p.add_argument("--batch-size", type=int, default=1024, help="queries per faiss search (default 1024)")
+    p.add_argument("--dataset", action="append", default=[], metavar="PREFIX",
+                   help="a 'jam-data binarize' output prefix made from the bank's JSONL files; repeat in "
+                        "bank order when the bank spans several. Writes PREFIX.neighbors.npy (one row of "
+                        "bank rows per training block, what 'fairseq-train --retrieval-bank' reads) and "
+                        "PREFIX.neighbors.info")
+    p.add_argument("--check-documents", type=_check_count, default=256, metavar="N",
+                   help="documents per --dataset whose tokens are compared with the bank's before "
+                        "anything is computed, or 'all' (default 256)")
     _add_select_args(p)
 
     p = sub.add_parser("info", help="print a bank's manifest and sizes as JSON")
@@ -225,18 +243,29 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_neighbours(args: argparse.Namespace) -> int:
-    from jam_metaseq.retrieval.retriever import Retriever, save_neighbours
+    from jam_metaseq.retrieval.retriever import (Retriever, align_datasets, save_neighbours,
+                                                 write_block_neighbours)
 
     retriever = Retriever.from_bank_dir(args.bank, config=_retriever_config(args), with_encoder=False)
     if args.training and retriever.bank.query_vectors is None:
         raise ValueError(f"{args.bank}: --training needs a bank built with --query-vectors")
+    # check the datasets first: a mismatch should fail before the search over the whole bank
+    datasets = align_datasets(retriever.bank, args.dataset, check_documents=args.check_documents)
     rows, scores = retriever.precompute_neighbours(training=args.training, batch_size=args.batch_size)
     save_neighbours(retriever.bank, rows=rows, scores=scores, config=retriever.config,
                     training=args.training)
+    written = [write_block_neighbours(ds, rows=rows, row_offset=off, bank=retriever.bank,
+                                      training=args.training) for ds, off in datasets]
     found = (rows >= 0).sum(axis=1)
-    print(json.dumps({"bank": str(args.bank), "documents": int(rows.shape[0]), "k": int(rows.shape[1]),
-                      "short": int((found < rows.shape[1]).sum()),
-                      "mean_score": float(np.nanmean(scores)) if np.isfinite(scores).any() else None}))
+    summary: dict[str, Any] = {
+        "bank": str(args.bank), "documents": int(rows.shape[0]), "k": int(rows.shape[1]),
+        "short": int((found < rows.shape[1]).sum()),
+        "mean_score": float(np.nanmean(scores)) if np.isfinite(scores).any() else None}
+    if written:
+        summary["datasets"] = [{"file": w["file"], "blocks": w["num_blocks"], "documents": w["num_documents"],
+                                "row_offset": w["row_offset"], "empty_blocks": w["empty_blocks"]}
+                               for w in written]
+    print(json.dumps(summary))
     return 0
 
 

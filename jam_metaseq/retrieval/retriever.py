@@ -17,6 +17,10 @@ Training on binarized data queries by bank row: bank row i is document i of the 
 bank was built from (same files, same order as the binarized dataset); ``retrieve_by_row`` uses
 the row's dropout-encoded vector (``query_vectors.npy``) when training and the bank has it, and
 ``precompute_neighbours`` retrieves for every row at once (``jam-retrieval neighbours``).
+``jam-retrieval neighbours BANK --dataset PREFIX`` then maps those per-document neighbours onto
+the dataset's blocks, ``<prefix>.neighbors.npy``, which the ``cm3_multimodal`` task reads
+(``block_neighbours``, ``align_datasets``, ``write_block_neighbours``, ``load_block_neighbours``:
+the rule is stated above ``block_neighbours``).
 """
 
 from __future__ import annotations
@@ -341,3 +345,165 @@ class RetrievalAugmenter:
         from jam_metaseq.retrieval.prefix import prepend_retrieved
 
         return prepend_retrieved(sequence, self.docs_for(row), vocab=self.vocab, context=self.context)
+
+
+# ---- training data: neighbours per block of a binarized dataset ---------------------------------
+# The cm3_multimodal task (hosts/common.py) reads ``<prefix>.neighbors.npy``: (B, k) int64 bank rows
+# per *block* of the binarized dataset at ``<prefix>`` (-1 = none), while ``precompute_neighbours``
+# retrieves per bank *row*, i.e. per document. The mapping, written by
+# ``jam-retrieval neighbours BANK --dataset PREFIX [--dataset PREFIX2 ...]``:
+# - alignment: the datasets, in the order given, hold the bank's documents in order: document j of
+#   the d-th dataset is bank row ``row_offset_d + j`` (row_offset_d = documents of the datasets
+#   before it), and the documents over all datasets must number exactly len(bank). Checked: the
+#   counts, the vocabularies, and the token content (bank content hash) of up to
+#   ``check_documents`` documents spread evenly over each dataset (all of them on request);
+# - per block: the documents a block overlaps (one for ``--break-mode eos``; several for
+#   ``complete``), their neighbour lists merged round-robin by rank (rank 1 of each document in
+#   document order, then rank 2, ...), skipping -1, repeats and the block's own documents; the
+#   first k kept. A block holding one document gets exactly that document's neighbours.
+# - ``<prefix>.neighbors.info`` records what the file was made from (bank size, row offset, blocks),
+#   so the task can refuse a stale file (re-binarized data, rebuilt bank). It holds JSON but is not
+#   named *.json: the task takes every DATA/{split}/*.json for a binarized source's index.
+NEIGHBORS_SUFFIX = ".neighbors.npy"
+NEIGHBORS_META_SUFFIX = ".neighbors.info"
+
+
+def block_neighbours(doc_rows: np.ndarray, *, doc_offsets: np.ndarray, block_offsets: np.ndarray,
+                     row_offset: int = 0, k: int | None = None) -> np.ndarray:
+    """Per-block bank rows (B, k) int64 from per-document neighbours ``doc_rows`` (D, k0), -1 = none.
+
+    ``doc_offsets`` (D + 1,) and ``block_offsets`` (B + 1,) are the dataset's token offsets
+    (``TokenBlockDataset.doc_offsets``/``.block_offsets``); document j is bank row ``row_offset + j``.
+    """
+    doc_rows = np.asarray(doc_rows, dtype=np.int64)
+    doc_offsets = np.asarray(doc_offsets, dtype=np.int64)
+    block_offsets = np.asarray(block_offsets, dtype=np.int64)
+    n_docs = doc_offsets.size - 1
+    if doc_rows.ndim != 2 or doc_rows.shape[0] != n_docs:
+        raise ValueError(f"neighbours have shape {doc_rows.shape}, want ({n_docs}, k): one row per document")
+    k = int(k or doc_rows.shape[1])
+    n_blocks = block_offsets.size - 1
+    out = np.full((n_blocks, k), -1, np.int64)
+    if n_blocks == 0 or n_docs == 0:
+        return out
+    starts, ends = block_offsets[:-1], block_offsets[1:]
+    first = np.searchsorted(doc_offsets, starts, side="right") - 1  # (B,) document holding the start
+    last = np.searchsorted(doc_offsets, ends, side="left") - 1  # (B,) document holding the last token
+    single = first == last
+    width = min(k, doc_rows.shape[1])
+    out[single, :width] = doc_rows[first[single], :width]
+    for b in np.flatnonzero(~single).tolist():  # blocks of several documents (complete / none modes)
+        own = set(range(row_offset + int(first[b]), row_offset + int(last[b]) + 1))
+        chosen: list[int] = []
+        for rank in range(doc_rows.shape[1]):
+            for j in range(int(first[b]), int(last[b]) + 1):
+                r = int(doc_rows[j, rank])
+                if r >= 0 and r not in own and r not in chosen:
+                    chosen.append(r)
+                if len(chosen) == k:
+                    break
+            if len(chosen) == k:
+                break
+        out[b, :len(chosen)] = chosen
+    return out
+
+
+def align_datasets(bank: MemoryBank, prefixes: Sequence[str], *, check_documents: int | None = 256
+                   ) -> list[tuple[Any, int]]:
+    """Open the binarized datasets and check that, in order, they hold the bank's documents.
+
+    Returns ``[(TokenBlockDataset, row_offset), ...]`` (empty for no prefixes). ``check_documents``: documents per dataset
+    whose tokens are compared with the bank's (evenly spread; None = all). Raises ValueError naming
+    the dataset and document that do not match.
+    """
+    from jam_metaseq.data.binarize import open_dataset
+
+    out: list[tuple[Any, int]] = []
+    if not prefixes:
+        return out
+    offset = 0
+    bank_vocab = bank.vocab
+    for prefix in prefixes:
+        ds = open_dataset(prefix)
+        if bank_vocab is not None and ds.vocab.to_dict() != bank_vocab.to_dict():
+            raise ValueError(f"{prefix}: binarized with a vocabulary of {ds.vocab.size} ids, the bank "
+                             f"{bank.path} with {bank_vocab.size} (or their layouts differ)")
+        out.append((ds, offset))
+        offset += ds.num_documents
+    if offset != len(bank):
+        sizes = ", ".join(f"{p}: {ds.num_documents}" for p, (ds, _) in zip(prefixes, out))
+        raise ValueError(f"the datasets hold {offset} documents ({sizes}) but the bank {bank.path} has "
+                         f"{len(bank)} rows: build the bank from the same JSONL files, in the same order, "
+                         "and give every dataset made from them")
+    for prefix, (ds, row_offset) in zip(prefixes, out):
+        n = ds.num_documents
+        if check_documents is None or check_documents >= n:
+            docs = np.arange(n)
+        else:
+            docs = np.unique(np.linspace(0, n - 1, max(1, check_documents)).round().astype(np.int64))
+        for j in docs.tolist():
+            row = row_offset + j
+            if content_hash(ds.document(j)["tokens"]) != int(bank.hashes[row]):
+                raise ValueError(f"{prefix}: document {j} holds other tokens than bank row {row} "
+                                 f"({bank.doc_ids[row]}): the bank must be built from the dataset's JSONL "
+                                 "files, in the same order, with the same tokenizers")
+    return out
+
+
+def write_block_neighbours(ds: Any, *, rows: np.ndarray, row_offset: int, bank: MemoryBank,
+                           training: bool, k: int | None = None) -> dict[str, Any]:
+    """Write ``<prefix>.neighbors.npy`` (B, k) and ``<prefix>.neighbors.info`` for one dataset.
+
+    ``rows``: the bank's per-row neighbours (N, k0) (``precompute_neighbours``); the dataset's
+    slice ``rows[row_offset:row_offset + D]`` is mapped to blocks by ``block_neighbours``.
+    """
+    import json
+    import os
+
+    doc_rows = np.asarray(rows)[row_offset:row_offset + ds.num_documents]
+    per_block = block_neighbours(doc_rows, doc_offsets=ds.doc_offsets, block_offsets=ds.block_offsets,
+                                 row_offset=row_offset, k=k)
+    meta = {"bank": str(Path(bank.path).resolve()), "bank_count": len(bank), "row_offset": int(row_offset),
+            "num_documents": int(ds.num_documents), "num_blocks": len(ds), "block_size": ds.block_size,
+            "break_mode": ds.break_mode, "k": int(per_block.shape[1]), "training": bool(training),
+            "empty_blocks": int((per_block[:, 0] < 0).sum()) if per_block.size else len(ds)}
+    path = Path(ds.prefix + NEIGHBORS_SUFFIX)
+    tmp = path.with_name(path.name[: -len(".npy")] + f".tmp{os.getpid()}.npy")
+    np.save(tmp, per_block)
+    os.replace(tmp, path)
+    mpath = Path(ds.prefix + NEIGHBORS_META_SUFFIX)
+    mtmp = mpath.with_name(mpath.name + f".tmp{os.getpid()}")
+    mtmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(mtmp, mpath)
+    return {"dataset": ds.prefix, "file": str(path), **meta}
+
+
+def load_block_neighbours(prefix: str, *, num_blocks: int, bank_size: int, mmap: bool = True
+                          ) -> np.ndarray | None:
+    """``<prefix>.neighbors.npy`` checked against the dataset and bank in use; None if absent.
+
+    Raises ValueError (naming the file) when the file does not fit: wrong shape or dtype, rows
+    outside the bank, or a ``.neighbors.info`` made for another bank size or block layout.
+    """
+    import json
+
+    path = Path(prefix + NEIGHBORS_SUFFIX)
+    if not path.is_file():
+        return None
+    redo = f"rerun `jam-retrieval neighbours BANK --dataset {prefix}`"
+    nb = np.load(path, mmap_mode="r" if mmap else None)
+    if nb.ndim != 2 or nb.shape[0] != num_blocks or nb.shape[1] < 1 or not np.issubdtype(nb.dtype, np.integer):
+        raise ValueError(f"{path}: shape {nb.shape} dtype {nb.dtype}, but the dataset has {num_blocks} "
+                         f"blocks (want ({num_blocks}, k) integer bank rows per block): {redo}")
+    meta_path = Path(prefix + NEIGHBORS_META_SUFFIX)
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if int(meta.get("bank_count", bank_size)) != bank_size:
+            raise ValueError(f"{meta_path}: made for a bank of {meta['bank_count']} rows, the bank in use "
+                             f"has {bank_size}: {redo}")
+        if int(meta.get("num_blocks", num_blocks)) != num_blocks:
+            raise ValueError(f"{meta_path}: made for {meta['num_blocks']} blocks, the dataset has "
+                             f"{num_blocks}: {redo}")
+    if nb.size and int(np.max(nb)) >= bank_size:
+        raise ValueError(f"{path}: bank row {int(np.max(nb))} out of range: the bank has {bank_size} rows: {redo}")
+    return nb
