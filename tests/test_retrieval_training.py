@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,49 @@ def test_neighbours_refuses_a_dataset_that_is_not_the_bank(setup, tmp_path, caps
     assert "hold 12 documents" in capsys.readouterr().err
 
 
+def test_two_datasets_one_bank_complete_packing(setup, tmp_path, capsys):
+    """A bank over two JSONL files: each dataset's documents are bank rows after the other's;
+    complete packing puts several documents in a block, whose neighbours are merged."""
+    d, vocab, _, _ = setup
+    lines = (d / "docs.jsonl").read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:10]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(lines[10:]) + "\n")
+    for name, extra in (("a", ["--break-mode", "eos"]), ("b", ["--break-mode", "complete"])):
+        assert data_main(["binarize", str(tmp_path / f"{name}.jsonl"), "--vocab", str(d / "vocab.json"),
+                          "--tokenizer", "bytes", "--block-size", "60", *extra, "--out", str(tmp_path / name)]) == 0
+    bank_dir = tmp_path / "bank"
+    assert retrieval_main(["build", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--out", str(bank_dir),
+                           "--vocab", str(d / "vocab.json"), "--tokenizer", "bytes", "--clip-model",
+                           "jam-tiny-clip", "--random-clip-weights"]) == 0
+    capsys.readouterr()
+    # wrong order: document 0 of b is not bank row 0
+    assert retrieval_main(["neighbours", str(bank_dir), "--dataset", str(tmp_path / "b"),
+                           "--dataset", str(tmp_path / "a"), "--check-documents", "all"]) == 1
+    assert "holds other tokens than bank row 0" in capsys.readouterr().err
+    assert retrieval_main(["neighbours", str(bank_dir), "-k", "3", "--score-threshold", "none",
+                           "--dataset", str(tmp_path / "a"), "--dataset", str(tmp_path / "b"),
+                           "--check-documents", "all"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [x["row_offset"] for x in summary["datasets"]] == [0, 10]
+    per_doc = np.load(bank_dir / "neighbours.npy")
+    a, b = open_dataset(tmp_path / "a"), open_dataset(tmp_path / "b")
+    np.testing.assert_array_equal(np.load(f"{tmp_path / 'a'}.neighbors.npy"), per_doc[:10])
+    nb = np.load(f"{tmp_path / 'b'}.neighbors.npy")
+    assert len(b) < b.num_documents and nb.shape == (len(b), 3)  # several documents per block
+    for blk in range(len(b)):
+        s, e = int(b.block_offsets[blk]), int(b.block_offsets[blk + 1])
+        docs = [j for j in range(b.num_documents) if b.doc_offsets[j] < e and b.doc_offsets[j + 1] > s]
+        own = {10 + j for j in docs}
+        # round-robin by rank over the block's documents, own rows and repeats skipped
+        want: list[int] = []
+        for rank in range(3):
+            for j in docs:
+                r = int(per_doc[10 + j, rank])
+                if r >= 0 and r not in own and r not in want and len(want) < 3:
+                    want.append(r)
+        assert nb[blk][nb[blk] >= 0].tolist() == want
+
+
 # ---- the task's items -------------------------------------------------------------------------
 def _items(prefix: str, bank_dir: Path, vocab: VocabManifest, *, T: int, train: bool = False,
            k: int = K, weight: float = 0.1) -> CM3Items:
@@ -167,6 +211,8 @@ def test_item_is_retrieved_docs_then_block_with_prefix_weight(setup):
         w = it["weights"].numpy()  # target-aligned: target t is token t + 1
         np.testing.assert_allclose(w[:P - 1], 0.1)
         np.testing.assert_allclose(w[P - 1:], 1.0)
+    # a DataLoader worker gets a pickled copy (memory maps reopened there): same items
+    assert _whole(pickle.loads(pickle.dumps(items))[4]) == _whole(items[4])
     # k = 1: only the best neighbour
     one = _items(prefix, bank_dir, vocab, T=200, k=1)
     assert _whole(one[5]) == bank.tokens(int(nb[5, 0])).tolist() + ds[5]["tokens"].tolist()
