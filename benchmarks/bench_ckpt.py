@@ -9,9 +9,12 @@ dir. Each measurement runs in a fresh subprocess, which reports its wall time an
     bytes as the op's output, fsync): the I/O floor.
 Targets (issue 4): stream peak RSS <= 2 x the largest output tensor + 1 GiB (above the bare
 ``import torch`` process), stream throughput >= 0.5 x the plain copy.
+On a shared machine the times swing with the load: ``--repeat N`` runs stream and copy N times
+back to back (alternating) and reports medians, the ratio being the median of the N pairwise
+ratios; the naive way runs once.
 
   python benchmarks/bench_ckpt.py                       # opt_1_3b, fp16, MP=2 (~2.6 GB per parent)
-  python benchmarks/bench_ckpt.py --preset opt_125m --ops merge widen cross
+  python benchmarks/bench_ckpt.py --preset opt_125m --ops merge widen cross --repeat 5 --no-naive
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,11 +70,12 @@ def make_parent(out: Path, *, preset: str, seed: int, mp: int, dtype: str) -> No
     od.commit(manifest_extra={})
 
 
-def child_stream(op: str, llm: str, img: str, out: str, mp: int, image_vocab: tuple[int, int]) -> None:
+def child_stream(op: str, llm: str, img: str, out: str, mp: int, image_vocab: tuple[int, int],
+                 hash_sources: bool = True) -> None:
     from checkpoints_tools import ops
     from checkpoints_tools.writers import OutputSpec
 
-    opts = ops.CommonOptions(spec=OutputSpec(out_dir=Path(out), mp=mp), progress=False)
+    opts = ops.CommonOptions(spec=OutputSpec(out_dir=Path(out), mp=mp), progress=False, hash_sources=hash_sources)
     if op == "merge":
         ops.merge([llm, img], opts=opts)
     elif op == "widen":
@@ -149,7 +154,8 @@ def child_main(argv: list[str]) -> None:
     elif k == "parent":
         make_parent(Path(job["out"]), preset=job["preset"], seed=job["seed"], mp=job["mp"], dtype=job["dtype"])
     elif k == "stream":
-        child_stream(job["op"], job["llm"], job["img"], job["out"], job["mp"], tuple(job["image_vocab"]))
+        child_stream(job["op"], job["llm"], job["img"], job["out"], job["mp"], tuple(job["image_vocab"]),
+                     job.get("hash_sources", True))
     elif k == "naive":
         child_naive(job["op"], job["llm"], job["img"], job["out"], tuple(job["image_vocab"]))
     elif k == "copy":
@@ -182,7 +188,13 @@ def main() -> None:
     ap.add_argument("--mp", type=int, default=2, help="model-parallel size of parents and outputs")
     ap.add_argument("--ops", nargs="+", default=["merge", "widen", "cross"], choices=["merge", "widen", "cross"])
     ap.add_argument("--no-naive", action="store_true", help="skip the naive baseline (it needs RAM for everything)")
-    ap.add_argument("--scratch", type=Path, default=None, help="scratch dir (default: a temp dir, removed after)")
+    ap.add_argument("--scratch", type=Path, default=None,
+                    help="scratch dir (default: a temp dir, removed after); parents already there "
+                         "(same --preset/--dtype/--mp, from an earlier run) are reused")
+    ap.add_argument("--repeat", type=int, default=3, metavar="N",
+                    help="stream/copy pairs per op; medians reported (default 3)")
+    ap.add_argument("--no-hash-sources", action="store_true",
+                    help="stream without sha256 of the parents (jam-ckpt --no-hash-sources)")
     args = ap.parse_args()
 
     import torch
@@ -197,11 +209,17 @@ def main() -> None:
         lo, hi = cfg.vocab_size // 2, cfg.vocab_size  # any image-code range: the cost does not depend on it
         base = run_child("import", {})
         t = time.perf_counter()
+        stamp = {"preset": args.preset, "dtype": args.dtype, "mp": args.mp}
         for name, seed in (("llm", 1), ("img", 2)):
+            tag = scratch / f"{name}.json"
+            if tag.is_file() and json.loads(tag.read_text()) == stamp and (scratch / name / "manifest.json").is_file():
+                continue
+            shutil.rmtree(scratch / name, ignore_errors=True)
             r = run_child("parent", {"out": str(scratch / name), "preset": args.preset, "seed": seed,
                                      "mp": args.mp, "dtype": args.dtype})
             if "error" in r:
                 raise SystemExit(f"making parent {name}: {r['error']}")
+            tag.write_text(json.dumps(stamp))
         parent_bytes = dir_bytes(scratch / "llm") + dir_bytes(scratch / "img")
         itemsize = getattr(torch, args.dtype).itemsize
         print(f"# preset {args.preset}, {args.dtype}, MP={args.mp}; parents {parent_bytes / 2**30:.2f} GiB "
@@ -215,12 +233,24 @@ def main() -> None:
             job = {"op": op, "llm": str(scratch / "llm"), "img": str(scratch / "img"), "mp": args.mp,
                    "image_vocab": [lo, hi]}
             res = {}
-            res["stream"] = run_child("stream", {**job, "out": str(scratch / f"{op}_stream")})
-            out_bytes = dir_bytes(scratch / f"{op}_stream")
-            shutil.rmtree(scratch / f"{op}_stream", ignore_errors=True)
-            res["copy"] = run_child("copy", {"srcs": [job["llm"], job["img"]], "out": str(scratch / f"{op}_copy"),
-                                             "out_bytes": out_bytes})
-            shutil.rmtree(scratch / f"{op}_copy", ignore_errors=True)
+            runs: dict[str, list[dict]] = {"stream": [], "copy": []}
+            out_bytes = 0
+            for _ in range(max(1, args.repeat)):
+                runs["stream"].append(run_child("stream", {**job, "out": str(scratch / f"{op}_stream"),
+                                                           "hash_sources": not args.no_hash_sources}))
+                out_bytes = out_bytes or dir_bytes(scratch / f"{op}_stream")
+                shutil.rmtree(scratch / f"{op}_stream", ignore_errors=True)
+                runs["copy"].append(run_child("copy", {"srcs": [job["llm"], job["img"]],
+                                                       "out": str(scratch / f"{op}_copy"), "out_bytes": out_bytes}))
+                shutil.rmtree(scratch / f"{op}_copy", ignore_errors=True)
+            for m, rs in runs.items():
+                bad = [r for r in rs if "error" in r]
+                res[m] = bad[0] if bad else {"seconds": statistics.median(r["seconds"] for r in rs),
+                                             "maxrss": max(r["maxrss"] for r in rs),
+                                             "all": [r["seconds"] for r in rs]}
+            if "error" not in res["stream"] and "error" not in res["copy"]:
+                res["ratio"] = statistics.median(c["seconds"] / s["seconds"]
+                                                 for s, c in zip(runs["stream"], runs["copy"]))
             if not args.no_naive:
                 res["naive"] = run_child("naive", {**job, "out": str(scratch / f"{op}_naive")})
                 shutil.rmtree(scratch / f"{op}_naive", ignore_errors=True)
@@ -242,10 +272,15 @@ def main() -> None:
                 rss = r["maxrss"] / 2**20
                 net = (r["maxrss"] - base["maxrss"]) / 2**20
                 ratio = copy_s / r["seconds"] if copy_s else float("nan")
+                if method == "stream" and "ratio" in res:
+                    ratio = res["ratio"]  # median of the pairwise ratios
                 ok = "" if method != "stream" else ("yes" if net <= budget else "NO")
                 print(f"{op:<6} {method:<7} {r['seconds']:>8.2f} {rss:>13.0f} {net:>15.0f} {ratio:>14.2f}x "
                       f"{budget if method == 'stream' else float('nan'):>15.0f} {ok:>7}")
-            print(f"{'':<6} output {out_bytes / 2**30:.2f} GiB, largest output tensor {largest / 2**20:.0f} MiB")
+            runs_s = "; ".join(f"{m} " + " ".join(f"{x:.2f}" for x in res[m].get("all", []))
+                               for m in ("stream", "copy"))
+            print(f"{'':<6} output {out_bytes / 2**30:.2f} GiB, largest output tensor {largest / 2**20:.0f} MiB; "
+                  f"runs (s): {runs_s}")
         print(f"\n{budget_note}")
     finally:
         if args.scratch is None:

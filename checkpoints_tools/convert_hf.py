@@ -203,6 +203,9 @@ class HFOptReader(Reader):
             return self._hf_cfg
         return super().config(**overrides)
 
+    def tied(self, a: str, b: str) -> bool:
+        return a in self._map and self._map.get(a) == self._map.get(b)  # HF OPT: lm_head = embed_tokens
+
     def get(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         info = self.info(name)
         if name == "decoder.version":

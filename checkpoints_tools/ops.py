@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -19,9 +20,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from checkpoints_tools import kernels
 from checkpoints_tools.readers import Reader, is_version_key, open_checkpoint
 from checkpoints_tools.safe_load import CheckpointError
-from checkpoints_tools.writers import OutputDir, OutputSpec, sha256_file
+from checkpoints_tools.workspace import Workspace
+from checkpoints_tools.writers import TIED, OutputDir, OutputSpec, sha256_file
 from jam_metaseq.models.config import (
     CrossConfig, DecoderConfig, ModelConfig, cross_of, uniform_of, width_of,
 )
@@ -75,9 +78,40 @@ def _source_record(role: str, reader: Reader, *, hash_sources: bool) -> dict[str
             "fsdp": reader.fsdp, "files": files}
 
 
+_INIT_FNS: set[Any] | None = None
+
+
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Parameter init as a no-op while a model is built on the meta device: random fills of meta
+    tensors go through torch's Python refs, whose first use imports ``torch._dynamo`` (~2 s of a
+    jam-ckpt run); the shapes do not depend on them."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _INIT_FNS:
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
+@functools.lru_cache(maxsize=32)
+def _shapes(cfg_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    global _INIT_FNS
+    from jam_metaseq.models import build_model, config_from_json
+
+    if _INIT_FNS is None:
+        _INIT_FNS = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.random_}
+        _INIT_FNS |= {getattr(torch.nn.init, n) for n in dir(torch.nn.init)
+                      if n.endswith("_") and not n.startswith("_")}
+    with torch.device("meta"), _SkipInit():
+        model = build_model(config_from_json(cfg_json))
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict(keep_vars=True).items())
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    from jam_metaseq.fusion import state_shapes
-    return state_shapes(cfg)
+    """Ordered {state-dict key: shape} of the model ``cfg`` (= ``jam_metaseq.fusion.state_shapes``,
+    built on the meta device without parameter init; cached by config)."""
+    from jam_metaseq.models import config_to_json
+
+    return dict(_shapes(config_to_json(cfg)))
 
 
 def check_parent_tensors(reader: Reader, cfg: DecoderConfig, *, role: str) -> None:
@@ -151,16 +185,26 @@ def stream_to(
     desc: str,
     progress: bool,
     manifest_extra: Mapping[str, Any],
+    tied: bool = False,
 ) -> Path:
-    """Produce every target tensor in order and write it; atomic commit or full cleanup."""
+    """Produce every target tensor in order and write it; atomic commit or full cleanup.
+    ``produce`` may return a reused buffer (the writer is done with it before the next call).
+    ``tied``: the output projection equals the embedding by construction (tied sources), so
+    where the layout aliases them it is written as an alias and never produced."""
     started = time.time()
     bound_malloc()
     bar = None
     try:
         out.open(produced_dtypes)
+        alias = tied and out.aliases_tied
+        if alias:
+            out.expect_tied()
         bar = _progress(len(out.shapes), desc, progress)
         for name in out.shapes:
-            out.add(name, produce(name))
+            if alias and name == TIED[1]:
+                out.add_tied(name)
+            else:
+                out.add(name, produce(name))
             if bar is not None:
                 bar.update(1)
         extra = dict(manifest_extra)
@@ -214,8 +258,10 @@ def reshard(src: str | os.PathLike, *, opts: CommonOptions, heads: int | None = 
     produced = {n: r.info(n).dtype for n in shapes}
     extra = _extra(opts, "reshard", [source_record("source", r, hash_sources=opts.hash_sources)],
                    source_dtype=str(dtype_in))
-    return stream_to(out, lambda n: r.get(n), produced_dtypes=produced, desc="reshard",
-                     progress=opts.progress, manifest_extra=extra)
+    ws = Workspace()
+    return stream_to(out, lambda n: r.get_into(n, ws.get("in0", r.info(n).shape, r.info(n).dtype)),
+                     produced_dtypes=produced, desc="reshard", progress=opts.progress, manifest_extra=extra,
+                     tied=r.tied(*TIED))
 
 
 def _open_parents(paths: Sequence[str | os.PathLike], roles: Sequence[str], *, trust_pickle: bool,
@@ -236,8 +282,6 @@ def _open_parents(paths: Sequence[str | os.PathLike], roles: Sequence[str], *, t
 def merge(parents: Sequence[str | os.PathLike], *, opts: CommonOptions,
           weights: Sequence[float] | None = None, heads: int | None = None) -> Path:
     """JAM-Uniform (Eq. 1), n-way: theta = sum_i w_i theta_i (default w_i = 1/n)."""
-    from jam_metaseq.fusion import merge_tensor
-
     if len(parents) < 2:
         raise CheckpointError("merge needs at least two parents")
     if weights is not None:
@@ -253,19 +297,22 @@ def merge(parents: Sequence[str | os.PathLike], *, opts: CommonOptions,
     vocab = load_vocab(opts.vocab, cfg=cfg, sources=readers)
     out = OutputDir(dataclasses.replace(opts.spec, dtype=dtype), cfg=cfg, shapes=shapes, vocab=vocab)
 
+    ws = Workspace()
+
     def produce(name: str) -> torch.Tensor:
-        return merge_tensor(name, [r.get(name) for r in readers], weights=list(weights))
+        ins = [r.get_into(name, ws.get(f"in{i}", r.info(name).shape, r.info(name).dtype))
+               for i, r in enumerate(readers)]
+        return kernels.merge_into(name, ins, ws.get("out", shapes[name], out.dtype_of(name)), weights=weights)
 
     sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(roles, readers)]
     return stream_to(out, produce, produced_dtypes=_float_dtypes(shapes, torch.float32), desc="merge",
-                     progress=opts.progress, manifest_extra=_extra(opts, "merge", sources, weights=list(weights)))
+                     progress=opts.progress, manifest_extra=_extra(opts, "merge", sources, weights=list(weights)),
+                     tied=all(r.tied(*TIED) for r in readers))
 
 
 def widen(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions, init: str = "copy",
           heads: int | None = None) -> Path:
     """JAM-Width (Eq. 2/3): a decoder of width 2E initialised block-wise from both parents."""
-    from jam_metaseq.fusion import widen_tensor
-
     readers, cfgs = _open_parents([llm, img], ["llm", "img"], trust_pickle=opts.trust_pickle, heads=heads)
     parent = cfgs[0]
     cfg = width_of(parent)
@@ -274,21 +321,24 @@ def widen(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
     vocab = load_vocab(opts.vocab, cfg=cfg, sources=readers)
     out = OutputDir(dataclasses.replace(opts.spec, dtype=dtype), cfg=cfg, shapes=shapes, vocab=vocab)
     a, b = readers
+    ws = Workspace()
 
     def produce(name: str) -> torch.Tensor:
-        return widen_tensor(name, a.get(name), b.get(name), parent=parent, init=init)
+        ta = a.get_into(name, ws.get("in0", a.info(name).shape, a.info(name).dtype))
+        tb = b.get_into(name, ws.get("in1", b.info(name).shape, b.info(name).dtype))
+        return kernels.widen_into(name, ta, tb, ws.get("out", shapes[name], out.dtype_of(name)),
+                                  parent=parent, init=init)
 
     sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(("llm", "img"), readers)]
     return stream_to(out, produce, produced_dtypes=_float_dtypes(shapes, torch.float32), desc="widen",
-                     progress=opts.progress, manifest_extra=_extra(opts, "widen", sources, init=init))
+                     progress=opts.progress, manifest_extra=_extra(opts, "widen", sources, init=init),
+                     tied=a.tied(*TIED) and b.tied(*TIED))
 
 
 def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions, cross_every: int = 2,
           init: str = "paper", seed: int = 0, image_vocab: tuple[int, int] | None = None,
           heads: int | None = None) -> Path:
     """JAM-Cross (§2.1.3): both parents as branches, cross blocks every ``cross_every`` layers."""
-    from jam_metaseq.fusion import cross_tensor
-
     readers, cfgs = _open_parents([llm, img], ["llm", "img"], trust_pickle=opts.trust_pickle, heads=heads)
     parent = cfgs[0]
     if image_vocab is None and opts.vocab is not None:
@@ -312,14 +362,17 @@ def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
     vocab = load_vocab(opts.vocab, cfg=cfg, sources=readers)
     out = OutputDir(dataclasses.replace(opts.spec, dtype=dtype), cfg=cfg, shapes=shapes, vocab=vocab)
     a, b = readers
+    ws = Workspace()
 
     def produce(name: str) -> torch.Tensor:
-        # No caching: the parents' embeddings are read twice (embed_tokens, output_projection)
-        # rather than held for the whole stream.
-        return cross_tensor(name, cfg=cfg, llm=a.get, img=b.get, seed=seed)
+        # The output projection is the embedding by construction (written as its alias in .pt
+        # layouts; produced again for safetensors rather than held for the whole stream).
+        return kernels.cross_into(name, ws.get("out", shapes[name], out.dtype_of(name)), cfg=cfg,
+                                  llm=a, img=b, seed=seed, ws=ws)
 
     sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(("llm", "img"), readers)]
     return stream_to(out, produce, produced_dtypes=_float_dtypes(shapes, torch.float32), desc="cross",
                      progress=opts.progress,
                      manifest_extra=_extra(opts, "cross", sources, cross_every=cross_every, init=init, seed=seed,
-                                           image_vocab=[lo, hi]))
+                                           image_vocab=[lo, hi]),
+                     tied=True)

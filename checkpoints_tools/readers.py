@@ -26,6 +26,7 @@ import torch
 
 from checkpoints_tools import layout
 from checkpoints_tools.safe_load import CheckpointError, MappedFile, safe_torch_load
+from checkpoints_tools.workspace import Workspace
 from jam_metaseq.models.config import (
     ARCH_CROSS, CrossConfig, DecoderConfig, ModelConfig, config_from_dict,
 )
@@ -92,6 +93,19 @@ class Reader:
 
     def get(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def get_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read consolidated ``name`` into ``out`` (its shape; any dtype and strides: cast on the
+        way). Readers override this to fill ``out`` straight from the file, without a temporary."""
+        if tuple(out.shape) != self.info(name).shape:
+            raise CheckpointError(f"{self.path}: tensor {name} has shape {self.info(name).shape}, "
+                                  f"asked into {tuple(out.shape)}")
+        return out.copy_(self.get(name))
+
+    def tied(self, a: str, b: str) -> bool:
+        """True when ``a`` and ``b`` are stored as one tensor (a tied output projection), so
+        anything computed from ``a`` equals the same computed from ``b``."""
+        return False
 
     def items(self, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for n in self.names():
@@ -171,6 +185,7 @@ class MetaseqReader(Reader):
         self.fsdp = len(next(iter(groups.values()))) if fsdp else 0
         self.files = [f for r in sorted(groups) for _, f in sorted(groups[r].items())]
         self.meta = {}
+        self._ws = Workspace()  # scratch for pieces that cannot be read straight into place
         self._ranks: list[_RankSource] = []
         for r in sorted(groups):
             shards = groups[r]
@@ -326,31 +341,55 @@ class MetaseqReader(Reader):
         pieces = self._rank_view_pieces(src, name)
         if name in src.plain:
             j, view, _ = pieces[0]
-            return src.mapped[j].read(view, dest=dest, dtype=dtype)
+            return src.mapped[j].read(view, dest=dest, dtype=dtype, scratch=self._ws)
         slot = src.slots[name]
         out = dest if dest is not None else torch.empty(slot.shape, dtype=dtype or pieces[0][1].dtype)
         flat = out.view(-1) if out.is_contiguous() else None
         if flat is None:  # a strided destination: assemble contiguously first
-            return out.copy_(self._rank_tensor(src, name, out.dtype))
+            tmp = self._ws.get("fsdp", slot.shape, pieces[0][1].dtype)
+            return out.copy_(self._rank_tensor(src, name, None, dest=tmp))
         for j, view, where in pieces:
-            src.mapped[j].read(view, dest=flat[where])
+            src.mapped[j].read(view, dest=flat[where], scratch=self._ws)
         return out
 
     def get(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         info = self.info(name)
+        return self.get_into(name, torch.empty(info.shape, dtype=dtype or info.dtype))
+
+    def get_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        info = self.info(name)
+        if tuple(out.shape) != info.shape:
+            raise CheckpointError(f"{self.path}: tensor {name} has shape {info.shape}, asked into {tuple(out.shape)}")
         if self.mp == 1 or layout.rule_for(name) == "replicated":
-            return self._rank_tensor(self._ranks[0], name, dtype)
-        out = torch.empty(info.shape, dtype=dtype or info.dtype)
+            return self._rank_tensor(self._ranks[0], name, None, dest=out)
         piece_shape = layout.part_shape(name, info.shape, self.mp)
         for r, src in enumerate(self._ranks):
             dests = layout.destinations(name, out, piece_shape, r, self.mp)
             if len(dests) == 1:  # rows / columns / vocab: read straight into place
-                self._rank_tensor(src, name, dtype, dest=dests[0][0])
+                self._rank_tensor(src, name, None, dest=dests[0][0])
             else:  # qkv: three blocks of one piece
-                piece = self._rank_tensor(src, name, dtype)
+                piece = self._rank_tensor(src, name, None, dest=self._ws.get("qkv", piece_shape, info.dtype))
                 for dest, rows in dests:
                     dest.copy_(piece[rows])
         return out
+
+    def tied(self, a: str, b: str) -> bool:
+        if a not in self._infos or b not in self._infos:
+            return False
+        for src in self._ranks:
+            if a in src.slots or b in src.slots:  # FSDP: shared_param_info points both at one slot
+                if src.slots.get(a) is not src.slots.get(b):
+                    return False
+                continue
+            ka, kb = src.plain.get(a), src.plain.get(b)
+            if ka is None or kb is None:
+                return False
+            ta, tb = src.models[0][ka], src.models[0][kb]
+            if not (ta.untyped_storage().data_ptr() == tb.untyped_storage().data_ptr()
+                    and ta.storage_offset() == tb.storage_offset() and ta.shape == tb.shape
+                    and ta.stride() == tb.stride()):
+                return False
+        return True
 
     def get_rank_piece(self, name: str, rank: int) -> torch.Tensor:
         return self._rank_tensor(self._ranks[rank], name, None)
@@ -396,6 +435,7 @@ class SafetensorsReader(Reader):
         self.files = list(files)
         self.meta = {}
         self._where: dict[str, tuple[Path, int, int, int]] = {}
+        self._ws = Workspace()
         self._infos = OrderedDict()
         for f in self.files:
             header, start = read_safetensors_header(f)
@@ -416,21 +456,25 @@ class SafetensorsReader(Reader):
 
     def get(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         info = self.info(name)
+        return self.get_into(name, torch.empty(info.shape, dtype=dtype or info.dtype))
+
+    def get_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        info = self.info(name)
+        if tuple(out.shape) != info.shape:
+            raise CheckpointError(f"{self.path}: tensor {name} has shape {info.shape}, asked into {tuple(out.shape)}")
         f, off, n, _ = self._where[name]
-        buf = bytearray(n)
-        with open(f, "rb") as fh:
-            view = memoryview(buf)
-            got = 0
-            while got < n:
-                k = os.preadv(fh.fileno(), [view[got:]], off + got)
-                if k <= 0:
-                    raise CheckpointError(f"{f}: truncated while reading tensor {name}")
-                got += k
-        if n == 0:
-            t = torch.empty(info.shape, dtype=info.dtype)
-        else:
-            t = torch.frombuffer(buf, dtype=info.dtype).view(info.shape)
-        return t if dtype is None or dtype == t.dtype else t.to(dtype)
+        direct = out.dtype == info.dtype and out.is_contiguous()
+        buf = out if direct else self._ws.get("read", info.shape, info.dtype)
+        if n:
+            view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+            with open(f, "rb") as fh:
+                got = 0
+                while got < n:
+                    k = os.preadv(fh.fileno(), [view[got:]], off + got)
+                    if k <= 0:
+                        raise CheckpointError(f"{f}: truncated while reading tensor {name}")
+                    got += k
+        return out if direct else out.copy_(buf)
 
 
 # ---- layout detection --------------------------------------------------------------------------

@@ -198,8 +198,10 @@ class MappedFile:
         return None
 
     def read(self, view: torch.Tensor, *, dest: torch.Tensor | None = None,
-             dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Copy ``view`` into ``dest`` (same shape; any strides/dtype) or a new tensor."""
+             dtype: torch.dtype | None = None, scratch: Any = None) -> torch.Tensor:
+        """Copy ``view`` into ``dest`` (same shape; any strides/dtype) or a new tensor. A cast or
+        strided ``dest`` goes through a contiguous buffer: ``scratch.get("read", shape, dtype)``
+        (a ``workspace.Workspace``) if given, else a fresh one."""
         if dest is None:
             dest = torch.empty(view.shape, dtype=dtype or view.dtype)
         nbytes = view.numel() * view.element_size()
@@ -209,7 +211,12 @@ class MappedFile:
             release(view, mapped=True)
             return dest
         direct = dest.dtype == view.dtype and dest.is_contiguous()
-        buf = dest if direct else torch.empty(view.shape, dtype=view.dtype)
+        if direct:
+            buf = dest
+        elif scratch is not None:
+            buf = scratch.get("read", view.shape, view.dtype)
+        else:
+            buf = torch.empty(view.shape, dtype=view.dtype)
         mv = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)

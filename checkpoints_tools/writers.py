@@ -34,6 +34,7 @@ from torch.serialization import _get_storage_alignment
 
 from checkpoints_tools import layout
 from checkpoints_tools.readers import ST_DTYPE_NAMES, is_version_key
+from checkpoints_tools.workspace import Workspace
 from jam_metaseq.models.config import CrossConfig, DecoderConfig, ModelConfig
 
 TIED = ("decoder.embed_tokens.weight", "decoder.output_projection.weight")
@@ -447,6 +448,8 @@ class OutputDir:
         self._dtypes: dict[str, torch.dtype] = {}
         self._check_space = check_space
         self._st_names = names
+        self._ws = Workspace()  # cast / MP-piece buffers, reused tensor after tensor
+        self._expect_tied = False
 
     def _out_dtype(self, name: str, produced: torch.dtype) -> torch.dtype:
         if self.spec.dtype is not None and produced.is_floating_point and not is_version_key(name):
@@ -489,14 +492,74 @@ class OutputDir:
         else:
             self._plain = [collections.OrderedDict() for _ in range(self.spec.mp)]
 
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The dtype ``name`` is written in (after ``open``): producing in it saves a cast."""
+        return self._dtypes[name]
+
+    @property
+    def aliases_tied(self) -> bool:
+        """The files store the output projection as the embedding's storage (``.pt`` layouts)."""
+        return (self.spec.format == "metaseq" and all(t in self.shapes for t in TIED)
+                and self.shapes[TIED[0]] == self.shapes[TIED[1]])
+
+    def expect_tied(self) -> None:
+        """The caller will write the output projection with ``add_tied`` (its sources are tied):
+        the embedding then need not be hashed for the comparison ``add`` makes."""
+        if not self.aliases_tied:
+            raise OutputError(f"{self.out}: this layout does not alias {TIED[1]} to {TIED[0]}")
+        self._expect_tied = True
+
+    def add_tied(self, name: str) -> None:
+        """Write ``name`` (the output projection) as an alias of the embedding already written."""
+        if name != TIED[1] or not self._expect_tied:
+            raise OutputError(f"tensor {name}: cannot be written tied (call expect_tied first; only {TIED[1]})")
+        if TIED[0] not in self._done:
+            raise OutputError(f"tensor {name}: tied to {TIED[0]}, which is not written yet")
+        if name in self._done:
+            raise OutputError(f"tensor {name} written twice")
+        self._done.add(name)
+        self.tensor_meta[name] = dict(self.tensor_meta[TIED[0]])
+        if not self.spec.fsdp:
+            for r in range(self.spec.mp):
+                self._plain[r][name] = self._tied_stub[r]
+
+    def _pieces(self, name: str, t: torch.Tensor) -> Iterable[torch.Tensor]:
+        """The MP pieces of ``t``, one at a time, each contiguous; unless FSDP keeps them (then
+        they are views or copies of ``t``), strided pieces are packed into one reused buffer,
+        valid until the next piece is asked for."""
+        M = self.spec.mp
+        if M == 1 or self.spec.fsdp:
+            yield from layout.split(name, t, M)
+            return
+        rule = layout.rule_for(name)
+        if rule == "qkv":  # rank r = [K_r; V_r; Q_r]: concatenated straight into the buffer
+            if t.shape[0] % (3 * M):
+                raise ValueError(f"tensor {name}: {t.shape[0]} rows (3 x parts) not divisible by "
+                                 f"model-parallel size {M}")
+            k, v, q = torch.chunk(t, 3, dim=0)
+            ks, vs, qs = (torch.chunk(x, M, dim=0) for x in (k, v, q))
+            for r in range(M):
+                buf = self._ws.get("piece", layout.part_shape(name, t.shape, M), t.dtype)
+                yield torch.cat([ks[r], vs[r], qs[r]], dim=0, out=buf)
+            return
+        for piece in layout.split(name, t, M):
+            yield piece if piece.is_contiguous() else self._ws.get("piece", piece.shape, piece.dtype).copy_(piece)
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` now. It may be a caller's reused buffer: nothing keeps a reference."""
         if name not in self.shapes:
             raise OutputError(f"unexpected tensor {name} (not in the target model)")
         if tuple(tensor.shape) != self.shapes[name]:
             raise OutputError(f"tensor {name}: produced shape {tuple(tensor.shape)}, target {self.shapes[name]}")
         if name in self._done:
             raise OutputError(f"tensor {name} written twice")
-        t = tensor.to(self._dtypes[name])
+        dt = self._dtypes[name]
+        if self.spec.fsdp:
+            t = tensor.to(dt, copy=True)  # held until its FSDP unit is complete: our own copy
+        elif tensor.dtype != dt:
+            t = self._ws.get("cast", tensor.shape, dt).copy_(tensor)
+        else:
+            t = tensor
         self.tensor_meta[name] = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
         self._done.add(name)
         if self._st is not None and self.spec.format == "hf_opt":
@@ -507,9 +570,8 @@ class OutputDir:
         if self._st is not None:
             self._st.add(name, t)
             return
-        pieces = layout.split(name, t, self.spec.mp)
-        for r, piece in enumerate(pieces):
-            if name in TIED and all(x in self.shapes for x in TIED):
+        for r, piece in enumerate(self._pieces(name, t)):
+            if name in TIED and all(x in self.shapes for x in TIED) and not self._expect_tied:
                 sha = hashlib.sha256(piece.contiguous().view(-1).view(torch.uint8).numpy().data).hexdigest()
                 if name == TIED[0]:
                     self._tied_sha[r] = sha
