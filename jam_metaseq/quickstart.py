@@ -39,6 +39,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -98,7 +99,7 @@ class Plan:
     valid_images: int = 64
     train_texts: int = 1200
     valid_texts: int = 64
-    vq_steps: int = 400
+    vq_steps: int = 600
     """Training steps of the tiny image tokenizer."""
     text_vocab: int = 256
     """Sentencepiece vocabulary size (an upper bound: the corpus may support fewer)."""
@@ -111,7 +112,7 @@ class Plan:
     heads: int = 4
     tokens_per_sample: int = 160
     batch_size: int = 8
-    parent_updates: int = 300
+    parent_updates: int = 500
     variant_updates: int = 150
     parent_lr: float = 3e-3
     variant_lr: float = 1e-3
@@ -164,7 +165,9 @@ class QuickstartConfig:
     force: bool = False
     """Re-run the selected stages even when finished."""
     threads: int = 0
-    """CPU threads per process (0 = torch's default)."""
+    """CPU threads per process (0 = all cores shared among ``jobs``)."""
+    jobs: int = 0
+    """Training runs at once (0 = 2 on a CPU with >= 2 cores, else 1; always 1 on an accelerator)."""
     prompts: tuple[str, ...] = ("a red circle on a white background", "a picture of a blue square on a black background")
     """Prompts of the generated answers."""
     progress: bool = True
@@ -182,6 +185,17 @@ class QuickstartConfig:
             raise ValueError("at least one variant is needed")
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0, got {self.threads}")
+        if self.jobs < 0:
+            raise ValueError(f"--jobs must be >= 0, got {self.jobs}")
+        if self.jobs == 0:
+            self.jobs = 2 if self.device == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+
+    @property
+    def threads_per_job(self) -> int:
+        """Intra-op threads of each process (0 = leave torch's default)."""
+        if self.threads:
+            return self.threads
+        return max(1, (os.cpu_count() or 1) // self.jobs) if self.jobs > 1 else 0
         if not self.prompts:
             raise ValueError("at least one prompt is needed")
 
@@ -194,8 +208,9 @@ def _log(msg: str) -> None:
 def _bar(total: int | None, desc: str, *, enabled: bool, unit: str = "it"):
     from tqdm import tqdm
 
+    slot = getattr(_SLOT, "value", 0)
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, disable=not enabled,
-                leave=True)
+                leave=slot == 0, position=slot)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -217,6 +232,10 @@ def _json_default(o: Any) -> Any:
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+_SLOT = threading.local()
+"""Which progress-bar line the current worker thread owns (parallel training runs)."""
 
 
 def _repo_paths() -> tuple[Path, Path]:
@@ -279,6 +298,30 @@ class Pipeline:
         self.markers[rel] = marker
         return marker
 
+    def units(self, stage: str, items: Sequence[tuple[str, dict, Callable[[Path], dict | None]]]) -> list[dict]:
+        """``unit`` for each (rel, material, build), ``cfg.jobs`` at a time; markers in item order."""
+        if self.cfg.jobs <= 1 or len(items) <= 1:
+            return [self.unit(stage, *it) for it in items]
+        from concurrent.futures import ThreadPoolExecutor
+        from queue import Queue
+
+        slots: Queue[int] = Queue()
+        for i in range(self.cfg.jobs):
+            slots.put(i)
+
+        def one(rel: str, material: dict, build: Callable[[Path], dict | None]) -> dict:
+            slot = slots.get()
+            _SLOT.value = slot
+            try:
+                return self.unit(stage, rel, material, build)
+            finally:
+                _SLOT.value = 0
+                slots.put(slot)
+
+        with ThreadPoolExecutor(self.cfg.jobs) as ex:
+            futures = [ex.submit(one, *it) for it in items]
+            return [f.result() for f in futures]
+
 
 # ---- stage 1: data -------------------------------------------------------------------------------
 def stage_data(p: Pipeline, plan: Plan) -> dict:
@@ -340,7 +383,7 @@ def stage_tokenizers(p: Pipeline, plan: Plan, data: dict) -> dict:
 
         text_size = load_text_tokenizer(model).vocab_size
         vq = train_image_tokenizer(images=_images(d / "train.images.npy"), out_dir=tmp / "vq",
-                                   steps=plan.vq_steps, seed=cfg.seed, device=cfg.device, progress=cfg.progress)
+                                   steps=plan.vq_steps, seed=cfg.seed, progress=cfg.progress)
         grid = tuple(int(g) for g in vq.grid)
         vocab = VocabManifest(text_size=text_size, image_codes=int(vq.n_codes), num_sentinels=plan.num_sentinels,
                               image_tokens_per_image=grid[0] * grid[1], image_grid=grid,
@@ -353,8 +396,9 @@ def stage_tokenizers(p: Pipeline, plan: Plan, data: dict) -> dict:
                                               "seed": cfg.seed}, build)
 
 
-def train_image_tokenizer(*, images: list, out_dir: Path, steps: int, seed: int, device: str, progress: bool):
-    """Train the tiny VQ tokenizer (``jam_metaseq.image_tokenizer``) and return it loaded."""
+def train_image_tokenizer(*, images: list, out_dir: Path, steps: int, seed: int, progress: bool):
+    """Train the tiny VQ tokenizer (``jam_metaseq.image_tokenizer``) on ``images``, save it in
+    ``out_dir`` and return it (CPU: a few hundred steps of a small convolutional VQGAN)."""
     try:
         from jam_metaseq.image_tokenizer import train_tiny_tokenizer
     except ImportError as e:
@@ -410,7 +454,10 @@ def stage_binarize(p: Pipeline, plan: Plan, data: dict, toks: dict) -> dict:
                 dst = tmp / "mixed" / split
                 dst.mkdir(parents=True, exist_ok=True)
                 for f in (tmp / source / split).iterdir():
-                    os.symlink(Path("..") / ".." / source / split / f.name, dst / f.name)
+                    try:
+                        os.symlink(Path("..") / ".." / source / split / f.name, dst / f.name)
+                    except OSError:  # no symlinks on this file system
+                        shutil.copy(f, dst / f.name)
         for sub in ("text", "caption", "mixed"):
             vocab.save(tmp / sub / "vocab.json")
         return {"stats": stats}
@@ -430,8 +477,8 @@ def _fairseq_env(cfg: QuickstartConfig) -> dict[str, str]:
     pkg, root = _repo_paths()
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    if cfg.threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(cfg.threads)
+    if cfg.threads_per_job:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(cfg.threads_per_job)
     if cfg.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     elif cfg.device.startswith("cuda:"):
@@ -531,7 +578,7 @@ def run_fairseq_train(*, cfg: QuickstartConfig, plan: Plan, data: Path, save_dir
 # ---- stage 4: parents ----------------------------------------------------------------------------
 def stage_parents(p: Pipeline, plan: Plan, bin_: dict) -> dict[str, dict]:
     cfg = p.cfg
-    out = {}
+    items = []
     for role, source in (("llm", "text"), ("img", "caption")):
         def build(tmp: Path, role: str = role, source: str = source) -> dict:
             # Same --seed for both: the two parents share their initialisation (as two models
@@ -543,9 +590,9 @@ def stage_parents(p: Pipeline, plan: Plan, bin_: dict) -> dict[str, dict]:
             shutil.copy(p.path("bin") / "mixed" / "vocab.json", tmp / "vocab.json")
             return info
 
-        out[role] = p.unit("parents", f"parents/{role}", {"bin": bin_["run"], "plan": _train_plan(plan, "parent"),
-                                                          "seed": cfg.seed}, build)
-    return out
+        items.append((f"parents/{role}", {"bin": bin_["run"], "plan": _train_plan(plan, "parent"), "seed": cfg.seed},
+                      build))
+    return dict(zip(PARENTS, p.units("parents", items)))
 
 
 def _train_plan(plan: Plan, which: str) -> dict:
@@ -572,8 +619,7 @@ def stage_fuse(p: Pipeline, parents: dict[str, dict]) -> dict[str, dict]:
 
             target = tmp / "ckpt"
             opts = ops.CommonOptions(spec=OutputSpec(out_dir=target), vocab=str(vocab), hash_sources=False,
-                                     progress=cfg.progress, command=["jam quickstart", "fuse", v.key],
-                                     trust_pickle=True)  # our own fairseq outputs: trusted pickles
+                                     progress=cfg.progress, command=["jam quickstart", "fuse", v.key])
             if v.family == "jam_uniform":
                 ops.merge([llm, img], opts=opts, weights=[0.5, 0.5])
             elif v.family == "jam_width":
@@ -600,7 +646,7 @@ def _variant_arch(v: Variant, plan: Plan) -> list[str]:
 
 def stage_pretrain(p: Pipeline, plan: Plan, fused: dict[str, dict]) -> dict[str, dict]:
     cfg = p.cfg
-    out = {}
+    items = []
     for i, key in enumerate(cfg.variants):
         v = VARIANTS[key]
 
@@ -612,10 +658,9 @@ def stage_pretrain(p: Pipeline, plan: Plan, fused: dict[str, dict]) -> dict[str,
             shutil.copy(p.path("bin") / "mixed" / "vocab.json", tmp / "vocab.json")
             return info
 
-        out[key] = p.unit("pretrain", f"pretrain/{key}", {"fused": fused[key]["run"],
-                                                          "plan": _train_plan(plan, "variant"), "seed": cfg.seed},
-                          build)
-    return out
+        items.append((f"pretrain/{key}", {"fused": fused[key]["run"], "plan": _train_plan(plan, "variant"),
+                                          "seed": cfg.seed}, build))
+    return dict(zip(cfg.variants, p.units("pretrain", items)))
 
 
 # ---- stage 7: evaluation -------------------------------------------------------------------------
@@ -640,7 +685,7 @@ def evaluate_checkpoint(*, checkpoint: Path, data_dir: Path, vocab_path: Path, p
     from jam_metaseq.vocab import VocabManifest
 
     vocab = VocabManifest.load(vocab_path)
-    model, mcfg, _ = load_checkpoint(checkpoint, vocab=vocab_path, trust_pickle=True)  # our own files
+    model, mcfg, _ = load_checkpoint(checkpoint, vocab=vocab_path)
     model = model.to(device)
     tok = load_text_tokenizer(vocab.text_tokenizer)
     out: dict[str, Any] = {"arch": getattr(mcfg, "arch", type(mcfg).__name__), "params": count_parameters(mcfg)}
@@ -767,8 +812,9 @@ def plot_curves(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     panels = [("parents (from scratch)", "parent", None), ("continued pretraining: text-token PPL", "jam", "text_ppl"),
               ("continued pretraining: image-token PPL", "jam", "image_ppl")]
+    colours = plt.get_cmap("tab20").colors
     for ax, (title, role, metric) in zip(axes, panels):
-        for r in results["rows"]:
+        for i, r in enumerate(results["rows"]):
             if r["role"] != role or not r["curve"]:
                 continue
             metrics = [metric] if metric else (["text_ppl"] if r["key"] == "parent_llm" else ["text_ppl", "image_ppl"])
@@ -777,7 +823,8 @@ def plot_curves(results: dict, path: Path) -> None:
                 if pts:
                     style = "--" if r.get("init") in ("preserve", "average") else "-"
                     label = r["model"] + ("" if metric else f" {m.split('_')[0]}")
-                    ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", ms=3, label=label)
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", ms=3, label=label,
+                            color=colours[(2 * i + (m == "image_ppl" and not metric)) % len(colours)])
         ax.set_title(title)
         ax.set_xlabel("update")
         ax.set_ylabel("validation PPL")
@@ -916,8 +963,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--variants", type=_csv(tuple(VARIANTS), "variant"), default=tuple(VARIANTS), metavar="V[,V...]",
                     help="JAM variants to build and train (default: all 11)")
     ap.add_argument("--force", action="store_true", help="re-run the selected stages even when finished")
+    ap.add_argument("--jobs", type=int, default=0, metavar="J",
+                    help="training runs at once (default 0 = 2 on a CPU with >= 2 cores, 1 on an accelerator)")
     ap.add_argument("--threads", type=int, default=0, metavar="T",
-                    help="CPU threads per process (default 0 = torch's default)")
+                    help="CPU threads per process (default 0 = the cores divided among --jobs)")
     ap.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                     help="prompt of a generated answer (repeatable; default: two shape captions)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -929,6 +978,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = QuickstartConfig(out=args.out, steps=args.steps, scale=args.scale, device=args.device, seed=args.seed,
                                stages=args.stages, variants=args.variants, force=args.force, threads=args.threads,
+                               jobs=args.jobs,
                                progress=not args.no_progress,
                                **({"prompts": tuple(args.prompt)} if args.prompt else {}))
         plan_for(scale=cfg.scale, steps=cfg.steps)  # validates --scale/--steps before any work
