@@ -51,8 +51,12 @@ def _add_output_flags(p: argparse.ArgumentParser, *, formats: Sequence[str] = ("
                    help="vocabulary manifest stored as OUT/vocab.json and in every file "
                         "(checked against the embedding; default: the input's own, if any)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--no-hash-sources", action="store_true",
-                   help="do not sha256 the input files into manifest.json (saves one read of the inputs)")
+    p.add_argument("--hash-sources", choices=("auto", "full", "none"), default="auto",
+                   help="sha256 of the input files in manifest.json: auto = reuse the hash an input's own "
+                        "jam-ckpt manifest.json records when the file's size matches and it is not newer "
+                        "than that manifest, else read and hash it; full = always read and hash (one more "
+                        "read of the inputs, on a helper thread); none = sizes only (default: auto)")
+    p.add_argument("--no-hash-sources", action="store_true", help="same as --hash-sources none")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_input_flags(p)
 
@@ -125,7 +129,8 @@ def _opts(args: argparse.Namespace, argv: Sequence[str], *, fmt: str | None = No
     spec = OutputSpec(out_dir=args.out, format=fmt or args.format, mp=args.mp, fsdp=args.fsdp,
                       dtype=DTYPES[args.dtype] if args.dtype else None, name=args.name, overwrite=args.overwrite)
     return CommonOptions(spec=spec, vocab=str(args.vocab) if args.vocab else None,
-                         hash_sources=not args.no_hash_sources, progress=not args.quiet,
+                         hash_sources="none" if args.no_hash_sources else args.hash_sources,
+                         progress=not args.quiet,
                          command=["jam-ckpt", *argv], trust_pickle=args.trust_pickle)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import json
 import os
 import sys
 import time
@@ -64,16 +65,59 @@ def load_vocab(path: str | os.PathLike | None, *, cfg: ModelConfig,
 _HASH_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jam-ckpt-hash")
 
 
-def source_record(role: str, reader: Reader, *, hash_sources: bool) -> "concurrent.futures.Future[dict[str, Any]]":
+HASH_SOURCES = ("auto", "full", "none")
+"""How sources are hashed into the manifest: ``auto`` takes a file's sha256 from the manifest.json
+next to it when that manifest (a jam-ckpt output's) lists the file with its current size and the
+file is not newer than the manifest, and reads and hashes it otherwise; ``full`` always reads
+and hashes; ``none`` records sizes only."""
+
+
+def _hash_policy(hash_sources: bool | str) -> str:
+    if hash_sources is True:
+        return "auto"
+    if hash_sources is False:
+        return "none"
+    if hash_sources not in HASH_SOURCES:
+        raise ValueError(f"hash_sources must be one of {HASH_SOURCES}, got {hash_sources!r}")
+    return hash_sources
+
+
+def source_record(role: str, reader: Reader, *, hash_sources: bool | str) -> "concurrent.futures.Future[dict[str, Any]]":
     """The manifest's record of one source; its sha256s are computed in a background thread
-    (hashlib releases the GIL), overlapping the streaming work."""
-    return _HASH_POOL.submit(_source_record, role, reader, hash_sources=hash_sources)
+    (hashlib releases the GIL), overlapping the streaming work. ``hash_sources``: see
+    ``HASH_SOURCES`` (True = auto, False = none)."""
+    return _HASH_POOL.submit(_source_record, role, reader, policy=_hash_policy(hash_sources))
 
 
-def _source_record(role: str, reader: Reader, *, hash_sources: bool) -> dict[str, Any]:
+def _manifest_hashes(d: Path) -> tuple[dict[str, Any], int]:
+    """(files table, mtime_ns) of a jam-ckpt manifest.json in ``d``, or ({}, 0)."""
+    m = d / "manifest.json"
+    try:
+        data = json.loads(m.read_text())
+        if data.get("created_by") == "jam-ckpt" and isinstance(data.get("files"), dict):
+            return data["files"], m.stat().st_mtime_ns
+    except (OSError, ValueError):
+        pass
+    return {}, 0
+
+
+def _source_record(role: str, reader: Reader, *, policy: str) -> dict[str, Any]:
     files = {}
+    known: dict[Path, tuple[dict[str, Any], int]] = {}
     for f in reader.files:
-        files[str(f)] = {"bytes": f.stat().st_size, "sha256": sha256_file(f) if hash_sources else None}
+        st = f.stat()
+        rec: dict[str, Any] = {"bytes": st.st_size, "sha256": None, "sha256_from": None}
+        if policy == "auto":
+            if f.parent not in known:
+                known[f.parent] = _manifest_hashes(f.parent)
+            table, mtime = known[f.parent]
+            entry = table.get(f.name)
+            if isinstance(entry, dict) and entry.get("bytes") == st.st_size and entry.get("sha256") \
+                    and st.st_mtime_ns <= mtime:
+                rec.update(sha256=entry["sha256"], sha256_from="manifest")
+        if policy != "none" and rec["sha256"] is None:
+            rec.update(sha256=sha256_file(f), sha256_from="read")
+        files[str(f)] = rec
     return {"role": role, "path": str(reader.path), "format": reader.format, "mp": reader.mp,
             "fsdp": reader.fsdp, "files": files}
 
@@ -227,8 +271,9 @@ class CommonOptions:
     spec: OutputSpec
     vocab: str | None = None
     """Vocab manifest JSON stored as vocab.json (checked against the embedding)."""
-    hash_sources: bool = True
-    """sha256 every source file into the manifest (costs one extra read of the sources)."""
+    hash_sources: bool | str = "auto"
+    """Source sha256s in the manifest: ``auto`` | ``full`` | ``none`` (see ``HASH_SOURCES``;
+    True = auto, False = none). Hashing reads the sources once more, on a helper thread."""
     progress: bool = True
     command: Sequence[str] | None = None
     """The command line, recorded in the manifest."""

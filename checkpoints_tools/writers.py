@@ -14,6 +14,7 @@ last shards), so metaseq's ``--restore-file OUT/{name}.pt`` finds the parts.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -47,8 +48,14 @@ class OutputError(ValueError):
 # ---- hashed sequential file ---------------------------------------------------------------------
 
 
+_HASH_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jam-ckpt-out-hash")
+_PARALLEL_HASH_BYTES = 1 << 20
+
+
 class _HashedFile:
-    """A write-only file that sha256-hashes what goes through it (the zip writer only appends)."""
+    """A write-only file that sha256-hashes what goes through it (the zip writer only appends).
+    Big writes are hashed on a helper thread while the main thread writes the same bytes (both
+    release the GIL); ``write`` returns once both are done, so callers may reuse the buffer."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -57,10 +64,17 @@ class _HashedFile:
         self.nbytes = 0
 
     def write(self, b: Any) -> int:
-        mv = memoryview(b)
-        self.sha.update(mv)
+        mv = memoryview(b).cast("B")
         self.nbytes += mv.nbytes
-        return self.f.write(mv)
+        if mv.nbytes < _PARALLEL_HASH_BYTES:
+            self.sha.update(mv)
+            return self.f.write(mv)
+        fut = _HASH_THREAD.submit(self.sha.update, mv)
+        try:
+            n = self.f.write(mv)
+        finally:
+            fut.result()
+        return n
 
     def flush(self) -> None:
         self.f.flush()

@@ -1,0 +1,160 @@
+"""Streaming kernels and buffers of checkpoints_tools against the fusion functions they stand for.
+
+``kernels.merge_into`` / ``widen_into`` / ``cross_into`` must equal ``jam_metaseq.fusion``'s
+``merge_tensor`` / ``widen_tensor`` / ``cross_tensor`` cast to the output dtype, bit for bit, on
+every tensor of tiny models, across chunk boundaries (CHUNK made small here) and dtypes;
+``ops.expected_shapes`` (meta build without init) must equal ``fusion.state_shapes``; the
+writer's reused buffers must not leak one tensor into the next.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from checkpoints_tools import kernels
+from checkpoints_tools.ops import CommonOptions, expected_shapes, merge, reshard
+from checkpoints_tools.readers import open_checkpoint
+from checkpoints_tools.workspace import Workspace
+from checkpoints_tools.writers import OutputSpec
+from jam_metaseq.fusion import cross_tensor, merge_tensor, state_shapes, widen_tensor
+from jam_metaseq.models.config import cross_of, preset, uniform_of, width_of
+from _ckpt_util import assert_state_equal, save_metaseq, tiny_parent
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(kernels, "CHUNK", 96)  # tiny tensors span many chunks, with ragged tails
+
+
+@pytest.fixture(scope="module")
+def two():
+    cfg, a = tiny_parent(31)
+    _, b = tiny_parent(32)
+    return cfg, a, b
+
+
+def _cast(state, dtype):
+    return collections.OrderedDict((k, v.to(dtype)) for k, v in state.items())
+
+
+def _bitwise(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    assert torch.equal(got.view(-1).view(torch.uint8) if got.numel() else got,
+                       want.view(-1).view(torch.uint8) if want.numel() else want), what
+
+
+def test_expected_shapes_equal_fusion_state_shapes():
+    p = preset("tiny")
+    for cfg in (p, uniform_of(p), width_of(p), cross_of(p, 1, image_vocab_start=10, image_vocab_end=20),
+                cross_of(p, 2, cross_init="preserve", image_vocab_start=0, image_vocab_end=5),
+                preset("tiny", bias=False, affine_ln=False)):
+        got, want = expected_shapes(cfg), state_shapes(cfg)
+        assert list(got.items()) == list(want.items()), cfg
+
+
+@pytest.mark.parametrize("dt_in,dt_out", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                          (torch.bfloat16, torch.float16), (torch.float16, torch.float32)])
+def test_merge_into_is_merge_tensor_bitwise(two, small_chunks, dt_in, dt_out):
+    _, a, b = two
+    a, b = _cast(a, dt_in), _cast(b, dt_in)
+    c = _cast(a, torch.float32)
+    for k in a:
+        for ins, w in (([a[k], b[k]], [0.5, 0.5]), ([a[k], b[k], c[k]], [0.2, 0.3, 0.5])):
+            out = torch.empty(a[k].shape, dtype=dt_out)
+            kernels.merge_into(k, ins, out, weights=w)
+            _bitwise(out, merge_tensor(k, ins, weights=w).to(dt_out), k)
+
+
+@pytest.mark.parametrize("init", ["copy", "average"])
+@pytest.mark.parametrize("dt_in,dt_out", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                          (torch.float16, torch.bfloat16)])
+def test_widen_into_is_widen_tensor_bitwise(two, small_chunks, init, dt_in, dt_out):
+    cfg, a, b = two
+    a, b = _cast(a, dt_in), _cast(b, dt_in)
+    shapes = state_shapes(width_of(cfg))
+    assert list(shapes) == list(a)
+    for k in a:
+        out = torch.full(shapes[k], float("nan"), dtype=dt_out)  # every element must be written
+        kernels.widen_into(k, a[k], b[k], out, parent=cfg, init=init)
+        _bitwise(out, widen_tensor(k, a[k], b[k], parent=cfg, init=init).to(dt_out), k)
+
+
+@pytest.mark.parametrize("init", ["paper", "preserve"])
+def test_cross_into_is_cross_tensor_bitwise(two, tmp_path, init):
+    cfg, a, b = two
+    a16, b16 = _cast(a, torch.float16), _cast(b, torch.bfloat16)  # mixed parent dtypes
+    ra = open_checkpoint(save_metaseq(tmp_path / "a", cfg, a16, mp=2))
+    rb = open_checkpoint(save_metaseq(tmp_path / "b", cfg, b16, fsdp=2))
+    ccfg = cross_of(cfg, 1, cross_init=init, image_vocab_start=64, image_vocab_end=100)
+    ws = Workspace()
+    for k, shape in state_shapes(ccfg).items():
+        out = ws.get("out", shape, torch.float16)
+        out.fill_(float("nan"))
+        kernels.cross_into(k, out, cfg=ccfg, llm=ra, img=rb, seed=9, ws=ws)
+        want = cross_tensor(k, cfg=ccfg, llm=a16.__getitem__, img=b16.__getitem__, seed=9).to(torch.float16)
+        _bitwise(out, want, k)
+
+
+def test_workspace_reuses_and_grows():
+    ws = Workspace()
+    x = ws.get("a", (4, 8), torch.float32)
+    y = ws.get("a", (2, 8), torch.float16)
+    assert x.data_ptr() == y.data_ptr()  # same pages, another view
+    z = ws.get("a", (64, 64), torch.float32)
+    assert z.shape == (64, 64) and ws.nbytes() >= 64 * 64 * 4
+    assert ws.get("b", (0, 3), torch.float16).numel() == 0
+
+
+@pytest.mark.parametrize("mp,fsdp", [(1, 0), (2, 0), (4, 0), (2, 2)])
+def test_reused_buffers_do_not_leak_between_tensors(two, tmp_path, mp, fsdp):
+    """merge/reshard produce into one reused buffer and the writer packs MP pieces into another:
+    every written tensor must still be its own (read back against the reference)."""
+    cfg, a, b = two
+    pa = save_metaseq(tmp_path / "a", cfg, a, mp=2)
+    pb = save_metaseq(tmp_path / "b", cfg, b)
+    opts = CommonOptions(spec=OutputSpec(out_dir=tmp_path / f"m{mp}_{fsdp}", mp=mp, fsdp=fsdp),
+                         progress=False, hash_sources="none")
+    out = merge([pa, pb], opts=opts, weights=[0.25, 0.75])
+    got = collections.OrderedDict(open_checkpoint(out).items())
+    want = collections.OrderedDict((k, merge_tensor(k, [a[k], b[k]], weights=[0.25, 0.75])) for k in a)
+    assert_state_equal(got, want)
+    back = reshard(out, opts=CommonOptions(spec=OutputSpec(out_dir=tmp_path / f"r{mp}_{fsdp}"), progress=False,
+                                           hash_sources="none"))
+    assert_state_equal(collections.OrderedDict(open_checkpoint(back).items()), want)
+
+
+def test_source_hashes_from_the_sources_manifest_only_when_unchanged(two, tmp_path):
+    """--hash-sources auto takes a jam-ckpt source's recorded sha256 when size and mtime say the
+    file is unchanged since its manifest; a newer file is read and hashed; full always reads."""
+    import json
+    import os
+
+    from checkpoints_tools.writers import sha256_file
+
+    cfg, a, _ = two
+    src = reshard(save_metaseq(tmp_path / "p", cfg, a),
+                  opts=CommonOptions(spec=OutputSpec(out_dir=tmp_path / "src", mp=2), progress=False,
+                                     hash_sources="none"))
+
+    def sources(name, policy):
+        o = reshard(src, opts=CommonOptions(spec=OutputSpec(out_dir=tmp_path / name), progress=False,
+                                            hash_sources=policy))
+        return json.loads((o / "manifest.json").read_text())["sources"][0]["files"]
+
+    files = sources("auto", "auto")
+    assert {r["sha256_from"] for r in files.values()} == {"manifest"}
+    for f, r in files.items():
+        assert r["sha256"] == sha256_file(f)
+    part1 = src / "checkpoint-model_part-1.pt"
+    later = (src / "manifest.json").stat().st_mtime_ns + 10**9
+    os.utime(part1, ns=(later, later))  # e.g. rewritten in place after the manifest
+    files = sources("touched", "auto")
+    assert files[str(part1)]["sha256_from"] == "read"
+    assert files[str(src / "checkpoint-model_part-0.pt")]["sha256_from"] == "manifest"
+    assert {r["sha256_from"] for r in sources("full", "full").values()} == {"read"}
+    assert {r["sha256"] for r in sources("none", "none").values()} == {None}
