@@ -42,7 +42,10 @@ import torch
 
 from jam_metaseq.data.binarize import TokenBlockDataset, open_dataset
 from jam_metaseq.data.mixture import MixtureStream
+from jam_metaseq.hosts import args as jam_args
+from jam_metaseq.models import build_model
 from jam_metaseq.objectives.cm3 import CM3Config, cm3_transform, item_rng
+from jam_metaseq.objectives.loss import per_token_nll, reduce_token_nll, token_weights
 from jam_metaseq.vocab import VocabManifest
 
 
@@ -504,3 +507,228 @@ def start_checkpoint(*, restore_file: str | None, finetune_from_model: str | Non
     if restore_file and restore_file != "checkpoint_last.pt":
         return restore_file
     return None
+
+
+# ---- what both hosts' classes share (mixins; each host adds its base class and API) -------------
+# A host class lists the mixin first, ``class X(CM3DatasetMixin, FairseqDataset)``, so the mixin's
+# methods win over the base's placeholders and its ``super().__init__`` reaches the host base.
+def build_core(args: argparse.Namespace, task: Any) -> tuple[Any, torch.nn.Module]:
+    """The config (``args.jam_config`` if stored, else the flags) and the core model of a host's
+    ``build_model``; records the config in ``args`` (pickled into every checkpoint with it)."""
+    vocab: VocabManifest = task.vocab
+    dictionary = task.target_dictionary
+    cfg = jam_args.config_from_args(args, vocab_size=len(dictionary), padding_idx=dictionary.pad(),
+                                    image_range=(vocab.image_start, vocab.image_end))
+    vocab.check_embedding(cfg.vocab_size, what="model")
+    args.jam_config = cfg.to_dict()
+    return cfg, build_model(cfg)
+
+
+class JamModelMixin:
+    """A host model whose ``decoder`` is a ``CoreDecoderMixin`` decoder."""
+
+    @staticmethod
+    def add_args(parser: Any) -> None:
+        jam_args.add_model_args(parser)
+
+    def max_positions(self) -> int:
+        return self.decoder.max_positions()  # type: ignore[attr-defined]
+
+
+class CoreDecoderMixin:
+    """A host decoder around a core JAM model; its children are the core's ``decoder.*`` modules,
+    so ``state_dict()`` keys are metaseq's (``decoder.embed_tokens.weight`` ...)."""
+
+    def __init__(self, dictionary: Any, core: torch.nn.Module) -> None:
+        super().__init__(dictionary)  # type: ignore[call-arg]
+        for name, child in core.decoder.named_children():
+            self.add_module(name, child)  # type: ignore[attr-defined]
+        for name, buf in core.decoder.named_buffers(recurse=False):
+            self.register_buffer(name, buf)  # type: ignore[attr-defined]
+        self.__dict__["core"] = core  # not a submodule: its parameters are ours already
+
+    def train(self, mode: bool = True) -> Any:
+        super().train(mode)  # type: ignore[misc]
+        self.core.train(mode)  # the core's own containers carry the dropout flags it reads
+        return self
+
+    def core_forward(self, prev_output_tokens: torch.Tensor, *, incremental_state: Any,
+                     features_only: bool) -> tuple[torch.Tensor, dict]:
+        """The hosts' ``forward`` minus their differing signatures."""
+        if incremental_state is not None:
+            raise NotImplementedError("incremental decoding of JAM models: use jam-generate (KV cache)")
+        x = self.core.extract_features(prev_output_tokens)  # (B, T, E)
+        if features_only:
+            return x, {}
+        return self.core.output_layer(x), {}  # (B, T, V), or (B, T, V/N) vocab-parallel
+
+    def extract_features(self, prev_output_tokens: torch.Tensor, **unused: Any):
+        return self.core.extract_features(prev_output_tokens), {}
+
+    def output_layer(self, features: torch.Tensor, **unused: Any) -> torch.Tensor:
+        return self.core.output_layer(features)
+
+    def max_positions(self) -> int:
+        return self.core.cfg.max_positions
+
+
+class CM3DatasetMixin:
+    """``CM3Items`` as a host dataset (constant item size bound, so batches are planned once and an
+    epoch only changes which block each item reads)."""
+
+    def __init__(self, items: CM3Items, *, pad: int) -> None:
+        super().__init__()
+        self.items = items
+        self.pad = pad
+        self.sizes = np.full(len(items), items.opts.tokens_per_sample, dtype=np.int64)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def collater(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(samples, pad=self.pad)
+
+    def num_tokens(self, index: int) -> int:
+        return int(self.sizes[index])
+
+    def size(self, index: int) -> int:
+        return int(self.sizes[index])
+
+    def ordered_indices(self) -> np.ndarray:
+        return np.arange(len(self), dtype=np.int64)  # items are shuffled by the mixture plan
+
+    def set_epoch(self, epoch: int) -> None:
+        self.items.set_epoch(epoch)
+
+
+class CM3TaskMixin:
+    """The ``cm3_multimodal`` task; a host class sets ``dataset_class`` and ``make_dictionary``
+    (``staticmethod(VocabManifest -> host Dictionary)``). Logs go to the host module's logger."""
+
+    dataset_class: type
+    make_dictionary: Any
+
+    @staticmethod
+    def add_args(parser: Any) -> None:
+        add_task_args(parser)
+
+    def __init__(self, args: argparse.Namespace, vocab: VocabManifest, dictionary: Any) -> None:
+        super().__init__(args)  # type: ignore[call-arg]
+        self.args = args
+        self.vocab = vocab
+        self.dictionary = dictionary
+        self.opts = task_options_from_args(args, vocab)
+        self.state.merge_state_dict({"vocab_manifest": vocab.to_dict()})  # type: ignore[attr-defined]
+
+    @classmethod
+    def setup_task(cls, args: argparse.Namespace, **kwargs: Any) -> Any:
+        data = args.data.split(":")[0]
+        vocab = load_manifest(data, train_subset=getattr(args, "train_subset", "train"))
+        dictionary = cls.make_dictionary(vocab)
+        logging.getLogger(cls.__module__).info(
+            f"cm3_multimodal: {data}: vocabulary of {vocab.size} ids "
+            f"(text {vocab.text_size}, image codes {vocab.image_codes})")
+        return cls(args, vocab, dictionary)
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs: Any) -> None:
+        prefixes = find_sources(self.opts.data, split)
+        sources = {n: open_dataset(p, vocab=self.vocab) for n, p in prefixes.items()}
+        train = split == getattr(self.args, "train_subset", "train")
+        items = CM3Items(sources, vocab=self.vocab, opts=self.opts, train=train, epoch=epoch)
+        logging.getLogger(type(self).__module__).info(
+            f"cm3_multimodal: {split}: {len(items)} items from sources {list(sources)}")
+        self.datasets[split] = self.dataset_class(items, pad=self.dictionary.pad())  # type: ignore[attr-defined]
+
+    def on_model_built(self, model: Any, args: argparse.Namespace) -> None:
+        """Record the config in the task state and check the starting weights before training."""
+        self.state.merge_state_dict({"jam_config": model.jam_config.to_dict()})  # type: ignore[attr-defined]
+        if getattr(model, "model_parallel_size", 1) > 1:
+            return  # per-part files (-model_part-r): metaseq checks them as it loads
+        path = start_checkpoint(restore_file=getattr(args, "restore_file", None),
+                                finetune_from_model=getattr(args, "finetune_from_model", None),
+                                save_dir=getattr(args, "save_dir", "checkpoints"))
+        if path is not None and Path(path).exists():
+            check_start_checkpoint(path, model_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
+                                   vocab=self.vocab)
+
+    def max_positions(self) -> int:
+        return self.opts.tokens_per_sample
+
+    @property
+    def source_dictionary(self) -> Any:
+        return self.dictionary
+
+    @property
+    def target_dictionary(self) -> Any:
+        return self.dictionary
+
+
+class CM3CriterionMixin:
+    """Token cross-entropy with data loss weights and optional sentinel weight; logs text and image
+    loss/PPL separately (base 2, as the hosts log ``loss``/``ppl``). A host may override
+    ``token_nll`` (metaseq: vocab-parallel cross-entropy) and supplies ``reduce_metrics``."""
+
+    def __init__(self, task: Any, sentinel_weight: float = 1.0) -> None:
+        super().__init__(task)  # type: ignore[call-arg]
+        self.vocab: VocabManifest = task.vocab
+        self.sentinel_weight = float(sentinel_weight)
+
+    @staticmethod
+    def add_args(parser: Any) -> None:
+        parser.add_argument("--sentinel-weight", type=float, default=1.0,
+                            help="loss weight of predicting CM3 sentinels (CM3 used 0; default %(default)s)")
+
+    def token_nll(self, model: Any, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """-log p(target) per token (B, T) from the model's logits (B, T, V)."""
+        return per_token_nll(logits, target)
+
+    def forward(self, model: Any, sample: dict[str, Any], reduce: bool = True):
+        logits, _ = model(**sample["net_input"])
+        target = sample["target"]
+        # = objectives.loss.cm3_loss, with the nll step replaceable
+        weights = token_weights(target, vocab=self.vocab, loss_mask=sample.get("loss_weights"),
+                                sentinel_weight=self.sentinel_weight, padding_idx=self.padding_idx)
+        out = reduce_token_nll(self.token_nll(model, logits, target), target, vocab=self.vocab, weights=weights)
+        return out.loss, out.weight_sum.data, logging_output(out, sample)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True
+
+
+def arch_defaults(family: str, size: str) -> Any:
+    """A host's arch function: fills unset flags of ``family`` at ``size`` (``hosts.args``)."""
+    def fill(args: argparse.Namespace) -> None:
+        jam_args.apply_arch_defaults(args, family=family, size=size)
+
+    fill.__name__ = f"arch_{family}_{size}"
+    return fill
+
+
+def register_with_host(*, model_class: type, model_registry: Mapping[str, Any], register_model: Any,
+                       arch_registry: Mapping[str, Any], register_model_architecture: Any,
+                       task: tuple[str, type, Mapping[str, Any], Any],
+                       criterion: tuple[str, type, Mapping[str, Any], Any],
+                       checkpoint_utils: Any, distributed_utils: Any = None) -> None:
+    """Make a host load and broadcast JAM checkpoints (``allow_checkpoint_globals``, its
+    ``checkpoint_utils`` and ``distributed.utils`` patched; None: not patched), then register a
+    ``model_class`` subclass per JAM family, every arch, the task and the criterion (``task`` /
+    ``criterion`` = (name, class, host registry, host register function)) with its registry API,
+    skipping names it already holds (its registries refuse duplicates)."""
+    allow_checkpoint_globals()
+    patch_host_upgrader(checkpoint_utils)
+    if distributed_utils is not None:
+        patch_host_broadcast(distributed_utils)
+    for family in jam_args.FAMILIES:
+        if family not in model_registry:
+            sub = type(f"{model_class.__name__}_{family}", (model_class,), {"__module__": model_class.__module__})
+            register_model(family)(sub)
+    for arch, (family, size) in jam_args.arch_names().items():
+        if arch not in arch_registry:
+            register_model_architecture(family, arch)(arch_defaults(family, size))
+    for name, cls, registry, register in (task, criterion):
+        if name not in registry:
+            register(name)(cls)
