@@ -16,17 +16,15 @@ installed in this project's CI (``reference/metaseq.md``): this module is checke
   ``-model_part-r`` tensors ([K_r; V_r; Q_r] rows of ``qkv_proj``), and the criterion uses
   ``vocab_parallel_cross_entropy`` on the vocab-sharded logits.
 - Checkpoints load under torch >= 2.6 through the same allow-list as fairseq (``hosts.common``).
-Data, items and the loss math are shared with the fairseq adapter (``hosts.common``,
-``objectives.loss``).
+Data, items, task, criterion and decoder logic are shared with the fairseq adapter (mixins in
+``hosts.common``; loss math in ``objectives.loss``); this module keeps what metaseq does differently.
 """
 
 from __future__ import annotations
 
-import logging
 from argparse import Namespace
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -46,18 +44,11 @@ try:
 except ImportError:
     from metaseq import metrics  # type: ignore[no-redef]
 
-from jam_metaseq.hosts import args as jam_args
 from jam_metaseq.hosts.common import (
-    CM3Items, add_task_args, allow_checkpoint_globals, check_start_checkpoint, collate,
-    find_sources, load_manifest, patch_host_broadcast, patch_host_upgrader, reduce_cm3_metrics,
-    start_checkpoint, task_options_from_args,
+    CM3CriterionMixin, CM3DatasetMixin, CM3TaskMixin, CoreDecoderMixin, JamModelMixin, build_core,
+    reduce_cm3_metrics, register_with_host,
 )
-from jam_metaseq.hosts.common import logging_output as logging_output_of
-from jam_metaseq.models import build_model
-from jam_metaseq.objectives.loss import per_token_nll, reduce_token_nll, token_weights
 from jam_metaseq.vocab import VocabManifest
-
-logger = logging.getLogger(__name__)
 
 TASK_NAME = "cm3_multimodal"
 CRITERION_NAME = "cm3"
@@ -146,42 +137,16 @@ class _VocabParallelOutput(nn.Module):
 
 
 # ---- model ---------------------------------------------------------------------------------
-class JamMetaseqDecoder(BaseDecoder):
-    """metaseq decoder around a core JAM model; children are the core's ``decoder.*`` modules."""
-
-    def __init__(self, dictionary: Dictionary, core: nn.Module) -> None:
-        super().__init__(dictionary)
-        for name, child in core.decoder.named_children():
-            self.add_module(name, child)
-        for name, buf in core.decoder.named_buffers(recurse=False):
-            self.register_buffer(name, buf)
-        self.__dict__["core"] = core
-
-    def train(self, mode: bool = True) -> "JamMetaseqDecoder":
-        super().train(mode)
-        self.core.train(mode)
-        return self
+class JamMetaseqDecoder(CoreDecoderMixin, BaseDecoder):
+    """metaseq decoder around a core JAM model (``hosts.common.CoreDecoderMixin``)."""
 
     def forward(self, prev_output_tokens: torch.Tensor, incremental_state: Any = None,
                 features_only: bool = False, **unused: Any):
-        if incremental_state is not None:
-            raise NotImplementedError("incremental decoding of JAM models: use jam-generate (KV cache)")
-        x = self.core.extract_features(prev_output_tokens)
-        if features_only:
-            return x, {}
-        return self.core.decoder.output_projection(x), {}
-
-    def extract_features(self, prev_output_tokens: torch.Tensor, **unused: Any):
-        return self.core.extract_features(prev_output_tokens), {}
-
-    def output_layer(self, features: torch.Tensor, **unused: Any) -> torch.Tensor:
-        return self.core.decoder.output_projection(features)
-
-    def max_positions(self) -> int:
-        return self.core.cfg.max_positions
+        return self.core_forward(prev_output_tokens, incremental_state=incremental_state,
+                                 features_only=features_only)
 
 
-class JamMetaseqModel(BaseModel):
+class JamMetaseqModel(JamModelMixin, BaseModel):
     """A JAM model as a metaseq decoder-only model."""
 
     def __init__(self, decoder: JamMetaseqDecoder, jam_config: Any, model_parallel_size: int) -> None:
@@ -190,153 +155,47 @@ class JamMetaseqModel(BaseModel):
         self.jam_config = jam_config
         self.model_parallel_size = model_parallel_size
 
-    @staticmethod
-    def add_args(parser: Any) -> None:
-        jam_args.add_model_args(parser)
-
     @classmethod
     def build_model(cls, args: Namespace, task: Any) -> "JamMetaseqModel":
-        vocab: VocabManifest = task.vocab
-        dictionary = task.target_dictionary
-        cfg = jam_args.config_from_args(args, vocab_size=len(dictionary), padding_idx=dictionary.pad(),
-                                        image_range=(vocab.image_start, vocab.image_end))
-        vocab.check_embedding(cfg.vocab_size, what="model")
-        args.jam_config = cfg.to_dict()
-        core = build_model(cfg)
+        cfg, core = build_core(args, task)
         mp = int(getattr(args, "model_parallel_size", 1) or 1)
         if mp > 1:
             parallelize_tensor(core, world_size=mp)
-        model = cls(JamMetaseqDecoder(dictionary, core), cfg, mp)
+        model = cls(JamMetaseqDecoder(task.target_dictionary, core), cfg, mp)
         task.on_model_built(model, args)
         return model
 
     def forward(self, src_tokens: torch.Tensor, **kwargs: Any):
         return self.decoder(src_tokens, **kwargs)
 
-    def max_positions(self) -> int:
-        return self.decoder.max_positions()
-
 
 # ---- data / task -----------------------------------------------------------------------------
-class CM3MetaseqDataset(BaseDataset):
-    def __init__(self, items: CM3Items, *, pad: int) -> None:
-        super().__init__()
-        self.items = items
-        self.pad = pad
-        self.sizes = np.full(len(items), items.opts.tokens_per_sample, dtype=np.int64)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.items[index]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def collater(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate(samples, pad=self.pad)
-
-    def num_tokens(self, index: int) -> int:
-        return int(self.sizes[index])
-
-    def size(self, index: int) -> int:
-        return int(self.sizes[index])
-
-    def ordered_indices(self) -> np.ndarray:
-        return np.arange(len(self), dtype=np.int64)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.items.set_epoch(epoch)
+class CM3MetaseqDataset(CM3DatasetMixin, BaseDataset):
+    """``hosts.common.CM3Items`` as a metaseq BaseDataset (``hosts.common.CM3DatasetMixin``)."""
 
 
-class CM3MultimodalMetaseqTask(_TaskBase):
-    """metaseq twin of ``hosts.fairseq.CM3MultimodalTask`` (same flags, data layout and items)."""
+class CM3MultimodalMetaseqTask(CM3TaskMixin, _TaskBase):
+    """metaseq twin of ``hosts.fairseq.CM3MultimodalTask`` (same flags, data layout and items);
+    at model-parallel size > 1 the start checkpoint is left to metaseq's per-part loading."""
 
-    @staticmethod
-    def add_args(parser: Any) -> None:
-        add_task_args(parser)
-
-    def __init__(self, args: Namespace, vocab: VocabManifest, dictionary: Dictionary) -> None:
-        super().__init__(args)
-        self.args = args
-        self.vocab = vocab
-        self.dictionary = dictionary
-        self.opts = task_options_from_args(args, vocab)
-        self.state.merge_state_dict({"vocab_manifest": vocab.to_dict()})
-
-    @classmethod
-    def setup_task(cls, args: Namespace, **kwargs: Any) -> "CM3MultimodalMetaseqTask":
-        vocab = load_manifest(args.data.split(":")[0], train_subset=getattr(args, "train_subset", "train"))
-        return cls(args, vocab, dictionary_from_manifest(vocab))
-
-    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs: Any) -> None:
-        from jam_metaseq.data.binarize import open_dataset
-
-        sources = {n: open_dataset(p, vocab=self.vocab) for n, p in find_sources(self.opts.data, split).items()}
-        train = split == getattr(self.args, "train_subset", "train")
-        items = CM3Items(sources, vocab=self.vocab, opts=self.opts, train=train, epoch=epoch)
-        self.datasets[split] = CM3MetaseqDataset(items, pad=self.dictionary.pad())
-
-    def on_model_built(self, model: JamMetaseqModel, args: Namespace) -> None:
-        self.state.merge_state_dict({"jam_config": model.jam_config.to_dict()})
-        if model.model_parallel_size > 1:
-            return  # per-part files (-model_part-r): metaseq checks them as it loads
-        path = start_checkpoint(restore_file=getattr(args, "restore_file", None),
-                                finetune_from_model=getattr(args, "finetune_from_model", None),
-                                save_dir=getattr(args, "save_dir", "checkpoints"))
-        if path is not None:
-            import os
-
-            if os.path.exists(path):
-                check_start_checkpoint(path, model_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
-                                       vocab=self.vocab)
-
-    def max_positions(self) -> int:
-        return self.opts.tokens_per_sample
-
-    @property
-    def source_dictionary(self) -> Dictionary:
-        return self.dictionary
-
-    @property
-    def target_dictionary(self) -> Dictionary:
-        return self.dictionary
+    dataset_class = CM3MetaseqDataset
+    make_dictionary = staticmethod(dictionary_from_manifest)
 
 
 # ---- criterion -----------------------------------------------------------------------------
-class CM3MetaseqCriterion(BaseCriterion):
+class CM3MetaseqCriterion(CM3CriterionMixin, BaseCriterion):
     """Same loss and logs as the fairseq ``cm3`` criterion; vocab-parallel nll at MP > 1."""
 
-    def __init__(self, task: Any, sentinel_weight: float = 1.0) -> None:
-        super().__init__(task)
-        self.vocab: VocabManifest = task.vocab
-        self.sentinel_weight = float(sentinel_weight)
-
-    @staticmethod
-    def add_args(parser: Any) -> None:
-        parser.add_argument("--sentinel-weight", type=float, default=1.0,
-                            help="loss weight of predicting CM3 sentinels (CM3 used 0; default %(default)s)")
-
-    def forward(self, model: Any, sample: dict[str, Any], reduce: bool = True):
-        logits, _ = model(**sample["net_input"])
-        target = sample["target"]
+    def token_nll(self, model: Any, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if getattr(model, "model_parallel_size", 1) > 1:
             from metaseq.modules.megatron import mpu
 
-            nll = mpu.vocab_parallel_cross_entropy(logits.float(), target)  # (B, T)
-        else:
-            nll = per_token_nll(logits, target)
-        weights = token_weights(target, vocab=self.vocab, loss_mask=sample.get("loss_weights"),
-                                sentinel_weight=self.sentinel_weight, padding_idx=self.padding_idx)
-        out = reduce_token_nll(nll, target, vocab=self.vocab, weights=weights)
-        logging_output = logging_output_of(out, sample)
-        return out.loss, out.weight_sum.data, logging_output
+            return mpu.vocab_parallel_cross_entropy(logits.float(), target)  # (B, T)
+        return super().token_nll(model, logits, target)
 
     @staticmethod
     def reduce_metrics(logging_outputs: list[dict[str, Any]]) -> None:
         reduce_cm3_metrics(logging_outputs, metrics=metrics, get_perplexity=_perplexity)
-
-    @staticmethod
-    def logging_outputs_can_be_summed() -> bool:
-        return True
 
 
 def _perplexity(loss_base2: float, round: int = 2) -> float:
@@ -355,27 +214,16 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    allow_checkpoint_globals()
     from metaseq import checkpoint_utils
 
-    patch_host_upgrader(checkpoint_utils)
     try:
         from metaseq.distributed import utils as distributed_utils
-
-        patch_host_broadcast(distributed_utils)
     except ImportError:
-        pass
-    for family in jam_args.FAMILIES:
-        if family not in MODEL_REGISTRY:
-            register_model(family)(type(f"JamMetaseqModel_{family}", (JamMetaseqModel,), {}))
-    for arch, (family, size) in jam_args.arch_names().items():
-        if arch not in ARCH_MODEL_REGISTRY:
-            def fill(args: Namespace, family: str = family, size: str = size) -> None:
-                jam_args.apply_arch_defaults(args, family=family, size=size)
-
-            register_model_architecture(family, arch)(fill)
-    if TASK_NAME not in TASK_REGISTRY:
-        register_task(TASK_NAME)(CM3MultimodalMetaseqTask)
-    if CRITERION_NAME not in CRITERION_REGISTRY:
-        register_criterion(CRITERION_NAME)(CM3MetaseqCriterion)
+        distributed_utils = None
+    register_with_host(
+        model_class=JamMetaseqModel, model_registry=MODEL_REGISTRY, register_model=register_model,
+        arch_registry=ARCH_MODEL_REGISTRY, register_model_architecture=register_model_architecture,
+        task=(TASK_NAME, CM3MultimodalMetaseqTask, TASK_REGISTRY, register_task),
+        criterion=(CRITERION_NAME, CM3MetaseqCriterion, CRITERION_REGISTRY, register_criterion),
+        checkpoint_utils=checkpoint_utils, distributed_utils=distributed_utils)
     _registered = True
