@@ -192,6 +192,38 @@ def test_fairseq_model_is_the_core_model(tmp_path, data):
     assert core.training and core.decoder.training
 
 
+def test_fairseq_criterion_is_cm3_loss():
+    """The criterion (``hosts.common.CM3CriterionMixin``) = ``objectives.loss.cm3_loss`` on the
+    model's logits, with the batch's loss weights, sentinel weight and padding."""
+    pytest.importorskip("fairseq")
+    from jam_metaseq.hosts import register_hosts
+    from jam_metaseq.hosts.common import logging_output
+    from jam_metaseq.hosts.fairseq import CM3Criterion, JamLanguageModel, dictionary_from_manifest
+    from jam_metaseq.objectives.loss import cm3_loss
+
+    register_hosts(import_hosts=True)
+    task = argparse.Namespace(vocab=VOCAB, target_dictionary=dictionary_from_manifest(VOCAB))
+    torch.manual_seed(0)
+    model = JamLanguageModel.build_model(_filled("jam_uniform_tiny"), task)
+    g = torch.Generator().manual_seed(1)
+    samples = []
+    for i, n in enumerate((9, 5)):
+        tokens = torch.randint(4, VOCAB.size, (n + 1,), generator=g)
+        tokens[3] = VOCAB.sentinel(0)  # a sentinel target the weight applies to
+        samples.append({"id": i, "source": tokens[:-1], "target": tokens[1:],
+                        "weights": (torch.arange(n) % 3 != 0).float()})
+    batch = collate(samples, pad=VOCAB.pad)
+    crit = CM3Criterion(task, sentinel_weight=0.25)
+    loss, sample_size, log = crit(model, batch)
+    ref = cm3_loss(model(**batch["net_input"])[0], batch["target"], vocab=VOCAB,
+                   loss_mask=batch["loss_weights"], sentinel_weight=0.25, padding_idx=VOCAB.pad)
+    assert torch.equal(loss, ref.loss) and torch.equal(sample_size, ref.weight_sum)
+    assert log.keys() == logging_output(ref, batch).keys()
+    for k, v in logging_output(ref, batch).items():
+        assert torch.equal(torch.as_tensor(log[k]), torch.as_tensor(v)), k
+    assert 0 < float(sample_size) < float(ref.ntokens)  # weights < 1 did reach the loss
+
+
 def test_registration_when_package_is_imported_before_the_host(tmp_path):
     pytest.importorskip("fairseq")
     code = (
@@ -214,7 +246,7 @@ def test_registration_when_package_is_imported_before_the_host(tmp_path):
 
 def test_core_import_does_not_import_a_host():
     res = subprocess.run([sys.executable, "-c", "import sys, jam_metaseq, jam_metaseq.models, "
-                          "jam_metaseq.hosts.args, jam_metaseq.objectives.loss; "
+                          "jam_metaseq.hosts.args, jam_metaseq.hosts.common, jam_metaseq.objectives.loss; "
                           "print(sorted(h for h in ('fairseq', 'metaseq') if h in sys.modules))"],
                          capture_output=True, text=True, cwd=str(Path(USER_DIR).parent))
     assert res.returncode == 0, res.stderr
