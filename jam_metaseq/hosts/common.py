@@ -51,6 +51,11 @@ from jam_metaseq.vocab import VocabManifest
 
 logger = logging.getLogger(__name__)
 
+TASK_NAME = "cm3_multimodal"
+"""The task's name in both hosts' registries (``--task``)."""
+CRITERION_NAME = "cm3"
+"""The criterion's name in both hosts' registries (``--criterion``)."""
+
 
 class DataSetupError(ValueError):
     """A data directory that cannot be used; the message names the path."""
@@ -710,14 +715,13 @@ def arch_defaults(family: str, size: str) -> Any:
 
 def register_with_host(*, model_class: type, model_registry: Mapping[str, Any], register_model: Any,
                        arch_registry: Mapping[str, Any], register_model_architecture: Any,
-                       task: tuple[str, type, Mapping[str, Any], Any],
-                       criterion: tuple[str, type, Mapping[str, Any], Any],
+                       task: tuple[type, Mapping[str, Any], Any], criterion: tuple[type, Mapping[str, Any], Any],
                        checkpoint_utils: Any, distributed_utils: Any = None) -> None:
     """Make a host load and broadcast JAM checkpoints (``allow_checkpoint_globals``, its
     ``checkpoint_utils`` and ``distributed.utils`` patched; None: not patched), then register a
-    ``model_class`` subclass per JAM family, every arch, the task and the criterion (``task`` /
-    ``criterion`` = (name, class, host registry, host register function)) with its registry API,
-    skipping names it already holds (its registries refuse duplicates)."""
+    ``model_class`` subclass per JAM family, every arch, the task (``TASK_NAME``) and the criterion
+    (``CRITERION_NAME``) with its registry API (``task`` / ``criterion`` = (class, host registry, host
+    register function)), skipping names it already holds (its registries refuse duplicates)."""
     allow_checkpoint_globals()
     patch_host_upgrader(checkpoint_utils)
     if distributed_utils is not None:
@@ -729,6 +733,6 @@ def register_with_host(*, model_class: type, model_registry: Mapping[str, Any], 
     for arch, (family, size) in jam_args.arch_names().items():
         if arch not in arch_registry:
             register_model_architecture(family, arch)(arch_defaults(family, size))
-    for name, cls, registry, register in (task, criterion):
+    for name, (cls, registry, register) in ((TASK_NAME, task), (CRITERION_NAME, criterion)):
         if name not in registry:
             register(name)(cls)

@@ -35,10 +35,6 @@ from jam_metaseq.hosts.common import (
 )
 from jam_metaseq.vocab import VocabManifest
 
-TASK_NAME = "cm3_multimodal"
-CRITERION_NAME = "cm3"
-
-
 def dictionary_from_manifest(vocab: VocabManifest) -> Dictionary:
     """A fairseq Dictionary whose ids are the manifest's (specials 0-3, then every symbol)."""
     d = Dictionary()
@@ -118,7 +114,7 @@ def register() -> None:
     register_with_host(
         model_class=JamLanguageModel, model_registry=MODEL_REGISTRY, register_model=register_model,
         arch_registry=ARCH_MODEL_REGISTRY, register_model_architecture=register_model_architecture,
-        task=(TASK_NAME, CM3MultimodalTask, TASK_REGISTRY, register_task),
-        criterion=(CRITERION_NAME, CM3Criterion, CRITERION_REGISTRY, register_criterion),
+        task=(CM3MultimodalTask, TASK_REGISTRY, register_task),
+        criterion=(CM3Criterion, CRITERION_REGISTRY, register_criterion),
         checkpoint_utils=checkpoint_utils, distributed_utils=distributed_utils)
     _registered = True

@@ -50,10 +50,6 @@ from jam_metaseq.hosts.common import (
 )
 from jam_metaseq.vocab import VocabManifest
 
-TASK_NAME = "cm3_multimodal"
-CRITERION_NAME = "cm3"
-
-
 def dictionary_from_manifest(vocab: VocabManifest) -> Dictionary:
     d = Dictionary()
     for sym in vocab.symbols()[4:]:
@@ -223,7 +219,7 @@ def register() -> None:
     register_with_host(
         model_class=JamMetaseqModel, model_registry=MODEL_REGISTRY, register_model=register_model,
         arch_registry=ARCH_MODEL_REGISTRY, register_model_architecture=register_model_architecture,
-        task=(TASK_NAME, CM3MultimodalMetaseqTask, TASK_REGISTRY, register_task),
-        criterion=(CRITERION_NAME, CM3MetaseqCriterion, CRITERION_REGISTRY, register_criterion),
+        task=(CM3MultimodalMetaseqTask, TASK_REGISTRY, register_task),
+        criterion=(CM3MetaseqCriterion, CRITERION_REGISTRY, register_criterion),
         checkpoint_utils=checkpoint_utils, distributed_utils=distributed_utils)
     _registered = True
