@@ -71,7 +71,7 @@ def make_parent(out: Path, *, preset: str, seed: int, mp: int, dtype: str) -> No
 
 
 def child_stream(op: str, llm: str, img: str, out: str, mp: int, image_vocab: tuple[int, int],
-                 hash_sources: bool = True) -> None:
+                 hash_sources: bool | str = True) -> None:
     from checkpoints_tools import ops
     from checkpoints_tools.writers import OutputSpec
 
@@ -193,8 +193,9 @@ def main() -> None:
                          "(same --preset/--dtype/--mp, from an earlier run) are reused")
     ap.add_argument("--repeat", type=int, default=3, metavar="N",
                     help="stream/copy pairs per op; medians reported (default 3)")
-    ap.add_argument("--no-hash-sources", action="store_true",
-                    help="stream without sha256 of the parents (jam-ckpt --no-hash-sources)")
+    ap.add_argument("--hash-sources", choices=("auto", "full", "none"), default="auto",
+                    help="jam-ckpt --hash-sources for the stream runs (default auto: the synthetic parents "
+                         "are jam-ckpt outputs, so their manifests' hashes are reused; full = hash them)")
     args = ap.parse_args()
 
     import torch
@@ -222,7 +223,8 @@ def main() -> None:
             tag.write_text(json.dumps(stamp))
         parent_bytes = dir_bytes(scratch / "llm") + dir_bytes(scratch / "img")
         itemsize = getattr(torch, args.dtype).itemsize
-        print(f"# preset {args.preset}, {args.dtype}, MP={args.mp}; parents {parent_bytes / 2**30:.2f} GiB "
+        print(f"# preset {args.preset}, {args.dtype}, MP={args.mp}, --hash-sources {args.hash_sources}; "
+              f"parents {parent_bytes / 2**30:.2f} GiB "
               f"(made in {time.perf_counter() - t:.1f} s); bare `import torch` RSS {base['maxrss'] / 2**20:.0f} MiB",
               file=sys.stderr)
         rows = []
@@ -237,7 +239,7 @@ def main() -> None:
             out_bytes = 0
             for _ in range(max(1, args.repeat)):
                 runs["stream"].append(run_child("stream", {**job, "out": str(scratch / f"{op}_stream"),
-                                                           "hash_sources": not args.no_hash_sources}))
+                                                           "hash_sources": args.hash_sources}))
                 out_bytes = out_bytes or dir_bytes(scratch / f"{op}_stream")
                 shutil.rmtree(scratch / f"{op}_stream", ignore_errors=True)
                 runs["copy"].append(run_child("copy", {"srcs": [job["llm"], job["img"]],

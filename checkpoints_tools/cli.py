@@ -57,6 +57,9 @@ def _add_output_flags(p: argparse.ArgumentParser, *, formats: Sequence[str] = ("
                         "than that manifest, else read and hash it; full = always read and hash (one more "
                         "read of the inputs, on a helper thread); none = sizes only (default: auto)")
     p.add_argument("--no-hash-sources", action="store_true", help="same as --hash-sources none")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch threads for the per-tensor math (default 1: the work is memory-bound and "
+                        "more threads only wait on each other on a busy machine; 0 = torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_input_flags(p)
 
@@ -126,12 +129,15 @@ def _opts(args: argparse.Namespace, argv: Sequence[str], *, fmt: str | None = No
         raise ValueError(f"--mp must be >= 1, got {args.mp}")
     if args.fsdp < 0:
         raise ValueError(f"--fsdp must be >= 0, got {args.fsdp}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
     spec = OutputSpec(out_dir=args.out, format=fmt or args.format, mp=args.mp, fsdp=args.fsdp,
                       dtype=DTYPES[args.dtype] if args.dtype else None, name=args.name, overwrite=args.overwrite)
     return CommonOptions(spec=spec, vocab=str(args.vocab) if args.vocab else None,
                          hash_sources="none" if args.no_hash_sources else args.hash_sources,
                          progress=not args.quiet,
-                         command=["jam-ckpt", *argv], trust_pickle=args.trust_pickle)
+                         command=["jam-ckpt", *argv], trust_pickle=args.trust_pickle,
+                         threads=args.threads or None)
 
 
 def _print_inspect(info: dict) -> None:

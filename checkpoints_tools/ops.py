@@ -82,7 +82,8 @@ def _hash_policy(hash_sources: bool | str) -> str:
     return hash_sources
 
 
-def source_record(role: str, reader: Reader, *, hash_sources: bool | str) -> "concurrent.futures.Future[dict[str, Any]]":
+def source_record(role: str, reader: Reader, *,
+                  hash_sources: bool | str) -> "concurrent.futures.Future[dict[str, Any]]":
     """The manifest's record of one source; its sha256s are computed in a background thread
     (hashlib releases the GIL), overlapping the streaming work. ``hash_sources``: see
     ``HASH_SOURCES`` (True = auto, False = none)."""
@@ -230,14 +231,22 @@ def stream_to(
     progress: bool,
     manifest_extra: Mapping[str, Any],
     tied: bool = False,
+    threads: int | None = 1,
 ) -> Path:
     """Produce every target tensor in order and write it; atomic commit or full cleanup.
     ``produce`` may return a reused buffer (the writer is done with it before the next call).
     ``tied``: the output projection equals the embedding by construction (tied sources), so
-    where the layout aliases them it is written as an alias and never produced."""
+    where the layout aliases them it is written as an alias and never produced.
+    ``threads``: torch intra-op threads while streaming (None = leave as is). The per-chunk ops
+    are memory-bound and short; with more threads each one ends in an OpenMP barrier, which on a
+    busy machine waits for a descheduled thread (measured: 2 threads on 2 shared cores made a
+    merge 2-12x slower than 1)."""
     started = time.time()
     bound_malloc()
     bar = None
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         out.open(produced_dtypes)
         alias = tied and out.aliases_tied
@@ -260,6 +269,7 @@ def stream_to(
         out.abort()
         raise
     finally:
+        torch.set_num_threads(saved_threads)
         if bar is not None:
             bar.close()
 
@@ -278,6 +288,8 @@ class CommonOptions:
     command: Sequence[str] | None = None
     """The command line, recorded in the manifest."""
     trust_pickle: bool = False
+    threads: int | None = 1
+    """torch intra-op threads while streaming (see ``stream_to``; None = torch's setting)."""
 
 
 def _extra(opts: CommonOptions, op: str, sources: list[dict[str, Any]], **params: Any) -> dict[str, Any]:
@@ -305,7 +317,8 @@ def reshard(src: str | os.PathLike, *, opts: CommonOptions, heads: int | None = 
                    source_dtype=str(dtype_in))
     ws = Workspace()
     return stream_to(out, lambda n: r.get_into(n, ws.get("in0", r.info(n).shape, r.info(n).dtype)),
-                     produced_dtypes=produced, desc="reshard", progress=opts.progress, manifest_extra=extra,
+                     produced_dtypes=produced, desc="reshard", progress=opts.progress, threads=opts.threads,
+                     manifest_extra=extra,
                      tied=r.tied(*TIED))
 
 
@@ -351,7 +364,8 @@ def merge(parents: Sequence[str | os.PathLike], *, opts: CommonOptions,
 
     sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(roles, readers)]
     return stream_to(out, produce, produced_dtypes=_float_dtypes(shapes, torch.float32), desc="merge",
-                     progress=opts.progress, manifest_extra=_extra(opts, "merge", sources, weights=list(weights)),
+                     progress=opts.progress, threads=opts.threads,
+                     manifest_extra=_extra(opts, "merge", sources, weights=list(weights)),
                      tied=all(r.tied(*TIED) for r in readers))
 
 
@@ -376,7 +390,8 @@ def widen(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
 
     sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(("llm", "img"), readers)]
     return stream_to(out, produce, produced_dtypes=_float_dtypes(shapes, torch.float32), desc="widen",
-                     progress=opts.progress, manifest_extra=_extra(opts, "widen", sources, init=init),
+                     progress=opts.progress, threads=opts.threads,
+                     manifest_extra=_extra(opts, "widen", sources, init=init),
                      tied=a.tied(*TIED) and b.tied(*TIED))
 
 
@@ -417,7 +432,7 @@ def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
 
     sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(("llm", "img"), readers)]
     return stream_to(out, produce, produced_dtypes=_float_dtypes(shapes, torch.float32), desc="cross",
-                     progress=opts.progress,
+                     progress=opts.progress, threads=opts.threads,
                      manifest_extra=_extra(opts, "cross", sources, cross_every=cross_every, init=init, seed=seed,
                                            image_vocab=[lo, hi]),
                      tied=True)
