@@ -96,9 +96,13 @@ class Plan:
     image_size: int = 32
     """Side of the procedural images in pixels (the tiny VQ: 32 px -> 8x8 codes)."""
     train_images: int = 1200
+    """Image-caption documents for training (and the image tokenizer's pool)."""
     valid_images: int = 64
+    """Image-caption documents for validation (caption + image only: the "MS-COCO PPL" set)."""
     train_texts: int = 1200
+    """Text documents for training."""
     valid_texts: int = 64
+    """Text documents for validation (the "Wikipedia PPL" set)."""
     vq_steps: int = 600
     """Training steps of the tiny image tokenizer."""
     text_vocab: int = 256
@@ -106,16 +110,25 @@ class Plan:
     num_sentinels: int = 4
     """CM3 sentinels in the vocabulary (max masked spans per sequence)."""
     embed_dim: int = 64
+    """Hidden size E of each parent (JAM-Width doubles it)."""
     ffn_dim: int = 256
+    """FFN inner size of each parent."""
     layers: int = 4
     """Layers of each parent; 4, so that a cross block every 1, 2 and 4 layers differ."""
     heads: int = 4
+    """Attention heads of each parent."""
     tokens_per_sample: int = 160
+    """Sequence length (= the models' max_positions; two caption documents fit one block)."""
     batch_size: int = 8
+    """Sequences per update."""
     parent_updates: int = 500
+    """Updates of each parent, from scratch."""
     variant_updates: int = 150
+    """Continued-pretraining updates of every JAM variant (the shared token budget)."""
     parent_lr: float = 3e-3
+    """Peak learning rate of the parents (linear warm-up over 10%, then linear decay)."""
     variant_lr: float = 1e-3
+    """Peak learning rate of continued pretraining."""
     curve_points: int = 6
     """Validation runs per training run (the curves' resolution)."""
 
