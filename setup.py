@@ -18,7 +18,8 @@ CORE = [
     "pyyaml>=6",
 ]
 EXTRAS = {
-    "fairseq": ["fairseq-fixed==0.12.3.1"],
+    # fairscale: fairseq's --ddp-backend fully_sharded (the launchers' default on GPUs)
+    "fairseq": ["fairseq-fixed==0.12.3.1", "fairscale==0.4.13"],
     "retrieval": ["faiss-cpu==1.15.1", "open_clip_torch==3.3.0"],
     "launch": ["submitit>=1.5,<2"],
     "eval": ["lm_eval==0.4.13"],
