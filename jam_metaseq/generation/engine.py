@@ -212,8 +212,13 @@ class Engine:
     def generate(
         self, prompts: Sequence[Sequence[int]], *, config: GenerationConfig,
         seeds: Sequence[int] | None = None, progress: bool = False,
+        unconditional: Sequence[Sequence[int]] | None = None,
     ) -> list[Answer]:
-        """One ``Answer`` per prompt (vocabulary ids, e.g. ``[bos] + text ids``)."""
+        """One ``Answer`` per prompt (vocabulary ids, e.g. ``[bos] + text ids``).
+
+        ``unconditional``: the CFG rows, one per prompt; default ``unconditional_prompt(prompt)``
+        (every text run replaced by ``<mask>``). Retrieval passes rows that keep the retrieved prefix.
+        """
         if not prompts:
             return []
         B = len(prompts)
@@ -241,7 +246,14 @@ class Engine:
         device = self.device
         rows = list(prompts)
         if config.guidance:
-            rows += [unconditional_prompt(p, vocab=self.vocab) for p in prompts]
+            if unconditional is None:
+                unconditional = [unconditional_prompt(p, vocab=self.vocab) for p in prompts]
+            if len(unconditional) != B:
+                raise ValueError(f"{len(unconditional)} unconditional rows for {B} prompts")
+            for i, (u, p) in enumerate(zip(unconditional, prompts)):
+                if not 0 < len(u) <= len(p):
+                    raise ValueError(f"unconditional row {i} has {len(u)} tokens; its prompt has {len(p)}")
+            rows += [[int(t) for t in u] for u in unconditional]
         L = max(len(r) for r in rows)
         tokens = torch.full((len(rows), L), self.pad, dtype=torch.int64)
         for i, r in enumerate(rows):

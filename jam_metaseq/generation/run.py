@@ -215,30 +215,6 @@ def encode_prompts(
     return out
 
 
-class RetrievalEngine(Engine):
-    """``Engine`` whose unconditional CFG rows are given, not derived from the prompts.
-
-    ``Engine.generate`` builds the unconditional rows as ``unconditional_prompt(prompt)``, which
-    would mask the retrieved documents' text too. Set ``unconditional`` (one row per prompt of the
-    next ``generate`` call, each no longer than its prompt) and ``prefill`` puts those rows into
-    rows [B, 2B) of its left-padded batch (the layout documented in ``engine.py``) instead.
-    """
-
-    unconditional: list[list[int]] | None = None
-
-    def prefill(self, tokens: torch.Tensor, *, columns: tuple[int, int] | None = None) -> torch.Tensor:
-        rows = self.unconditional
-        if rows is not None and tokens.shape[0] == 2 * len(rows):  # guidance on: (2B, L)
-            B, L = len(rows), tokens.shape[1]
-            tokens = tokens.clone()
-            for i, r in enumerate(rows):
-                if not 0 < len(r) <= L:
-                    raise ValueError(f"unconditional row {i} has {len(r)} tokens; the batch is {L} wide")
-                tokens[B + i] = self.pad
-                tokens[B + i, L - len(r):] = torch.tensor(r, dtype=tokens.dtype, device=tokens.device)
-        return super().prefill(tokens, columns=columns)
-
-
 def load_retriever(options: RetrievalOptions, *, vocab: VocabManifest, device: str = "cpu"):
     """The bank's ``Retriever`` with its CLIP query encoder; checks the bank's vocabulary manifest.
 
@@ -357,13 +333,12 @@ def generate_answers(
             prompts, ids, retriever=retriever, vocab=vocab, max_positions=model.cfg.max_positions,
             max_new_tokens=config.max_new_tokens, prompt_prefix=prompt_prefix, progress=progress,
         )
-    engine = RetrievalEngine(model, vocab=vocab)
+    engine = Engine(model, vocab=vocab)
     answers: list[Answer] = []
     for start in range(0, len(ids), batch_size):
-        engine.unconditional = None if uncond is None else uncond[start : start + batch_size]
         answers += engine.generate(
             ids[start : start + batch_size], config=config, seeds=seeds[start : start + batch_size],
-            progress=progress,
+            progress=progress, unconditional=None if uncond is None else uncond[start : start + batch_size],
         )
     if records is not None:
         answers = [RetrievalAnswer(**{f.name: getattr(a, f.name) for f in fields(Answer)}, retrieval=r)
