@@ -11,7 +11,7 @@ Targets (issue 4): stream peak RSS <= 2 x the largest output tensor + 1 GiB (abo
 ``import torch`` process), stream throughput >= 0.5 x the plain copy.
 On a shared machine the times swing with the load: ``--repeat N`` runs stream and copy N times
 back to back (alternating) and reports medians, the ratio being the median of the N pairwise
-ratios; the naive way runs once.
+ratios; the naive way runs once. Every run starts after an ``os.sync()``.
 
   python benchmarks/bench_ckpt.py                       # opt_1_3b, fp16, MP=2 (~2.6 GB per parent)
   python benchmarks/bench_ckpt.py --preset opt_125m --ops merge widen cross --repeat 5 --no-naive
@@ -167,6 +167,9 @@ def child_main(argv: list[str]) -> None:
 
 
 def run_child(kind: str, job: dict) -> dict:
+    # Start every timed run from the same state: no dirty pages of the previous run still being
+    # written back (their flush would be billed to whichever run comes next).
+    os.sync()
     cmd = [sys.executable, __file__, "--child", kind, "--json", json.dumps(job)]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if p.returncode != 0:

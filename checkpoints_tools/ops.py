@@ -9,6 +9,7 @@ first byte is written; any error later removes the temp output.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -224,7 +225,7 @@ def bound_malloc() -> None:
 
 def stream_to(
     out: OutputDir,
-    produce: Callable[[str], torch.Tensor],
+    produce: Callable[[str, torch.Tensor], torch.Tensor],
     *,
     produced_dtypes: Mapping[str, torch.dtype],
     desc: str,
@@ -234,7 +235,10 @@ def stream_to(
     threads: int | None = 1,
 ) -> Path:
     """Produce every target tensor in order and write it; atomic commit or full cleanup.
-    ``produce`` may return a reused buffer (the writer is done with it before the next call).
+    ``produce(name, buf)`` fills ``buf`` (the target shape, in the written dtype) and returns it.
+    Writing is pipelined: a writer thread writes (and hashes) tensor i while ``produce`` reads and
+    computes tensor i+1 into the other of two buffers (file I/O, hashing and torch ops release
+    the GIL), so the stream costs about max(read + math, write), not their sum.
     ``tied``: the output projection equals the embedding by construction (tied sources), so
     where the layout aliases them it is written as an alias and never produced.
     ``threads``: torch intra-op threads while streaming (None = leave as is). The per-chunk ops
@@ -253,13 +257,26 @@ def stream_to(
         if alias:
             out.expect_tied()
         bar = _progress(len(out.shapes), desc, progress)
-        for name in out.shapes:
-            if alias and name == TIED[1]:
-                out.add_tied(name)
-            else:
-                out.add(name, produce(name))
-            if bar is not None:
-                bar.update(1)
+        ws = Workspace()
+        pending: collections.deque[concurrent.futures.Future[None]] = collections.deque()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jam-ckpt-write") as writer:
+            try:
+                for i, name in enumerate(out.shapes):
+                    while len(pending) > 1:  # the write of tensor i-2 (buffer i % 2) is done
+                        pending.popleft().result()
+                    if alias and name == TIED[1]:
+                        pending.append(writer.submit(out.add_tied, name))
+                    else:
+                        buf = ws.get(f"out{i % 2}", out.shapes[name], out.dtype_of(name))
+                        pending.append(writer.submit(out.add, name, produce(name, buf)))
+                    if bar is not None:
+                        bar.update(1)
+                while pending:
+                    pending.popleft().result()
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise  # (the executor's exit waits for a write in flight before out.abort())
         extra = dict(manifest_extra)
         extra["sources"] = [f.result() if isinstance(f, concurrent.futures.Future) else f
                             for f in extra.get("sources", [])]
@@ -315,8 +332,7 @@ def reshard(src: str | os.PathLike, *, opts: CommonOptions, heads: int | None = 
     produced = {n: r.info(n).dtype for n in shapes}
     extra = _extra(opts, "reshard", [source_record("source", r, hash_sources=opts.hash_sources)],
                    source_dtype=str(dtype_in))
-    ws = Workspace()
-    return stream_to(out, lambda n: r.get_into(n, ws.get("in0", r.info(n).shape, r.info(n).dtype)),
+    return stream_to(out, r.get_into,
                      produced_dtypes=produced, desc="reshard", progress=opts.progress, threads=opts.threads,
                      manifest_extra=extra,
                      tied=r.tied(*TIED))
@@ -357,10 +373,10 @@ def merge(parents: Sequence[str | os.PathLike], *, opts: CommonOptions,
 
     ws = Workspace()
 
-    def produce(name: str) -> torch.Tensor:
+    def produce(name: str, buf: torch.Tensor) -> torch.Tensor:
         ins = [r.get_into(name, ws.get(f"in{i}", r.info(name).shape, r.info(name).dtype))
                for i, r in enumerate(readers)]
-        return kernels.merge_into(name, ins, ws.get("out", shapes[name], out.dtype_of(name)), weights=weights)
+        return kernels.merge_into(name, ins, buf, weights=weights)
 
     sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(roles, readers)]
     return stream_to(out, produce, produced_dtypes=_float_dtypes(shapes, torch.float32), desc="merge",
@@ -382,11 +398,10 @@ def widen(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
     a, b = readers
     ws = Workspace()
 
-    def produce(name: str) -> torch.Tensor:
+    def produce(name: str, buf: torch.Tensor) -> torch.Tensor:
         ta = a.get_into(name, ws.get("in0", a.info(name).shape, a.info(name).dtype))
         tb = b.get_into(name, ws.get("in1", b.info(name).shape, b.info(name).dtype))
-        return kernels.widen_into(name, ta, tb, ws.get("out", shapes[name], out.dtype_of(name)),
-                                  parent=parent, init=init)
+        return kernels.widen_into(name, ta, tb, buf, parent=parent, init=init)
 
     sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(("llm", "img"), readers)]
     return stream_to(out, produce, produced_dtypes=_float_dtypes(shapes, torch.float32), desc="widen",
@@ -424,11 +439,10 @@ def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
     a, b = readers
     ws = Workspace()
 
-    def produce(name: str) -> torch.Tensor:
+    def produce(name: str, buf: torch.Tensor) -> torch.Tensor:
         # The output projection is the embedding by construction (written as its alias in .pt
         # layouts; produced again for safetensors rather than held for the whole stream).
-        return kernels.cross_into(name, ws.get("out", shapes[name], out.dtype_of(name)), cfg=cfg,
-                                  llm=a, img=b, seed=seed, ws=ws)
+        return kernels.cross_into(name, buf, cfg=cfg, llm=a, img=b, seed=seed, ws=ws)
 
     sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(("llm", "img"), readers)]
     return stream_to(out, produce, produced_dtypes=_float_dtypes(shapes, torch.float32), desc="cross",
