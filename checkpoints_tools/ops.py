@@ -236,9 +236,10 @@ def stream_to(
 ) -> Path:
     """Produce every target tensor in order and write it; atomic commit or full cleanup.
     ``produce(name, buf)`` fills ``buf`` (the target shape, in the written dtype) and returns it.
-    Writing is pipelined: a writer thread writes (and hashes) tensor i while ``produce`` reads and
-    computes tensor i+1 into the other of two buffers (file I/O, hashing and torch ops release
-    the GIL), so the stream costs about max(read + math, write), not their sum.
+    Writing is pipelined: while ``produce`` reads and computes tensor i+1 into the other of two
+    buffers, tensor i (cast and split into MP pieces here) is written and hashed by one writer
+    thread per output rank (file I/O, hashing and torch ops release the GIL), so the stream
+    costs about max(read + math, write of one rank's file), not their sum.
     ``tied``: the output projection equals the embedding by construction (tied sources), so
     where the layout aliases them it is written as an alias and never produced.
     ``threads``: torch intra-op threads while streaming (None = leave as is). The per-chunk ops
@@ -258,25 +259,33 @@ def stream_to(
             out.expect_tied()
         bar = _progress(len(out.shapes), desc, progress)
         ws = Workspace()
-        pending: collections.deque[concurrent.futures.Future[None]] = collections.deque()
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jam-ckpt-write") as writer:
-            try:
-                for i, name in enumerate(out.shapes):
-                    while len(pending) > 1:  # the write of tensor i-2 (buffer i % 2) is done
-                        pending.popleft().result()
-                    if alias and name == TIED[1]:
-                        pending.append(writer.submit(out.add_tied, name))
-                    else:
-                        buf = ws.get(f"out{i % 2}", out.shapes[name], out.dtype_of(name))
-                        pending.append(writer.submit(out.add, name, produce(name, buf)))
-                    if bar is not None:
-                        bar.update(1)
-                while pending:
-                    pending.popleft().result()
-            except BaseException:
-                for f in pending:
+        # Futures of the writes of tensors i-1 and i-2; tensor i reuses i-2's buffers (slot i % 2).
+        pending: collections.deque[list[concurrent.futures.Future[None]]] = collections.deque()
+        pools = [concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"jam-ckpt-write{r}")
+                 for r in range(out.writer_count)]
+        try:
+            for i, name in enumerate(out.shapes):
+                while len(pending) > 1:
+                    for f in pending.popleft():
+                        f.result()
+                if alias and name == TIED[1]:
+                    pending.append(out.add_tied(name, pools=pools))
+                else:
+                    buf = ws.get(f"out{i % 2}", out.shapes[name], out.dtype_of(name))
+                    pending.append(out.add_async(name, produce(name, buf), slot=i % 2, pools=pools))
+                if bar is not None:
+                    bar.update(1)
+            while pending:
+                for f in pending.popleft():
+                    f.result()
+        except BaseException:
+            for fs in pending:
+                for f in fs:
                     f.cancel()
-                raise  # (the executor's exit waits for a write in flight before out.abort())
+            raise
+        finally:
+            for p in pools:  # waits for writes in flight (before out.abort() closes the files)
+                p.shutdown(wait=True)
         extra = dict(manifest_extra)
         extra["sources"] = [f.result() if isinstance(f, concurrent.futures.Future) else f
                             for f in extra.get("sources", [])]

@@ -48,7 +48,7 @@ class OutputError(ValueError):
 # ---- hashed sequential file ---------------------------------------------------------------------
 
 
-_HASH_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jam-ckpt-out-hash")
+_HASH_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="jam-ckpt-out-hash")
 _PARALLEL_HASH_BYTES = 1 << 20
 
 
@@ -523,8 +523,10 @@ class OutputDir:
             raise OutputError(f"{self.out}: this layout does not alias {TIED[1]} to {TIED[0]}")
         self._expect_tied = True
 
-    def add_tied(self, name: str) -> None:
-        """Write ``name`` (the output projection) as an alias of the embedding already written."""
+    def add_tied(self, name: str, *, pools: Sequence[concurrent.futures.Executor] | None = None
+                 ) -> list[concurrent.futures.Future]:
+        """Write ``name`` (the output projection) as an alias of the embedding (per rank on
+        ``pools[r]``, after that rank's embedding; None = now)."""
         if name != TIED[1] or not self._expect_tied:
             raise OutputError(f"tensor {name}: cannot be written tied (call expect_tied first; only {TIED[1]})")
         if TIED[0] not in self._done:
@@ -533,34 +535,40 @@ class OutputDir:
             raise OutputError(f"tensor {name} written twice")
         self._done.add(name)
         self.tensor_meta[name] = dict(self.tensor_meta[TIED[0]])
-        if not self.spec.fsdp:
-            for r in range(self.spec.mp):
-                self._plain[r][name] = self._tied_stub[r]
+        if self.spec.fsdp:
+            return []
 
-    def _pieces(self, name: str, t: torch.Tensor) -> Iterable[torch.Tensor]:
-        """The MP pieces of ``t``, one at a time, each contiguous; unless FSDP keeps them (then
-        they are views or copies of ``t``), strided pieces are packed into one reused buffer,
-        valid until the next piece is asked for."""
+        def alias(r: int) -> None:
+            self._plain[r][name] = self._tied_stub[r]
+
+        return [_submit(pools[r] if pools else None, alias, r) for r in range(self.spec.mp)]
+
+    @property
+    def writer_count(self) -> int:
+        """How many files can be written in parallel (one per output MP rank; 1 for safetensors)."""
+        return 1 if self._st is not None or self.spec.format != "metaseq" else self.spec.mp
+
+    def _pieces(self, name: str, t: torch.Tensor, slot: int) -> list[torch.Tensor]:
+        """The MP pieces of ``t``, each contiguous: views of ``t`` where they are, else packed
+        into this slot's per-rank buffers (valid until the slot is used again). With FSDP the
+        pieces are kept until their unit is complete: ``t`` is then the caller's own copy."""
         M = self.spec.mp
         if M == 1 or self.spec.fsdp:
-            yield from layout.split(name, t, M)
-            return
-        rule = layout.rule_for(name)
-        if rule == "qkv":  # rank r = [K_r; V_r; Q_r]: concatenated straight into the buffer
+            return layout.split(name, t, M)
+        part = layout.part_shape(name, t.shape, M)
+        if layout.rule_for(name) == "qkv":  # rank r = [K_r; V_r; Q_r]: concatenated into its buffer
             if t.shape[0] % (3 * M):
                 raise ValueError(f"tensor {name}: {t.shape[0]} rows (3 x parts) not divisible by "
                                  f"model-parallel size {M}")
             k, v, q = torch.chunk(t, 3, dim=0)
             ks, vs, qs = (torch.chunk(x, M, dim=0) for x in (k, v, q))
-            for r in range(M):
-                buf = self._ws.get("piece", layout.part_shape(name, t.shape, M), t.dtype)
-                yield torch.cat([ks[r], vs[r], qs[r]], dim=0, out=buf)
-            return
-        for piece in layout.split(name, t, M):
-            yield piece if piece.is_contiguous() else self._ws.get("piece", piece.shape, piece.dtype).copy_(piece)
+            return [torch.cat([ks[r], vs[r], qs[r]], dim=0, out=self._ws.get(f"piece{slot}.{r}", part, t.dtype))
+                    for r in range(M)]
+        return [p if p.is_contiguous() else self._ws.get(f"piece{slot}.{r}", p.shape, p.dtype).copy_(p)
+                for r, p in enumerate(layout.split(name, t, M))]
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Write ``tensor`` now. It may be a caller's reused buffer: nothing keeps a reference."""
+    def _prepare(self, name: str, tensor: torch.Tensor, slot: int) -> torch.Tensor:
+        """Checks, bookkeeping and the cast to the written dtype (into this slot's buffer)."""
         if name not in self.shapes:
             raise OutputError(f"unexpected tensor {name} (not in the target model)")
         if tuple(tensor.shape) != self.shapes[name]:
@@ -571,40 +579,61 @@ class OutputDir:
         if self.spec.fsdp:
             t = tensor.to(dt, copy=True)  # held until its FSDP unit is complete: our own copy
         elif tensor.dtype != dt:
-            t = self._ws.get("cast", tensor.shape, dt).copy_(tensor)
+            t = self._ws.get(f"cast{slot}", tensor.shape, dt).copy_(tensor)
         else:
             t = tensor
         self.tensor_meta[name] = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
         self._done.add(name)
-        if self._st is not None and self.spec.format == "hf_opt":
+        return t
+
+    def _write_single(self, name: str, t: torch.Tensor) -> None:
+        """safetensors / HF outputs: one file, tensors in plan order."""
+        if self.spec.format == "hf_opt":
             from checkpoints_tools.convert_hf import to_hf_items
             for hn, ht in to_hf_items(name, t, cfg=self.cfg):
                 self._st.add(hn, ht)
-            return
-        if self._st is not None:
+        else:
             self._st.add(name, t)
-            return
-        for r, piece in enumerate(self._pieces(name, t)):
-            if name in TIED and all(x in self.shapes for x in TIED) and not self._expect_tied:
-                sha = hashlib.sha256(piece.contiguous().view(-1).view(torch.uint8).numpy().data).hexdigest()
-                if name == TIED[0]:
-                    self._tied_sha[r] = sha
-                elif sha == self._tied_sha[r] and self._tied_stub[r] is not None:
-                    # Tied output projection: alias the embedding's storage (as torch.save would).
-                    if not self.spec.fsdp:
-                        self._plain[r][name] = self._tied_stub[r]
-                    continue
-                elif self.spec.fsdp:
-                    raise OutputError(f"tensor {name} differs from {TIED[0]}: cannot write it tied into FSDP shards")
-            if self.spec.fsdp:
-                self._fsdp[r].add(name, piece)
-            else:
-                stub = self._pt[r][0].add(piece)
-                self._plain[r][name] = stub
-                if name == TIED[0]:
-                    self._tied_stub[r] = stub
-        if self.spec.fsdp and name == TIED[0]:
-            self._tied_stub = [True] * self.spec.mp
+
+    def _write_rank(self, r: int, name: str, piece: torch.Tensor) -> None:
+        """Rank ``r``'s piece of ``name`` into its file(s). Touches only rank ``r``'s state, so
+        ranks may be written by different threads (each in order)."""
+        if name in TIED and all(x in self.shapes for x in TIED) and not self._expect_tied:
+            sha = hashlib.sha256(piece.contiguous().view(-1).view(torch.uint8).numpy().data).hexdigest()
+            if name == TIED[0]:
+                self._tied_sha[r] = sha
+            elif sha == self._tied_sha[r] and self._tied_stub[r] is not None:
+                # Tied output projection: alias the embedding's storage (as torch.save would).
+                if not self.spec.fsdp:
+                    self._plain[r][name] = self._tied_stub[r]
+                return
+            elif self.spec.fsdp:
+                raise OutputError(f"tensor {name} differs from {TIED[0]}: cannot write it tied into FSDP shards")
+        if self.spec.fsdp:
+            self._fsdp[r].add(name, piece)
+            if name == TIED[0]:
+                self._tied_stub[r] = True
+        else:
+            stub = self._pt[r][0].add(piece)
+            self._plain[r][name] = stub
+            if name == TIED[0]:
+                self._tied_stub[r] = stub
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` now. It may be a caller's reused buffer: nothing keeps a reference."""
+        for f in self.add_async(name, tensor, slot=0, pools=None):
+            f.result()
+
+    def add_async(self, name: str, tensor: torch.Tensor, *, slot: int,
+                  pools: Sequence[concurrent.futures.Executor] | None) -> list[concurrent.futures.Future]:
+        """Cast and split ``tensor`` here, then write rank r's piece on ``pools[r]`` (one
+        single-thread executor per output rank; None = write now). ``tensor`` and this slot's
+        buffers must stay untouched until the returned futures are done."""
+        t = self._prepare(name, tensor, slot)
+        if self._st is not None:
+            return [_submit(pools[0] if pools else None, self._write_single, name, t)]
+        return [_submit(pools[r] if pools else None, self._write_rank, r, name, piece)
+                for r, piece in enumerate(self._pieces(name, t, slot))]
 
     def commit(self, *, manifest_extra: Mapping[str, Any]) -> Path:
         """Close every file, write vocab.json and manifest.json (last), rename into place."""
@@ -664,6 +693,14 @@ class OutputDir:
         if self._st is not None:
             self._st.abort()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _submit(pool: concurrent.futures.Executor | None, fn: Any, *args: Any) -> concurrent.futures.Future:
+    if pool is not None:
+        return pool.submit(fn, *args)
+    f: concurrent.futures.Future = concurrent.futures.Future()
+    f.set_result(fn(*args))
+    return f
 
 
 def write_json_fsync(path: Path, obj: Any) -> None:
