@@ -3,7 +3,12 @@
 Tensors arrive one at a time (consolidated, fp32 or any dtype) and go straight to disk: the torch
 zip format is written record by record through torch's own ``PyTorchFileWriter`` with the
 pickle (``data.pkl``) last, so a 26B model is never held in memory (STYLE.md #10). Every file is
-hashed while it is written. ``OutputDir`` makes the whole output atomic: everything goes into a
+hashed while it is written (sha256 on a helper thread, in parallel with the write itself).
+``OutputDir.add_async`` casts and splits a tensor on the caller's thread and writes each MP
+rank's piece on that rank's writer thread, so the files of M ranks fill in parallel while the
+caller produces the next tensor; strided pieces are packed into reused buffers (``workspace``).
+Files start with the neutral ``optimizer_history`` / ``extra_state`` entries that fairseq's and
+metaseq's checkpoint upgraders require. ``OutputDir`` makes the whole output atomic: everything goes into a
 temp dir next to the target, files are fsynced, ``manifest.json`` is written last, then one
 rename; on any error the temp dir is removed and no output appears.
 Layouts follow ``reference/metaseq.md``: ``{name}.pt`` (consolidated), ``{name}-model_part-{r}.pt``
