@@ -266,19 +266,28 @@ def stream_to(
             out.expect_tied()
         bar = _progress(len(out.shapes), desc, progress)
         ws = Workspace()
+        names = list(out.shapes)
+        skip = {TIED[1]} if alias else set()
+        # Per slot, the largest tensor still to come through it (sizes the two buffers).
+        upcoming: list[int] = [0] * len(names)
+        most = [0, 0]
+        for i in reversed(range(len(names))):
+            if names[i] not in skip:
+                most[i % 2] = max(most[i % 2], _nbytes(out.shapes[names[i]], out.dtype_of(names[i])))
+            upcoming[i] = most[i % 2]
         # Futures of the writes of tensors i-1 and i-2; tensor i reuses i-2's buffers (slot i % 2).
         pending: collections.deque[list[concurrent.futures.Future[None]]] = collections.deque()
         pools = [concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"jam-ckpt-write{r}")
                  for r in range(out.writer_count)]
         try:
-            for i, name in enumerate(out.shapes):
+            for i, name in enumerate(names):
                 while len(pending) > 1:
                     for f in pending.popleft():
                         f.result()
                 if alias and name == TIED[1]:
                     pending.append(out.add_tied(name, pools=pools))
                 else:
-                    buf = ws.get(f"out{i % 2}", out.shapes[name], out.dtype_of(name))
+                    buf = ws.get(f"out{i % 2}", out.shapes[name], out.dtype_of(name), upcoming=upcoming[i])
                     pending.append(out.add_async(name, produce(name, buf), slot=i % 2, pools=pools))
                 if bar is not None:
                     bar.update(1)
@@ -332,6 +341,28 @@ def _extra(opts: CommonOptions, op: str, sources: list[dict[str, Any]], **params
 
 def _float_dtypes(shapes: Mapping[str, Any], dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {n: dtype for n in shapes}
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _upcoming(names: Sequence[str], reader: Reader, *, skip: set[str]) -> dict[str, int]:
+    """name -> the largest of ``reader``'s tensors among this name and the ones after it (the
+    size an input buffer still needs; ``skip``: names never read)."""
+    out, most = {}, 0
+    for n in reversed(list(names)):
+        if n not in skip and n in reader:
+            most = max(most, reader.info(n).nbytes)
+        out[n] = most
+    return out
+
+
+def _skipped(out: OutputDir, tied: bool) -> set[str]:
+    return {TIED[1]} if tied and out.aliases_tied else set()
 
 
 # ---- operations --------------------------------------------------------------------------------
@@ -388,17 +419,18 @@ def merge(parents: Sequence[str | os.PathLike], *, opts: CommonOptions,
     out = OutputDir(dataclasses.replace(opts.spec, dtype=dtype), cfg=cfg, shapes=shapes, vocab=vocab)
 
     ws = Workspace()
+    tied = all(r.tied(*TIED) for r in readers)
+    ups = [_upcoming(shapes, r, skip=_skipped(out, tied)) for r in readers]
 
     def produce(name: str, buf: torch.Tensor) -> torch.Tensor:
-        ins = [r.get_into(name, ws.get(f"in{i}", r.info(name).shape, r.info(name).dtype))
+        ins = [r.get_into(name, ws.get(f"in{i}", r.info(name).shape, r.info(name).dtype, upcoming=ups[i][name]))
                for i, r in enumerate(readers)]
         return kernels.merge_into(name, ins, buf, weights=weights)
 
     sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(roles, readers)]
     return stream_to(out, produce, produced_dtypes=_float_dtypes(shapes, torch.float32), desc="merge",
                      progress=opts.progress, threads=opts.threads,
-                     manifest_extra=_extra(opts, "merge", sources, weights=list(weights)),
-                     tied=all(r.tied(*TIED) for r in readers))
+                     manifest_extra=_extra(opts, "merge", sources, weights=list(weights)), tied=tied)
 
 
 def widen(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions, init: str = "copy",
@@ -413,17 +445,18 @@ def widen(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
     out = OutputDir(dataclasses.replace(opts.spec, dtype=dtype), cfg=cfg, shapes=shapes, vocab=vocab)
     a, b = readers
     ws = Workspace()
+    tied = a.tied(*TIED) and b.tied(*TIED)
+    up_a, up_b = (_upcoming(shapes, r, skip=_skipped(out, tied)) for r in readers)
 
     def produce(name: str, buf: torch.Tensor) -> torch.Tensor:
-        ta = a.get_into(name, ws.get("in0", a.info(name).shape, a.info(name).dtype))
-        tb = b.get_into(name, ws.get("in1", b.info(name).shape, b.info(name).dtype))
+        ta = a.get_into(name, ws.get("in0", a.info(name).shape, a.info(name).dtype, upcoming=up_a[name]))
+        tb = b.get_into(name, ws.get("in1", b.info(name).shape, b.info(name).dtype, upcoming=up_b[name]))
         return kernels.widen_into(name, ta, tb, buf, parent=parent, init=init)
 
     sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(("llm", "img"), readers)]
     return stream_to(out, produce, produced_dtypes=_float_dtypes(shapes, torch.float32), desc="widen",
                      progress=opts.progress, threads=opts.threads,
-                     manifest_extra=_extra(opts, "widen", sources, init=init),
-                     tied=a.tied(*TIED) and b.tied(*TIED))
+                     manifest_extra=_extra(opts, "widen", sources, init=init), tied=tied)
 
 
 def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions, cross_every: int = 2,

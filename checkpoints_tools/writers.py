@@ -467,7 +467,8 @@ class OutputDir:
         self._dtypes: dict[str, torch.dtype] = {}
         self._check_space = check_space
         self._st_names = names
-        self._ws = Workspace()  # cast / MP-piece buffers, reused tensor after tensor
+        self._ws = Workspace()  # cast buffers (one per slot), reused tensor after tensor
+        self._rank_ws = [Workspace() for _ in range(spec.mp)]  # packed MP pieces, per writer thread
         self._expect_tied = False
 
     def _out_dtype(self, name: str, produced: torch.dtype) -> torch.dtype:
@@ -553,24 +554,22 @@ class OutputDir:
         """How many files can be written in parallel (one per output MP rank; 1 for safetensors)."""
         return 1 if self._st is not None or self.spec.format != "metaseq" else self.spec.mp
 
-    def _pieces(self, name: str, t: torch.Tensor, slot: int) -> list[torch.Tensor]:
-        """The MP pieces of ``t``, each contiguous: views of ``t`` where they are, else packed
-        into this slot's per-rank buffers (valid until the slot is used again). With FSDP the
-        pieces are kept until their unit is complete: ``t`` is then the caller's own copy."""
+    def _pieces(self, name: str, t: torch.Tensor) -> list[Any]:
+        """The MP pieces of ``t``: tensors (views where possible; with FSDP the pieces are kept
+        until their unit is complete, ``t`` is then the caller's own copy) or, for qkv, the
+        (K_r, V_r, Q_r) views to concatenate. Packing strided pieces is left to the rank's writer
+        thread (``_write_rank``), into one buffer per rank."""
         M = self.spec.mp
         if M == 1 or self.spec.fsdp:
             return layout.split(name, t, M)
-        part = layout.part_shape(name, t.shape, M)
-        if layout.rule_for(name) == "qkv":  # rank r = [K_r; V_r; Q_r]: concatenated into its buffer
+        if layout.rule_for(name) == "qkv":  # rank r = [K_r; V_r; Q_r]
             if t.shape[0] % (3 * M):
                 raise ValueError(f"tensor {name}: {t.shape[0]} rows (3 x parts) not divisible by "
                                  f"model-parallel size {M}")
             k, v, q = torch.chunk(t, 3, dim=0)
             ks, vs, qs = (torch.chunk(x, M, dim=0) for x in (k, v, q))
-            return [torch.cat([ks[r], vs[r], qs[r]], dim=0, out=self._ws.get(f"piece{slot}.{r}", part, t.dtype))
-                    for r in range(M)]
-        return [p if p.is_contiguous() else self._ws.get(f"piece{slot}.{r}", p.shape, p.dtype).copy_(p)
-                for r, p in enumerate(layout.split(name, t, M))]
+            return [(ks[r], vs[r], qs[r]) for r in range(M)]
+        return layout.split(name, t, M)
 
     def _prepare(self, name: str, tensor: torch.Tensor, slot: int) -> torch.Tensor:
         """Checks, bookkeeping and the cast to the written dtype (into this slot's buffer)."""
@@ -600,9 +599,17 @@ class OutputDir:
         else:
             self._st.add(name, t)
 
-    def _write_rank(self, r: int, name: str, piece: torch.Tensor) -> None:
+    def _write_rank(self, r: int, name: str, piece: Any) -> None:
         """Rank ``r``'s piece of ``name`` into its file(s). Touches only rank ``r``'s state, so
         ranks may be written by different threads (each in order)."""
+        if self.spec.fsdp:  # kept until the unit is complete: views of the caller's own copy
+            pass
+        elif isinstance(piece, tuple):  # qkv blocks -> one contiguous piece
+            rows = sum(p.shape[0] for p in piece)
+            buf = self._rank_ws[r].get("piece", (rows, *piece[0].shape[1:]), piece[0].dtype)
+            piece = torch.cat(piece, dim=0, out=buf)
+        elif not piece.is_contiguous():  # a column block (row-parallel linear)
+            piece = self._rank_ws[r].get("piece", piece.shape, piece.dtype).copy_(piece)
         if name in TIED and all(x in self.shapes for x in TIED) and not self._expect_tied:
             sha = hashlib.sha256(piece.contiguous().view(-1).view(torch.uint8).numpy().data).hexdigest()
             if name == TIED[0]:
@@ -633,12 +640,12 @@ class OutputDir:
                   pools: Sequence[concurrent.futures.Executor] | None) -> list[concurrent.futures.Future]:
         """Cast and split ``tensor`` here, then write rank r's piece on ``pools[r]`` (one
         single-thread executor per output rank; None = write now). ``tensor`` and this slot's
-        buffers must stay untouched until the returned futures are done."""
+        cast buffer must stay untouched until the returned futures are done."""
         t = self._prepare(name, tensor, slot)
         if self._st is not None:
             return [_submit(pools[0] if pools else None, self._write_single, name, t)]
         return [_submit(pools[r] if pools else None, self._write_rank, r, name, piece)
-                for r, piece in enumerate(self._pieces(name, t, slot))]
+                for r, piece in enumerate(self._pieces(name, t))]
 
     def commit(self, *, manifest_extra: Mapping[str, Any]) -> Path:
         """Close every file, write vocab.json and manifest.json (last), rename into place."""
