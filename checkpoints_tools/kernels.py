@@ -22,6 +22,7 @@ import torch
 
 from checkpoints_tools.workspace import Workspace
 from jam_metaseq.fusion import cross_tensor, fresh_tensor, merge_tensor, widen_matrix
+from jam_metaseq.fusion.cross import tensor_seed
 from jam_metaseq.models.config import CrossConfig, DecoderConfig
 
 CHUNK = 1 << 17
@@ -117,6 +118,30 @@ def widen_into(name: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *
 # ---- JAM-Cross ---------------------------------------------------------------------------------
 
 
+def _is_random_init(name: str, cfg: CrossConfig) -> bool:
+    """The new tensors ``fusion.fresh_tensor`` draws from N(0, init_std) (the rest are zeros,
+    ones or the preserve identities: small or cheap, left to ``fresh_tensor`` itself)."""
+    if name.endswith("bias") or "layer_norm" in name:
+        return False
+    if cfg.cross_init == "preserve" and (name == "decoder.feature_projection.weight"
+                                         or name.endswith("cross_attn.out_proj.weight")
+                                         or name.endswith("fc2.weight")):
+        return False
+    return True
+
+
+def _fresh_into(name: str, out: torch.Tensor, *, cfg: CrossConfig, seed: int, ws: Workspace) -> torch.Tensor:
+    """``fusion.fresh_tensor`` into ``out``: the random draws go into a reused fp32 buffer (the
+    same generator, seed and kernel as ``fresh_tensor``'s ``randn(...) * init_std``: the same bits)
+    instead of two fresh tensor-sized allocations."""
+    if not _is_random_init(name, cfg):
+        return out.copy_(fresh_tensor(name, tuple(out.shape), cfg=cfg, seed=seed))
+    g = torch.Generator().manual_seed(tensor_seed(seed, name))
+    buf = ws.get("fresh", out.shape, torch.float32)
+    torch.randn(tuple(out.shape), generator=g, out=buf)
+    return out.copy_(buf.mul_(cfg.parent.init_std))
+
+
 def cross_into(name: str, out: torch.Tensor, *, cfg: CrossConfig, llm: Any, img: Any, seed: int,
                ws: Workspace) -> torch.Tensor:
     """``fusion.cross_tensor`` into ``out``. ``llm``/``img`` are readers (``get``, ``get_into``,
@@ -140,5 +165,5 @@ def cross_into(name: str, out: torch.Tensor, *, cfg: CrossConfig, llm: Any, img:
         branch, i, rest = m.groups()
         return (llm if branch == "llm" else img).get_into(f"decoder.layers.{i}.{rest}", out)
     elif _XATTN.match(name) or name == "decoder.feature_projection.weight":
-        return out.copy_(fresh_tensor(name, tuple(out.shape), cfg=cfg, seed=seed))
+        return _fresh_into(name, out, cfg=cfg, seed=seed, ws=ws)
     return out.copy_(cross_tensor(name, cfg=cfg, llm=llm.get, img=img.get, seed=seed))
