@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import preset
     from .train import train_tiny_tokenizer
 
-    overrides = {}
+    overrides, extra = {}, {}
     if args.resolution is not None:
         overrides["resolution"] = args.resolution
     if args.codes is not None:
@@ -89,6 +89,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (KeyError, ValueError) as e:
         raise CliError(f"--preset/--resolution/--codes: {e}") from None
     images = [str(p) for p in _expand_inputs(args.images)] if args.images else None
+    if args.cycle_weight is not None:
+        if args.cycle_weight < 0:
+            raise CliError(f"--cycle-weight must be >= 0, got {args.cycle_weight}")
+        extra["cycle_weight"] = args.cycle_weight
     tok = train_tiny_tokenizer(
         images,
         out_path=args.out,
@@ -101,6 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         codebook=args.codebook,
         pool_size=args.pool_size,
         num_threads=args.threads,
+        **extra,
     )
     print(
         json.dumps(
@@ -190,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate, cosine-decayed (default 1e-3)")
     t.add_argument("--codebook", choices=("ema", "loss"), default="ema",
                    help="codebook update: moving average (ema) or VQ loss gradient (loss)")
+    t.add_argument("--cycle-weight", type=float, default=None,
+                   help="weight of the cycle-consistency loss that keeps encode -> decode -> encode stable "
+                        "(0 = off; default: TrainConfig's, 0.02)")
     t.add_argument("--pool-size", type=int, default=1024,
                    help="synthetic images generated up front when --images is not given (default 1024)")
     t.add_argument("--seed", type=int, default=0, help="seed for weights, data and batch order")
