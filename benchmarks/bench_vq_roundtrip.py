@@ -3,8 +3,8 @@
 
     python benchmarks/bench_vq_roundtrip.py [--resolution 32] [--steps 600] [--seeds 0 1 2]
 
-For each seed it trains the baseline (``cycle_weight=0``) and the default ``TrainConfig`` on
-procedural shapes (``pool_size`` images from seed ``s``), then measures on held-out shapes (seed
+For each seed it trains the baseline (``cycle_weight=0``) and each ``--cycle-weights`` entry
+(default: ``TrainConfig``'s) on procedural shapes (``pool_size`` images from seed ``s``), then measures on held-out shapes (seed
 12345): reconstruction MSE in [-1, 1] pixels, and the fraction of codes identical after
 encode -> decode (uint8 PNG pixels) -> encode. Prints a table with ratios to the baseline. The
 defaults are the quickstart's tokenizer (32 px -> 8x8 codes of 64, 600 steps); ``--resolution 16
@@ -43,14 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool-size", type=int, default=1024, help="training images per seed")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; each trains both variants")
     ap.add_argument("--held-out", type=int, default=256, help="held-out images measured")
-    ap.add_argument("--cycle-weight", type=float, default=TrainConfig.cycle_weight,
-                    help=f"cycle-consistency weight of the second variant (default {TrainConfig.cycle_weight})")
+    ap.add_argument("--cycle-weights", type=float, nargs="+", default=[TrainConfig.cycle_weight],
+                    help=f"cycle-consistency weights compared with the baseline (default {TrainConfig.cycle_weight})")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = preset("tiny") if args.resolution == 32 else preset("tiny", resolution=args.resolution, channel_multipliers=(1, 2))
     held_out = [s.image for s in shape_samples(args.held_out, size=args.resolution, seed=12345)]
-    variants = (("baseline (no cycle loss)", 0.0), (f"cycle loss w={args.cycle_weight:g}", args.cycle_weight))
+    variants = [("baseline (no cycle loss)", 0.0)] + [(f"cycle loss w={w:g}", w) for w in args.cycle_weights if w > 0]
     rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _ in variants}
     for seed in args.seeds:
         for name, w in variants:

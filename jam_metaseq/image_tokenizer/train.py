@@ -21,8 +21,13 @@ latents fill each Voronoi cell of the codebook, and the re-encoded reconstructio
 asks the re-encoded reconstruction to pick the code it was decoded from. Gradients reach both the
 encoder (read decoded pictures like their sources) and the decoder (draw pictures that read back),
 which measured more stable than either alone; the codebook (EMA) is a constant here. The loss has
-no parameters, so the checkpoint layout is unchanged. ``benchmarks/bench_vq_roundtrip.py`` measures
-stability and reconstruction error with and without it.
+no parameters, so the checkpoint layout is unchanged. It costs reconstruction error, more the longer
+one trains (the CE stays O(1) while the pixel loss shrinks): tiny preset, seeds 0-2, 600 steps,
+w = 0.02: codes kept 0.70 -> 0.89 (0.85-0.92), MSE +10%; 1500 steps: 0.70 -> 0.97, MSE 0.0070 ->
+0.0093. Other levers measured no better at equal MSE: pulling E(x_hat) to e_k by MSE, a hinge on
+the margin, a temperature, cosine (l2-normalised) lookup, lower final learning rate, slower EMA,
+feeding E(x_hat) to the EMA codebook, weighting the CE relative to the pixel loss.
+``benchmarks/bench_vq_roundtrip.py`` measures stability and MSE against ``cycle_weight=0``.
 """
 
 from __future__ import annotations
@@ -79,7 +84,9 @@ class TrainConfig:
     pool_size: int = 1024
     """Images drawn up front from a generator source (sequences are used whole)."""
     cycle_weight: float = 0.02
-    """Weight of the cycle-consistency loss (module docstring); 0 turns it off."""
+    """Weight of the cycle-consistency loss (module docstring); 0 turns it off. Higher: more codes
+    survive encode -> decode -> encode, higher reconstruction error (tiny preset, 600 steps: 0.01
+    kept 0.85 at the baseline MSE, seed 0; 0.03 kept 0.90, MSE +14%, seeds 0-2)."""
     cycle_start: float = 0.3
     """Fraction of ``steps`` before which the cycle loss is off (early reconstructions say nothing)."""
     num_threads: int | None = None
