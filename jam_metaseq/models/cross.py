@@ -15,13 +15,12 @@ final LayerNorm and scored with the shared output projection.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
 from .config import CrossConfig, DecoderConfig
 from .decoder import (
-    AttentionContext, DecoderLayer, attend, build_context, embed_input, ffn, init_normal_, layer_norm,
+    AttentionContext, DecoderLayer, PreLNBlock, attend, build_context, embed_input, init_normal_, layer_norm,
     merge_heads, split_heads,
 )
 
@@ -50,7 +49,7 @@ class CrossAttention(nn.Module):
         return self.out_proj(merge_heads(out))
 
 
-class CrossBlock(nn.Module):
+class CrossBlock(PreLNBlock):
     """A pre-LN layer whose self-attention is replaced by cross-attention, with its own FFN."""
 
     def __init__(self, cfg: DecoderConfig, slot: int) -> None:
@@ -58,14 +57,10 @@ class CrossBlock(nn.Module):
         self.cfg = cfg
         self.cross_attn = CrossAttention(cfg, slot)
         self.cross_attn_layer_norm = layer_norm(cfg.embed_dim, cfg)
-        self.fc1 = nn.Linear(cfg.embed_dim, cfg.ffn_dim, bias=cfg.bias)
-        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.embed_dim, bias=cfg.bias)
-        self.final_layer_norm = layer_norm(cfg.embed_dim, cfg)
+        self.add_ffn(cfg)
 
     def forward(self, x: torch.Tensor, other: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        h = self.cross_attn(self.cross_attn_layer_norm(x), other, ctx)
-        x = x + F.dropout(h, p=self.cfg.dropout, training=self.training)
-        return x + ffn(self, self.final_layer_norm(x), self.cfg.activation, self.cfg.dropout, self.training)
+        return self.residual_and_ffn(x, self.cross_attn(self.cross_attn_layer_norm(x), other, ctx))
 
 
 def preserve_init_(block: CrossBlock) -> None:

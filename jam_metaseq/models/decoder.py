@@ -125,14 +125,30 @@ class SelfAttention(nn.Module):
         return self.out_proj(merge_heads(out))
 
 
-def ffn(layer: nn.Module, x: torch.Tensor, activation: str, dropout: float, training: bool) -> torch.Tensor:
-    """fc1 -> activation -> fc2 -> dropout; ``fc1``/``fc2`` live on the layer, as in metaseq."""
-    h = layer.fc1(x)
-    h = F.relu(h) if activation == "relu" else F.gelu(h)
-    return F.dropout(layer.fc2(h), p=dropout, training=training)
+class PreLNBlock(nn.Module):
+    """What a decoder layer and a JAM-Cross cross block share: x + Attn(LN(x)), then x + FFN(LN(x)).
+
+    Subclasses register their attention and its LayerNorm, then call ``add_ffn`` (this keeps
+    metaseq's key names ``fc1``, ``fc2``, ``final_layer_norm`` on the layer itself).
+    """
+
+    cfg: DecoderConfig
+
+    def add_ffn(self, cfg: DecoderConfig) -> None:
+        self.fc1 = nn.Linear(cfg.embed_dim, cfg.ffn_dim, bias=cfg.bias)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.embed_dim, bias=cfg.bias)
+        self.final_layer_norm = layer_norm(cfg.embed_dim, cfg)
+
+    def residual_and_ffn(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """x + dropout(attn_out), then + fc2(act(fc1(LN(x)))) with dropout: (B, T, E) -> (B, T, E)."""
+        cfg = self.cfg
+        x = x + F.dropout(attn_out, p=cfg.dropout, training=self.training)
+        h = self.fc1(self.final_layer_norm(x))
+        h = F.relu(h) if cfg.activation == "relu" else F.gelu(h)
+        return x + F.dropout(self.fc2(h), p=cfg.dropout, training=self.training)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(PreLNBlock):
     """Pre-LN: x + Attn(LN(x)), then x + FFN(LN(x))."""
 
     def __init__(self, cfg: DecoderConfig, slot: int) -> None:
@@ -140,14 +156,10 @@ class DecoderLayer(nn.Module):
         self.cfg = cfg
         self.self_attn = SelfAttention(cfg, slot)
         self.self_attn_layer_norm = layer_norm(cfg.embed_dim, cfg)
-        self.fc1 = nn.Linear(cfg.embed_dim, cfg.ffn_dim, bias=cfg.bias)
-        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.embed_dim, bias=cfg.bias)
-        self.final_layer_norm = layer_norm(cfg.embed_dim, cfg)
+        self.add_ffn(cfg)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        h = self.self_attn(self.self_attn_layer_norm(x), ctx)
-        x = x + F.dropout(h, p=self.cfg.dropout, training=self.training)
-        return x + ffn(self, self.final_layer_norm(x), self.cfg.activation, self.cfg.dropout, self.training)
+        return self.residual_and_ffn(x, self.self_attn(self.self_attn_layer_norm(x), ctx))
 
 
 def init_normal_(module: nn.Module, std: float) -> None:
