@@ -70,6 +70,13 @@ def load_vocab(path: str | os.PathLike | None, *, cfg: ModelConfig,
     return None
 
 
+SMALL_TENSOR = 4 << 20
+"""Tensors below this many bytes (biases, norms) are streamed through their own small buffers
+rather than the two reused big-tensor slots (see ``stream_to``)."""
+SMALL_IN_FLIGHT = 64 << 20
+"""At most this many bytes of small tensors wait for their writers at once."""
+
+
 _HASH_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jam-ckpt-hash")
 
 
@@ -268,34 +275,53 @@ def stream_to(
         ws = Workspace()
         names = list(out.shapes)
         skip = {TIED[1]} if alias else set()
-        # Per slot, the largest tensor still to come through it (sizes the two buffers).
-        upcoming: list[int] = [0] * len(names)
+        big = [n for n in names if n not in skip and _nbytes(out.shapes[n], out.dtype_of(n)) >= SMALL_TENSOR]
+        # Per slot, the largest big tensor still to come through it (sizes the two buffers).
+        upcoming: dict[str, int] = {}
         most = [0, 0]
-        for i in reversed(range(len(names))):
-            if names[i] not in skip:
-                most[i % 2] = max(most[i % 2], _nbytes(out.shapes[names[i]], out.dtype_of(names[i])))
-            upcoming[i] = most[i % 2]
-        # Futures of the writes of tensors i-1 and i-2; tensor i reuses i-2's buffers (slot i % 2).
-        pending: collections.deque[list[concurrent.futures.Future[None]]] = collections.deque()
+        for k in reversed(range(len(big))):
+            most[k % 2] = max(most[k % 2], _nbytes(out.shapes[big[k]], out.dtype_of(big[k])))
+            upcoming[big[k]] = most[k % 2]
+        # Writes in flight: big tensor k reuses big tensor k-2's buffers (slot k % 2), so it
+        # waits for that write only; small tensors get their own buffers (up to SMALL_IN_FLIGHT
+        # bytes of them may be queued), so they never stall the overlap of big ones.
+        pending_big: collections.deque[list[concurrent.futures.Future[None]]] = collections.deque()
+        pending_small: collections.deque[tuple[int, list[concurrent.futures.Future[None]]]] = collections.deque()
+        small_bytes = 0
         pools = [concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"jam-ckpt-write{r}")
                  for r in range(out.writer_count)]
+        n_big = 0
         try:
-            for i, name in enumerate(names):
-                while len(pending) > 1:
-                    for f in pending.popleft():
+            for name in names:
+                while pending_small and (small_bytes > SMALL_IN_FLIGHT or all(f.done() for f in pending_small[0][1])):
+                    nb, fs = pending_small.popleft()
+                    for f in fs:
                         f.result()
+                    small_bytes -= nb
                 if alias and name == TIED[1]:
-                    pending.append(out.add_tied(name, pools=pools))
+                    pending_small.append((0, out.add_tied(name, pools=pools)))
+                elif name in upcoming:
+                    while len(pending_big) > 1:
+                        for f in pending_big.popleft():
+                            f.result()
+                    slot = n_big % 2
+                    n_big += 1
+                    buf = ws.get(f"out{slot}", out.shapes[name], out.dtype_of(name), upcoming=upcoming[name])
+                    pending_big.append(out.add_async(name, produce(name, buf), slot=slot, pools=pools))
                 else:
-                    buf = ws.get(f"out{i % 2}", out.shapes[name], out.dtype_of(name), upcoming=upcoming[i])
-                    pending.append(out.add_async(name, produce(name, buf), slot=i % 2, pools=pools))
+                    buf = torch.empty(out.shapes[name], dtype=out.dtype_of(name))
+                    nb = buf.numel() * buf.element_size()
+                    small_bytes += nb
+                    pending_small.append((nb, out.add_async(name, produce(name, buf), slot=None, pools=pools)))
                 if bar is not None:
                     bar.update(1)
-            while pending:
-                for f in pending.popleft():
+            for fs in [*pending_big, *(fs for _, fs in pending_small)]:
+                for f in fs:
                     f.result()
+            pending_big.clear()
+            pending_small.clear()
         except BaseException:
-            for fs in pending:
+            for fs in [*pending_big, *(fs for _, fs in pending_small)]:
                 for f in fs:
                     f.cancel()
             raise

@@ -55,6 +55,11 @@ class OutputError(ValueError):
 
 _HASH_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="jam-ckpt-out-hash")
 _PARALLEL_HASH_BYTES = 1 << 20
+_WRITE_CHUNK = 1 << 20
+"""Bytes per ``write()`` call. One ``write()`` of a whole 100+ MiB tensor spends several times
+more kernel time copying into the page cache than the same bytes in 1 MiB calls (measured on
+ext4: 2 GiB in 128 MiB calls 1.3-3.9 s of system time, in 1 MiB calls 0.5 s; 0.5-0.9 vs 1.9
+GB/s with the hash running beside it)."""
 
 
 class _HashedFile:
@@ -76,7 +81,9 @@ class _HashedFile:
             return self.f.write(mv)
         fut = _HASH_THREAD.submit(self.sha.update, mv)
         try:
-            n = self.f.write(mv)
+            n = 0
+            for i in range(0, mv.nbytes, _WRITE_CHUNK):
+                n += self.f.write(mv[i:i + _WRITE_CHUNK])
         finally:
             fut.result()
         return n
@@ -571,8 +578,9 @@ class OutputDir:
             return [(ks[r], vs[r], qs[r]) for r in range(M)]
         return layout.split(name, t, M)
 
-    def _prepare(self, name: str, tensor: torch.Tensor, slot: int) -> torch.Tensor:
-        """Checks, bookkeeping and the cast to the written dtype (into this slot's buffer)."""
+    def _prepare(self, name: str, tensor: torch.Tensor, slot: int | None) -> torch.Tensor:
+        """Checks, bookkeeping and the cast to the written dtype (into this slot's buffer; a
+        new tensor when ``slot`` is None)."""
         if name not in self.shapes:
             raise OutputError(f"unexpected tensor {name} (not in the target model)")
         if tuple(tensor.shape) != self.shapes[name]:
@@ -583,7 +591,7 @@ class OutputDir:
         if self.spec.fsdp:
             t = tensor.to(dt, copy=True)  # held until its FSDP unit is complete: our own copy
         elif tensor.dtype != dt:
-            t = self._ws.get(f"cast{slot}", tensor.shape, dt).copy_(tensor)
+            t = tensor.to(dt) if slot is None else self._ws.get(f"cast{slot}", tensor.shape, dt).copy_(tensor)
         else:
             t = tensor
         self.tensor_meta[name] = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
@@ -636,7 +644,7 @@ class OutputDir:
         for f in self.add_async(name, tensor, slot=0, pools=None):
             f.result()
 
-    def add_async(self, name: str, tensor: torch.Tensor, *, slot: int,
+    def add_async(self, name: str, tensor: torch.Tensor, *, slot: int | None,
                   pools: Sequence[concurrent.futures.Executor] | None) -> list[concurrent.futures.Future]:
         """Cast and split ``tensor`` here, then write rank r's piece on ``pools[r]`` (one
         single-thread executor per output rank; None = write now). ``tensor`` and this slot's
