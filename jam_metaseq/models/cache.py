@@ -2,6 +2,11 @@
 
 One preallocated buffer per attention *slot* (a self-attention layer, or one direction of a JAM-Cross
 cross block), plus the per-row bookkeeping that metaseq's learned positions and left padding need.
+
+Two ways to append: ``write`` (the dynamic path) returns the keys written so far, so shapes grow
+every step; ``write_at`` (static decode steps, ``decoder.build_static_context``) writes at the
+device-side ``offset`` and returns a fixed span of keys, so a step has the same shapes every time and
+needs no host sync (what a CUDA graph needs). Both keep ``length`` (host) and ``offset`` (device) equal.
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ class KVCache:
         # Non-pad tokens seen so far per row: the next real token's position is this + pad + 1.
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
+        # ``length`` on the device: static steps read it, so a captured step needs no host value.
+        self.offset = torch.zeros((), dtype=torch.long, device=device)
         self.max_len = max_len
         self.batch_size = batch_size
 
     def reset(self) -> None:
         self.key_padding.zero_()
         self.positions.zero_()
+        self.offset.zero_()
         self.length = 0
 
     def check_room(self, new_tokens: int) -> None:
@@ -51,6 +59,21 @@ class KVCache:
         self.k[slot, :, :, start:end] = k
         self.v[slot, :, :, start:end] = v
         return self.k[slot, :, :, :end], self.v[slot, :, :, :end]
+
+    def write_at(
+        self, slot: int, k: torch.Tensor, v: torch.Tensor, *, index: torch.Tensor, span: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, H, T, D) keys/values at the device positions ``index`` (T,); return the first
+        ``span`` keys/values, (B, H, span, D), whatever has been written (the caller masks)."""
+        self.k[slot].index_copy_(2, index, k)
+        self.v[slot].index_copy_(2, index, v)
+        return self.k[slot, :, :, :span], self.v[slot, :, :, :span]
+
+    def advance(self, nonpad: torch.Tensor, steps: int) -> None:
+        """After a forward pass over ``steps`` tokens per row, ``nonpad`` (B,) of them real."""
+        self.positions += nonpad
+        self.offset += steps  # in place on the device: a captured step replays it
+        self.length += steps
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` of the batch (e.g. after finished sequences are dropped)."""

@@ -99,11 +99,13 @@ class CrossDecoder(nn.Module):
         self.embed_scale = p.embed_dim**0.5 if p.scale_embedding else 1.0
         self.cross_index = {layer: j for j, layer in enumerate(cfg.cross_after)}
 
-    def embed(self, tokens: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(
+        self, tokens: torch.Tensor, cache: KVCache | None, *, check_positions: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) -> (x_llm, x_cm3): one shared token lookup, each branch's own positions."""
         x_llm, x_cm3 = embed_input(
             self, tokens, positions_tables=[self.embed_positions_llm, self.embed_positions_cm3],
-            cfg=self.cfg.parent, cache=cache,
+            cfg=self.cfg.parent, cache=cache, check_positions=check_positions,
         )
         return x_llm, x_cm3
 
@@ -146,13 +148,16 @@ class JamCrossLM(nn.Module):
         )
 
     def branch_features(
-        self, tokens: torch.Tensor, *, cache: KVCache | None = None
+        self, tokens: torch.Tensor, *, cache: KVCache | None = None, span: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) -> final (x_llm, x_cm3), each (B, T, E), before projection and final LayerNorm."""
+        """(B, T) -> final (x_llm, x_cm3), each (B, T, E), before projection and final LayerNorm.
+
+        ``span``: a static step (``decoder.build_static_context``); one context serves both branches'
+        self-attention and both cross directions, whose keys sit in their own cache slots."""
         d = self.decoder
         pad_idx = self.cfg.parent.padding_idx
-        ctx = build_context(tokens, padding_idx=pad_idx, cache=cache)
-        x_llm, x_cm3 = d.embed(tokens, cache)
+        ctx = build_context(tokens, padding_idx=pad_idx, cache=cache, span=span)
+        x_llm, x_cm3 = d.embed(tokens, cache, check_positions=span is None)
         for i, (layer_llm, layer_cm3) in enumerate(zip(d.layers_llm, d.layers_cm3)):
             x_llm = layer_llm(x_llm, ctx)
             x_cm3 = layer_cm3(x_cm3, ctx)
@@ -164,17 +169,20 @@ class JamCrossLM(nn.Module):
                     d.x_attn_layers_cm3[j](x_cm3, x_llm, ctx),
                 )
         if cache is not None:
-            cache.positions += tokens.ne(pad_idx).sum(dim=1)
-            cache.length += tokens.shape[1]
+            cache.advance(tokens.ne(pad_idx).sum(dim=1), tokens.shape[1])
         return x_llm, x_cm3
 
-    def extract_features(self, tokens: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor:
-        x_llm, x_cm3 = self.branch_features(tokens, cache=cache)
+    def extract_features(
+        self, tokens: torch.Tensor, *, cache: KVCache | None = None, span: int | None = None
+    ) -> torch.Tensor:
+        x_llm, x_cm3 = self.branch_features(tokens, cache=cache, span=span)
         x = self.decoder.feature_projection(torch.cat([x_cm3, x_llm], dim=-1))  # (B, T, E)
         return self.decoder.layer_norm(x)
 
     def output_layer(self, features: torch.Tensor) -> torch.Tensor:
         return self.decoder.output_projection(features)
 
-    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor:
-        return self.output_layer(self.extract_features(tokens, cache=cache))
+    def forward(
+        self, tokens: torch.Tensor, *, cache: KVCache | None = None, span: int | None = None
+    ) -> torch.Tensor:
+        return self.output_layer(self.extract_features(tokens, cache=cache, span=span))

@@ -10,6 +10,11 @@ or twice-as-wide ``DecoderConfig``.
 Attention runs through ``torch.nn.functional.scaled_dot_product_attention``; tokens equal to
 ``padding_idx`` are masked as keys and get the padding position row, so left-padded batches give
 each row the result it would give alone (unlike metaseq's training path, which ignores padding).
+
+Decoding with a ``KVCache`` has two paths: the dynamic one (``build_context``: the attended keys grow
+with the cache) and a static one for one-token decode steps (``span=`` in ``extract_features``,
+``build_static_context``: a fixed key span, positions and masks computed on the device), which has
+the same shapes every step, asks the host nothing, and so can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -34,10 +39,19 @@ class AttentionContext:
     """(B, 1, T, S) bool, True = may attend; None with ``is_causal`` or when all keys are visible."""
     is_causal: bool
     cache: KVCache | None
+    write_index: torch.Tensor | None = None
+    """Static steps only: (T,) device positions the chunk's keys/values are written at."""
+    span: int = 0
+    """Static steps only: cached keys [0, span) are attended (``mask`` hides those not yet valid)."""
 
 
-def build_context(tokens: torch.Tensor, *, padding_idx: int, cache: KVCache | None) -> AttentionContext:
-    """Causal + key-padding mask for a chunk of ``tokens`` (B, T) appended after ``cache``."""
+def build_context(
+    tokens: torch.Tensor, *, padding_idx: int, cache: KVCache | None, span: int | None = None
+) -> AttentionContext:
+    """Causal + key-padding mask for a chunk of ``tokens`` (B, T) appended after ``cache``
+    (``span``: a static step, see ``build_static_context``)."""
+    if span is not None:
+        return build_static_context(tokens, padding_idx=padding_idx, cache=cache, span=span)
     B, T = tokens.shape
     pad = tokens.eq(padding_idx)  # (B, T)
     start = 0
@@ -63,15 +77,41 @@ def build_context(tokens: torch.Tensor, *, padding_idx: int, cache: KVCache | No
     return AttentionContext(mask=mask, is_causal=False, cache=cache)
 
 
+def build_static_context(
+    tokens: torch.Tensor, *, padding_idx: int, cache: KVCache | None, span: int
+) -> AttentionContext:
+    """The same mask as ``build_context`` for a chunk (B, T) written at ``cache.offset`` (a device
+    tensor), over a fixed ``span`` of cached keys: keys after the query and padding keys are masked,
+    so whatever the cache holds there is never attended. Shapes depend on (B, T, span) only and
+    nothing is read back to the host, so a CUDA graph can capture it and replay it every step."""
+    if cache is None:
+        raise ValueError("a static step needs a KV cache")
+    B, T = tokens.shape
+    cache.check_room(T)
+    if not cache.length + T <= span <= cache.max_len:
+        raise ValueError(f"span {span} must cover the {cache.length + T} keys after this chunk "
+                         f"and fit the cache of {cache.max_len}")
+    index = cache.offset + torch.arange(T, device=tokens.device)  # (T,) absolute query positions
+    cache.key_padding.index_copy_(1, index, tokens.eq(padding_idx))
+    idx_k = torch.arange(span, device=tokens.device)[None, :]  # (1, S)
+    idx_q = index[:, None]  # (T, 1)
+    mask = (idx_k <= idx_q)[None, None] & ~cache.key_padding[:, None, None, :span]  # (B, 1, T, S)
+    mask = mask | (idx_k == idx_q)[None, None]  # a pad query sees itself (as in build_context)
+    return AttentionContext(mask=mask, is_causal=False, cache=cache, write_index=index, span=span)
+
+
 def metaseq_positions(
-    tokens: torch.Tensor, *, padding_idx: int, cache: KVCache | None, max_positions: int
+    tokens: torch.Tensor, *, padding_idx: int, cache: KVCache | None, max_positions: int,
+    check: bool = True,
 ) -> torch.Tensor:
-    """Position ids as metaseq counts them: over non-pad tokens, starting at padding_idx + 1."""
+    """Position ids as metaseq counts them: over non-pad tokens, starting at padding_idx + 1.
+
+    ``check=False`` skips the length check (a host sync); static steps rely on the caller's budget."""
     nonpad = tokens.ne(padding_idx).long()  # (B, T)
     counts = nonpad.cumsum(dim=1)
     if cache is not None:
         counts = counts + cache.positions[:, None]
-    if counts.numel() and int(counts.max()) > max_positions:
+    if check and counts.numel() and int(counts.max()) > max_positions:
         raise ValueError(
             f"sequence of {int(counts.max())} tokens is longer than max_positions={max_positions}"
         )
@@ -87,7 +127,9 @@ def attend(
     dropout_p: float,
 ) -> torch.Tensor:
     """SDPA over (B, H, T, D) tensors, appending k/v to the cache slot first when decoding."""
-    if ctx.cache is not None:
+    if ctx.write_index is not None:
+        k, v = ctx.cache.write_at(slot, k, v, index=ctx.write_index, span=ctx.span)
+    elif ctx.cache is not None:
         k, v = ctx.cache.write(slot, k, v)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal, dropout_p=dropout_p
@@ -191,19 +233,27 @@ class Decoder(nn.Module):
         self.output_projection.weight = self.embed_tokens.weight
         self.embed_scale = math.sqrt(cfg.embed_dim) if cfg.scale_embedding else 1.0
 
-    def embed(self, tokens: torch.Tensor, positions_table: nn.Embedding, cache: KVCache | None) -> torch.Tensor:
-        return embed_input(self, tokens, positions_tables=[positions_table], cfg=self.cfg, cache=cache)[0]
+    def embed(
+        self, tokens: torch.Tensor, positions_table: nn.Embedding, cache: KVCache | None, *,
+        check_positions: bool = True,
+    ) -> torch.Tensor:
+        return embed_input(
+            self, tokens, positions_tables=[positions_table], cfg=self.cfg, cache=cache,
+            check_positions=check_positions,
+        )[0]
 
 
 def embed_input(
     decoder: nn.Module, tokens: torch.Tensor, *, positions_tables: Sequence[nn.Embedding],
-    cfg: DecoderConfig, cache: KVCache | None,
+    cfg: DecoderConfig, cache: KVCache | None, check_positions: bool = True,
 ) -> list[torch.Tensor]:
     """scale * token embedding + each learned position table, then dropout: (B, T) -> [(B, T, E)].
 
     The token embedding is looked up once and shared (JAM-Cross has one position table per branch).
     """
-    pos = metaseq_positions(tokens, padding_idx=cfg.padding_idx, cache=cache, max_positions=cfg.max_positions)
+    pos = metaseq_positions(
+        tokens, padding_idx=cfg.padding_idx, cache=cache, max_positions=cfg.max_positions, check=check_positions
+    )
     tok = decoder.embed_scale * decoder.embed_tokens(tokens)
     return [F.dropout(tok + table(pos), p=cfg.dropout, training=decoder.training) for table in positions_tables]
 
@@ -231,20 +281,25 @@ class DecoderLM(nn.Module):
             head_dim=self.cfg.head_dim, max_len=max_len, dtype=dtype or p.dtype, device=device or p.device,
         )
 
-    def extract_features(self, tokens: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, E) final hidden states (after the final LayerNorm)."""
+    def extract_features(
+        self, tokens: torch.Tensor, *, cache: KVCache | None = None, span: int | None = None
+    ) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, E) final hidden states (after the final LayerNorm).
+
+        ``span``: a static step over the first ``span`` cache positions (``build_static_context``)."""
         d = self.decoder
-        ctx = build_context(tokens, padding_idx=self.cfg.padding_idx, cache=cache)
-        x = d.embed(tokens, d.embed_positions, cache)
+        ctx = build_context(tokens, padding_idx=self.cfg.padding_idx, cache=cache, span=span)
+        x = d.embed(tokens, d.embed_positions, cache, check_positions=span is None)
         for layer in d.layers:
             x = layer(x, ctx)
         if cache is not None:
-            cache.positions += tokens.ne(self.cfg.padding_idx).sum(dim=1)
-            cache.length += tokens.shape[1]
+            cache.advance(tokens.ne(self.cfg.padding_idx).sum(dim=1), tokens.shape[1])
         return d.layer_norm(x)
 
     def output_layer(self, features: torch.Tensor) -> torch.Tensor:
         return self.decoder.output_projection(features)  # (B, T, V)
 
-    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor:
-        return self.output_layer(self.extract_features(tokens, cache=cache))
+    def forward(
+        self, tokens: torch.Tensor, *, cache: KVCache | None = None, span: int | None = None
+    ) -> torch.Tensor:
+        return self.output_layer(self.extract_features(tokens, cache=cache, span=span))
