@@ -66,9 +66,10 @@ def row_uniform(seeds: torch.Tensor, step: torch.Tensor | int) -> torch.Tensor:
     ``seeds`` (B,) int64; ``step`` a python int or 0-d / (B,) int64 tensor.
     """
     seeds = seeds.to(torch.int64)
-    if not torch.is_tensor(step):
-        step = torch.tensor(step, dtype=torch.int64, device=seeds.device)
-    h = _hash32(_hash32(seeds * 0x9E3779B1 + 0x632BE5AB) ^ _hash32(step.to(torch.int64) + 0x27D4EB2F))
+    # A python step is hashed on the host (same integer arithmetic, no host-to-device copy); a tensor
+    # step stays on the device (a captured decode step reads it from its buffer).
+    step_hash = _hash32(step + 0x27D4EB2F) if not torch.is_tensor(step) else _hash32(step.to(torch.int64) + 0x27D4EB2F)
+    h = _hash32(_hash32(seeds * 0x9E3779B1 + 0x632BE5AB) ^ step_hash)
     # 24 random bits -> float32 exactly, centred in its bin so u is never 0 or 1.
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 

@@ -138,10 +138,9 @@ class MixedModalState:
         allowed[:, r.eos] |= text & may_end
         allowed |= (self.mode == IMAGE)[:, None] & self._image_ok[None, :]
         forced = self.forced()
-        has_forced = forced >= 0
-        allowed[has_forced] = False
-        allowed[has_forced, forced[has_forced]] = True
-        return allowed
+        # Forced rows allow their one token (torch.where, not boolean indexing: no host sync).
+        only_forced = torch.arange(r.vocab_size, device=forced.device)[None, :] == forced[:, None]  # (B, V)
+        return torch.where((forced >= 0)[:, None], only_forced, allowed)
 
     def forced(self) -> torch.Tensor:
         """(B,) int64: the token a row must take next, -1 where it may choose."""
