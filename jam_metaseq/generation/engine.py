@@ -10,6 +10,9 @@ Small named steps (gpt-fast style):
 - ``decode_one_token``: one (R, 1) step through the cache.
 - ``decode_n_tokens``: the loop; ``generate`` ties it together and returns structured ``Answer``s.
 
+``decode="static"`` / ``"graph"`` run the decode steps with fixed shapes over persistent buffers,
+the latter as replayed CUDA graphs (``static.py``); the default ``"eager"`` is fastest on CPU.
+
 With guidance the batch holds 2B rows: rows [0, B) are the prompts, rows [B, 2B) the same prompts
 with their text replaced by ``<mask>`` (``cfg.unconditional_prompt``). Both rows of a pair run in
 the same forward pass and are fed the same sampled token; only image tokens are guided, text is
@@ -30,6 +33,9 @@ from .answer import Answer, open_image_codes, split_segments
 from .cfg import DEFAULT_ALPHA, blend, unconditional_prompt
 from .sampling import SamplingConfig, apply_repetition_penalty, sample
 from .state import IMAGE, MixedModalRules, MixedModalState
+from .static import StaticDecoder
+
+DECODE_MODES = ("eager", "static", "graph")
 
 
 def _default_sampling() -> SamplingConfig:
@@ -75,9 +81,22 @@ class Engine:
 
     def __init__(
         self, model: nn.Module, *, vocab: VocabManifest, use_cache: bool = True, slice_image_logits: bool = True,
+        decode: str = "eager", key_block: int = 256,
     ) -> None:
         """``use_cache=False`` reruns the whole sequence each step (the reference for tests);
-        ``slice_image_logits`` projects only the image-code rows on image-only steps."""
+        ``slice_image_logits`` projects only the image-code rows on image-only steps.
+
+        ``decode``: ``eager`` (the attended keys grow each step; fastest on CPU), ``static`` (fixed
+        shapes, no host sync inside a step, the state read only where needed) or ``graph`` (static
+        steps replayed as CUDA graphs; static, with a warning, off CUDA or if capture fails).
+        ``key_block``: static steps attend to the cache in multiples of this many keys (one graph
+        per multiple; 0 = always the whole cache)."""
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        if decode != "eager" and not use_cache:
+            raise ValueError(f"decode={decode!r} needs the KV cache (use_cache=True)")
+        if key_block < 0:
+            raise ValueError(f"key_block must be >= 0, got {key_block}")
         cfg = model.cfg
         vocab.check_embedding(cfg.vocab_size, what="model")
         if cfg.padding_idx != vocab.pad:
@@ -91,6 +110,16 @@ class Engine:
         self.pad = vocab.pad
         self.cache = None
         self._seq: torch.Tensor | None = None  # (R, T) whole sequences, uncached mode only
+        self.static = None if decode == "eager" else StaticDecoder(
+            self, use_graphs=decode == "graph", key_block=key_block
+        )
+
+    @property
+    def decode_mode(self) -> str:
+        """The decode mode in effect (``graph`` becomes ``static`` after a fallback)."""
+        if self.static is None:
+            return "eager"
+        return "graph" if self.static.use_graphs else "static"
 
     @property
     def device(self) -> torch.device:
@@ -100,11 +129,21 @@ class Engine:
     def setup_caches(self, *, batch_size: int, max_len: int):
         """Allocate the KV cache for ``batch_size`` rows of up to ``max_len`` positions."""
         self._seq = None
-        self.cache = self.model.setup_caches(batch_size, max_len) if self.use_cache else None
+        if self.static is not None:
+            self.cache = self.static.setup_cache(batch_size=batch_size, max_len=max_len)
+        else:
+            self.cache = self.model.setup_caches(batch_size, max_len) if self.use_cache else None
         return self.cache
 
-    def _last_logits(self, tokens: torch.Tensor, columns: tuple[int, int] | None) -> torch.Tensor:
-        feats = self.model.extract_features(tokens, cache=self.cache)[:, -1]  # (R, E): last position only
+    def last_logits(
+        self, tokens: torch.Tensor, columns: tuple[int, int] | None, *, span: int | None = None
+    ) -> torch.Tensor:
+        """(R, T) tokens through the cache -> (R, V) logits of the last position (or ``columns``);
+        ``span``: a static step over that many cached keys."""
+        if span is None:
+            feats = self.model.extract_features(tokens, cache=self.cache)[:, -1]  # (R, E): last position only
+        else:
+            feats = self.model.extract_features(tokens, cache=self.cache, span=span)[:, -1]
         if columns is None:
             return self.model.output_layer(feats)  # (R, V)
         # Image steps only need the image-code rows of the tied projection (8192 of ~65k).
@@ -115,23 +154,31 @@ class Engine:
         """(R, T) left-padded prompts -> (R, V) next-token logits (or the ``columns`` [lo, hi) only)."""
         if not self.use_cache:
             self._seq = tokens
-        return self._last_logits(tokens, columns)
+        return self.last_logits(tokens, columns)
 
     def decode_one_token(self, tokens: torch.Tensor, *, columns: tuple[int, int] | None = None) -> torch.Tensor:
-        """(R, 1) tokens -> (R, V) next-token logits (uncached mode reruns the whole sequence)."""
+        """(R, 1) tokens -> (R, V) next-token logits (uncached mode reruns the whole sequence; static
+        modes run a fixed-shape step)."""
+        if self.static is not None:
+            return self.static.logits(tokens, columns)
         if self.use_cache:
-            return self._last_logits(tokens, columns)
+            return self.last_logits(tokens, columns)
         assert self._seq is not None, "prefill first"
         self._seq = torch.cat([self._seq, tokens], dim=1)
-        return self._last_logits(self._seq, columns)
+        return self.last_logits(self._seq, columns)
+
+    def image_columns(self) -> tuple[int, int] | None:
+        """The image-code columns [lo, hi) image-only steps project, None when slicing is off."""
+        if not self.slice_image_logits or not hasattr(self.model.decoder, "output_projection"):
+            return None
+        return (self.vocab.image_start, self.vocab.image_end)
 
     def logit_columns(self, state: MixedModalState) -> tuple[int, int] | None:
         """The image-code columns when every row's next token is an image code or forced, else None
         (all columns). One host sync; it saves most of the output projection on image steps."""
-        if not self.slice_image_logits or not hasattr(self.model.decoder, "output_projection"):
-            return None
-        if bool(((state.mode == IMAGE) | (state.forced() >= 0)).all()):
-            return (self.vocab.image_start, self.vocab.image_end)
+        columns = self.image_columns()
+        if columns is not None and bool(((state.mode == IMAGE) | (state.forced() >= 0)).all()):
+            return columns
         return None
 
     # ---- token choice --------------------------------------------------------------------------
@@ -161,10 +208,9 @@ class Engine:
         txt, img = config.text, config.image
 
         def per_row(text_value, image_value, dtype):
-            return torch.where(
-                image_rows,
-                torch.tensor(image_value, dtype=dtype, device=scores.device),
-                torch.tensor(text_value, dtype=dtype, device=scores.device),
+            # Filled on the device (torch.tensor(value, device=...) would be a synchronous copy).
+            return torch.full(image_rows.shape, text_value, dtype=dtype, device=scores.device).masked_fill_(
+                image_rows, image_value
             )
 
         filtering = txt.top_k > 0 or img.top_k > 0 or txt.top_p < 1 or img.top_p < 1
@@ -186,6 +232,11 @@ class Engine:
     ) -> torch.Tensor:
         """Up to ``num_steps`` tokens per prompt, starting from the prefill ``logits`` -> (B, steps);
         ``columns_of_first``: the columns those logits hold (``logit_columns``)."""
+        if self.static is not None:
+            return self.static.decode(
+                logits, state=state, seeds=seeds, seen=seen, config=config, num_steps=num_steps,
+                on_step=on_step, columns_of_first=columns_of_first,
+            )
         B = state.mode.shape[0]
         rows = torch.arange(B, device=logits.device)
         out = torch.full((B, num_steps), self.pad, dtype=torch.int64, device=logits.device)
