@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -59,10 +60,15 @@ def test_prompt_to_json_lines(ckpt, capsys):
     for a in answers:
         assert len(a.images) >= 1 and a.images[0].complete
         assert all(isinstance(s.text, str) for s in a.segments if s.to_dict()["type"] == "text")
-    # Same flags, same answers; --seed changes them.
-    rc2, out2, _ = run(capsys, "--checkpoint", ckpt, "--tokenizer", "bytes", "--prompt", "How can I make shakshuka?",
-                       "--prompt", "Cats?", "--max-new-tokens", "20", "--min-images", "1", "--no-progress")
-    assert out2 == out
+    # Same flags, same answers, in every decode mode (graph falls back to static on CPU).
+    for decode in ("eager", "static", "graph"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rc2, out2, _ = run(capsys, "--checkpoint", ckpt, "--tokenizer", "bytes", "--prompt",
+                               "How can I make shakshuka?", "--prompt", "Cats?", "--max-new-tokens", "20",
+                               "--min-images", "1", "--no-progress", "--decode", decode)
+        assert rc2 == 0 and out2 == out, decode
+        assert any("needs a CUDA device" in str(w.message) for w in caught) == (decode == "graph")
 
 
 def test_prompts_file_to_out_dir(ckpt, capsys, tmp_path):

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from .engine import GenerationConfig
+from .engine import DECODE_MODES, GenerationConfig
 from .run import PROMPT_PREFIXES, PromptSpec, RetrievalOptions, generate_answers, read_prompts_jsonl
 from .sampling import SamplingConfig
 
@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-images", type=int, default=0, help="forbid <eos> until this many images were written")
     g.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i unless its JSONL line sets one")
     g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (each pair of CFG rows counts once)")
+    g.add_argument("--decode", default="eager", choices=DECODE_MODES,
+                   help="decode steps: eager (fastest on CPU), static (fixed shapes, few host syncs) or graph "
+                   "(static steps replayed as CUDA graphs; falls back to static with a warning off CUDA); "
+                   "same seeds give the same answers in every mode")
     r = p.add_argument_group("retrieval augmentation")
     r.add_argument("--retrieve", metavar="BANK_DIR",
                    help="memory bank (jam-retrieval build): put the documents retrieved for each text prompt "
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer=args.tokenizer, image_tokenizer=args.image_tokenizer, out_dir=args.out,
             batch_size=args.batch_size, device=args.device, dtype=DTYPES[args.dtype],
             prompt_prefix=PROMPT_PREFIXES[args.prompt_prefix], progress=not args.no_progress,
-            retrieval=retrieval,
+            retrieval=retrieval, decode=args.decode,
         )
     except (ValueError, FileNotFoundError, ImportError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

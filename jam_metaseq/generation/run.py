@@ -295,9 +295,11 @@ def generate_answers(
     vocab_path: str | Path | None = None, tokenizer: str | None = None,
     image_tokenizer: str | None = None, out_dir: str | Path | None = None, batch_size: int = 8,
     device: str = "cpu", dtype: torch.dtype = torch.float32, prompt_prefix: str | None = "eos",
-    progress: bool = True, retrieval: RetrievalOptions | None = None,
+    progress: bool = True, retrieval: RetrievalOptions | None = None, decode: str = "eager",
 ) -> list[Answer]:
     """Everything ``jam-generate`` does; returns the answers (and writes files under ``out_dir``).
+
+    ``decode``: the engine's decode mode (``Engine(decode=...)``: eager, static or graph).
 
     ``retrieval``: prefix each text prompt with documents retrieved from a memory bank (module
     docstring); the answers are then ``RetrievalAnswer``s recording them.
@@ -333,7 +335,7 @@ def generate_answers(
             prompts, ids, retriever=retriever, vocab=vocab, max_positions=model.cfg.max_positions,
             max_new_tokens=config.max_new_tokens, prompt_prefix=prompt_prefix, progress=progress,
         )
-    engine = Engine(model, vocab=vocab)
+    engine = Engine(model, vocab=vocab, decode=decode)
     answers: list[Answer] = []
     for start in range(0, len(ids), batch_size):
         answers += engine.generate(
