@@ -7,6 +7,14 @@ a CFG pair (prompt + ``<mask>`` prompt, 2B rows, one forward pass per step, imag
 HF runs the same 2B rows as independent sequences with its KV cache (the baseline the issue names:
 "batch 2 = one CFG pair"). Throughput counts one image per pair: B * N / seconds.
 
+``--modes`` picks the engine's decode modes (``Engine(decode=...)``): ``eager`` (keys grow every
+step), ``static`` (fixed shapes, state read only at planned points) and ``graph`` (static steps
+replayed as CUDA graphs). The graph engine is warmed up with one full-length call (it allocates the
+cache it keeps and captures the graphs, so capture is not timed), the others with an 8-token call.
+A cell that fails prints its error and the table shows "failed"; the other cells still run. Every
+finished cell is printed to stderr at once, and SIGTERM or Ctrl-C (e.g. ``timeout 170 python ...``)
+prints the table of the cells finished so far. Cells run in the order of ``--modes``, after HF.
+
 On an accelerator (``--device cuda``) the table adds, per shape, seconds per image next to the
 memory-bandwidth bound ``weight bytes / bandwidth * (N + 1)`` (``--bandwidth-tbs``, default guessed
 from the device name); "s/run" is the wall time of one call (one image per prompt), so at batch 1
@@ -16,18 +24,22 @@ oversubscribed threads dominate the timings.
     python benchmarks/bench_generate.py                               # CPU: tiny and opt_125m, batch 1 and 8
     python benchmarks/bench_generate.py --shapes opt_125m --image-tokens 256 --batch 1,8
     python benchmarks/bench_generate.py --device cuda --dtype bfloat16 --shapes cm3leon_7b --batch 1,8
+    python benchmarks/bench_generate.py --device cuda --dtype bfloat16 --shapes opt_1_3b --modes eager,static,graph
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import time
+import traceback
+import warnings
 
 import torch
 
-from jam_metaseq.generation.engine import Engine, GenerationConfig
+from jam_metaseq.generation.engine import DECODE_MODES, Engine, GenerationConfig
 from jam_metaseq.generation.sampling import SamplingConfig
 from jam_metaseq.generation.cfg import unconditional_prompt
 from jam_metaseq.models import build_model, count_parameters, preset
@@ -64,14 +76,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_engine(model, vocab, batch: int, *, device: str, repeats: int) -> float:
-    engine = Engine(model, vocab=vocab)
+def time_engine(model, vocab, batch: int, *, device: str, repeats: int, mode: str) -> tuple[float, str]:
+    """Best seconds per call, and the decode mode that ran (``graph`` may fall back to ``static``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        engine = Engine(model, vocab=vocab, decode=mode)
     sampling = SamplingConfig(temperature=1.0, top_p=0.9)
     cfg = GenerationConfig(max_new_tokens=vocab.image_tokens_per_image + 1, text=sampling, image=sampling,
                            guidance_scale=3.5, max_images=1, check_done_every=64)
     ps = prompts(vocab, batch)
-    warm = GenerationConfig(**{**cfg.__dict__, "max_new_tokens": 8})
+    warm = cfg if mode == "graph" else GenerationConfig(**{**cfg.__dict__, "max_new_tokens": 8})
+    sync(device)
+    t = time.perf_counter()
     engine.generate(ps, config=warm)
+    sync(device)
+    if engine.static is not None:
+        print(f"    {mode}: warm-up {time.perf_counter() - t:.2f} s, {len(engine.static.graphs)} graphs captured",
+              file=sys.stderr, flush=True)
     best = float("inf")
     for r in range(repeats):
         sync(device)
@@ -80,7 +101,7 @@ def time_engine(model, vocab, batch: int, *, device: str, repeats: int) -> float
         sync(device)
         best = min(best, time.perf_counter() - t)
         assert all(a.images and a.images[0].complete for a in answers)
-    return best
+    return best, engine.decode_mode
 
 
 def hf_model(cfg, *, device: str, dtype: torch.dtype):
@@ -135,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed runs per cell (best is kept)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF baseline")
+    p.add_argument("--modes", default="",
+                   help="engine decode modes, comma-separated: eager, static, graph "
+                   "(default: eager,static,graph on CUDA, eager,static elsewhere)")
     p.add_argument("--bandwidth-tbs", type=float, default=0.0,
                    help="device memory bandwidth in TB/s for the bound (default: guessed from the name)")
     args = p.parse_args(argv)
@@ -142,11 +166,29 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     batches = [int(b) for b in args.batch.split(",")]
+    modes = (args.modes or ("eager,static,graph" if args.device.startswith("cuda") else "eager,static")).split(",")
+    bad = [m for m in modes if m not in DECODE_MODES]
+    if bad:
+        raise SystemExit(f"unknown --modes {bad}; choose from {', '.join(DECODE_MODES)}")
     bandwidth = args.bandwidth_tbs
     if args.device.startswith("cuda") and not bandwidth:
         name = torch.cuda.get_device_name()
         bandwidth = next((bw for k, bw in BANDWIDTH_TBS.items() if k in name), 0.0)
     rows = []
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run_shapes(args, rows, modes=modes, dtype=dtype, batches=batches, bandwidth=bandwidth)
+    except KeyboardInterrupt:
+        print("  interrupted: the table holds the cells finished so far", file=sys.stderr, flush=True)
+    print_table(rows, image_tokens=args.image_tokens)
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_shapes(args, rows: list, *, modes: list[str], dtype: torch.dtype, batches: list[int], bandwidth: float) -> None:
     print(f"device {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}), "
           f"dtype {args.dtype}, threads {torch.get_num_threads()}, N = {args.image_tokens} tokens per image, "
           "CFG alpha 3.5, top-p 0.9", file=sys.stderr)
@@ -156,27 +198,66 @@ def main(argv: list[str] | None = None) -> int:
         cfg = preset(shape, vocab_size=vocab_size, max_positions=max(base.max_positions, args.image_tokens + 64),
                      dropout=0.0, attention_dropout=0.0)
         vocab = bench_vocab(vocab_size, args.image_tokens)
-        torch.manual_seed(0)
-        with torch.device(args.device):
-            model = build_model(cfg)
-        model = model.to(dtype=dtype).eval()
+        model = hf = None
+        try:
+            torch.manual_seed(0)
+            with torch.device(args.device):
+                model = build_model(cfg)
+            model = model.to(dtype=dtype).eval()
+            hf = None if args.no_hf or not cfg.bias or not cfg.affine_ln else hf_model(cfg, device=args.device, dtype=dtype)
+        except Exception as e:  # noqa: BLE001 -- report and go on with the next shape
+            print(f"  {shape}: building the models failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            rows.append((shape, 0, "models", float("nan"), float("nan"), float("nan")))
+            continue
         weight_bytes = count_parameters(cfg) * torch.finfo(dtype).bits // 8
-        hf = None if args.no_hf or not cfg.bias or not cfg.affine_ln else hf_model(cfg, device=args.device, dtype=dtype)
         for b in batches:
-            print(f"  {shape} batch {b} ...", file=sys.stderr, flush=True)
-            t_engine = time_engine(model, vocab, b, device=args.device, repeats=args.repeats)
-            t_hf = time_hf(hf, vocab, b, device=args.device, repeats=args.repeats) if hf is not None else float("nan")
             bound = weight_bytes / (bandwidth * 1e12) * (args.image_tokens + 1) if bandwidth else float("nan")
-            rows.append((shape, b, t_engine, t_hf, bound))
-        del model, hf
-    n = args.image_tokens
-    print(f"\n| shape | batch (CFG pairs) | engine img tok/s | HF OPT generate img tok/s | engine / HF | "
-          f"engine s/run | bound s/image | engine / bound |")
+            t_hf = float("nan")
+            if hf is not None:
+                t_hf = run_cell(f"{shape} batch {b} HF", lambda: time_hf(
+                    hf, vocab, b, device=args.device, repeats=args.repeats))
+                rows.append((shape, b, "HF generate", t_hf, t_hf, bound))
+            for mode in modes:
+                result = run_cell(f"{shape} batch {b} {mode}", lambda: time_engine(
+                    model, vocab, b, device=args.device, repeats=args.repeats, mode=mode))
+                t, ran = result if isinstance(result, tuple) else (result, mode)
+                if not math.isnan(t):
+                    print(f"    -> {b * args.image_tokens / t:.1f} img tok/s, {t_hf / t:.2f}x HF", file=sys.stderr,
+                          flush=True)
+                rows.append((shape, b, f"engine {mode}" if ran == mode else f"engine {mode} (ran {ran})", t, t_hf, bound))
+        model = hf = None  # free both before the next shape's
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def print_table(rows: list, *, image_tokens: int) -> None:
+    n = image_tokens
+    print("\n| shape | batch (CFG pairs) | generator | img tok/s | vs HF | s/run | bound s/image | s/run / bound |")
     print("|---|---|---|---|---|---|---|---|")
-    for shape, b, te, th, bound in rows:
-        print(f"| {shape} | {b} | {b * n / te:.1f} | {b * n / th:.1f} | {th / te:.2f}x | {te:.2f} | "
-              f"{bound:.2f} | {te / bound:.2f}x |")
-    return 0
+    for shape, b, name, t, t_hf, bound in rows:
+        if math.isnan(t):
+            print(f"| {shape} | {b} | {name} | failed | | | | |")
+            continue
+        vs_hf = "-" if math.isnan(t_hf) else f"{t_hf / t:.2f}x"
+        vs_bound = ("-", "-") if math.isnan(bound) else (f"{bound:.2f}", f"{t / bound:.2f}x")
+        print(f"| {shape} | {b} | {name} | {b * n / t:.1f} | {vs_hf} | {t:.2f} | {vs_bound[0]} | {vs_bound[1]} |",
+              flush=True)
+
+
+def run_cell(label: str, fn):
+    """``fn()``, or NaN after printing the error (one failing cell must not cost the others)."""
+    print(f"  {label} ...", file=sys.stderr, flush=True)
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 -- CUDA OOM, a capture bug, an HF API change: report, continue
+        print(f"  {label}: FAILED {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        traceback.print_exc(limit=4, file=sys.stderr)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return float("nan")
+    t = result[0] if isinstance(result, tuple) else result
+    print(f"  {label}: {t:.3f} s/run", file=sys.stderr, flush=True)
+    return result
 
 
 if __name__ == "__main__":
