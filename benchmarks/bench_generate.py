@@ -222,8 +222,8 @@ def run_shapes(args, rows: list, *, modes: list[str], dtype: torch.dtype, batche
                     model, vocab, b, device=args.device, repeats=args.repeats, mode=mode))
                 t, ran = result if isinstance(result, tuple) else (result, mode)
                 if not math.isnan(t):
-                    print(f"    -> {b * args.image_tokens / t:.1f} img tok/s, {t_hf / t:.2f}x HF", file=sys.stderr,
-                          flush=True)
+                    vs_hf = "" if math.isnan(t_hf) else f", {t_hf / t:.2f}x HF"
+                    print(f"    -> {b * args.image_tokens / t:.1f} img tok/s{vs_hf}", file=sys.stderr, flush=True)
                 rows.append((shape, b, f"engine {mode}" if ran == mode else f"engine {mode} (ran {ran})", t, t_hf, bound))
         model = hf = None  # free both before the next shape's
         if args.device.startswith("cuda"):
