@@ -72,9 +72,12 @@ class _HashedFile:
         self.f = open(path, "wb")
         self.sha = hashlib.sha256()
         self.nbytes = 0
+        self.discarding = False
 
     def write(self, b: Any) -> int:
         mv = memoryview(b).cast("B")
+        if self.discarding:  # aborted: the zip writer's last records go nowhere
+            return mv.nbytes
         self.nbytes += mv.nbytes
         if mv.nbytes < _PARALLEL_HASH_BYTES:
             self.sha.update(mv)
@@ -169,6 +172,10 @@ class TorchStreamWriter:
         return self._file.close()
 
     def abort(self) -> None:
+        # The zip writer writes its end records when it is destroyed: let it do so now, into
+        # nothing (once its file is closed, a write from the destructor would abort the process).
+        self._file.discarding = True
+        self.__dict__.pop("_zip", None)
         try:
             self._file.f.close()
         except Exception:
@@ -220,6 +227,10 @@ class SafetensorsStreamWriter:
         return self._file.close()
 
     def abort(self) -> None:
+        # The zip writer writes its end records when it is destroyed: let it do so now, into
+        # nothing (once its file is closed, a write from the destructor would abort the process).
+        self._file.discarding = True
+        self.__dict__.pop("_zip", None)
         try:
             self._file.f.close()
         except Exception:
