@@ -54,8 +54,9 @@ def _add_output_flags(p: argparse.ArgumentParser, *, formats: Sequence[str] = ("
     p.add_argument("--hash-sources", choices=("auto", "full", "none"), default="auto",
                    help="sha256 of the input files in manifest.json: auto = reuse the hash an input's own "
                         "jam-ckpt manifest.json records when the file's size matches and it is not newer "
-                        "than that manifest, else read and hash it; full = always read and hash (one more "
-                        "read of the inputs, on a helper thread); none = sizes only (default: auto)")
+                        "than that manifest, else read and hash it; full = always read and hash (one thread "
+                        "per input file, kept at most 512 MiB ahead of the conversion's reads of it, so each "
+                        "byte comes from the disk once); none = sizes only (default: auto)")
     p.add_argument("--no-hash-sources", action="store_true", help="same as --hash-sources none")
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch threads for the per-tensor math (default 1: the work is memory-bound and "

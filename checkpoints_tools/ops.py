@@ -20,9 +20,11 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -33,7 +35,7 @@ from checkpoints_tools import kernels
 from checkpoints_tools.readers import Reader, open_checkpoint
 from checkpoints_tools.safe_load import CheckpointError
 from checkpoints_tools.workspace import Workspace
-from checkpoints_tools.writers import TIED, OutputDir, OutputSpec, sha256_file
+from checkpoints_tools.writers import TIED, OutputDir, OutputSpec
 from jam_metaseq.models.config import (
     CrossConfig, DecoderConfig, ModelConfig, cross_of, uniform_of, width_of,
 )
@@ -77,14 +79,14 @@ SMALL_IN_FLIGHT = 64 << 20
 """At most this many bytes of small tensors wait for their writers at once."""
 
 
-_HASH_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jam-ckpt-hash")
-
-
 HASH_SOURCES = ("auto", "full", "none")
 """How sources are hashed into the manifest: ``auto`` takes a file's sha256 from the manifest.json
 next to it when that manifest (a jam-ckpt output's) lists the file with its current size and the
 file is not newer than the manifest, and reads and hashes it otherwise; ``full`` always reads
 and hashes; ``none`` records sizes only."""
+
+HASH_LEAD = 512 << 20
+"""How far (bytes) a source file's hashing may run ahead of the stream's reads of that file."""
 
 
 def _hash_policy(hash_sources: bool | str) -> str:
@@ -97,12 +99,97 @@ def _hash_policy(hash_sources: bool | str) -> str:
     return hash_sources
 
 
-def source_record(role: str, reader: Reader, *,
-                  hash_sources: bool | str) -> "concurrent.futures.Future[dict[str, Any]]":
-    """The manifest's record of one source; its sha256s are computed in a background thread
-    (hashlib releases the GIL), overlapping the streaming work. ``hash_sources``: see
-    ``HASH_SOURCES`` (True = auto, False = none)."""
-    return _HASH_POOL.submit(_source_record, role, reader, policy=_hash_policy(hash_sources))
+class SourceHash:
+    """The manifest's record of one source, hashed while the stream reads it.
+
+    One thread per file reads it sequentially and hashes it (hashlib and file reads release the
+    GIL), paced to stay at most ``HASH_LEAD`` bytes ahead of the stream's position in that
+    reader (``Reader.read_fraction``): the pages the hash reads are the ones the stream is about
+    to read, so each byte comes from the disk once even when the parents do not fit in the page
+    cache (a hash pass before or after the stream would read them twice). ``release`` lifts the
+    pacing (the stream is done, or failed); ``result`` waits for the record."""
+
+    def __init__(self, role: str, reader: Reader, *, policy: str) -> None:
+        self.role, self.reader, self.policy = role, reader, policy
+        self._released = threading.Event()
+        self._cancelled = False
+        self._record = {"role": role, "path": str(reader.path), "format": reader.format, "mp": reader.mp,
+                        "fsdp": reader.fsdp, "files": {}}
+        self._threads: dict[str, threading.Thread] = {}
+        self._results: dict[str, str | BaseException] = {}
+        known: dict[Path, tuple[dict[str, Any], int]] = {}
+        todo = []
+        for f in reader.files:
+            st = f.stat()
+            rec: dict[str, Any] = {"bytes": st.st_size, "sha256": None, "sha256_from": None}
+            if policy == "auto":
+                if f.parent not in known:
+                    known[f.parent] = _manifest_hashes(f.parent)
+                table, mtime = known[f.parent]
+                entry = table.get(f.name)
+                if isinstance(entry, dict) and entry.get("bytes") == st.st_size and entry.get("sha256") \
+                        and st.st_mtime_ns <= mtime:
+                    rec.update(sha256=entry["sha256"], sha256_from="manifest")
+            if policy != "none" and rec["sha256"] is None:
+                todo.append(f)
+            self._record["files"][str(f)] = rec
+        for f in todo:  # daemon threads: a paced hash never holds up the exit of a failed run
+            t = threading.Thread(target=self._run, args=(f,), name=f"jam-ckpt-hash:{f.name}", daemon=True)
+            self._threads[str(f)] = t
+            t.start()
+
+    def _run(self, path: Path) -> None:
+        try:
+            self._results[str(path)] = self._hash_file(path)
+        except BaseException as e:  # re-raised by result()
+            self._results[str(path)] = e
+
+    def _allowed(self, size: int) -> float:
+        if self._released.is_set():
+            return float("inf")
+        return self.reader.read_fraction() * size + HASH_LEAD
+
+    def _hash_file(self, path: Path, chunk: int = 8 << 20) -> str:
+        h = hashlib.sha256()
+        size = path.stat().st_size
+        view = memoryview(bytearray(chunk))
+        pos = 0
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                while pos > self._allowed(size):
+                    self._released.wait(0.005)
+                if self._cancelled:
+                    return ""
+                n = f.readinto(view)
+                if not n:
+                    break
+                h.update(view[:n])
+                pos += n
+        return h.hexdigest()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def cancel(self) -> None:
+        """Stop hashing (the stream failed); the threads end at their next chunk."""
+        self._cancelled = True
+        self._released.set()
+
+    def result(self) -> dict[str, Any]:
+        self.release()
+        for name, t in self._threads.items():
+            t.join()
+            r = self._results[name]
+            if isinstance(r, BaseException):
+                raise CheckpointError(f"{name}: hashing the source failed: {r}") from r
+            self._record["files"][name].update(sha256=r, sha256_from="read")
+        return self._record
+
+
+def source_record(role: str, reader: Reader, *, hash_sources: bool | str) -> SourceHash:
+    """The manifest's record of one source (``SourceHash``: hashed while the stream reads it).
+    ``hash_sources``: see ``HASH_SOURCES`` (True = auto, False = none)."""
+    return SourceHash(role, reader, policy=_hash_policy(hash_sources))
 
 
 def _manifest_hashes(d: Path) -> tuple[dict[str, Any], int]:
@@ -115,27 +202,6 @@ def _manifest_hashes(d: Path) -> tuple[dict[str, Any], int]:
     except (OSError, ValueError):
         pass
     return {}, 0
-
-
-def _source_record(role: str, reader: Reader, *, policy: str) -> dict[str, Any]:
-    files = {}
-    known: dict[Path, tuple[dict[str, Any], int]] = {}
-    for f in reader.files:
-        st = f.stat()
-        rec: dict[str, Any] = {"bytes": st.st_size, "sha256": None, "sha256_from": None}
-        if policy == "auto":
-            if f.parent not in known:
-                known[f.parent] = _manifest_hashes(f.parent)
-            table, mtime = known[f.parent]
-            entry = table.get(f.name)
-            if isinstance(entry, dict) and entry.get("bytes") == st.st_size and entry.get("sha256") \
-                    and st.st_mtime_ns <= mtime:
-                rec.update(sha256=entry["sha256"], sha256_from="manifest")
-        if policy != "none" and rec["sha256"] is None:
-            rec.update(sha256=sha256_file(f), sha256_from="read")
-        files[str(f)] = rec
-    return {"role": role, "path": str(reader.path), "format": reader.format, "mp": reader.mp,
-            "fsdp": reader.fsdp, "files": files}
 
 
 _INIT_FNS: set[Any] | None = None
@@ -250,10 +316,13 @@ def stream_to(
 ) -> Path:
     """Produce every target tensor in order and write it; atomic commit or full cleanup.
     ``produce(name, buf)`` fills ``buf`` (the target shape, in the written dtype) and returns it.
-    Writing is pipelined: while ``produce`` reads and computes tensor i+1 into the other of two
-    buffers, tensor i (cast and split into MP pieces here) is written and hashed by one writer
-    thread per output rank (file I/O, hashing and torch ops release the GIL), so the stream
-    costs about max(read + math, write of one rank's file), not their sum.
+    Writing is pipelined: while ``produce`` reads and computes big tensor k+1 into the other of
+    two reused buffers, big tensor k (cast and split into MP pieces here) is written and hashed
+    by one writer thread per output rank (file I/O, hashing and torch ops release the GIL), so
+    the stream costs about max(read + math, write of one rank's file), not their sum. Small
+    tensors (< ``SMALL_TENSOR``: biases, norms) take their own buffers and queue behind the big
+    ones (up to ``SMALL_IN_FLIGHT`` bytes), so a bias between two matrices does not stop the
+    overlap. Source hashes (``SourceHash``) are taken by their own threads while this runs.
     ``tied``: the output projection equals the embedding by construction (tied sources), so
     where the layout aliases them it is written as an alias and never produced.
     ``threads``: torch intra-op threads while streaming (None = leave as is). The per-chunk ops
@@ -329,11 +398,13 @@ def stream_to(
             for p in pools:  # waits for writes in flight (before out.abort() closes the files)
                 p.shutdown(wait=True)
         extra = dict(manifest_extra)
-        extra["sources"] = [f.result() if isinstance(f, concurrent.futures.Future) else f
-                            for f in extra.get("sources", [])]
+        extra["sources"] = [f.result() if isinstance(f, SourceHash) else f for f in extra.get("sources", [])]
         extra["seconds"] = round(time.time() - started, 3)
         return out.commit(manifest_extra=extra)
     except BaseException:
+        for f in manifest_extra.get("sources", []):
+            if isinstance(f, SourceHash):
+                f.cancel()
         out.abort()
         raise
     finally:

@@ -75,6 +75,18 @@ class Reader:
     files: list[Path]
     meta: dict[str, Any]
     _infos: "OrderedDict[str, TensorInfo]"
+    bytes_read: int = 0
+    """Bytes of tensors read so far (``get_into``; paces the source hashing, ``ops``)."""
+
+    def read_fraction(self) -> float:
+        """How far through its tensors' bytes this reader's reads are (0..1)."""
+        raw = getattr(self, "raw", None)
+        if isinstance(raw, Reader):  # a key-mapping view (HF OPT) reads through ``raw``
+            return raw.read_fraction()
+        total = self.__dict__.get("_total_bytes")
+        if total is None:
+            total = self._total_bytes = sum(i.nbytes for i in self._infos.values())
+        return min(1.0, self.bytes_read / total) if total else 1.0
 
     def names(self) -> list[str]:
         return list(self._infos)
@@ -360,6 +372,7 @@ class MetaseqReader(Reader):
         info = self.info(name)
         if tuple(out.shape) != info.shape:
             raise CheckpointError(f"{self.path}: tensor {name} has shape {info.shape}, asked into {tuple(out.shape)}")
+        self.bytes_read += info.nbytes
         if self.mp == 1 or layout.rule_for(name) == "replicated":
             return self._rank_tensor(self._ranks[0], name, None, dest=out)
         piece_shape = layout.part_shape(name, info.shape, self.mp)
@@ -463,6 +476,7 @@ class SafetensorsReader(Reader):
         if tuple(out.shape) != info.shape:
             raise CheckpointError(f"{self.path}: tensor {name} has shape {info.shape}, asked into {tuple(out.shape)}")
         f, off, n, _ = self._where[name]
+        self.bytes_read += info.nbytes
         direct = out.dtype == info.dtype and out.is_contiguous()
         buf = out if direct else self._ws.get("read", info.shape, info.dtype)
         if n:

@@ -110,10 +110,17 @@ def test_workspace_reuses_and_grows():
     assert ws.get("b", (0, 3), torch.float16).numel() == 0
 
 
+@pytest.mark.parametrize("small", [0, 2048, 1 << 40], ids=["all-big", "mixed", "all-small"])
 @pytest.mark.parametrize("mp,fsdp", [(1, 0), (2, 0), (4, 0), (2, 2)])
-def test_reused_buffers_do_not_leak_between_tensors(two, tmp_path, mp, fsdp):
-    """merge/reshard produce into one reused buffer and the writer packs MP pieces into another:
-    every written tensor must still be its own (read back against the reference)."""
+def test_reused_buffers_do_not_leak_between_tensors(two, tmp_path, monkeypatch, mp, fsdp, small):
+    """merge/reshard produce big tensors into two reused slots (small ones into their own
+    buffers, queued behind them) and the writer packs MP pieces into another buffer: every
+    written tensor must still be its own (read back against the reference), whichever tensors
+    count as small (``SMALL_TENSOR``: none, some, all of the tiny model's)."""
+    from checkpoints_tools import ops
+
+    monkeypatch.setattr(ops, "SMALL_TENSOR", small)
+    monkeypatch.setattr(ops, "SMALL_IN_FLIGHT", 4096)  # the small queue fills and drains
     cfg, a, b = two
     pa = save_metaseq(tmp_path / "a", cfg, a, mp=2)
     pb = save_metaseq(tmp_path / "b", cfg, b)
@@ -158,3 +165,72 @@ def test_source_hashes_from_the_sources_manifest_only_when_unchanged(two, tmp_pa
     assert files[str(src / "checkpoint-model_part-0.pt")]["sha256_from"] == "manifest"
     assert {r["sha256_from"] for r in sources("full", "full").values()} == {"read"}
     assert {r["sha256"] for r in sources("none", "none").values()} == {None}
+
+
+def test_source_hashing_is_paced_by_the_stream_and_correct(two, tmp_path, monkeypatch):
+    """--hash-sources full hashes each source file on its own thread while the stream reads it:
+    never more than HASH_LEAD bytes ahead of the reader's progress (so each byte is read from
+    disk once), and the sha256s equal hashlib's of the whole files, even though the stream never
+    reads every byte (tied output projection, pickles) before it releases the pacing."""
+    from checkpoints_tools import ops
+    from checkpoints_tools.writers import sha256_file
+
+    cfg, a, b = two
+    pa = save_metaseq(tmp_path / "a", cfg, a, mp=2)
+    pb = save_metaseq(tmp_path / "b", cfg, b)
+    lead = 4096
+    monkeypatch.setattr(ops, "HASH_LEAD", lead)
+    ahead: list[float] = []
+    real_allowed = ops.SourceHash._allowed
+
+    def allowed(self, size):  # what the hash thread may read up to, and how far the reads are
+        limit = real_allowed(self, size)
+        if limit != float("inf"):
+            ahead.append(limit - self.reader.read_fraction() * size)
+        return limit
+
+    monkeypatch.setattr(ops.SourceHash, "_allowed", allowed)
+    read_chunk = 1024
+    real_hash = ops.SourceHash._hash_file
+    monkeypatch.setattr(ops.SourceHash, "_hash_file", lambda self, path: real_hash(self, path, chunk=read_chunk))
+    out = merge([pa, pb], opts=CommonOptions(spec=OutputSpec(out_dir=tmp_path / "m"), progress=False,
+                                             hash_sources="full"))
+    import json
+
+    sources = json.loads((out / "manifest.json").read_text())["sources"]
+    files = {f: r for s in sources for f, r in s["files"].items()}
+    assert len(files) == 3
+    for f, r in files.items():
+        assert r["sha256_from"] == "read" and r["sha256"] == sha256_file(f)
+    assert ahead and max(ahead) <= lead  # paced while the stream ran
+
+
+def test_failed_stream_stops_the_source_hashing(two, tmp_path):
+    """A stream that fails mid-way cancels its sources' hash threads (no thread left reading a
+    7B parent after the error) and leaves no output behind."""
+    import threading
+
+    from checkpoints_tools import ops
+
+    cfg, a, _ = two
+    pa = save_metaseq(tmp_path / "a", cfg, a, mp=2)
+    r = open_checkpoint(pa)
+    src = ops.source_record("source", r, hash_sources="full")
+    out = ops.OutputDir(OutputSpec(out_dir=tmp_path / "o"), cfg=cfg, shapes=r.shapes())
+    calls = []
+
+    def produce(name, buf):
+        calls.append(name)
+        if len(calls) == 3:
+            raise RuntimeError("disk on fire")
+        return r.get_into(name, buf)
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        ops.stream_to(out, produce, produced_dtypes={n: r.info(n).dtype for n in r.shapes()}, desc="t",
+                      progress=False, manifest_extra={"sources": [src]})
+    for t in src._threads.values():
+        t.join(timeout=10)
+        assert not t.is_alive()
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.tmp")]
+    assert not [t for t in threading.enumerate() if t.name.startswith("jam-ckpt-hash")]
