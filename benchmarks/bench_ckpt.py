@@ -15,6 +15,7 @@ ratios; the naive way runs once. Every run starts after an ``os.sync()``.
 
   python benchmarks/bench_ckpt.py                       # opt_1_3b, fp16, MP=2 (~2.6 GB per parent)
   python benchmarks/bench_ckpt.py --preset opt_125m --ops merge widen cross --repeat 5 --no-naive
+  python benchmarks/bench_ckpt.py --ops merge --no-naive --cold --hash-sources full   # hash while reading
 """
 
 from __future__ import annotations
@@ -42,15 +43,23 @@ def _rss() -> int:
 # ---- child-side work ---------------------------------------------------------------------------
 
 
-def make_parent(out: Path, *, preset: str, seed: int, mp: int, dtype: str) -> None:
+def parent_config(preset: str, layers: int | None):
+    import dataclasses
+
+    from jam_metaseq.models.config import preset as get_preset
+
+    cfg = get_preset(preset)
+    return dataclasses.replace(cfg, layers=layers) if layers else cfg
+
+
+def make_parent(out: Path, *, preset: str, seed: int, mp: int, dtype: str, layers: int | None = None) -> None:
     """Random parent streamed to disk through our writer (never whole in memory)."""
     import torch
 
     from checkpoints_tools.ops import expected_shapes
     from checkpoints_tools.writers import OutputDir, OutputSpec
-    from jam_metaseq.models.config import preset as get_preset
 
-    cfg = get_preset(preset)
+    cfg = parent_config(preset, layers)
     shapes = expected_shapes(cfg)
     dt = getattr(torch, dtype)
     od = OutputDir(OutputSpec(out_dir=out, mp=mp, dtype=dt), cfg=cfg, shapes=shapes)
@@ -152,7 +161,8 @@ def child_main(argv: list[str]) -> None:
     if k == "import":
         pass
     elif k == "parent":
-        make_parent(Path(job["out"]), preset=job["preset"], seed=job["seed"], mp=job["mp"], dtype=job["dtype"])
+        make_parent(Path(job["out"]), preset=job["preset"], seed=job["seed"], mp=job["mp"], dtype=job["dtype"],
+                    layers=job.get("layers"))
     elif k == "stream":
         child_stream(job["op"], job["llm"], job["img"], job["out"], job["mp"], tuple(job["image_vocab"]),
                      job.get("hash_sources", True))
@@ -166,10 +176,24 @@ def child_main(argv: list[str]) -> None:
 # ---- parent-side driver ------------------------------------------------------------------------
 
 
+COLD = False
+"""--cold: drop the page cache before every timed run (parents then come from the disk)."""
+
+
+def drop_caches() -> None:
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+    except OSError as e:
+        raise SystemExit(f"--cold needs to write /proc/sys/vm/drop_caches (root): {e}") from None
+
+
 def run_child(kind: str, job: dict) -> dict:
     # Start every timed run from the same state: no dirty pages of the previous run still being
     # written back (their flush would be billed to whichever run comes next).
     os.sync()
+    if COLD and kind in ("stream", "copy", "naive"):
+        drop_caches()
     cmd = [sys.executable, __file__, "--child", kind, "--json", json.dumps(job)]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if p.returncode != 0:
@@ -187,6 +211,10 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="opt_1_3b", help="parent shape (jam_metaseq.models.config.PRESETS)")
+    ap.add_argument("--layers", type=int, default=None, metavar="N",
+                    help="parents of the preset's width but N layers: peak memory depends on the largest "
+                         "tensor, not the depth, so e.g. --preset cm3leon_7b --layers 2 measures the 7B -> 26B "
+                         "widen's memory on a small disk (default: the preset's depth)")
     ap.add_argument("--dtype", default="float16", help="parent and output dtype")
     ap.add_argument("--mp", type=int, default=2, help="model-parallel size of parents and outputs")
     ap.add_argument("--ops", nargs="+", default=["merge", "widen", "cross"], choices=["merge", "widen", "cross"])
@@ -196,37 +224,45 @@ def main() -> None:
                          "(same --preset/--dtype/--mp, from an earlier run) are reused")
     ap.add_argument("--repeat", type=int, default=3, metavar="N",
                     help="stream/copy pairs per op; medians reported (default 3)")
-    ap.add_argument("--hash-sources", choices=("auto", "full", "none"), default="auto",
+    ap.add_argument("--hash-sources", choices=("auto", "full", "none"), nargs="+", default=["auto"],
                     help="jam-ckpt --hash-sources for the stream runs (default auto: the synthetic parents "
-                         "are jam-ckpt outputs, so their manifests' hashes are reused; full = hash them)")
+                         "are jam-ckpt outputs, so their manifests' hashes are reused; full = hash them "
+                         "while reading). Several values: one stream row each, measured in the same run")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the page cache before every timed run (needs root), as for parents "
+                         "larger than the RAM: then hashing sources in a second pass would read them twice")
     args = ap.parse_args()
+    global COLD
+    COLD = args.cold
+    if COLD:
+        drop_caches()
 
     import torch
 
     from checkpoints_tools.ops import expected_shapes
-    from jam_metaseq.models.config import cross_of, preset, uniform_of, width_of
+    from jam_metaseq.models.config import cross_of, uniform_of, width_of
 
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench_ckpt_"))
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        cfg = preset(args.preset)
+        cfg = parent_config(args.preset, args.layers)
         lo, hi = cfg.vocab_size // 2, cfg.vocab_size  # any image-code range: the cost does not depend on it
         base = run_child("import", {})
         t = time.perf_counter()
-        stamp = {"preset": args.preset, "dtype": args.dtype, "mp": args.mp}
+        stamp = {"preset": args.preset, "dtype": args.dtype, "mp": args.mp, "layers": args.layers}
         for name, seed in (("llm", 1), ("img", 2)):
             tag = scratch / f"{name}.json"
             if tag.is_file() and json.loads(tag.read_text()) == stamp and (scratch / name / "manifest.json").is_file():
                 continue
             shutil.rmtree(scratch / name, ignore_errors=True)
             r = run_child("parent", {"out": str(scratch / name), "preset": args.preset, "seed": seed,
-                                     "mp": args.mp, "dtype": args.dtype})
+                                     "mp": args.mp, "dtype": args.dtype, "layers": args.layers})
             if "error" in r:
                 raise SystemExit(f"making parent {name}: {r['error']}")
             tag.write_text(json.dumps(stamp))
         parent_bytes = dir_bytes(scratch / "llm") + dir_bytes(scratch / "img")
         itemsize = getattr(torch, args.dtype).itemsize
-        print(f"# preset {args.preset}, {args.dtype}, MP={args.mp}, --hash-sources {args.hash_sources}; "
+        print(f"# preset {args.preset}{f' ({args.layers} layers)' if args.layers else ''}, {args.dtype}, MP={args.mp}, --hash-sources {' '.join(args.hash_sources)}{', cold page cache' if args.cold else ''}; "
               f"parents {parent_bytes / 2**30:.2f} GiB "
               f"(made in {time.perf_counter() - t:.1f} s); bare `import torch` RSS {base['maxrss'] / 2**20:.0f} MiB",
               file=sys.stderr)
@@ -238,13 +274,15 @@ def main() -> None:
             job = {"op": op, "llm": str(scratch / "llm"), "img": str(scratch / "img"), "mp": args.mp,
                    "image_vocab": [lo, hi]}
             res = {}
-            runs: dict[str, list[dict]] = {"stream": [], "copy": []}
+            streams = [f"stream:{h}" if len(args.hash_sources) > 1 else "stream" for h in args.hash_sources]
+            runs: dict[str, list[dict]] = {**{m: [] for m in streams}, "copy": []}
             out_bytes = 0
             for _ in range(max(1, args.repeat)):
-                runs["stream"].append(run_child("stream", {**job, "out": str(scratch / f"{op}_stream"),
-                                                           "hash_sources": args.hash_sources}))
-                out_bytes = out_bytes or dir_bytes(scratch / f"{op}_stream")
-                shutil.rmtree(scratch / f"{op}_stream", ignore_errors=True)
+                for m, h in zip(streams, args.hash_sources):
+                    runs[m].append(run_child("stream", {**job, "out": str(scratch / f"{op}_stream"),
+                                                        "hash_sources": h}))
+                    out_bytes = out_bytes or dir_bytes(scratch / f"{op}_stream")
+                    shutil.rmtree(scratch / f"{op}_stream", ignore_errors=True)
                 runs["copy"].append(run_child("copy", {"srcs": [job["llm"], job["img"]],
                                                        "out": str(scratch / f"{op}_copy"), "out_bytes": out_bytes}))
                 shutil.rmtree(scratch / f"{op}_copy", ignore_errors=True)
@@ -253,37 +291,40 @@ def main() -> None:
                 res[m] = bad[0] if bad else {"seconds": statistics.median(r["seconds"] for r in rs),
                                              "maxrss": max(r["maxrss"] for r in rs),
                                              "all": [r["seconds"] for r in rs]}
-            if "error" not in res["stream"] and "error" not in res["copy"]:
-                res["ratio"] = statistics.median(c["seconds"] / s["seconds"]
-                                                 for s, c in zip(runs["stream"], runs["copy"]))
+            for m in streams:
+                if "error" not in res[m] and "error" not in res["copy"]:
+                    res[m]["ratio"] = statistics.median(c["seconds"] / s["seconds"]
+                                                        for s, c in zip(runs[m], runs["copy"]))
+            res["streams"] = streams
             if not args.no_naive:
                 res["naive"] = run_child("naive", {**job, "out": str(scratch / f"{op}_naive")})
                 shutil.rmtree(scratch / f"{op}_naive", ignore_errors=True)
             rows.append((op, largest, out_bytes, res))
 
         budget_note = "target: stream RSS <= 2 x largest + 1 GiB; throughput >= 0.5 x copy"
-        print(f"\n{'op':<6} {'method':<7} {'wall s':>8} {'peak RSS MiB':>13} {'RSS-import MiB':>15} "
+        print(f"\n{'op':<6} {'method':<12} {'wall s':>8} {'peak RSS MiB':>13} {'RSS-import MiB':>15} "
               f"{'vs copy (thr.)':>15} {'RSS budget MiB':>15} {'within':>7}")
         for op, largest, out_bytes, res in rows:
             budget = (2 * largest + (1 << 30)) / 2**20
             copy_s = res["copy"].get("seconds")
-            for method in ("stream", "naive", "copy"):
+            for method in (*res["streams"], "naive", "copy"):
                 r = res.get(method)
                 if r is None:
                     continue
                 if "error" in r:
-                    print(f"{op:<6} {method:<7} error: {r['error']}")
+                    print(f"{op:<6} {method:<12} error: {r['error']}")
                     continue
                 rss = r["maxrss"] / 2**20
                 net = (r["maxrss"] - base["maxrss"]) / 2**20
                 ratio = copy_s / r["seconds"] if copy_s else float("nan")
-                if method == "stream" and "ratio" in res:
-                    ratio = res["ratio"]  # median of the pairwise ratios
-                ok = "" if method != "stream" else ("yes" if net <= budget else "NO")
-                print(f"{op:<6} {method:<7} {r['seconds']:>8.2f} {rss:>13.0f} {net:>15.0f} {ratio:>14.2f}x "
-                      f"{budget if method == 'stream' else float('nan'):>15.0f} {ok:>7}")
+                stream = method.startswith("stream")
+                if stream and "ratio" in r:
+                    ratio = r["ratio"]  # median of the pairwise ratios
+                ok = "" if not stream else ("yes" if net <= budget else "NO")
+                print(f"{op:<6} {method:<12} {r['seconds']:>8.2f} {rss:>13.0f} {net:>15.0f} {ratio:>14.2f}x "
+                      f"{budget if stream else float('nan'):>15.0f} {ok:>7}")
             runs_s = "; ".join(f"{m} " + " ".join(f"{x:.2f}" for x in res[m].get("all", []))
-                               for m in ("stream", "copy"))
+                               for m in (*res["streams"], "copy"))
             print(f"{'':<6} output {out_bytes / 2**30:.2f} GiB, largest output tensor {largest / 2**20:.0f} MiB; "
                   f"runs (s): {runs_s}")
         print(f"\n{budget_note}")
