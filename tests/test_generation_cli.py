@@ -60,8 +60,8 @@ def test_prompt_to_json_lines(ckpt, capsys):
     for a in answers:
         assert len(a.images) >= 1 and a.images[0].complete
         assert all(isinstance(s.text, str) for s in a.segments if s.to_dict()["type"] == "text")
-    # Same flags, same answers, in every decode mode (graph falls back to static on CPU).
-    for decode in ("eager", "static", "graph"):
+    # Same flags, same answers, in every decode mode (graph falls back to static on CPU; auto = eager there).
+    for decode in ("auto", "eager", "static", "graph"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rc2, out2, _ = run(capsys, "--checkpoint", ckpt, "--tokenizer", "bytes", "--prompt",

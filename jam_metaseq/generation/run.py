@@ -295,11 +295,12 @@ def generate_answers(
     vocab_path: str | Path | None = None, tokenizer: str | None = None,
     image_tokenizer: str | None = None, out_dir: str | Path | None = None, batch_size: int = 8,
     device: str = "cpu", dtype: torch.dtype = torch.float32, prompt_prefix: str | None = "eos",
-    progress: bool = True, retrieval: RetrievalOptions | None = None, decode: str = "eager",
+    progress: bool = True, retrieval: RetrievalOptions | None = None, decode: str = "auto",
 ) -> list[Answer]:
     """Everything ``jam-generate`` does; returns the answers (and writes files under ``out_dir``).
 
-    ``decode``: the engine's decode mode (``Engine(decode=...)``: eager, static or graph).
+    ``decode``: the engine's decode mode (``Engine(decode=...)``: eager, static or graph; ``auto``
+    = graph on CUDA, eager elsewhere).
 
     ``retrieval``: prefix each text prompt with documents retrieved from a memory bank (module
     docstring); the answers are then ``RetrievalAnswer``s recording them.
@@ -335,6 +336,8 @@ def generate_answers(
             prompts, ids, retriever=retriever, vocab=vocab, max_positions=model.cfg.max_positions,
             max_new_tokens=config.max_new_tokens, prompt_prefix=prompt_prefix, progress=progress,
         )
+    if decode == "auto":
+        decode = "graph" if torch.device(device).type == "cuda" else "eager"
     engine = Engine(model, vocab=vocab, decode=decode)
     answers: list[Answer] = []
     for start in range(0, len(ids), batch_size):
