@@ -144,10 +144,11 @@ class SourceHash:
         except BaseException as e:  # re-raised by result()
             self._results[str(path)] = e
 
-    def _allowed(self, size: int) -> float:
-        if self._released.is_set():
-            return float("inf")
-        return self.reader.read_fraction() * size + HASH_LEAD
+    def _wait_until_allowed(self, pos: int, size: int) -> None:
+        """Block while byte ``pos`` of a ``size``-byte file is more than ``HASH_LEAD`` ahead of
+        the reader's progress (until ``release``)."""
+        while not self._released.is_set() and pos > self.reader.read_fraction() * size + HASH_LEAD:
+            self._released.wait(0.005)
 
     def _hash_file(self, path: Path, chunk: int = 8 << 20) -> str:
         h = hashlib.sha256()
@@ -156,8 +157,7 @@ class SourceHash:
         pos = 0
         with open(path, "rb", buffering=0) as f:
             while True:
-                while pos > self._allowed(size):
-                    self._released.wait(0.005)
+                self._wait_until_allowed(pos, size)
                 if self._cancelled:
                     return ""
                 n = f.readinto(view)

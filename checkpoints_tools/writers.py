@@ -62,6 +62,36 @@ ext4: 2 GiB in 128 MiB calls 1.3-3.9 s of system time, in 1 MiB calls 0.5 s; 0.5
 GB/s with the hash running beside it)."""
 
 
+WRITE_BEHIND = 64 << 20
+"""Write-behind window (bytes) of an output file: each window is handed to the disk once the next
+one is written and dropped from the page cache after it is on disk, so a 50 GB output keeps at
+most ~2 windows per file dirty, never evicts the parents' pages, and its final fsync finds little
+left to do. It also recycles page-cache pages instead of touching fresh ones: on this VM
+writing 4 GiB went from 0.86 to 2.1-2.7 GB/s and from 4.1 to 1.2-1.6 s of system time
+(``sync_file_range`` + ``POSIX_FADV_DONTNEED``; Linux only, elsewhere plain buffered writes).
+0 disables it."""
+
+
+def _load_sync_file_range() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+
+
 class _HashedFile:
     """A write-only file that sha256-hashes what goes through it (the zip writer only appends).
     Big writes are hashed on a helper thread while the main thread writes the same bytes (both
@@ -73,6 +103,8 @@ class _HashedFile:
         self.sha = hashlib.sha256()
         self.nbytes = 0
         self.discarding = False
+        self._window = WRITE_BEHIND if _SYNC_FILE_RANGE is not None else 0
+        self._flushed = 0  # bytes [0, _flushed) are on disk and out of the page cache
 
     def write(self, b: Any) -> int:
         mv = memoryview(b).cast("B")
@@ -81,15 +113,33 @@ class _HashedFile:
         self.nbytes += mv.nbytes
         if mv.nbytes < _PARALLEL_HASH_BYTES:
             self.sha.update(mv)
-            return self.f.write(mv)
+            n = self.f.write(mv)
+            self._write_behind()
+            return n
         fut = _HASH_THREAD.submit(self.sha.update, mv)
         try:
             n = 0
             for i in range(0, mv.nbytes, _WRITE_CHUNK):
                 n += self.f.write(mv[i:i + _WRITE_CHUNK])
+                self._write_behind()
         finally:
             fut.result()
         return n
+
+    def _write_behind(self) -> None:
+        """Once two windows past the last flushed byte are written: start the second one's
+        writeback, wait for the first's and drop it from the page cache (``WRITE_BEHIND``)."""
+        w = self._window
+        if not w or self.nbytes - self._flushed < 2 * w:
+            return
+        self.f.flush()
+        fd, start = self.f.fileno(), self._flushed
+        if _SYNC_FILE_RANGE(fd, start + w, w, _SFR_WRITE) != 0 or \
+                _SYNC_FILE_RANGE(fd, start, w, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER) != 0:
+            self._window = 0  # not supported here (e.g. some network filesystems): plain writes
+            return
+        os.posix_fadvise(fd, start, w, os.POSIX_FADV_DONTNEED)
+        self._flushed = start + w
 
     def flush(self) -> None:
         self.f.flush()

@@ -167,11 +167,16 @@ def test_source_hashes_from_the_sources_manifest_only_when_unchanged(two, tmp_pa
     assert {r["sha256"] for r in sources("none", "none").values()} == {None}
 
 
-def test_source_hashing_is_paced_by_the_stream_and_correct(two, tmp_path, monkeypatch):
+@pytest.mark.parametrize("paced", [True, False], ids=["paced", "control-unpaced"])
+def test_source_hashing_is_paced_by_the_stream_and_correct(two, tmp_path, monkeypatch, paced):
     """--hash-sources full hashes each source file on its own thread while the stream reads it:
-    never more than HASH_LEAD bytes ahead of the reader's progress (so each byte is read from
-    disk once), and the sha256s equal hashlib's of the whole files, even though the stream never
-    reads every byte (tied output projection, pickles) before it releases the pacing."""
+    no read of the hash starts more than HASH_LEAD bytes ahead of the reader's progress (so each
+    byte is read from disk once), and the sha256s equal hashlib's of the whole files, though the
+    stream never reads every byte (tied output projection, pickles) before it releases the
+    pacing. Control: without the wait the hash does run ahead (the check can fail)."""
+    import json
+    import threading
+
     from checkpoints_tools import ops
     from checkpoints_tools.writers import sha256_file
 
@@ -180,29 +185,42 @@ def test_source_hashing_is_paced_by_the_stream_and_correct(two, tmp_path, monkey
     pb = save_metaseq(tmp_path / "b", cfg, b)
     lead = 4096
     monkeypatch.setattr(ops, "HASH_LEAD", lead)
-    ahead: list[float] = []
-    real_allowed = ops.SourceHash._allowed
+    ahead: list[float] = []  # at each read while the stream runs: read position - stream progress
+    real_wait = ops.SourceHash._wait_until_allowed
+    go = threading.Event()
 
-    def allowed(self, size):  # what the hash thread may read up to, and how far the reads are
-        limit = real_allowed(self, size)
-        if limit != float("inf"):
-            ahead.append(limit - self.reader.read_fraction() * size)
-        return limit
+    def wait(self, pos, size):
+        go.wait(10)  # the hash starts once the stream does (else it may finish before any read)
+        if paced:
+            real_wait(self, pos, size)
+        if not self._released.is_set():
+            ahead.append(pos - self.reader.read_fraction() * size)
 
-    monkeypatch.setattr(ops.SourceHash, "_allowed", allowed)
-    read_chunk = 1024
+    monkeypatch.setattr(ops.SourceHash, "_wait_until_allowed", wait)
     real_hash = ops.SourceHash._hash_file
-    monkeypatch.setattr(ops.SourceHash, "_hash_file", lambda self, path: real_hash(self, path, chunk=read_chunk))
+    monkeypatch.setattr(ops.SourceHash, "_hash_file", lambda self, path: real_hash(self, path, chunk=1024))
+    real_stream_to = ops.stream_to
+
+    def stream_to(out, produce, **kw):
+        def slow_produce(name, buf):  # a stream slower than the hash, as on a real disk
+            go.set()
+            threading.Event().wait(0.002)
+            return produce(name, buf)
+        return real_stream_to(out, slow_produce, **kw)
+
+    monkeypatch.setattr(ops, "stream_to", stream_to)
     out = merge([pa, pb], opts=CommonOptions(spec=OutputSpec(out_dir=tmp_path / "m"), progress=False,
                                              hash_sources="full"))
-    import json
-
     sources = json.loads((out / "manifest.json").read_text())["sources"]
     files = {f: r for s in sources for f, r in s["files"].items()}
     assert len(files) == 3
     for f, r in files.items():
         assert r["sha256_from"] == "read" and r["sha256"] == sha256_file(f)
-    assert ahead and max(ahead) <= lead  # paced while the stream ran
+    assert ahead
+    if paced:
+        assert max(ahead) <= lead
+    else:
+        assert max(ahead) > lead
 
 
 def test_failed_stream_stops_the_source_hashing(two, tmp_path):
@@ -234,3 +252,37 @@ def test_failed_stream_stops_the_source_hashing(two, tmp_path):
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.tmp")]
     assert not [t for t in threading.enumerate() if t.name.startswith("jam-ckpt-hash")]
+
+
+def test_write_behind_windows_keep_outputs_exact(two, tmp_path, monkeypatch):
+    """With a tiny write-behind window (flush + drop from the page cache every few KiB, many
+    times per tensor) the written files still hold exactly the merged tensors, and the manifest's
+    sha256 (hashed as written) equals the file's."""
+    import json
+
+    from checkpoints_tools import writers
+    from checkpoints_tools.writers import sha256_file
+
+    if writers._SYNC_FILE_RANGE is None:
+        pytest.skip("sync_file_range is Linux-only")
+    monkeypatch.setattr(writers, "WRITE_BEHIND", 8192)
+    monkeypatch.setattr(writers, "_WRITE_CHUNK", 4096)
+    monkeypatch.setattr(writers, "_PARALLEL_HASH_BYTES", 4096)
+    flushed = []
+    real = writers._HashedFile.close
+
+    def close(self):
+        flushed.append((self._flushed, self.nbytes))
+        return real(self)
+
+    monkeypatch.setattr(writers._HashedFile, "close", close)
+    cfg, a, b = two
+    pa = save_metaseq(tmp_path / "a", cfg, a)
+    pb = save_metaseq(tmp_path / "b", cfg, b)
+    out = merge([pa, pb], opts=CommonOptions(spec=OutputSpec(out_dir=tmp_path / "m", mp=2), progress=False,
+                                             hash_sources="none"))
+    assert flushed and all(f > 0 and n - f < 3 * 8192 for f, n in flushed)  # the windows did run
+    want = collections.OrderedDict((k, merge_tensor(k, [a[k], b[k]], weights=[0.5, 0.5])) for k in a)
+    assert_state_equal(collections.OrderedDict(open_checkpoint(out).items()), want)
+    for name, rec in json.loads((out / "manifest.json").read_text())["files"].items():
+        assert rec["sha256"] == sha256_file(out / name)
