@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _generation_util import one_thread  # noqa: F401
 from jam_metaseq.generation.answer import Answer, split_segments
 from jam_metaseq.generation.cli import main
 from jam_metaseq.generation.render import save_images, to_html, to_markdown
@@ -21,14 +22,6 @@ from jam_metaseq.vocab import tiny_manifest
 VOCAB = tiny_manifest(text_size=256)  # room for the byte tokenizer
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and the machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):

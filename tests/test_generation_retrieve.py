@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from _generation_util import one_thread  # noqa: F401
 from jam_metaseq.generation.cfg import unconditional_prompt
 from jam_metaseq.generation.cli import main
 from jam_metaseq.generation.run import RetrievalOptions, load_retriever
@@ -30,15 +31,6 @@ CAPTIONS = ["a red bicycle by the river", "a sleeping grey cat", "three boats at
             "children playing football", "an old stone bridge"]
 PROMPT = "a red bicycle by the river"
 RANDOM_CLIP = "ignore:no CLIP weights:UserWarning"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and the machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -13,42 +13,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _generation_util import ARCHS, PROMPTS, T0, VOCAB, one_thread, tiny_config  # noqa: F401
 from _model_util import randomize_
 from jam_metaseq.generation.engine import Engine, GenerationConfig
 from jam_metaseq.generation.sampling import SamplingConfig
 from jam_metaseq.generation.state import CLOSE, DONE, IMAGE, TEXT, MixedModalRules, MixedModalState
 from jam_metaseq.generation.static import plan
-from jam_metaseq.models import build_model, cross_of, preset, width_of
-from jam_metaseq.vocab import tiny_manifest
+from jam_metaseq.models import build_model
 
-VOCAB = tiny_manifest()
 N = VOCAB.image_tokens_per_image
-T0 = VOCAB.text_start
-PROMPTS = [
-    [VOCAB.bos, T0 + 5, T0 + 9, T0 + 2],
-    [VOCAB.bos, T0 + 1],
-    [VOCAB.bos, T0 + 7, T0 + 7, T0 + 3, T0 + 30, T0 + 11],
-]
-ARCHS = ["decoder", "width", "cross"]
 IMAGE_COLUMNS = (VOCAB.image_start, VOCAB.image_end)
 CUDA = torch.cuda.is_available()
-
-
-def tiny_config(arch: str):
-    parent = preset("tiny", vocab_size=VOCAB.size, max_positions=96, init_std=0.3)
-    if arch == "decoder":
-        return parent
-    if arch == "width":
-        return width_of(parent)
-    return cross_of(parent, cross_every=1, image_vocab_start=VOCAB.image_start, image_vocab_end=VOCAB.image_end)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=ARCHS)

@@ -1,0 +1,39 @@
+"""Shared pieces of the generation tests: tiny configs of the three architectures, prompts, and
+the one-thread fixture (import it into a test module to use it there)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jam_metaseq.models import cross_of, preset, width_of
+from jam_metaseq.vocab import tiny_manifest
+
+VOCAB = tiny_manifest()
+T0 = VOCAB.text_start
+PROMPTS = [
+    [VOCAB.bos, T0 + 5, T0 + 9, T0 + 2],
+    [VOCAB.bos, T0 + 1],
+    [VOCAB.bos, T0 + 7, T0 + 7, T0 + 3, T0 + 30, T0 + 11],
+]
+ARCHS = ["decoder", "width", "cross"]
+
+
+def tiny_config(arch: str, vocab=VOCAB):
+    """``arch`` in ARCHS over the tiny preset. init_std 0.3 instead of 0.02: logits far from
+    uniform, so guidance and seeds visibly matter."""
+    parent = preset("tiny", vocab_size=vocab.size, max_positions=96, init_std=0.3)
+    if arch == "decoder":
+        return parent
+    if arch == "width":
+        return width_of(parent)
+    return cross_of(parent, cross_every=1, image_vocab_start=vocab.image_start, image_vocab_end=vocab.image_end)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest, and the machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
