@@ -104,14 +104,23 @@ class Reader:
         return OrderedDict((k, v.shape) for k, v in self._infos.items())
 
     def get(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """Consolidated ``name`` as a new tensor (``dtype``: cast on the way)."""
+        info = self.info(name)
+        return self.get_into(name, torch.empty(info.shape, dtype=dtype or info.dtype))
+
+    def _start_read(self, name: str, out: torch.Tensor) -> TensorInfo:
+        """``name``'s info, once ``out`` is checked to have its shape; counts the read."""
+        info = self.info(name)
+        if tuple(out.shape) != info.shape:
+            raise CheckpointError(f"{self.path}: tensor {name} has shape {info.shape}, asked into {tuple(out.shape)}")
+        self.bytes_read += info.nbytes
+        return info
 
     def get_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Read consolidated ``name`` into ``out`` (its shape; any dtype and strides: cast on the
-        way). Readers override this to fill ``out`` straight from the file, without a temporary."""
-        if tuple(out.shape) != self.info(name).shape:
-            raise CheckpointError(f"{self.path}: tensor {name} has shape {self.info(name).shape}, "
-                                  f"asked into {tuple(out.shape)}")
+        way). Readers override this (or ``get``; at least one of the two) to fill ``out`` straight from
+        the file."""
+        self._start_read(name, out)
         return out.copy_(self.get(name))
 
     def tied(self, a: str, b: str) -> bool:
@@ -364,15 +373,8 @@ class MetaseqReader(Reader):
             src.mapped[j].read(view, dest=flat[where], scratch=self._ws)
         return out
 
-    def get(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        info = self.info(name)
-        return self.get_into(name, torch.empty(info.shape, dtype=dtype or info.dtype))
-
     def get_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        info = self.info(name)
-        if tuple(out.shape) != info.shape:
-            raise CheckpointError(f"{self.path}: tensor {name} has shape {info.shape}, asked into {tuple(out.shape)}")
-        self.bytes_read += info.nbytes
+        info = self._start_read(name, out)
         if self.mp == 1 or layout.rule_for(name) == "replicated":
             return self._rank_tensor(self._ranks[0], name, None, dest=out)
         piece_shape = layout.part_shape(name, info.shape, self.mp)
@@ -467,16 +469,9 @@ class SafetensorsReader(Reader):
                 self._infos[k] = info
                 self._where[k] = (f, start + a, b - a, 0)
 
-    def get(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        info = self.info(name)
-        return self.get_into(name, torch.empty(info.shape, dtype=dtype or info.dtype))
-
     def get_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        info = self.info(name)
-        if tuple(out.shape) != info.shape:
-            raise CheckpointError(f"{self.path}: tensor {name} has shape {info.shape}, asked into {tuple(out.shape)}")
+        info = self._start_read(name, out)
         f, off, n, _ = self._where[name]
-        self.bytes_read += info.nbytes
         direct = out.dtype == info.dtype and out.is_contiguous()
         buf = out if direct else self._ws.get("read", info.shape, info.dtype)
         if n:

@@ -150,6 +150,14 @@ class _HashedFile:
         self.f.close()
         return self.sha.hexdigest(), self.nbytes
 
+    def discard(self) -> None:
+        """Close without flushing to disk (the output is being removed); later writes go nowhere."""
+        self.discarding = True
+        try:
+            self.f.close()
+        except Exception:
+            pass
+
 
 # ---- torch zip format, streamed ----------------------------------------------------------------
 
@@ -226,10 +234,7 @@ class TorchStreamWriter:
         # nothing (once its file is closed, a write from the destructor would abort the process).
         self._file.discarding = True
         self.__dict__.pop("_zip", None)
-        try:
-            self._file.f.close()
-        except Exception:
-            pass
+        self._file.discard()
 
 
 # ---- safetensors, streamed ---------------------------------------------------------------------
@@ -277,14 +282,7 @@ class SafetensorsStreamWriter:
         return self._file.close()
 
     def abort(self) -> None:
-        # The zip writer writes its end records when it is destroyed: let it do so now, into
-        # nothing (once its file is closed, a write from the destructor would abort the process).
-        self._file.discarding = True
-        self.__dict__.pop("_zip", None)
-        try:
-            self._file.f.close()
-        except Exception:
-            pass
+        self._file.discard()
 
 
 # ---- model args that the hosts understand ------------------------------------------------------
