@@ -127,24 +127,17 @@ def child_naive(op: str, llm: str, img: str, out: str, image_vocab: tuple[int, i
 
 
 class _WriteBehind:
-    """A file written with jam-ckpt's write-behind window (``writers.WRITE_BEHIND``), no hashing."""
+    """A file written through jam-ckpt's write-behind window (``writers.WriteBehind``), no hashing."""
 
     def __init__(self, f) -> None:
-        from checkpoints_tools import writers
+        from checkpoints_tools.writers import WriteBehind
 
-        self.f, self.sfr, self.w = f, writers._SYNC_FILE_RANGE, writers.WRITE_BEHIND
-        self.pos = self.flushed = 0
+        self.f, self.behind, self.pos = f, WriteBehind(f), 0
 
     def write(self, b) -> None:
         self.f.write(b)
         self.pos += len(b)
-        if self.sfr is not None and self.w and self.pos - self.flushed >= 2 * self.w:
-            self.f.flush()
-            fd = self.f.fileno()
-            self.sfr(fd, self.flushed + self.w, self.w, 2)
-            self.sfr(fd, self.flushed, self.w, 1 | 2 | 4)
-            os.posix_fadvise(fd, self.flushed, self.w, os.POSIX_FADV_DONTNEED)
-            self.flushed += self.w
+        self.behind.wrote(self.pos)
 
 
 def child_copy(srcs: list[str], out: str, out_bytes: int, write_behind: bool = False) -> None:

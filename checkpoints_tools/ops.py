@@ -20,7 +20,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -35,7 +34,7 @@ from checkpoints_tools import kernels
 from checkpoints_tools.readers import Reader, open_checkpoint
 from checkpoints_tools.safe_load import CheckpointError
 from checkpoints_tools.workspace import Workspace
-from checkpoints_tools.writers import TIED, OutputDir, OutputSpec
+from checkpoints_tools.writers import TIED, OutputDir, OutputSpec, sha256_file
 from jam_metaseq.models.config import (
     CrossConfig, DecoderConfig, ModelConfig, cross_of, uniform_of, width_of,
 )
@@ -150,22 +149,14 @@ class SourceHash:
         while not self._released.is_set() and pos > self.reader.read_fraction() * size + HASH_LEAD:
             self._released.wait(0.005)
 
-    def _hash_file(self, path: Path, chunk: int = 8 << 20) -> str:
-        h = hashlib.sha256()
+    def _hash_file(self, path: Path, chunk: int = 8 << 20) -> str | None:
         size = path.stat().st_size
-        view = memoryview(bytearray(chunk))
-        pos = 0
-        with open(path, "rb", buffering=0) as f:
-            while True:
-                self._wait_until_allowed(pos, size)
-                if self._cancelled:
-                    return ""
-                n = f.readinto(view)
-                if not n:
-                    break
-                h.update(view[:n])
-                pos += n
-        return h.hexdigest()
+
+        def before_read(pos: int) -> bool:
+            self._wait_until_allowed(pos, size)
+            return not self._cancelled
+
+        return sha256_file(path, chunk=chunk, before_read=before_read)
 
     def release(self) -> None:
         self._released.set()

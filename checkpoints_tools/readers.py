@@ -12,6 +12,7 @@ tensor copied once, straight into its place in the consolidated tensor where the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -78,14 +79,15 @@ class Reader:
     bytes_read: int = 0
     """Bytes of tensors read so far (``get_into``; paces the source hashing, ``ops``)."""
 
+    @functools.cached_property
+    def tensor_bytes(self) -> int:
+        """Bytes of all its tensors (as read: consolidated, in their dtypes)."""
+        return sum(i.nbytes for i in self._infos.values())
+
     def read_fraction(self) -> float:
-        """How far through its tensors' bytes this reader's reads are (0..1)."""
-        raw = getattr(self, "raw", None)
-        if isinstance(raw, Reader):  # a key-mapping view (HF OPT) reads through ``raw``
-            return raw.read_fraction()
-        total = self.__dict__.get("_total_bytes")
-        if total is None:
-            total = self._total_bytes = sum(i.nbytes for i in self._infos.values())
+        """How far through its tensors' bytes this reader's reads are (0..1). Every read goes
+        through the outermost reader's ``get_into`` (``_start_read``), views (HF OPT) included."""
+        total = self.tensor_bytes
         return min(1.0, self.bytes_read / total) if total else 1.0
 
     def names(self) -> list[str]:

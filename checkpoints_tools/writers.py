@@ -33,7 +33,7 @@ import tempfile
 from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch.serialization import _get_storage_alignment
@@ -92,6 +92,31 @@ _SYNC_FILE_RANGE = _load_sync_file_range()
 _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
 
 
+class WriteBehind:
+    """The ``WRITE_BEHIND`` window of one file opened for writing: call ``wrote(total)`` after
+    each write with the bytes written so far."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.window = WRITE_BEHIND if _SYNC_FILE_RANGE is not None else 0
+        self.flushed = 0  # bytes [0, flushed) are on disk and out of the page cache
+
+    def wrote(self, total: int) -> None:
+        """Once two windows past the last flushed byte are written: start the second one's
+        writeback, wait for the first's and drop it from the page cache."""
+        w = self.window
+        if not w or total - self.flushed < 2 * w:
+            return
+        self.f.flush()
+        fd, start = self.f.fileno(), self.flushed
+        if _SYNC_FILE_RANGE(fd, start + w, w, _SFR_WRITE) != 0 or \
+                _SYNC_FILE_RANGE(fd, start, w, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER) != 0:
+            self.window = 0  # not supported here (e.g. some network filesystems): plain writes
+            return
+        os.posix_fadvise(fd, start, w, os.POSIX_FADV_DONTNEED)
+        self.flushed = start + w
+
+
 class _HashedFile:
     """A write-only file that sha256-hashes what goes through it (the zip writer only appends).
     Big writes are hashed on a helper thread while the main thread writes the same bytes (both
@@ -103,8 +128,7 @@ class _HashedFile:
         self.sha = hashlib.sha256()
         self.nbytes = 0
         self.discarding = False
-        self._window = WRITE_BEHIND if _SYNC_FILE_RANGE is not None else 0
-        self._flushed = 0  # bytes [0, _flushed) are on disk and out of the page cache
+        self.behind = WriteBehind(self.f)
 
     def write(self, b: Any) -> int:
         mv = memoryview(b).cast("B")
@@ -114,32 +138,17 @@ class _HashedFile:
         if mv.nbytes < _PARALLEL_HASH_BYTES:
             self.sha.update(mv)
             n = self.f.write(mv)
-            self._write_behind()
+            self.behind.wrote(self.nbytes)
             return n
         fut = _HASH_THREAD.submit(self.sha.update, mv)
         try:
             n = 0
             for i in range(0, mv.nbytes, _WRITE_CHUNK):
                 n += self.f.write(mv[i:i + _WRITE_CHUNK])
-                self._write_behind()
+                self.behind.wrote(self.nbytes - mv.nbytes + n)
         finally:
             fut.result()
         return n
-
-    def _write_behind(self) -> None:
-        """Once two windows past the last flushed byte are written: start the second one's
-        writeback, wait for the first's and drop it from the page cache (``WRITE_BEHIND``)."""
-        w = self._window
-        if not w or self.nbytes - self._flushed < 2 * w:
-            return
-        self.f.flush()
-        fd, start = self.f.fileno(), self._flushed
-        if _SYNC_FILE_RANGE(fd, start + w, w, _SFR_WRITE) != 0 or \
-                _SYNC_FILE_RANGE(fd, start, w, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER) != 0:
-            self._window = 0  # not supported here (e.g. some network filesystems): plain writes
-            return
-        os.posix_fadvise(fd, start, w, os.POSIX_FADV_DONTNEED)
-        self._flushed = start + w
 
     def flush(self) -> None:
         self.f.flush()
@@ -230,11 +239,10 @@ class TorchStreamWriter:
         return self._file.close()
 
     def abort(self) -> None:
-        # The zip writer writes its end records when it is destroyed: let it do so now, into
-        # nothing (once its file is closed, a write from the destructor would abort the process).
-        self._file.discarding = True
-        self.__dict__.pop("_zip", None)
+        # The zip writer writes its end records when it is destroyed: let it do so now, into the
+        # discarded file (a write to a closed file from the destructor would abort the process).
         self._file.discard()
+        self.__dict__.pop("_zip", None)
 
 
 # ---- safetensors, streamed ---------------------------------------------------------------------
@@ -805,12 +813,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def sha256_file(path: Path, *, chunk: int = 16 << 20) -> str:
+def sha256_file(path: Path, *, chunk: int = 16 << 20,
+                before_read: Callable[[int], bool] | None = None) -> str | None:
+    """sha256 hex digest of ``path``, read sequentially. ``before_read(pos)`` runs before each
+    read (it may wait, e.g. to pace the reads); returning False stops the hash (-> None)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    view = memoryview(bytearray(chunk))
+    pos = 0
+    with open(path, "rb", buffering=0) as f:
         while True:
-            b = f.read(chunk)
-            if not b:
+            if before_read is not None and not before_read(pos):
+                return None
+            n = f.readinto(view)
+            if not n:
                 break
-            h.update(b)
+            h.update(view[:n])
+            pos += n
     return h.hexdigest()

@@ -272,7 +272,7 @@ def test_write_behind_windows_keep_outputs_exact(two, tmp_path, monkeypatch):
     real = writers._HashedFile.close
 
     def close(self):
-        flushed.append((self._flushed, self.nbytes))
+        flushed.append((self.behind.flushed, self.nbytes))
         return real(self)
 
     monkeypatch.setattr(writers._HashedFile, "close", close)
