@@ -91,3 +91,32 @@ def test_post_layernorm_opt_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="post-LayerNorm"):
         reshard(d, opts=_opts(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin-shards"])
+def test_hf_views_count_their_reads_for_paced_hashing(tmp_path, layout):
+    """An HF OPT view (one safetensors file, or several .bin shards through the HF index) counts
+    every consolidated read: after reading each tensor once its read_fraction is 1, so the paced
+    source hashing of an HF parent follows the stream instead of waiting for its end."""
+    model = _hf_model()
+    d = tmp_path / "opt"
+    model.save_pretrained(d)
+    if layout == "bin-shards":  # the older HF layout: .bin shards and their index
+        (d / "model.safetensors").unlink()
+        sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        keys = list(sd)
+        shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+                  "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+        for f, ks in shards.items():
+            torch.save({k: sd[k] for k in ks}, d / f)
+        (d / "pytorch_model.bin.index.json").write_text(
+            json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    r = open_checkpoint(d)
+    assert r.read_fraction() == 0.0
+    names = r.names()
+    for n in names[: len(names) // 2]:
+        r.get_into(n, torch.empty(r.info(n).shape, dtype=r.info(n).dtype))
+    assert 0.0 < r.read_fraction() < 1.0
+    for n in names[len(names) // 2:]:
+        r.get_into(n, torch.empty(r.info(n).shape, dtype=r.info(n).dtype))
+    assert r.read_fraction() == 1.0
