@@ -101,7 +101,7 @@ def test_loglikelihood_matches_independent_computation():
         for (ctx, cont), (lp, greedy) in zip(pairs, res):
             stripped = ctx.rstrip()  # lm_eval moves a context's trailing spaces into the continuation
             ctx, cont = stripped, ctx[len(stripped):] + cont
-            ctx_ids = enc(ctx) if ctx else [VOCAB.eos]
+            ctx_ids = [VOCAB.eos, *enc(ctx)]  # every context is scored after <eos>, as in training
             cont_ids = enc(cont)
             whole = (ctx_ids + cont_ids)[-33:]  # max_length 32 (+1 for the shift)
             logits = model(torch.tensor(whole[:-1])[None])[0]  # alone: no padding

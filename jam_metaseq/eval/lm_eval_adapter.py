@@ -17,9 +17,11 @@ manifest's ``text_tokenizer``), ``config`` / ``vocab`` (JSON files overriding th
 ``model=``, ``manifest=`` and ``text_tokenizer=`` objects instead of paths.
 
 Scoring. Text is encoded with the parents' text tokenizer, ids shifted by ``vocab.text_start``
-(``jam_metaseq.data.tokenizers``), exactly as the training data were. ``loglikelihood`` scores
-``log p(continuation | context)`` on ``(context + continuation)[-(max_length + 1):][:-1]``, with an
-empty context replaced by ``<eos>`` (the document separator the model saw before every document);
+(``jam_metaseq.data.tokenizers``), exactly as the training data were. Every context is scored the
+way the model saw documents in training: after ``<eos>``, the separator that precedes every document
+of the binarized stream (an empty context is ``<eos>`` alone). ``loglikelihood`` scores
+``log p(continuation | context)`` on ``(<eos> + context + continuation)[-(max_length + 1):][:-1]``
+(a context too long for the window loses its oldest tokens, the ``<eos>`` first);
 ``is_greedy`` says whether every continuation token is the argmax. ``loglikelihood_rolling`` is
 ``jam_metaseq.eval.ppl``'s rolling-window rule with stride = max_length and the ``<eos>`` prefix.
 ``generate_until`` is not provided (Table 1 needs none; use ``jam-generate`` for generation).
@@ -133,13 +135,19 @@ class JamLM(TemplateLM):
     def tok_decode(self, tokens: list[int], **kwargs: Any) -> str:
         return self.text_tokenizer.decode([t - self.vocab.text_start for t in tokens if self.vocab.is_text(t)])
 
+    def _as_document(self, ctx_enc: list[int]) -> list[int]:
+        """``<eos> + context``: a context as the model saw documents in training (module docstring).
+        lm_eval already passes ``[<eos>]`` for an empty context; text ids are never ``<eos>``."""
+        ctx = list(ctx_enc)
+        return ctx if ctx[:1] == [self.prefix_token_id] else [self.prefix_token_id, *ctx]
+
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any
                               ) -> list[tuple[float, bool]]:
         windows = []
         for i, (_, ctx_enc, cont_enc) in enumerate(requests):
             if len(cont_enc) > self.max_length:
                 raise ValueError(f"jam: continuation of {len(cont_enc)} tokens exceeds max_length {self.max_length}")
-            whole = list(ctx_enc) + list(cont_enc)
+            whole = self._as_document(ctx_enc) + list(cont_enc)
             inputs = whole[-(self.max_length + 1):][:-1]  # (<= max_length,)
             windows.append(Window(inputs=inputs, targets=list(cont_enc), seq=i))
         scored = score_windows(self.model, windows, padding_idx=self.model.cfg.padding_idx,
