@@ -34,9 +34,20 @@ def _add_input_flags(p: argparse.ArgumentParser) -> None:
                    help="attention heads of the input when the checkpoint does not record them")
 
 
+def _add_read_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the commands that read tensors (not ``inspect``)."""
+    _add_input_flags(p)
+    p.add_argument("--allow-replica-mismatch", action="store_true",
+                   help="when the model-parallel parts of an input hold different copies of a replicated "
+                        "tensor (layer norms, some biases, positions), warn (naming the tensor and the largest "
+                        "difference) and use part 0's, instead of stopping with an error")
+
+
 def _add_output_flags(p: argparse.ArgumentParser, *, formats: Sequence[str] = ("metaseq", "safetensors")) -> None:
     p.add_argument("-o", "--out", required=True, type=Path, metavar="DIR",
-                   help="output directory (created atomically: written to a temp dir, then renamed)")
+                   help="output directory (created atomically: written to a temp dir .DIR.tmp-PID-... next to "
+                        "it, then renamed; a temp dir left by a run that died is removed by the next run). Never "
+                        "/, $HOME, the working directory or their parents, nor a directory holding an input")
     p.add_argument("--mp", type=int, default=1, metavar="M",
                    help="target model-parallel size: files NAME-model_part-{r}.pt (default 1 = consolidated)")
     p.add_argument("--fsdp", type=int, default=0, metavar="W",
@@ -50,7 +61,13 @@ def _add_output_flags(p: argparse.ArgumentParser, *, formats: Sequence[str] = ("
     p.add_argument("--vocab", type=Path, metavar="JSON",
                    help="vocabulary manifest stored as OUT/vocab.json and in every file "
                         "(checked against the embedding; default: the input's own, if any)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is an earlier jam-ckpt output (has manifest.json): the new output is "
+                        "written next to it and swapped in atomically, then the old one removed; a crash at any "
+                        "point leaves the old or the new output complete. Any other existing directory is refused")
+    p.add_argument("--overwrite-any-dir", action="store_true",
+                   help="like --overwrite, but also replace an existing directory that is NOT a jam-ckpt output "
+                        "(no manifest.json): everything in it is deleted once the new output is in place")
     p.add_argument("--hash-sources", choices=("auto", "full", "none"), default="auto",
                    help="sha256 of the input files in manifest.json: auto = reuse the hash an input's own "
                         "jam-ckpt manifest.json records when the file's size matches and it is not newer "
@@ -62,7 +79,7 @@ def _add_output_flags(p: argparse.ArgumentParser, *, formats: Sequence[str] = ("
                    help="torch threads for the per-tensor math (default 1: the work is memory-bound and "
                         "more threads only wait on each other on a busy machine; 0 = torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_input_flags(p)
+    _add_read_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,11 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_flags(p, formats=("metaseq",))
 
     p = sub.add_parser("verify", help="check manifest hashes; forward pass on a few tokens if small")
-    p.add_argument("path", help="a jam-ckpt output directory (or any checkpoint, without hashes)")
+    p.add_argument("path", help="a jam-ckpt output directory (or a file in one)")
+    p.add_argument("--no-manifest", action="store_true",
+                   help="check a checkpoint that is not a jam-ckpt output (no manifest.json): its structure "
+                        "and the forward pass only, no hashes. Without it a missing manifest.json is an error")
     p.add_argument("--no-forward", action="store_true", help="skip the forward pass")
     p.add_argument("--max-forward-params", type=int, default=50_000_000, metavar="N",
                    help="run the forward pass only below this many parameters (default 50M)")
-    _add_input_flags(p)
+    _add_read_flags(p)
     return ap
 
 
@@ -133,12 +153,17 @@ def _opts(args: argparse.Namespace, argv: Sequence[str], *, fmt: str | None = No
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
     spec = OutputSpec(out_dir=args.out, format=fmt or args.format, mp=args.mp, fsdp=args.fsdp,
-                      dtype=DTYPES[args.dtype] if args.dtype else None, name=args.name, overwrite=args.overwrite)
+                      dtype=DTYPES[args.dtype] if args.dtype else None, name=args.name,
+                      overwrite=args.overwrite or args.overwrite_any_dir, overwrite_any_dir=args.overwrite_any_dir)
     return CommonOptions(spec=spec, vocab=str(args.vocab) if args.vocab else None,
                          hash_sources="none" if args.no_hash_sources else args.hash_sources,
                          progress=not args.quiet,
                          command=["jam-ckpt", *argv], trust_pickle=args.trust_pickle,
-                         threads=args.threads or None)
+                         replica_mismatch=_replica_mismatch(args), threads=args.threads or None)
+
+
+def _replica_mismatch(args: argparse.Namespace) -> str:
+    return "warn" if args.allow_replica_mismatch else "error"
 
 
 def _print_inspect(info: dict) -> None:
@@ -175,7 +200,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 0
     if args.cmd == "verify":
         rep = verify_checkpoint(args.path, forward=not args.no_forward, max_forward_params=args.max_forward_params,
-                                trust_pickle=args.trust_pickle)
+                                trust_pickle=args.trust_pickle, require_manifest=not args.no_manifest,
+                                replica_mismatch=_replica_mismatch(args))
         print(json.dumps({"ok": True, **rep}, default=str))
         return 0
     if args.cmd == "merge":

@@ -64,13 +64,15 @@ def load_vocab_of(reader: Reader) -> VocabManifest | None:
 
 
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None, trust_pickle: bool = False,
-               heads: int | None = None) -> tuple[nn.Module, ModelConfig, VocabManifest | None]:
+               heads: int | None = None, replica_mismatch: str = "error",
+               ) -> tuple[nn.Module, ModelConfig, VocabManifest | None]:
     """(model in eval mode, its config, its vocab manifest or None) from any supported checkpoint.
 
     ``dtype`` None keeps the stored parameter dtype. The vocab manifest, when present, is checked
-    against the embedding (a mismatch stops with both sizes).
+    against the embedding (a mismatch stops with both sizes). ``replica_mismatch``: see
+    ``readers.REPLICA_MISMATCH``.
     """
-    reader = open_checkpoint(path, trust_pickle=trust_pickle)
+    reader = open_checkpoint(path, trust_pickle=trust_pickle, replica_mismatch=replica_mismatch)
     cfg = reader.config(**({"heads": heads} if heads else {}))
     vocab = load_vocab_of(reader)
     if vocab is not None:
@@ -120,17 +122,49 @@ def inspect_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, h
     return info
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A jam-ckpt ``manifest.json``, checked for what ``verify`` relies on: a JSON object whose
+    ``files`` maps plain file names (in the manifest's directory) to their ``bytes`` and
+    ``sha256``. Errors name the manifest."""
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt manifest ({e})") from None
+    if not isinstance(m, dict) or not isinstance(m.get("files"), dict) or not m["files"]:
+        raise CheckpointError(f"{path}: corrupt manifest (no \"files\" table)")
+    for name, rec in m["files"].items():
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise CheckpointError(f"{path}: corrupt manifest (file name {name!r} is not a plain file name)")
+        if not (isinstance(rec, dict) and isinstance(rec.get("bytes"), int) and not isinstance(rec["bytes"], bool)
+                and isinstance(rec.get("sha256"), str) and len(rec["sha256"]) == 64):
+            raise CheckpointError(f"{path}: corrupt manifest (entry of {name} needs \"bytes\" and a sha256)")
+    tensors = m.get("tensors", {})
+    if not isinstance(tensors, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("shape"), list) and isinstance(v.get("dtype"), str)
+            for v in tensors.values()):
+        raise CheckpointError(f"{path}: corrupt manifest (\"tensors\" needs a shape and dtype per tensor)")
+    return m
+
+
 def verify_checkpoint(path: str | os.PathLike, *, forward: bool = True, max_forward_params: int = 50_000_000,
-                      trust_pickle: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Check manifest hashes of a ``jam-ckpt`` output; run a forward pass on a few tokens when the
-    model is small. Raises ``CheckpointError`` on the first failure."""
+                      trust_pickle: bool = False, seed: int = 0, require_manifest: bool = True,
+                      replica_mismatch: str = "error") -> dict[str, Any]:
+    """Check a ``jam-ckpt`` output: every file its manifest lists has the recorded size and
+    sha256, the checkpoint opens (headers and zip records validated) with the tensors, shapes
+    and dtypes the manifest lists, and a forward pass on a few tokens gives finite logits when
+    the model is small. ``require_manifest``: a directory without ``manifest.json`` is not a
+    complete jam-ckpt output (an error); False checks any checkpoint, without hashes. Raises
+    ``CheckpointError`` on the first failure."""
     path = Path(path)
     root = path if path.is_dir() else path.parent
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
     report: dict[str, Any] = {"path": str(path), "files_checked": 0, "forward": None}
     mpath = root / "manifest.json"
+    manifest = None
     if mpath.is_file():
-        manifest = json.loads(mpath.read_text())
-        for name, rec in manifest.get("files", {}).items():
+        manifest = read_manifest(mpath)
+        for name, rec in manifest["files"].items():
             f = root / name
             if not f.is_file():
                 raise CheckpointError(f"{f}: listed in {mpath} but missing")
@@ -140,13 +174,28 @@ def verify_checkpoint(path: str | os.PathLike, *, forward: bool = True, max_forw
             if got != rec["sha256"]:
                 raise CheckpointError(f"{f}: sha256 {got[:12]}... does not match the manifest ({rec['sha256'][:12]}...)")
             report["files_checked"] += 1
+    elif require_manifest:
+        raise CheckpointError(f"{root}: not a complete jam-ckpt output (no manifest.json: an interrupted write, "
+                              "or another tool's checkpoint; --no-manifest checks it without hashes)")
     else:
         report["manifest"] = None
-    r = open_checkpoint(path, trust_pickle=trust_pickle)
+    r = open_checkpoint(path, trust_pickle=trust_pickle, replica_mismatch=replica_mismatch)
+    if manifest is not None and manifest.get("tensors") and r.format != "hf_opt":
+        want = manifest["tensors"]
+        if set(want) != set(r.names()):
+            odd = sorted(set(want) ^ set(r.names()))[:3]
+            raise CheckpointError(f"{r.path}: tensors differ from those {mpath} lists, e.g. {odd}")
+        for n, rec in want.items():
+            info = r.info(n)
+            got = {"shape": list(info.shape), "dtype": str(info.dtype).replace("torch.", "")}
+            if got != {"shape": rec["shape"], "dtype": rec["dtype"]}:
+                raise CheckpointError(f"{r.path}: tensor {n} is {got['dtype']} {got['shape']}, {mpath} lists "
+                                      f"{rec['dtype']} {rec['shape']}")
     n = r.num_params()
     report["parameters"] = n
     if forward and n <= max_forward_params:
-        model, cfg, vocab = load_model(path, dtype=torch.float32, trust_pickle=trust_pickle)
+        model, cfg, vocab = load_model(path, dtype=torch.float32, trust_pickle=trust_pickle,
+                                       replica_mismatch=replica_mismatch)
         g = torch.Generator().manual_seed(seed)
         lo = 4 if cfg.vocab_size > 8 else 0
         tokens = torch.randint(lo, cfg.vocab_size, (2, 8), generator=g)

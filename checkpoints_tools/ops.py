@@ -380,28 +380,46 @@ def stream_to(
                     f.result()
             pending_big.clear()
             pending_small.clear()
-        except BaseException:
+        except BaseException as e:  # noqa: B036 - queued writes are skipped from here on
+            out.record_error(e)
             for fs in [*pending_big, *(fs for _, fs in pending_small)]:
                 for f in fs:
                     f.cancel()
             raise
         finally:
-            for p in pools:  # waits for writes in flight (before out.abort() closes the files)
-                p.shutdown(wait=True)
+            _join(pools)  # waits for writes in flight (before out.abort() closes the files)
         extra = dict(manifest_extra)
         extra["sources"] = [f.result() if isinstance(f, SourceHash) else f for f in extra.get("sources", [])]
         extra["seconds"] = round(time.time() - started, 3)
         return out.commit(manifest_extra=extra)
-    except BaseException:
+    except BaseException as e:  # noqa: B036 - any failure or interrupt: nothing is left behind
+        first = out.record_error(e)
         for f in manifest_extra.get("sources", []):
             if isinstance(f, SourceHash):
                 f.cancel()
         out.abort()
-        raise
+        if first is e or not isinstance(e, Exception):
+            raise  # an interrupt stays an interrupt
+        raise first from None  # an earlier failure (e.g. a writer thread's full disk) is the cause
     finally:
         torch.set_num_threads(saved_threads)
         if bar is not None:
             bar.close()
+
+
+def _join(pools: Sequence[concurrent.futures.ThreadPoolExecutor]) -> None:
+    """Shut the writer pools down and wait for them, even through a second interrupt (the
+    files must not be closed under a running write); the first interrupt is re-raised."""
+    pending: BaseException | None = None
+    for p in pools:
+        while True:
+            try:
+                p.shutdown(wait=True)
+                break
+            except BaseException as e:  # noqa: B036 - keep waiting, re-raise after
+                pending = pending or e
+    if pending is not None:
+        raise pending
 
 
 @dataclasses.dataclass
@@ -418,6 +436,9 @@ class CommonOptions:
     command: Sequence[str] | None = None
     """The command line, recorded in the manifest."""
     trust_pickle: bool = False
+    replica_mismatch: str = "error"
+    """Model-parallel parts whose replicated tensors differ: ``error`` or ``warn`` (use part 0's;
+    ``readers.REPLICA_MISMATCH``)."""
     threads: int | None = 1
     """torch intra-op threads while streaming (see ``stream_to``; None = torch's setting)."""
 
@@ -458,12 +479,12 @@ def _skipped(out: OutputDir, tied: bool) -> set[str]:
 
 def reshard(src: str | os.PathLike, *, opts: CommonOptions, heads: int | None = None) -> Path:
     """Any layout -> any layout (MP N->M, FSDP in/out, consolidated <-> sharded, .pt <-> safetensors)."""
-    r = open_checkpoint(src, trust_pickle=opts.trust_pickle)
+    r = open_checkpoint(src, trust_pickle=opts.trust_pickle, replica_mismatch=opts.replica_mismatch)
     cfg = r.config(**({"heads": heads} if heads else {}))
     shapes = r.shapes()
     dtype_in = r.param_dtype
     vocab = load_vocab(opts.vocab, cfg=cfg, sources=[r])
-    out = OutputDir(opts.spec, cfg=cfg, shapes=shapes, vocab=vocab)
+    out = OutputDir(opts.spec, cfg=cfg, shapes=shapes, vocab=vocab, inputs=input_paths([r]))
     produced = {n: r.info(n).dtype for n in shapes}
     extra = _extra(opts, "reshard", [source_record("source", r, hash_sources=opts.hash_sources)],
                    source_dtype=str(dtype_in))
@@ -473,9 +494,16 @@ def reshard(src: str | os.PathLike, *, opts: CommonOptions, heads: int | None = 
                      tied=r.tied(*TIED))
 
 
-def _open_parents(paths: Sequence[str | os.PathLike], roles: Sequence[str], *, trust_pickle: bool,
+def input_paths(readers: Sequence[Reader]) -> list[Path]:
+    """Every path the readers read (files and the paths they were opened by): the output
+    must not be or contain one of them."""
+    return [p for r in readers for p in (r.path, *r.files)]
+
+
+def _open_parents(paths: Sequence[str | os.PathLike], roles: Sequence[str], *, opts: CommonOptions,
                   heads: int | None) -> tuple[list[Reader], list[DecoderConfig]]:
-    readers = [open_checkpoint(p, trust_pickle=trust_pickle) for p in paths]
+    readers = [open_checkpoint(p, trust_pickle=opts.trust_pickle, replica_mismatch=opts.replica_mismatch)
+               for p in paths]
     cfgs = []
     for r, role in zip(readers, roles):
         c = r.config(**({"heads": heads} if heads else {}))
@@ -499,12 +527,13 @@ def merge(parents: Sequence[str | os.PathLike], *, opts: CommonOptions,
     else:
         weights = [1.0 / len(parents)] * len(parents)
     roles = [f"#{i}" for i in range(len(parents))]
-    readers, cfgs = _open_parents(parents, roles, trust_pickle=opts.trust_pickle, heads=heads)
+    readers, cfgs = _open_parents(parents, roles, opts=opts, heads=heads)
     cfg = uniform_of(cfgs[0])
     shapes = expected_shapes(cfg)
     dtype = common_dtype(readers, opts.spec.dtype)
     vocab = load_vocab(opts.vocab, cfg=cfg, sources=readers)
-    out = OutputDir(dataclasses.replace(opts.spec, dtype=dtype), cfg=cfg, shapes=shapes, vocab=vocab)
+    out = OutputDir(dataclasses.replace(opts.spec, dtype=dtype), cfg=cfg, shapes=shapes, vocab=vocab,
+                    inputs=input_paths(readers))
 
     ws = Workspace()
     tied = all(r.tied(*TIED) for r in readers)
@@ -524,13 +553,14 @@ def merge(parents: Sequence[str | os.PathLike], *, opts: CommonOptions,
 def widen(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions, init: str = "copy",
           heads: int | None = None) -> Path:
     """JAM-Width (Eq. 2/3): a decoder of width 2E initialised block-wise from both parents."""
-    readers, cfgs = _open_parents([llm, img], ["llm", "img"], trust_pickle=opts.trust_pickle, heads=heads)
+    readers, cfgs = _open_parents([llm, img], ["llm", "img"], opts=opts, heads=heads)
     parent = cfgs[0]
     cfg = width_of(parent)
     shapes = expected_shapes(cfg)
     dtype = common_dtype(readers, opts.spec.dtype)
     vocab = load_vocab(opts.vocab, cfg=cfg, sources=readers)
-    out = OutputDir(dataclasses.replace(opts.spec, dtype=dtype), cfg=cfg, shapes=shapes, vocab=vocab)
+    out = OutputDir(dataclasses.replace(opts.spec, dtype=dtype), cfg=cfg, shapes=shapes, vocab=vocab,
+                    inputs=input_paths(readers))
     a, b = readers
     ws = Workspace()
     tied = a.tied(*TIED) and b.tied(*TIED)
@@ -551,7 +581,7 @@ def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
           init: str = "paper", seed: int = 0, image_vocab: tuple[int, int] | None = None,
           heads: int | None = None) -> Path:
     """JAM-Cross (§2.1.3): both parents as branches, cross blocks every ``cross_every`` layers."""
-    readers, cfgs = _open_parents([llm, img], ["llm", "img"], trust_pickle=opts.trust_pickle, heads=heads)
+    readers, cfgs = _open_parents([llm, img], ["llm", "img"], opts=opts, heads=heads)
     parent = cfgs[0]
     if image_vocab is None and opts.vocab is not None:
         v = VocabManifest.load(opts.vocab)
@@ -572,7 +602,8 @@ def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
     shapes = expected_shapes(cfg)
     dtype = common_dtype(readers, opts.spec.dtype)
     vocab = load_vocab(opts.vocab, cfg=cfg, sources=readers)
-    out = OutputDir(dataclasses.replace(opts.spec, dtype=dtype), cfg=cfg, shapes=shapes, vocab=vocab)
+    out = OutputDir(dataclasses.replace(opts.spec, dtype=dtype), cfg=cfg, shapes=shapes, vocab=vocab,
+                    inputs=input_paths(readers))
     a, b = readers
     ws = Workspace()
 

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import struct
+import warnings
 from argparse import Namespace
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -45,6 +46,24 @@ def strip_wrappers(name: str) -> str:
 
 def is_version_key(name: str) -> bool:
     return name.endswith(".version") or name == "version"
+
+
+def check_parameter_dtype(path: Path, name: str, dtype: torch.dtype) -> None:
+    """Every tensor of these models but a version counter is a floating-point parameter: an
+    integer or bool dtype on one means a relabelled or corrupt file, whose bytes would be read
+    as other numbers."""
+    if not dtype.is_floating_point and not is_version_key(name):
+        raise CheckpointError(f"{path}: tensor {name!r} is stored as {str(dtype).replace('torch.', '')}, but it is "
+                              "a floating-point parameter (relabelled or corrupt?)")
+
+
+REPLICA_MISMATCH = ("error", "warn")
+"""What reading a replicated tensor does when the model-parallel parts hold different copies:
+``error`` stops, ``warn`` warns (naming the tensor and the largest difference) and uses part 0."""
+
+
+class ReplicaMismatchWarning(UserWarning):
+    """The model-parallel parts of a checkpoint hold different copies of a replicated tensor."""
 
 
 @dataclass(frozen=True)
@@ -201,8 +220,12 @@ class MetaseqReader(Reader):
     """metaseq/fairseq ``.pt`` files: consolidated, MP parts, FSDP shards or both."""
 
     def __init__(self, groups: dict[int, dict[int, Path]], *, path: Path, trust_pickle: bool,
-                 fsdp: bool) -> None:
+                 fsdp: bool, replica_mismatch: str = "error") -> None:
+        if replica_mismatch not in REPLICA_MISMATCH:
+            raise ValueError(f"replica_mismatch must be one of {REPLICA_MISMATCH}, got {replica_mismatch!r}")
         self.path = path
+        self.replica_mismatch = replica_mismatch
+        self._replicas_checked: set[str] = set()
         self.format = "metaseq"
         self.mp = len(groups)
         self.fsdp = len(next(iter(groups.values()))) if fsdp else 0
@@ -335,7 +358,9 @@ class MetaseqReader(Reader):
                 if sh != shapes[0]:
                     raise CheckpointError(
                         f"{self._ranks[r].files[0]}: tensor {n} has shape {sh}, part 0 has {shapes[0]}")
-            infos[n] = TensorInfo(layout.full_shape(n, shapes[0], self.mp), dtypes.pop())
+            dtype = dtypes.pop()
+            check_parameter_dtype(self._ranks[0].files[0], n, dtype)
+            infos[n] = TensorInfo(layout.full_shape(n, shapes[0], self.mp), dtype)
         return infos
 
     # -- reading -----------------------------------------------------------------------------
@@ -377,8 +402,10 @@ class MetaseqReader(Reader):
 
     def get_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         info = self._start_read(name, out)
-        if self.mp == 1 or layout.rule_for(name) == "replicated":
+        if self.mp == 1:
             return self._rank_tensor(self._ranks[0], name, None, dest=out)
+        if layout.rule_for(name) == "replicated":
+            return self._replicated_into(name, info, out)
         piece_shape = layout.part_shape(name, info.shape, self.mp)
         for r, src in enumerate(self._ranks):
             dests = layout.destinations(name, out, piece_shape, r, self.mp)
@@ -389,6 +416,30 @@ class MetaseqReader(Reader):
                 for dest, rows in dests:
                     dest.copy_(piece[rows])
         return out
+
+    def _replicated_into(self, name: str, info: TensorInfo, out: torch.Tensor) -> torch.Tensor:
+        """A replicated tensor: part 0's copy, once every other part's copy is checked to be
+        bitwise the same (``replica_mismatch`` says what a difference does)."""
+        direct = out.dtype == info.dtype and out.is_contiguous()
+        base = self._rank_tensor(self._ranks[0], name, None,
+                                 dest=out if direct else self._ws.get("replica0", info.shape, info.dtype))
+        base_bytes = base.reshape(-1).view(torch.uint8)
+        for r in range(1, self.mp):
+            other = self._rank_tensor(self._ranks[r], name, None,
+                                      dest=self._ws.get("replica", info.shape, info.dtype))
+            if torch.equal(other.reshape(-1).view(torch.uint8), base_bytes):
+                continue
+            diff = (other.double() - base.double()).abs().nan_to_num(float("inf")).max().item()
+            what = (f"{self._ranks[r].files[0]}: replicated tensor {name} differs from part 0's copy "
+                    f"({self._ranks[0].files[0].name}): max |difference| {diff:.6g}")
+            if self.replica_mismatch == "error":
+                raise CheckpointError(f"{what}; model-parallel parts must hold identical copies "
+                                      "(--allow-replica-mismatch uses part 0's and warns)")
+            if name not in self._replicas_checked:
+                warnings.warn(f"{what}; using part 0's", ReplicaMismatchWarning, stacklevel=2)
+            self._replicas_checked.add(name)
+            break
+        return out if direct else out.copy_(base)
 
     def tied(self, a: str, b: str) -> bool:
         if a not in self._infos or b not in self._infos:
@@ -416,37 +467,165 @@ class MetaseqReader(Reader):
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 ST_DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_ST_OTHER_DTYPES = ("F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "E8M0", "C64")
+"""Dtypes the safetensors format knows but torch cannot hold as one tensor per element here."""
+ST_MAX_HEADER = 100_000_000
+"""The safetensors library's limit on the JSON header (bytes)."""
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(header dict, byte offset where data starts)."""
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    """One tensor of a safetensors header: its dtype, shape and byte range in the data buffer."""
+
+    info: TensorInfo
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A validated safetensors header: the tensors in file order, ``__metadata__`` and where the
+    data buffer starts."""
+
+    tensors: "OrderedDict[str, SafetensorsEntry]"
+    metadata: dict[str, str]
+    data_start: int
+
+
+def _json_object_no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _is_uint(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def read_safetensors_header(path: Path) -> SafetensorsHeader:
+    """Parse and validate the header of a safetensors file as the reference ``safetensors``
+    library does (whatever it refuses, this refuses; a few things it accepts are refused too:
+    duplicate JSON keys and dtypes torch has no type for). Checked: the 8-byte header length is
+    within the file and under ``ST_MAX_HEADER``; the header is UTF-8 JSON, an object; each
+    entry has a known ``dtype``, a ``shape`` of non-negative integers and two integer
+    ``data_offsets`` [begin, end] with end - begin = elements x item size; sorted by offset,
+    the tensors tile the data buffer exactly (no overlap, no gap, nothing after the last);
+    ``__metadata__`` maps strings to strings. Every error names the file (and the tensor)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes: no header length)")
         (n,) = struct.unpack("<Q", raw)
-        if n > size - 8 or n > 100_000_000:
-            raise CheckpointError(f"{path}: corrupt safetensors header length {n}")
-        try:
-            header = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+        if n > ST_MAX_HEADER:
+            raise CheckpointError(f"{path}: safetensors header length {n} is over the {ST_MAX_HEADER}-byte "
+                                  "limit (corrupt, or not a safetensors file)")
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: safetensors header length {n} runs past the end of the file "
+                                  f"({size} bytes): truncated, or not a safetensors file")
+        raw = f.read(n)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: safetensors header is not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_json_object_no_duplicates, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object")
     data_start = 8 + n
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if data_start + end > size:
-        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, header needs {data_start + end})")
-    return header, data_start
+    data_size = size - data_start
+    md = header.pop("__metadata__", None)
+    if md is None:
+        md = {}
+    if not isinstance(md, dict):
+        raise CheckpointError(f"{path}: safetensors __metadata__ is a JSON {type(md).__name__}, not an object")
+    for k, v in md.items():
+        if not isinstance(v, str):
+            raise CheckpointError(f"{path}: safetensors __metadata__ {k!r} is a {type(v).__name__}, not a string")
+    tensors: OrderedDict[str, SafetensorsEntry] = OrderedDict()
+    for k, v in header.items():
+        where = f"{path}: tensor {k!r}"
+        if not isinstance(v, dict):
+            raise CheckpointError(f"{where}: header entry is a JSON {type(v).__name__}, not an object")
+        for fld in ("dtype", "shape", "data_offsets"):
+            if fld not in v:
+                raise CheckpointError(f"{where}: header entry has no {fld!r}")
+        dt_name, shape, offsets = v["dtype"], v["shape"], v["data_offsets"]
+        if not isinstance(dt_name, str) or dt_name not in _ST_DTYPES:
+            if isinstance(dt_name, str) and dt_name in _ST_OTHER_DTYPES:
+                raise CheckpointError(f"{where}: dtype {dt_name} is not supported here")
+            raise CheckpointError(f"{where}: unknown dtype {dt_name!r}")
+        if not isinstance(shape, list) or not all(_is_uint(s) for s in shape):
+            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
+            raise CheckpointError(f"{where}: data_offsets {offsets!r} is not [begin, end] with integers >= 0")
+        info = TensorInfo(tuple(shape), _ST_DTYPES[dt_name])
+        begin, end = offsets
+        if end < begin:
+            raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] end before they begin")
+        if end > data_size:
+            raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] run past the {data_size} bytes of "
+                                  "data in the file (truncated?)")
+        if end - begin != info.nbytes:
+            raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes, but shape "
+                                  f"{list(info.shape)} of {dt_name} needs {info.nbytes}")
+        tensors[k] = SafetensorsEntry(info, begin, end)
+    pos, prev = 0, None
+    for k, e in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if e.begin < pos:
+            raise CheckpointError(f"{path}: tensor {k!r}: data_offsets [{e.begin}, {e.end}] overlap tensor {prev!r} "
+                                  f"(which ends at {pos})")
+        if e.begin > pos:
+            raise CheckpointError(f"{path}: tensor {k!r}: data_offsets begin at {e.begin}, leaving bytes "
+                                  f"[{pos}, {e.begin}) of the data unused (a gap)")
+        pos, prev = e.end, k
+    if pos != data_size:
+        raise CheckpointError(f"{path}: the tensors cover {pos} of the {data_size} bytes of data: "
+                              f"{data_size - pos} trailing bytes belong to no tensor")
+    return SafetensorsHeader(tensors, md, data_start)
+
+
+def read_safetensors_index(path: Path) -> dict[str, Path]:
+    """The ``weight_map`` of a ``*.safetensors.index.json`` (tensor -> file), validated."""
+    try:
+        idx = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the index ({e})") from None
+    wm = idx.get("weight_map") if isinstance(idx, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise CheckpointError(f"{path}: index has no \"weight_map\" object of tensor -> file name")
+    out = {}
+    for k, v in wm.items():
+        p = Path(v)
+        if p.is_absolute() or ".." in p.parts:
+            raise CheckpointError(f"{path}: weight_map names {v!r} for {k!r}: not a file next to the index")
+        out[k] = path.parent / p
+    return out
 
 
 class SafetensorsReader(Reader):
-    """One or more safetensors files (``model.safetensors`` or an index); read with ``pread``."""
+    """One or more safetensors files (``model.safetensors`` or an index); read with ``pread``.
+    Headers are validated (``read_safetensors_header``), and a tensor whose dtype is not
+    floating point must be a version counter: parameters are floating point, so an integer
+    dtype on one means a relabelled or corrupt header. ``weight_map``: an index's tensor ->
+    file, checked against the headers."""
 
-    def __init__(self, files: Sequence[Path], *, path: Path) -> None:
+    def __init__(self, files: Sequence[Path], *, path: Path, weight_map: Mapping[str, Path] | None = None) -> None:
         self.path = path
         self.format = "safetensors"
         self.files = list(files)
@@ -455,21 +634,29 @@ class SafetensorsReader(Reader):
         self._ws = Workspace()
         self._infos = OrderedDict()
         for f in self.files:
-            header, start = read_safetensors_header(f)
-            md = header.pop("__metadata__", None) or {}
-            for k, v in md.items():
+            if not f.is_file():
+                raise CheckpointError(f"{f}: no such file" + (f" (named by {path})" if path != f else ""))
+            header = read_safetensors_header(f)
+            for k, v in header.metadata.items():
                 if k in ("jam_config", "jam_vocab"):
-                    self.meta[k] = json.loads(v)
-            for k, v in header.items():
-                if v["dtype"] not in _ST_DTYPES:
-                    raise CheckpointError(f"{f}: tensor {k} has unsupported dtype {v['dtype']}")
-                dt = _ST_DTYPES[v["dtype"]]
-                a, b = v["data_offsets"]
-                info = TensorInfo(tuple(int(s) for s in v["shape"]), dt)
-                if b - a != info.nbytes:
-                    raise CheckpointError(f"{f}: tensor {k}: {b - a} bytes for shape {info.shape} {dt}")
-                self._infos[k] = info
-                self._where[k] = (f, start + a, b - a, 0)
+                    try:
+                        self.meta[k] = json.loads(v)
+                    except ValueError as e:
+                        raise CheckpointError(f"{f}: __metadata__ {k} is not valid JSON ({e})") from None
+            for k, e in header.tensors.items():
+                if k in self._infos:
+                    raise CheckpointError(f"{f}: tensor {k!r} is also in {self._where[k][0]}")
+                check_parameter_dtype(f, k, e.info.dtype)
+                self._infos[k] = e.info
+                self._where[k] = (f, header.data_start + e.begin, e.end - e.begin, 0)
+        if weight_map is not None:
+            for k, f in weight_map.items():
+                if k not in self._where or self._where[k][0] != f:
+                    where = self._where[k][0] if k in self._where else "no file"
+                    raise CheckpointError(f"{path}: weight_map puts tensor {k!r} in {f.name}, found in {where}")
+            extra = [k for k in self._infos if k not in weight_map]
+            if extra:
+                raise CheckpointError(f"{path}: tensor(s) {extra[:3]} are in the files but not in weight_map")
 
     def get_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         info = self._start_read(name, out)
@@ -525,10 +712,13 @@ def _validate_groups(base: Path, groups: dict[int, dict[int, Path]]) -> tuple[di
     return renum, fsdp
 
 
-def open_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> Reader:
+def open_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False,
+                    replica_mismatch: str = "error") -> Reader:
     """Open any supported checkpoint layout lazily. HF OPT directories/files come back already
-    converted to metaseq names (``convert_hf.HFOptReader``)."""
+    converted to metaseq names (``convert_hf.HFOptReader``). ``replica_mismatch``: see
+    ``REPLICA_MISMATCH`` (model-parallel parts whose replicated tensors differ)."""
     path = Path(path)
+    mkw = {"trust_pickle": trust_pickle, "replica_mismatch": replica_mismatch}
     if path.is_dir():
         if (path / "config.json").is_file() and _hf_weight_files(path):
             from checkpoints_tools.convert_hf import HFOptReader
@@ -544,20 +734,18 @@ def open_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> R
             raise CheckpointError(f"{path}: several checkpoints ({', '.join(sorted(grouped))}); name one file")
         base = next(iter(grouped))
         groups, fsdp = _validate_groups(path / base, grouped[base])
-        return _maybe_hf(MetaseqReader(groups, path=path, trust_pickle=trust_pickle, fsdp=fsdp), path)
+        return _maybe_hf(MetaseqReader(groups, path=path, fsdp=fsdp, **mkw), path)
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise CheckpointError(f"{path}: no such file")
         return _maybe_hf(SafetensorsReader([path], path=path), path)
     if path.name.endswith(".safetensors.index.json"):
-        idx = json.loads(path.read_text())
-        files = sorted({path.parent / f for f in idx["weight_map"].values()})
-        return _maybe_hf(SafetensorsReader(files, path=path), path)
+        wm = read_safetensors_index(path)
+        return _maybe_hf(SafetensorsReader(sorted(set(wm.values())), path=path, weight_map=wm), path)
     # .pt / .bin: the file itself, or metaseq's restore-file convention X.pt -> X-model_part-*.pt
     m = _PART_RE.match(path.name if path.suffix == ".pt" else path.stem + ".pt")
     if path.suffix != ".pt" and path.is_file():
-        return _maybe_hf(MetaseqReader({0: {0: path}}, path=path, trust_pickle=trust_pickle, fsdp=False),
-                         path)
+        return _maybe_hf(MetaseqReader({0: {0: path}}, path=path, fsdp=False, **mkw), path)
     if not m:
         raise CheckpointError(f"{path}: not a .pt/.safetensors checkpoint path")
     base = m["base"]
@@ -568,7 +756,7 @@ def open_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> R
     if not siblings:
         raise CheckpointError(f"{path}: no such file (and no {base}-model_part-*/-shard* files)")
     groups, fsdp = _validate_groups(path.parent / base, _group_pt(siblings)[base])
-    return _maybe_hf(MetaseqReader(groups, path=path, trust_pickle=trust_pickle, fsdp=fsdp), path)
+    return _maybe_hf(MetaseqReader(groups, path=path, fsdp=fsdp, **mkw), path)
 
 
 def glob_escape(s: str) -> str:

@@ -13,9 +13,11 @@ keeps memory at a few tensors (``reference/metaseq.md``, Checkpoints).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import ctypes
 import ctypes.util
+import io
 import mmap as _mmap
 import os
 import pickle
@@ -77,6 +79,8 @@ def safe_torch_load(path: str | os.PathLike, *, trust_pickle: bool = False, mmap
         raise CheckpointError(f"{path}: empty file (truncated?)")
     if not use_mmap and not _looks_like_legacy_pickle(path):
         raise CheckpointError(f"{path}: not a torch checkpoint (no zip central directory: truncated?)")
+    if use_mmap:
+        check_torch_zip(path)
     try:
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False, mmap=use_mmap)
@@ -95,6 +99,154 @@ def safe_torch_load(path: str | os.PathLike, *, trust_pickle: bool = False, mmap
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {first}") from None
+
+
+# ---- the zip records behind a memory-mapped load -------------------------------------------------
+
+
+class _StorageType:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _StorageRef:
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+class _TensorRef:
+    def __init__(self, storage: Any) -> None:
+        self.key = storage.key if isinstance(storage, _StorageRef) else None
+
+
+class _Anything:
+    """Stands for every other global while a pickle is scanned: accepts any construction and
+    state, runs nothing."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_Anything":
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "_Anything":
+        return _Anything()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, x: Any) -> None:
+        pass
+
+    def extend(self, xs: Any) -> None:
+        pass
+
+
+def _rebuild_ref(storage: Any, *args: Any) -> _TensorRef:
+    return _TensorRef(storage)
+
+
+class _ScanUnpickler(pickle.Unpickler):
+    """Reads a torch ``data.pkl`` for its storage references only: no global is imported (each
+    is a placeholder), tensors become ``_TensorRef``s naming their storage's record."""
+
+    def __init__(self, f: Any) -> None:
+        super().__init__(f)
+        self.storages: list[tuple[str, str, Any]] = []  # (key, storage type name, numel)
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor", "_rebuild_parameter"):
+            return _rebuild_ref if name != "_rebuild_parameter" else (lambda t, *a: t)
+        if module == "torch" and name.endswith("Storage"):
+            return _StorageType(name)
+        return _Anything
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        self.storages.append((pid[2], pid[1].name, pid[4]))
+        return _StorageRef(pid[2])
+
+
+def _tensor_names(obj: Any, prefix: str = "", out: dict[str, str] | None = None) -> dict[str, str]:
+    """storage key -> the first tensor (dotted path) that uses it."""
+    out = {} if out is None else out
+    if isinstance(obj, _TensorRef):
+        if obj.key is not None:
+            out.setdefault(obj.key, prefix)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _tensor_names(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _tensor_names(v, f"{prefix}.{i}" if prefix else str(i), out)
+    return out
+
+
+_STORAGE_DTYPES = {name: dt for dt, name in torch.storage._dtype_to_storage_type_map().items()}
+
+
+def check_torch_zip(path: Path) -> None:
+    """Refuse a torch zip checkpoint whose tensors would be memory-mapped from the wrong bytes.
+
+    ``torch.load(mmap=True)`` takes each storage's size from the pickle and its place from the
+    record's local header, and checks neither against the zip directory: a storage that claims
+    more elements than its record holds is read on into the next records (torch's non-mmap
+    load refuses it). Here every storage the pickle references must be a stored (uncompressed)
+    record of exactly ``numel x item size`` bytes whose local header matches the directory and
+    lies before it; ``data.pkl`` is read through ``zipfile``, so its CRC is checked."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = {i.filename: i for i in zf.infolist()}
+            pkls = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pkls) != 1:
+                raise CheckpointError(f"{path}: not a torch zip checkpoint ({len(pkls)} data.pkl records)")
+            prefix = pkls[0][: -len("data.pkl")]
+            scan = _ScanUnpickler(io.BytesIO(zf.read(pkls[0])))
+            obj = scan.load()
+            dir_start = zf.start_dir
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, TypeError,
+            AttributeError, IndexError, KeyError, RecursionError, pickle.UnpicklingError, MemoryError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {first}") from None
+    names = _tensor_names(obj)
+    seen: dict[str, tuple[str, Any]] = {}
+    with open(path, "rb") as f:
+        for key, stype, numel in scan.storages:
+            what = f"{path}: tensor {names[key]} (storage {key})" if key in names else f"{path}: storage {key}"
+            if seen.setdefault(key, (stype, numel)) != (stype, numel):
+                raise CheckpointError(f"{what}: referenced with two types or sizes")
+            dtype = _STORAGE_DTYPES.get(stype)
+            if dtype is None:
+                raise CheckpointError(f"{what}: unknown storage type torch.{stype}")
+            if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+                raise CheckpointError(f"{what}: bad element count {numel!r}")
+            info = infos.get(f"{prefix}data/{key}")
+            if info is None:
+                raise CheckpointError(f"{what}: no record {prefix}data/{key} in the zip (truncated or corrupt?)")
+            want = numel * dtype.itemsize
+            if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                raise CheckpointError(f"{what}: record is compressed; torch checkpoints store tensors uncompressed")
+            if info.file_size != want:
+                raise CheckpointError(f"{what}: record holds {info.file_size} bytes, the pickle says {numel} "
+                                      f"x {dtype} = {want} bytes (corrupt?)")
+            f.seek(info.header_offset)
+            local = f.read(30)
+            name = info.orig_filename.encode("utf-8") if info.flag_bits & 0x800 else info.orig_filename.encode("cp437")
+            if len(local) < 30 or local[:4] != b"PK\x03\x04" or \
+                    int.from_bytes(local[26:28], "little") != len(name) or f.read(len(name)) != name:
+                raise CheckpointError(f"{what}: the record's local header does not match the zip directory (corrupt?)")
+            start = info.header_offset + 30 + len(name) + int.from_bytes(local[28:30], "little")
+            if start + want > dir_start:
+                raise CheckpointError(f"{what}: the record's data runs into the zip directory (corrupt?)")
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import errno as errno_mod
 import hashlib
 import io
 import json
@@ -27,9 +28,11 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import struct
 import sys
 import tempfile
+import threading
 from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,46 +120,101 @@ class WriteBehind:
         self.flushed = start + w
 
 
+class OutputWriteError(OutputError):
+    """Writing an output file failed (disk full, file too large, I/O error); ``errno`` as the
+    OS reported it. The message names the output file."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+def write_error(path: Path, e: OSError) -> OutputWriteError:
+    """``e`` (from writing ``path``) as an ``OutputWriteError`` naming the file and the OS's cause."""
+    cause = f"{e.strerror} (errno {e.errno}{', ' + errno_mod.errorcode.get(e.errno, '') if e.errno else ''})" \
+        if e.strerror else str(e)
+    return OutputWriteError(f"{path}: cannot write: {cause}", e.errno)
+
+
 class _HashedFile:
     """A write-only file that sha256-hashes what goes through it (the zip writer only appends).
     Big writes are hashed on a helper thread while the main thread writes the same bytes (both
-    release the GIL); ``write`` returns once both are done, so callers may reuse the buffer."""
+    release the GIL); ``write`` returns once both are done, so callers may reuse the buffer.
 
-    def __init__(self, path: Path) -> None:
+    ``write`` never raises: torch's zip writer calls it from C++, and an exception there leaves
+    the writer's position behind the file's, so its destructor (which writes the end records)
+    aborts the whole process. The first failure (a full disk, or an interrupt that lands in
+    here) is kept in ``error``, later bytes are discarded, and the caller raises it with
+    ``check()`` once the zip writer has returned. ``shown``: the path errors name (the final
+    output file, not its temp location)."""
+
+    def __init__(self, path: Path, *, shown: Path | None = None) -> None:
         self.path = path
+        self.shown = shown or path
         self.f = open(path, "wb")
         self.sha = hashlib.sha256()
         self.nbytes = 0
         self.discarding = False
+        self.error: BaseException | None = None
         self.behind = WriteBehind(self.f)
 
     def write(self, b: Any) -> int:
         mv = memoryview(b).cast("B")
-        if self.discarding:  # aborted: the zip writer's last records go nowhere
+        if self.discarding:  # failed or aborted: the zip writer's last records go nowhere
             return mv.nbytes
-        self.nbytes += mv.nbytes
-        if mv.nbytes < _PARALLEL_HASH_BYTES:
-            self.sha.update(mv)
-            n = self.f.write(mv)
-            self.behind.wrote(self.nbytes)
-            return n
-        fut = _HASH_THREAD.submit(self.sha.update, mv)
         try:
-            n = 0
-            for i in range(0, mv.nbytes, _WRITE_CHUNK):
-                n += self.f.write(mv[i:i + _WRITE_CHUNK])
-                self.behind.wrote(self.nbytes - mv.nbytes + n)
-        finally:
-            fut.result()
-        return n
+            self.nbytes += mv.nbytes
+            if mv.nbytes < _PARALLEL_HASH_BYTES:
+                self.sha.update(mv)
+                self.f.write(mv)
+                self.behind.wrote(self.nbytes)
+                return mv.nbytes
+            fut = _HASH_THREAD.submit(self.sha.update, mv)
+            try:
+                n = 0
+                for i in range(0, mv.nbytes, _WRITE_CHUNK):
+                    n += self.f.write(mv[i:i + _WRITE_CHUNK])
+                    self.behind.wrote(self.nbytes - mv.nbytes + n)
+            finally:
+                fut.result()
+        except BaseException as e:  # noqa: B036 - kept for check(); see the class docstring
+            self._fail(e)
+        return mv.nbytes
+
+    def _fail(self, e: BaseException) -> None:
+        if self.error is None:
+            self.error = e
+        self.discarding = True
+
+    def check(self) -> None:
+        """Raise the first failure of a write (an ``OSError`` as ``OutputWriteError``)."""
+        e = self.error
+        if e is None:
+            return
+        if isinstance(e, OSError):
+            raise write_error(self.shown, e) from e
+        raise e
 
     def flush(self) -> None:
-        self.f.flush()
+        if not self.discarding:
+            try:
+                self.f.flush()
+            except OSError as e:
+                self._fail(e)
 
     def close(self) -> tuple[str, int]:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        """Flush, fsync and close (a full disk often shows only here); raise the first failure."""
+        if not self.discarding:
+            try:
+                self.f.flush()
+                os.fsync(self.f.fileno())
+            except OSError as e:
+                self._fail(e)
+        try:
+            self.f.close()
+        except OSError as e:
+            self._fail(e)
+        self.check()
         return self.sha.hexdigest(), self.nbytes
 
     def discard(self) -> None:
@@ -164,7 +222,7 @@ class _HashedFile:
         self.discarding = True
         try:
             self.f.close()
-        except Exception:
+        except BaseException:  # noqa: B036 - unflushed bytes of a removed file
             pass
 
 
@@ -204,9 +262,9 @@ class _StubPickler(pickle.Pickler):
 class TorchStreamWriter:
     """One ``.pt`` file: ``add`` writes a tensor's bytes now; ``finish`` pickles the object tree."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, shown: Path | None = None) -> None:
         self.path = path
-        self._file = _HashedFile(path)
+        self._file = _HashedFile(path, shown=shown)
         self._zip = torch._C.PyTorchFileWriter(self._file, True, _get_storage_alignment())
         self._n = 0
 
@@ -223,6 +281,7 @@ class TorchStreamWriter:
             start = t.storage_offset() * t.element_size()
             storage = storage[start:start + nbytes]
         self._zip.write_record(f"data/{key}", storage, nbytes)
+        self._file.check()
         return _TensorStub(_StorageStub(key, t.dtype, t.numel()), t.shape)
 
     def finish(self, obj: Any) -> tuple[str, int]:
@@ -236,6 +295,7 @@ class TorchStreamWriter:
         self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
         self._zip.write_end_of_file()
         del self._zip
+        self._file.check()
         return self._file.close()
 
     def abort(self) -> None:
@@ -252,7 +312,7 @@ class SafetensorsStreamWriter:
     """A safetensors file whose header is fixed up front from the planned shapes/dtypes."""
 
     def __init__(self, path: Path, plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
-                 metadata: Mapping[str, str] | None = None) -> None:
+                 metadata: Mapping[str, str] | None = None, *, shown: Path | None = None) -> None:
         header: dict[str, Any] = {}
         if metadata:
             header["__metadata__"] = dict(metadata)
@@ -267,11 +327,12 @@ class SafetensorsStreamWriter:
             off += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * ((8 - len(raw) % 8) % 8)  # keep tensor data 8-byte aligned
-        self._file = _HashedFile(path)
+        self.path = path
+        self._file = _HashedFile(path, shown=shown)
         self._file.write(struct.pack("<Q", len(raw)))
         self._file.write(raw)
+        self._file.check()
         self._i = 0
-        self.path = path
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         want, shape, dt, n = self._order[self._i]
@@ -282,6 +343,7 @@ class SafetensorsStreamWriter:
         if n:
             self._file.write(t.view(-1).view(torch.uint8).numpy().data if t.dtype != torch.bool
                              else t.to(torch.uint8).numpy().data)
+            self._file.check()
         self._i += 1
 
     def finish(self) -> tuple[str, int]:
@@ -465,7 +527,9 @@ class OutputSpec:
     name: str = "checkpoint"
     """File stem: ``{name}.pt`` / ``{name}-model_part-{r}[-shard{j}].pt`` / ``{name}.safetensors``."""
     overwrite: bool = False
-    """Replace an existing output directory."""
+    """Replace an existing jam-ckpt output directory (one with manifest.json), atomically."""
+    overwrite_any_dir: bool = False
+    """Replace an existing directory even if it is not a jam-ckpt output (implies ``overwrite``)."""
 
     def file_names(self) -> list[list[str]]:
         """[rank][shard] -> file name."""
@@ -505,11 +569,255 @@ def check_free_space(out_dir: Path, need: int) -> None:
                           f"{free / 2**30:.2f} GiB free")
 
 
+# ---- where an output may go; temp dirs; replacing an output ------------------------------------
+
+
+def _proc_start_time(pid: int) -> int:
+    """The start time of process ``pid`` (clock ticks since boot; Linux), 0 where unknown. With
+    the pid it identifies a process: a recycled pid has another start time."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_HOST = socket.gethostname().replace("/", "_") or "localhost"
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<start>\d+)-[^@/]+@(?P<host>[^/]+)$")
+
+
+def _owned_name_parts(kind: str, out_name: str) -> tuple[str, str]:
+    """(prefix, suffix) of this process's ``kind`` (tmp|old) directory names next to ``out_name``:
+    ``.{out_name}.{kind}-{pid}-{start time}-{random}@{host}``, so another run can tell whether
+    the owner is still alive (``sweep_stale``)."""
+    pid = os.getpid()
+    return f".{out_name}.{kind}-{pid}-{_proc_start_time(pid)}-", f"@{_HOST}"
+
+
+def _owner_alive(pid: int, start: int, host: str) -> bool | None:
+    """True/False for a process of this host; None where it cannot be told (another host)."""
+    if host != _HOST:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    except OSError:
+        return None
+    now = _proc_start_time(pid)
+    return not (start and now and now != start)
+
+
+def _note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc where possible: setting it to read it races threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def is_jam_ckpt_output(path: Path) -> bool:
+    """``path`` is a directory holding a jam-ckpt ``manifest.json``."""
+    try:
+        m = json.loads((path / "manifest.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("created_by") == "jam-ckpt"
+
+
+def _remove_tree(path: Path) -> None:
+    """``rmtree`` that finishes even if an interrupt lands in it (then re-raised)."""
+    pending: BaseException | None = None
+    for _ in range(3):
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            break
+        except BaseException as e:  # noqa: B036 - a Ctrl-C must not leave half a temp dir
+            pending = pending or e
+    if pending is not None:
+        raise pending
+
+
+def sweep_stale(out: Path) -> None:
+    """Clean up after runs that died while writing ``out`` (killed, SIGKILL, power loss): their
+    temp dirs ``.{out}.tmp-*`` are removed; a ``.{out}.old-*`` (the previous output, moved aside
+    by a replacement that was cut off between its two renames) is put back as ``out`` if
+    ``out`` is missing, else removed. Only directories whose recorded owner (pid, start time,
+    host) is this host's and no longer running are touched; each action is said on stderr."""
+    parent = out.parent
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for e in entries:
+        if not e.name.startswith(f".{out.name}.") or not e.is_dir(follow_symlinks=False):
+            continue
+        m = _TEMP_RE.match(e.name)
+        if m is None or m["name"] != out.name:
+            if e.name.startswith(f".{out.name}.tmp-"):
+                _note(f"{out}: left {e.name}: no owner recorded (written by an older jam-ckpt); remove it "
+                      "by hand if nothing is writing this output")
+            continue
+        pid, start, host = int(m["pid"]), int(m["start"]), m["host"]
+        alive = _owner_alive(pid, start, host)
+        if alive is None:
+            _note(f"{out}: left {e.name}: written by host {host}, which cannot be checked from here")
+            continue
+        if alive:
+            continue  # a live writer's (perhaps this process's)
+        path = Path(e.path)
+        if m["kind"] == "old" and not os.path.lexists(out) and is_jam_ckpt_output(path):
+            os.rename(path, out)
+            _fsync_dir(parent)
+            _note(f"{out}: restored the previous output from {e.name} (process {pid} on {host} was replacing "
+                  "it and died between its two renames)")
+            continue
+        _remove_tree(path)
+        _note(f"{out}: removed {e.name}, left by process {pid} on {host}, which is no longer running")
+
+
+def _protected_dirs() -> list[tuple[Path, str]]:
+    """Directories an output must never be or replace: /, $HOME and its parents, the working
+    directory and its parents."""
+    out = [(Path("/"), "the filesystem root")]
+    home = os.environ.get("HOME")
+    if home:
+        h = Path(home).resolve()
+        out += [(h, "your home directory ($HOME)")] + [(p, "a parent of your home directory") for p in h.parents]
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        cwd = None
+    if cwd is not None:
+        out += [(cwd, "the working directory")] + [(p, "a parent of the working directory") for p in cwd.parents]
+    return out
+
+
+def check_output_target(out: Path, *, overwrite: bool, overwrite_any_dir: bool = False,
+                        inputs: Sequence[Path] = ()) -> None:
+    """Refuse an output directory that would lose data: ``/``, ``$HOME``, the working directory
+    or a parent of any of them; one that is or contains an input; an existing path unless
+    ``overwrite``, and then only a jam-ckpt output (``manifest.json``) unless
+    ``overwrite_any_dir`` (a symlink or a file never)."""
+    resolved = out.resolve()
+    lexical = Path(os.path.abspath(out))
+    for p, what in _protected_dirs():
+        if resolved == p or lexical == p:
+            raise OutputError(f"{out}: refusing to use {what} as the output directory (an output replaces "
+                              "its directory as a whole); name a new directory inside it")
+    for src in inputs:
+        for mine, theirs in ((resolved, Path(src).resolve()), (lexical, Path(os.path.abspath(src)))):
+            if theirs == mine or mine in theirs.parents:
+                raise OutputError(f"{out}: is or contains the input {src}; write the output somewhere else")
+    if not os.path.lexists(out):
+        return
+    if not (overwrite or overwrite_any_dir):
+        raise OutputError(f"{out}: already exists (pass --overwrite to replace it)")
+    if out.is_symlink():
+        raise OutputError(f"{out}: is a symbolic link; name the directory itself to replace it")
+    if not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory; not replaced")
+    if not overwrite_any_dir and not is_jam_ckpt_output(out):
+        raise OutputError(f"{out}: exists and is not a jam-ckpt output (no manifest.json); --overwrite replaces "
+                          "only those. Remove it yourself, or pass --overwrite-any-dir to replace it with "
+                          "everything in it")
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _load_renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_RENAMEAT2 = _load_renameat2()
+_AT_FDCWD = -100
+
+
+def rename_special(src: Path, dst: Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``: True when done, False where the system or filesystem
+    does not support it (the caller falls back to plain renames); other errors raise."""
+    if _RENAMEAT2 is None:
+        return False
+    import ctypes
+
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno_mod.ENOSYS, errno_mod.EINVAL, errno_mod.ENOTSUP, errno_mod.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def install_output(tmp: Path, out: Path, *, replace: bool) -> None:
+    """Put the complete directory ``tmp`` in place as ``out`` (same filesystem), so that at
+    every instant ``out`` is either the old output or the new one, both complete. New: one
+    rename that never replaces (a directory that appeared meanwhile is not clobbered).
+    Replacing: the two directories are swapped in one step (Linux ``RENAME_EXCHANGE``), then
+    the old one, now at ``tmp``, is removed; where that is unsupported the old one is renamed
+    aside (``.{out}.old-*``, marked with this process like the temp dir), the new one renamed
+    in, then the old one removed: a death between the two renames leaves the old output
+    complete at the aside name, and the next run puts it back (``sweep_stale``)."""
+    parent = out.parent
+    if not replace:
+        if not rename_special(tmp, out, _RENAME_NOREPLACE):
+            if os.path.lexists(out):
+                raise OutputError(f"{out}: appeared while writing; not replaced")
+            os.rename(tmp, out)
+        _fsync_dir(parent)
+        return
+    if rename_special(tmp, out, _RENAME_EXCHANGE):
+        _fsync_dir(parent)
+        _remove_tree(tmp)  # the old output
+        return
+    prefix, suffix = _owned_name_parts("old", out.name)
+    aside = parent / f"{prefix}{os.urandom(4).hex()}{suffix}"
+    os.rename(out, aside)
+    try:
+        os.rename(tmp, out)
+    except BaseException:  # noqa: B036 - whatever stops us, the old output goes back
+        os.rename(aside, out)
+        raise
+    _fsync_dir(parent)
+    _remove_tree(aside)
+
+
 class OutputDir:
-    """Write one model atomically: ``add`` tensors in plan order, then ``commit`` (or ``abort``)."""
+    """Write one model atomically: ``open``, ``add`` tensors in plan order, then ``commit`` (or
+    ``abort``). Creating one checks the target (``check_output_target``; ``inputs``: the files
+    read, which the output must not be or contain) and clears what dead runs left next to it
+    (``sweep_stale``); ``open`` makes the temp dir. The first failure of any write, on any
+    writer thread, is the one reported (``first_error``), and writes queued after it are
+    skipped."""
 
     def __init__(self, spec: OutputSpec, *, cfg: ModelConfig, shapes: Mapping[str, Sequence[int]],
-                 vocab: Mapping[str, Any] | None = None, check_space: bool = True) -> None:
+                 vocab: Mapping[str, Any] | None = None, check_space: bool = True,
+                 inputs: Sequence[Path] = ()) -> None:
         if spec.format not in ("metaseq", "safetensors", "hf_opt"):
             raise OutputError(f"unknown output format {spec.format!r}")
         if spec.format in ("safetensors", "hf_opt") and (spec.mp != 1 or spec.fsdp):
@@ -517,8 +825,10 @@ class OutputDir:
         if spec.mp < 1 or spec.fsdp < 0:
             raise OutputError(f"bad layout mp={spec.mp} fsdp={spec.fsdp}")
         out = Path(spec.out_dir)
-        if out.exists() and not spec.overwrite:
-            raise OutputError(f"{out}: already exists (pass --overwrite to replace it)")
+        if out.name in ("", ".", ".."):
+            out = Path(os.path.abspath(out))
+        sweep_stale(Path(os.path.abspath(out)))
+        check_output_target(out, overwrite=spec.overwrite, overwrite_any_dir=spec.overwrite_any_dir, inputs=inputs)
         if spec.mp > 1:
             parent = cfg.parent if isinstance(cfg, CrossConfig) else cfg
             layout.check_mp(heads=parent.heads, vocab_size=parent.vocab_size, ffn_dim=parent.ffn_dim,
@@ -526,9 +836,10 @@ class OutputDir:
         self.spec, self.cfg, self.vocab = spec, cfg, vocab
         self.shapes = collections.OrderedDict((k, tuple(int(s) for s in v)) for k, v in shapes.items())
         self.out = out
-        out.resolve().parent.mkdir(parents=True, exist_ok=True)
-        # Same filesystem as the target, so the final rename is atomic.
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+        self.inputs = list(inputs)
+        self.tmp: Path | None = None  # made by open()
+        self._error: BaseException | None = None
+        self._error_lock = threading.Lock()
         self._done: set[str] = set()
         self._tied_sha: list[str | None] = [None] * spec.mp
         self._tied_stub: list[Any] = [None] * spec.mp
@@ -553,25 +864,41 @@ class OutputDir:
         return produced
 
     def open(self, dtypes: Mapping[str, torch.dtype]) -> None:
-        """Create the files; ``dtypes`` = the dtype each tensor will be produced in."""
+        """Make the temp dir and create the files; ``dtypes`` = the dtype each tensor will be
+        produced in."""
         self._dtypes = {n: self._out_dtype(n, dtypes[n]) for n in self.shapes}
+        parent = Path(os.path.abspath(self.out)).parent
+        parent.mkdir(parents=True, exist_ok=True)
         if self._check_space:
             check_free_space(self.out, estimate_output_bytes(self.shapes, spec=self.spec, dtypes=self._dtypes))
+        # Next to the target (same filesystem: the final rename is atomic), named after this
+        # process so that a later run can tell whether it is still alive (sweep_stale).
+        prefix, suffix = _owned_name_parts("tmp", self.out.name)
+        self.tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+        self._open_files()
+
+    def _shown(self, name: str) -> Path:
+        """The path errors name for an output file: where it was going to be."""
+        return self.out / name
+
+    def _open_files(self) -> None:
         if self.spec.format == "hf_opt":
             from checkpoints_tools.convert_hf import hf_config, hf_shapes
             self._hf_config = hf_config(self.cfg, dtype=self.spec.dtype or next(iter(self._dtypes.values())))
             plan = [(n, s, self._dtypes["decoder.embed_tokens.weight"])
                     for n, s in hf_shapes(self.shapes, cfg=self.cfg).items()]
-            self._st = SafetensorsStreamWriter(self.tmp / "model.safetensors", plan, {"format": "pt"})
+            self._st = SafetensorsStreamWriter(self.tmp / "model.safetensors", plan, {"format": "pt"},
+                                               shown=self._shown("model.safetensors"))
             return
         if self.spec.format == "safetensors":
             md = {"format": "pt", "jam_config": json.dumps(self.cfg.to_dict())}
             if self.vocab:
                 md["jam_vocab"] = json.dumps(dict(self.vocab))
             plan = [(n, s, self._dtypes[n]) for n, s in self.shapes.items()]
-            self._st = SafetensorsStreamWriter(self.tmp / self._st_names[0][0], plan, md)
+            self._st = SafetensorsStreamWriter(self.tmp / self._st_names[0][0], plan, md,
+                                               shown=self._shown(self._st_names[0][0]))
             return
-        self._pt = [[TorchStreamWriter(self.tmp / f) for f in rank] for rank in self._st_names]
+        self._pt = [[TorchStreamWriter(self.tmp / f, shown=self._shown(f)) for f in rank] for rank in self._st_names]
         if self.spec.fsdp:
             buffers = [n for n in self.shapes if is_version_key(n)]
             shared = [TIED] if all(t in self.shapes for t in TIED) else []
@@ -716,14 +1043,45 @@ class OutputDir:
         """Cast and split ``tensor`` here, then write rank r's piece on ``pools[r]`` (one
         single-thread executor per output rank; None = write now). ``tensor`` and this slot's
         cast buffer must stay untouched until the returned futures are done."""
+        if self._error is not None:
+            raise self._error
         t = self._prepare(name, tensor, slot)
         if self._st is not None:
-            return [_submit(pools[0] if pools else None, self._write_single, name, t)]
-        return [_submit(pools[r] if pools else None, self._write_rank, r, name, piece)
+            return [_submit(pools[0] if pools else None, self._guarded, self._write_single, name, t)]
+        return [_submit(pools[r] if pools else None, self._guarded, self._write_rank, r, name, piece)
                 for r, piece in enumerate(self._pieces(name, t))]
 
+    def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """One queued write: skipped (raising the first failure) once a write failed or
+        ``abort`` began, so a failed file never shows up as a later, confusing error."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return fn(*args)
+        except BaseException as e:  # noqa: B036 - recorded, re-raised
+            first = self.record_error(e)
+            if first is e:
+                raise
+            raise first from None
+
+    def record_error(self, e: BaseException) -> BaseException:
+        """Keep ``e`` if it is the first failure of this output; returns the first failure."""
+        with self._error_lock:
+            if self._error is None:
+                self._error = e
+            return self._error
+
+    @property
+    def first_error(self) -> BaseException | None:
+        return self._error
+
     def commit(self, *, manifest_extra: Mapping[str, Any]) -> Path:
-        """Close every file, write vocab.json and manifest.json (last), rename into place."""
+        """Close every file, write vocab.json and manifest.json (last), then put the directory
+        in place (``install_output``: atomic, also when it replaces an earlier output)."""
+        if self._error is not None:
+            raise self._error
+        if self.tmp is None:
+            raise OutputError(f"{self.out}: commit before open")
         missing = [n for n in self.shapes if n not in self._done]
         if missing:
             raise OutputError(f"{len(missing)} tensor(s) never produced, e.g. {missing[:3]}")
@@ -745,11 +1103,11 @@ class OutputDir:
                     files[w.path.name] = {"sha256": sha, "bytes": nb}
         if self.spec.format == "hf_opt":
             data = (json.dumps(self._hf_config, indent=2) + "\n").encode()
-            (self.tmp / "config.json").write_bytes(data)
+            self._write_small("config.json", lambda path: path.write_bytes(data))
             files["config.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         if self.vocab:
             data = (json.dumps(dict(self.vocab), indent=2) + "\n").encode()
-            (self.tmp / "vocab.json").write_bytes(data)
+            self._write_small("vocab.json", lambda path: path.write_bytes(data))
             files["vocab.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         manifest = {
             "manifest_version": 1,
@@ -763,23 +1121,38 @@ class OutputDir:
             "vocab": "vocab.json" if self.vocab else None,
             **dict(manifest_extra),
         }
-        write_json_fsync(self.tmp / "manifest.json", manifest)
+        self._write_small("manifest.json", lambda path: write_json_fsync(path, manifest))
         _fsync_dir(self.tmp)
-        if self.out.exists():
-            if not self.spec.overwrite:
-                raise OutputError(f"{self.out}: appeared while writing; not replaced")
-            shutil.rmtree(self.out)
-        os.rename(self.tmp, self.out)
-        _fsync_dir(self.out.resolve().parent)
+        # mkdtemp made it 0700; the output is shared like any other directory the user makes.
+        os.chmod(self.tmp, 0o777 & ~current_umask())
+        # Checked again: the target may have changed while the model was written.
+        check_output_target(self.out, overwrite=self.spec.overwrite, overwrite_any_dir=self.spec.overwrite_any_dir,
+                            inputs=self.inputs)
+        tmp, self.tmp = self.tmp, None
+        try:
+            install_output(tmp, self.out, replace=os.path.lexists(self.out))
+        except BaseException:  # noqa: B036 - whatever is left at tmp (new or old output) is removed by abort
+            self.tmp = tmp
+            raise
         return self.out
 
+    def _write_small(self, name: str, write: Callable[[Path], Any]) -> None:
+        try:
+            write(self.tmp / name)
+        except OSError as e:
+            raise write_error(self._shown(name), e) from e
+
     def abort(self) -> None:
+        """Stop: queued writes are skipped, the files discarded, the temp dir removed."""
+        self.record_error(OutputError(f"{self.out}: writing was aborted"))
         for rank in self._pt:
             for w in rank:
                 w.abort()
         if self._st is not None:
             self._st.abort()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tmp is not None:
+            _remove_tree(self.tmp)
+            self.tmp = None
 
 
 def _submit(pool: concurrent.futures.Executor | None, fn: Any, *args: Any) -> concurrent.futures.Future:
