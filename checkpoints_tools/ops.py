@@ -3,8 +3,10 @@
 Paper §2.1.1-2.1.3. The fusion math is ``jam_metaseq.fusion`` (pure, tensor-wise, fp32); this
 module feeds it one tensor name at a time from lazy readers and hands each result to an
 ``OutputDir``, so memory stays at a few tensors whatever the model size. Every check that can
-fail (parents that differ, missing tensors, mixed dtypes, target MP, disk space) runs before the
-first byte is written; any error later removes the temp output.
+fail on shapes and layouts (parents that differ, missing tensors, mixed dtypes, target MP, the
+output directory, disk space) runs before the first byte is written; checks of tensor contents
+(model-parallel copies of a replicated tensor that differ) run as the tensor is read. Any error
+or interrupt removes the temp output.
 
 Throughput (issue 4: >= 0.5x a plain copy of the same bytes): parents are read straight into
 reused buffers (``workspace``), the fusion math runs in fp32 chunks that are cast into the output

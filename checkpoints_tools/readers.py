@@ -8,6 +8,11 @@ a ``Reader`` whose ``get(name)`` materialises one consolidated tensor at a time:
 joined with ``layout.join``, FSDP flat parameters are unpadded and cut by offset without ever
 building the whole flat vector; bytes are read with pread (``safe_load.MappedFile``), each
 tensor copied once, straight into its place in the consolidated tensor where the layout allows.
+Nothing in a file is trusted: safetensors headers are validated as the reference library does
+(``read_safetensors_header``), torch zip records are checked against their pickle
+(``safe_load.check_torch_zip``), a parameter stored with an integer dtype is refused, and the
+model-parallel copies of a replicated tensor must agree (``REPLICA_MISMATCH``); every error
+names the file and the tensor.
 """
 
 from __future__ import annotations

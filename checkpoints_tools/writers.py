@@ -9,8 +9,10 @@ rank's piece on that rank's writer thread, so the files of M ranks fill in paral
 caller produces the next tensor; strided pieces are packed into reused buffers (``workspace``).
 Files start with the neutral ``optimizer_history`` / ``extra_state`` entries that fairseq's and
 metaseq's checkpoint upgraders require. ``OutputDir`` makes the whole output atomic: everything goes into a
-temp dir next to the target, files are fsynced, ``manifest.json`` is written last, then one
-rename; on any error the temp dir is removed and no output appears.
+temp dir next to the target (named after the writing process, so a later run can remove it if
+that process died), files are fsynced, ``manifest.json`` is written last, then one rename (or,
+replacing an earlier output, one atomic swap); on any error or interrupt the temp dir is removed
+and no output appears. A full disk is reported as the first failure, naming the output file.
 Layouts follow ``reference/metaseq.md``: ``{name}.pt`` (consolidated), ``{name}-model_part-{r}.pt``
 (MP), ``-shard{j}`` (FSDP, fairscale's ``shard_metadata``: flat parameters per unit, padding on the
 last shards), so metaseq's ``--restore-file OUT/{name}.pt`` finds the parts.
@@ -679,7 +681,7 @@ def sweep_stale(out: Path) -> None:
         if alive:
             continue  # a live writer's (perhaps this process's)
         path = Path(e.path)
-        if m["kind"] == "old" and not os.path.lexists(out) and is_jam_ckpt_output(path):
+        if m["kind"] == "old" and not os.path.lexists(out):
             os.rename(path, out)
             _fsync_dir(parent)
             _note(f"{out}: restored the previous output from {e.name} (process {pid} on {host} was replacing "
@@ -771,7 +773,7 @@ def rename_special(src: Path, dst: Path, flags: int) -> bool:
     err = ctypes.get_errno()
     if err in (errno_mod.ENOSYS, errno_mod.EINVAL, errno_mod.ENOTSUP, errno_mod.EOPNOTSUPP):
         return False
-    raise OSError(err, os.strerror(err), str(dst))
+    raise OSError(err, os.strerror(err), str(dst))  # EEXIST -> FileExistsError
 
 
 def install_output(tmp: Path, out: Path, *, replace: bool) -> None:
@@ -785,7 +787,11 @@ def install_output(tmp: Path, out: Path, *, replace: bool) -> None:
     complete at the aside name, and the next run puts it back (``sweep_stale``)."""
     parent = out.parent
     if not replace:
-        if not rename_special(tmp, out, _RENAME_NOREPLACE):
+        try:
+            done = rename_special(tmp, out, _RENAME_NOREPLACE)
+        except FileExistsError:
+            done = False
+        if not done:
             if os.path.lexists(out):
                 raise OutputError(f"{out}: appeared while writing; not replaced")
             os.rename(tmp, out)

@@ -209,6 +209,24 @@ def test_overwrite_is_atomic_and_a_failed_swap_keeps_the_old_output(parents, tmp
     assert old != replaced
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_directory_that_appears_while_writing_is_not_clobbered(parents, tmp_path, monkeypatch, overwrite):
+    """Someone creates OUT (not a jam-ckpt output) mid-stream: it is left alone, even with
+    --overwrite (the old code removed it at commit)."""
+    out = tmp_path / "out"
+    real = MetaseqReader.get_into
+
+    def get_into(self, name, buf):
+        if name == "decoder.layers.1.fc1.weight" and not out.exists():
+            _populate(out)
+        return real(self, name, buf)
+
+    monkeypatch.setattr(MetaseqReader, "get_into", get_into)
+    with pytest.raises(OutputError, match="already exists" if not overwrite else "not a jam-ckpt output"):
+        reshard(parents["a"], opts=_opts(out, overwrite=overwrite))
+    assert (out / "notes.txt").read_text() == "my notes\n" and _leftovers(tmp_path, "out") == []
+
+
 _DIE_DURING_REPLACE = """
 import json, os, signal, sys
 from pathlib import Path
