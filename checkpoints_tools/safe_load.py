@@ -60,7 +60,7 @@ ALLOWED_GLOBALS: list[Any] = [argparse.Namespace, *_numpy_globals()]
 def _is_zip(path: Path) -> bool:
     try:
         return zipfile.is_zipfile(path)
-    except OSError:
+    except (OSError, zipfile.BadZipFile):  # a corrupt zip64 end record raises instead of saying no
         return False
 
 

@@ -876,8 +876,9 @@ def _fuzz_safetensors(data, path: Path) -> None:
         k = data.draw(st.sampled_from(live))
         if op == "set" and k:
             header[k][data.draw(st.sampled_from(["dtype", "shape", "data_offsets", "other"]))] = data.draw(_json_values)
-        elif op == "offsets" and k and isinstance(header[k].get("data_offsets"), list):
-            i = data.draw(st.integers(0, 1)) if len(header[k]["data_offsets"]) == 2 else 0
+        elif op == "offsets" and k and isinstance(header[k].get("data_offsets"), list) and \
+                header[k]["data_offsets"] and all(type(o) is int for o in header[k]["data_offsets"]):
+            i = data.draw(st.integers(0, len(header[k]["data_offsets"]) - 1))
             header[k]["data_offsets"][i] += data.draw(st.sampled_from([-1, 1, -2, 2, -8, 8, -64, 64, -10 ** 6]))
         elif op == "shape" and k and isinstance(header[k].get("shape"), list):
             header[k]["shape"] = data.draw(st.lists(st.integers(-2, 12), max_size=3))
