@@ -34,11 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from jam_metaseq.errors import JamError
 from jam_metaseq.models import ModelConfig, build_model, config_from_dict
 from jam_metaseq.vocab import VocabManifest
 
 
-class EvalInputError(ValueError):
+class EvalInputError(JamError, ValueError):
     """Bad evaluation input; the message names the file and what is wrong."""
 
 
