@@ -18,7 +18,7 @@ library's signal for a bad value, its message naming the file), ``OSError`` (rep
 ``<filename>: <strerror>``), ``pickle.UnpicklingError``, running out of memory, and an optional
 extra that is not installed (``OPTIONAL_MODULES``: the line says what to ``pip install``). ``TypeError``,
 ``KeyError``, ``AttributeError``, ``IndexError``, ``RuntimeError`` are bugs: input is validated
-before it can cause one (``read_json_object`` for JSON files, ``safe_torch_load`` for checkpoints).
+before it can cause one (``read_json`` for JSON files, ``safe_torch_load`` for checkpoints).
 """
 
 from __future__ import annotations
@@ -99,9 +99,10 @@ def describe(exc: BaseException) -> str:
     return lines[0].strip() if lines else type(exc).__name__
 
 
-def read_json_object(path: str | os.PathLike, *, what: str) -> dict[str, Any]:
-    """A JSON file that must hold an object: every way it can fail is a ``JamError`` naming the file
-    (missing, a directory, unreadable, not UTF-8, not JSON, not an object)."""
+def read_json(path: str | os.PathLike, *, what: str, expect: type = dict) -> Any:
+    """A JSON file whose top level must be an ``expect`` (an object by default): every way it can
+    fail is a ``JamError`` naming the file (missing, a directory, unreadable, not UTF-8, not JSON,
+    another type)."""
     path = Path(path)
     if path.is_dir():
         raise JamError(f"{path}: is a directory, expected a {what} JSON file")
@@ -117,8 +118,9 @@ def read_json_object(path: str | os.PathLike, *, what: str) -> dict[str, Any]:
         raise JamError(f"{path}: {what} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise JamError(f"{path}:{e.lineno}: {what} is not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise JamError(f"{path}: {what} must be a JSON object, got a {type(obj).__name__}")
+    if not isinstance(obj, expect):
+        want = {dict: "an object", list: "a list"}.get(expect, expect.__name__)
+        raise JamError(f"{path}: {what} must be {want} in JSON, got {type(obj).__name__}")
     return obj
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from jam_metaseq.errors import read_json_object
+from jam_metaseq.errors import read_json
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 NUM_DICT_SPECIALS = 4
@@ -211,7 +211,7 @@ class VocabManifest:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VocabManifest":
-        return cls.from_dict(read_json_object(path, what="vocab manifest"), source=str(path))
+        return cls.from_dict(read_json(path, what="vocab manifest"), source=str(path))
 
     def check_embedding(self, num_rows: int, *, what: str = "checkpoint") -> None:
         """Stop when a model's embedding does not fit this manifest, saying both sizes."""

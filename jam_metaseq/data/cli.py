@@ -196,8 +196,8 @@ def dataset_stats(prefix: str, *, chunk: int = 1 << 22, progress: bool = True) -
         "prefix": prefix, "documents": ds.num_documents, "tokens": ds.num_tokens, **counts,
         "images": counts["breaks"] // 2, "blocks": len(ds), "block_size": ds.block_size,
         "break_mode": ds.break_mode, "mean_block": round(float(ds.sizes.mean()), 1) if len(ds) else 0.0,
-        "skipped": ds.index["report"].get("skipped", {}),
-        "skipped_total": ds.index["report"].get("skipped_total", 0),
+        "skipped": ds.index.get("report", {}).get("skipped", {}),
+        "skipped_total": ds.index.get("report", {}).get("skipped_total", 0),
     }
 
 
