@@ -12,11 +12,11 @@
   removed, nothing half-written stays under an output's name); exit 143 (128 + SIGTERM), or 130
   after Ctrl-C, with one line saying so.
 
-Expected = ``EXPECTED_ERRORS``: ``JamError`` (the project's own: ``CheckpointError``,
+Expected (``expected_errors()``): ``JamError`` (the project's own: ``CheckpointError``,
 ``OutputError``, ``DocumentError``, ``EvalInputError`` ... derive from it), ``ValueError`` (the
 library's signal for a bad value, its message naming the file), ``OSError`` (reported as
-``<filename>: <strerror>``), ``pickle.UnpicklingError``, running out of memory, and an optional
-extra that is not installed (``OPTIONAL_MODULES``: the line says what to ``pip install``). ``TypeError``,
+``<filename>: <strerror>``), ``pickle.UnpicklingError``, running out of memory, and a missing
+optional extra (``OPTIONAL_MODULES``: the line says what to ``pip install``). ``TypeError``,
 ``KeyError``, ``AttributeError``, ``IndexError``, ``RuntimeError`` are bugs: input is validated
 before it can cause one (``read_json`` for JSON files, ``safe_torch_load`` for checkpoints).
 """
