@@ -59,7 +59,8 @@ class ClipEncoderConfig:
     model_name: str = "ViT-B-32"
     """open_clip architecture name (``jam-tiny-clip`` is a tiny one for tests)."""
     checkpoint: str | None = None
-    """Local weights file (open_clip ``pretrained=<path>``); None = random weights (tests only)."""
+    """Local weights file (open_clip ``pretrained=<path>``); None = random weights (tests only). Read
+    through the allow-listed loader first (``check_clip_checkpoint``)."""
     device: str = "cpu"
     """Torch device of the encoder."""
     batch_size: int = 64
@@ -145,7 +146,8 @@ def _loading(config: ClipEncoderConfig) -> Iterator[None]:
         try:
             yield
         except (RuntimeError, KeyError, ValueError) as e:
-            if config.checkpoint is None or isinstance(e, CheckpointError):
+            foreign = not isinstance(e, RuntimeError) or "state_dict" in str(e)  # not e.g. a device error
+            if config.checkpoint is None or isinstance(e, CheckpointError) or not foreign:
                 raise
             detail = " ".join(line.strip() for line in str(e).splitlines()[:2] if line.strip())
             raise CheckpointError(f"{config.checkpoint}: not {config.model_name} weights ({detail[:300]})") from None
