@@ -22,14 +22,14 @@ from typing import Sequence
 
 import torch
 
+from jam_metaseq.errors import add_trust_pickle_flag, run_cli
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 def _add_input_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="unpickle globals outside the allow-list (argparse.Namespace, numpy scalars); "
-                        "only for files you trust: a pickle can run code")
+    add_trust_pickle_flag(p)
     p.add_argument("--heads", type=int, metavar="H",
                    help="attention heads of the input when the checkpoint does not record them")
 
@@ -228,18 +228,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from checkpoints_tools.safe_load import CheckpointError
-    from checkpoints_tools.writers import OutputError
-
-    try:
-        return run(args, argv)
-    except (CheckpointError, OutputError, ValueError, KeyError, FileNotFoundError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"jam-ckpt {args.cmd}: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"jam-ckpt {args.cmd}: interrupted (no output written)", file=sys.stderr)
-        return 130
+    writes = args.cmd not in ("inspect", "verify")
+    return run_cli(f"jam-ckpt {args.cmd}", lambda: run(args, argv),
+                   **({"interrupted": f"the temporary output was removed, {args.out} was not touched"}
+                      if writes else {}))
 
 
 if __name__ == "__main__":

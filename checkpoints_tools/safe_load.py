@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from jam_metaseq.errors import JamError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(JamError, ValueError):
     """A checkpoint that cannot be read or combined; the message names the file and tensor."""
 
 

@@ -46,12 +46,13 @@ from torch.serialization import _get_storage_alignment
 from checkpoints_tools import layout
 from checkpoints_tools.readers import ST_DTYPE_NAMES, is_version_key
 from checkpoints_tools.workspace import Workspace
+from jam_metaseq.errors import JamError
 from jam_metaseq.models.config import CrossConfig, DecoderConfig, ModelConfig
 
 TIED = ("decoder.embed_tokens.weight", "decoder.output_projection.weight")
 
 
-class OutputError(ValueError):
+class OutputError(JamError, ValueError):
     """The output cannot be written (exists, no space, bad target layout)."""
 
 

@@ -1,5 +1,5 @@
 """``jam``: the umbrella command. ``jam demo`` fuses two tiny random parents three ways (paper §2.1);
-``jam quickstart`` runs the whole pipeline in miniature (when installed)."""
+``jam quickstart`` runs the whole pipeline in miniature."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from .errors import run_cli
 from .fusion import cross_tensor, merge_tensor, state_shapes, widen_tensor
 from .models import build_model, count_parameters, cross_of, preset, uniform_of, width_of
 from .models.decoder import build_context
@@ -63,6 +64,14 @@ def demo(*, seed: int) -> list[dict]:
     return rows
 
 
+def _print_demo(*, seed: int) -> int:
+    rows = demo(seed=seed)
+    print(f"{'model':<22}{'params':>10}  {'logits':<14}note")
+    for r in rows:
+        print(f"{r['model']:<22}{r['params']:>10,}  {str(r['logits']):<14}{r['note']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jam", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -70,20 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--seed", type=int, default=0, help="random seed for the parents (default 0)")
     sub.add_parser("quickstart", help="the JAM pipeline in miniature (see README)", add_help=False)
     args, rest = parser.parse_known_args(argv)
-    if args.verb == "demo":
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        rows = demo(seed=args.seed)
-        print(f"{'model':<22}{'params':>10}  {'logits':<14}note")
-        for r in rows:
-            print(f"{r['model']:<22}{r['params']:>10,}  {str(r['logits']):<14}{r['note']}")
-        return 0
-    try:
+    if args.verb == "quickstart":
         from .quickstart import main as quickstart_main
-    except ImportError as e:  # pragma: no cover - until the quickstart lands
-        print(f"jam quickstart: not available in this build ({e})", file=sys.stderr)
-        return 2
-    return quickstart_main(rest)
+
+        return quickstart_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return run_cli("jam demo", lambda: _print_demo(seed=args.seed))
 
 
 if __name__ == "__main__":

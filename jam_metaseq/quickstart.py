@@ -46,10 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from jam_metaseq.errors import JamError, run_cli
+
 STAGES = ("data", "tokenizers", "binarize", "parents", "fuse", "pretrain", "eval", "report", "generate")
 
 
-class QuickstartError(RuntimeError):
+class QuickstartError(JamError, RuntimeError):
     """A failure with a one-line cause (the CLI prints it and exits non-zero)."""
 
 
@@ -986,20 +988,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        cfg = QuickstartConfig(out=args.out, steps=args.steps, scale=args.scale, device=args.device, seed=args.seed,
-                               stages=args.stages, variants=args.variants, force=args.force, threads=args.threads,
-                               jobs=args.jobs,
-                               progress=not args.no_progress,
-                               **({"prompts": tuple(args.prompt)} if args.prompt else {}))
-        plan_for(scale=cfg.scale, steps=cfg.steps)  # validates --scale/--steps before any work
-        out = run_quickstart(cfg)
-    except (QuickstartError, ValueError, FileNotFoundError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"jam quickstart: error: {msg}", file=sys.stderr)
-        return 1
+def _run(args: argparse.Namespace) -> int:
+    cfg = QuickstartConfig(out=args.out, steps=args.steps, scale=args.scale, device=args.device, seed=args.seed,
+                           stages=args.stages, variants=args.variants, force=args.force, threads=args.threads,
+                           jobs=args.jobs,
+                           progress=not args.no_progress,
+                           **({"prompts": tuple(args.prompt)} if args.prompt else {}))
+    plan_for(scale=cfg.scale, steps=cfg.steps)  # validates --scale/--steps before any work
+    out = run_quickstart(cfg)
     if out["results"].get("tables"):
         print(render_tables(out["results"]))
     g = out["results"].get("generation")
@@ -1009,6 +1005,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if Path(v).exists():
             print(f"{k:<12}{v}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    return run_cli("jam quickstart", lambda: _run(args),
+                   interrupted="finished stages are kept: run the same command again to resume")
 
 
 if __name__ == "__main__":

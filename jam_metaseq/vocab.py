@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from jam_metaseq.errors import read_json
+
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 NUM_DICT_SPECIALS = 4
 MANIFEST_VERSION = 1
@@ -177,18 +179,25 @@ class VocabManifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "<dict>") -> "VocabManifest":
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: a vocab manifest must be an object, got {type(d).__name__}")
         d = dict(d)
         version = d.pop("version", MANIFEST_VERSION)
         if version != MANIFEST_VERSION:
             raise ValueError(f"{source}: vocab manifest version {version}, expected {MANIFEST_VERSION}")
         ids = d.pop("ids", None)
+        if ids is not None and not isinstance(ids, dict):
+            raise ValueError(f"{source}: vocab manifest 'ids' must be an object, got {type(ids).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
             raise ValueError(f"{source}: unknown vocab manifest fields {sorted(unknown)}")
         if "text_size" not in d:
             raise ValueError(f"{source}: vocab manifest has no 'text_size'")
-        m = cls(**d)
+        try:
+            m = cls(**d)
+        except (TypeError, ValueError) as e:  # a field of the wrong type or value
+            raise ValueError(f"{source}: bad vocab manifest ({e})") from None
         if ids is not None and ids.get("size", m.size) != m.size:
             raise ValueError(f"{source}: manifest says size {ids['size']} but its fields give {m.size}")
         return m
@@ -202,14 +211,7 @@ class VocabManifest:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VocabManifest":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"vocab manifest not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json(path, what="vocab manifest"), source=str(path))
 
     def check_embedding(self, num_rows: int, *, what: str = "checkpoint") -> None:
         """Stop when a model's embedding does not fit this manifest, saying both sizes."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jam_metaseq.errors import run_cli
 from launch.recipes import STAGES
 from launch.slurm import HOSTS, LaunchConfig, plan, render, submit
 
@@ -50,35 +51,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _run(args: argparse.Namespace) -> int:
     extra = list(args.extra)
     if extra and extra[0] == "--":
         extra = extra[1:]
-    try:
-        cfg = LaunchConfig(
-            stage=args.stage, host=args.host, data=args.data, save_dir=args.save_dir, arch=args.arch,
-            restore_file=args.restore_file, finetune_from_model=args.finetune_from_model,
-            user_dir=args.user_dir, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
-            tokens_per_sample=args.tokens_per_sample, max_tokens=args.max_tokens,
-            model_parallel_size=args.model_parallel_size, precision=args.precision, seed=args.seed,
-            cross_every=args.cross_every, partition=args.partition, account=args.account,
-            cpus_per_task=args.cpus_per_task, time_hours=args.time_hours, port=args.port,
-            extra_args=extra)
-        jobs = plan(cfg)
-    except (ValueError, KeyError) as e:
-        print(f"jam-launch: error: {e}", file=sys.stderr)
-        return 2
+    cfg = LaunchConfig(
+        stage=args.stage, host=args.host, data=args.data, save_dir=args.save_dir, arch=args.arch,
+        restore_file=args.restore_file, finetune_from_model=args.finetune_from_model,
+        user_dir=args.user_dir, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
+        tokens_per_sample=args.tokens_per_sample, max_tokens=args.max_tokens,
+        model_parallel_size=args.model_parallel_size, precision=args.precision, seed=args.seed,
+        cross_every=args.cross_every, partition=args.partition, account=args.account,
+        cpus_per_task=args.cpus_per_task, time_hours=args.time_hours, port=args.port,
+        extra_args=extra)
+    jobs = plan(cfg)
     if args.dry_run:
         print(render(jobs))
         return 0
-    try:
-        for reply in submit(jobs, script_dir=f"{args.save_dir}/slurm"):
-            print(reply)
-    except (OSError, RuntimeError) as e:
-        print(f"jam-launch: error: {e}", file=sys.stderr)
-        return 1
+    for reply in submit(jobs, script_dir=f"{args.save_dir}/slurm"):
+        print(reply)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli("jam-launch", lambda: _run(args),
+                   interrupted="jobs already submitted keep running (see squeue); no script was left "
+                               "half-written")
 
 
 if __name__ == "__main__":

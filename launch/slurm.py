@@ -21,10 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
+from jam_metaseq.errors import JamError
 from launch.recipes import StageRecipe, stage
 
 HOSTS = ("fairseq", "metaseq")
 ARCHS = ("jam_uniform", "jam_width", "jam_cross")
+
+
+class SubmitError(JamError, RuntimeError):
+    """``sbatch`` refused a job script; the message holds its reply."""
 
 
 @dataclass
@@ -270,6 +275,6 @@ def submit(jobs: Sequence[Job], *, script_dir: str | os.PathLike) -> list[str]:
         os.replace(tmp, path)
         res = subprocess.run(["sbatch", str(path)], capture_output=True, text=True)
         if res.returncode:
-            raise RuntimeError(f"sbatch {path} failed: {res.stderr.strip() or res.stdout.strip()}")
+            raise SubmitError(f"sbatch {path} failed: {res.stderr.strip() or res.stdout.strip()}")
         replies.append(res.stdout.strip())
     return replies

@@ -153,7 +153,7 @@ def test_cli_vocab_validate_binarize_stats(tmp_path, capsys):
     assert summary["documents"] == 4 and summary["skipped"] == {"image_token_count": 1}
     assert "a.jsonl:5: segment 0: 1 image tokens, expected 4" in err
     # binarize fails on the bad line by default, with a one-line message
-    assert main(["binarize", str(src), "--out", str(tmp_path / "ds"), *common]) == 1
+    assert main(["binarize", str(src), "--out", str(tmp_path / "ds"), *common]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("jam-data binarize: error: ")
     assert main(["binarize", str(src), "--out", str(tmp_path / "ds"), "--on-error", "skip",
                  "--block-size", "32", *common]) == 0

@@ -243,7 +243,7 @@ def test_bad_arguments_fail_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         jam_main(["quickstart", "--out", str(tmp_path), "--variants", "cross3_paper"])
     assert e.value.code == 2 and "unknown variant cross3_paper" in capsys.readouterr().err
-    assert jam_main(["quickstart", "--out", str(tmp_path), "--steps", "-1"]) == 1
+    assert jam_main(["quickstart", "--out", str(tmp_path), "--steps", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["jam quickstart: error: --steps must be > 0, got -1.0"]
 

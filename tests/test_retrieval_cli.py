@@ -89,7 +89,7 @@ def test_neighbours_and_reindex(setup, capsys):
     assert MemoryBank.load(d / "bank").index_config.kind == "hnsw"
 
 
-def test_failures_exit_1_with_one_line(setup, tmp_path, capsys):
+def test_failures_exit_2_with_one_line(setup, tmp_path, capsys):
     d, _ = setup
     cases = [
         (["build", str(d / "docs.jsonl"), "--out", str(tmp_path / "b"), "--vocab", str(d / "vocab.json"),
@@ -102,7 +102,7 @@ def test_failures_exit_1_with_one_line(setup, tmp_path, capsys):
         (["query", str(d / "bank")], "--text and/or --image"),
     ]
     for argv, needle in cases:
-        assert main(argv) == 1, argv
+        assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
 

@@ -126,7 +126,7 @@ def test_neighbours_refuses_a_dataset_that_is_not_the_bank(setup, tmp_path, caps
                       "--tokenizer", "bytes", "--block-size", str(BLOCK), "--break-mode", "eos",
                       "--out", str(rev)]) == 0
     capsys.readouterr()
-    assert retrieval_main(["neighbours", str(bank_dir), "--dataset", str(rev)]) == 1
+    assert retrieval_main(["neighbours", str(bank_dir), "--dataset", str(rev)]) == 2
     err = capsys.readouterr().err
     assert "document 0 holds other tokens than bank row 0" in err and str(rev) in err
     assert not Path(f"{rev}.neighbors.npy").exists()
@@ -135,7 +135,7 @@ def test_neighbours_refuses_a_dataset_that_is_not_the_bank(setup, tmp_path, caps
     assert data_main(["binarize", str(tmp_path / "half.jsonl"), "--vocab", str(d / "vocab.json"),
                       "--tokenizer", "bytes", "--out", str(tmp_path / "half")]) == 0
     capsys.readouterr()
-    assert retrieval_main(["neighbours", str(bank_dir), "--dataset", str(tmp_path / "half")]) == 1
+    assert retrieval_main(["neighbours", str(bank_dir), "--dataset", str(tmp_path / "half")]) == 2
     assert "hold 12 documents" in capsys.readouterr().err
 
 
@@ -156,7 +156,7 @@ def test_two_datasets_one_bank_complete_packing(setup, tmp_path, capsys):
     capsys.readouterr()
     # wrong order: document 0 of b is not bank row 0
     assert retrieval_main(["neighbours", str(bank_dir), "--dataset", str(tmp_path / "b"),
-                           "--dataset", str(tmp_path / "a"), "--check-documents", "all"]) == 1
+                           "--dataset", str(tmp_path / "a"), "--check-documents", "all"]) == 2
     assert "holds other tokens than bank row 0" in capsys.readouterr().err
     assert retrieval_main(["neighbours", str(bank_dir), "-k", "3", "--score-threshold", "none",
                            "--dataset", str(tmp_path / "a"), "--dataset", str(tmp_path / "b"),

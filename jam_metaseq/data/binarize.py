@@ -37,6 +37,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from jam_metaseq.data.documents import DataReport, iter_jsonl
+from jam_metaseq.errors import read_json
 from jam_metaseq.data.packing import BREAK_MODES, pack_offsets
 from jam_metaseq.vocab import VocabManifest
 
@@ -156,9 +157,13 @@ class TokenBlockDataset:
         paths = _paths(prefix)
         if not paths["index"].is_file():
             raise FileNotFoundError(f"no binarized dataset at {self.prefix} (missing {paths['index']})")
-        self.index = json.loads(paths["index"].read_text())
+        self.index = read_json(paths["index"], what="binarized dataset index")
         if self.index.get("format") != FORMAT or self.index.get("version") != FORMAT_VERSION:
             raise ValueError(f"{paths['index']}: not a {FORMAT} v{FORMAT_VERSION} index")
+        missing = [k for k in ("vocab", "dtype", "num_tokens", "has_loss_mask", "block_size", "break_mode")
+                   if k not in self.index]
+        if missing:
+            raise ValueError(f"{paths['index']}: incomplete dataset index (missing {', '.join(missing)})")
         stored = VocabManifest.load(paths["index"].parent / self.index["vocab"])
         if vocab is not None and vocab.to_dict() != stored.to_dict():
             raise ValueError(
@@ -179,7 +184,8 @@ class TokenBlockDataset:
             self.break_mode = str(break_mode or self.index["break_mode"])
             self.block_offsets = pack_offsets(np.diff(self.doc_offsets), block_size=self.block_size,
                                               break_mode=self.break_mode)
-        if self.doc_offsets[-1] != self.num_tokens or self.block_offsets[-1] != self.num_tokens:
+        if not (self.doc_offsets.size and self.block_offsets.size) or \
+                self.doc_offsets[-1] != self.num_tokens or self.block_offsets[-1] != self.num_tokens:
             raise ValueError(f"{self.prefix}: offsets do not cover the {self.num_tokens} tokens")
         self.sizes = np.diff(self.block_offsets)  # (B,) block lengths
         self._tokens: np.ndarray | None = None

@@ -7,8 +7,8 @@ summarise binarized datasets (paper §3.1 Tokenizers/Datasets; layout in ``binar
     jam-data stats     PREFIX...
 
 Progress bars go to stderr, the summary (documents, tokens per modality, images, skipped lines
-with reasons) to stdout, as text or ``--json``. Bad input: exit status 1 with a one-line message
-naming the file and line (``validate`` also exits 1 when any line was invalid).
+with reasons) to stdout, as text or ``--json``. Bad input: exit status 2 with a one-line message
+naming the file and line (``validate`` exits 1 when it found invalid lines).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jam_metaseq.data.documents import DataReport, DocumentError, iter_jsonl
+from jam_metaseq.data.documents import DataReport, iter_jsonl
 from jam_metaseq.data.instruct import FORMATS, make_transform
 from jam_metaseq.data.packing import BREAK_MODES
+from jam_metaseq.errors import add_trust_pickle_flag, run_cli
 from jam_metaseq.vocab import VocabManifest
 
 
@@ -37,6 +38,7 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-tokenizer", default=None,
                    help="image tokenizer checkpoint for {'image': path} segments "
                         "(jam_metaseq.image_tokenizer.load_image_tokenizer); omit when data holds image_tokens")
+    add_trust_pickle_flag(p)
     p.add_argument("--format", choices=FORMATS, default="plain",
                    help="input records: plain documents, LIMA records, or wikiHow articles (converted to "
                         "prompt/response and fitted to --max-tokens)")
@@ -94,11 +96,9 @@ def _load_inputs(args: argparse.Namespace) -> tuple[VocabManifest, Any, Any, Any
                          f"holds text_size {vocab.text_size}")
     image_tok = None
     if args.image_tokenizer:
-        try:
-            from jam_metaseq.image_tokenizer import load_image_tokenizer  # type: ignore[attr-defined]
-        except ImportError as e:
-            raise ValueError(f"--image-tokenizer needs jam_metaseq.image_tokenizer.load_image_tokenizer ({e})") from None
-        image_tok = load_image_tokenizer(args.image_tokenizer)
+        from jam_metaseq.image_tokenizer import load_image_tokenizer
+
+        image_tok = load_image_tokenizer(args.image_tokenizer, trust_pickle=args.trust_pickle)
     max_tokens = args.max_tokens
     if max_tokens is None and args.format != "plain":
         max_tokens = 4096
@@ -196,8 +196,8 @@ def dataset_stats(prefix: str, *, chunk: int = 1 << 22, progress: bool = True) -
         "prefix": prefix, "documents": ds.num_documents, "tokens": ds.num_tokens, **counts,
         "images": counts["breaks"] // 2, "blocks": len(ds), "block_size": ds.block_size,
         "break_mode": ds.break_mode, "mean_block": round(float(ds.sizes.mean()), 1) if len(ds) else 0.0,
-        "skipped": ds.index["report"].get("skipped", {}),
-        "skipped_total": ds.index["report"].get("skipped_total", 0),
+        "skipped": ds.index.get("report", {}).get("skipped", {}),
+        "skipped_total": ds.index.get("report", {}).get("skipped_total", 0),
     }
 
 
@@ -212,11 +212,7 @@ COMMANDS = {"vocab": cmd_vocab, "validate": cmd_validate, "binarize": cmd_binari
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except (DocumentError, ValueError, FileNotFoundError, OSError) as e:
-        print(f"jam-data {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(f"jam-data {args.command}", lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,11 @@ Serialisation (``tokenize_document``): text -> tokenizer ids + ``vocab.text_star
 with ``<eos>`` (the fairseq/metaseq document separator; no ``<s>`` is added). The loss mask is True
 everywhere except on the prompt of an instruction document when ``response_loss_only``.
 
-Validation errors (``DocumentError``) name ``file:line`` and what is wrong: bad JSON, unknown
-segment shape, wrong number of image tokens, code out of range, missing image file, empty
-document, too long. ``iter_jsonl(..., on_error="skip")`` counts skipped lines by reason in a
-``DataReport``; nothing is dropped silently.
+Validation errors (``DocumentError``) name ``file:line`` and what is wrong: a line that is not
+UTF-8 (each line is decoded on its own), bad JSON, unknown segment shape, wrong number of image
+tokens, code out of range, missing image file, empty document, too long.
+``iter_jsonl(..., on_error="skip")`` counts skipped lines by reason in a ``DataReport``; nothing
+is dropped silently.
 
 Public API::
 
@@ -30,6 +31,7 @@ Public API::
     validate_document(doc, *, vocab, base_dir=None) -> (prompt segments | None, segments)
     iter_jsonl(path, *, on_error="fail"|"skip", vocab, text_tokenizer=None, image_tokenizer=None,
                max_tokens=None, response_loss_only=True, report=None, transform=None) -> DocRecord...
+    parse_jsonl_line(raw bytes | str) -> JSON value (DocumentError: not UTF-8, bad JSON)
     DocumentError(reason, where), DataReport
 """
 
@@ -44,12 +46,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from jam_metaseq.errors import JamError
 from jam_metaseq.vocab import VocabManifest
 
 SEGMENT_KEYS = ("text", "image_tokens", "image")
 
 
-class DocumentError(ValueError):
+class DocumentError(JamError, ValueError):
     """A document that does not validate; ``reason`` is a short category for the report."""
 
     def __init__(self, message: str, *, reason: str, where: str | None = None) -> None:
@@ -319,6 +322,23 @@ def detokenize_document(tokens: np.ndarray, *, vocab: VocabManifest, text_tokeni
     return out
 
 
+def parse_jsonl_line(raw: bytes | str) -> Any:
+    """One JSONL line (bytes as read in binary mode, or text) -> its JSON value.
+
+    Decoding happens here, per line, so a line that is not UTF-8 is one bad line
+    (``reason="bad_encoding"``) that ``on_error="skip"`` can skip, not the end of the file."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DocumentError(f"not UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1} of the line)",
+                                reason="bad_encoding") from None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DocumentError(f"bad JSON ({e.msg} at column {e.colno})", reason="bad_json") from None
+
+
 @dataclass
 class DocRecord:
     """One accepted line of a JSONL file."""
@@ -353,17 +373,14 @@ def iter_jsonl(
     path = Path(path)
     base_dir = path.parent
     report = report if report is not None else DataReport()
-    with open(path, "r", encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             report.lines += 1
             where = f"{path}:{lineno}"
             try:
-                try:
-                    doc = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DocumentError(f"bad JSON ({e.msg} at column {e.colno})", reason="bad_json") from None
+                doc = parse_jsonl_line(line)
                 if transform is not None:
                     doc = transform(doc)
                 validate_document(doc, vocab=vocab, base_dir=base_dir)

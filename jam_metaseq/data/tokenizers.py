@@ -106,7 +106,12 @@ def load_text_tokenizer(path_or_spec: str | os.PathLike) -> TextTokenizer:
         )
     if not Path(spec).is_file():
         raise FileNotFoundError(f"text tokenizer file not found: {spec}")
-    return SentencePieceTokenizer(spec) if kind == "spm" else HFTokenizer(spec)
+    try:
+        return SentencePieceTokenizer(spec) if kind == "spm" else HFTokenizer(spec)
+    except Exception as e:  # noqa: BLE001 - sentencepiece/tokenizers raise bare RuntimeError/Exception
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        what = "sentencepiece model" if kind == "spm" else "HF tokenizers JSON"
+        raise ValueError(f"{spec}: not a readable {what} ({first})") from None
 
 
 def train_sentencepiece(

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from jam_metaseq.errors import add_trust_pickle_flag, run_cli
+
 
 def _positive_int(text: str) -> int:
     v = int(text)
@@ -36,8 +38,11 @@ def _write_json(path: str, obj: Any) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, p)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)  # interrupted or failed: no stray temp file
 
 
 def _fmt(x: float) -> str:
@@ -77,8 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu", help="torch device (default cpu)")
     q.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="model weights dtype; log-probabilities are always fp32 (default float32)")
-    q.add_argument("--trust-pickle", action="store_true",
-                   help="allow arbitrary pickled objects in the checkpoint (only for files you trust)")
+    add_trust_pickle_flag(q)
     q.add_argument("--output", help="write the full results as JSON here (atomically)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -88,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--model-args", required=True,
                    help="jam model args, k=v comma-separated: checkpoint=PATH[,tokenizer=SPEC,config=,vocab=,"
                         "max_length=,device=,dtype=,trust_pickle=]")
+    add_trust_pickle_flag(z)
     z.add_argument("--tasks", required=True,
                    help="comma-separated task names: piqa_local, arc_easy_local, arc_challenge_local, "
                         "storycloze_local, winograd_local, winogrande_local, the group jam_table1 (all whose "
@@ -163,8 +168,11 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
     mc = _mc_tasks(args.mc_task)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    model_args = parse_model_args(args.model_args)
+    if args.trust_pickle:
+        model_args["trust_pickle"] = "true"
     results = run_zeroshot(
-        tasks=tasks, model_args=parse_model_args(args.model_args), data_dir=args.data_dir, mc_tasks=mc,
+        tasks=tasks, model_args=model_args, data_dir=args.data_dir, mc_tasks=mc,
         include_path=args.include_path, include_defaults=args.include_defaults, batch_size=args.batch_size,
         limit=limit, num_fewshot=args.num_fewshot, seed=args.seed, cache_dir=args.cache_dir)
     print(f"{'task':<28} {'n':>6} {'acc':>8} {'acc_norm':>9}")
@@ -177,19 +185,18 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    with torch.no_grad():  # scoped: callers in the same process (tests, quickstart) keep autograd
+        if args.command == "ppl":
+            return _run_ppl(args)
+        if args.command == "tasks":
+            return _run_tasks(args)
+        return _run_lm_eval(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        with torch.no_grad():  # scoped: callers in the same process (tests, quickstart) keep autograd
-            if args.command == "ppl":
-                return _run_ppl(args)
-            if args.command == "tasks":
-                return _run_tasks(args)
-            return _run_lm_eval(args)
-    except (ValueError, FileNotFoundError, KeyError, NotImplementedError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"jam-eval: error: {msg}", file=sys.stderr)
-        return 2
+    return run_cli(f"jam-eval {args.command}", lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Data
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -34,11 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from jam_metaseq.errors import JamError, read_json
 from jam_metaseq.models import ModelConfig, build_model, config_from_dict
 from jam_metaseq.vocab import VocabManifest
 
 
-class EvalInputError(ValueError):
+class EvalInputError(JamError, ValueError):
     """Bad evaluation input; the message names the file and what is wrong."""
 
 
@@ -53,15 +53,6 @@ def _find_checkpoint_file(path: Path) -> Path:
             f"{path}: expected one .pt file in the folder, found {len(pts)}"
             + (f" ({', '.join(p.name for p in pts[:5])})" if pts else ""))
     raise EvalInputError(f"{path}: no such checkpoint file or folder")
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EvalInputError(f"{what} not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise EvalInputError(f"{path}: not valid JSON ({e})") from None
 
 
 def _torch_load(path: Path, *, trust_pickle: bool) -> Any:
@@ -109,14 +100,17 @@ def load_checkpoint(
     if not isinstance(state, dict):
         raise EvalInputError(f"{file}: no 'model' state dict in the checkpoint")
     here = file.parent
+    cfg_source = file
     if config is not None:
-        cfg_dict = _read_json(Path(config), "model config")
+        cfg_source = Path(config)
+        cfg_dict = read_json(cfg_source, what="model config")
     elif isinstance(ckpt.get("jam_config"), dict):
         cfg_dict = ckpt["jam_config"]
     elif isinstance(ckpt.get("config"), dict) and "type" in ckpt["config"]:
         cfg_dict = ckpt["config"]
     elif (here / "config.json").is_file():
-        cfg_dict = _read_json(here / "config.json", "model config")
+        cfg_source = here / "config.json"
+        cfg_dict = read_json(cfg_source, what="model config")
     else:
         raise EvalInputError(
             f"{file}: no model config (no 'jam_config' key, no config.json beside it); pass --config "
@@ -124,7 +118,7 @@ def load_checkpoint(
     try:
         cfg = config_from_dict(cfg_dict)
     except (TypeError, ValueError) as e:
-        raise EvalInputError(f"{file}: bad model config ({e})") from None
+        raise EvalInputError(f"{cfg_source}: bad model config ({e})") from None
     if vocab is not None:
         manifest = VocabManifest.load(vocab)
     elif isinstance(ckpt.get("jam_vocab", ckpt.get("vocab")), dict):

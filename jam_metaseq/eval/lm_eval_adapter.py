@@ -36,6 +36,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 
+from jam_metaseq.errors import JamError
 from jam_metaseq.eval.ppl import Window, rolling_windows, score_windows
 from jam_metaseq.vocab import VocabManifest
 
@@ -47,6 +48,10 @@ def _as_bool(v: Any) -> bool:
     if isinstance(v, str):
         return v.strip().lower() in ("1", "true", "yes", "y")
     return bool(v)
+
+
+class UnsupportedRequestError(JamError, NotImplementedError):
+    """A task asks for a request type the adapter does not serve (free-form generation)."""
 
 
 class JamLM(TemplateLM):
@@ -178,7 +183,7 @@ class JamLM(TemplateLM):
         return totals
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-        raise NotImplementedError(
+        raise UnsupportedRequestError(
             "jam: generate_until is not implemented; the Table 1 tasks are multiple-choice "
             "(loglikelihood). Use jam-generate for free-form generation.")
 

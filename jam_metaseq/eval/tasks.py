@@ -19,6 +19,8 @@ fields of the Hugging Face data sets those tasks read):
 
 Plain multiple choice (tests, new tasks): ``{"context": str, "choices": [str, ...], "label": int}``;
 score each choice as the continuation of the context (joined by one space); ``mc_tasks={name: path}``.
+Every file is checked line by line first (``check_task_file``): a line that is not UTF-8 JSON or
+lacks a field is named as ``file:line``.
 """
 
 from __future__ import annotations
@@ -74,6 +76,17 @@ MC_FIELDS = {
     "doc_to_choice": "{{choices}}",
     "metric_list": _ACC_NORM,
 }
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "piqa_local": ("goal", "sol1", "sol2", "label"),
+    "arc_easy_local": ("question", "choices", "answerKey"),
+    "arc_challenge_local": ("question", "choices", "answerKey"),
+    "storycloze_local": ("input_sentence_1", "input_sentence_2", "input_sentence_3", "input_sentence_4",
+                         "sentence_quiz1", "sentence_quiz2", "answer_right_ending"),
+    "winograd_local": ("text", "pronoun", "pronoun_loc", "options", "label"),
+    "winogrande_local": ("sentence", "option1", "option2", "answer"),
+}
+"""The fields each task's lines must hold (module docstring), checked before lm_eval reads them."""
+MC_REQUIRED = ("context", "choices", "label")
 GROUP = "jam_table1"
 """Group name of the six Table 1 tasks (those whose files were found)."""
 UTILS_SOURCE = Path(__file__).with_name("task_utils.py")
@@ -102,6 +115,33 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def check_task_file(path: str | os.PathLike, *, task: str, fields: tuple[str, ...]) -> None:
+    """Every line of a task file is UTF-8 JSON, an object holding ``fields``; else a ``DocumentError``
+    naming ``file:line`` (lm_eval would fail later inside a template, naming nothing)."""
+    from jam_metaseq.data.documents import DocumentError, parse_jsonl_line
+
+    n = 0
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                doc = parse_jsonl_line(line)
+            except DocumentError as e:
+                raise e.at(where) from None
+            if not isinstance(doc, dict):
+                raise DocumentError(f"task {task}: expected a JSON object, got {type(doc).__name__}",
+                                    reason="bad_schema", where=where)
+            missing = [k for k in fields if k not in doc]
+            if missing:
+                raise DocumentError(f"task {task}: missing field(s) {', '.join(missing)}", reason="bad_schema",
+                                    where=where)
+            n += 1
+    if not n:
+        raise ValueError(f"{path}: task {task} has no documents")
 
 
 def write_task_configs(
@@ -137,6 +177,7 @@ def write_task_configs(
                 if names is not None:
                     raise FileNotFoundError(f"task {name}: data file not found: {path}")
                 continue
+            check_task_file(path, task=name, fields=REQUIRED_FIELDS[name])
             _atomic_write(out / f"{name}.yaml", task_yaml(name, data_file=path, fields=fields, cache_dir=cache_dir))
             written.append(name)
         if any(written):
@@ -149,6 +190,7 @@ def write_task_configs(
             raise ValueError(f"multiple-choice task name {name!r} clashes with a built-in local task")
         if not Path(path).is_file():
             raise FileNotFoundError(f"task {name}: data file not found: {path}")
+        check_task_file(path, task=name, fields=MC_REQUIRED)
         _atomic_write(out / f"{name}.yaml", task_yaml(name, data_file=path, fields=MC_FIELDS, cache_dir=cache_dir))
         written.append(name)
     return written

@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from jam_metaseq.errors import add_trust_pickle_flag, run_cli
+
 from .engine import DECODE_MODES, GenerationConfig
 from .run import PROMPT_PREFIXES, PromptSpec, RetrievalOptions, generate_answers, read_prompts_jsonl
 from .sampling import SamplingConfig
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "without it images are written as code grids")
     src.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     src.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights/activations dtype")
+    add_trust_pickle_flag(src)
     pr = p.add_argument_group("prompts")
     pr.add_argument("--prompt", action="append", default=[], help="a prompt text (repeatable)")
     pr.add_argument("--prompts", help="JSONL file: one {\"prompt\": str} or {\"prompt_ids\": [int]} per line, "
@@ -91,52 +94,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if bool(args.prompt) == bool(args.prompts):
-            raise ValueError("give --prompt (repeatable) or --prompts FILE.jsonl, not both or neither")
-        if args.image_tokenizer and not args.out:
-            raise ValueError("--image-tokenizer writes PNG files: give --out DIR")
-        if args.batch_size < 1:
-            raise ValueError("--batch-size must be >= 1")
-        if args.clip_checkpoint and not args.retrieve:
-            raise ValueError("--clip-checkpoint is for --retrieve: give --retrieve BANK_DIR")
-        retrieval = None if not args.retrieve else RetrievalOptions(
-            bank_dir=args.retrieve, k=args.retrieve_k, score_threshold=args.retrieve_threshold,
-            clip_checkpoint=args.clip_checkpoint,
-        )
-        specs = read_prompts_jsonl(args.prompts) if args.prompts else [
-            PromptSpec(text=t, source=f"--prompt {i + 1}") for i, t in enumerate(args.prompt)
-        ]
-        text = SamplingConfig(
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            repetition_penalty=args.repetition_penalty,
-        )
-        image = SamplingConfig(
-            temperature=args.temperature if args.image_temperature is None else args.image_temperature,
-            top_p=args.top_p if args.image_top_p is None else args.image_top_p,
-            top_k=args.top_k if args.image_top_k is None else args.image_top_k,
-        )
-        config = GenerationConfig(
-            max_new_tokens=args.max_new_tokens, text=text, image=image,
-            guidance_scale=args.guidance_scale, guidance=not args.no_guidance,
-            max_images=0 if args.images == "forbid" else args.max_images,
-            min_images=0 if args.images == "forbid" else args.min_images,
-            force_image_first=args.images == "force", seed=args.seed,
-        )
-        answers = generate_answers(
-            checkpoint=args.checkpoint, prompts=specs, config=config, vocab_path=args.vocab,
-            tokenizer=args.tokenizer, image_tokenizer=args.image_tokenizer, out_dir=args.out,
-            batch_size=args.batch_size, device=args.device, dtype=DTYPES[args.dtype],
-            prompt_prefix=PROMPT_PREFIXES[args.prompt_prefix], progress=not args.no_progress,
-            retrieval=retrieval, decode=args.decode,
-        )
-    except (ValueError, FileNotFoundError, ImportError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"jam-generate: error: {msg}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace) -> int:
+    if bool(args.prompt) == bool(args.prompts):
+        raise ValueError("give --prompt (repeatable) or --prompts FILE.jsonl, not both or neither")
+    if args.image_tokenizer and not args.out:
+        raise ValueError("--image-tokenizer writes PNG files: give --out DIR")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    if args.clip_checkpoint and not args.retrieve:
+        raise ValueError("--clip-checkpoint is for --retrieve: give --retrieve BANK_DIR")
+    retrieval = None if not args.retrieve else RetrievalOptions(
+        bank_dir=args.retrieve, k=args.retrieve_k, score_threshold=args.retrieve_threshold,
+        clip_checkpoint=args.clip_checkpoint,
+    )
+    specs = read_prompts_jsonl(args.prompts) if args.prompts else [
+        PromptSpec(text=t, source=f"--prompt {i + 1}") for i, t in enumerate(args.prompt)
+    ]
+    text = SamplingConfig(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+    )
+    image = SamplingConfig(
+        temperature=args.temperature if args.image_temperature is None else args.image_temperature,
+        top_p=args.top_p if args.image_top_p is None else args.image_top_p,
+        top_k=args.top_k if args.image_top_k is None else args.image_top_k,
+    )
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, text=text, image=image,
+        guidance_scale=args.guidance_scale, guidance=not args.no_guidance,
+        max_images=0 if args.images == "forbid" else args.max_images,
+        min_images=0 if args.images == "forbid" else args.min_images,
+        force_image_first=args.images == "force", seed=args.seed,
+    )
+    answers = generate_answers(
+        checkpoint=args.checkpoint, prompts=specs, config=config, vocab_path=args.vocab,
+        tokenizer=args.tokenizer, image_tokenizer=args.image_tokenizer, out_dir=args.out,
+        batch_size=args.batch_size, device=args.device, dtype=DTYPES[args.dtype],
+        prompt_prefix=PROMPT_PREFIXES[args.prompt_prefix], progress=not args.no_progress,
+        retrieval=retrieval, decode=args.decode, trust_pickle=args.trust_pickle,
+    )
     if args.out:
         print(f"wrote {len(answers)} answers to {args.out}", file=sys.stderr)
     else:
@@ -144,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(to_jsonl(answers))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli("jam-generate", lambda: _run(args))
 
 
 if __name__ == "__main__":

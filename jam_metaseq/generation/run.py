@@ -2,8 +2,8 @@
 prompts, generate in batches (paper §3.1 decoding), write JSON lines / Markdown / HTML + PNGs.
 
 Checkpoints are opened with ``checkpoints_tools.readers.open_checkpoint`` (any layout the tools
-read: consolidated, MP parts, FSDP shards, safetensors); when that package is missing, a plain
-``torch.load`` of a dict with ``model`` and ``jam_config`` is used. The manifest comes from
+read: consolidated, MP parts, FSDP shards, safetensors; pickles through its allow-list unless
+``trust_pickle``). The manifest comes from
 ``--vocab``, else the checkpoint's ``jam_vocab`` entry, else a ``vocab.json`` beside it.
 
 Retrieval augmentation (``--retrieve BANK``; paper §3.1 "Retrieval Augmentation", as for the
@@ -27,7 +27,6 @@ scores and the tokens each contributed (0 = dropped by the truncation rule).
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from dataclasses import dataclass, field, fields
@@ -96,15 +95,17 @@ def read_prompts_jsonl(path: str | Path) -> list[PromptSpec]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
+    from jam_metaseq.data.documents import DocumentError, parse_jsonl_line
+
     specs = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(path.read_bytes().splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
         try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            d = parse_jsonl_line(line)
+        except DocumentError as e:
+            raise e.at(where) from None
         if not isinstance(d, dict) or ("prompt" in d) == ("prompt_ids" in d):
             raise ValueError(f"{where}: expected an object with exactly one of 'prompt' or 'prompt_ids'")
         text, ids = d.get("prompt"), d.get("prompt_ids")
@@ -121,31 +122,27 @@ def read_prompts_jsonl(path: str | Path) -> list[PromptSpec]:
     return specs
 
 
-def _load_state(checkpoint: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, torch.Tensor]]:
+def _load_state(checkpoint: Path, *, trust_pickle: bool = False
+                ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, torch.Tensor]]:
     """(config dict, vocab dict, state dict) from any checkpoint layout."""
-    try:
-        from checkpoints_tools.readers import open_checkpoint
-    except ImportError:  # the checkpoint tools are optional for generation
-        open_checkpoint = None
-    if open_checkpoint is not None:
-        reader = open_checkpoint(checkpoint)
-        cfg = reader.config().to_dict()
-        return cfg, reader.vocab_dict(), dict(reader.items())
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{checkpoint}: not a checkpoint dict with a 'model' key")
-    return ckpt.get("jam_config"), ckpt.get("jam_vocab"), ckpt["model"]
+    from checkpoints_tools.readers import open_checkpoint
+
+    reader = open_checkpoint(checkpoint, trust_pickle=trust_pickle)
+    cfg = reader.config().to_dict()
+    return cfg, reader.vocab_dict(), dict(reader.items())
 
 
 def load_model_and_vocab(
     checkpoint: str | Path, *, vocab_path: str | Path | None = None, device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, trust_pickle: bool = False,
 ) -> tuple[torch.nn.Module, VocabManifest]:
-    """Build the model of ``checkpoint`` (strict state-dict load) and its vocabulary manifest."""
+    """Build the model of ``checkpoint`` (strict state-dict load) and its vocabulary manifest.
+
+    ``trust_pickle``: unpickle globals outside the loader's allow-list (``--trust-pickle``)."""
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    cfg_dict, vocab_dict, state = _load_state(checkpoint)
+    cfg_dict, vocab_dict, state = _load_state(checkpoint, trust_pickle=trust_pickle)
     if cfg_dict is None:
         raise ValueError(f"{checkpoint}: no 'jam_config' in the checkpoint; write it with jam-ckpt")
     if vocab_path is not None:
@@ -215,7 +212,8 @@ def encode_prompts(
     return out
 
 
-def load_retriever(options: RetrievalOptions, *, vocab: VocabManifest, device: str = "cpu"):
+def load_retriever(options: RetrievalOptions, *, vocab: VocabManifest, device: str = "cpu",
+                   trust_pickle: bool = False):
     """The bank's ``Retriever`` with its CLIP query encoder; checks the bank's vocabulary manifest.
 
     Without ``clip_checkpoint`` and without weights recorded in the bank the encoder is randomly
@@ -240,7 +238,8 @@ def load_retriever(options: RetrievalOptions, *, vocab: VocabManifest, device: s
         )
     config = RetrieverConfig(k=options.k, score_threshold=options.score_threshold)
     return Retriever.from_bank_dir(bank.path, config=config, with_encoder=True,
-                                   clip_checkpoint=options.clip_checkpoint, device=device)
+                                   clip_checkpoint=options.clip_checkpoint, device=device,
+                                   trust_pickle=trust_pickle)
 
 
 def prefix_retrieved(
@@ -296,6 +295,7 @@ def generate_answers(
     image_tokenizer: str | None = None, out_dir: str | Path | None = None, batch_size: int = 8,
     device: str = "cpu", dtype: torch.dtype = torch.float32, prompt_prefix: str | None = "eos",
     progress: bool = True, retrieval: RetrievalOptions | None = None, decode: str = "auto",
+    trust_pickle: bool = False,
 ) -> list[Answer]:
     """Everything ``jam-generate`` does; returns the answers (and writes files under ``out_dir``).
 
@@ -304,12 +304,16 @@ def generate_answers(
 
     ``retrieval``: prefix each text prompt with documents retrieved from a memory bank (module
     docstring); the answers are then ``RetrievalAnswer``s recording them.
+
+    ``trust_pickle``: for every checkpoint loaded (model, image tokenizer, CLIP weights), unpickle
+    globals outside the loader's allow-list (``--trust-pickle``; only for trusted files).
     """
     if retrieval is not None:
         for s in prompts:  # fail before loading anything
             if s.ids is not None or s.text is None:
                 raise ValueError(f"{s.source}: --retrieve needs a text prompt (the retrieval query), not prompt_ids")
-    model, vocab = load_model_and_vocab(checkpoint, vocab_path=vocab_path, device=device, dtype=dtype)
+    model, vocab = load_model_and_vocab(checkpoint, vocab_path=vocab_path, device=device, dtype=dtype,
+                                        trust_pickle=trust_pickle)
     tok = None
     spec = tokenizer or vocab.text_tokenizer
     if spec is not None:
@@ -320,7 +324,7 @@ def generate_answers(
     if image_tokenizer is not None:
         from jam_metaseq.image_tokenizer import load_image_tokenizer
 
-        decoder = load_image_tokenizer(image_tokenizer, device=device)
+        decoder = load_image_tokenizer(image_tokenizer, device=device, trust_pickle=trust_pickle)
         if tuple(decoder.grid) != tuple(vocab.image_grid) or decoder.n_codes != vocab.image_codes:
             raise ValueError(
                 f"image tokenizer {image_tokenizer} has a {tuple(decoder.grid)} grid of {decoder.n_codes} codes "
@@ -331,7 +335,7 @@ def generate_answers(
     uncond: list[list[int]] | None = None
     records: list[dict[str, Any]] | None = None
     if retrieval is not None:
-        retriever = load_retriever(retrieval, vocab=vocab, device=device)
+        retriever = load_retriever(retrieval, vocab=vocab, device=device, trust_pickle=trust_pickle)
         ids, uncond, records = prefix_retrieved(
             prompts, ids, retriever=retriever, vocab=vocab, max_positions=model.cfg.max_positions,
             max_new_tokens=config.max_new_tokens, prompt_prefix=prompt_prefix, progress=progress,

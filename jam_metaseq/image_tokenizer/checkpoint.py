@@ -15,12 +15,13 @@ so one reader serves both, and ``save_taming_checkpoint`` is the inverse of ``lo
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from jam_metaseq.errors import JamError
 
 from .config import VQGANConfig
 from .model import VQGAN
@@ -34,7 +35,7 @@ _EXTRA_FIELDS = ("norm_groups", "norm_eps", "commitment_beta")
 _TAMING_TARGET = "taming.models.vqgan.VQModel"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(JamError, ValueError):
     """A state dict does not fit the model built from its config."""
 
 
@@ -85,8 +86,12 @@ def resolve_paths(path: str | os.PathLike) -> tuple[Path, Path]:
 def read_config(yaml_path: str | os.PathLike) -> VQGANConfig:
     """``vqgan.yaml`` (taming ``model.params``, or the params mapping itself) -> ``VQGANConfig``."""
     yaml_path = Path(yaml_path)
-    with open(yaml_path) as f:
-        doc = _yaml().safe_load(f)
+    yaml = _yaml()
+    try:
+        with open(yaml_path, "rb") as f:
+            doc = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{yaml_path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(doc, dict):
         raise ValueError(f"{yaml_path}: expected a YAML mapping")
     params = doc.get("model", {}).get("params", doc) if isinstance(doc.get("model"), dict) else doc
@@ -109,17 +114,14 @@ def config_yaml(cfg: VQGANConfig) -> dict[str, Any]:
 def read_state_dict(ckpt_path: str | os.PathLike, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a taming/Lightning checkpoint (its ``state_dict``) or of a bare state dict.
 
-    Loads with ``weights_only=True`` unless ``trust_pickle``: Lightning checkpoints can pickle
-    arbitrary objects (hyper-parameters), which only a trusted file may execute.
+    Loads through the checkpoint tools' allow-listed loader (``safe_torch_load``) unless
+    ``trust_pickle``: Lightning checkpoints can pickle arbitrary objects (hyper-parameters), which
+    only a trusted file may execute. Truncated or foreign files are refused naming the file.
     """
+    from checkpoints_tools.safe_load import safe_torch_load
+
     ckpt_path = Path(ckpt_path)
-    try:
-        obj = torch.load(ckpt_path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{ckpt_path}: holds pickled objects beyond tensors; if you trust the file pass "
-            f"trust_pickle=True (CLI: --trust-pickle). ({str(e).splitlines()[0]})"
-        ) from None
+    obj = safe_torch_load(ckpt_path, trust_pickle=trust_pickle)
     sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{ckpt_path}: not a state dict (nor a checkpoint with a 'state_dict' of tensors)")

@@ -21,11 +21,9 @@ from typing import Sequence
 
 import numpy as np
 
+from jam_metaseq.errors import JamError, add_trust_pickle_flag, run_cli
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-class CliError(Exception):
-    """A user-facing, one-line failure."""
 
 
 def _expand_inputs(inputs: Sequence[str]) -> list[Path]:
@@ -36,30 +34,32 @@ def _expand_inputs(inputs: Sequence[str]) -> list[Path]:
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise CliError(f"{p}: directory holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise JamError(f"{p}: directory holds no images ({', '.join(IMAGE_SUFFIXES)})")
             paths.extend(found)
         elif p.suffix == ".jsonl":
             if not p.is_file():
-                raise CliError(f"{p}: no such file")
-            with open(p) as f:
+                raise JamError(f"{p}: no such file")
+            from jam_metaseq.data.documents import DocumentError, parse_jsonl_line
+
+            with open(p, "rb") as f:
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
                         continue
                     try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise CliError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
+                        rec = parse_jsonl_line(line)
+                    except DocumentError as e:
+                        raise e.at(f"{p}:{lineno}") from None
                     if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
-                        raise CliError(f"{p}:{lineno}: expected an object with an \"image\" path")
+                        raise JamError(f"{p}:{lineno}: expected an object with an \"image\" path")
                     img = Path(rec["image"])
                     paths.append(img if img.is_absolute() else p.parent / img)
         elif p.is_file():
             paths.append(p)
         else:
-            raise CliError(f"{p}: no such file or directory")
+            raise JamError(f"{p}: no such file or directory")
     for p in paths:
         if not p.is_file():
-            raise CliError(f"{p}: no such image file")
+            raise JamError(f"{p}: no such image file")
     return paths
 
 
@@ -87,11 +87,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         cfg = preset(args.preset, **overrides)
     except (KeyError, ValueError) as e:
-        raise CliError(f"--preset/--resolution/--codes: {e}") from None
+        raise JamError(f"--preset/--resolution/--codes: {e}") from None
     images = [str(p) for p in _expand_inputs(args.images)] if args.images else None
     if args.cycle_weight is not None:
         if args.cycle_weight < 0:
-            raise CliError(f"--cycle-weight must be >= 0, got {args.cycle_weight}")
+            raise JamError(f"--cycle-weight must be >= 0, got {args.cycle_weight}")
         extra["cycle_weight"] = args.cycle_weight
     tok = train_tiny_tokenizer(
         images,
@@ -142,7 +142,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     try:
         codes = np.load(args.codes)
     except (OSError, ValueError) as e:
-        raise CliError(f"{args.codes}: cannot read codes ({e})") from None
+        raise JamError(f"{args.codes}: cannot read codes ({e})") from None
     tok = _load(args)
     h, w = tok.grid
     if codes.shape == (h, w):  # one grid
@@ -150,11 +150,11 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if codes.ndim == 2 and codes.shape[1] == h * w:
         codes = codes.reshape(-1, h, w)
     if codes.ndim != 3 or codes.shape[1:] != (h, w):
-        raise CliError(f"{args.codes}: codes of shape {codes.shape}, tokenizer expects (N, {h}, {w})")
+        raise JamError(f"{args.codes}: codes of shape {codes.shape}, tokenizer expects (N, {h}, {w})")
     if not np.issubdtype(codes.dtype, np.integer):
-        raise CliError(f"{args.codes}: codes must be integers, got {codes.dtype}")
+        raise JamError(f"{args.codes}: codes must be integers, got {codes.dtype}")
     if codes.size and (codes.min() < 0 or codes.max() >= tok.n_codes):
-        raise CliError(f"{args.codes}: codes span [{codes.min()}, {codes.max()}], tokenizer has {tok.n_codes}")
+        raise JamError(f"{args.codes}: codes span [{codes.min()}, {codes.max()}], tokenizer has {tok.n_codes}")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
@@ -165,8 +165,11 @@ def cmd_decode(args: argparse.Namespace) -> int:
         for i, img in enumerate(tok.decode_codes(codes[start : start + bs]), start):
             dst = out / f"{i:06d}.png"
             tmp = out / f".{dst.name}.tmp"
-            img.save(tmp, format="PNG")
-            os.replace(tmp, dst)
+            try:
+                img.save(tmp, format="PNG")
+                os.replace(tmp, dst)
+            finally:
+                tmp.unlink(missing_ok=True)  # interrupted or failed: no stray temp file
             written.append(str(dst))
     print(json.dumps({"out_dir": str(out), "images": len(written)}))
     return 0
@@ -210,8 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="directory with vqgan.ckpt + vqgan.yaml, or one of those files")
         sp.add_argument("--device", default="cpu", help="torch device (default cpu)")
         sp.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
-        sp.add_argument("--trust-pickle", action="store_true",
-                        help="allow a checkpoint with pickled non-tensor objects (only for trusted files)")
+        add_trust_pickle_flag(sp)
         common(sp)
 
     e = sub.add_parser("encode", help="images -> codes.npy of shape (N, h, w), int64")
@@ -230,12 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (CliError, ValueError, FileNotFoundError, KeyError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"jam-vq {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+    return run_cli(f"jam-vq {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

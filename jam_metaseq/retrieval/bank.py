@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from jam_metaseq.errors import read_json
 from jam_metaseq.retrieval.encoders import QueryParts
 from jam_metaseq.retrieval.index import IndexConfig, build_index, load_index, save_index
 from jam_metaseq.vocab import VocabManifest
@@ -61,16 +62,13 @@ class SourceDocument:
     """``file:line`` for error messages."""
 
 
-def parse_document_line(line: str, *, where: str, base_dir: Path) -> SourceDocument:
+def parse_document_line(line: str | bytes, *, where: str, base_dir: Path) -> SourceDocument:
     """Parse one JSONL line in the data pipeline's shapes (list, ``segments``, prompt/response)."""
-    from jam_metaseq.data.documents import DocumentError
+    from jam_metaseq.data.documents import DocumentError, parse_jsonl_line
     from jam_metaseq.data.documents import document_parts as split_document
 
     try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-    try:
+        obj = parse_jsonl_line(line)
         prompt, segments = split_document(obj)
     except DocumentError as e:
         raise ValueError(f"{where}: {e.detail}") from None
@@ -91,7 +89,7 @@ def read_documents(paths: Sequence[str | os.PathLike]) -> Iterator[SourceDocumen
         p = Path(p)
         if not p.is_file():
             raise FileNotFoundError(f"documents file not found: {p}")
-        with p.open() as f:
+        with p.open("rb") as f:  # bytes: each line is decoded on its own (parse_document_line)
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     yield parse_document_line(line, where=f"{p}:{lineno}", base_dir=p.parent)
@@ -174,6 +172,17 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp.npy")
     np.save(tmp, array)
     os.replace(tmp, path)
+
+
+def _load_npy(path: Path, *, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` of one bank array; a missing, truncated or foreign file is named."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: bank file missing (incomplete or damaged bank)") from None
+    except (ValueError, OSError, EOFError) as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ValueError(f"{path}: not a readable .npy array (truncated or corrupt?): {first}") from None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -373,13 +382,13 @@ class MemoryBank:
         mode = "r" if mmap else None
         self.path = path
         self.manifest = manifest
-        self.vectors: np.ndarray = np.load(path / "vectors.npy", mmap_mode=mode)
+        self.vectors: np.ndarray = _load_npy(path / "vectors.npy", mmap_mode=mode)
         self.query_vectors: np.ndarray | None = (
-            np.load(path / "query_vectors.npy", mmap_mode=mode) if manifest["has_query_vectors"] else None)
-        self._tokens = np.load(path / "tokens.npy", mmap_mode=mode)
-        self.offsets: np.ndarray = np.load(path / "offsets.npy")
-        self.hashes: np.ndarray = np.load(path / "hashes.npy")
-        self.doc_ids: list[str] = json.loads((path / "doc_ids.json").read_text())
+            _load_npy(path / "query_vectors.npy", mmap_mode=mode) if manifest["has_query_vectors"] else None)
+        self._tokens = _load_npy(path / "tokens.npy", mmap_mode=mode)
+        self.offsets: np.ndarray = _load_npy(path / "offsets.npy")
+        self.hashes: np.ndarray = _load_npy(path / "hashes.npy")
+        self.doc_ids: list[str] = read_json(path / "doc_ids.json", what="bank document ids", expect=list)
         self._row_of: dict[str, int] | None = None
         n = manifest["count"]
         if not (self.vectors.shape == (n, manifest["dim"]) and len(self.doc_ids) == n
@@ -394,9 +403,14 @@ class MemoryBank:
         if not mpath.exists():
             hint = " (unfinished build: rerun `jam-retrieval build`)" if (path / STATE_FILE).exists() else ""
             raise FileNotFoundError(f"memory bank manifest not found: {mpath}{hint}")
-        manifest = json.loads(mpath.read_text())
+        manifest = read_json(mpath, what="memory bank manifest")
         if manifest.get("kind") != BANK_KIND or manifest.get("version") != BANK_VERSION:
             raise ValueError(f"{mpath}: not a version-{BANK_VERSION} {BANK_KIND}")
+        missing = [k for k in ("count", "dim", "has_query_vectors", "index") if k not in manifest]
+        index = manifest.get("index")
+        if missing or not (isinstance(index, dict) and isinstance(index.get("file"), str)
+                           and isinstance(index.get("config"), dict)):
+            raise ValueError(f"{mpath}: incomplete memory bank manifest (missing {missing or ['index.file/config']})")
         return cls(path, manifest, mmap=mmap)
 
     def __len__(self) -> int:

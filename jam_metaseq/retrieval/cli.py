@@ -7,7 +7,7 @@
   jam-retrieval info BANK
 
 Each command parses and validates its flags and calls one library function; progress goes to
-stderr, results to stdout or files, and a failure exits 1 with a one-line cause.
+stderr, results to stdout or files, and a failure exits 2 with a one-line cause.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from jam_metaseq.errors import add_trust_pickle_flag, run_cli
 from jam_metaseq.retrieval.index import INDEX_KINDS, IndexConfig
 
 
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local CLIP weights file (required unless --random-clip-weights)")
     p.add_argument("--random-clip-weights", action="store_true",
                    help="use randomly initialised CLIP weights (smoke tests only: retrieval is meaningless)")
+    add_trust_pickle_flag(p)
     p.add_argument("--device", default="cpu", help="torch device of the CLIP encoder (default cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="texts or images per CLIP forward (default 64)")
     p.add_argument("--shard-size", type=int, default=4096,
@@ -125,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", type=Path, default=None, help="query image file")
     p.add_argument("--clip-checkpoint", default=None,
                    help="CLIP weights file, when it moved since the bank was built")
+    add_trust_pickle_flag(p)
     p.add_argument("--device", default="cpu", help="torch device of the CLIP encoder (default cpu)")
     p.add_argument("--nprobe", type=int, default=None, help="override the ivf nprobe")
     p.add_argument("--ef-search", type=int, default=None, help="override the hnsw efSearch")
@@ -170,7 +173,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.image_tokenizer:
         from jam_metaseq.image_tokenizer import load_image_tokenizer  # type: ignore[attr-defined]
 
-        image_tok = load_image_tokenizer(args.image_tokenizer)
+        image_tok = load_image_tokenizer(args.image_tokenizer, trust_pickle=args.trust_pickle)
         if hasattr(image_tok, "decode_images"):
             grid = vocab.image_grid
             decoder = lambda codes: image_tok.decode_images(codes.reshape(1, *grid))[0]  # noqa: E731
@@ -185,7 +188,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         shutil.rmtree(args.out / "shards", ignore_errors=True)
     encoder = ClipDocumentEncoder(config=ClipEncoderConfig(
         model_name=args.clip_model, checkpoint=args.clip_checkpoint, device=args.device,
-        batch_size=args.batch_size))
+        batch_size=args.batch_size, trust_pickle=args.trust_pickle))
     config = BankBuildConfig(shard_size=args.shard_size, store_query_vectors=args.query_vectors,
                              query_dropout=args.query_dropout, seed=args.seed,
                              index=_index_config(args))
@@ -232,7 +235,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         overrides["ef_search"] = args.ef_search
     retriever = Retriever.from_bank_dir(args.bank, config=_retriever_config(args),
                                         clip_checkpoint=args.clip_checkpoint, device=args.device,
-                                        index_overrides=overrides)
+                                        index_overrides=overrides, trust_pickle=args.trust_pickle)
     for d in retriever.retrieve(args.text, image, training=False):
         rec: dict[str, Any] = {"doc_id": d.doc_id, "row": d.row, "score": round(d.score, 6),
                                "length": int(d.tokens.size)}
@@ -283,14 +286,14 @@ COMMANDS = {"build": cmd_build, "index": cmd_index, "query": cmd_query, "neighbo
             "info": cmd_info}
 
 
+RESUME_NOTE = ("finished shards are kept and nothing half-written was left: run the same command again "
+               "to resume")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, IndexError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"jam-retrieval {args.command}: error: {msg}", file=sys.stderr)
-        return 1
+    return run_cli(f"jam-retrieval {args.command}", lambda: COMMANDS[args.command](args),
+                   **({"interrupted": RESUME_NOTE} if args.command == "build" else {}))
 
 
 if __name__ == "__main__":

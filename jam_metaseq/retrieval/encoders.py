@@ -20,7 +20,8 @@ import dataclasses
 import json
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ class ClipEncoderConfig:
     model_name: str = "ViT-B-32"
     """open_clip architecture name (``jam-tiny-clip`` is a tiny one for tests)."""
     checkpoint: str | None = None
-    """Local weights file (open_clip ``pretrained=<path>``); None = random weights (tests only)."""
+    """Local weights file (open_clip ``pretrained=<path>``); None = random weights (tests only). Read
+    through the allow-listed loader first (``check_clip_checkpoint``)."""
     device: str = "cpu"
     """Torch device of the encoder."""
     batch_size: int = 64
@@ -69,6 +71,8 @@ class ClipEncoderConfig:
     """open_clip precision (``fp32``, ``fp16``, ``bf16``, ``amp``)."""
     init_seed: int = 0
     """Seed of the random weights when there is no checkpoint (so a bank and its queries agree)."""
+    trust_pickle: bool = False
+    """Unpickle globals outside the checkpoint loader's allow-list (only for trusted files)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -81,6 +85,7 @@ class ClipEncoderConfig:
         d = dataclasses.asdict(self)
         d.pop("device")
         d.pop("batch_size")
+        d.pop("trust_pickle")
         return d
 
 
@@ -107,6 +112,47 @@ def query_dropout_keep(n: int, *, rate: float, rng: np.random.Generator) -> np.n
     return keep
 
 
+def check_clip_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> None:
+    """Refuse a CLIP weights file before open_clip reads it, in one line naming it: a pickle through
+    the checkpoint tools' allow-listed loader (``safe_torch_load``: unsafe globals, truncated or
+    not a checkpoint), a safetensors file through its header."""
+    from checkpoints_tools.safe_load import CheckpointError, safe_torch_load
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own (Rust) error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    elif path.suffix not in (".npz", ".npy"):  # big_vision numpy weights are no pickle
+        safe_torch_load(path, trust_pickle=trust_pickle, mmap=True)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+@contextmanager
+def _loading(config: ClipEncoderConfig) -> Iterator[None]:
+    """open_clip's load of ``config.checkpoint``: with the allow-list (what ``check_clip_checkpoint``
+    accepted loads), and a failure (weights of another architecture) named in one line."""
+    from checkpoints_tools.safe_load import CheckpointError, _allowed_globals
+
+    with _allowed_globals():
+        try:
+            yield
+        except (RuntimeError, KeyError, ValueError) as e:
+            foreign = not isinstance(e, RuntimeError) or "state_dict" in str(e)  # not e.g. a device error
+            if config.checkpoint is None or isinstance(e, CheckpointError) or not foreign:
+                raise
+            detail = " ".join(line.strip() for line in str(e).splitlines()[:2] if line.strip())
+            raise CheckpointError(f"{config.checkpoint}: not {config.model_name} weights ({detail[:300]})") from None
+
+
 def _l2(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
@@ -120,11 +166,13 @@ class ClipDocumentEncoder:
         if config.model_name == TINY_CLIP_NAME:
             register_tiny_clip()
         self.config = config
-        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+        if config.checkpoint is not None:
+            check_clip_checkpoint(config.checkpoint, trust_pickle=config.trust_pickle)
+        with torch.random.fork_rng(devices=[]), _loading(config):  # leave the caller's RNG stream untouched
             torch.manual_seed(config.init_seed)
             model, _, preprocess = open_clip.create_model_and_transforms(
                 config.model_name, pretrained=config.checkpoint, device=config.device,
-                precision=config.precision,
+                precision=config.precision, weights_only=not config.trust_pickle,
             )
         self.model = model.eval().requires_grad_(False)
         self.preprocess = preprocess

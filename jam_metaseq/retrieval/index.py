@@ -158,7 +158,12 @@ def load_index(path: str | os.PathLike, *, config: IndexConfig, mmap: bool = Fal
     if not path.exists():
         raise FileNotFoundError(f"faiss index not found: {path}")
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    index = faiss.read_index(str(path), flags)
+    try:
+        index = faiss.read_index(str(path), flags)
+    except RuntimeError as e:  # faiss reports a foreign or truncated file as a RuntimeError
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        cause = first.rsplit(".cpp:", 1)[-1].split(": ", 1)[-1]  # "Error in f() at x.cpp:12: cause"
+        raise ValueError(f"{path}: not a readable faiss index (truncated or corrupt?): {cause}") from None
     set_search_params(index, config=config)
     return to_search_device(index, config=config)
 

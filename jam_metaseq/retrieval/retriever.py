@@ -135,10 +135,12 @@ class Retriever:
     @classmethod
     def from_bank_dir(cls, path: str | Path, *, config: RetrieverConfig | None = None,
                       with_encoder: bool = True, clip_checkpoint: str | None = None,
-                      device: str = "cpu", index_overrides: dict[str, Any] | None = None) -> "Retriever":
+                      device: str = "cpu", index_overrides: dict[str, Any] | None = None,
+                      trust_pickle: bool = False) -> "Retriever":
         """Load a bank, its index and (optionally) the CLIP encoder recorded in its manifest.
 
-        ``clip_checkpoint`` replaces the recorded weights path (a bank moved between machines).
+        ``clip_checkpoint`` replaces the recorded weights path (a bank moved between machines);
+        ``trust_pickle`` lets its loader unpickle globals outside the allow-list.
         """
         bank = MemoryBank.load(path)
         encoder = None
@@ -151,7 +153,8 @@ class Retriever:
             enc_cfg = ClipEncoderConfig(
                 model_name=rec["model_name"], checkpoint=clip_checkpoint or rec.get("checkpoint"),
                 device=device, renormalize=rec.get("renormalize", True),
-                precision=rec.get("precision", "fp32"), init_seed=rec.get("init_seed", 0))
+                precision=rec.get("precision", "fp32"), init_seed=rec.get("init_seed", 0),
+                trust_pickle=trust_pickle)
             encoder = ClipDocumentEncoder(config=enc_cfg)
         return cls(bank=bank, config=config, index=bank.load_index(overrides=index_overrides),
                    encoder=encoder)
