@@ -382,7 +382,10 @@ class MappedFile:
         off = self._locate(view.data_ptr()) if view.is_contiguous() and nbytes else None
         if off is None:
             dest.copy_(view)
-            release(view, mapped=True)
+            # Release pages only of a view known to lie in this file's mapping: a legacy (pre-zip)
+            # file is loaded into anonymous memory, where MADV_DONTNEED zeroes live data.
+            if nbytes and self._locate(view.data_ptr()) is not None:
+                release(view, mapped=True)
             return dest
         direct = dest.dtype == view.dtype and dest.is_contiguous()
         if direct:

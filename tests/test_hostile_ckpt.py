@@ -1026,3 +1026,29 @@ def test_fuzz_torch_zip_reader(tmp_path):
 @pytest.mark.slow
 def test_fuzz_torch_zip_reader_long(tmp_path):
     _run_zip_fuzz(tmp_path, 20 * FUZZ_EXAMPLES)
+
+
+def test_legacy_pre_zip_parent_reads_bit_exact(tmp_path):
+    """A pre-zip torch file cannot be memory-mapped: its tensors live in anonymous memory, which the
+    reader must never release with MADV_DONTNEED (that zeroed live tensors, then crashed or hung;
+    read in a child so a crash fails this test, not the session)."""
+    cfg, state = tiny_parent(seed=3)
+    zip_dir = tmp_path / "zip"
+    save_metaseq(zip_dir, cfg, state)
+    legacy = tmp_path / "legacy" / "checkpoint_last.pt"
+    legacy.parent.mkdir()
+    obj = torch.load(zip_dir / "checkpoint_last.pt", weights_only=False)
+    torch.save(obj, legacy, _use_new_zipfile_serialization=False)
+    proc = _run_child("""
+        import sys, torch
+        from checkpoints_tools.readers import open_checkpoint
+        from _ckpt_util import tiny_parent
+        _, state = tiny_parent(seed=3)
+        r = open_checkpoint(sys.argv[1])
+        for _ in range(2):  # a second pass reads the same bytes again
+            for name, want in state.items():
+                assert torch.equal(r.get(name), want), name
+        print("ok")
+        """, str(legacy))
+    _no_signal_death(proc)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -353,8 +353,6 @@ def test_hostile_input_is_one_line_naming_the_file(case: Case, files, request):
         assert not (files / out).exists(), out
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoints_tools.readers: MappedFile.read on a legacy (non-zip, not "
-                   "memory-mapped) file releases heap pages with MADV_DONTNEED: abort/segfault (issue 14, sec. 5)")
 def test_legacy_checkpoint_loads_or_fails_in_one_line(files):
     """A pre-zip torch file (torch.save(..., _use_new_zipfile_serialization=False)): read, or refused in one
     line; never a crash."""
@@ -466,9 +464,7 @@ def _temp_created(tmp_path: Path) -> bool:
 @pytest.mark.parametrize("shape, when", [
     ("small", _writing),
     pytest.param("opt_125m", _writing, marks=pytest.mark.slow),
-    pytest.param("small", _temp_created, marks=pytest.mark.xfail(
-        strict=True, reason="checkpoints_tools/ops.py: OutputDir (the temp dir) is created before stream_to's "
-        "try/abort, and the sources are hashed in between: an interrupt there leaves .OUT.tmp-*")),
+    ("small", _temp_created),
 ], ids=["small-writing", "opt_125m-writing", "small-before-writing"])
 def test_sigterm_mid_merge_removes_the_temp_output(shape, when, tmp_path):
     parents = _parents(tmp_path, small=shape == "small")
