@@ -76,13 +76,14 @@ def safe_torch_load(path: str | os.PathLike, *, trust_pickle: bool = False, mmap
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    use_mmap = mmap and _is_zip(path)  # legacy (pre-1.6, non-zip) files cannot be mapped
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (truncated?)")
-    if not use_mmap and not _looks_like_legacy_pickle(path):
+    is_zip = _is_zip(path)
+    if not is_zip and not _looks_like_legacy_pickle(path):
         raise CheckpointError(f"{path}: not a torch checkpoint (no zip central directory: truncated?)")
-    if use_mmap:
+    if is_zip:
         check_torch_zip(path)
+    use_mmap = mmap and is_zip  # legacy (pre-1.6, non-zip) files cannot be mapped
     try:
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False, mmap=use_mmap)

@@ -1052,3 +1052,13 @@ def test_legacy_pre_zip_parent_reads_bit_exact(tmp_path):
         """, str(legacy))
     _no_signal_death(proc)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_safe_torch_load_without_mmap_reads_zip_checkpoints(tmp_path):
+    """``mmap=False`` is a reading mode, not a format filter: a zip checkpoint loads either way."""
+    from checkpoints_tools.safe_load import safe_torch_load
+
+    p = tmp_path / "a.pt"
+    torch.save({"model": {"w": torch.arange(3.0)}}, p)
+    for mmap in (True, False):
+        assert torch.equal(safe_torch_load(p, mmap=mmap)["model"]["w"], torch.arange(3.0))
