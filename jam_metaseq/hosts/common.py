@@ -516,10 +516,17 @@ def check_trainer_start(cfg: Any, trainer: Any) -> None:
     path = start_checkpoint(restore_file=getattr(cfg, "restore_file", None),
                             finetune_from_model=getattr(cfg, "finetune_from_model", None),
                             save_dir=getattr(cfg, "save_dir", "checkpoints"), suffix=suffix)
+    mp = getattr(model, "model_parallel_size", 1)
     if path is not None:
+        whole = path.replace(f"{suffix}.pt", ".pt") if suffix else path
         try:
+            if mp > 1 and not Path(path).exists() and Path(whole).is_file():
+                raise StartCheckpointError(
+                    f"{path}: not found; {whole} is one consolidated file and --model-parallel-size {mp} "
+                    f"loads one -model_part-{{r}} file per rank: write them with jam-ckpt reshard {whole} "
+                    f"--mp {mp} -o DIR")
             check_start_checkpoint(path, model_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
-                                   vocab=vocab, model_parallel_size=getattr(model, "model_parallel_size", 1))
+                                   vocab=vocab, model_parallel_size=mp)
         except StartCheckpointError as e:
             error = e
     dist = torch.distributed
@@ -542,7 +549,7 @@ def _unsafe_hint(msg: str, path: str | Path) -> str:
     """jam-ckpt's message for a refused global, with the way out a host run has (no --trust-pickle)."""
     head = msg.split("; pass --trust-pickle", 1)[0]
     return (f"{head}; if you trust this file, rewrite it without them: "
-            f"jam-ckpt convert {path} -o DIR --trust-pickle")
+            f"jam-ckpt convert {path} --to metaseq -o DIR --trust-pickle")
 
 
 def peek_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -586,8 +593,9 @@ def check_start_checkpoint(path: str | Path, *, model_shapes: Mapping[str, tuple
     emb = shapes.get("decoder.embed_tokens.weight")
     if emb is None:
         raise StartCheckpointError(f"{path}: no decoder.embed_tokens.weight; not a JAM/metaseq checkpoint")
-    try:  # a part holds V / N rows (checkpoints_tools.layout: vocab-parallel)
-        vocab.check_embedding(emb[0] * model_parallel_size, what=f"checkpoint {path}")
+    rows = emb[0] if emb[0] == vocab.size else emb[0] * model_parallel_size  # a part: V / N rows
+    try:
+        vocab.check_embedding(rows, what=f"checkpoint {path}")
     except ValueError as e:
         raise StartCheckpointError(str(e)) from None
     missing = sorted(set(model_shapes) - set(shapes))
@@ -598,7 +606,12 @@ def check_start_checkpoint(path: str | Path, *, model_shapes: Mapping[str, tuple
             f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
     for k, s in model_shapes.items():
         if tuple(s) != shapes[k]:
-            raise StartCheckpointError(f"{path}: {k} has shape {shapes[k]} but the --arch model expects {tuple(s)}")
+            hint = ""
+            if model_parallel_size > 1 and emb[0] == vocab.size:
+                hint = (f" (one consolidated file at --model-parallel-size {model_parallel_size}: write its "
+                        f"parts with jam-ckpt reshard {path} --mp {model_parallel_size} -o DIR)")
+            raise StartCheckpointError(f"{path}: {k} has shape {shapes[k]} but the --arch model expects "
+                                       f"{tuple(s)}{hint}")
 
 
 def start_checkpoint(*, restore_file: str | None, finetune_from_model: str | None,
