@@ -1,21 +1,22 @@
 """metaseq host adapter: the ``jam_*`` models, the ``cm3_multimodal`` task and the ``cm3`` criterion
 for ``metaseq-train`` (JAM §3.1: "All our training procedures are implemented using Metaseq").
 
-Written against metaseq main's plugin API (``metaseq.models.register_model`` /
+Written against metaseq main at f7ffa5f (``metaseq.models.register_model`` /
 ``register_model_architecture``, ``metaseq.tasks.register_task`` with ``LegacyTask``,
 ``metaseq.criterions.register_criterion`` with ``BaseCriterion``, ``metaseq.logging.metrics``) and
-imported lazily: nothing here runs unless metaseq is installed and imported. metaseq cannot be
-installed in this project's CI (``reference/metaseq.md``): this module is checked on a real install
-(tests marked ``metaseq``).
+imported lazily: nothing here runs unless metaseq is installed and imported. Tested end to end
+through the real ``metaseq-train`` / ``metaseq-validate`` on a CPU build of metaseq (tests marked
+``metaseq``; ``docs/METASEQ.md``).
 
 - The archs set metaseq's required ``--decoder-learned-pos --share-decoder-input-output-embed``
   (``hosts.args.apply_arch_defaults``); sharded state is the launcher's ``--use-sharded-state``.
-- ``--model-parallel-size N > 1``: ``parallelize_tensor(core, ...)`` swaps the core model's
-  projections for megatron column/row-parallel linears and its embedding for a vocab-parallel one,
-  from outside the model (the core stays plain PyTorch); rank r then holds exactly metaseq's
-  ``-model_part-r`` tensors ([K_r; V_r; Q_r] rows of ``qkv_proj``), and the criterion uses
-  ``vocab_parallel_cross_entropy`` on the vocab-sharded logits.
-- Checkpoints load under torch >= 2.6 through the same allow-list as fairseq (``hosts.common``).
+- ``--model-parallel-size N > 1``: ``parallelize_tensor`` turns the core model (built whole, from
+  ``--seed`` alone) into rank r's part, the layer for each projection chosen by the split rule
+  ``checkpoints_tools.layout`` has for its key (the plan ``jam-ckpt --mp N`` writes files with), so
+  rank r holds exactly the ``-model_part-r`` tensors; the criterion uses
+  ``vocab_parallel_cross_entropy`` on the vocab-split logits. The core stays plain PyTorch.
+- Checkpoints load under torch >= 2.6 through the same allow-list as fairseq, and starting files
+  are checked before training (``hosts.common.check_trainer_start``).
 Data, items, task, criterion and decoder logic are shared with the fairseq adapter (mixins in
 ``hosts.common``; loss math in ``objectives.loss``); this module keeps what metaseq does differently.
 """
@@ -49,6 +50,7 @@ from jam_metaseq.hosts.common import (
     reduce_cm3_metrics, register_with_host,
 )
 from jam_metaseq.vocab import VocabManifest
+
 
 def dictionary_from_manifest(vocab: VocabManifest) -> Dictionary:
     d = Dictionary()
@@ -85,7 +87,7 @@ def parallelize_tensor(core: nn.Module, *, world_size: int, rank: int | None = N
     def piece(key: str) -> torch.Tensor:
         return layout.split(key, full[key], world_size)[rank]
 
-    def fill(new: nn.Module, prefix: str, old: nn.Module) -> nn.Module:
+    def fill(new: nn.Module, prefix: str) -> nn.Module:
         with torch.no_grad():
             for name, p in new.named_parameters(recurse=False):
                 key = f"{prefix}.{name}"
@@ -115,7 +117,7 @@ def parallelize_tensor(core: nn.Module, *, world_size: int, rank: int | None = N
         kw = {"init_method": noinit, "dtype": module.weight.dtype}  # megatron's default dtype is half
         if isinstance(module, nn.Embedding) and rule == "vocab":
             new = fill(mpu.VocabParallelEmbedding(module.num_embeddings, module.embedding_dim, module.padding_idx,
-                                                  **kw), name, module)
+                                                  **kw), name)
             embedding = new
         elif isinstance(module, nn.Linear) and rule == "vocab":
             tied.append((parent, attr))  # the output projection: tied to the embedding shard below
@@ -126,11 +128,11 @@ def parallelize_tensor(core: nn.Module, *, world_size: int, rank: int | None = N
         elif isinstance(module, nn.Linear) and rule in ("column", "qkv"):
             _check_bias(layout, module, name, rule=rule)
             new = fill(column_cls(module.in_features, module.out_features, bias=module.bias is not None,
-                                  gather_output=False, **kw), name, module)
+                                  gather_output=False, **kw), name)
             split_parents.add(parent_name)
         elif isinstance(module, nn.Linear) and rule == "row":
             new = fill(row_cls(module.in_features, module.out_features, bias=module.bias is not None,
-                               input_is_parallel=True, **kw), name, module)
+                               input_is_parallel=True, **kw), name)
             split_parents.add(parent_name)
         else:
             raise ValueError(f"{key}: no tensor-parallel layer for rule {rule!r} on {type(module).__name__}")
