@@ -507,16 +507,21 @@ def check_trainer_start(cfg: Any, trainer: Any) -> None:
     """``check_start_checkpoint`` for the file this rank's trainer is about to load (its
     ``-model_part-{r}`` at model-parallel size > 1; FSDP shards, flat, are not checked), then
     agreed on by all ranks, so that no rank waits for one that stopped."""
+    from checkpoints_tools import layout
+    from jam_metaseq.fusion import state_shapes
+
     model, task = trainer.get_model(), trainer.task
     vocab = getattr(task, "vocab", None)
     suffix = trainer.checkpoint_suffix or ""
     if not hasattr(model, "jam_config") or not isinstance(vocab, VocabManifest) or "-shard" in suffix:
         return
+    mp = getattr(model, "model_parallel_size", 1)
+    # this rank's shapes from the config and the split plan, not from the live (maybe wrapped) model
+    shapes = {k: layout.part_shape(k, s, mp) for k, s in state_shapes(model.jam_config).items()}
     error: StartCheckpointError | None = None
     path = start_checkpoint(restore_file=getattr(cfg, "restore_file", None),
                             finetune_from_model=getattr(cfg, "finetune_from_model", None),
                             save_dir=getattr(cfg, "save_dir", "checkpoints"), suffix=suffix)
-    mp = getattr(model, "model_parallel_size", 1)
     if path is not None:
         whole = path.replace(f"{suffix}.pt", ".pt") if suffix else path
         try:
@@ -525,8 +530,7 @@ def check_trainer_start(cfg: Any, trainer: Any) -> None:
                     f"{path}: not found; {whole} is one consolidated file and --model-parallel-size {mp} "
                     f"loads one -model_part-{{r}} file per rank: write them with jam-ckpt reshard {whole} "
                     f"--mp {mp} -o DIR")
-            check_start_checkpoint(path, model_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
-                                   vocab=vocab, model_parallel_size=mp)
+            check_start_checkpoint(path, model_shapes=shapes, vocab=vocab, model_parallel_size=mp)
         except StartCheckpointError as e:
             error = e
     dist = torch.distributed
