@@ -38,6 +38,7 @@ have_metaseq_build() {
 
 setup_metaseq() {
     # Two stamps: the metaseq build (script, patch, source archive) and our package (setup.py).
+    # (Explicit returns: callers run this inside `||`, where `set -e` does not stop a function.)
     local build_want pkg_want
     build_want=$(cat "$METASEQ_BUILD"/build_cpu_venv.sh "$METASEQ_BUILD"/*.patch "$METASEQ_BUILD"/*.tar.gz \
         2>/dev/null | sha256sum | cut -d' ' -f1)
@@ -46,18 +47,18 @@ setup_metaseq() {
         echo "[jam] building $MVENV: metaseq from $METASEQ_BUILD (first time ~6 min)" >&2
         # a changed build re-extracts, re-patches and re-installs metaseq and its dependencies
         rm -rf "$MVENV/src" "$MVENV/.metaseq-deps" "$MVENV/.jam-installed"
-        bash "$METASEQ_BUILD/build_cpu_venv.sh" "$MVENV" >&2
+        bash "$METASEQ_BUILD/build_cpu_venv.sh" "$MVENV" >&2 || return 1
         echo "$build_want" > "$MVENV/.jam-metaseq-build"
     fi
     if [ ! -f "$MVENV/.jam-installed" ] || [ "$(cat "$MVENV/.jam-installed")" != "$pkg_want" ]; then
         echo "[jam] installing jam_metaseq into $MVENV (not the fairseq extra: one host per environment)" >&2
-        "$MVENV/bin/python" -m pip install -q -e ".[dev,retrieval]" >&2
+        "$MVENV/bin/python" -m pip install -q -e ".[dev,retrieval]" >&2 || return 1
         echo "$pkg_want" > "$MVENV/.jam-installed"
     fi
 }
 
 test_metaseq() {
-    setup_metaseq
+    setup_metaseq || { echo "[jam] could not build $MVENV" >&2; return 1; }
     "$MVENV/bin/python" -m pytest -q -m metaseq "$@"
 }
 
