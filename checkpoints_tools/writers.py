@@ -416,13 +416,18 @@ def start_extra_state() -> dict[str, Any]:
 
 
 def checkpoint_meta(cfg: ModelConfig, *, mp: int, fsdp: int, vocab: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Non-model keys of every written ``.pt``: what metaseq/fairseq restore from, plus our config."""
+    """Non-model keys of every written ``.pt``: what metaseq/fairseq restore from, plus our config.
+    ``cfg`` also holds the task / criterion / optimization groups their evaluation CLIs rebuild
+    the ``cm3_multimodal`` task and ``cm3`` criterion from (``hosts.common.saved_cfg_groups``)."""
+    from jam_metaseq.hosts.common import saved_cfg_groups
+
     return {
         "cfg": {
             "model": model_namespace(cfg, model_parallel_size=mp),
             "common": {"model_parallel_size": mp},
             "distributed_training": {"distributed_world_size": mp * max(fsdp, 1),
                                      "use_sharded_state": fsdp > 0},
+            **saved_cfg_groups(),
         },
         "criterion": None,
         "optimizer_history": start_optimizer_history(),

@@ -98,21 +98,27 @@ def fused_checkpoint(family: str, root: Path, *, cross_every: int = 1, vocab: Vo
     checkpoint tools are installed (and ``use_cli``), else the same fusion done in-process with
     ``jam_metaseq.fusion`` (faster: for in-process tests)."""
     llm, img = make_parents(root / "parents", vocab)
-    out = root / f"{family}.pt"
-    cli = _jam_ckpt_command(family, llm=llm, img=img, out=out, cross_every=cross_every, vocab=vocab) \
-        if use_cli else None
-    if cli is not None:
-        subprocess.run(cli, check=True, capture_output=True, text=True)
-        return out if out.is_file() else next(out.glob("*.pt"))
-    return _fuse_locally(family, llm=llm, img=img, out=out, cross_every=cross_every, vocab=vocab)
+    if use_cli and _has_jam_ckpt():
+        return jam_ckpt_fuse(family, llm=llm, img=img, out=root / family, cross_every=cross_every, vocab=vocab)
+    return _fuse_locally(family, llm=llm, img=img, out=root / f"{family}.pt", cross_every=cross_every,
+                         vocab=vocab)
 
 
-def _jam_ckpt_command(family, *, llm, img, out, cross_every, vocab):
-    """The ``jam-ckpt`` command line (as ``python -m checkpoints_tools.cli``), or None if absent."""
+def _has_jam_ckpt() -> bool:
     try:
         import checkpoints_tools.cli  # noqa: F401
     except Exception:
-        return None
+        return False
+    return True
+
+
+def jam_ckpt_fuse(family: str, *, llm: Path, img: Path, out: Path, cross_every: int = 1, mp: int = 1,
+                  vocab: VocabManifest = VOCAB) -> Path:
+    """``jam-ckpt merge|widen|cross ... -o OUT [--mp M]`` (as ``python -m checkpoints_tools.cli``);
+    returns OUT/checkpoint.pt, the name the hosts are given (at M > 1 they load its
+    ``-model_part-{r}`` files). OUT's name has no ``.pt``: metaseq inserts the part suffix before
+    every ``.pt`` of a path."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     vocab_path = out.parent / "vocab.json"
     vocab.save(vocab_path)
     cmd = [sys.executable, "-m", "checkpoints_tools.cli"]
@@ -122,7 +128,48 @@ def _jam_ckpt_command(family, *, llm, img, out, cross_every, vocab):
         cmd += ["widen", "--llm", str(llm), "--img", str(img), "--init", "copy"]
     else:
         cmd += ["cross", "--llm", str(llm), "--img", str(img), "--cross-every", str(cross_every)]
-    return cmd + ["--vocab", str(vocab_path), "-o", str(out), "--quiet"]
+    cmd += ["--vocab", str(vocab_path), "-o", str(out), "--quiet", "--mp", str(mp)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise AssertionError(f"jam-ckpt failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr[-3000:]}")
+    return out / "checkpoint.pt"
+
+
+# ---- running the hosts' CLIs -----------------------------------------------------------------------
+def cli_env() -> dict[str, str]:
+    """Environment of a host CLI subprocess: one thread, no GPU, our checkout importable."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_cli(tool: str, *args: str, check: bool = True, timeout: int = 300,
+            cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``tool`` (a console script of this interpreter's environment, or ``torchrun ...``)."""
+    res = subprocess.run([str(Path(sys.executable).parent / tool), *args], capture_output=True, text=True,
+                         env=cli_env(), timeout=timeout, cwd=cwd)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{tool} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def train_losses(output: str) -> dict[int, float]:
+    """num_updates -> train loss from the hosts' json ``train_inner`` log lines."""
+    out = {}
+    for line in output.splitlines():
+        if "| train_inner |" in line:
+            rec = json.loads(line.split("| train_inner |", 1)[1])
+            out[int(rec["num_updates"])] = float(rec["loss"])
+    return out
+
+
+def valid_stats(output: str) -> dict[str, str]:
+    """The last json ``valid`` log line of a host's validate CLI, as logged (strings)."""
+    found = [line for line in output.splitlines() if "| valid |" in line]
+    if not found:
+        raise AssertionError(f"no '| valid |' line in:\n{output[-3000:]}")
+    return {k.removeprefix("valid_"): v for k, v in json.loads(found[-1].split("| valid |", 1)[1]).items()}
 
 
 def _fuse_locally(family, *, llm, img, out, cross_every, vocab) -> Path:

@@ -33,6 +33,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -352,6 +354,25 @@ def add_task_args(parser: Any) -> None:
       help="loss weight of retrieved prefix tokens (RA-CM3 used 0.1; default %(default)s)")
 
 
+def saved_cfg_groups(*, seed: int = 1) -> dict[str, Any]:
+    """The ``cfg`` groups besides ``model`` that a host's evaluation CLI (``metaseq-validate`` /
+    ``fairseq-validate --path``) rebuilds the task and criterion from, for checkpoints written
+    outside a trainer (``jam-ckpt``): ``task`` and ``criterion`` Namespaces holding every
+    ``cm3_multimodal`` / ``cm3`` flag at its default (the hosts set DATA and the flags given on the
+    command line over them), and an ``optimization`` group like a trainer's (no updates yet)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_task_args(p)
+    p.add_argument("--sentinel-weight", type=float, default=1.0)  # CM3CriterionMixin.add_args
+    flags = vars(p.parse_args([""]))  # DATA: the evaluation CLI's positional argument replaces it
+    names = {"task": TASK_NAME, "criterion": CRITERION_NAME, "seed": seed}
+    return {
+        "task": argparse.Namespace(**names, **flags, _name=TASK_NAME),
+        "criterion": argparse.Namespace(**names, **flags, _name=CRITERION_NAME),
+        "optimization": {"_name": None, "max_epoch": 0, "max_update": 0, "clip_norm": 0.0,
+                         "update_freq": [1], "lr": [0.0]},
+    }
+
+
 def task_options_from_args(args: argparse.Namespace, vocab: VocabManifest) -> TaskOptions:
     """TaskOptions from parsed task flags (+ the host's ``--seed``)."""
     max_spans = args.cm3_max_spans if args.cm3_max_spans is not None else vocab.num_sentinels
@@ -465,16 +486,100 @@ def patch_host_broadcast(module: Any) -> None:
     module._broadcast_object_slow = broadcast_object_slow
 
 
+def patch_host_load_checkpoint(module: Any) -> None:
+    """Wrap ``module.load_checkpoint(cfg, trainer, ...)`` (fairseq/metaseq ``checkpoint_utils``,
+    which their training CLIs call once, after building the model and before the first update)
+    once with ``check_trainer_start``: a starting checkpoint that is missing, unreadable or does
+    not fit the JAM model stops every rank with one line before the host loads it."""
+    orig = getattr(module, "load_checkpoint", None)
+    if orig is None or getattr(orig, "_jam_wrapped", False):
+        return
+
+    def load_checkpoint(cfg: Any, trainer: Any, *args: Any, **kwargs: Any) -> Any:
+        check_trainer_start(cfg, trainer)
+        return orig(cfg, trainer, *args, **kwargs)
+
+    load_checkpoint._jam_wrapped = True  # type: ignore[attr-defined]
+    module.load_checkpoint = load_checkpoint
+
+
+def check_trainer_start(cfg: Any, trainer: Any) -> None:
+    """``check_start_checkpoint`` for the file this rank's trainer is about to load (its
+    ``-model_part-{r}`` at model-parallel size > 1; FSDP shards, flat, are not checked), then
+    agreed on by all ranks, so that no rank waits for one that stopped."""
+    from checkpoints_tools import layout
+    from jam_metaseq.fusion import state_shapes
+
+    model, task = trainer.get_model(), trainer.task
+    vocab = getattr(task, "vocab", None)
+    suffix = trainer.checkpoint_suffix or ""
+    if not hasattr(model, "jam_config") or not isinstance(vocab, VocabManifest) or "-shard" in suffix:
+        return
+    mp = getattr(model, "model_parallel_size", 1)
+    # this rank's shapes from the config and the split plan, not from the live (maybe wrapped) model
+    shapes = {k: layout.part_shape(k, s, mp) for k, s in state_shapes(model.jam_config).items()}
+    error: StartCheckpointError | None = None
+    path = start_checkpoint(restore_file=getattr(cfg, "restore_file", None),
+                            finetune_from_model=getattr(cfg, "finetune_from_model", None),
+                            save_dir=getattr(cfg, "save_dir", "checkpoints"), suffix=suffix)
+    if path is not None:
+        whole = path.replace(f"{suffix}.pt", ".pt") if suffix else path
+        try:
+            if mp > 1 and not Path(path).exists() and Path(whole).is_file():
+                raise StartCheckpointError(
+                    f"{path}: not found; {whole} is one consolidated file and --model-parallel-size {mp} "
+                    f"loads one -model_part-{{r}} file per rank: write them with jam-ckpt reshard {whole} "
+                    f"--mp {mp} -o DIR")
+            check_start_checkpoint(path, model_shapes=shapes, vocab=vocab, model_parallel_size=mp)
+        except StartCheckpointError as e:
+            error = e
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        failed = torch.tensor([0.0 if error is None else 1.0], device=getattr(trainer, "device", "cpu"))
+        dist.all_reduce(failed)
+        if error is None and failed.item() > 0:
+            error = StartCheckpointError(f"{int(failed.item())} other rank(s) cannot use their starting checkpoint "
+                                         f"(their error is above)")
+    if error is not None:
+        raise error
+
+
+class StartCheckpointError(ValueError):
+    """A starting checkpoint the run cannot use; raised while the model is built, before training.
+    The host CLIs print it as one line (``install_one_line_errors``)."""
+
+
+def _unsafe_hint(msg: str, path: str | Path) -> str:
+    """jam-ckpt's message for a refused global, with the way out a host run has (no --trust-pickle)."""
+    head = msg.split("; pass --trust-pickle", 1)[0]
+    return (f"{head}; if you trust this file, rewrite it without them: "
+            f"jam-ckpt convert {path} --to metaseq -o DIR --trust-pickle")
+
+
 def peek_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Shapes and stored JAM config of a checkpoint without reading its tensors (mmap)."""
+    """Shapes and stored JAM config of a checkpoint without reading its tensors, through the
+    checkpoint tools' loader (``checkpoints_tools.safe_load``: allow-listed globals only,
+    memory-mapped, legacy non-zip files too); its errors become ``StartCheckpointError`` with
+    jam-ckpt's one-line message."""
+    from checkpoints_tools.safe_load import CheckpointError, UnsafePickleError, safe_torch_load
+
     allow_checkpoint_globals()
+    p = Path(path)
+    if p.is_dir():
+        found = sorted(q.name for q in p.glob("*.pt"))
+        raise StartCheckpointError(f"starting checkpoint {p} is a directory (jam-ckpt output?): pass one of its "
+                                   f"files, {p}/{found[0] if found else 'checkpoint.pt'}")
+    if not p.is_file():
+        raise StartCheckpointError(f"starting checkpoint not found: {p}")
     try:
-        state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"starting checkpoint not found: {path}") from None
+        state = safe_torch_load(p, mmap=True)
+    except UnsafePickleError as e:
+        raise StartCheckpointError(_unsafe_hint(str(e).splitlines()[0], p)) from None
+    except CheckpointError as e:
+        raise StartCheckpointError(str(e).splitlines()[0]) from None
     model = state.get("model") if isinstance(state, dict) else None
     if not isinstance(model, dict):
-        raise ValueError(f"{path}: not a metaseq/fairseq checkpoint (no 'model' state dict)")
+        raise StartCheckpointError(f"{path}: not a metaseq/fairseq checkpoint (no 'model' state dict)")
     cfg = state.get("jam_config")
     if cfg is None:
         margs = (state.get("cfg") or {}).get("model") if isinstance(state.get("cfg"), dict) else None
@@ -484,34 +589,74 @@ def peek_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def check_start_checkpoint(path: str | Path, *, model_shapes: Mapping[str, tuple[int, ...]],
-                           vocab: VocabManifest) -> None:
-    """Stop before training when the starting weights cannot fit this model and vocabulary."""
+                           vocab: VocabManifest, model_parallel_size: int = 1) -> None:
+    """Stop before training when the starting weights cannot fit this model and vocabulary
+    (``model_shapes``: this process's model, one rank's part at model-parallel size > 1)."""
     info = peek_checkpoint(path)
     shapes = info["shapes"]
     emb = shapes.get("decoder.embed_tokens.weight")
     if emb is None:
-        raise ValueError(f"{path}: no decoder.embed_tokens.weight; not a JAM/metaseq checkpoint")
-    vocab.check_embedding(emb[0], what=f"checkpoint {path}")
+        raise StartCheckpointError(f"{path}: no decoder.embed_tokens.weight; not a JAM/metaseq checkpoint")
+    rows = emb[0] if emb[0] == vocab.size else emb[0] * model_parallel_size  # a part: V / N rows
+    try:
+        vocab.check_embedding(rows, what=f"checkpoint {path}")
+    except ValueError as e:
+        raise StartCheckpointError(str(e)) from None
     missing = sorted(set(model_shapes) - set(shapes))
     extra = sorted(set(shapes) - set(model_shapes))
     if missing or extra:
-        raise ValueError(f"{path}: keys do not match the --arch model: missing {missing[:3]}"
-                         f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
-                         f"{'...' if len(extra) > 3 else ''}")
+        raise StartCheckpointError(
+            f"{path}: keys do not match the --arch model: missing {missing[:3]}"
+            f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
     for k, s in model_shapes.items():
         if tuple(s) != shapes[k]:
-            raise ValueError(f"{path}: {k} has shape {shapes[k]} but the --arch model expects {tuple(s)}")
+            hint = ""
+            if model_parallel_size > 1 and emb[0] == vocab.size:
+                hint = (f" (one consolidated file at --model-parallel-size {model_parallel_size}: write its "
+                        f"parts with jam-ckpt reshard {path} --mp {model_parallel_size} -o DIR)")
+            raise StartCheckpointError(f"{path}: {k} has shape {shapes[k]} but the --arch model expects "
+                                       f"{tuple(s)}{hint}")
 
 
 def start_checkpoint(*, restore_file: str | None, finetune_from_model: str | None,
                      save_dir: str, suffix: str = "") -> str | None:
-    """The file a host will load the starting weights from (None: fresh or resuming its own run)."""
+    """The file a host will load the starting weights from (None: fresh or resuming its own run),
+    resolved as fairseq/metaseq ``checkpoint_utils.load_checkpoint`` do for this rank's ``suffix``
+    (``-model_part-{r}``: the host inserts it before every ``.pt`` of the path)."""
     last = Path(save_dir) / f"checkpoint_last{suffix}.pt"
     if finetune_from_model:
-        return None if last.exists() else finetune_from_model
+        if last.exists():
+            return None
+        if Path(finetune_from_model).exists() or not suffix:
+            return finetune_from_model
+        return finetune_from_model.replace(".pt", suffix + ".pt")
     if restore_file and restore_file != "checkpoint_last.pt":
-        return restore_file
+        if int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0) > 0 and last.is_file():
+            return None  # a requeued job: metaseq resumes from its own checkpoint_last
+        return restore_file.replace(".pt", suffix + ".pt") if suffix else restore_file
     return None
+
+
+_ONE_LINE_ERRORS: tuple[type[BaseException], ...] = (DataSetupError, StartCheckpointError)
+
+
+def install_one_line_errors() -> None:
+    """Print a ``DataSetupError`` / ``StartCheckpointError`` that ends a host CLI as one line,
+    ``PROG: error: MESSAGE`` (as jam-ckpt does), not a traceback; other exceptions are untouched.
+    Idempotent; the process still exits with status 1."""
+    prev = sys.excepthook
+    if getattr(prev, "_jam_one_line", False):
+        return
+
+    def hook(etype: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(etype, _ONE_LINE_ERRORS):
+            msg = str(value).splitlines()[0] if str(value) else etype.__name__
+            print(f"{Path(sys.argv[0]).name or 'python'}: error: {msg}", file=sys.stderr, flush=True)
+            return
+        prev(etype, value, tb)
+
+    hook._jam_one_line = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 # ---- what both hosts' classes share (mixins; each host adds its base class and API) -------------
@@ -648,16 +793,9 @@ class CM3TaskMixin:
         self.datasets[split] = self.dataset_class(items, pad=self.dictionary.pad())  # type: ignore[attr-defined]
 
     def on_model_built(self, model: Any, args: argparse.Namespace) -> None:
-        """Record the config in the task state and check the starting weights before training."""
+        """Record the config in the task state (the starting weights are checked when a trainer
+        loads them: ``patch_host_load_checkpoint``)."""
         self.state.merge_state_dict({"jam_config": model.jam_config.to_dict()})  # type: ignore[attr-defined]
-        if getattr(model, "model_parallel_size", 1) > 1:
-            return  # per-part files (-model_part-r): metaseq checks them as it loads
-        path = start_checkpoint(restore_file=getattr(args, "restore_file", None),
-                                finetune_from_model=getattr(args, "finetune_from_model", None),
-                                save_dir=getattr(args, "save_dir", "checkpoints"))
-        if path is not None and Path(path).exists():
-            check_start_checkpoint(path, model_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
-                                   vocab=self.vocab)
 
     def max_positions(self) -> int:
         return self.opts.tokens_per_sample
@@ -723,7 +861,9 @@ def register_with_host(*, model_class: type, model_registry: Mapping[str, Any], 
     (``CRITERION_NAME``) with its registry API (``task`` / ``criterion`` = (class, host registry, host
     register function)), skipping names it already holds (its registries refuse duplicates)."""
     allow_checkpoint_globals()
+    install_one_line_errors()
     patch_host_upgrader(checkpoint_utils)
+    patch_host_load_checkpoint(checkpoint_utils)
     if distributed_utils is not None:
         patch_host_broadcast(distributed_utils)
     for family in jam_args.FAMILIES:

@@ -1,21 +1,22 @@
 """metaseq host adapter: the ``jam_*`` models, the ``cm3_multimodal`` task and the ``cm3`` criterion
 for ``metaseq-train`` (JAM §3.1: "All our training procedures are implemented using Metaseq").
 
-Written against metaseq main's plugin API (``metaseq.models.register_model`` /
+Written against metaseq main at f7ffa5f (``metaseq.models.register_model`` /
 ``register_model_architecture``, ``metaseq.tasks.register_task`` with ``LegacyTask``,
 ``metaseq.criterions.register_criterion`` with ``BaseCriterion``, ``metaseq.logging.metrics``) and
-imported lazily: nothing here runs unless metaseq is installed and imported. metaseq cannot be
-installed in this project's CI (``reference/metaseq.md``): this module is checked on a real install
-(tests marked ``metaseq``).
+imported lazily: nothing here runs unless metaseq is installed and imported. Tested end to end
+through the real ``metaseq-train`` / ``metaseq-validate`` on a CPU build of metaseq (tests marked
+``metaseq``; ``docs/METASEQ.md``).
 
 - The archs set metaseq's required ``--decoder-learned-pos --share-decoder-input-output-embed``
   (``hosts.args.apply_arch_defaults``); sharded state is the launcher's ``--use-sharded-state``.
-- ``--model-parallel-size N > 1``: ``parallelize_tensor(core, ...)`` swaps the core model's
-  projections for megatron column/row-parallel linears and its embedding for a vocab-parallel one,
-  from outside the model (the core stays plain PyTorch); rank r then holds exactly metaseq's
-  ``-model_part-r`` tensors ([K_r; V_r; Q_r] rows of ``qkv_proj``), and the criterion uses
-  ``vocab_parallel_cross_entropy`` on the vocab-sharded logits.
-- Checkpoints load under torch >= 2.6 through the same allow-list as fairseq (``hosts.common``).
+- ``--model-parallel-size N > 1``: ``parallelize_tensor`` turns the core model (built whole, from
+  ``--seed`` alone) into rank r's part, the layer for each projection chosen by the split rule
+  ``checkpoints_tools.layout`` has for its key (the plan ``jam-ckpt --mp N`` writes files with), so
+  rank r holds exactly the ``-model_part-r`` tensors; the criterion uses
+  ``vocab_parallel_cross_entropy`` on the vocab-split logits. The core stays plain PyTorch.
+- Checkpoints load under torch >= 2.6 through the same allow-list as fairseq, and starting files
+  are checked before training (``hosts.common.check_trainer_start``).
 Data, items, task, criterion and decoder logic are shared with the fairseq adapter (mixins in
 ``hosts.common``; loss math in ``objectives.loss``); this module keeps what metaseq does differently.
 """
@@ -50,6 +51,7 @@ from jam_metaseq.hosts.common import (
 )
 from jam_metaseq.vocab import VocabManifest
 
+
 def dictionary_from_manifest(vocab: VocabManifest) -> Dictionary:
     d = Dictionary()
     for sym in vocab.symbols()[4:]:
@@ -60,76 +62,140 @@ def dictionary_from_manifest(vocab: VocabManifest) -> Dictionary:
 
 
 # ---- tensor parallelism (applied from outside the core model) -----------------------------------
-def parallelize_tensor(core: nn.Module, *, world_size: int) -> nn.Module:
-    """Replace the core's projections in place by megatron tensor-parallel layers.
+def parallelize_tensor(core: nn.Module, *, world_size: int, rank: int | None = None) -> nn.Module:
+    """Make ``core`` rank ``rank``'s part of a ``world_size``-way tensor-parallel model, in place.
 
-    Order: embeddings first (vocab-parallel rows), then per layer/cross block the column-parallel
-    input projections (qkv / q,k,v / fc1, outputs stay sharded) and row-parallel output projections
-    (out_proj / fc2, inputs sharded, output all-reduced); attention modules get H / N local heads.
-    Weights are re-created empty: load the rank's ``-model_part-r`` state dict afterwards.
+    One plan with the checkpoint tools: every ``nn.Linear`` / ``nn.Embedding`` of the core is
+    looked up in ``checkpoints_tools.layout`` by its state-dict key and becomes the megatron layer
+    that rule implies (``vocab``: vocab-parallel embedding, and the tied output projection on its
+    shard; ``column`` / ``qkv``: column-parallel linear, outputs left sharded; ``row``: row-parallel
+    linear, inputs sharded, output all-reduced; ``replicated``: unchanged). Its weights are
+    ``layout.split(key, full, world_size)[rank]`` of the core's own (initialised or loaded) tensors,
+    so the rank's ``state_dict()`` is by construction the ``-model_part-{rank}`` file ``jam-ckpt
+    --mp`` writes, and a model built from one seed is the same model at every size. Attention
+    modules whose projections were split keep ``heads / world_size`` local heads.
     """
+    from checkpoints_tools import layout
     from metaseq.modules.megatron import mpu
 
-    class Column(mpu.ColumnParallelLinear):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:  # megatron returns (out, bias)
-            out, bias = super().forward(x)
-            return out if bias is None else out + bias
+    if world_size <= 1:
+        return core
+    rank = mpu.get_tensor_model_parallel_rank() if rank is None else rank
+    column_cls, row_cls = _megatron_linears()
+    full = core.state_dict()  # the consolidated tensors the plan splits (views, no copy)
 
-    class Row(mpu.RowParallelLinear):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out, bias = super().forward(x)
-            return out if bias is None else out + bias
+    def piece(key: str) -> torch.Tensor:
+        return layout.split(key, full[key], world_size)[rank]
 
-    def noinit(w: torch.Tensor) -> None:
+    def fill(new: nn.Module, prefix: str) -> nn.Module:
+        with torch.no_grad():
+            for name, p in new.named_parameters(recurse=False):
+                key = f"{prefix}.{name}"
+                want = piece(key)
+                if tuple(p.shape) != tuple(want.shape):  # the plan and the layer disagree
+                    raise ValueError(f"{key}: rule {layout.rule_for(key)!r} gives {tuple(want.shape)} "
+                                     f"but the tensor-parallel layer holds {tuple(p.shape)}")
+                p.copy_(want)
+        return new
+
+    def noinit(w: torch.Tensor) -> None:  # weights are filled from the plan right after
         return None
 
-    def column(lin: nn.Linear) -> nn.Module:
-        return Column(lin.in_features, lin.out_features, bias=lin.bias is not None, gather_output=False,
-                      init_method=noinit)
-
-    def row(lin: nn.Linear) -> nn.Module:
-        return Row(lin.in_features, lin.out_features, bias=lin.bias is not None, input_is_parallel=True,
-                   init_method=noinit)
-
-    d = core.decoder
-    for name in ("layers", "layers_llm", "layers_cm3"):
-        for layer in getattr(d, name, []):
-            attn = layer.self_attn
+    embedding: Any = None
+    tied: list[tuple[nn.Module, str]] = []
+    split_parents: set[str] = set()
+    modules = dict(core.named_modules())  # as built (the loop replaces some)
+    for name, module in modules.items():
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        key = f"{name}.weight"
+        rule = layout.rule_for(key)
+        if rule == "replicated":
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = core.get_submodule(parent_name)
+        kw = {"init_method": noinit, "dtype": module.weight.dtype}  # megatron's default dtype is half
+        if isinstance(module, nn.Embedding) and rule == "vocab":
+            new = fill(mpu.VocabParallelEmbedding(module.num_embeddings, module.embedding_dim, module.padding_idx,
+                                                  **kw), name)
+            embedding = new
+        elif isinstance(module, nn.Linear) and rule == "vocab":
+            tied.append((parent, attr))  # the output projection: tied to the embedding shard below
+            emb = modules.get(f"{parent_name}.embed_tokens")
+            if emb is None or module.weight is not emb.weight:
+                raise ValueError(f"{key}: a vocab-parallel output projection must be tied to embed_tokens")
+            continue
+        elif isinstance(module, nn.Linear) and rule in ("column", "qkv"):
+            _check_bias(layout, module, name, rule=rule)
+            new = fill(column_cls(module.in_features, module.out_features, bias=module.bias is not None,
+                                  gather_output=False, **kw), name)
+            split_parents.add(parent_name)
+        elif isinstance(module, nn.Linear) and rule == "row":
+            new = fill(row_cls(module.in_features, module.out_features, bias=module.bias is not None,
+                               input_is_parallel=True, **kw), name)
+            split_parents.add(parent_name)
+        else:
+            raise ValueError(f"{key}: no tensor-parallel layer for rule {rule!r} on {type(module).__name__}")
+        setattr(parent, attr, new)
+    for parent, attr in tied:
+        if embedding is None:
+            raise ValueError("a vocab-parallel output projection needs a vocab-parallel embed_tokens")
+        setattr(parent, attr, _VocabParallelOutput(embedding))
+    for name in sorted(split_parents):
+        attn = core.get_submodule(name)
+        if hasattr(attn, "heads"):
             if attn.heads % world_size:
-                raise ValueError(f"{attn.heads} heads do not split over model-parallel size {world_size}")
-            attn.qkv_proj, attn.out_proj = column(attn.qkv_proj), row(attn.out_proj)
+                raise ValueError(f"{name}: {attn.heads} heads do not split over model-parallel size {world_size}")
             attn.heads //= world_size
-            layer.fc1, layer.fc2 = column(layer.fc1), row(layer.fc2)
-    for name in ("x_attn_layers_llm", "x_attn_layers_cm3"):
-        for block in getattr(d, name, []):
-            x = block.cross_attn
-            x.q_proj, x.k_proj, x.v_proj = column(x.q_proj), column(x.k_proj), column(x.v_proj)
-            x.out_proj = row(x.out_proj)
-            x.heads //= world_size
-            block.fc1, block.fc2 = column(block.fc1), row(block.fc2)
-    emb = d.embed_tokens
-    d.embed_tokens = mpu.VocabParallelEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx,
-                                                init_method=noinit)
-    # Output projection tied to the vocab shard: logits stay sharded (B, T, V/N).
-    d.output_projection = _VocabParallelOutput(d.embed_tokens)
     return core
 
 
+def _check_bias(layout: Any, module: nn.Linear, name: str, *, rule: str) -> None:
+    """A column-parallel layer splits its bias by its weight's rule (a row-parallel layer's whole
+    bias is caught by the shape check in ``fill``)."""
+    if module.bias is not None and layout.rule_for(f"{name}.bias") != rule:
+        raise ValueError(f"{name}.bias: checkpoints_tools.layout says {layout.rule_for(f'{name}.bias')!r}, "
+                         f"its weight {rule!r}")
+
+
+_MEGATRON_LINEARS: tuple[type, type] | None = None
+
+
+def _megatron_linears() -> tuple[type, type]:
+    """megatron's column/row-parallel linears returning the output alone (they return (out, bias))."""
+    global _MEGATRON_LINEARS
+    if _MEGATRON_LINEARS is None:
+        from metaseq.modules.megatron import mpu
+
+        class ColumnParallelLinear(mpu.ColumnParallelLinear):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out, bias = super().forward(x)
+                return out if bias is None else out + bias
+
+        class RowParallelLinear(mpu.RowParallelLinear):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out, bias = super().forward(x)
+                return out if bias is None else out + bias
+
+        _MEGATRON_LINEARS = (ColumnParallelLinear, RowParallelLinear)
+    return _MEGATRON_LINEARS
+
+
 class _VocabParallelOutput(nn.Module):
-    """x (B, T, E) -> local logits (B, T, V/N) with the tied vocab-parallel embedding shard."""
+    """x (B, T, E) -> local logits (B, T, V/N) with the tied vocab-parallel embedding shard.
+
+    ``weight`` is the embedding's own Parameter, registered here too: the state dict holds
+    ``decoder.output_projection.weight`` as metaseq's own models and ``jam-ckpt --mp`` parts do,
+    and the optimizer still sees one tensor."""
 
     def __init__(self, embedding: nn.Module) -> None:
         super().__init__()
-        self.__dict__["embedding"] = embedding  # tied: no second parameter
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.embedding.weight
+        self.weight = embedding.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from metaseq.modules.megatron import mpu
 
-        return torch.nn.functional.linear(mpu.copy_to_tensor_model_parallel_region(x), self.embedding.weight)
+        return torch.nn.functional.linear(mpu.copy_to_tensor_model_parallel_region(x), self.weight)
 
 
 # ---- model ---------------------------------------------------------------------------------
@@ -146,15 +212,19 @@ class JamMetaseqModel(JamModelMixin, BaseModel):
     """A JAM model as a metaseq decoder-only model."""
 
     def __init__(self, decoder: JamMetaseqDecoder, jam_config: Any, model_parallel_size: int) -> None:
-        super().__init__()
-        self.decoder = decoder
+        super().__init__(decoder)  # metaseq's BaseModel takes (and type-checks) the decoder
         self.jam_config = jam_config
         self.model_parallel_size = model_parallel_size
 
     @classmethod
     def build_model(cls, args: Namespace, task: Any) -> "JamMetaseqModel":
-        cfg, core = build_core(args, task)
-        mp = int(getattr(args, "model_parallel_size", 1) or 1)
+        mp = model_parallel_size(args)
+        # The full model's initial weights depend on --seed alone (not on what the process drew
+        # before), so every model-parallel rank splits the same tensors and a run from scratch
+        # starts from the same model at every model-parallel size.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(getattr(args, "seed", 1) or 1))
+            cfg, core = build_core(args, task)
         if mp > 1:
             parallelize_tensor(core, world_size=mp)
         model = cls(JamMetaseqDecoder(task.target_dictionary, core), cfg, mp)
@@ -165,6 +235,31 @@ class JamMetaseqModel(JamModelMixin, BaseModel):
         return self.decoder(src_tokens, **kwargs)
 
 
+def model_parallel_size(args: Namespace) -> int:
+    """``--model-parallel-size``, checked against the model-parallel group this process is in."""
+    mp = int(getattr(args, "model_parallel_size", 1) or 1)
+    if mp > 1:
+        from metaseq.modules.megatron.mpu import initialize
+
+        got = initialize.get_tensor_model_parallel_world_size() \
+            if initialize._TENSOR_MODEL_PARALLEL_GROUP is not None else 1
+        if got != mp:
+            raise ValueError(f"--model-parallel-size {mp}, but this process is one of {got} model-parallel "
+                             f"ranks: start {mp} processes per model replica (torchrun --nproc_per_node {mp} "
+                             f"metaseq-train ...)")
+    return mp
+
+
+def _task_state() -> Any:
+    """A metaseq ``StatefulContainer`` with its own dicts (metaseq declares them on the class, so
+    every container in a process would share one state)."""
+    from metaseq.tasks.base_task import StatefulContainer
+
+    state = StatefulContainer()
+    state._state, state._factories = {}, {}
+    return state
+
+
 # ---- data / task -----------------------------------------------------------------------------
 class CM3MetaseqDataset(CM3DatasetMixin, BaseDataset):
     """``hosts.common.CM3Items`` as a metaseq BaseDataset (``hosts.common.CM3DatasetMixin``)."""
@@ -172,10 +267,22 @@ class CM3MetaseqDataset(CM3DatasetMixin, BaseDataset):
 
 class CM3MultimodalMetaseqTask(CM3TaskMixin, _TaskBase):
     """metaseq twin of ``hosts.fairseq.CM3MultimodalTask`` (same flags, data layout and items);
-    at model-parallel size > 1 the start checkpoint is left to metaseq's per-part loading."""
+    at model-parallel size > 1 each rank checks its own ``-model_part-{r}`` starting file
+    (``hosts.common.check_trainer_start``)."""
 
     dataset_class = CM3MetaseqDataset
     make_dictionary = staticmethod(dictionary_from_manifest)
+
+    def __init__(self, args: Namespace, vocab: Any, dictionary: Any) -> None:
+        self.state = _task_state()  # metaseq's LegacyTask.__init__ creates none (fairseq's does)
+        super().__init__(args, vocab, dictionary)
+
+    def get_batch_iterator(self, dataset: Any, *args: Any, skip_remainder_batch: bool = True, **kwargs: Any):
+        """metaseq's iterator drops an epoch's last batch unless told not to, and metaseq-validate
+        does not tell it: validation items are all scored (the PPL covers the whole split)."""
+        if not getattr(getattr(dataset, "items", None), "train", True):
+            skip_remainder_batch = False
+        return super().get_batch_iterator(dataset, *args, skip_remainder_batch=skip_remainder_batch, **kwargs)
 
 
 # ---- criterion -----------------------------------------------------------------------------
@@ -183,7 +290,7 @@ class CM3MetaseqCriterion(CM3CriterionMixin, BaseCriterion):
     """Same loss and logs as the fairseq ``cm3`` criterion; vocab-parallel nll at MP > 1."""
 
     def token_nll(self, model: Any, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if getattr(model, "model_parallel_size", 1) > 1:
+        if logits.size(-1) != self.vocab.size:  # this rank's vocab shard (B, T, V/N)
             from metaseq.modules.megatron import mpu
 
             return mpu.vocab_parallel_cross_entropy(logits.float(), target)  # (B, T)
