@@ -1,7 +1,10 @@
-"""Shared pieces of the generation tests: tiny configs of the three architectures, prompts, and
-the one-thread fixture (import it into a test module to use it there)."""
+"""Shared pieces of the generation tests: tiny configs of the three architectures, prompts, the
+float64 copy for token comparisons, and the one-thread fixture (import it into a test module to
+use it there)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -28,6 +31,21 @@ def tiny_config(arch: str, vocab=VOCAB):
     if arch == "width":
         return width_of(parent)
     return cross_of(parent, cross_every=1, image_vocab_start=vocab.image_start, image_vocab_end=vocab.image_end)
+
+
+def float64(model: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of ``model`` for tests that compare *tokens* between computations of different
+    shapes (batched vs alone, cached vs uncached, eager vs static decode, CFG rows vs plain rows).
+
+    The random numbers are a function of (seed, step), but the logits of two such computations
+    agree only up to rounding (~1e-6 in float32, and another CPU rounds differently). A sampled
+    token flips when its uniform number lies closer than that to a CDF boundary: in float32 these
+    tests' closest draws are ~1e-6 away. In float64 the logits agree to ~1e-15, and they reach the
+    sampler (float32) as the same float32 numbers, so the tokens agree on any CPU. The float32 path
+    is compared at the logits level, with a tolerance (test_generation_static, test_models_cache).
+    See docs/TESTING.md.
+    """
+    return copy.deepcopy(model).double()
 
 
 @pytest.fixture(autouse=True, scope="module")

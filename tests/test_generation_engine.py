@@ -1,4 +1,7 @@
-"""The generation engine on tiny random models of every architecture (paper §3.1, Eq. 6)."""
+"""The generation engine on tiny random models of every architecture (paper §3.1, Eq. 6).
+
+Tests that compare tokens between computations of different shapes use float64 copies of the
+models (``_generation_util.float64``); the float32 logits are compared with a tolerance."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from _generation_util import ARCHS, PROMPTS, T0, VOCAB, one_thread, tiny_config  # noqa: F401
+from _generation_util import ARCHS, PROMPTS, T0, VOCAB, float64, one_thread, tiny_config  # noqa: F401
 from jam_metaseq.generation.answer import ImageSegment
 from jam_metaseq.generation.cfg import unconditional_prompt
 from jam_metaseq.generation.engine import Engine, GenerationConfig
@@ -27,6 +30,16 @@ def model(request):
 def decoder_model():
     torch.manual_seed(1)
     return build_model(tiny_config("decoder")).eval()
+
+
+@pytest.fixture(scope="module")
+def model64(model):
+    return float64(model)
+
+
+@pytest.fixture(scope="module")
+def decoder64(decoder_model):
+    return float64(decoder_model)
 
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -54,18 +67,18 @@ def test_cached_logits_equal_the_full_forward(model):
     assert torch.allclose(alone[0, -1], full[1, -1], atol=1e-4)
 
 
-def test_cached_greedy_equals_uncached(model):
+def test_cached_greedy_equals_uncached(model64):
     cfg = config(text=GREEDY, image=GREEDY, guidance_scale=3.5)
-    cached = Engine(model, vocab=VOCAB).generate(PROMPTS, config=cfg)
-    uncached = Engine(model, vocab=VOCAB, use_cache=False).generate(PROMPTS, config=cfg)
+    cached = Engine(model64, vocab=VOCAB).generate(PROMPTS, config=cfg)
+    uncached = Engine(model64, vocab=VOCAB, use_cache=False).generate(PROMPTS, config=cfg)
     assert [a.ids for a in cached] == [a.ids for a in uncached]
     assert all(a.images for a in cached)
 
 
-def test_sliced_image_logits_change_nothing(model):
+def test_sliced_image_logits_change_nothing(model64):
     cfg = config(max_new_tokens=30, min_images=2)
-    fast = Engine(model, vocab=VOCAB).generate(PROMPTS, config=cfg, seeds=[3, 4, 5])
-    full = Engine(model, vocab=VOCAB, slice_image_logits=False).generate(PROMPTS, config=cfg, seeds=[3, 4, 5])
+    fast = Engine(model64, vocab=VOCAB).generate(PROMPTS, config=cfg, seeds=[3, 4, 5])
+    full = Engine(model64, vocab=VOCAB, slice_image_logits=False).generate(PROMPTS, config=cfg, seeds=[3, 4, 5])
     assert [a.ids for a in fast] == [a.ids for a in full]
 
 
@@ -85,8 +98,8 @@ def test_images_are_exactly_n_codes_framed_by_break(model):
         assert sum(VOCAB.is_image(t) for t in ids) == N * len(images)
 
 
-def test_same_seed_same_answer_and_batch_equals_alone(decoder_model):
-    engine = Engine(decoder_model, vocab=VOCAB)
+def test_same_seed_same_answer_and_batch_equals_alone(decoder64):
+    engine = Engine(decoder64, vocab=VOCAB)
     cfg = config(max_new_tokens=30)
     batch = engine.generate(PROMPTS, config=cfg, seeds=[11, 12, 13])
     again = engine.generate(PROMPTS, config=cfg, seeds=[11, 12, 13])
@@ -98,8 +111,8 @@ def test_same_seed_same_answer_and_batch_equals_alone(decoder_model):
     assert [a.ids for a in other] != [a.ids for a in batch]
 
 
-def test_guidance_scale_one_is_conditional_and_zero_is_unconditional(decoder_model):
-    engine = Engine(decoder_model, vocab=VOCAB)
+def test_guidance_scale_one_is_conditional_and_zero_is_unconditional(decoder64):
+    engine = Engine(decoder64, vocab=VOCAB)
     # Text-to-image: the answer is one image, so every step is guided.
     base = dict(max_new_tokens=N + 2, force_image_first=True, max_images=1)
     seeds = [5, 6, 7]

