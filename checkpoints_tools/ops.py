@@ -37,6 +37,7 @@ from checkpoints_tools.readers import Reader, open_checkpoint
 from checkpoints_tools.safe_load import CheckpointError
 from checkpoints_tools.workspace import Workspace
 from checkpoints_tools.writers import TIED, OutputDir, OutputSpec, sha256_file
+from jam_metaseq.fusion.cross import DEFAULT_INIT_SEED_SCHEME, INIT_SEED_SCHEMES
 from jam_metaseq.models.config import (
     CrossConfig, DecoderConfig, ModelConfig, cross_of, uniform_of, width_of,
 )
@@ -581,8 +582,13 @@ def widen(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
 
 def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions, cross_every: int = 2,
           init: str = "paper", seed: int = 0, image_vocab: tuple[int, int] | None = None,
-          heads: int | None = None) -> Path:
-    """JAM-Cross (§2.1.3): both parents as branches, cross blocks every ``cross_every`` layers."""
+          heads: int | None = None, init_seed_scheme: str = DEFAULT_INIT_SEED_SCHEME) -> Path:
+    """JAM-Cross (§2.1.3): both parents as branches, cross blocks every ``cross_every`` layers.
+    ``init_seed_scheme``: how the normal init of new weights is seeded (``jam_metaseq.fusion.cross``:
+    ``per-block`` draws in parallel; ``per-tensor`` reproduces outputs written before the scheme
+    was recorded); recorded in the manifest's parameters."""
+    if init_seed_scheme not in INIT_SEED_SCHEMES:
+        raise CheckpointError(f"init seed scheme must be one of {INIT_SEED_SCHEMES}, got {init_seed_scheme!r}")
     readers, cfgs = _open_parents([llm, img], ["llm", "img"], opts=opts, heads=heads)
     parent = cfgs[0]
     if image_vocab is None and opts.vocab is not None:
@@ -612,11 +618,12 @@ def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
     def produce(name: str, buf: torch.Tensor) -> torch.Tensor:
         # The output projection is the embedding by construction (written as its alias in .pt
         # layouts; produced again for safetensors rather than held for the whole stream).
-        return kernels.cross_into(name, buf, cfg=cfg, llm=a, img=b, seed=seed, ws=ws)
+        return kernels.cross_into(name, buf, cfg=cfg, llm=a, img=b, seed=seed, ws=ws, scheme=init_seed_scheme)
 
     sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(("llm", "img"), readers)]
     return stream_to(out, produce, produced_dtypes=_float_dtypes(shapes, torch.float32), desc="cross",
                      progress=opts.progress, threads=opts.threads,
                      manifest_extra=_extra(opts, "cross", sources, cross_every=cross_every, init=init, seed=seed,
+                                           init_seed_scheme=init_seed_scheme,
                                            image_vocab=[lo, hi]),
                      tied=True)

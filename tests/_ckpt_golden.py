@@ -33,8 +33,8 @@ OPS = {
     "merge": {},
     "widen-copy": {"init": "copy"},
     "widen-average": {"init": "average"},
-    "cross-paper": {"init": "paper", "seed": 7},
-    "cross-preserve": {"init": "preserve", "seed": 7},
+    "cross-paper": {"init": "paper", "seed": 7, "init_seed_scheme": "per-tensor"},
+    "cross-preserve": {"init": "preserve", "seed": 7, "init_seed_scheme": "per-tensor"},
 }
 LAYOUTS = {"metaseq-mp1": {"mp": 1}, "metaseq-mp2": {"mp": 2}, "safetensors": {"format": "safetensors"}}
 

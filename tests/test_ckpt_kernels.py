@@ -84,20 +84,30 @@ def test_widen_into_is_widen_tensor_bitwise(two, small_chunks, init, dt_in, dt_o
         _bitwise(out, widen_tensor(k, a[k], b[k], parent=cfg, init=init).to(dt_out), k)
 
 
+@pytest.mark.parametrize("scheme", ["per-tensor", "per-block"])
 @pytest.mark.parametrize("init", ["paper", "preserve"])
-def test_cross_into_is_cross_tensor_bitwise(two, tmp_path, init):
+def test_cross_into_is_cross_tensor_bitwise(two, tmp_path, monkeypatch, init, scheme):
+    """Also with draw blocks much smaller than a tensor (many blocks, ragged last one) spread
+    over 1 or 3 threads: the bits depend on the seed and the names only."""
+    from jam_metaseq.fusion import cross as fusion_cross
+
+    monkeypatch.setattr(fusion_cross, "DRAW_BLOCK", 100)
     cfg, a, b = two
     a16, b16 = _cast(a, torch.float16), _cast(b, torch.bfloat16)  # mixed parent dtypes
     ra = open_checkpoint(save_metaseq(tmp_path / "a", cfg, a16, mp=2))
     rb = open_checkpoint(save_metaseq(tmp_path / "b", cfg, b16, fsdp=2))
     ccfg = cross_of(cfg, 1, cross_init=init, image_vocab_start=64, image_vocab_end=100)
     ws = Workspace()
-    for k, shape in state_shapes(ccfg).items():
-        out = ws.get("out", shape, torch.float16)
-        out.fill_(float("nan"))
-        kernels.cross_into(k, out, cfg=ccfg, llm=ra, img=rb, seed=9, ws=ws)
-        want = cross_tensor(k, cfg=ccfg, llm=a16.__getitem__, img=b16.__getitem__, seed=9).to(torch.float16)
-        _bitwise(out, want, k)
+    for threads in (1, 3):
+        monkeypatch.setattr(kernels, "DRAW_THREADS", threads)
+        monkeypatch.setattr(kernels, "_POOL", None)
+        for k, shape in state_shapes(ccfg).items():
+            out = ws.get("out", shape, torch.float16)
+            out.fill_(float("nan"))
+            kernels.cross_into(k, out, cfg=ccfg, llm=ra, img=rb, seed=9, ws=ws, scheme=scheme)
+            want = cross_tensor(k, cfg=ccfg, llm=a16.__getitem__, img=b16.__getitem__, seed=9,
+                                scheme=scheme).to(torch.float16)
+            _bitwise(out, want, k)
 
 
 def test_workspace_reuses_and_grows():
