@@ -330,10 +330,10 @@ def stream_to(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        out.open(produced_dtypes)
         alias = tied and out.aliases_tied
         if alias:
             out.expect_tied()
+        out.open(produced_dtypes)
         bar = _progress(len(out.shapes), desc, progress)
         ws = Workspace()
         names = list(out.shapes)
@@ -616,8 +616,7 @@ def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
     ws = Workspace()
 
     def produce(name: str, buf: torch.Tensor) -> torch.Tensor:
-        # The output projection is the embedding by construction (written as its alias in .pt
-        # layouts; produced again for safetensors rather than held for the whole stream).
+        # The output projection is the embedding by construction: written as its alias (tied=True).
         return kernels.cross_into(name, buf, cfg=cfg, llm=a, img=b, seed=seed, ws=ws, scheme=init_seed_scheme)
 
     sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(("llm", "img"), readers)]

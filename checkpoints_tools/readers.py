@@ -606,7 +606,8 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
 
 
 def read_safetensors_index(path: Path) -> dict[str, Path]:
-    """The ``weight_map`` of a ``*.safetensors.index.json`` (tensor -> file), validated."""
+    """The ``weight_map`` of a ``*.safetensors.index.json`` (or HF's ``pytorch_model.bin.index.json``, the
+    same format): tensor -> file next to the index, validated."""
     try:
         idx = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -628,7 +629,9 @@ class SafetensorsReader(Reader):
     Headers are validated (``read_safetensors_header``), and a tensor whose dtype is not
     floating point must be a version counter: parameters are floating point, so an integer
     dtype on one means a relabelled or corrupt header. ``weight_map``: an index's tensor ->
-    file, checked against the headers."""
+    file, checked against the headers. A ``__metadata__`` entry ``NAME: STORED`` where NAME is
+    no tensor of the file and STORED is one (how ``safetensors.torch.save_model`` and jam-ckpt
+    record a tied tensor stored once) makes NAME an alias of STORED (``tied``)."""
 
     def __init__(self, files: Sequence[Path], *, path: Path, weight_map: Mapping[str, Path] | None = None) -> None:
         self.path = path
@@ -654,14 +657,27 @@ class SafetensorsReader(Reader):
                 check_parameter_dtype(f, k, e.info.dtype)
                 self._infos[k] = e.info
                 self._where[k] = (f, header.data_start + e.begin, e.end - e.begin, 0)
+            for k, v in header.metadata.items():  # safetensors' record of a dropped shared tensor
+                if k not in header.tensors and v in header.tensors and k not in ("format", "jam_config", "jam_vocab"):
+                    self.meta.setdefault("aliases", {})[k] = v
+        self._aliases: dict[str, str] = {}
+        for k, v in self.meta.pop("aliases", {}).items():
+            self._aliases[k] = v
+            self._infos[k] = self._infos[v]
+            self._where[k] = self._where[v]
         if weight_map is not None:
             for k, f in weight_map.items():
                 if k not in self._where or self._where[k][0] != f:
                     where = self._where[k][0] if k in self._where else "no file"
                     raise CheckpointError(f"{path}: weight_map puts tensor {k!r} in {f.name}, found in {where}")
-            extra = [k for k in self._infos if k not in weight_map]
+            extra = [k for k in self._infos if k not in weight_map and k not in self._aliases]
             if extra:
                 raise CheckpointError(f"{path}: tensor(s) {extra[:3]} are in the files but not in weight_map")
+
+    def tied(self, a: str, b: str) -> bool:
+        """One stored tensor under both names: ``__metadata__`` names one of them as the other
+        (``safetensors.torch.save_model``'s record of a shared tensor it stored once)."""
+        return a in self._infos and b in self._infos and self._aliases.get(a, a) == self._aliases.get(b, b)
 
     def get_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         info = self._start_read(name, out)

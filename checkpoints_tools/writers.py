@@ -49,6 +49,10 @@ from checkpoints_tools.workspace import Workspace
 from jam_metaseq.models.config import CrossConfig, DecoderConfig, ModelConfig
 
 TIED = ("decoder.embed_tokens.weight", "decoder.output_projection.weight")
+"""(embedding, output projection): tied in every model here. A safetensors output of tied
+sources stores the embedding once and records ``__metadata__[TIED[1]] = TIED[0]``: the
+``safetensors`` library's own convention for a tensor it dropped as a duplicate
+(``safetensors.torch.save_model`` writes it, ``load_model`` accepts the file)."""
 
 
 class OutputError(ValueError):
@@ -900,7 +904,10 @@ class OutputDir:
             md = {"format": "pt", "jam_config": json.dumps(self.cfg.to_dict())}
             if self.vocab:
                 md["jam_vocab"] = json.dumps(dict(self.vocab))
-            plan = [(n, s, self._dtypes[n]) for n, s in self.shapes.items()]
+            if self._expect_tied:
+                md[TIED[1]] = TIED[0]
+            plan = [(n, s, self._dtypes[n]) for n, s in self.shapes.items()
+                    if not (self._expect_tied and n == TIED[1])]
             self._st = SafetensorsStreamWriter(self.tmp / self._st_names[0][0], plan, md,
                                                shown=self._shown(self._st_names[0][0]))
             return
@@ -925,15 +932,20 @@ class OutputDir:
 
     @property
     def aliases_tied(self) -> bool:
-        """The files store the output projection as the embedding's storage (``.pt`` layouts)."""
-        return (self.spec.format == "metaseq" and all(t in self.shapes for t in TIED)
-                and self.shapes[TIED[0]] == self.shapes[TIED[1]])
+        """The files store the output projection as the embedding itself: ``.pt`` layouts alias its
+        storage (as ``torch.save`` does), safetensors stores it once and names the alias in
+        ``__metadata__`` (``TIED_METADATA``); HF OPT files have no output projection (``lm_head``
+        is tied by the config)."""
+        return all(t in self.shapes for t in TIED) and self.shapes[TIED[0]] == self.shapes[TIED[1]]
 
     def expect_tied(self) -> None:
         """The caller will write the output projection with ``add_tied`` (its sources are tied):
-        the embedding then need not be hashed for the comparison ``add`` makes."""
+        the embedding then need not be hashed for the comparison ``add`` makes, and a safetensors
+        file stores it once. Call before ``open``."""
         if not self.aliases_tied:
             raise OutputError(f"{self.out}: this layout does not alias {TIED[1]} to {TIED[0]}")
+        if self.tmp is not None:
+            raise OutputError(f"{self.out}: expect_tied after open")
         self._expect_tied = True
 
     def add_tied(self, name: str, *, pools: Sequence[concurrent.futures.Executor] | None = None
@@ -948,7 +960,7 @@ class OutputDir:
             raise OutputError(f"tensor {name} written twice")
         self._done.add(name)
         self.tensor_meta[name] = dict(self.tensor_meta[TIED[0]])
-        if self.spec.fsdp:
+        if self.spec.fsdp or self._st is not None:  # FSDP: shared_param_info; safetensors: in the header
             return []
 
         def alias(r: int) -> None:
