@@ -115,12 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new weights: paper = normal init; preserve = cross blocks start as identities "
                         "(each branch reproduces its parent)")
     p.add_argument("--seed", type=int, default=0, help="seed of the new weights (per tensor name)")
-    p.add_argument("--init-seed-scheme", choices=("per-block", "per-tensor"), default="per-tensor",
+    p.add_argument("--init-seed-scheme", choices=("per-block", "per-tensor"), default="per-block",
                    help="how the normal draws of new weights are seeded (recorded in manifest.json as "
                         "init_seed_scheme): per-block = each block of 2^18 elements of a tensor from its own "
                         "generator seeded by (seed, name, block), drawn on two threads; per-tensor = one "
                         "generator per tensor seeded by (seed, name), the scheme of outputs whose manifest "
-                        "records no init_seed_scheme (default: per-tensor)")
+                        "records no init_seed_scheme: pass it to reproduce those (default: per-block)")
     p.add_argument("--image-vocab", type=int, nargs=2, metavar=("START", "END"),
                    help="embedding rows [START, END) taken from the image parent (default: the vocab "
                         "manifest's image range)")

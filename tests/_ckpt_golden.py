@@ -12,7 +12,7 @@ and for the JAM-Cross cases ``fixed_tensors`` (the same over the tensors that ar
 with the rest under ``drawn[randn_fingerprint]``, recorded on this CPU's dispatch and on torch's
 DEFAULT one.
 
-  PYTHONPATH=. python tests/_ckpt_golden.py --record       # rewrite tests/data/ckpt_golden.json
+  PYTHONPATH=. python tests/_ckpt_golden.py --record       # add new cases to tests/data/ckpt_golden.json
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ OPS = {
     "widen-average": {"init": "average"},
     "cross-paper": {"init": "paper", "seed": 7, "init_seed_scheme": "per-tensor"},
     "cross-preserve": {"init": "preserve", "seed": 7, "init_seed_scheme": "per-tensor"},
+    "cross-paper-per-block": {"init": "paper", "seed": 7, "init_seed_scheme": "per-block"},
 }
 LAYOUTS = {"metaseq-mp1": {"mp": 1}, "metaseq-mp2": {"mp": 2}, "safetensors": {"format": "safetensors"}}
 
@@ -165,7 +166,8 @@ def main() -> None:
     import tempfile
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--record", action="store_true", help=f"write {DATA.relative_to(HERE.parent)}")
+    ap.add_argument("--record", action="store_true",
+                    help=f"add cases missing from {DATA.relative_to(HERE.parent)} (recorded ones must not change)")
     ap.add_argument("--print", action="store_true", help="print this process's records as JSON")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
@@ -174,14 +176,26 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             print(json.dumps(record(Path(d))))
         return
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    data = {"recorded_at_commit": rev, "torch": torch.__version__, "cases": record_all()}
-    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
-    if args.record:
+    cases = record_all()
+    if not args.record:
+        print(json.dumps(cases, indent=1, sort_keys=True))
+        return
+    # Recorded digests are kept: a case already in the file must come out the same (else this
+    # refuses); only new cases are added, under a note naming the commit they were recorded at.
+    old = json.loads(DATA.read_text()) if DATA.is_file() else {"cases": {}, "notes": []}
+    changed = [n for n in old["cases"] if n in cases and cases[n] != old["cases"][n]]
+    if changed:
+        raise SystemExit(f"these recorded cases come out differently now: {changed}; fix the code, or edit "
+                         f"{DATA.name} by hand with a note saying why the bytes changed")
+    new = sorted(set(cases) - set(old["cases"]))
+    if new:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=HERE).stdout.strip()
+        old["cases"].update({n: cases[n] for n in new})
+        old.setdefault("notes", []).append(f"Added at {rev} (torch {torch.__version__}): {', '.join(new)}.")
         DATA.parent.mkdir(exist_ok=True)
-        DATA.write_text(text)
-    else:
-        print(text)
+        DATA.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
+    print(f"{len(new)} case(s) added, {len(old['cases']) - len(new)} unchanged")
 
 
 if __name__ == "__main__":

@@ -228,3 +228,32 @@ def test_outputs_equal_the_recorded_digests(tmp_path, golden_parents, case):
         got = rec
     assert got["tensors"] == want["tensors"], f"{case}: the tensors changed"
     assert got["files"] == want["files"], f"{case}: the files changed (same tensors: a writer change)"
+
+
+def test_cross_records_its_init_seed_scheme_and_per_tensor_reproduces_older_outputs(tmp_path, golden_parents):
+    """The manifest says how the new weights were drawn (parameters.init_seed_scheme); the default
+    is per-block; --init-seed-scheme per-tensor gives the bytes jam-ckpt wrote before the scheme
+    existed (the recorded digests); the two differ in the drawn tensors only."""
+    from checkpoints_tools.cli import main as jam_ckpt
+
+    pa, pb = golden_parents
+    outs = {}
+    for scheme in ("per-block", "per-tensor"):
+        argv = ["cross", "--llm", str(pa), "--img", str(pb), "--cross-every", "1", "--seed", "7", "--image-vocab",
+                "64", "100", "--hash-sources", "none", "--quiet", "-o", str(tmp_path / scheme)]
+        if scheme == "per-tensor":
+            argv += ["--init-seed-scheme", "per-tensor"]
+        assert jam_ckpt(argv) == 0
+        m = json.loads((tmp_path / scheme / "manifest.json").read_text())
+        assert m["parameters"]["init_seed_scheme"] == scheme
+        outs[scheme] = collections.OrderedDict(open_checkpoint(tmp_path / scheme).items())
+    want = _GOLDEN["cases"]["cross-paper/metaseq-mp1"]["drawn"].get(_golden.randn_fingerprint())
+    if want is not None:
+        assert _golden.digest_output(tmp_path / "per-tensor", "cross-paper")["drawn"] == {
+            _golden.randn_fingerprint(): want}
+    drawn = set(_golden.random_names(list(outs["per-block"]), "paper"))
+    assert drawn
+    for k in outs["per-block"]:
+        assert torch.equal(outs["per-block"][k], outs["per-tensor"][k]) != (k in drawn), k
+    with pytest.raises(CheckpointError, match="init seed scheme must be one of"):
+        cross(pa, pb, opts=_opts(tmp_path / "bad"), image_vocab=(64, 100), init_seed_scheme="per-thread")

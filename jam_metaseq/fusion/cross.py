@@ -12,10 +12,10 @@
   projection to [I/2, I/2]. The normal draws depend on (seed, name) only, so the result does not
   depend on the order tensors are streamed in; how they are seeded is the ``init_seed_scheme``:
 
-  - ``per-block``: element block k (``DRAW_BLOCK`` elements of the flattened tensor)
+  - ``per-block`` (the default): element block k (``DRAW_BLOCK`` elements of the flattened tensor)
     is ``torch.randn`` from a CPU generator seeded with ``block_seed(seed, name, k)``. Blocks are
     independent, so they can be drawn in parallel and in any order, with the same bits.
-  - ``per-tensor`` (the default; jam-ckpt's only scheme before ``init_seed_scheme`` was recorded): one ``torch.randn`` of the
+  - ``per-tensor`` (jam-ckpt's only scheme before ``init_seed_scheme`` was recorded): one ``torch.randn`` of the
     whole tensor from a generator seeded with ``tensor_seed(seed, name)``; one stream, one thread.
 
   Both draw with torch's float32 ``randn`` kernel, whose bits differ between torch's CPU dispatch
@@ -48,7 +48,7 @@ VERSION = 3.0
 """The value of metaseq's ``decoder.version`` buffer."""
 
 INIT_SEED_SCHEMES = ("per-block", "per-tensor")
-DEFAULT_INIT_SEED_SCHEME = "per-tensor"
+DEFAULT_INIT_SEED_SCHEME = "per-block"
 DRAW_BLOCK = 1 << 18
 """Elements per independently seeded block of a ``per-block`` draw (1 MiB of fp32)."""
 
