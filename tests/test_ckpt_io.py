@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from checkpoints_tools import layout
 from checkpoints_tools.ops import CommonOptions, reshard
@@ -359,3 +363,63 @@ def test_hf_index_without_a_weight_map_is_a_clear_error(tmp_path, kind):
                                                     "model.decoder.embed_positions.weight": "a.safetensors"}}))
         with pytest.raises(CheckpointError, match="weight_map puts tensor 'model.decoder.embed_"):
             open_ckpt(d)
+
+
+@settings(max_examples=15, deadline=None)
+@given(sizes=st.lists(st.sampled_from([0, 1, 7, 64, 1000, 70_000, 1_200_000]), min_size=0, max_size=6),
+       seed=st.integers(0, 2**16))
+def test_zip_crcs_written_beside_the_data_equal_torchs(tmp_path_factory, sizes, seed):
+    """TorchStreamWriter runs torch's zip writer without its CRC and fills the CRCs itself
+    (writers.ZipCrcs): the file must be byte for byte what torch's writer writes with its own CRC
+    (descriptors, central directory, serialization id), for empty, tiny and multi-chunk records,
+    and load with torch.load. Control: the same records without the fix-up differ."""
+    import io
+
+    from torch.serialization import _get_storage_alignment
+
+    from checkpoints_tools import writers
+
+    d = tmp_path_factory.mktemp("zip")
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8) for n in sizes]
+    w = writers.TorchStreamWriter(d / "ours.pt")
+    obj = {f"t{i}": w.add(t) for i, t in enumerate(tensors)}
+    sha, nbytes = w.finish(obj)
+    ours = (d / "ours.pt").read_bytes()
+
+    def reference(crc: bool) -> bytes:
+        buf = io.BytesIO()
+        z = torch._C.PyTorchFileWriter(buf, crc, _get_storage_alignment())
+        for i, t in enumerate(tensors):
+            z.write_record(f"data/{i}", t.untyped_storage(), t.numel())
+        pkl = io.BytesIO()
+        writers._StubPickler(pkl, protocol=2).dump(
+            {f"t{i}": writers._TensorStub(writers._StorageStub(str(i), t.dtype, t.numel()), t.shape)
+             for i, t in enumerate(tensors)})
+        align = str(_get_storage_alignment())
+        for name, payload in (("data.pkl", pkl.getvalue()), (".format_version", "1"), (".storage_alignment", align),
+                              ("byteorder", sys.byteorder)):
+            z.write_record(name, payload, len(payload))
+        z.write_end_of_file()
+        del z
+        return buf.getvalue()
+
+    assert ours == reference(True)
+    assert nbytes == len(ours) and sha == hashlib.sha256(ours).hexdigest()
+    if any(sizes):
+        assert ours != reference(False)
+    back = torch.load(d / "ours.pt", weights_only=True)
+    for i, t in enumerate(tensors):
+        assert torch.equal(back[f"t{i}"], t)
+
+
+def test_zip_crcs_refuse_a_layout_they_do_not_know(tmp_path):
+    """A write that is not torch's zip layout is an error of that file (never a wrong CRC)."""
+    from checkpoints_tools import writers
+
+    f = writers._HashedFile(tmp_path / "x.pt")
+    z = writers.ZipCrcs(f)
+    z.write(b"not a zip header at all, 30 by")
+    with pytest.raises(writers.OutputError, match="unexpected zip layout from torch's writer"):
+        f.check()
+    f.discard()
