@@ -228,7 +228,7 @@ def run_child(kind: str, job: dict, tree: Path | None = None) -> dict:
         drop_caches()
     root = tree or ROOT
     cmd = [sys.executable, str(root / "benchmarks" / "bench_ckpt.py"), "--child", kind, "--json", json.dumps(job)]
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
     if p.returncode != 0:
         return {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
@@ -237,6 +237,31 @@ def run_child(kind: str, job: dict, tree: Path | None = None) -> dict:
 
 def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.glob("*") if f.is_file())
+
+
+def _print_rows(rows: list, *, base: dict, parent_bytes: int, header: bool) -> None:
+    if header:
+        print(f"\n{'op':<6} {'method':<12} {'wall s':>8} {'x floor':>8} {'cpu s':>7} {'peak RSS MiB':>13} "
+              f"{'RSS-import MiB':>15} {'RSS budget MiB':>15} {'within':>7}", flush=True)
+    for op, largest, out_bytes, streams, res in rows:
+        budget = (2 * largest + (1 << 30)) / 2**20
+        for method in (*streams, "naive", "copy", "floor"):
+            r = res.get(method)
+            if r is None:
+                continue
+            if "error" in r:
+                print(f"{op:<6} {method:<12} error: {r['error']}")
+                continue
+            net = (r["maxrss"] - base["maxrss"]) / 2**20
+            stream = method in streams
+            ok = "" if not stream else ("yes" if net <= budget else "NO")
+            print(f"{op:<6} {method:<12} {r['seconds']:>8.2f} {r.get('x_floor', float('nan')):>7.2f}x "
+                  f"{r.get('cpu', float('nan')):>7.1f} {r['maxrss'] / 2**20:>13.0f} {net:>15.0f} "
+                  f"{budget if stream else float('nan'):>15.0f} {ok:>7}")
+        runs_s = "; ".join(f"{m} " + " ".join(f"{x:.2f}" for x in res[m].get("all", []))
+                           for m in (*streams, "copy", "floor") if m in res)
+        print(f"{'':<6} read {parent_bytes / 2**30:.2f} GiB, wrote {out_bytes / 2**30:.2f} GiB, largest output "
+              f"tensor {largest / 2**20:.0f} MiB; runs (s): {runs_s}", flush=True)
 
 
 def main() -> None:
@@ -262,6 +287,7 @@ def main() -> None:
                     help="jam-ckpt --hash-sources for the stream runs (default auto: the synthetic parents "
                          "are jam-ckpt outputs, so their manifests' hashes are reused; full = hash them "
                          "while reading). Several values: one stream row each, measured in the same run")
+    ap.add_argument("--copy", action="store_true", help="also time the plain copy (buffered writes, no write-behind)")
     ap.add_argument("--baseline-tree", type=Path, default=None, metavar="DIR",
                     help="also run the streams with the code of another checkout (e.g. main's), alternating "
                          "with this one in the same run: rows base:*")
@@ -313,7 +339,8 @@ def main() -> None:
             streams = [(f"stream:{h}", h, None) for h in args.hash_sources]
             if args.baseline_tree:
                 streams += [(f"base:{h}", h, args.baseline_tree) for h in args.hash_sources]
-            runs: dict[str, list[dict]] = {**{m: [] for m, _, _ in streams}, "copy": [], "floor": []}
+            copies = (("copy", False), ("floor", True)) if args.copy else (("floor", True),)
+            runs: dict[str, list[dict]] = {**{m: [] for m, _, _ in streams}, **{m: [] for m, _ in copies}}
             out_bytes = 0
             for _ in range(max(1, args.repeat)):
                 for m, h, tree in streams:
@@ -321,7 +348,7 @@ def main() -> None:
                                                         "hash_sources": h}, tree))
                     out_bytes = out_bytes or dir_bytes(scratch / f"{op}_stream")
                     shutil.rmtree(scratch / f"{op}_stream", ignore_errors=True)
-                for m, wb in (("copy", False), ("floor", True)):
+                for m, wb in copies:
                     runs[m].append(run_child("copy", {"srcs": [job["llm"], job["img"]], "write_behind": wb,
                                                       "out": str(scratch / f"{op}_copy"), "out_bytes": out_bytes}))
                     shutil.rmtree(scratch / f"{op}_copy", ignore_errors=True)
@@ -339,29 +366,9 @@ def main() -> None:
             if not args.no_naive:
                 res["naive"] = run_child("naive", {**job, "out": str(scratch / f"{op}_naive")})
                 shutil.rmtree(scratch / f"{op}_naive", ignore_errors=True)
-            rows.append((op, largest, out_bytes, [m for m, _, _ in streams], res))
-
-        print(f"\n{'op':<6} {'method':<12} {'wall s':>8} {'x floor':>8} {'cpu s':>7} {'peak RSS MiB':>13} "
-              f"{'RSS-import MiB':>15} {'RSS budget MiB':>15} {'within':>7}")
-        for op, largest, out_bytes, streams, res in rows:
-            budget = (2 * largest + (1 << 30)) / 2**20
-            for method in (*streams, "naive", "copy", "floor"):
-                r = res.get(method)
-                if r is None:
-                    continue
-                if "error" in r:
-                    print(f"{op:<6} {method:<12} error: {r['error']}")
-                    continue
-                net = (r["maxrss"] - base["maxrss"]) / 2**20
-                stream = method in streams
-                ok = "" if not stream else ("yes" if net <= budget else "NO")
-                print(f"{op:<6} {method:<12} {r['seconds']:>8.2f} {r.get('x_floor', float('nan')):>7.2f}x "
-                      f"{r.get('cpu', float('nan')):>7.1f} {r['maxrss'] / 2**20:>13.0f} {net:>15.0f} "
-                      f"{budget if stream else float('nan'):>15.0f} {ok:>7}")
-            runs_s = "; ".join(f"{m} " + " ".join(f"{x:.2f}" for x in res[m].get("all", []))
-                               for m in (*streams, "copy", "floor"))
-            print(f"{'':<6} read {parent_bytes / 2**30:.2f} GiB, wrote {out_bytes / 2**30:.2f} GiB, largest output "
-                  f"tensor {largest / 2**20:.0f} MiB; runs (s): {runs_s}")
+            row = (op, largest, out_bytes, [m for m, _, _ in streams], res)
+            rows.append(row)
+            _print_rows([row], base=base, parent_bytes=parent_bytes, header=len(rows) == 1)
         print("\nx floor: wall time / the floor's in the same repeat (median over repeats; the issue's target "
               "is <= 1.25x). floor: read every input byte and write the output's bytes through jam-ckpt's "
               "write-behind (writers.WriteBehind), fsync; copy: the same with plain buffered writes. cpu s: "

@@ -154,6 +154,29 @@ class Reader:
         anything computed from ``a`` equals the same computed from ``b``."""
         return False
 
+    def prefetch(self, name: str) -> None:
+        """Ask the OS to start reading ``name``'s bytes now (a hint; no-op where unknown), so a
+        cold disk works while the caller computes and writes the tensor before it."""
+
+    def _willneed(self, path: Path, offset: int, nbytes: int) -> None:
+        if nbytes <= 0 or not hasattr(os, "posix_fadvise"):
+            return
+        fds = self.__dict__.setdefault("_prefetch_fds", {})
+        try:
+            fd = fds.get(path)
+            if fd is None:
+                fd = fds[path] = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:  # a hint only: the read itself reports real errors
+            pass
+
+    def __del__(self) -> None:
+        for fd in self.__dict__.get("_prefetch_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def items(self, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for n in self.names():
             yield n, self.get(n, dtype=dtype)
@@ -464,6 +487,16 @@ class MetaseqReader(Reader):
                 return False
         return True
 
+    def prefetch(self, name: str) -> None:
+        if name not in self._infos:
+            return
+        for src in self._ranks:
+            for j, view, _ in self._rank_view_pieces(src, name):
+                if view.is_contiguous() and view.numel():
+                    off = src.mapped[j]._locate(view.data_ptr())
+                    if off is not None:
+                        self._willneed(src.files[j], off, view.numel() * view.element_size())
+
     def get_rank_piece(self, name: str, rank: int) -> torch.Tensor:
         return self._rank_tensor(self._ranks[rank], name, None)
 
@@ -678,6 +711,11 @@ class SafetensorsReader(Reader):
         """One stored tensor under both names: ``__metadata__`` names one of them as the other
         (``safetensors.torch.save_model``'s record of a shared tensor it stored once)."""
         return a in self._infos and b in self._infos and self._aliases.get(a, a) == self._aliases.get(b, b)
+
+    def prefetch(self, name: str) -> None:
+        if name in self._where:
+            f, off, n, _ = self._where[name]
+            self._willneed(f, off, n)
 
     def get_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         info = self._start_read(name, out)

@@ -296,3 +296,59 @@ def test_write_behind_windows_keep_outputs_exact(two, tmp_path, monkeypatch):
     assert_state_equal(collections.OrderedDict(open_checkpoint(out).items()), want)
     for name, rec in json.loads((out / "manifest.json").read_text())["files"].items():
         assert rec["sha256"] == sha256_file(out / name)
+
+
+@pytest.mark.parametrize("fmt", ["metaseq", "safetensors"])
+def test_read_ahead_prefetches_exactly_the_coming_tensors_bytes(two, tmp_path, monkeypatch, fmt):
+    """The stream asks the OS (posix_fadvise WILLNEED) for the parents' coming tensors before it
+    reads them, at most READ_AHEAD bytes ahead: every hinted byte range of a file holds exactly
+    a tensor's stored bytes, every tensor read was hinted first, and hints never run further
+    ahead than READ_AHEAD (plus the tensors being produced)."""
+    import os
+
+    from checkpoints_tools import ops
+
+    cfg, a, b = two
+    pa = save_metaseq(tmp_path / "a", cfg, a, mp=2)
+    pb = save_metaseq(tmp_path / "b", cfg, b)
+    if fmt == "safetensors":
+        pa = reshard(pa, opts=CommonOptions(spec=OutputSpec(out_dir=tmp_path / "sa", format="safetensors"),
+                                            progress=False, hash_sources="none"))
+    monkeypatch.setattr(ops, "READ_AHEAD", 4096)
+    hints, events = [], []
+    real_fadvise = os.posix_fadvise
+
+    def fadvise(fd, off, n, advice):
+        if advice == os.POSIX_FADV_WILLNEED:
+            hints.append((os.readlink(f"/proc/self/fd/{fd}"), off, n))
+        return real_fadvise(fd, off, n, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    real_prefetch = ops.ReadAhead.advance
+
+    def advance(self, name):
+        before = self.next
+        real_prefetch(self, name)
+        events.append((name, before, self.next, self.cum))
+
+    monkeypatch.setattr(ops.ReadAhead, "advance", advance)
+    merge([pa, pb], opts=CommonOptions(spec=OutputSpec(out_dir=tmp_path / "m"), progress=False, hash_sources="none"))
+    assert hints and events
+    def pieces(path: str) -> set[bytes]:  # the tensors stored in one file, as bytes
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, weights_only=False)["model"]
+        return {t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() for t in sd.values()}
+
+    files: dict[str, set[bytes]] = {}
+    for path, off, n in hints:
+        with open(path, "rb") as f:
+            f.seek(off)
+            data = f.read(n)
+        assert data in files.setdefault(path, pieces(path)), (path, off, n)
+    assert len(files) == (3 if fmt == "metaseq" else 2)
+    for i, (name, before, after, cum) in enumerate(events):
+        assert after > i  # the tensor being produced (and all before it) was hinted
+        assert cum[after - 1] - cum[i + 1] < 4096 or after == i + 1  # never further than READ_AHEAD
