@@ -1,23 +1,27 @@
-"""Benchmark jam-ckpt's streaming merge / widen / cross (paper §2.1) against the naive way.
+"""Benchmark jam-ckpt's streaming merge / widen / cross (paper §2.1) against its I/O floor.
 
 Synthetic parents of a preset (default ``opt_1_3b`` shape, fp16, MP=2) are written to a scratch
-dir. Each measurement runs in a fresh subprocess, which reports its wall time and peak RSS
-(``ru_maxrss``). In the same run we measure, for each operation:
-  - ``stream``: checkpoints_tools.ops (lazy readers, fp32 math per tensor, streaming writer, hashes);
-  - ``naive``: torch.load every parent file whole, fuse whole state dicts, torch.save;
-  - ``copy``: a plain sequential copy of the same bytes (read every parent file, write as many
-    bytes as the op's output, fsync): the issue's baseline;
-  - ``copy+wb``: the same copy written through jam-ckpt's write-behind window
-    (``writers.WRITE_BEHIND``), so the stream's own I/O advantage is not counted as speed.
-Targets (issue 4): stream peak RSS <= 2 x the largest output tensor + 1 GiB (above the bare
-``import torch`` process), stream throughput >= 0.5 x the plain copy.
-On a shared machine the times swing with the load: ``--repeat N`` runs stream and copy N times
-back to back (alternating) and reports medians, the ratio being the median of the N pairwise
-ratios; the naive way runs once. Every run starts after an ``os.sync()``.
+dir. Each measurement runs in a fresh subprocess, which reports its wall time, CPU time (user +
+system, all threads) and peak RSS (``ru_maxrss``). In the same run we measure, for each operation:
+  - ``stream:H``: checkpoints_tools.ops with ``--hash-sources H`` (lazy readers, fp32 math per
+    tensor, streaming writer, output and source hashes);
+  - ``base:H``: the same with the code of ``--baseline-tree`` (e.g. a checkout of main), for a
+    before/after comparison within one run;
+  - ``floor``: the op's I/O alone: read every byte of the parents' files and write as many bytes
+    as the op's output through jam-ckpt's write-behind (``writers.WriteBehind``), fsync. Issue 18's
+    target: every stream within 1.25x of it (``x floor``), cold and warm page cache;
+  - ``copy``: the same with plain buffered writes (issue 4's baseline);
+  - ``naive``: torch.load every parent file whole, fuse whole state dicts, torch.save.
+Peak RSS target (issue 4): <= 2 x the largest output tensor + 1 GiB above a bare ``import torch``.
+On a shared machine the times swing with the load: ``--repeat N`` runs every stream and the
+copies N times, one after the other in each repeat, and reports medians; ``x floor`` is the
+median over the repeats of (run / the floor run of the same repeat). Every run starts after an
+``os.sync()`` (and with ``--cold`` after dropping the page cache).
 
-  python benchmarks/bench_ckpt.py                       # opt_1_3b, fp16, MP=2 (~2.6 GB per parent)
-  python benchmarks/bench_ckpt.py --preset opt_125m --ops merge widen cross --repeat 5 --no-naive
-  python benchmarks/bench_ckpt.py --ops merge --no-naive --cold --hash-sources full   # hash while reading
+  python benchmarks/bench_ckpt.py --no-naive --hash-sources auto full          # warm page cache
+  python benchmarks/bench_ckpt.py --no-naive --hash-sources auto full --cold   # parents from disk
+  python benchmarks/bench_ckpt.py --no-naive --baseline-tree ../main           # before/after, same run
+  python benchmarks/bench_ckpt.py --preset opt_125m --repeat 5 --no-naive
 """
 
 from __future__ import annotations
@@ -141,6 +145,8 @@ class _WriteBehind:
 
 
 def child_copy(srcs: list[str], out: str, out_bytes: int, write_behind: bool = False) -> None:
+    """Read every byte of the parents' files and write ``out_bytes`` (the op's output size):
+    the bytes read, while the output still needs them, then zeros; one fsync at the end."""
     chunk = 16 << 20
     Path(out).mkdir(parents=True)
     written = 0
@@ -151,13 +157,14 @@ def child_copy(srcs: list[str], out: str, out_bytes: int, write_behind: bool = F
         for d in srcs:
             for src in sorted(Path(d).glob("*.pt")):
                 with open(src, "rb", buffering=0) as r:
-                    while written < out_bytes:
+                    while True:
                         n = r.readinto(view)
                         if not n:
                             break
                         n = min(n, out_bytes - written)
-                        w.write(view[:n])
-                        written += n
+                        if n > 0:
+                            w.write(view[:n])
+                            written += n
         view[:] = bytes(chunk)
         while written < out_bytes:  # outputs larger than the inputs (widen, cross)
             n = min(chunk, out_bytes - written)
@@ -176,6 +183,8 @@ def child_main(argv: list[str]) -> None:
     import torch  # noqa: F401  (counted in the import baseline)
 
     t0 = time.perf_counter()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = ru0.ru_utime + ru0.ru_stime
     k = a.kind
     if k == "import":
         pass
@@ -189,7 +198,9 @@ def child_main(argv: list[str]) -> None:
         child_naive(job["op"], job["llm"], job["img"], job["out"], tuple(job["image_vocab"]))
     elif k == "copy":
         child_copy(job["srcs"], job["out"], job["out_bytes"], job.get("write_behind", False))
-    print(json.dumps({"seconds": time.perf_counter() - t0, "maxrss": _rss()}))
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "maxrss": _rss(),
+                      "cpu": ru.ru_utime + ru.ru_stime - cpu0}))
 
 
 # ---- parent-side driver ------------------------------------------------------------------------
@@ -207,14 +218,18 @@ def drop_caches() -> None:
         raise SystemExit(f"--cold needs to write /proc/sys/vm/drop_caches (root): {e}") from None
 
 
-def run_child(kind: str, job: dict) -> dict:
+def run_child(kind: str, job: dict, tree: Path | None = None) -> dict:
+    """One measurement in a fresh process; ``tree``: another checkout of the project whose
+    benchmarks/bench_ckpt.py (and code) runs it (a same-run baseline, e.g. main's)."""
     # Start every timed run from the same state: no dirty pages of the previous run still being
     # written back (their flush would be billed to whichever run comes next).
     os.sync()
     if COLD and kind in ("stream", "copy", "naive"):
         drop_caches()
-    cmd = [sys.executable, __file__, "--child", kind, "--json", json.dumps(job)]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    root = tree or ROOT
+    cmd = [sys.executable, str(root / "benchmarks" / "bench_ckpt.py"), "--child", kind, "--json", json.dumps(job)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
     if p.returncode != 0:
         return {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -222,6 +237,31 @@ def run_child(kind: str, job: dict) -> dict:
 
 def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.glob("*") if f.is_file())
+
+
+def _print_rows(rows: list, *, base: dict, parent_bytes: int, header: bool) -> None:
+    if header:
+        print(f"\n{'op':<6} {'method':<12} {'wall s':>8} {'x floor':>8} {'cpu s':>7} {'peak RSS MiB':>13} "
+              f"{'RSS-import MiB':>15} {'RSS budget MiB':>15} {'within':>7}", flush=True)
+    for op, largest, out_bytes, streams, res in rows:
+        budget = (2 * largest + (1 << 30)) / 2**20
+        for method in (*streams, "naive", "copy", "floor"):
+            r = res.get(method)
+            if r is None:
+                continue
+            if "error" in r:
+                print(f"{op:<6} {method:<12} error: {r['error']}")
+                continue
+            net = (r["maxrss"] - base["maxrss"]) / 2**20
+            stream = method in streams
+            ok = "" if not stream else ("yes" if net <= budget else "NO")
+            print(f"{op:<6} {method:<12} {r['seconds']:>8.2f} {r.get('x_floor', float('nan')):>7.2f}x "
+                  f"{r.get('cpu', float('nan')):>7.1f} {r['maxrss'] / 2**20:>13.0f} {net:>15.0f} "
+                  f"{budget if stream else float('nan'):>15.0f} {ok:>7}")
+        runs_s = "; ".join(f"{m} " + " ".join(f"{x:.2f}" for x in res[m].get("all", []))
+                           for m in (*streams, "copy", "floor") if m in res)
+        print(f"{'':<6} read {parent_bytes / 2**30:.2f} GiB, wrote {out_bytes / 2**30:.2f} GiB, largest output "
+              f"tensor {largest / 2**20:.0f} MiB; runs (s): {runs_s}", flush=True)
 
 
 def main() -> None:
@@ -247,6 +287,10 @@ def main() -> None:
                     help="jam-ckpt --hash-sources for the stream runs (default auto: the synthetic parents "
                          "are jam-ckpt outputs, so their manifests' hashes are reused; full = hash them "
                          "while reading). Several values: one stream row each, measured in the same run")
+    ap.add_argument("--copy", action="store_true", help="also time the plain copy (buffered writes, no write-behind)")
+    ap.add_argument("--baseline-tree", type=Path, default=None, metavar="DIR",
+                    help="also run the streams with the code of another checkout (e.g. main's), alternating "
+                         "with this one in the same run: rows base:*")
     ap.add_argument("--cold", action="store_true",
                     help="drop the page cache before every timed run (needs root), as for parents "
                          "larger than the RAM: then hashing sources in a second pass would read them twice")
@@ -292,69 +336,43 @@ def main() -> None:
             largest = max(int(torch.Size(s).numel()) for s in expected_shapes(tcfg).values()) * itemsize
             job = {"op": op, "llm": str(scratch / "llm"), "img": str(scratch / "img"), "mp": args.mp,
                    "image_vocab": [lo, hi]}
-            res = {}
-            streams = [f"stream:{h}" if len(args.hash_sources) > 1 else "stream" for h in args.hash_sources]
-            runs: dict[str, list[dict]] = {**{m: [] for m in streams}, "copy": [], "copy+wb": []}
+            streams = [(f"stream:{h}", h, None) for h in args.hash_sources]
+            if args.baseline_tree:
+                streams += [(f"base:{h}", h, args.baseline_tree) for h in args.hash_sources]
+            copies = (("copy", False), ("floor", True)) if args.copy else (("floor", True),)
+            runs: dict[str, list[dict]] = {**{m: [] for m, _, _ in streams}, **{m: [] for m, _ in copies}}
             out_bytes = 0
             for _ in range(max(1, args.repeat)):
-                for m, h in zip(streams, args.hash_sources):
+                for m, h, tree in streams:
                     runs[m].append(run_child("stream", {**job, "out": str(scratch / f"{op}_stream"),
-                                                        "hash_sources": h}))
+                                                        "hash_sources": h}, tree))
                     out_bytes = out_bytes or dir_bytes(scratch / f"{op}_stream")
                     shutil.rmtree(scratch / f"{op}_stream", ignore_errors=True)
-                runs["copy"].append(run_child("copy", {"srcs": [job["llm"], job["img"]],
-                                                       "out": str(scratch / f"{op}_copy"), "out_bytes": out_bytes}))
-                shutil.rmtree(scratch / f"{op}_copy", ignore_errors=True)
-                runs["copy+wb"].append(run_child("copy", {"srcs": [job["llm"], job["img"]], "write_behind": True,
-                                                          "out": str(scratch / f"{op}_copy"), "out_bytes": out_bytes}))
-                shutil.rmtree(scratch / f"{op}_copy", ignore_errors=True)
+                for m, wb in copies:
+                    runs[m].append(run_child("copy", {"srcs": [job["llm"], job["img"]], "write_behind": wb,
+                                                      "out": str(scratch / f"{op}_copy"), "out_bytes": out_bytes}))
+                    shutil.rmtree(scratch / f"{op}_copy", ignore_errors=True)
+            res: dict[str, dict] = {}
             for m, rs in runs.items():
                 bad = [r for r in rs if "error" in r]
                 res[m] = bad[0] if bad else {"seconds": statistics.median(r["seconds"] for r in rs),
+                                             "cpu": statistics.median(r.get("cpu", float("nan")) for r in rs),
                                              "maxrss": max(r["maxrss"] for r in rs),
                                              "all": [r["seconds"] for r in rs]}
-            for m in streams:
-                for base_m, key in (("copy", "ratio"), ("copy+wb", "ratio_wb")):
-                    if "error" not in res[m] and "error" not in res[base_m]:
-                        res[m][key] = statistics.median(c["seconds"] / s["seconds"]
-                                                        for s, c in zip(runs[m], runs[base_m]))
-            res["streams"] = streams
+            for m in runs:  # same-run ratios: the median over the repeats of (this run / its floor run)
+                if "error" not in res[m] and "error" not in res["floor"]:
+                    res[m]["x_floor"] = statistics.median(s["seconds"] / f["seconds"]
+                                                          for s, f in zip(runs[m], runs["floor"]))
             if not args.no_naive:
                 res["naive"] = run_child("naive", {**job, "out": str(scratch / f"{op}_naive")})
                 shutil.rmtree(scratch / f"{op}_naive", ignore_errors=True)
-            rows.append((op, largest, out_bytes, res))
-
-        budget_note = ("target: stream RSS <= 2 x largest + 1 GiB; throughput >= 0.5 x copy (plain buffered "
-                       "writes + fsync). copy+wb: the same copy through jam-ckpt's write-behind window, the "
-                       "stricter I/O floor")
-        print(f"\n{'op':<6} {'method':<12} {'wall s':>8} {'peak RSS MiB':>13} {'RSS-import MiB':>15} "
-              f"{'vs copy (thr.)':>15} {'vs copy+wb':>11} {'RSS budget MiB':>15} {'within':>7}")
-        for op, largest, out_bytes, res in rows:
-            budget = (2 * largest + (1 << 30)) / 2**20
-            copy_s = res["copy"].get("seconds")
-            for method in (*res["streams"], "naive", "copy", "copy+wb"):
-                r = res.get(method)
-                if r is None:
-                    continue
-                if "error" in r:
-                    print(f"{op:<6} {method:<12} error: {r['error']}")
-                    continue
-                rss = r["maxrss"] / 2**20
-                net = (r["maxrss"] - base["maxrss"]) / 2**20
-                ratio = copy_s / r["seconds"] if copy_s else float("nan")
-                stream = method.startswith("stream")
-                if stream and "ratio" in r:
-                    ratio = r["ratio"]  # median of the pairwise ratios
-                wb = res["copy+wb"].get("seconds")
-                ratio_wb = r.get("ratio_wb", wb / r["seconds"] if wb else float("nan"))
-                ok = "" if not stream else ("yes" if net <= budget else "NO")
-                print(f"{op:<6} {method:<12} {r['seconds']:>8.2f} {rss:>13.0f} {net:>15.0f} {ratio:>14.2f}x "
-                      f"{ratio_wb:>10.2f}x {budget if stream else float('nan'):>15.0f} {ok:>7}")
-            runs_s = "; ".join(f"{m} " + " ".join(f"{x:.2f}" for x in res[m].get("all", []))
-                               for m in (*res["streams"], "copy", "copy+wb"))
-            print(f"{'':<6} output {out_bytes / 2**30:.2f} GiB, largest output tensor {largest / 2**20:.0f} MiB; "
-                  f"runs (s): {runs_s}")
-        print(f"\n{budget_note}")
+            row = (op, largest, out_bytes, [m for m, _, _ in streams], res)
+            rows.append(row)
+            _print_rows([row], base=base, parent_bytes=parent_bytes, header=len(rows) == 1)
+        print("\nx floor: wall time / the floor's in the same repeat (median over repeats; the issue's target "
+              "is <= 1.25x). floor: read every input byte and write the output's bytes through jam-ckpt's "
+              "write-behind (writers.WriteBehind), fsync; copy: the same with plain buffered writes. cpu s: "
+              "user + system seconds of the process (all threads). RSS budget: 2 x largest tensor + 1 GiB.")
     finally:
         if args.scratch is None:
             shutil.rmtree(scratch, ignore_errors=True)

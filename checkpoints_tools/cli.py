@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new weights: paper = normal init; preserve = cross blocks start as identities "
                         "(each branch reproduces its parent)")
     p.add_argument("--seed", type=int, default=0, help="seed of the new weights (per tensor name)")
+    p.add_argument("--init-seed-scheme", choices=("per-block", "per-tensor"), default="per-block",
+                   help="how the normal draws of new weights are seeded (recorded in manifest.json as "
+                        "init_seed_scheme): per-block = each block of 2^18 elements of a tensor from its own "
+                        "generator seeded by (seed, name, block), drawn on two threads; per-tensor = one "
+                        "generator per tensor seeded by (seed, name), the scheme of outputs whose manifest "
+                        "records no init_seed_scheme: pass it to reproduce those (default: per-block)")
     p.add_argument("--image-vocab", type=int, nargs=2, metavar=("START", "END"),
                    help="embedding rows [START, END) taken from the image parent (default: the vocab "
                         "manifest's image range)")
@@ -213,7 +219,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise ValueError(f"--cross-every must be >= 0, got {args.cross_every}")
         out = ops.cross(args.llm, args.img, opts=_opts(args, argv), cross_every=args.cross_every, init=args.init,
                         seed=args.seed, image_vocab=tuple(args.image_vocab) if args.image_vocab else None,
-                        heads=args.heads)
+                        heads=args.heads, init_seed_scheme=args.init_seed_scheme)
     elif args.cmd == "reshard":
         out = ops.reshard(args.src, opts=_opts(args, argv), heads=args.heads)
     elif args.cmd == "convert":

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from checkpoints_tools.readers import MetaseqReader, Reader, SafetensorsReader, TensorInfo
+from checkpoints_tools.readers import MetaseqReader, Reader, SafetensorsReader, TensorInfo, read_safetensors_index
 from checkpoints_tools.safe_load import CheckpointError
 from jam_metaseq.models.config import CrossConfig, DecoderConfig, ModelConfig
 
@@ -118,13 +118,12 @@ class HFOptReader(Reader):
         path = Path(path)
         files: list[Path]
         if (path / "model.safetensors.index.json").is_file():
-            idx = json.loads((path / "model.safetensors.index.json").read_text())
-            raw: Reader = SafetensorsReader(sorted({path / f for f in idx["weight_map"].values()}), path=path)
+            wm = read_safetensors_index(path / "model.safetensors.index.json")
+            raw: Reader = SafetensorsReader(sorted(set(wm.values())), path=path, weight_map=wm)
         elif (path / "model.safetensors").is_file():
             raw = SafetensorsReader([path / "model.safetensors"], path=path)
         elif (path / "pytorch_model.bin.index.json").is_file():
-            idx = json.loads((path / "pytorch_model.bin.index.json").read_text())
-            files = sorted({path / f for f in idx["weight_map"].values()})
+            files = sorted(set(read_safetensors_index(path / "pytorch_model.bin.index.json").values()))
             raw = _MultiReader([MetaseqReader({0: {0: f}}, path=f, trust_pickle=trust_pickle, fsdp=False)
                                 for f in files], path=path)
         elif (path / "pytorch_model.bin").is_file():

@@ -37,6 +37,7 @@ from checkpoints_tools.readers import Reader, open_checkpoint
 from checkpoints_tools.safe_load import CheckpointError
 from checkpoints_tools.workspace import Workspace
 from checkpoints_tools.writers import TIED, OutputDir, OutputSpec, sha256_file
+from jam_metaseq.fusion.cross import DEFAULT_INIT_SEED_SCHEME, INIT_SEED_SCHEMES, cross_plan
 from jam_metaseq.models.config import (
     CrossConfig, DecoderConfig, ModelConfig, cross_of, uniform_of, width_of,
 )
@@ -280,6 +281,37 @@ def common_dtype(readers: Sequence[Reader], dtype: torch.dtype | None) -> torch.
     return dts[0]
 
 
+READ_AHEAD = 256 << 20
+"""How many bytes of the parents' coming tensors are asked of the OS ahead of the stream's reads."""
+
+
+class ReadAhead:
+    """Keeps the parents' next tensors on their way from the disk while the current one is
+    computed and written: before producing target tensor k, ``advance`` asks the readers to
+    prefetch (``Reader.prefetch``: ``posix_fadvise(WILLNEED)``) the sources of the targets after
+    it, up to ``READ_AHEAD`` bytes ahead. With a cold page cache the stream's own reads are
+    synchronous and its parents are several files read in turn, so without this the disk
+    idles whenever the stream computes or writes; with the parents cached it costs nothing."""
+
+    def __init__(self, names: Sequence[str], sources: Callable[[str], list[tuple[Reader, str]]]) -> None:
+        self.names, self.sources = list(names), sources
+        self.at = {n: i for i, n in enumerate(self.names)}
+        self.cum = [0]
+        for n in self.names:
+            self.cum.append(self.cum[-1] + sum(r.info(s).nbytes for r, s in sources(n) if s in r))
+        self.next = 0
+
+    def advance(self, name: str) -> None:
+        i = self.at.get(name)
+        if i is None:
+            return
+        while self.next < len(self.names) and (self.next <= i or self.cum[self.next] - self.cum[i + 1] < READ_AHEAD):
+            for r, s in self.sources(self.names[self.next]):
+                if s in r:
+                    r.prefetch(s)
+            self.next += 1
+
+
 def bound_malloc() -> None:
     """Make glibc return big freed blocks to the OS at once. Its default raises the mmap
     threshold up to 32 MiB after the first big free, so a stream of ~10 MiB fp32 temporaries
@@ -329,10 +361,10 @@ def stream_to(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        out.open(produced_dtypes)
         alias = tied and out.aliases_tied
         if alias:
             out.expect_tied()
+        out.open(produced_dtypes)
         bar = _progress(len(out.shapes), desc, progress)
         ws = Workspace()
         names = list(out.shapes)
@@ -541,7 +573,10 @@ def merge(parents: Sequence[str | os.PathLike], *, opts: CommonOptions,
     tied = all(r.tied(*TIED) for r in readers)
     ups = [_upcoming(shapes, r, skip=_skipped(out, tied)) for r in readers]
 
+    ahead = ReadAhead([n for n in shapes if n not in _skipped(out, tied)], lambda n: [(r, n) for r in readers])
+
     def produce(name: str, buf: torch.Tensor) -> torch.Tensor:
+        ahead.advance(name)
         ins = [r.get_into(name, ws.get(f"in{i}", r.info(name).shape, r.info(name).dtype, upcoming=ups[i][name]))
                for i, r in enumerate(readers)]
         return kernels.merge_into(name, ins, buf, weights=weights)
@@ -568,7 +603,10 @@ def widen(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
     tied = a.tied(*TIED) and b.tied(*TIED)
     up_a, up_b = (_upcoming(shapes, r, skip=_skipped(out, tied)) for r in readers)
 
+    ahead = ReadAhead([n for n in shapes if n not in _skipped(out, tied)], lambda n: [(a, n), (b, n)])
+
     def produce(name: str, buf: torch.Tensor) -> torch.Tensor:
+        ahead.advance(name)
         ta = a.get_into(name, ws.get("in0", a.info(name).shape, a.info(name).dtype, upcoming=up_a[name]))
         tb = b.get_into(name, ws.get("in1", b.info(name).shape, b.info(name).dtype, upcoming=up_b[name]))
         return kernels.widen_into(name, ta, tb, buf, parent=parent, init=init)
@@ -581,8 +619,13 @@ def widen(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
 
 def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions, cross_every: int = 2,
           init: str = "paper", seed: int = 0, image_vocab: tuple[int, int] | None = None,
-          heads: int | None = None) -> Path:
-    """JAM-Cross (§2.1.3): both parents as branches, cross blocks every ``cross_every`` layers."""
+          heads: int | None = None, init_seed_scheme: str = DEFAULT_INIT_SEED_SCHEME) -> Path:
+    """JAM-Cross (§2.1.3): both parents as branches, cross blocks every ``cross_every`` layers.
+    ``init_seed_scheme``: how the normal init of new weights is seeded (``jam_metaseq.fusion.cross``:
+    ``per-block`` draws in parallel; ``per-tensor`` reproduces outputs written before the scheme
+    was recorded); recorded in the manifest's parameters."""
+    if init_seed_scheme not in INIT_SEED_SCHEMES:
+        raise CheckpointError(f"init seed scheme must be one of {INIT_SEED_SCHEMES}, got {init_seed_scheme!r}")
     readers, cfgs = _open_parents([llm, img], ["llm", "img"], opts=opts, heads=heads)
     parent = cfgs[0]
     if image_vocab is None and opts.vocab is not None:
@@ -609,14 +652,20 @@ def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
     a, b = readers
     ws = Workspace()
 
+    def cross_sources(name: str) -> list[tuple[Reader, str]]:
+        return [({"llm": a, "img": b}[p.role], p.source) for p in cross_plan(name, cfg) if p.kind == "copy"]
+
+    ahead = ReadAhead([n for n in shapes if n not in _skipped(out, True)], cross_sources)
+
     def produce(name: str, buf: torch.Tensor) -> torch.Tensor:
-        # The output projection is the embedding by construction (written as its alias in .pt
-        # layouts; produced again for safetensors rather than held for the whole stream).
-        return kernels.cross_into(name, buf, cfg=cfg, llm=a, img=b, seed=seed, ws=ws)
+        # The output projection is the embedding by construction: written as its alias (tied=True).
+        ahead.advance(name)
+        return kernels.cross_into(name, buf, cfg=cfg, llm=a, img=b, seed=seed, ws=ws, scheme=init_seed_scheme)
 
     sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(("llm", "img"), readers)]
     return stream_to(out, produce, produced_dtypes=_float_dtypes(shapes, torch.float32), desc="cross",
                      progress=opts.progress, threads=opts.threads,
                      manifest_extra=_extra(opts, "cross", sources, cross_every=cross_every, init=init, seed=seed,
+                                           init_seed_scheme=init_seed_scheme,
                                            image_vocab=[lo, hi]),
                      tied=True)

@@ -154,6 +154,29 @@ class Reader:
         anything computed from ``a`` equals the same computed from ``b``."""
         return False
 
+    def prefetch(self, name: str) -> None:
+        """Ask the OS to start reading ``name``'s bytes now (a hint; no-op where unknown), so a
+        cold disk works while the caller computes and writes the tensor before it."""
+
+    def _willneed(self, path: Path, offset: int, nbytes: int) -> None:
+        if nbytes <= 0 or not hasattr(os, "posix_fadvise"):
+            return
+        fds = self.__dict__.setdefault("_prefetch_fds", {})
+        try:
+            fd = fds.get(path)
+            if fd is None:
+                fd = fds[path] = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:  # a hint only: the read itself reports real errors
+            pass
+
+    def __del__(self) -> None:
+        for fd in self.__dict__.get("_prefetch_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def items(self, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for n in self.names():
             yield n, self.get(n, dtype=dtype)
@@ -464,6 +487,16 @@ class MetaseqReader(Reader):
                 return False
         return True
 
+    def prefetch(self, name: str) -> None:
+        if name not in self._infos:
+            return
+        for src in self._ranks:
+            for j, view, _ in self._rank_view_pieces(src, name):
+                if view.is_contiguous() and view.numel():
+                    off = src.mapped[j]._locate(view.data_ptr())
+                    if off is not None:
+                        self._willneed(src.files[j], off, view.numel() * view.element_size())
+
     def get_rank_piece(self, name: str, rank: int) -> torch.Tensor:
         return self._rank_tensor(self._ranks[rank], name, None)
 
@@ -606,7 +639,8 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
 
 
 def read_safetensors_index(path: Path) -> dict[str, Path]:
-    """The ``weight_map`` of a ``*.safetensors.index.json`` (tensor -> file), validated."""
+    """The ``weight_map`` of a ``*.safetensors.index.json`` (or HF's ``pytorch_model.bin.index.json``, the
+    same format): tensor -> file next to the index, validated."""
     try:
         idx = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -628,7 +662,9 @@ class SafetensorsReader(Reader):
     Headers are validated (``read_safetensors_header``), and a tensor whose dtype is not
     floating point must be a version counter: parameters are floating point, so an integer
     dtype on one means a relabelled or corrupt header. ``weight_map``: an index's tensor ->
-    file, checked against the headers."""
+    file, checked against the headers. A ``__metadata__`` entry ``NAME: STORED`` where NAME is
+    no tensor of the file and STORED is one (how ``safetensors.torch.save_model`` and jam-ckpt
+    record a tied tensor stored once) makes NAME an alias of STORED (``tied``)."""
 
     def __init__(self, files: Sequence[Path], *, path: Path, weight_map: Mapping[str, Path] | None = None) -> None:
         self.path = path
@@ -654,14 +690,32 @@ class SafetensorsReader(Reader):
                 check_parameter_dtype(f, k, e.info.dtype)
                 self._infos[k] = e.info
                 self._where[k] = (f, header.data_start + e.begin, e.end - e.begin, 0)
+            for k, v in header.metadata.items():  # safetensors' record of a dropped shared tensor
+                if k not in header.tensors and v in header.tensors and k not in ("format", "jam_config", "jam_vocab"):
+                    self.meta.setdefault("aliases", {})[k] = v
+        self._aliases: dict[str, str] = {}
+        for k, v in self.meta.pop("aliases", {}).items():
+            self._aliases[k] = v
+            self._infos[k] = self._infos[v]
+            self._where[k] = self._where[v]
         if weight_map is not None:
             for k, f in weight_map.items():
                 if k not in self._where or self._where[k][0] != f:
                     where = self._where[k][0] if k in self._where else "no file"
                     raise CheckpointError(f"{path}: weight_map puts tensor {k!r} in {f.name}, found in {where}")
-            extra = [k for k in self._infos if k not in weight_map]
+            extra = [k for k in self._infos if k not in weight_map and k not in self._aliases]
             if extra:
                 raise CheckpointError(f"{path}: tensor(s) {extra[:3]} are in the files but not in weight_map")
+
+    def tied(self, a: str, b: str) -> bool:
+        """One stored tensor under both names: ``__metadata__`` names one of them as the other
+        (``safetensors.torch.save_model``'s record of a shared tensor it stored once)."""
+        return a in self._infos and b in self._infos and self._aliases.get(a, a) == self._aliases.get(b, b)
+
+    def prefetch(self, name: str) -> None:
+        if name in self._where:
+            f, off, n, _ = self._where[name]
+            self._willneed(f, off, n)
 
     def get_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         info = self._start_read(name, out)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import collections
+import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from checkpoints_tools import layout
 from checkpoints_tools.ops import CommonOptions, reshard
-from checkpoints_tools.readers import open_checkpoint
+from checkpoints_tools.readers import open_checkpoint, read_safetensors_header
 from checkpoints_tools.safe_load import CheckpointError, UnsafePickleError, safe_torch_load
 from checkpoints_tools.writers import OutputError, OutputSpec, check_free_space
 from _ckpt_util import assert_state_equal, ref_mp_split, save_metaseq, tiny_parent
@@ -235,6 +240,74 @@ def test_safetensors_output_is_readable_by_the_safetensors_library(tmp_path, par
     assert open_checkpoint(out).config() == cfg
 
 
+def _save_tied(path: Path, cfg, state) -> Path:
+    """A consolidated metaseq file whose output projection IS the embedding (as metaseq saves it)."""
+    tied = collections.OrderedDict(state)
+    tied["decoder.output_projection.weight"] = tied["decoder.embed_tokens.weight"]
+    path.mkdir(parents=True)
+    torch.save({"model": tied, "cfg": {"model": argparse.Namespace(arch="transformer_lm", decoder_attention_heads=cfg.heads)}},
+               path / "checkpoint.pt")
+    return path / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("op", ["merge", "cross"])
+def test_safetensors_stores_the_tied_embedding_once_and_loads_back_tied(tmp_path, op):
+    """Issue 18 item 2: tied sources give a safetensors file holding the embedding once, with
+    ``__metadata__`` naming the output projection as its alias (the safetensors library's own
+    record of a dropped shared tensor); our reader lists both names and calls them tied,
+    load_model's output projection IS its embedding, the safetensors library loads the file
+    (``load_file``, and ``load_model`` into our model with strict=True), a reshard to .pt aliases
+    the storage again, and the tensors equal those of the .pt output."""
+    import safetensors.torch as st
+
+    from checkpoints_tools import load_model, ops
+    from checkpoints_tools.load import verify_checkpoint
+    from jam_metaseq.models import build_model
+
+    cfg, a = tiny_parent(11)
+    _, b = tiny_parent(12)
+    pa, pb = _save_tied(tmp_path / "a", cfg, a), _save_tied(tmp_path / "b", cfg, b)
+
+    def run(name, **spec):
+        opts = _opts(tmp_path / name, **spec)
+        if op == "merge":
+            return ops.merge([pa, pb], opts=opts)
+        return ops.cross(pa, pb, opts=opts, cross_every=1, image_vocab=(64, 100))
+
+    pt, sf = run("pt"), run("st", format="safetensors")
+    emb, proj = "decoder.embed_tokens.weight", "decoder.output_projection.weight"
+    f = sf / "checkpoint.safetensors"
+    with st.safe_open(str(f), "pt") as h:
+        assert proj not in h.keys() and emb in h.keys()
+        assert h.metadata()[proj] == emb
+    plain = st.load_file(str(f))
+    assert proj not in plain
+    r = open_checkpoint(sf)
+    assert proj in r.names() and r.tied(emb, proj) and r.tied(proj, emb) and not r.tied(emb, "decoder.version")
+    assert_state_equal(_read_all(sf), _read_all(pt))
+    model, mcfg, _ = load_model(sf)
+    assert model.decoder.output_projection.weight is model.decoder.embed_tokens.weight
+    fresh = build_model(mcfg)
+    missing, unexpected = st.load_model(fresh, str(f), strict=True)
+    assert not missing and not unexpected
+    assert torch.equal(fresh.decoder.output_projection.weight, plain[emb])
+    verify_checkpoint(sf)
+    m = json.loads((sf / "manifest.json").read_text())
+    assert m["tensors"][proj] == m["tensors"][emb]
+    nbytes = a[emb].numel() * a[emb].element_size()
+    sep = save_metaseq(tmp_path / "sep", cfg, a)  # its output projection is a tensor of its own
+    back = reshard(sf, opts=_opts(tmp_path / "back"))
+    sd = torch.load(back / "checkpoint.pt", weights_only=False)["model"]
+    assert sd[proj].untyped_storage().data_ptr() == sd[emb].untyped_storage().data_ptr()
+    # Control: a source whose output projection is its own tensor is written in full.
+    tied_src = reshard(pa, opts=_opts(tmp_path / "tied", format="safetensors"))
+    full = reshard(sep, opts=_opts(tmp_path / "full", format="safetensors"))
+    with st.safe_open(str(full / "checkpoint.safetensors"), "pt") as h:
+        assert proj in h.keys() and proj not in h.metadata()
+    data = lambda p: p.stat().st_size - read_safetensors_header(p).data_start  # noqa: E731
+    assert data(full / "checkpoint.safetensors") == data(tied_src / "checkpoint.safetensors") + nbytes
+
+
 def test_manifest_lists_files_tensors_and_sources(tmp_path, parent):
     import hashlib
 
@@ -259,3 +332,94 @@ def test_existing_output_and_disk_space_are_checked(tmp_path, parent):
         reshard(src, opts=_opts(tmp_path / "out"))
     with pytest.raises(OutputError, match="not enough free disk"):
         check_free_space(tmp_path / "new", 1 << 62)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_hf_index_without_a_weight_map_is_a_clear_error(tmp_path, kind):
+    """An HF OPT directory whose *.index.json has no "weight_map" object, or names a file outside
+    the directory, stops with an error naming the index (not a KeyError traceback); a valid
+    index is checked against the files (a tensor the index puts in the wrong file is named)."""
+    from safetensors.torch import save_file
+
+    from checkpoints_tools.readers import open_checkpoint as open_ckpt
+
+    d = tmp_path / "opt"
+    d.mkdir()
+    hf = {"model_type": "opt", "hidden_size": 32, "ffn_dim": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
+          "vocab_size": 96, "max_position_embeddings": 40}
+    (d / "config.json").write_text(json.dumps(hf))
+    index = d / ("model.safetensors.index.json" if kind == "safetensors" else "pytorch_model.bin.index.json")
+    for bad, msg in (({"metadata": {}}, "no \"weight_map\""), ({"weight_map": ["a"]}, "no \"weight_map\""),
+                     ({"weight_map": {"lm_head.weight": "../x.bin"}}, "not a file next to the index")):
+        index.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=msg) as e:
+            open_ckpt(d)
+        assert str(index) in str(e.value)
+    if kind == "safetensors":
+        emb = torch.zeros(96, 32)
+        save_file({"model.decoder.embed_tokens.weight": emb}, str(d / "a.safetensors"))
+        save_file({"model.decoder.embed_positions.weight": torch.zeros(42, 32)}, str(d / "b.safetensors"))
+        index.write_text(json.dumps({"weight_map": {"model.decoder.embed_tokens.weight": "b.safetensors",
+                                                    "model.decoder.embed_positions.weight": "a.safetensors"}}))
+        with pytest.raises(CheckpointError, match="weight_map puts tensor 'model.decoder.embed_"):
+            open_ckpt(d)
+
+
+@settings(max_examples=15, deadline=None)
+@given(sizes=st.lists(st.sampled_from([0, 1, 7, 64, 1000, 70_000, 1_200_000]), min_size=0, max_size=6),
+       seed=st.integers(0, 2**16))
+def test_zip_crcs_written_beside_the_data_equal_torchs(tmp_path_factory, sizes, seed):
+    """TorchStreamWriter runs torch's zip writer without its CRC and fills the CRCs itself
+    (writers.ZipCrcs): the file must be byte for byte what torch's writer writes with its own CRC
+    (descriptors, central directory, serialization id), for empty, tiny and multi-chunk records,
+    and load with torch.load. Control: the same records without the fix-up differ."""
+    import io
+
+    from torch.serialization import _get_storage_alignment
+
+    from checkpoints_tools import writers
+
+    d = tmp_path_factory.mktemp("zip")
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8) for n in sizes]
+    w = writers.TorchStreamWriter(d / "ours.pt")
+    obj = {f"t{i}": w.add(t) for i, t in enumerate(tensors)}
+    sha, nbytes = w.finish(obj)
+    ours = (d / "ours.pt").read_bytes()
+
+    def reference(crc: bool) -> bytes:
+        buf = io.BytesIO()
+        z = torch._C.PyTorchFileWriter(buf, crc, _get_storage_alignment())
+        for i, t in enumerate(tensors):
+            z.write_record(f"data/{i}", t.untyped_storage(), t.numel())
+        pkl = io.BytesIO()
+        writers._StubPickler(pkl, protocol=2).dump(
+            {f"t{i}": writers._TensorStub(writers._StorageStub(str(i), t.dtype, t.numel()), t.shape)
+             for i, t in enumerate(tensors)})
+        align = str(_get_storage_alignment())
+        for name, payload in (("data.pkl", pkl.getvalue()), (".format_version", "1"), (".storage_alignment", align),
+                              ("byteorder", sys.byteorder)):
+            z.write_record(name, payload, len(payload))
+        z.write_end_of_file()
+        del z
+        return buf.getvalue()
+
+    assert ours == reference(True)
+    assert nbytes == len(ours) and sha == hashlib.sha256(ours).hexdigest()
+    if any(sizes):
+        assert ours != reference(False)
+    back = torch.load(d / "ours.pt", weights_only=True)
+    for i, t in enumerate(tensors):
+        assert torch.equal(back[f"t{i}"], t)
+
+
+def test_zip_crcs_refuse_a_layout_they_do_not_know(tmp_path):
+    """A write that is not torch's zip layout is an error of that file (never a wrong CRC)."""
+    from checkpoints_tools import writers
+
+    f = writers._HashedFile(tmp_path / "x.pt")
+    z = writers.ZipCrcs(f)
+    z.write(b"not a zip header at all, 30 by")
+    with pytest.raises(writers.OutputError, match="unexpected zip layout from torch's writer"):
+        f.check()
+    f.discard()

@@ -84,20 +84,30 @@ def test_widen_into_is_widen_tensor_bitwise(two, small_chunks, init, dt_in, dt_o
         _bitwise(out, widen_tensor(k, a[k], b[k], parent=cfg, init=init).to(dt_out), k)
 
 
+@pytest.mark.parametrize("scheme", ["per-tensor", "per-block"])
 @pytest.mark.parametrize("init", ["paper", "preserve"])
-def test_cross_into_is_cross_tensor_bitwise(two, tmp_path, init):
+def test_cross_into_is_cross_tensor_bitwise(two, tmp_path, monkeypatch, init, scheme):
+    """Also with draw blocks much smaller than a tensor (many blocks, ragged last one) spread
+    over 1 or 3 threads: the bits depend on the seed and the names only."""
+    from jam_metaseq.fusion import cross as fusion_cross
+
+    monkeypatch.setattr(fusion_cross, "DRAW_BLOCK", 100)
     cfg, a, b = two
     a16, b16 = _cast(a, torch.float16), _cast(b, torch.bfloat16)  # mixed parent dtypes
     ra = open_checkpoint(save_metaseq(tmp_path / "a", cfg, a16, mp=2))
     rb = open_checkpoint(save_metaseq(tmp_path / "b", cfg, b16, fsdp=2))
     ccfg = cross_of(cfg, 1, cross_init=init, image_vocab_start=64, image_vocab_end=100)
     ws = Workspace()
-    for k, shape in state_shapes(ccfg).items():
-        out = ws.get("out", shape, torch.float16)
-        out.fill_(float("nan"))
-        kernels.cross_into(k, out, cfg=ccfg, llm=ra, img=rb, seed=9, ws=ws)
-        want = cross_tensor(k, cfg=ccfg, llm=a16.__getitem__, img=b16.__getitem__, seed=9).to(torch.float16)
-        _bitwise(out, want, k)
+    for threads in (1, 3):
+        monkeypatch.setattr(kernels, "DRAW_THREADS", threads)
+        monkeypatch.setattr(kernels, "_POOL", None)
+        for k, shape in state_shapes(ccfg).items():
+            out = ws.get("out", shape, torch.float16)
+            out.fill_(float("nan"))
+            kernels.cross_into(k, out, cfg=ccfg, llm=ra, img=rb, seed=9, ws=ws, scheme=scheme)
+            want = cross_tensor(k, cfg=ccfg, llm=a16.__getitem__, img=b16.__getitem__, seed=9,
+                                scheme=scheme).to(torch.float16)
+            _bitwise(out, want, k)
 
 
 def test_workspace_reuses_and_grows():
@@ -286,3 +296,59 @@ def test_write_behind_windows_keep_outputs_exact(two, tmp_path, monkeypatch):
     assert_state_equal(collections.OrderedDict(open_checkpoint(out).items()), want)
     for name, rec in json.loads((out / "manifest.json").read_text())["files"].items():
         assert rec["sha256"] == sha256_file(out / name)
+
+
+@pytest.mark.parametrize("fmt", ["metaseq", "safetensors"])
+def test_read_ahead_prefetches_exactly_the_coming_tensors_bytes(two, tmp_path, monkeypatch, fmt):
+    """The stream asks the OS (posix_fadvise WILLNEED) for the parents' coming tensors before it
+    reads them, at most READ_AHEAD bytes ahead: every hinted byte range of a file holds exactly
+    a tensor's stored bytes, every tensor read was hinted first, and hints never run further
+    ahead than READ_AHEAD (plus the tensors being produced)."""
+    import os
+
+    from checkpoints_tools import ops
+
+    cfg, a, b = two
+    pa = save_metaseq(tmp_path / "a", cfg, a, mp=2)
+    pb = save_metaseq(tmp_path / "b", cfg, b)
+    if fmt == "safetensors":
+        pa = reshard(pa, opts=CommonOptions(spec=OutputSpec(out_dir=tmp_path / "sa", format="safetensors"),
+                                            progress=False, hash_sources="none"))
+    monkeypatch.setattr(ops, "READ_AHEAD", 4096)
+    hints, events = [], []
+    real_fadvise = os.posix_fadvise
+
+    def fadvise(fd, off, n, advice):
+        if advice == os.POSIX_FADV_WILLNEED:
+            hints.append((os.readlink(f"/proc/self/fd/{fd}"), off, n))
+        return real_fadvise(fd, off, n, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    real_prefetch = ops.ReadAhead.advance
+
+    def advance(self, name):
+        before = self.next
+        real_prefetch(self, name)
+        events.append((name, before, self.next, self.cum))
+
+    monkeypatch.setattr(ops.ReadAhead, "advance", advance)
+    merge([pa, pb], opts=CommonOptions(spec=OutputSpec(out_dir=tmp_path / "m"), progress=False, hash_sources="none"))
+    assert hints and events
+    def pieces(path: str) -> set[bytes]:  # the tensors stored in one file, as bytes
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, weights_only=False)["model"]
+        return {t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() for t in sd.values()}
+
+    files: dict[str, set[bytes]] = {}
+    for path, off, n in hints:
+        with open(path, "rb") as f:
+            f.seek(off)
+            data = f.read(n)
+        assert data in files.setdefault(path, pieces(path)), (path, off, n)
+    assert len(files) == (3 if fmt == "metaseq" else 2)
+    for i, (name, before, after, cum) in enumerate(events):
+        assert after > i  # the tensor being produced (and all before it) was hinted
+        assert cum[after - 1] - cum[i + 1] < 4096 or after == i + 1  # never further than READ_AHEAD

@@ -297,6 +297,30 @@ def test_fresh_tensors_depend_on_seed_and_name_only():
     assert all(torch.equal(fwd[k], rev[k]) for k in keys)
 
 
+def test_per_block_draws_depend_on_seed_name_and_block_only(monkeypatch):
+    """The per-block scheme: any range of whole blocks drawn alone equals that range of the whole
+    tensor's draw (so blocks can be drawn in any order, on any thread); each block has its own
+    stream (no two blocks equal); it is not the per-tensor draw; the values are N(0, init_std)."""
+    from jam_metaseq.fusion import cross as fc
+
+    monkeypatch.setattr(fc, "DRAW_BLOCK", 64)
+    cfg = cross_of(tiny_cfg(), 1)
+    name, n = "decoder.x_attn_layers_llm.0.fc1.weight", 64 * 32
+    whole = fc.draw_normal(name, n, torch.empty(n), cfg=cfg, seed=4, scheme="per-block")
+    for start, stop in ((0, 64), (128, 640), (1984, 2048), (64, 2048)):
+        part = fc.draw_normal(name, n, torch.empty(stop - start), cfg=cfg, seed=4, scheme="per-block", start=start)
+        assert torch.equal(part, whole[start:stop]), (start, stop)
+    blocks = whole.view(-1, 64)
+    assert len({tuple(b.tolist()) for b in blocks}) == blocks.shape[0]
+    assert not torch.equal(whole, fc.draw_normal(name, n, torch.empty(n), cfg=cfg, seed=4, scheme="per-tensor"))
+    assert not torch.equal(whole, fc.draw_normal(name, n, torch.empty(n), cfg=cfg, seed=5, scheme="per-block"))
+    assert 0.9 * cfg.parent.init_std < whole.std() < 1.1 * cfg.parent.init_std and abs(whole.mean()) < 2e-3
+    with pytest.raises(ValueError, match="not whole blocks"):
+        fc.draw_normal(name, n, torch.empty(10), cfg=cfg, seed=4, scheme="per-block", start=5)
+    with pytest.raises(ValueError, match="init_seed_scheme must be one of"):
+        fc.draw_normal(name, n, torch.empty(n), cfg=cfg, seed=4, scheme="per-thread")
+
+
 def test_in_model_preserve_init_agrees_with_fresh_tensors():
     """JamCrossLM(cfg) with preserve and the streamed fresh tensors agree on the structured parts."""
     cfg = cross_of(tiny_cfg(layers=2), 1, cross_init="preserve")

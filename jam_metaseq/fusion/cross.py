@@ -9,74 +9,183 @@
 - new parameters (cross blocks, ``feature_projection``): ``paper`` = N(0, init_std) weights, zero
   biases, unit LayerNorms; ``preserve`` additionally zeroes each cross block's ``out_proj`` and ``fc2``
   (the blocks start as identities, so each branch computes exactly its parent) and sets the feature
-  projection to [I/2, I/2]. Each new tensor is drawn from a generator seeded by (seed, name), so the
-  result does not depend on the order tensors are streamed in.
+  projection to [I/2, I/2]. The normal draws depend on (seed, name) only, so the result does not
+  depend on the order tensors are streamed in; how they are seeded is the ``init_seed_scheme``:
+
+  - ``per-block`` (the default): element block k (``DRAW_BLOCK`` elements of the flattened tensor)
+    is ``torch.randn`` from a CPU generator seeded with ``block_seed(seed, name, k)``. Blocks are
+    independent, so they can be drawn in parallel and in any order, with the same bits.
+  - ``per-tensor`` (jam-ckpt's only scheme before ``init_seed_scheme`` was recorded): one ``torch.randn`` of the
+    whole tensor from a generator seeded with ``tensor_seed(seed, name)``; one stream, one thread.
+
+  Both draw with torch's float32 ``randn`` kernel, whose bits differ between torch's CPU dispatch
+  levels (e.g. AVX2 and the DEFAULT kernel used on CPUs without it): a seed reproduces an output on
+  CPUs of the same kind.
+
+The rule is data: ``cross_plan`` says where each piece of a tensor comes from (a parent's tensor,
+the parents' average, a fresh init, a constant), ``fresh_rule`` which fresh init a new tensor gets.
+``cross_tensor`` applies them to whole tensors; ``checkpoints_tools.kernels`` applies the same plan
+streaming from readers into reused buffers, calling ``draw_normal`` block by block.
 """
 
 from __future__ import annotations
 
 import re
 import zlib
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from ..models.config import CrossConfig
+from .uniform import average_pair
 
 Getter = Callable[[str], torch.Tensor]
 _BRANCH = re.compile(r"^decoder\.layers_(llm|cm3)\.(\d+)\.(.+)$")
 _XATTN = re.compile(r"^decoder\.x_attn_layers_(llm|cm3)\.(\d+)\.(.+)$")
+_EMBEDDING = "decoder.embed_tokens.weight"
+SHARED_EMBEDDINGS = (_EMBEDDING, "decoder.output_projection.weight")
+VERSION = 3.0
+"""The value of metaseq's ``decoder.version`` buffer."""
+
+INIT_SEED_SCHEMES = ("per-block", "per-tensor")
+DEFAULT_INIT_SEED_SCHEME = "per-block"
+DRAW_BLOCK = 1 << 18
+"""Elements per independently seeded block of a ``per-block`` draw (1 MiB of fp32)."""
 
 
 def tensor_seed(seed: int, name: str) -> int:
+    """The ``per-tensor`` scheme's generator seed of tensor ``name``."""
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def fresh_tensor(name: str, shape: tuple[int, ...], *, cfg: CrossConfig, seed: int) -> torch.Tensor:
-    """A new parameter of JAM-Cross, initialised per ``cfg.cross_init`` (see module docstring)."""
-    if name.endswith("bias"):
-        return torch.zeros(shape)
-    if "layer_norm" in name:
-        return torch.ones(shape)
-    if cfg.cross_init == "preserve":
-        if name == "decoder.feature_projection.weight":
-            E = cfg.parent.embed_dim
-            eye = torch.eye(E) / 2
-            return torch.cat([eye, eye], dim=1)
-        if name.endswith("cross_attn.out_proj.weight") or name.endswith("fc2.weight"):
-            return torch.zeros(shape)
-    g = torch.Generator().manual_seed(tensor_seed(seed, name))
-    return torch.randn(shape, generator=g) * cfg.parent.init_std
+def block_seed(seed: int, name: str, block: int) -> int:
+    """The ``per-block`` scheme's generator seed of element block ``block`` of tensor ``name``: a
+    CRC-32 (torch's CPU generator keeps 32 bits of a seed), so the blocks of one tensor, whose
+    inputs differ only in the last few bytes, never share a seed."""
+    return zlib.crc32(f"{int(seed)}:{name}:{int(block)}".encode())
 
 
-def cross_tensor(name: str, *, cfg: CrossConfig, llm: Getter, img: Getter, seed: int = 0) -> torch.Tensor:
-    """The JAM-Cross tensor ``name`` built from the parents' tensors (fetched lazily by name)."""
+class Piece(NamedTuple):
+    """``out[rows] = `` one source: ``copy`` of parent ``role``'s tensor ``source`` (those rows),
+    ``average`` of both parents' ``source``, ``fresh`` (``fresh_rule``) or ``const`` (``VERSION``)."""
+
+    rows: slice
+    kind: str  # "copy" | "average" | "fresh" | "const"
+    role: str | None = None  # "llm" | "img" for copy
+    source: str | None = None
+
+
+_ALL = slice(None)
+
+
+def cross_plan(name: str, cfg: CrossConfig) -> list[Piece]:
+    """Where the JAM-Cross tensor ``name`` comes from, in order (a later piece overwrites rows of
+    an earlier one)."""
     if name == "decoder.version":
-        return torch.tensor([3.0])
-    if name in ("decoder.embed_tokens.weight", "decoder.output_projection.weight"):
+        return [Piece(_ALL, "const")]
+    if name in SHARED_EMBEDDINGS:
         lo, hi = cfg.image_vocab_start, cfg.image_vocab_end
         if not 0 <= lo < hi <= cfg.vocab_size:
             raise ValueError(
                 f"{name}: image_vocab_start/end = {lo}/{hi} must lie in [0, {cfg.vocab_size}] "
                 "(set them from the vocab manifest's image range)"
             )
-        out = llm("decoder.embed_tokens.weight").to(torch.float32).clone()
-        out[lo:hi] = img("decoder.embed_tokens.weight")[lo:hi].to(torch.float32)
-        return out
+        return [Piece(_ALL, "copy", "llm", _EMBEDDING), Piece(slice(lo, hi), "copy", "img", _EMBEDDING)]
     if name == "decoder.embed_positions_llm.weight":
-        return llm("decoder.embed_positions.weight").to(torch.float32).clone()
+        return [Piece(_ALL, "copy", "llm", "decoder.embed_positions.weight")]
     if name == "decoder.embed_positions_cm3.weight":
-        return img("decoder.embed_positions.weight").to(torch.float32).clone()
+        return [Piece(_ALL, "copy", "img", "decoder.embed_positions.weight")]
     m = _BRANCH.match(name)
     if m:
         branch, i, rest = m.groups()
-        src = llm if branch == "llm" else img
-        return src(f"decoder.layers.{i}.{rest}").to(torch.float32).clone()
+        return [Piece(_ALL, "copy", "llm" if branch == "llm" else "img", f"decoder.layers.{i}.{rest}")]
     if name.startswith("decoder.layer_norm."):
-        return (llm(name).to(torch.float32) + img(name).to(torch.float32)) / 2
+        return [Piece(_ALL, "average", None, name)]
     if _XATTN.match(name) or name == "decoder.feature_projection.weight":
-        from . import state_shapes  # late import: the package imports this module
-
-        shape = state_shapes(cfg)[name]
-        return fresh_tensor(name, shape, cfg=cfg, seed=seed)
+        return [Piece(_ALL, "fresh")]
     raise KeyError(f"{name}: not a JAM-Cross tensor")
+
+
+def fresh_rule(name: str, cfg: CrossConfig) -> str:
+    """The init of a new JAM-Cross parameter: ``zeros``, ``ones``, ``eye_halves`` ([I/2, I/2]) or
+    ``normal`` (N(0, init_std), drawn per ``init_seed_scheme``)."""
+    if name.endswith("bias"):
+        return "zeros"
+    if "layer_norm" in name:
+        return "ones"
+    if cfg.cross_init == "preserve":
+        if name == "decoder.feature_projection.weight":
+            return "eye_halves"
+        if name.endswith("cross_attn.out_proj.weight") or name.endswith("fc2.weight"):
+            return "zeros"
+    return "normal"
+
+
+def check_scheme(scheme: str) -> None:
+    if scheme not in INIT_SEED_SCHEMES:
+        raise ValueError(f"init_seed_scheme must be one of {INIT_SEED_SCHEMES}, got {scheme!r}")
+
+
+def draw_normal(name: str, numel: int, out: torch.Tensor, *, cfg: CrossConfig, seed: int,
+                scheme: str = DEFAULT_INIT_SEED_SCHEME, start: int = 0) -> torch.Tensor:
+    """Elements [start, start + out.numel()) of the flattened N(0, init_std) draw of the
+    ``numel``-element tensor ``name``, into ``out`` (fp32, contiguous). ``per-block``: ``start``
+    is a multiple of ``DRAW_BLOCK`` and the range ends on a block boundary or at ``numel``;
+    ``per-tensor``: the whole tensor (one stream)."""
+    check_scheme(scheme)
+    n = out.numel()
+    flat = out.view(-1)
+    if scheme == "per-tensor":
+        if start != 0 or n != numel:
+            raise ValueError(f"{name}: the per-tensor scheme draws the whole tensor at once")
+        g = torch.Generator().manual_seed(tensor_seed(seed, name))
+        torch.randn(tuple(out.shape), generator=g, out=out)
+        return out.mul_(cfg.parent.init_std)
+    end = start + n
+    if start % DRAW_BLOCK or not (end % DRAW_BLOCK == 0 or end == numel) or end > numel:
+        raise ValueError(f"{name}: elements [{start}, {end}) of {numel} are not whole blocks of {DRAW_BLOCK}")
+    for b0 in range(start, end, DRAW_BLOCK):
+        b1 = min(end, b0 + DRAW_BLOCK)
+        g = torch.Generator().manual_seed(block_seed(seed, name, b0 // DRAW_BLOCK))
+        torch.randn(b1 - b0, generator=g, out=flat[b0 - start:b1 - start])
+    return out.mul_(cfg.parent.init_std)
+
+
+def fresh_tensor(name: str, shape: tuple[int, ...], *, cfg: CrossConfig, seed: int,
+                 scheme: str = DEFAULT_INIT_SEED_SCHEME) -> torch.Tensor:
+    """A new parameter of JAM-Cross, initialised per ``cfg.cross_init`` (see module docstring), fp32."""
+    rule = fresh_rule(name, cfg)
+    if rule == "zeros":
+        return torch.zeros(shape)
+    if rule == "ones":
+        return torch.ones(shape)
+    if rule == "eye_halves":
+        eye = torch.eye(cfg.parent.embed_dim) / 2
+        return torch.cat([eye, eye], dim=1)
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    return draw_normal(name, numel, torch.empty(shape), cfg=cfg, seed=seed, scheme=scheme)
+
+
+def cross_tensor(name: str, *, cfg: CrossConfig, llm: Getter, img: Getter, seed: int = 0,
+                 scheme: str = DEFAULT_INIT_SEED_SCHEME) -> torch.Tensor:
+    """The JAM-Cross tensor ``name`` built from the parents' tensors (fetched lazily by name), fp32."""
+    out: torch.Tensor | None = None
+    for p in cross_plan(name, cfg):
+        if p.kind == "const":
+            value = torch.tensor([VERSION])
+        elif p.kind == "copy":
+            value = (llm if p.role == "llm" else img)(p.source)[p.rows].to(torch.float32)
+        elif p.kind == "average":
+            value = average_pair(llm(p.source), img(p.source))
+        else:
+            from . import state_shapes  # late import: the package imports this module
+
+            value = fresh_tensor(name, state_shapes(cfg)[name], cfg=cfg, seed=seed, scheme=scheme)
+        if out is None:  # the first piece covers the whole tensor
+            out = value.clone() if p.kind == "copy" else value
+        else:
+            out[p.rows] = value
+    assert out is not None
+    return out

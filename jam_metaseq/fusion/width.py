@@ -5,30 +5,126 @@ Every matrix W (out x in) becomes [[W_llm, X_llm], [W_img, X_img]] with X = the 
 widened per K/V/Q block so that the new heads are whole (heads 0..H-1 from the LLM, H..2H-1 from the
 image model, head dim kept). Token/position embeddings are concatenated on the hidden dim [llm | img];
 vectors (biases, affine LayerNorm) are concatenated [llm; img] (per K/V/Q block for the qkv bias).
+
+The rule is data: ``widen_blocks`` lists, for one tensor, which block of the widened tensor comes
+from which rows of the parents and how (``block_value``). ``widen_tensor`` fills a whole tensor
+from that list; ``checkpoints_tools.kernels`` fills the same blocks a few rows at a time.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any, NamedTuple
 
 import torch
 
 from ..models.config import DecoderConfig
+from .uniform import average_pair
 
 WIDEN_INITS = ("copy", "average")
 _EMBEDDINGS = re.compile(r"^decoder\.(embed_tokens|embed_positions|output_projection)\.weight$")
 _QKV = re.compile(r"^decoder\.layers\.\d+\.self_attn\.qkv_proj\.(weight|bias)$")
+_ALL = slice(None)
+
+
+class Block(NamedTuple):
+    """``out[out_rows, out_cols] = block_value(what, llm[src_rows], img[src_rows])``; a vector
+    (1-D tensor) has no columns (``out_cols`` None)."""
+
+    out_rows: Any  # a slice (Ellipsis: the whole tensor)
+    out_cols: slice | None
+    src_rows: Any
+    what: str  # "llm" | "img" | "average"
+
+
+def block_value(what: str, llm: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+    """The fp32 content of a block: one parent's rows, or both parents' average (Eq. 3's X)."""
+    if what == "llm":
+        return llm.to(torch.float32)
+    if what == "img":
+        return img.to(torch.float32)
+    if what == "average":
+        return average_pair(llm, img)
+    raise ValueError(f"unknown block source {what!r}")
+
+
+def is_copy(what: str) -> bool:
+    """The block is one parent's values unchanged (``block_value`` only widens the dtype): it may
+    be copied in any dtype, exactly."""
+    return what in ("llm", "img")
+
+
+def _check_init(init: str) -> None:
+    if init not in WIDEN_INITS:
+        raise ValueError(f"init must be one of {WIDEN_INITS}, got {init!r}")
+
+
+def _matrix_blocks(rows: int, cols: int, *, at: int, src: int, init: str) -> list[Block]:
+    """[[W_llm, X_llm], [W_img, X_img]] for parent rows [src, src + rows) written at output rows
+    [at, at + 2 rows) (Eq. 2 / Eq. 3)."""
+    x_llm, x_img = ("llm", "img") if init == "copy" else ("average", "average")
+    s = slice(src, src + rows)
+    top, bottom = slice(at, at + rows), slice(at + rows, at + 2 * rows)
+    left, right = slice(0, cols), slice(cols, 2 * cols)
+    return [Block(top, left, s, "llm"), Block(top, right, s, x_llm),
+            Block(bottom, left, s, "img"), Block(bottom, right, s, x_img)]
+
+
+def _vector_blocks(n: int, *, at: int, src: int) -> list[Block]:
+    """[llm; img] for parent elements [src, src + n) written at [at, at + 2n)."""
+    s = slice(src, src + n)
+    return [Block(slice(at, at + n), None, s, "llm"), Block(slice(at + n, at + 2 * n), None, s, "img")]
+
+
+def widen_blocks(name: str, shape: tuple[int, ...], *, parent: DecoderConfig, init: str = "copy") -> list[Block]:
+    """Where every element of the widened tensor ``name`` comes from, for parents of ``shape``."""
+    _check_init(init)
+    shape = tuple(shape)
+    if name.endswith("version"):  # a buffer: the LLM's, as it is
+        return [Block(Ellipsis, None, Ellipsis, "llm")]
+    if _EMBEDDINGS.match(name):  # (rows, E) -> (rows, 2E): [llm | img]
+        R, E = shape
+        return [Block(_ALL, slice(0, E), _ALL, "llm"), Block(_ALL, slice(E, 2 * E), _ALL, "img")]
+    if _QKV.match(name):  # K, V, Q: each widened on its own so heads stay whole
+        E = parent.embed_dim
+        if shape[0] != 3 * E:
+            raise ValueError(f"{name}: qkv has {shape[0]} rows, expected 3 x embed_dim = {3 * E}")
+        blocks: list[Block] = []
+        for b in range(3):
+            if len(shape) == 2:
+                blocks += _matrix_blocks(E, shape[1], at=2 * b * E, src=b * E, init=init)
+            else:
+                blocks += _vector_blocks(E, at=2 * b * E, src=b * E)
+        return blocks
+    if len(shape) == 1:
+        return _vector_blocks(shape[0], at=0, src=0)
+    if len(shape) == 2:
+        return _matrix_blocks(shape[0], shape[1], at=0, src=0, init=init)
+    raise ValueError(f"{name}: do not know how to widen a tensor of shape {shape}")
+
+
+def widened_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The JAM-Width shape of a parent tensor of ``shape``."""
+    if name.endswith("version"):
+        return tuple(shape)
+    if _EMBEDDINGS.match(name):
+        return (shape[0], 2 * shape[1])
+    return tuple(2 * s for s in shape)
+
+
+def _fill(blocks: list[Block], llm: torch.Tensor, img: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    for b in blocks:
+        dst = out[b.out_rows] if b.out_cols is None else out[b.out_rows, b.out_cols]
+        dst.copy_(block_value(b.what, llm[b.src_rows], img[b.src_rows]))
+    return out
 
 
 def widen_matrix(llm: torch.Tensor, img: torch.Tensor, *, init: str) -> torch.Tensor:
-    """(out, in) x 2 -> (2 out, 2 in): [[W_llm, X_llm], [W_img, X_img]] (Eq. 2 / Eq. 3)."""
-    if init == "copy":
-        x_llm, x_img = llm, img
-    elif init == "average":
-        x_llm = x_img = (llm + img) / 2
-    else:
-        raise ValueError(f"init must be one of {WIDEN_INITS}, got {init!r}")
-    return torch.cat([torch.cat([llm, x_llm], dim=1), torch.cat([img, x_img], dim=1)], dim=0)
+    """(out, in) x 2 -> (2 out, 2 in): [[W_llm, X_llm], [W_img, X_img]] (Eq. 2 / Eq. 3), fp32."""
+    _check_init(init)
+    R, C = llm.shape
+    out = torch.empty(2 * R, 2 * C, dtype=torch.float32)
+    return _fill(_matrix_blocks(R, C, at=0, src=0, init=init), llm, img, out)
 
 
 def widen_tensor(
@@ -37,22 +133,6 @@ def widen_tensor(
     """One parent tensor pair -> the JAM-Width tensor of the same name (fp32)."""
     if llm.shape != img.shape:
         raise ValueError(f"{name}: LLM parent has shape {tuple(llm.shape)}, image parent {tuple(img.shape)}")
-    if init not in WIDEN_INITS:
-        raise ValueError(f"init must be one of {WIDEN_INITS}, got {init!r}")
-    llm, img = llm.to(torch.float32), img.to(torch.float32)
-    if name.endswith("version"):
-        return llm.clone()
-    if _EMBEDDINGS.match(name):
-        return torch.cat([llm, img], dim=1)  # (rows, 2E)
-    if _QKV.match(name):
-        E = parent.embed_dim
-        blocks = []
-        for b in range(3):  # K, V, Q: each widened on its own so heads stay whole
-            l_blk, i_blk = llm[b * E : (b + 1) * E], img[b * E : (b + 1) * E]
-            blocks.append(widen_matrix(l_blk, i_blk, init=init) if llm.dim() == 2 else torch.cat([l_blk, i_blk]))
-        return torch.cat(blocks, dim=0)
-    if llm.dim() == 1:
-        return torch.cat([llm, img])
-    if llm.dim() == 2:
-        return widen_matrix(llm, img, init=init)
-    raise ValueError(f"{name}: do not know how to widen a tensor of shape {tuple(llm.shape)}")
+    blocks = widen_blocks(name, tuple(llm.shape), parent=parent, init=init)
+    out = torch.empty(widened_shape(name, tuple(llm.shape)), dtype=torch.float32)
+    return _fill(blocks, llm, img, out)
