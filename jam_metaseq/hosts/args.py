@@ -16,6 +16,7 @@ their model args into every checkpoint (``cfg["model"]``), so a checkpoint carri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from jam_metaseq.models.config import (
@@ -39,23 +40,31 @@ def arch_names() -> dict[str, tuple[str, str]]:
     return out
 
 
-# flag dest -> (DecoderConfig field, converter from config value to flag value)
-_SHAPE_FLAGS = {
-    "decoder_embed_dim": "embed_dim",
-    "decoder_ffn_embed_dim": "ffn_dim",
-    "decoder_layers": "layers",
-    "decoder_attention_heads": "heads",
-    "max_target_positions": "max_positions",
-    "activation_fn": "activation",
-    "dropout": "dropout",
-    "attention_dropout": "attention_dropout",
-}
-# negated booleans: flag True means config field False
-_NEG_FLAGS = {
-    "disable_bias": "bias",
-    "disable_affine_ln": "affine_ln",
-    "no_scale_embedding": "scale_embedding",
-}
+# Host flags of one parent, in the order checkpoints store them (``cfg["model"]``): (flag dest,
+# DecoderConfig field, how the flag holds it). "value": the field's value; "negated": True when the
+# field is False (metaseq's --disable-* switches); "echo": a copy metaseq's own models read that
+# config_from_args never reads back.
+_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("decoder_embed_dim", "embed_dim", "value"),
+    ("decoder_ffn_embed_dim", "ffn_dim", "value"),
+    ("decoder_layers", "layers", "value"),
+    ("decoder_attention_heads", "heads", "value"),
+    ("decoder_input_dim", "embed_dim", "echo"),
+    ("decoder_output_dim", "embed_dim", "echo"),
+    ("max_target_positions", "max_positions", "value"),
+    ("tokens_per_sample", "max_positions", "echo"),
+    ("activation_fn", "activation", "value"),
+    ("dropout", "dropout", "value"),
+    ("attention_dropout", "attention_dropout", "value"),
+    ("disable_bias", "bias", "negated"),
+    ("disable_affine_ln", "affine_ln", "negated"),
+    ("no_scale_embedding", "scale_embedding", "negated"),
+)
+_SHAPE_FLAGS = {flag: fld for flag, fld, how in _FLAGS if how == "value"}
+_NEG_FLAGS = {flag: fld for flag, fld, how in _FLAGS if how == "negated"}
+ALWAYS_ON = ("decoder_learned_pos", "share_decoder_input_output_embed", "decoder_normalize_before")
+"""Switches metaseq's ``model_parallel_transformer_lm`` reads that every JAM model has on
+(learned positions, tied embeddings, pre-LayerNorm)."""
 
 
 def add_model_args(parser: argparse.ArgumentParser | Any) -> None:
@@ -139,23 +148,41 @@ def config_from_args(args: argparse.Namespace, *, vocab_size: int, padding_idx: 
                     image_vocab_start=image_range[0], image_vocab_end=image_range[1])
 
 
-def args_from_config(cfg: ModelConfig) -> dict[str, Any]:
-    """Inverse of ``config_from_args``: the flag values (dest names) that rebuild ``cfg``."""
+CROSS_FLAGS = ("cross_every", "cross_init", "image_vocab_start", "image_vocab_end")
+"""The JAM-Cross flags ``args_from_config`` adds after the parent's."""
+
+
+def host_arch(cfg: ModelConfig) -> str:
+    """The ``--arch`` family of ``cfg``: ``jam_cross`` / ``jam_width`` / ``jam_uniform``, or
+    ``transformer_lm`` for a plain parent decoder."""
     if isinstance(cfg, CrossConfig):
-        parent, family = cfg.parent, ARCH_CROSS
-        extra = {"cross_every": cfg.cross_every, "cross_init": cfg.cross_init}
-    elif isinstance(cfg, DecoderConfig):
-        family = cfg.arch if cfg.arch in FAMILIES else ARCH_UNIFORM
-        if family == ARCH_WIDTH:  # flags describe the parent: halve the widened dims
-            parent = DecoderConfig(**{**cfg.__dict__, "embed_dim": cfg.embed_dim // 2,
-                                      "ffn_dim": cfg.ffn_dim // 2, "heads": cfg.heads // 2})
-        else:
-            parent = cfg
-        extra = {}
-    else:
+        return ARCH_CROSS
+    if not isinstance(cfg, DecoderConfig):
         raise TypeError(f"not a model config: {type(cfg).__name__}")
-    out: dict[str, Any] = {flag: getattr(parent, fld) for flag, fld in _SHAPE_FLAGS.items()}
-    out.update({flag: not getattr(parent, fld) for flag, fld in _NEG_FLAGS.items()})
+    # the module's own (interned) names, not the config's copy: pickled into checkpoints, equal
+    # strings that are one object are stored once, so the object decides the file's bytes
+    return next((fam for fam in FAMILIES if fam == cfg.arch), "transformer_lm")
+
+
+def args_from_config(cfg: ModelConfig) -> dict[str, Any]:
+    """Inverse of ``config_from_args``: every host flag (dest names) of ``cfg``, in the order
+    checkpoints store them. The flags describe one parent (JAM-Width: half the widened dims);
+    ``jam_family`` is the family that rebuilds ``cfg`` (a plain parent: ``jam_uniform``, whose
+    model is the parent's)."""
+    arch = host_arch(cfg)
+    extra: dict[str, Any] = {}
+    if isinstance(cfg, CrossConfig):
+        parent = cfg.parent
+        extra = {flag: getattr(cfg, flag) for flag in CROSS_FLAGS}
+    elif arch == ARCH_WIDTH:  # the inverse of width_of
+        parent = dataclasses.replace(cfg, embed_dim=cfg.embed_dim // 2, ffn_dim=cfg.ffn_dim // 2,
+                                     heads=cfg.heads // 2)
+    else:
+        parent = cfg
+    out: dict[str, Any] = {}
+    for flag, fld, how in _FLAGS:
+        out[flag] = not getattr(parent, fld) if how == "negated" else getattr(parent, fld)
+    out.update({flag: True for flag in ALWAYS_ON})
+    out["jam_family"] = arch if arch in FAMILIES else ARCH_UNIFORM
     out.update(extra)
-    out["jam_family"] = family
     return out

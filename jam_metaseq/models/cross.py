@@ -17,10 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import keys
 from .cache import KVCache
 from .config import CrossConfig, DecoderConfig
 from .decoder import (
-    AttentionContext, DecoderLayer, PreLNBlock, attend, build_context, embed_input, init_normal_, layer_norm,
+    AttentionContext, DecoderLayer, PreLNBlock, attend, build_context, embed_input, init_parameters_, layer_norm,
     merge_heads, split_heads,
 )
 
@@ -63,15 +64,6 @@ class CrossBlock(PreLNBlock):
         return self.residual_and_ffn(x, self.cross_attn(self.cross_attn_layer_norm(x), other, ctx))
 
 
-def preserve_init_(block: CrossBlock) -> None:
-    """Zero the cross block's output projection and second FFN matrix: the block is the identity."""
-    with torch.no_grad():
-        for lin in (block.cross_attn.out_proj, block.fc2):
-            lin.weight.zero_()
-            if lin.bias is not None:
-                lin.bias.zero_()
-
-
 class CrossDecoder(nn.Module):
     """The ``decoder.*`` submodule of JAM-Cross."""
 
@@ -80,7 +72,7 @@ class CrossDecoder(nn.Module):
         p = cfg.parent
         self.cfg = cfg
         L = p.layers
-        self.register_buffer("version", torch.tensor([3.0]))
+        self.register_buffer("version", torch.tensor([keys.VERSION_VALUE]))
         self.embed_tokens = nn.Embedding(p.vocab_size, p.embed_dim, padding_idx=p.padding_idx)
         self.embed_positions_llm = nn.Embedding(p.num_position_rows, p.embed_dim)
         self.embed_positions_cm3 = nn.Embedding(p.num_position_rows, p.embed_dim)
@@ -117,20 +109,7 @@ class JamCrossLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.decoder = CrossDecoder(cfg)
-        self.reset_new_parameters()
-
-    def reset_new_parameters(self) -> None:
-        """Init everything N(0, std); with ``preserve`` also make the cross blocks identities and
-        the feature projection [I/2, I/2]."""
-        d = self.decoder
-        init_normal_(self, self.cfg.parent.init_std)
-        if self.cfg.cross_init == "preserve":
-            for block in list(d.x_attn_layers_llm) + list(d.x_attn_layers_cm3):
-                preserve_init_(block)
-            E = self.cfg.parent.embed_dim
-            with torch.no_grad():
-                eye = torch.eye(E) / 2
-                d.feature_projection.weight.copy_(torch.cat([eye, eye], dim=1))
+        init_parameters_(self, cfg)  # with ``preserve``, the cross blocks start as identities
 
     @property
     def num_attention_slots(self) -> int:

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import keys
 from .cache import KVCache
-from .config import DecoderConfig
+from .config import CrossConfig, DecoderConfig, ModelConfig
 
 
 @dataclass
@@ -204,18 +205,34 @@ class DecoderLayer(PreLNBlock):
         return self.residual_and_ffn(x, self.self_attn(self.self_attn_layer_norm(x), ctx))
 
 
-def init_normal_(module: nn.Module, std: float) -> None:
-    """Fresh-weight init: N(0, std) for matrices and embeddings, zeros for biases, ones for LN."""
-    for name, p in module.named_parameters():
-        if p.is_meta:
-            continue
-        with torch.no_grad():
-            if name.endswith("bias"):
-                p.zero_()
-            elif "layer_norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std)
+def init_tensor_(key: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Give the fresh parameter ``key`` of the model ``cfg`` its start value in place
+    (``keys.init_rule``). Every matrix and embedding draws N(0, init_std) from torch's global
+    generator first, also one that the rule then sets to zeros or [I/2, I/2]: the draws, one per
+    tensor in ``named_parameters()`` order, are a model's random stream (``init_parameters_``), so
+    a tensor built on its own from that stream gets the same bits (``hosts.metaseq``)."""
+    rule = keys.init_rule(key, cfg)
+    std = cfg.parent.init_std if isinstance(cfg, CrossConfig) else cfg.init_std
+    with torch.no_grad():
+        if rule == "ones":
+            return t.fill_(1.0)
+        if key.endswith("bias"):
+            return t.zero_()
+        t.normal_(0.0, std)
+        if rule == "zeros":
+            t.zero_()
+        elif rule == "eye_halves":  # (E, 2E)
+            eye = torch.eye(t.shape[0], dtype=t.dtype, device=t.device) / 2
+            t.copy_(torch.cat([eye, eye], dim=1))
+    return t
+
+
+def init_parameters_(model: nn.Module, cfg: ModelConfig) -> None:
+    """``init_tensor_`` on every parameter of ``model`` in order (those on the meta device keep
+    no values, and draw nothing)."""
+    for key, p in model.named_parameters():
+        if not p.is_meta:
+            init_tensor_(key, p, cfg)
 
 
 class Decoder(nn.Module):
@@ -224,7 +241,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("version", torch.tensor([3.0]))
+        self.register_buffer("version", torch.tensor([keys.VERSION_VALUE]))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.padding_idx)
         self.embed_positions = nn.Embedding(cfg.num_position_rows, cfg.embed_dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg, slot=i) for i in range(cfg.layers))
@@ -265,7 +282,7 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.decoder = Decoder(cfg)
-        init_normal_(self, cfg.init_std)
+        init_parameters_(self, cfg)
 
     @property
     def num_attention_slots(self) -> int:
