@@ -401,8 +401,8 @@ def start_extra_state() -> dict[str, Any]:
 def checkpoint_meta(cfg: ModelConfig, *, mp: int, fsdp: int, vocab: Mapping[str, Any] | None) -> dict[str, Any]:
     """Non-model keys of every written ``.pt``: what metaseq/fairseq restore from, plus our config.
     ``cfg`` also holds the task / criterion / optimization groups their evaluation CLIs rebuild
-    the ``cm3_multimodal`` task and ``cm3`` criterion from (``hosts.common.saved_cfg_groups``)."""
-    from jam_metaseq.hosts.common import saved_cfg_groups
+    the ``cm3_multimodal`` task and ``cm3`` criterion from (``hosts.args.saved_cfg_groups``)."""
+    from jam_metaseq.hosts.args import saved_cfg_groups
 
     return {
         "cfg": {

@@ -1,7 +1,8 @@
-"""argparse ``Namespace`` <-> config dataclasses, shared by the fairseq and metaseq adapters.
+"""The hosts' flags <-> our configs and options, shared by the fairseq and metaseq adapters.
 
-The only place where host-style flags (``--decoder-embed-dim``, ``--cross-every`` ...) meet the
-typed configs of ``jam_metaseq.models.config`` (paper §2.1, §3.1). Host-free: argparse only.
+The only place where host-style flags (``--decoder-embed-dim``, ``--cross-every``, ``--cm3-mode``
+...) meet the typed configs of ``jam_metaseq.models.config`` (paper §2.1, §3.1) and the task's
+``jam_metaseq.data.items.TaskOptions``. Host-free: argparse only.
 
 Flags describe ONE PARENT (the shape both 7B parents share); the arch's family derives the model:
 ``jam_uniform`` = the parent's shape (Eq. 1), ``jam_width`` = ``width_of(parent)`` (Eq. 2-3),
@@ -19,10 +20,18 @@ import argparse
 import dataclasses
 from typing import Any
 
+from jam_metaseq.data.items import TaskOptions, parse_mixture
 from jam_metaseq.models.config import (
     ARCH_CROSS, ARCH_UNIFORM, ARCH_WIDTH, CrossConfig, DecoderConfig, ModelConfig, config_from_dict,
     cross_of, preset, uniform_of, width_of,
 )
+from jam_metaseq.objectives.cm3 import CM3Config
+from jam_metaseq.vocab import VocabManifest
+
+TASK_NAME = "cm3_multimodal"
+"""The task's name in both hosts' registries (``--task``)."""
+CRITERION_NAME = "cm3"
+"""The criterion's name in both hosts' registries (``--criterion``)."""
 
 FAMILIES = (ARCH_UNIFORM, ARCH_WIDTH, ARCH_CROSS)
 SIZES = {"tiny": "tiny", "1_3b": "opt_1_3b", "7b": "cm3leon_7b"}
@@ -186,3 +195,67 @@ def args_from_config(cfg: ModelConfig) -> dict[str, Any]:
     out["jam_family"] = arch if arch in FAMILIES else ARCH_UNIFORM
     out.update(extra)
     return out
+
+
+# ---- the cm3_multimodal task and the cm3 criterion ------------------------------------------------
+def add_task_args(parser: Any) -> None:
+    """The cm3_multimodal task flags."""
+    a = parser.add_argument
+    a("data", help="data directory: DATA/{split}/{source}.json binarized sources (+ optional vocab.json)")
+    a("--tokens-per-sample", type=int, default=2048, help="model input length (default %(default)s)")
+    a("--mixture", default=None,
+      help="training source weights NAME=W,NAME=W (token-balanced; default: all sources equally)")
+    a("--cm3-mode", default="poisson", choices=("poisson", "fixed", "fim"), help="CM3 span-count rule")
+    a("--cm3-lambda", type=float, default=1.0, help="Poisson rate of the number of CM3 spans")
+    a("--cm3-min-spans", type=int, default=0, help="lower clamp of the span count (0 allows plain LM)")
+    a("--cm3-max-spans", type=int, default=None, help="upper clamp (default: the vocabulary's sentinels)")
+    a("--cm3-cross-documents", action="store_true", help="let spans cross <eos> inside a packed block")
+    a("--cm3-on-valid", action="store_true", help="CM3-transform validation items too")
+    a("--instruction", action="store_true",
+      help="instruction mode: loss only on tokens the data's loss mask keeps (responses)")
+    a("--epoch-items", type=int, default=0, help="training items per epoch (0 = all blocks)")
+    a("--retrieval-bank", default=None,
+      help="memory bank (jam-retrieval build) whose documents are prefixed to items; a source's blocks "
+           "get neighbours from DATA/{split}/{source}.neighbors.npy (jam-retrieval neighbours BANK "
+           "--dataset DATA/{split}/{source}); sources without one get no prefix")
+    a("--retrieval-k", type=int, default=2, help="retrieved documents per item at most (default %(default)s)")
+    a("--retrieval-weight", type=float, default=0.0,
+      help="loss weight of retrieved prefix tokens (RA-CM3 used 0.1; default %(default)s)")
+
+
+def add_criterion_args(parser: Any) -> None:
+    """The cm3 criterion flags."""
+    parser.add_argument("--sentinel-weight", type=float, default=1.0,
+                        help="loss weight of predicting CM3 sentinels (CM3 used 0; default %(default)s)")
+
+
+def saved_cfg_groups(*, seed: int = 1) -> dict[str, Any]:
+    """The ``cfg`` groups besides ``model`` that a host's evaluation CLI (``metaseq-validate`` /
+    ``fairseq-validate --path``) rebuilds the task and criterion from, for checkpoints written
+    outside a trainer (``jam-ckpt``): ``task`` and ``criterion`` Namespaces holding every
+    ``cm3_multimodal`` / ``cm3`` flag at its default (the hosts set DATA and the flags given on the
+    command line over them), and an ``optimization`` group like a trainer's (no updates yet)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_task_args(p)
+    add_criterion_args(p)
+    flags = vars(p.parse_args([""]))  # DATA: the evaluation CLI's positional argument replaces it
+    names = {"task": TASK_NAME, "criterion": CRITERION_NAME, "seed": seed}
+    return {
+        "task": argparse.Namespace(**names, **flags, _name=TASK_NAME),
+        "criterion": argparse.Namespace(**names, **flags, _name=CRITERION_NAME),
+        "optimization": {"_name": None, "max_epoch": 0, "max_update": 0, "clip_norm": 0.0,
+                         "update_freq": [1], "lr": [0.0]},
+    }
+
+
+def task_options_from_args(args: argparse.Namespace, vocab: VocabManifest) -> TaskOptions:
+    """TaskOptions from parsed task flags (+ the host's ``--seed``)."""
+    max_spans = args.cm3_max_spans if args.cm3_max_spans is not None else vocab.num_sentinels
+    return TaskOptions(
+        data=args.data.split(":")[0], tokens_per_sample=args.tokens_per_sample,
+        mixture=parse_mixture(args.mixture),
+        cm3=CM3Config(mode=args.cm3_mode, lam=args.cm3_lambda, min_spans=min(args.cm3_min_spans, max_spans),
+                      max_spans=max_spans, cross_documents=args.cm3_cross_documents),
+        cm3_on_valid=args.cm3_on_valid, instruction=args.instruction, seed=args.seed,
+        epoch_items=args.epoch_items, retrieval_bank=args.retrieval_bank, retrieval_k=args.retrieval_k,
+        retrieval_weight=args.retrieval_weight)

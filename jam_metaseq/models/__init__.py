@@ -13,12 +13,13 @@ from .config import (
     config_to_json, cross_of, preset, uniform_of, width_of,
 )
 from .cross import JamCrossLM
-from .decoder import DecoderLM, init_tensor_
+from . import keys
+from .decoder import DecoderLM, fresh_buffer, init_tensor_
 
 __all__ = [
     "PRESETS", "CrossConfig", "DecoderConfig", "DecoderLM", "JamCrossLM", "KVCache", "ModelConfig",
     "build_model", "config_from_dict", "config_from_json", "config_to_json", "count_parameters",
-    "cross_of", "fresh_parameters", "preset", "uniform_of", "width_of",
+    "cross_of", "fresh_buffer", "fresh_parameters", "keys", "preset", "uniform_of", "width_of",
 ]
 
 

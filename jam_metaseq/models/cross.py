@@ -21,33 +21,24 @@ from . import keys
 from .cache import KVCache
 from .config import CrossConfig, DecoderConfig
 from .decoder import (
-    AttentionContext, DecoderLayer, PreLNBlock, attend, build_context, embed_input, init_parameters_, layer_norm,
-    merge_heads, split_heads,
+    Attention, AttentionContext, DecoderLayer, PreLNBlock, build_context, embed_input, fresh_buffer,
+    init_parameters_, layer_norm,
 )
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Attention):
     """Eq. 4-5: Q from this branch, K and V from the other branch (separate projections)."""
 
     def __init__(self, cfg: DecoderConfig, slot: int) -> None:
-        super().__init__()
+        super().__init__(cfg, slot)
         E = cfg.embed_dim
-        self.heads = cfg.heads
-        self.slot = slot
-        self.dropout = cfg.attention_dropout
         self.q_proj = nn.Linear(E, E, bias=cfg.bias)
         self.k_proj = nn.Linear(E, E, bias=cfg.bias)
         self.v_proj = nn.Linear(E, E, bias=cfg.bias)
         self.out_proj = nn.Linear(E, E, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, other: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        out = attend(
-            split_heads(self.q_proj(x), self.heads),
-            split_heads(self.k_proj(other), self.heads),
-            split_heads(self.v_proj(other), self.heads),
-            ctx=ctx, slot=self.slot, dropout_p=self.dropout if self.training else 0.0,
-        )
-        return self.out_proj(merge_heads(out))
+        return self.attend_and_project(self.q_proj(x), self.k_proj(other), self.v_proj(other), ctx)
 
 
 class CrossBlock(PreLNBlock):
@@ -72,7 +63,7 @@ class CrossDecoder(nn.Module):
         p = cfg.parent
         self.cfg = cfg
         L = p.layers
-        self.register_buffer("version", torch.tensor([keys.VERSION_VALUE]))
+        self.register_buffer("version", fresh_buffer(keys.VERSION))
         self.embed_tokens = nn.Embedding(p.vocab_size, p.embed_dim, padding_idx=p.padding_idx)
         self.embed_positions_llm = nn.Embedding(p.num_position_rows, p.embed_dim)
         self.embed_positions_cm3 = nn.Embedding(p.num_position_rows, p.embed_dim)

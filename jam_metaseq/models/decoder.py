@@ -147,25 +147,40 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, T, H * D)  # (B, T, E)
 
 
-class SelfAttention(nn.Module):
-    """Fused-qkv self-attention; ``qkv_proj`` rows are [K; V; Q] as in metaseq."""
+class Attention(nn.Module):
+    """What self- and cross-attention share: heads, KV-cache slot, dropout, and SDPA then
+    ``out_proj`` (registered by the subclass after its input projections: metaseq's key order)."""
+
+    out_proj: nn.Linear
 
     def __init__(self, cfg: DecoderConfig, slot: int) -> None:
         super().__init__()
-        E = cfg.embed_dim
         self.heads = cfg.heads
         self.slot = slot
         self.dropout = cfg.attention_dropout
-        self.qkv_proj = nn.Linear(E, 3 * E, bias=cfg.bias)
-        self.out_proj = nn.Linear(E, E, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        k, v, q = self.qkv_proj(x).chunk(3, dim=-1)  # 3 x (B, T, E)
+    def attend_and_project(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           ctx: AttentionContext) -> torch.Tensor:
+        """3 x (B, T, E) -> (B, T, E)."""
         out = attend(
             split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads),
             ctx=ctx, slot=self.slot, dropout_p=self.dropout if self.training else 0.0,
         )
         return self.out_proj(merge_heads(out))
+
+
+class SelfAttention(Attention):
+    """Fused-qkv self-attention; ``qkv_proj`` rows are [K; V; Q] as in metaseq."""
+
+    def __init__(self, cfg: DecoderConfig, slot: int) -> None:
+        super().__init__(cfg, slot)
+        E = cfg.embed_dim
+        self.qkv_proj = nn.Linear(E, 3 * E, bias=cfg.bias)
+        self.out_proj = nn.Linear(E, E, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        k, v, q = self.qkv_proj(x).chunk(3, dim=-1)  # 3 x (B, T, E)
+        return self.attend_and_project(q, k, v, ctx)
 
 
 class PreLNBlock(nn.Module):
@@ -227,6 +242,13 @@ def init_tensor_(key: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return t
 
 
+def fresh_buffer(key: str) -> torch.Tensor:
+    """The value the buffer ``key`` starts with: metaseq's ``decoder.version``, the one buffer."""
+    if key != keys.VERSION:
+        raise KeyError(f"{key}: not a buffer of the key schema")
+    return torch.tensor([keys.VERSION_VALUE])
+
+
 def init_parameters_(model: nn.Module, cfg: ModelConfig) -> None:
     """``init_tensor_`` on every parameter of ``model`` in order (those on the meta device keep
     no values, and draw nothing)."""
@@ -241,7 +263,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("version", torch.tensor([keys.VERSION_VALUE]))
+        self.register_buffer("version", fresh_buffer(keys.VERSION))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.padding_idx)
         self.embed_positions = nn.Embedding(cfg.num_position_rows, cfg.embed_dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg, slot=i) for i in range(cfg.layers))
