@@ -778,8 +778,8 @@ def _hf_weight_files(path: Path) -> list[Path]:
 def _maybe_hf(reader: Reader, path: Path) -> Reader:
     """State dicts with HF OPT key names are viewed through the HF -> metaseq key map."""
     names = reader.names()
-    if any(n.startswith(("model.decoder.", "decoder.layers.0.self_attn.q_proj")) for n in names) and \
-            not any(n.endswith("qkv_proj.weight") for n in names):
+    if any(n.startswith(("model.decoder.", f"{keys.LAYERS}.0.self_attn.q_proj")) for n in names) and \
+            not any(n.endswith(f"{keys.QKV}.weight") for n in names):
         from checkpoints_tools.convert_hf import HFOptReader
         return HFOptReader.from_reader(reader, path=path)
     return reader
