@@ -144,7 +144,7 @@ class Block:
 Item = Union[Entry, Block]
 
 
-def layout(cfg) -> list[Item]:
+def structure(cfg) -> list[Item]:
     """The tensors of the model ``cfg`` describes (``DecoderConfig`` / ``CrossConfig``), in
     state-dict order."""
     from .config import CrossConfig
@@ -172,7 +172,7 @@ def templates(cfg) -> list[tuple[str, Rule]]:
     """(key template, rule) of every tensor of ``cfg``: block keys as
     ``"decoder.layers.{i}.self_attn.qkv_proj.weight"``, in state-dict order."""
     out: list[tuple[str, Rule]] = []
-    for item in layout(cfg):
+    for item in structure(cfg):
         if isinstance(item, Block):
             out += [(f"{item.container}.{{i}}.{e.name}", e.rule) for e in item.entries]
         else:
@@ -183,7 +183,7 @@ def templates(cfg) -> list[tuple[str, Rule]]:
 def state_keys(cfg) -> list[str]:
     """Every state-dict key of the model ``cfg`` describes, in ``state_dict()`` order."""
     out: list[str] = []
-    for item in layout(cfg):
+    for item in structure(cfg):
         if isinstance(item, Block):
             out += [f"{item.container}.{i}.{e.name}" for i in range(item.count) for e in item.entries]
         else:
