@@ -32,7 +32,8 @@ import torch
 from checkpoints_tools.workspace import Workspace
 from jam_metaseq.fusion import average_pair, block_value, cross_plan, draw_normal, fresh_rule, fresh_tensor, merge_tensor
 from jam_metaseq.fusion import cross as fusion_cross
-from jam_metaseq.fusion.cross import DEFAULT_INIT_SEED_SCHEME, VERSION, check_scheme
+from jam_metaseq.fusion.cross import DEFAULT_INIT_SEED_SCHEME, check_scheme
+from jam_metaseq.models.keys import VERSION_VALUE
 from jam_metaseq.fusion.width import is_copy, widen_blocks
 from jam_metaseq.models.config import CrossConfig, DecoderConfig
 
@@ -171,7 +172,7 @@ def cross_into(name: str, out: torch.Tensor, *, cfg: CrossConfig, llm: Any, img:
         elif p.kind == "average":
             dst.copy_(average_pair(llm.get(p.source), img.get(p.source)))
         elif p.kind == "const":
-            dst.fill_(VERSION)
+            dst.fill_(VERSION_VALUE)
         else:
             _fresh_into(name, dst, cfg=cfg, seed=seed, scheme=scheme, ws=ws)
     return out

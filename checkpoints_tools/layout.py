@@ -1,8 +1,8 @@
-"""Model-parallel split rules, as data (``reference/metaseq.md``: state-dict keys and qkv order).
+"""Model-parallel split and join of state-dict tensors, by the rule the key schema gives each key.
 
-metaseq's Megatron-style model parallelism splits each tensor of the decoder in one of five ways.
-``rule_for(name)`` says which; ``split`` and ``join`` apply it. ``join(split(t, M)) == t`` bitwise
-for every rule, which is what makes resharding N -> M exact.
+Which rule a tensor follows is data in ``jam_metaseq.models.keys`` (``rule_for``); this module
+applies it. ``join(split(t, M)) == t`` bitwise for every rule, which is what makes resharding
+N -> M exact.
 
 - ``replicated``: every rank holds the whole tensor (LayerNorms, positions, row-parallel biases).
 - ``vocab``: vocab-parallel embedding / output projection: rows split evenly (V % M == 0).
@@ -14,36 +14,14 @@ for every rule, which is what makes resharding N -> M exact.
 
 from __future__ import annotations
 
-import re
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 
-Rule = Literal["replicated", "vocab", "column", "row", "qkv"]
+from jam_metaseq.models.keys import Rule, rule_for
 
-# (pattern on the full key, rule). First match wins; anything unmatched is replicated.
-# Layer containers: decoder.layers (parents, Uniform, Width), decoder.layers_llm / layers_cm3
-# (JAM-Cross branches), decoder.x_attn_layers_llm / x_attn_layers_cm3 (cross blocks).
-_L = r"decoder\.(?:layers|layers_llm|layers_cm3|x_attn_layers_llm|x_attn_layers_cm3)\.\d+\."
-MP_RULES: list[tuple[str, Rule]] = [
-    (r"decoder\.embed_tokens\.weight", "vocab"),
-    (r"decoder\.output_projection\.weight", "vocab"),
-    (_L + r"self_attn\.qkv_proj\.(?:weight|bias)", "qkv"),
-    (_L + r"(?:self_attn|cross_attn)\.(?:q_proj|k_proj|v_proj)\.(?:weight|bias)", "column"),
-    (_L + r"(?:self_attn|cross_attn)\.out_proj\.weight", "row"),
-    (_L + r"fc1\.(?:weight|bias)", "column"),
-    (_L + r"fc2\.weight", "row"),
-    # feature_projection (E, 2E) is small next to the branches: kept whole on every rank.
-]
-_COMPILED = [(re.compile(p + r"$"), r) for p, r in MP_RULES]
-
-
-def rule_for(name: str) -> Rule:
-    """The model-parallel rule of a state-dict key."""
-    for pat, rule in _COMPILED:
-        if pat.match(name):
-            return rule
-    return "replicated"
+__all__ = ["Rule", "check_mp", "destinations", "full_shape", "join", "join_into", "part_shape", "rule_for",
+           "split"]
 
 
 def split(name: str, tensor: torch.Tensor, parts: int) -> list[torch.Tensor]:

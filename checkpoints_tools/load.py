@@ -19,6 +19,7 @@ from torch import nn
 from checkpoints_tools.readers import Reader, is_version_key, open_checkpoint
 from checkpoints_tools.safe_load import CheckpointError
 from checkpoints_tools.writers import sha256_file
+from jam_metaseq.models import keys
 from jam_metaseq.models.config import CrossConfig, ModelConfig
 from jam_metaseq.vocab import VocabManifest
 
@@ -41,7 +42,7 @@ def _key_map(reader: Reader, expected: list[str]) -> dict[str, str]:
     names = reader.names()
     if all(n in reader for n in expected):
         return {n: n for n in expected}
-    anchor = "decoder.embed_tokens.weight"
+    anchor = keys.EMBED
     hits = [n for n in names if n.endswith(anchor)]
     if len(hits) == 1:
         prefix = hits[0][: -len(anchor)]
@@ -116,7 +117,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, h
         info["vocab_error"] = str(e)
     info["vocab"] = None if v is None else {"size": v.size, "text": [v.text_start, v.text_end],
                                             "image": [v.image_start, v.image_end]}
-    info["embedding_rows"] = r.info("decoder.embed_tokens.weight").shape[0] if "decoder.embed_tokens.weight" in r else None
+    info["embedding_rows"] = r.info(keys.EMBED).shape[0] if keys.EMBED in r else None
     mpath = (r.path if r.path.is_dir() else r.path.parent) / "manifest.json"
     info["manifest"] = str(mpath) if mpath.is_file() else None
     return info

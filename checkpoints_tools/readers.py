@@ -34,6 +34,7 @@ import torch
 from checkpoints_tools import layout
 from checkpoints_tools.safe_load import CheckpointError, MappedFile, safe_torch_load
 from checkpoints_tools.workspace import Workspace
+from jam_metaseq.models import keys
 from jam_metaseq.models.config import (
     ARCH_CROSS, CrossConfig, DecoderConfig, ModelConfig, config_from_dict,
 )
@@ -831,8 +832,8 @@ def _hf_weight_files(path: Path) -> list[Path]:
 def _maybe_hf(reader: Reader, path: Path) -> Reader:
     """State dicts with HF OPT key names are viewed through the HF -> metaseq key map."""
     names = reader.names()
-    if any(n.startswith(("model.decoder.", "decoder.layers.0.self_attn.q_proj")) for n in names) and \
-            not any(n.endswith("qkv_proj.weight") for n in names):
+    if any(n.startswith(("model.decoder.", f"{keys.LAYERS}.0.self_attn.q_proj")) for n in names) and \
+            not any(n.endswith(f"{keys.QKV}.weight") for n in names):
         from checkpoints_tools.convert_hf import HFOptReader
         return HFOptReader.from_reader(reader, path=path)
     return reader
@@ -870,18 +871,18 @@ def infer_config(shapes: Mapping[str, Sequence[int]], ns: Namespace | None = Non
     """A config from state-dict shapes plus metaseq/fairseq model args (heads come from args or
     ``overrides``; shapes cannot tell them)."""
     g = (lambda k, d=None: getattr(ns, k, d)) if ns is not None else (lambda k, d=None: d)
-    cross = any(k.startswith("decoder.layers_llm.") for k in shapes)
-    lay = "decoder.layers_llm." if cross else "decoder.layers."
-    if "decoder.embed_tokens.weight" not in shapes:
-        raise CheckpointError(f"{source}: no decoder.embed_tokens.weight: not a decoder checkpoint")
-    vocab, embed = shapes["decoder.embed_tokens.weight"]
-    layers = 1 + max((int(k[len(lay):].split(".")[0]) for k in shapes if k.startswith(lay)), default=-1)
-    fc1 = shapes.get(f"{lay}0.fc1.weight")
+    cross = bool(keys.block_indices(shapes, keys.BRANCH_LAYERS["llm"]))
+    lay = keys.BRANCH_LAYERS["llm"] if cross else keys.LAYERS
+    if keys.EMBED not in shapes:
+        raise CheckpointError(f"{source}: no {keys.EMBED}: not a decoder checkpoint")
+    vocab, embed = shapes[keys.EMBED]
+    layers = 1 + max(keys.block_indices(shapes, lay), default=-1)
+    fc1 = shapes.get(f"{lay}.0.{keys.FC1}.weight")
     if fc1 is None:
-        raise CheckpointError(f"{source}: no {lay}0.fc1.weight")
-    pos_key = "decoder.embed_positions_llm.weight" if cross else "decoder.embed_positions.weight"
+        raise CheckpointError(f"{source}: no {lay}.0.{keys.FC1}.weight")
+    pos_key = keys.BRANCH_POSITIONS["llm"] if cross else keys.POSITIONS
     if cross and pos_key not in shapes:
-        pos_key = "decoder.embed_positions_cm3.weight"
+        pos_key = keys.BRANCH_POSITIONS["cm3"]
     padding_idx = int(overrides.get("padding_idx", 1))
     heads = overrides.get("heads") or g("decoder_attention_heads")
     if not heads:
@@ -891,8 +892,8 @@ def infer_config(shapes: Mapping[str, Sequence[int]], ns: Namespace | None = Non
         vocab_size=int(vocab), embed_dim=int(embed), ffn_dim=int(fc1[0]), layers=layers, heads=int(heads),
         max_positions=int(shapes[pos_key][0]) - padding_idx - 1 if pos_key in shapes else 2048,
         padding_idx=padding_idx,
-        bias=f"{lay}0.fc1.bias" in shapes,
-        affine_ln="decoder.layer_norm.weight" in shapes,
+        bias=f"{lay}.0.{keys.FC1}.bias" in shapes,
+        affine_ln=keys.FINAL_NORM[0].name in shapes,
         activation=act if act in ("relu", "gelu") else "relu",
         scale_embedding=bool(overrides.get("scale_embedding", not g("no_scale_embedding", False))),
         dropout=float(g("dropout", 0.0) or 0.0),
@@ -902,7 +903,7 @@ def infer_config(shapes: Mapping[str, Sequence[int]], ns: Namespace | None = Non
         return parent
     every = overrides.get("cross_every") or g("cross_every")
     if every is None:
-        pairs = len({k.split(".")[2] for k in shapes if k.startswith("decoder.x_attn_layers_llm.")})
+        pairs = len(keys.block_indices(shapes, keys.CROSS_LAYERS["llm"]))
         every = 0 if pairs == 0 else (layers if pairs == 1 else -(-layers // pairs))
     return CrossConfig(parent=parent, cross_every=int(every),
                        image_vocab_start=int(g("image_vocab_start", -1)),

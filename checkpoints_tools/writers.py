@@ -47,7 +47,8 @@ from checkpoints_tools import layout
 from checkpoints_tools.readers import ST_DTYPE_NAMES, is_version_key
 from checkpoints_tools.workspace import Workspace
 from jam_metaseq.errors import JamError
-from jam_metaseq.models.config import CrossConfig, DecoderConfig, ModelConfig
+from jam_metaseq.models import keys
+from jam_metaseq.models.config import CrossConfig, ModelConfig
 
 TIED = ("decoder.embed_tokens.weight", "decoder.output_projection.weight")
 """(embedding, output projection): tied in every model here. A safetensors output of tied
@@ -553,35 +554,17 @@ class SafetensorsStreamWriter:
 
 
 def model_namespace(cfg: ModelConfig, *, model_parallel_size: int = 1) -> Namespace:
-    """``cfg["model"]`` for metaseq/fairseq: the arch and the flags of one parent (as
-    ``jam_metaseq.hosts.args`` reads them), plus ``jam_config`` which the hosts prefer."""
-    if isinstance(cfg, CrossConfig):
-        parent, arch = cfg.parent, "jam_cross"
-    elif cfg.arch == "jam_width":
-        parent = DecoderConfig(**{**cfg.__dict__, "embed_dim": cfg.embed_dim // 2,
-                                  "ffn_dim": cfg.ffn_dim // 2, "heads": cfg.heads // 2})
-        arch = "jam_width"
-    else:
-        parent = cfg
-        arch = "jam_uniform" if cfg.arch == "jam_uniform" else "transformer_lm"
-    ns = Namespace(
-        _name=arch, arch=arch,
-        decoder_embed_dim=parent.embed_dim, decoder_ffn_embed_dim=parent.ffn_dim,
-        decoder_layers=parent.layers, decoder_attention_heads=parent.heads,
-        decoder_input_dim=parent.embed_dim, decoder_output_dim=parent.embed_dim,
-        max_target_positions=parent.max_positions, tokens_per_sample=parent.max_positions,
-        activation_fn=parent.activation, dropout=parent.dropout, attention_dropout=parent.attention_dropout,
-        disable_bias=not parent.bias, disable_affine_ln=not parent.affine_ln,
-        no_scale_embedding=not parent.scale_embedding,
-        decoder_learned_pos=True, share_decoder_input_output_embed=True, decoder_normalize_before=True,
-        model_parallel_size=model_parallel_size,
-        jam_family=arch if arch != "transformer_lm" else None,
-        jam_config=cfg.to_dict(),
-    )
-    if isinstance(cfg, CrossConfig):
-        ns.cross_every, ns.cross_init = cfg.cross_every, cfg.cross_init
-        ns.image_vocab_start, ns.image_vocab_end = cfg.image_vocab_start, cfg.image_vocab_end
-    return ns
+    """``cfg["model"]`` for metaseq/fairseq: the arch and the host flags of ``cfg``
+    (``jam_metaseq.hosts.args.args_from_config``, the one config -> flags map), plus
+    ``jam_config``, which the hosts prefer. A plain parent is ``transformer_lm`` with no JAM family."""
+    from jam_metaseq.hosts import args as host_args
+
+    arch = host_args.host_arch(cfg)
+    flags = host_args.args_from_config(cfg)
+    flags.pop("jam_family")
+    cross = {k: flags.pop(k) for k in host_args.CROSS_FLAGS if k in flags}
+    return Namespace(_name=arch, arch=arch, **flags, model_parallel_size=model_parallel_size,
+                     jam_family=arch if arch in host_args.FAMILIES else None, jam_config=cfg.to_dict(), **cross)
 
 
 START_CRITERION = "CM3Criterion"
@@ -609,8 +592,8 @@ def start_extra_state() -> dict[str, Any]:
 def checkpoint_meta(cfg: ModelConfig, *, mp: int, fsdp: int, vocab: Mapping[str, Any] | None) -> dict[str, Any]:
     """Non-model keys of every written ``.pt``: what metaseq/fairseq restore from, plus our config.
     ``cfg`` also holds the task / criterion / optimization groups their evaluation CLIs rebuild
-    the ``cm3_multimodal`` task and ``cm3`` criterion from (``hosts.common.saved_cfg_groups``)."""
-    from jam_metaseq.hosts.common import saved_cfg_groups
+    the ``cm3_multimodal`` task and ``cm3`` criterion from (``hosts.args.saved_cfg_groups``)."""
+    from jam_metaseq.hosts.args import saved_cfg_groups
 
     return {
         "cfg": {
@@ -632,13 +615,13 @@ def checkpoint_meta(cfg: ModelConfig, *, mp: int, fsdp: int, vocab: Mapping[str,
 
 # ---- FSDP units --------------------------------------------------------------------------------
 
-_UNIT_RE = re.compile(r"^(decoder\.(?:layers|layers_llm|layers_cm3|x_attn_layers_llm|x_attn_layers_cm3)\.\d+)\.(.+)$")
-
-
 def fsdp_unit(name: str) -> tuple[str, str]:
-    """(fsdp_path, name inside the unit): one unit per layer / cross block, the rest in the root."""
-    m = _UNIT_RE.match(name)
-    return (m.group(1), m.group(2)) if m else ("", name)
+    """(fsdp_path, name inside the unit): one unit per layer / cross block (a block of the key
+    schema, ``jam_metaseq.models.keys``), the rest in the root."""
+    block = keys.block_of(name)
+    if block is None:
+        return "", name
+    return name[: -len(block[2]) - 1], block[2]
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,126 @@ def _fuse_locally(family, *, llm, img, out, cross_every, vocab) -> Path:
                                   "lr_scheduler_state": {}, "num_updates": 0}],
            "extra_state": {}, "last_optimizer_state": None}, out)
     return out
+
+
+# ---- registration: what importing the library does and does not do -----------------------------
+def fresh_interpreter(code: str, *, pythonpath: str, cwd: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter of this environment (nothing of ours imported yet)."""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd,
+                         env={"PYTHONWARNINGS": "ignore", "PATH": "", "PYTHONPATH": pythonpath})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+LIBRARY = ("import jam_metaseq, jam_metaseq.models, checkpoints_tools, checkpoints_tools.load, "
+           "checkpoints_tools.cli, jam_metaseq.hosts.args, jam_metaseq.hosts.common, jam_metaseq.hosts.compat, "
+           "jam_metaseq.data.items")
+
+
+def library_leaves_host_alone(host: str, *, host_first: bool) -> str:
+    """Code that asserts: importing the library, before or after the host, changes nothing of the
+    host's (registries, checkpoint_utils, rank-to-rank broadcast), of ``sys.meta_path``,
+    ``sys.excepthook`` or torch's allow-list; prints UNTOUCHED."""
+    state = (
+        "def state():\n"
+        f"    from {host}.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY\n"
+        f"    from {host}.tasks import TASK_REGISTRY\n"
+        f"    from {host}.criterions import CRITERION_REGISTRY\n"
+        f"    from {host} import checkpoint_utils as cu\n"
+        f"    from {host}.distributed import utils as du\n"
+        "    return [sorted(ARCH_MODEL_REGISTRY), sorted(MODEL_REGISTRY), sorted(TASK_REGISTRY),\n"
+        "            sorted(CRITERION_REGISTRY), cu._upgrade_state_dict, cu.load_checkpoint,\n"
+        "            du._broadcast_object_slow, list(sys.meta_path), sys.excepthook,\n"
+        "            len(torch.serialization.get_safe_globals())]\n")
+    code = "import sys, torch\n" + state
+    if host_first:
+        code += f"before = state()\n{LIBRARY}\n"
+    else:
+        code += ("baseline = [list(sys.meta_path), sys.excepthook, len(torch.serialization.get_safe_globals())]\n"
+                 f"{LIBRARY}\n"
+                 f"assert '{host}' not in sys.modules\n"
+                 "assert [list(sys.meta_path), sys.excepthook, len(torch.serialization.get_safe_globals())] == baseline\n"
+                 f"import {host}.models, {host}.checkpoint_utils, {host}.distributed.utils\n"
+                 "before = state()\n"
+                 "assert not any(a.startswith('jam_') for a in before[0]) and 'cm3_multimodal' not in before[2]\n"
+                 "assert not any(getattr(f, '_jam_wrapped', False) for f in before[4:7])\n"
+                 "assert not any(type(f).__module__.startswith('jam_metaseq') for f in sys.meta_path)\n"
+                 "assert not getattr(sys.excepthook, '_jam_one_line', False)\n"
+                 "from jam_metaseq.hosts.compat import safe_globals\n"
+                 "assert not set(safe_globals()) <= set(torch.serialization.get_safe_globals())\n")
+    return code + ("after = state()\n"
+                   "assert before == after, [i for i, (a, b) in enumerate(zip(before, after)) if a != b]\n"
+                   "print('UNTOUCHED')\n")
+
+
+def user_dir_registers(host: str, user_dir: str, data: str) -> str:
+    """Code: ``{host}`` parses a training command line with ``--user-dir user_dir``; prints the
+    arch's flags, where jam_metaseq was imported from and whether the shims are installed."""
+    return (
+        f"from {host} import options, checkpoint_utils\n"
+        f"from {host}.models import ARCH_MODEL_REGISTRY\n"
+        "p = options.get_training_parser()\n"
+        f"a = options.parse_args_and_arch(p, [{data!r}, '--user-dir', {user_dir!r}, '--task', "
+        "'cm3_multimodal', '--arch', 'jam_cross_tiny', '--criterion', 'cm3', '--cross-every', '0'])\n"
+        "import jam_metaseq\n"
+        "print('ARCH', a.arch, a.cross_every, a.decoder_embed_dim, 'jam_width_7b' in ARCH_MODEL_REGISTRY)\n"
+        "print('FROM', jam_metaseq.__file__)\n"
+        "print('SHIMS', getattr(checkpoint_utils.load_checkpoint, '_jam_wrapped', False))\n")
+
+
+def installed_copy(tmp_path: Path) -> Path:
+    """The packages as an installation lays them out (one site directory holding both)."""
+    site = tmp_path / "site-packages"
+    for pkg in ("jam_metaseq", "checkpoints_tools"):
+        shutil.copytree(Path(USER_DIR).parent / pkg, site / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    return site
+
+
+# ---- memory --------------------------------------------------------------------------------------
+class LiveBytes:
+    """Bytes of CPU tensor storage alive at once while active: ``peak`` (and ``live``), counting
+    every storage an operation creates (a factory, a copy, a concatenation; not a view or an
+    in-place result, whose storage an input already had) until the last tensor using it is freed.
+    Storages created before ``__enter__`` are not counted."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+        self._mode = None
+
+    def __enter__(self) -> "LiveBytes":
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+
+        def storages(tree) -> list:
+            return [t.untyped_storage() for t in tree_flatten(tree)[0]
+                    if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                had = {s.data_ptr() for s in storages((args, kwargs))}
+                for s in storages(out):
+                    key = id(s)  # a storage's Python object lives exactly as long as its memory
+                    if s.nbytes() == 0 or s.data_ptr() in had or key in tracker._sizes:
+                        continue
+                    tracker._sizes[key] = s.nbytes()
+                    tracker.live += s.nbytes()
+                    tracker.peak = max(tracker.peak, tracker.live)
+                    weakref.finalize(s, tracker._free, key)
+                return out
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)

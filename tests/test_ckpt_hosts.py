@@ -4,7 +4,7 @@ fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` -> ``_upgrade_state_dict``
 ``optimizer_history[-1]`` and ``extra_state["train_iterator"]`` unconditionally; the trainer then
 reads ``num_updates`` and starts its data iterator at ``train_iterator["epoch"]``. Importing
 fairseq after ``jam_metaseq`` makes the adapter wrap ``_upgrade_state_dict``
-(``hosts.common.patch_host_upgrader``); these tests put fairseq's original back, so they check
+(``hosts.compat.patch_host_upgrader``); these tests put fairseq's original back, so they check
 the files as written.
 """
 

@@ -11,12 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from _hosts_util import USER_DIR, VOCAB, fused_checkpoint, make_data
-from jam_metaseq.hosts import args as jam_args
-from jam_metaseq.hosts.common import (
-    CM3Items, DataSetupError, TaskOptions, check_start_checkpoint, collate, find_sources, load_manifest,
-    parse_mixture,
+from _hosts_util import (
+    LIBRARY, USER_DIR, VOCAB, fresh_interpreter, fused_checkpoint, installed_copy, library_leaves_host_alone,
+    make_data, user_dir_registers,
 )
+from jam_metaseq.hosts import args as jam_args
+from jam_metaseq.data.items import (
+    CM3Items, DataSetupError, TaskOptions, collate, find_sources, load_manifest, parse_mixture,
+)
+from jam_metaseq.hosts.compat import check_start_checkpoint
 from jam_metaseq.data.binarize import open_dataset
 from jam_metaseq.models import build_model, count_parameters
 from jam_metaseq.models.config import PRESETS, CrossConfig
@@ -224,29 +227,35 @@ def test_fairseq_criterion_is_cm3_loss():
     assert 0 < float(sample_size) < float(ref.ntokens)  # weights < 1 did reach the loss
 
 
-def test_registration_when_package_is_imported_before_the_host(tmp_path):
+# ---- registration happens when a host imports us as its --user-dir, and only then ---------------
+@pytest.mark.parametrize("host_first", [False, True], ids=["library-first", "host-first"])
+def test_importing_the_library_changes_no_host(host_first):
+    """Importing jam_metaseq, its models and the checkpoint tools from a notebook or a tool
+    registers nothing and patches nothing: no import hook, fairseq's registries, checkpoint_utils
+    and broadcast as shipped, whether fairseq was imported before or after."""
     pytest.importorskip("fairseq")
-    code = (
-        "import sys\n"
-        "import jam_metaseq\n"
-        "assert 'fairseq' not in sys.modules\n"
-        "from fairseq import options\n"
-        "from fairseq.models import ARCH_MODEL_REGISTRY\n"
-        "assert 'jam_width_7b' in ARCH_MODEL_REGISTRY\n"
-        "p = options.get_training_parser()\n"
-        f"a = options.parse_args_and_arch(p, ['{tmp_path}', '--user-dir', '{USER_DIR}', '--task', "
-        "'cm3_multimodal', '--arch', 'jam_cross_tiny', '--criterion', 'cm3', '--cross-every', '0'])\n"
-        "print('ARCH', a.arch, a.cross_every, a.decoder_embed_dim)\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=str(Path(USER_DIR).parent), env={"PYTHONWARNINGS": "ignore", "PATH": ""})
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "ARCH jam_cross_tiny 0 32" in res.stdout
+    root = str(Path(USER_DIR).parent)
+    assert "UNTOUCHED" in fresh_interpreter(library_leaves_host_alone("fairseq", host_first=host_first),
+                                 pythonpath=root, cwd=root).stdout
+
+
+@pytest.mark.parametrize("route", ["checkout", "installed"])
+def test_fairseq_user_dir_registers(tmp_path, route):
+    """``--user-dir`` pointing at the checkout's package or at an installed copy registers the
+    archs, task and criterion with fairseq, and installs the checkpoint shims."""
+    pytest.importorskip("fairseq")
+    if route == "installed":
+        site = installed_copy(tmp_path)
+        user_dir, pythonpath = str(site / "jam_metaseq"), str(site)
+    else:
+        user_dir, pythonpath = USER_DIR, str(Path(USER_DIR).parent)
+    res = fresh_interpreter(user_dir_registers("fairseq", user_dir, str(tmp_path)), pythonpath=pythonpath, cwd=str(tmp_path))
+    assert "ARCH jam_cross_tiny 0 32 True" in res.stdout and "SHIMS True" in res.stdout
+    assert f"FROM {user_dir}/__init__.py" in res.stdout
 
 
 def test_core_import_does_not_import_a_host():
-    res = subprocess.run([sys.executable, "-c", "import sys, jam_metaseq, jam_metaseq.models, "
-                          "jam_metaseq.hosts.args, jam_metaseq.hosts.common, jam_metaseq.objectives.loss; "
+    res = subprocess.run([sys.executable, "-c", "import sys; " + LIBRARY + "; import jam_metaseq.objectives.loss; "
                           "print(sorted(h for h in ('fairseq', 'metaseq') if h in sys.modules))"],
                          capture_output=True, text=True, cwd=str(Path(USER_DIR).parent))
     assert res.returncode == 0, res.stderr

@@ -9,9 +9,7 @@ jam_cross runs in the default set; the other two and the two-process data-parall
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import socket
 import subprocess
@@ -21,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from _hosts_util import USER_DIR, VOCAB, fused_checkpoint, make_data
+from _hosts_util import USER_DIR, VOCAB, cli_env, fused_checkpoint, make_data, run_cli
+from _hosts_util import train_losses as losses
 
 pytest.importorskip("fairseq")
 
@@ -32,30 +31,6 @@ TRAIN = ["--optimizer", "adam", "--lr", "3e-3", "--lr-scheduler", "polynomial_de
          "--warmup-updates", "3", "--total-num-update", "30", "--log-format", "json",
          "--log-interval", "1", "--disable-validation", "--no-epoch-checkpoints"]
 RESETS = ["--reset-optimizer", "--reset-dataloader", "--reset-meters", "--reset-lr-scheduler"]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(USER_DIR).parent), env.get("PYTHONPATH", "")])
-    return env
-
-
-def run_cli(tool: str, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    res = subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, env=_env(), timeout=timeout)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{tool} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return res
-
-
-def losses(output: str) -> dict[int, float]:
-    """num_updates -> train loss from fairseq's json ``train_inner`` log lines."""
-    out = {}
-    for line in output.splitlines():
-        if "| train_inner |" in line:
-            rec = json.loads(line.split("| train_inner |", 1)[1])
-            out[int(rec["num_updates"])] = float(rec["loss"])
-    return out
 
 
 def num_updates(ckpt: Path) -> int:
@@ -148,7 +123,7 @@ def test_two_process_data_parallel_matches_single(data, tmp_path):
          "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--device-id", "0",
          # fairseq's pytorch_ddp passes device_ids (GPU only); its legacy_ddp all-reduces on CPU/gloo
          "--ddp-backend", "legacy_ddp"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()) for rank in (0, 1)]
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env()) for rank in (0, 1)]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]

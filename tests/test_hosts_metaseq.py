@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import socket
 from pathlib import Path
 
@@ -32,6 +33,37 @@ def data(tmp_path_factory) -> Path:
     from _hosts_util import make_data
 
     return make_data(tmp_path_factory.mktemp("msdata"), n_train=8, n_valid=4)
+
+
+@pytest.mark.parametrize("host_first", [False, True], ids=["library-first", "host-first"])
+def test_importing_the_library_changes_no_host(host_first):
+    """Importing jam_metaseq, its models and the checkpoint tools registers nothing with metaseq
+    and patches nothing (registries, checkpoint_utils, broadcast, import hooks), in either order."""
+    _real_metaseq()
+    from _hosts_util import USER_DIR, fresh_interpreter, library_leaves_host_alone
+
+    root = str(Path(USER_DIR).parent)
+    assert "UNTOUCHED" in fresh_interpreter(library_leaves_host_alone("metaseq", host_first=host_first),
+                                            pythonpath=root, cwd=root).stdout
+
+
+@pytest.mark.parametrize("route", ["checkout", "installed"])
+def test_metaseq_user_dir_registers(tmp_path, route):
+    """``metaseq-train --user-dir`` with the checkout's package or an installed copy registers the
+    archs, task and criterion and installs the checkpoint shims (metaseq imports the directory's
+    package by its name, once)."""
+    _real_metaseq()
+    from _hosts_util import USER_DIR, fresh_interpreter, installed_copy, user_dir_registers
+
+    if route == "installed":
+        site = installed_copy(tmp_path)
+        user_dir, pythonpath = str(site / "jam_metaseq"), str(site)
+    else:
+        user_dir, pythonpath = USER_DIR, str(Path(USER_DIR).parent)
+    res = fresh_interpreter(user_dir_registers("metaseq", user_dir, str(tmp_path)), pythonpath=pythonpath,
+                            cwd=str(tmp_path))
+    assert "ARCH jam_cross_tiny 0 32 True" in res.stdout and "SHIMS True" in res.stdout
+    assert f"FROM {user_dir}/__init__.py" in res.stdout
 
 
 def test_registers_archs_task_criterion_once():
@@ -95,7 +127,7 @@ def test_task_has_its_own_state(data):
     assert one.state_dict()["jam_config"] == model.jam_config.to_dict()
 
 
-def metaseq_args(data: Path, family: str, *, mp: int) -> argparse.Namespace:
+def metaseq_args(data: Path, family: str, *, mp: int, extra: tuple[str, ...] = ()) -> argparse.Namespace:
     """``metaseq-train``'s own parser on a tiny run's flags (the registry, not --user-dir)."""
     from jam_metaseq.hosts import register_hosts
 
@@ -106,6 +138,7 @@ def metaseq_args(data: Path, family: str, *, mp: int) -> argparse.Namespace:
             "--tokens-per-sample", "32", "--seed", "1", "--cpu", "--model-parallel-size", str(mp)]
     if family == "jam_cross":
         argv += ["--cross-every", "1"]
+    argv += list(extra)
     return options.parse_args_and_arch(options.get_training_parser(), input_args=argv)
 
 
@@ -209,3 +242,41 @@ def test_tensor_parallel_ranks_are_the_jam_ckpt_parts(family, tp_runs):
             torch.testing.assert_close(g, layout.split(k, ref["grads"][k], 2)[r], rtol=1e-4, atol=1e-6,
                                        msg=lambda m: f"rank {r} grad {k}: {m}")
         assert got["loaded_loss"] == pytest.approx(ref["loaded_loss"], rel=1e-5)
+
+
+def _memory_worker(rank: int, world: int, port: int, data: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world)
+    from metaseq import tasks
+    from metaseq.modules.megatron import mpu
+
+    from _hosts_util import LiveBytes
+    from jam_metaseq.fusion import state_shapes
+
+    mpu.initialize_model_parallel(world)
+    args = metaseq_args(Path(data), "jam_cross", mp=world, extra=("--decoder-layers", "4"))
+    task = tasks.setup_task(args)
+    with LiveBytes() as mem:
+        model = task.build_model(args)
+    part = sum(p.numel() * p.element_size() for p in model.parameters())  # the tied projection once
+    whole = [math.prod(s) * 4 for k, s in state_shapes(model.jam_config).items()
+             if k not in ("decoder.output_projection.weight", "decoder.version")]
+    torch.save({"peak": mem.peak, "part": part, "largest": max(whole), "whole": sum(whole)},
+               Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_tensor_parallel_build_holds_one_whole_tensor_at_most(data, tmp_path):
+    """At --model-parallel-size 2 a rank builds its part without the whole model: while the model is
+    built, the CPU storage alive at once peaks below the rank's part + two whole tensors (the one
+    being drawn, and megatron's scratch copy of the layer it builds), far below the whole model
+    (a 4-layer tiny JAM-Cross, cross blocks after every layer)."""
+    _real_metaseq()
+    import torch.multiprocessing as mp
+
+    mp.spawn(_memory_worker, args=(2, _free_port(), str(data), str(tmp_path)), nprocs=2)
+    for r in range(2):
+        m = torch.load(tmp_path / f"rank{r}.pt")
+        assert m["part"] < 0.6 * m["whole"] and 2 * m["largest"] < 0.1 * m["whole"]  # the case can tell
+        assert m["peak"] <= m["part"] + 2 * m["largest"] + 16 * 1024, m
+        assert m["peak"] < 0.7 * m["whole"], m

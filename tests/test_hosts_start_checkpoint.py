@@ -1,6 +1,6 @@
 """Starting checkpoints through the real ``fairseq-train`` (the metaseq twins are in
 ``test_hosts_metaseq_e2e.py``): a file the run cannot use stops it before the first update with
-jam-ckpt's one-line message (``hosts.common.check_trainer_start``, reading through
+jam-ckpt's one-line message (``hosts.compat.check_trainer_start``, reading through
 ``checkpoints_tools.safe_load``), and a legacy (non-zip) torch file trains as the zip one does.
 """
 

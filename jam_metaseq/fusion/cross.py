@@ -30,23 +30,16 @@ streaming from readers into reused buffers, calling ``draw_normal`` block by blo
 
 from __future__ import annotations
 
-import re
 import zlib
 from typing import Callable, NamedTuple
 
 import torch
 
+from ..models import keys
 from ..models.config import CrossConfig
 from .uniform import average_pair
 
 Getter = Callable[[str], torch.Tensor]
-_BRANCH = re.compile(r"^decoder\.layers_(llm|cm3)\.(\d+)\.(.+)$")
-_XATTN = re.compile(r"^decoder\.x_attn_layers_(llm|cm3)\.(\d+)\.(.+)$")
-_EMBEDDING = "decoder.embed_tokens.weight"
-SHARED_EMBEDDINGS = (_EMBEDDING, "decoder.output_projection.weight")
-VERSION = 3.0
-"""The value of metaseq's ``decoder.version`` buffer."""
-
 INIT_SEED_SCHEMES = ("per-block", "per-tensor")
 DEFAULT_INIT_SEED_SCHEME = "per-block"
 DRAW_BLOCK = 1 << 18
@@ -67,7 +60,7 @@ def block_seed(seed: int, name: str, block: int) -> int:
 
 class Piece(NamedTuple):
     """``out[rows] = `` one source: ``copy`` of parent ``role``'s tensor ``source`` (those rows),
-    ``average`` of both parents' ``source``, ``fresh`` (``fresh_rule``) or ``const`` (``VERSION``)."""
+    ``average`` of both parents' ``source``, ``fresh`` (``fresh_rule``) or ``const`` (``keys.VERSION_VALUE``)."""
 
     rows: slice
     kind: str  # "copy" | "average" | "fresh" | "const"
@@ -80,45 +73,34 @@ _ALL = slice(None)
 
 def cross_plan(name: str, cfg: CrossConfig) -> list[Piece]:
     """Where the JAM-Cross tensor ``name`` comes from, in order (a later piece overwrites rows of
-    an earlier one)."""
-    if name == "decoder.version":
+    an earlier one). Key names and which tensors are new come from the key schema
+    (``jam_metaseq/models/keys.py``)."""
+    if name == keys.VERSION:
         return [Piece(_ALL, "const")]
-    if name in SHARED_EMBEDDINGS:
+    if name in keys.TIED:
         lo, hi = cfg.image_vocab_start, cfg.image_vocab_end
         if not 0 <= lo < hi <= cfg.vocab_size:
             raise ValueError(
                 f"{name}: image_vocab_start/end = {lo}/{hi} must lie in [0, {cfg.vocab_size}] "
                 "(set them from the vocab manifest's image range)"
             )
-        return [Piece(_ALL, "copy", "llm", _EMBEDDING), Piece(slice(lo, hi), "copy", "img", _EMBEDDING)]
-    if name == "decoder.embed_positions_llm.weight":
-        return [Piece(_ALL, "copy", "llm", "decoder.embed_positions.weight")]
-    if name == "decoder.embed_positions_cm3.weight":
-        return [Piece(_ALL, "copy", "img", "decoder.embed_positions.weight")]
-    m = _BRANCH.match(name)
-    if m:
-        branch, i, rest = m.groups()
-        return [Piece(_ALL, "copy", "llm" if branch == "llm" else "img", f"decoder.layers.{i}.{rest}")]
-    if name.startswith("decoder.layer_norm."):
+        return [Piece(_ALL, "copy", "llm", keys.EMBED), Piece(slice(lo, hi), "copy", "img", keys.EMBED)]
+    src = keys.branch_source(name)
+    if src is not None:
+        side, source = src
+        return [Piece(_ALL, "copy", "llm" if side == "llm" else "img", source)]
+    if name in {e.name for e in keys.FINAL_NORM}:
         return [Piece(_ALL, "average", None, name)]
-    if _XATTN.match(name) or name == "decoder.feature_projection.weight":
+    if keys.is_cross_new(name):
         return [Piece(_ALL, "fresh")]
     raise KeyError(f"{name}: not a JAM-Cross tensor")
 
 
 def fresh_rule(name: str, cfg: CrossConfig) -> str:
     """The init of a new JAM-Cross parameter: ``zeros``, ``ones``, ``eye_halves`` ([I/2, I/2]) or
-    ``normal`` (N(0, init_std), drawn per ``init_seed_scheme``)."""
-    if name.endswith("bias"):
-        return "zeros"
-    if "layer_norm" in name:
-        return "ones"
-    if cfg.cross_init == "preserve":
-        if name == "decoder.feature_projection.weight":
-            return "eye_halves"
-        if name.endswith("cross_attn.out_proj.weight") or name.endswith("fc2.weight"):
-            return "zeros"
-    return "normal"
+    ``normal`` (N(0, init_std), drawn per ``init_seed_scheme``): the key schema's ``init_rule``,
+    the same rule the model's own init follows."""
+    return keys.init_rule(name, cfg)
 
 
 def check_scheme(scheme: str) -> None:
@@ -174,7 +156,7 @@ def cross_tensor(name: str, *, cfg: CrossConfig, llm: Getter, img: Getter, seed:
     out: torch.Tensor | None = None
     for p in cross_plan(name, cfg):
         if p.kind == "const":
-            value = torch.tensor([VERSION])
+            value = torch.tensor([keys.VERSION_VALUE])
         elif p.kind == "copy":
             value = (llm if p.role == "llm" else img)(p.source)[p.rows].to(torch.float32)
         elif p.kind == "average":

@@ -13,17 +13,17 @@ from that list; ``checkpoints_tools.kernels`` fills the same blocks a few rows a
 
 from __future__ import annotations
 
-import re
 from typing import Any, NamedTuple
 
 import torch
 
+from ..models import keys
 from ..models.config import DecoderConfig
 from .uniform import average_pair
 
 WIDEN_INITS = ("copy", "average")
-_EMBEDDINGS = re.compile(r"^decoder\.(embed_tokens|embed_positions|output_projection)\.weight$")
-_QKV = re.compile(r"^decoder\.layers\.\d+\.self_attn\.qkv_proj\.(weight|bias)$")
+_EMBEDDINGS = frozenset((keys.EMBED, keys.POSITIONS, keys.OUTPUT))
+"""Widened on the hidden dim only: (rows, E) -> (rows, 2E)."""
 _ALL = slice(None)
 
 
@@ -80,12 +80,12 @@ def widen_blocks(name: str, shape: tuple[int, ...], *, parent: DecoderConfig, in
     """Where every element of the widened tensor ``name`` comes from, for parents of ``shape``."""
     _check_init(init)
     shape = tuple(shape)
-    if name.endswith("version"):  # a buffer: the LLM's, as it is
+    if name == keys.VERSION:  # a buffer: the LLM's, as it is
         return [Block(Ellipsis, None, Ellipsis, "llm")]
-    if _EMBEDDINGS.match(name):  # (rows, E) -> (rows, 2E): [llm | img]
+    if name in _EMBEDDINGS:  # (rows, E) -> (rows, 2E): [llm | img]
         R, E = shape
         return [Block(_ALL, slice(0, E), _ALL, "llm"), Block(_ALL, slice(E, 2 * E), _ALL, "img")]
-    if _QKV.match(name):  # K, V, Q: each widened on its own so heads stay whole
+    if keys.rule_for(name) == "qkv":  # K, V, Q: each widened on its own so heads stay whole
         E = parent.embed_dim
         if shape[0] != 3 * E:
             raise ValueError(f"{name}: qkv has {shape[0]} rows, expected 3 x embed_dim = {3 * E}")
@@ -105,9 +105,9 @@ def widen_blocks(name: str, shape: tuple[int, ...], *, parent: DecoderConfig, in
 
 def widened_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The JAM-Width shape of a parent tensor of ``shape``."""
-    if name.endswith("version"):
+    if name == keys.VERSION:
         return tuple(shape)
-    if _EMBEDDINGS.match(name):
+    if name in _EMBEDDINGS:
         return (shape[0], 2 * shape[1])
     return tuple(2 * s for s in shape)
 

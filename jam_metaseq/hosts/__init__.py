@@ -1,19 +1,17 @@
 """Host adapters (fairseq, metaseq): registries and argparse live here, never in the core.
 
-``register_hosts()`` registers with every host already imported in this process (the one whose CLI
-is running and importing us as ``--user-dir``); ``register_hosts(import_hosts=True)`` imports
-whichever hosts are installed first. ``install_import_hook()`` covers the remaining order (our
-package imported first, a host later): it registers right after the host's top-level package
-finishes importing, without importing any host itself. Each registration runs once per process.
+Nothing registers on import. A host registers the JAM archs, the ``cm3_multimodal`` task and the
+``cm3`` criterion when it imports ``jam_metaseq`` as its ``--user-dir`` (``register_as_user_dir``,
+called by the package's ``__init__``); a program that drives a host itself calls
+``register_hosts()``. Each registration runs once per process.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.machinery
 import importlib.util
 import sys
+from types import FrameType
 from typing import Any
 
 HOSTS = ("fairseq", "metaseq")
@@ -28,7 +26,8 @@ def _adapter(host: str) -> Any:
 
 
 def register_hosts(*, import_hosts: bool = False) -> list[str]:
-    """Register the JAM models/task/criterion with the hosts; returns the names registered with."""
+    """Register the JAM models/task/criterion with every host already imported in this process
+    (``import_hosts``: with every host installed, importing it first); returns their names."""
     done = []
     for host in HOSTS:
         loaded = host in sys.modules
@@ -40,44 +39,23 @@ def register_hosts(*, import_hosts: bool = False) -> list[str]:
     return done
 
 
-class _HostImportHook(importlib.abc.MetaPathFinder):
-    """Registers with a host right after ``import fairseq`` / ``import metaseq`` completes."""
-
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None):
-        if fullname not in HOSTS:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        loader = spec.loader
-        exec_module = loader.exec_module
-
-        def exec_then_register(module: Any) -> None:
-            exec_module(module)
-            if f"jam_metaseq.hosts.{fullname}" in sys.modules:
-                return  # the adapter itself is importing the host; its caller registers
-            try:
-                _adapter(fullname).register()
-            except ImportError:  # a host too broken to register with: its own CLI will say so
-                pass
-
-        class _Loader(importlib.abc.Loader):
-            def create_module(self, spec: Any) -> Any:
-                return loader.create_module(spec)
-
-            def exec_module(self, module: Any) -> None:
-                exec_then_register(module)
-
-        spec.loader = _Loader()
-        return spec
+def user_dir_host(frame: FrameType | None) -> str | None:
+    """The host whose ``utils.import_user_module`` (the one function through which fairseq's and
+    metaseq's CLIs, hub and checkpoint loaders import a ``--user-dir``) is on the call stack at or
+    above ``frame``; None when something else is importing us."""
+    while frame is not None:
+        if frame.f_code.co_name == "import_user_module":
+            host = str(frame.f_globals.get("__name__", "")).partition(".")[0]
+            if host in HOSTS:
+                return host
+        frame = frame.f_back
+    return None
 
 
-_hook: _HostImportHook | None = None
-
-
-def install_import_hook() -> None:
-    """Register with hosts imported after this call (idempotent)."""
-    global _hook
-    if _hook is None:
-        _hook = _HostImportHook()
-        sys.meta_path.insert(0, _hook)
+def register_as_user_dir() -> str | None:
+    """Register with the host importing the package as its ``--user-dir``, if one is; returns
+    its name. The package's ``__init__`` calls this; from anywhere else it is a no-op."""
+    host = user_dir_host(sys._getframe(1))
+    if host is not None:
+        _adapter(host).register()
+    return host

@@ -1,7 +1,8 @@
-"""argparse ``Namespace`` <-> config dataclasses, shared by the fairseq and metaseq adapters.
+"""The hosts' flags <-> our configs and options, shared by the fairseq and metaseq adapters.
 
-The only place where host-style flags (``--decoder-embed-dim``, ``--cross-every`` ...) meet the
-typed configs of ``jam_metaseq.models.config`` (paper §2.1, §3.1). Host-free: argparse only.
+The only place where host-style flags (``--decoder-embed-dim``, ``--cross-every``, ``--cm3-mode``
+...) meet the typed configs of ``jam_metaseq.models.config`` (paper §2.1, §3.1) and the task's
+``jam_metaseq.data.items.TaskOptions``. Host-free: argparse only.
 
 Flags describe ONE PARENT (the shape both 7B parents share); the arch's family derives the model:
 ``jam_uniform`` = the parent's shape (Eq. 1), ``jam_width`` = ``width_of(parent)`` (Eq. 2-3),
@@ -16,12 +17,21 @@ their model args into every checkpoint (``cfg["model"]``), so a checkpoint carri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
+from jam_metaseq.data.items import TaskOptions, parse_mixture
 from jam_metaseq.models.config import (
     ARCH_CROSS, ARCH_UNIFORM, ARCH_WIDTH, CrossConfig, DecoderConfig, ModelConfig, config_from_dict,
     cross_of, preset, uniform_of, width_of,
 )
+from jam_metaseq.objectives.cm3 import CM3Config
+from jam_metaseq.vocab import VocabManifest
+
+TASK_NAME = "cm3_multimodal"
+"""The task's name in both hosts' registries (``--task``)."""
+CRITERION_NAME = "cm3"
+"""The criterion's name in both hosts' registries (``--criterion``)."""
 
 FAMILIES = (ARCH_UNIFORM, ARCH_WIDTH, ARCH_CROSS)
 SIZES = {"tiny": "tiny", "1_3b": "opt_1_3b", "7b": "cm3leon_7b"}
@@ -39,23 +49,31 @@ def arch_names() -> dict[str, tuple[str, str]]:
     return out
 
 
-# flag dest -> (DecoderConfig field, converter from config value to flag value)
-_SHAPE_FLAGS = {
-    "decoder_embed_dim": "embed_dim",
-    "decoder_ffn_embed_dim": "ffn_dim",
-    "decoder_layers": "layers",
-    "decoder_attention_heads": "heads",
-    "max_target_positions": "max_positions",
-    "activation_fn": "activation",
-    "dropout": "dropout",
-    "attention_dropout": "attention_dropout",
-}
-# negated booleans: flag True means config field False
-_NEG_FLAGS = {
-    "disable_bias": "bias",
-    "disable_affine_ln": "affine_ln",
-    "no_scale_embedding": "scale_embedding",
-}
+# Host flags of one parent, in the order checkpoints store them (``cfg["model"]``): (flag dest,
+# DecoderConfig field, how the flag holds it). "value": the field's value; "negated": True when the
+# field is False (metaseq's --disable-* switches); "echo": a copy metaseq's own models read that
+# config_from_args never reads back.
+_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("decoder_embed_dim", "embed_dim", "value"),
+    ("decoder_ffn_embed_dim", "ffn_dim", "value"),
+    ("decoder_layers", "layers", "value"),
+    ("decoder_attention_heads", "heads", "value"),
+    ("decoder_input_dim", "embed_dim", "echo"),
+    ("decoder_output_dim", "embed_dim", "echo"),
+    ("max_target_positions", "max_positions", "value"),
+    ("tokens_per_sample", "max_positions", "echo"),
+    ("activation_fn", "activation", "value"),
+    ("dropout", "dropout", "value"),
+    ("attention_dropout", "attention_dropout", "value"),
+    ("disable_bias", "bias", "negated"),
+    ("disable_affine_ln", "affine_ln", "negated"),
+    ("no_scale_embedding", "scale_embedding", "negated"),
+)
+_SHAPE_FLAGS = {flag: fld for flag, fld, how in _FLAGS if how == "value"}
+_NEG_FLAGS = {flag: fld for flag, fld, how in _FLAGS if how == "negated"}
+ALWAYS_ON = ("decoder_learned_pos", "share_decoder_input_output_embed", "decoder_normalize_before")
+"""Switches metaseq's ``model_parallel_transformer_lm`` reads that every JAM model has on
+(learned positions, tied embeddings, pre-LayerNorm)."""
 
 
 def add_model_args(parser: argparse.ArgumentParser | Any) -> None:
@@ -139,23 +157,105 @@ def config_from_args(args: argparse.Namespace, *, vocab_size: int, padding_idx: 
                     image_vocab_start=image_range[0], image_vocab_end=image_range[1])
 
 
-def args_from_config(cfg: ModelConfig) -> dict[str, Any]:
-    """Inverse of ``config_from_args``: the flag values (dest names) that rebuild ``cfg``."""
+CROSS_FLAGS = ("cross_every", "cross_init", "image_vocab_start", "image_vocab_end")
+"""The JAM-Cross flags ``args_from_config`` adds after the parent's."""
+
+
+def host_arch(cfg: ModelConfig) -> str:
+    """The ``--arch`` family of ``cfg``: ``jam_cross`` / ``jam_width`` / ``jam_uniform``, or
+    ``transformer_lm`` for a plain parent decoder."""
     if isinstance(cfg, CrossConfig):
-        parent, family = cfg.parent, ARCH_CROSS
-        extra = {"cross_every": cfg.cross_every, "cross_init": cfg.cross_init}
-    elif isinstance(cfg, DecoderConfig):
-        family = cfg.arch if cfg.arch in FAMILIES else ARCH_UNIFORM
-        if family == ARCH_WIDTH:  # flags describe the parent: halve the widened dims
-            parent = DecoderConfig(**{**cfg.__dict__, "embed_dim": cfg.embed_dim // 2,
-                                      "ffn_dim": cfg.ffn_dim // 2, "heads": cfg.heads // 2})
-        else:
-            parent = cfg
-        extra = {}
-    else:
+        return ARCH_CROSS
+    if not isinstance(cfg, DecoderConfig):
         raise TypeError(f"not a model config: {type(cfg).__name__}")
-    out: dict[str, Any] = {flag: getattr(parent, fld) for flag, fld in _SHAPE_FLAGS.items()}
-    out.update({flag: not getattr(parent, fld) for flag, fld in _NEG_FLAGS.items()})
+    # the module's own (interned) names, not the config's copy: pickled into checkpoints, equal
+    # strings that are one object are stored once, so the object decides the file's bytes
+    return next((fam for fam in FAMILIES if fam == cfg.arch), "transformer_lm")
+
+
+def args_from_config(cfg: ModelConfig) -> dict[str, Any]:
+    """Inverse of ``config_from_args``: every host flag (dest names) of ``cfg``, in the order
+    checkpoints store them. The flags describe one parent (JAM-Width: half the widened dims);
+    ``jam_family`` is the family that rebuilds ``cfg`` (a plain parent: ``jam_uniform``, whose
+    model is the parent's)."""
+    arch = host_arch(cfg)
+    extra: dict[str, Any] = {}
+    if isinstance(cfg, CrossConfig):
+        parent = cfg.parent
+        extra = {flag: getattr(cfg, flag) for flag in CROSS_FLAGS}
+    elif arch == ARCH_WIDTH:  # the inverse of width_of
+        parent = dataclasses.replace(cfg, embed_dim=cfg.embed_dim // 2, ffn_dim=cfg.ffn_dim // 2,
+                                     heads=cfg.heads // 2)
+    else:
+        parent = cfg
+    out: dict[str, Any] = {}
+    for flag, fld, how in _FLAGS:
+        out[flag] = not getattr(parent, fld) if how == "negated" else getattr(parent, fld)
+    out.update({flag: True for flag in ALWAYS_ON})
+    out["jam_family"] = arch if arch in FAMILIES else ARCH_UNIFORM
     out.update(extra)
-    out["jam_family"] = family
     return out
+
+
+# ---- the cm3_multimodal task and the cm3 criterion ------------------------------------------------
+def add_task_args(parser: Any) -> None:
+    """The cm3_multimodal task flags."""
+    a = parser.add_argument
+    a("data", help="data directory: DATA/{split}/{source}.json binarized sources (+ optional vocab.json)")
+    a("--tokens-per-sample", type=int, default=2048, help="model input length (default %(default)s)")
+    a("--mixture", default=None,
+      help="training source weights NAME=W,NAME=W (token-balanced; default: all sources equally)")
+    a("--cm3-mode", default="poisson", choices=("poisson", "fixed", "fim"), help="CM3 span-count rule")
+    a("--cm3-lambda", type=float, default=1.0, help="Poisson rate of the number of CM3 spans")
+    a("--cm3-min-spans", type=int, default=0, help="lower clamp of the span count (0 allows plain LM)")
+    a("--cm3-max-spans", type=int, default=None, help="upper clamp (default: the vocabulary's sentinels)")
+    a("--cm3-cross-documents", action="store_true", help="let spans cross <eos> inside a packed block")
+    a("--cm3-on-valid", action="store_true", help="CM3-transform validation items too")
+    a("--instruction", action="store_true",
+      help="instruction mode: loss only on tokens the data's loss mask keeps (responses)")
+    a("--epoch-items", type=int, default=0, help="training items per epoch (0 = all blocks)")
+    a("--retrieval-bank", default=None,
+      help="memory bank (jam-retrieval build) whose documents are prefixed to items; a source's blocks "
+           "get neighbours from DATA/{split}/{source}.neighbors.npy (jam-retrieval neighbours BANK "
+           "--dataset DATA/{split}/{source}); sources without one get no prefix")
+    a("--retrieval-k", type=int, default=2, help="retrieved documents per item at most (default %(default)s)")
+    a("--retrieval-weight", type=float, default=0.0,
+      help="loss weight of retrieved prefix tokens (RA-CM3 used 0.1; default %(default)s)")
+
+
+def add_criterion_args(parser: Any) -> None:
+    """The cm3 criterion flags."""
+    parser.add_argument("--sentinel-weight", type=float, default=1.0,
+                        help="loss weight of predicting CM3 sentinels (CM3 used 0; default %(default)s)")
+
+
+def saved_cfg_groups(*, seed: int = 1) -> dict[str, Any]:
+    """The ``cfg`` groups besides ``model`` that a host's evaluation CLI (``metaseq-validate`` /
+    ``fairseq-validate --path``) rebuilds the task and criterion from, for checkpoints written
+    outside a trainer (``jam-ckpt``): ``task`` and ``criterion`` Namespaces holding every
+    ``cm3_multimodal`` / ``cm3`` flag at its default (the hosts set DATA and the flags given on the
+    command line over them), and an ``optimization`` group like a trainer's (no updates yet)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_task_args(p)
+    add_criterion_args(p)
+    flags = vars(p.parse_args([""]))  # DATA: the evaluation CLI's positional argument replaces it
+    names = {"task": TASK_NAME, "criterion": CRITERION_NAME, "seed": seed}
+    return {
+        "task": argparse.Namespace(**names, **flags, _name=TASK_NAME),
+        "criterion": argparse.Namespace(**names, **flags, _name=CRITERION_NAME),
+        "optimization": {"_name": None, "max_epoch": 0, "max_update": 0, "clip_norm": 0.0,
+                         "update_freq": [1], "lr": [0.0]},
+    }
+
+
+def task_options_from_args(args: argparse.Namespace, vocab: VocabManifest) -> TaskOptions:
+    """TaskOptions from parsed task flags (+ the host's ``--seed``)."""
+    max_spans = args.cm3_max_spans if args.cm3_max_spans is not None else vocab.num_sentinels
+    return TaskOptions(
+        data=args.data.split(":")[0], tokens_per_sample=args.tokens_per_sample,
+        mixture=parse_mixture(args.mixture),
+        cm3=CM3Config(mode=args.cm3_mode, lam=args.cm3_lambda, min_spans=min(args.cm3_min_spans, max_spans),
+                      max_spans=max_spans, cross_documents=args.cm3_cross_documents),
+        cm3_on_valid=args.cm3_on_valid, instruction=args.instruction, seed=args.seed,
+        epoch_items=args.epoch_items, retrieval_bank=args.retrieval_bank, retrieval_k=args.retrieval_k,
+        retrieval_weight=args.retrieval_weight)

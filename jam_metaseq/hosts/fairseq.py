@@ -6,7 +6,9 @@
 
 trains a JAM model from ``jam-ckpt`` output. Thin by design: flags -> ``hosts.args`` -> config
 dataclass -> ``jam_metaseq.models.build_model``; the data, task, criterion and decoder logic
-live in ``hosts.common`` (mixins shared with the metaseq adapter) and ``objectives.loss``. ``register()`` is idempotent; ``jam_metaseq/__init__`` calls it.
+live in ``hosts.common`` (mixins shared with the metaseq adapter), ``data.items`` and ``objectives.loss``.
+``register()`` is idempotent; ``jam_metaseq/__init__`` calls it when fairseq imports the package as
+its ``--user-dir``.
 
 Checkpoints: the model's args (``cfg["model"]``, a Namespace fairseq pickles into every checkpoint)
 carry ``jam_config`` = ``cfg.to_dict()``, and the task state (``task_state``) carries ``jam_config``
@@ -21,28 +23,21 @@ from typing import Any
 import torch
 
 from fairseq import metrics, utils
-from fairseq.criterions import CRITERION_REGISTRY, FairseqCriterion, register_criterion
+from fairseq.criterions import FairseqCriterion
 from fairseq.data import Dictionary, FairseqDataset
-from fairseq.models import (
-    ARCH_MODEL_REGISTRY, MODEL_REGISTRY, FairseqIncrementalDecoder, FairseqLanguageModel,
-    register_model, register_model_architecture,
-)
-from fairseq.tasks import TASK_REGISTRY, LegacyFairseqTask, register_task
+from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
+from fairseq.tasks import LegacyFairseqTask
 
 from jam_metaseq.hosts.common import (
     CM3CriterionMixin, CM3DatasetMixin, CM3TaskMixin, CoreDecoderMixin, JamModelMixin, build_core,
-    reduce_cm3_metrics, register_with_host,
+    host_dictionary, reduce_cm3_metrics, register_with_host,
 )
 from jam_metaseq.vocab import VocabManifest
 
+
 def dictionary_from_manifest(vocab: VocabManifest) -> Dictionary:
-    """A fairseq Dictionary whose ids are the manifest's (specials 0-3, then every symbol)."""
-    d = Dictionary()
-    for sym in vocab.symbols()[4:]:
-        d.add_symbol(sym, n=1)
-    if len(d) != vocab.size or d.pad() != vocab.pad or d.eos() != vocab.eos or d.bos() != vocab.bos:
-        raise ValueError(f"fairseq Dictionary has {len(d)} symbols, the manifest {vocab.size}")
-    return d
+    """A fairseq Dictionary whose ids are the manifest's."""
+    return host_dictionary(Dictionary, vocab)
 
 
 # ---- model ---------------------------------------------------------------------------------
@@ -76,7 +71,7 @@ class JamLanguageModel(JamModelMixin, FairseqLanguageModel):
 
 # ---- data / task -----------------------------------------------------------------------------
 class CM3FairseqDataset(CM3DatasetMixin, FairseqDataset):
-    """``hosts.common.CM3Items`` as a FairseqDataset (``hosts.common.CM3DatasetMixin``)."""
+    """``data.items.CM3Items`` as a FairseqDataset (``hosts.common.CM3DatasetMixin``)."""
 
     @property
     def can_reuse_epoch_itr_across_epochs(self) -> bool:
@@ -100,21 +95,6 @@ class CM3Criterion(CM3CriterionMixin, FairseqCriterion):
 
 
 # ---- registration --------------------------------------------------------------------------
-_registered = False
-
-
 def register() -> None:
-    """Register models, archs, task and criterion with fairseq (idempotent)."""
-    global _registered
-    if _registered:
-        return
-    from fairseq import checkpoint_utils
-    from fairseq.distributed import utils as distributed_utils
-
-    register_with_host(
-        model_class=JamLanguageModel, model_registry=MODEL_REGISTRY, register_model=register_model,
-        arch_registry=ARCH_MODEL_REGISTRY, register_model_architecture=register_model_architecture,
-        task=(CM3MultimodalTask, TASK_REGISTRY, register_task),
-        criterion=(CM3Criterion, CRITERION_REGISTRY, register_criterion),
-        checkpoint_utils=checkpoint_utils, distributed_utils=distributed_utils)
-    _registered = True
+    """Register the JAM models, archs, task and criterion with fairseq (idempotent)."""
+    register_with_host("fairseq", model_class=JamLanguageModel, task_class=CM3MultimodalTask, criterion_class=CM3Criterion)

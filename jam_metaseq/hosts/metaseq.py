@@ -10,15 +10,17 @@ through the real ``metaseq-train`` / ``metaseq-validate`` on a CPU build of meta
 
 - The archs set metaseq's required ``--decoder-learned-pos --share-decoder-input-output-embed``
   (``hosts.args.apply_arch_defaults``); sharded state is the launcher's ``--use-sharded-state``.
-- ``--model-parallel-size N > 1``: ``parallelize_tensor`` turns the core model (built whole, from
-  ``--seed`` alone) into rank r's part, the layer for each projection chosen by the split rule
-  ``checkpoints_tools.layout`` has for its key (the plan ``jam-ckpt --mp N`` writes files with), so
-  rank r holds exactly the ``-model_part-r`` tensors; the criterion uses
-  ``vocab_parallel_cross_entropy`` on the vocab-split logits. The core stays plain PyTorch.
+- ``--model-parallel-size N > 1``: ``parallelize_tensor`` builds rank r's part of the core model
+  (built on the meta device, its initial values drawn tensor by tensor from ``--seed`` alone, only
+  the rank's piece of each kept), the layer for each projection chosen by its key's split rule
+  (``jam_metaseq.models.keys``, the plan ``jam-ckpt --mp N`` writes files with), so rank r holds
+  exactly the ``-model_part-r`` tensors; the criterion uses ``vocab_parallel_cross_entropy`` on the
+  vocab-split logits. The core stays plain PyTorch.
 - Checkpoints load under torch >= 2.6 through the same allow-list as fairseq, and starting files
-  are checked before training (``hosts.common.check_trainer_start``).
-Data, items, task, criterion and decoder logic are shared with the fairseq adapter (mixins in
-``hosts.common``; loss math in ``objectives.loss``); this module keeps what metaseq does differently.
+  are checked before training (``hosts.compat.check_trainer_start``).
+Data, items, task, criterion and decoder logic are shared with the fairseq adapter (``data.items``,
+mixins in ``hosts.common``, loss math in ``objectives.loss``); this module keeps what metaseq does
+differently.
 """
 
 from __future__ import annotations
@@ -29,12 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from metaseq.criterions import CRITERION_REGISTRY, BaseCriterion, register_criterion
+from metaseq.criterions import BaseCriterion
 from metaseq.data import BaseDataset, Dictionary
-from metaseq.models import (
-    ARCH_MODEL_REGISTRY, MODEL_REGISTRY, BaseDecoder, BaseModel, register_model, register_model_architecture,
-)
-from metaseq.tasks import TASK_REGISTRY, register_task
+from metaseq.models import BaseDecoder, BaseModel
 
 try:  # metaseq main
     from metaseq.tasks.base_task import LegacyTask as _TaskBase
@@ -47,51 +46,57 @@ except ImportError:
 
 from jam_metaseq.hosts.common import (
     CM3CriterionMixin, CM3DatasetMixin, CM3TaskMixin, CoreDecoderMixin, JamModelMixin, build_core,
-    reduce_cm3_metrics, register_with_host,
+    host_dictionary, reduce_cm3_metrics, register_with_host,
 )
+from jam_metaseq.models import fresh_buffer, fresh_parameters, keys
 from jam_metaseq.vocab import VocabManifest
 
 
 def dictionary_from_manifest(vocab: VocabManifest) -> Dictionary:
-    d = Dictionary()
-    for sym in vocab.symbols()[4:]:
-        d.add_symbol(sym, n=1)
-    if len(d) != vocab.size:
-        raise ValueError(f"metaseq Dictionary has {len(d)} symbols, the manifest {vocab.size}")
-    return d
+    """A metaseq Dictionary whose ids are the manifest's."""
+    return host_dictionary(Dictionary, vocab)
 
 
 # ---- tensor parallelism (applied from outside the core model) -----------------------------------
-def parallelize_tensor(core: nn.Module, *, world_size: int, rank: int | None = None) -> nn.Module:
-    """Make ``core`` rank ``rank``'s part of a ``world_size``-way tensor-parallel model, in place.
+def parallelize_tensor(core: nn.Module, cfg: Any, *, world_size: int, rank: int | None = None) -> nn.Module:
+    """Make ``core``, built from ``cfg`` on the meta device right after seeding torch's generator,
+    rank ``rank``'s part of a ``world_size``-way tensor-parallel model with its initial weights,
+    in place.
 
-    One plan with the checkpoint tools: every ``nn.Linear`` / ``nn.Embedding`` of the core is
-    looked up in ``checkpoints_tools.layout`` by its state-dict key and becomes the megatron layer
-    that rule implies (``vocab``: vocab-parallel embedding, and the tied output projection on its
-    shard; ``column`` / ``qkv``: column-parallel linear, outputs left sharded; ``row``: row-parallel
-    linear, inputs sharded, output all-reduced; ``replicated``: unchanged). Its weights are
-    ``layout.split(key, full, world_size)[rank]`` of the core's own (initialised or loaded) tensors,
-    so the rank's ``state_dict()`` is by construction the ``-model_part-{rank}`` file ``jam-ckpt
-    --mp`` writes, and a model built from one seed is the same model at every size. Attention
-    modules whose projections were split keep ``heads / world_size`` local heads.
+    Each parameter's whole initial value is drawn one tensor at a time, from the same random
+    stream ``build_model(cfg)`` draws (``jam_metaseq.models.fresh_parameters``), and only this
+    rank's piece, ``layout.split(key, whole, world_size)[rank]``, is kept: a rank never holds the
+    whole model, only its part plus one whole tensor (and megatron's own scratch copy of one layer's
+    weight while it builds it), and a model built from one seed is the same model at every size.
+
+    One plan with the checkpoint tools: every ``nn.Linear`` / ``nn.Embedding`` of the core gets the
+    megatron layer its key's rule (``jam_metaseq.models.keys``, applied by ``checkpoints_tools.layout``)
+    implies (``vocab``: vocab-parallel embedding, and the tied output projection on its shard;
+    ``column`` / ``qkv``: column-parallel linear, outputs left sharded; ``row``: row-parallel linear,
+    inputs sharded, output all-reduced; ``replicated``: unchanged), so the rank's ``state_dict()`` is
+    by construction the ``-model_part-{rank}`` file ``jam-ckpt --mp`` writes. Attention modules
+    whose projections were split keep ``heads / world_size`` local heads.
     """
     from checkpoints_tools import layout
     from metaseq.modules.megatron import mpu
 
     if world_size <= 1:
-        return core
+        raise ValueError("parallelize_tensor splits a model over 2 or more ranks")
+    if not all(t.is_meta for t in core.parameters()):
+        raise ValueError("parallelize_tensor builds a model from scratch: pass it built on the meta device")
     rank = mpu.get_tensor_model_parallel_rank() if rank is None else rank
     column_cls, row_cls = _megatron_linears()
-    full = core.state_dict()  # the consolidated tensors the plan splits (views, no copy)
-
-    def piece(key: str) -> torch.Tensor:
-        return layout.split(key, full[key], world_size)[rank]
+    pieces: dict[str, torch.Tensor] = {}
+    for key, whole in fresh_parameters(core, cfg):
+        piece = layout.split(key, whole, world_size)[rank]
+        pieces[key] = piece.clone() if piece._base is not None else piece  # a view would keep ``whole``
+        del whole, piece
 
     def fill(new: nn.Module, prefix: str) -> nn.Module:
         with torch.no_grad():
             for name, p in new.named_parameters(recurse=False):
                 key = f"{prefix}.{name}"
-                want = piece(key)
+                want = pieces.pop(key)
                 if tuple(p.shape) != tuple(want.shape):  # the plan and the layer disagree
                     raise ValueError(f"{key}: rule {layout.rule_for(key)!r} gives {tuple(want.shape)} "
                                      f"but the tensor-parallel layer holds {tuple(p.shape)}")
@@ -122,8 +127,8 @@ def parallelize_tensor(core: nn.Module, *, world_size: int, rank: int | None = N
         elif isinstance(module, nn.Linear) and rule == "vocab":
             tied.append((parent, attr))  # the output projection: tied to the embedding shard below
             emb = modules.get(f"{parent_name}.embed_tokens")
-            if emb is None or module.weight is not emb.weight:
-                raise ValueError(f"{key}: a vocab-parallel output projection must be tied to embed_tokens")
+            if f"{name}.weight" not in keys.TIED or emb is None or module.weight is not emb.weight:
+                raise ValueError(f"{key}: a vocab-parallel output projection must be tied to {keys.EMBED}")
             continue
         elif isinstance(module, nn.Linear) and rule in ("column", "qkv"):
             _check_bias(layout, module, name, rule=rule)
@@ -141,6 +146,13 @@ def parallelize_tensor(core: nn.Module, *, world_size: int, rank: int | None = N
         if embedding is None:
             raise ValueError("a vocab-parallel output projection needs a vocab-parallel embed_tokens")
         setattr(parent, attr, _VocabParallelOutput(embedding))
+    for key, value in pieces.items():  # what stays whole: LayerNorms, positions, replicated biases ...
+        owner, _, attr = key.rpartition(".")
+        core.get_submodule(owner).register_parameter(attr, nn.Parameter(value))
+    for key, buf in list(core.named_buffers()):
+        if buf.is_meta:
+            owner, _, attr = key.rpartition(".")
+            core.get_submodule(owner).register_buffer(attr, fresh_buffer(key))
     for name in sorted(split_parents):
         attn = core.get_submodule(name)
         if hasattr(attn, "heads"):
@@ -224,9 +236,11 @@ class JamMetaseqModel(JamModelMixin, BaseModel):
         # starts from the same model at every model-parallel size.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(getattr(args, "seed", 1) or 1))
-            cfg, core = build_core(args, task)
-        if mp > 1:
-            parallelize_tensor(core, world_size=mp)
+            if mp > 1:  # the rank's part only: built on the meta device, then drawn tensor by tensor
+                cfg, core = build_core(args, task, meta=True)
+                parallelize_tensor(core, cfg, world_size=mp)
+            else:
+                cfg, core = build_core(args, task)
         model = cls(JamMetaseqDecoder(task.target_dictionary, core), cfg, mp)
         task.on_model_built(model, args)
         return model
@@ -262,13 +276,13 @@ def _task_state() -> Any:
 
 # ---- data / task -----------------------------------------------------------------------------
 class CM3MetaseqDataset(CM3DatasetMixin, BaseDataset):
-    """``hosts.common.CM3Items`` as a metaseq BaseDataset (``hosts.common.CM3DatasetMixin``)."""
+    """``data.items.CM3Items`` as a metaseq BaseDataset (``hosts.common.CM3DatasetMixin``)."""
 
 
 class CM3MultimodalMetaseqTask(CM3TaskMixin, _TaskBase):
     """metaseq twin of ``hosts.fairseq.CM3MultimodalTask`` (same flags, data layout and items);
     at model-parallel size > 1 each rank checks its own ``-model_part-{r}`` starting file
-    (``hosts.common.check_trainer_start``)."""
+    (``hosts.compat.check_trainer_start``)."""
 
     dataset_class = CM3MetaseqDataset
     make_dictionary = staticmethod(dictionary_from_manifest)
@@ -309,24 +323,6 @@ def _perplexity(loss_base2: float, round: int = 2) -> float:
 
 
 # ---- registration --------------------------------------------------------------------------
-_registered = False
-
-
 def register() -> None:
-    """Register with metaseq (idempotent; metaseq's registries refuse duplicates)."""
-    global _registered
-    if _registered:
-        return
-    from metaseq import checkpoint_utils
-
-    try:
-        from metaseq.distributed import utils as distributed_utils
-    except ImportError:
-        distributed_utils = None
-    register_with_host(
-        model_class=JamMetaseqModel, model_registry=MODEL_REGISTRY, register_model=register_model,
-        arch_registry=ARCH_MODEL_REGISTRY, register_model_architecture=register_model_architecture,
-        task=(CM3MultimodalMetaseqTask, TASK_REGISTRY, register_task),
-        criterion=(CM3MetaseqCriterion, CRITERION_REGISTRY, register_criterion),
-        checkpoint_utils=checkpoint_utils, distributed_utils=distributed_utils)
-    _registered = True
+    """Register the JAM models, archs, task and criterion with metaseq (idempotent)."""
+    register_with_host("metaseq", model_class=JamMetaseqModel, task_class=CM3MultimodalMetaseqTask, criterion_class=CM3MetaseqCriterion)

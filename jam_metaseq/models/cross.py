@@ -17,36 +17,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import keys
 from .cache import KVCache
 from .config import CrossConfig, DecoderConfig
 from .decoder import (
-    AttentionContext, DecoderLayer, PreLNBlock, attend, build_context, embed_input, init_normal_, layer_norm,
-    merge_heads, split_heads,
+    Attention, AttentionContext, DecoderLayer, PreLNBlock, build_context, embed_input, fresh_buffer,
+    init_parameters_, layer_norm,
 )
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Attention):
     """Eq. 4-5: Q from this branch, K and V from the other branch (separate projections)."""
 
     def __init__(self, cfg: DecoderConfig, slot: int) -> None:
-        super().__init__()
+        super().__init__(cfg, slot)
         E = cfg.embed_dim
-        self.heads = cfg.heads
-        self.slot = slot
-        self.dropout = cfg.attention_dropout
         self.q_proj = nn.Linear(E, E, bias=cfg.bias)
         self.k_proj = nn.Linear(E, E, bias=cfg.bias)
         self.v_proj = nn.Linear(E, E, bias=cfg.bias)
         self.out_proj = nn.Linear(E, E, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, other: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        out = attend(
-            split_heads(self.q_proj(x), self.heads),
-            split_heads(self.k_proj(other), self.heads),
-            split_heads(self.v_proj(other), self.heads),
-            ctx=ctx, slot=self.slot, dropout_p=self.dropout if self.training else 0.0,
-        )
-        return self.out_proj(merge_heads(out))
+        return self.attend_and_project(self.q_proj(x), self.k_proj(other), self.v_proj(other), ctx)
 
 
 class CrossBlock(PreLNBlock):
@@ -63,15 +55,6 @@ class CrossBlock(PreLNBlock):
         return self.residual_and_ffn(x, self.cross_attn(self.cross_attn_layer_norm(x), other, ctx))
 
 
-def preserve_init_(block: CrossBlock) -> None:
-    """Zero the cross block's output projection and second FFN matrix: the block is the identity."""
-    with torch.no_grad():
-        for lin in (block.cross_attn.out_proj, block.fc2):
-            lin.weight.zero_()
-            if lin.bias is not None:
-                lin.bias.zero_()
-
-
 class CrossDecoder(nn.Module):
     """The ``decoder.*`` submodule of JAM-Cross."""
 
@@ -80,7 +63,7 @@ class CrossDecoder(nn.Module):
         p = cfg.parent
         self.cfg = cfg
         L = p.layers
-        self.register_buffer("version", torch.tensor([3.0]))
+        self.register_buffer("version", fresh_buffer(keys.VERSION))
         self.embed_tokens = nn.Embedding(p.vocab_size, p.embed_dim, padding_idx=p.padding_idx)
         self.embed_positions_llm = nn.Embedding(p.num_position_rows, p.embed_dim)
         self.embed_positions_cm3 = nn.Embedding(p.num_position_rows, p.embed_dim)
@@ -117,20 +100,7 @@ class JamCrossLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.decoder = CrossDecoder(cfg)
-        self.reset_new_parameters()
-
-    def reset_new_parameters(self) -> None:
-        """Init everything N(0, std); with ``preserve`` also make the cross blocks identities and
-        the feature projection [I/2, I/2]."""
-        d = self.decoder
-        init_normal_(self, self.cfg.parent.init_std)
-        if self.cfg.cross_init == "preserve":
-            for block in list(d.x_attn_layers_llm) + list(d.x_attn_layers_cm3):
-                preserve_init_(block)
-            E = self.cfg.parent.embed_dim
-            with torch.no_grad():
-                eye = torch.eye(E) / 2
-                d.feature_projection.weight.copy_(torch.cat([eye, eye], dim=1))
+        init_parameters_(self, cfg)  # with ``preserve``, the cross blocks start as identities
 
     @property
     def num_attention_slots(self) -> int:

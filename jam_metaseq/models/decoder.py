@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import keys
 from .cache import KVCache
-from .config import DecoderConfig
+from .config import CrossConfig, DecoderConfig, ModelConfig
 
 
 @dataclass
@@ -146,25 +147,40 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, T, H * D)  # (B, T, E)
 
 
-class SelfAttention(nn.Module):
-    """Fused-qkv self-attention; ``qkv_proj`` rows are [K; V; Q] as in metaseq."""
+class Attention(nn.Module):
+    """What self- and cross-attention share: heads, KV-cache slot, dropout, and SDPA then
+    ``out_proj`` (registered by the subclass after its input projections: metaseq's key order)."""
+
+    out_proj: nn.Linear
 
     def __init__(self, cfg: DecoderConfig, slot: int) -> None:
         super().__init__()
-        E = cfg.embed_dim
         self.heads = cfg.heads
         self.slot = slot
         self.dropout = cfg.attention_dropout
-        self.qkv_proj = nn.Linear(E, 3 * E, bias=cfg.bias)
-        self.out_proj = nn.Linear(E, E, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        k, v, q = self.qkv_proj(x).chunk(3, dim=-1)  # 3 x (B, T, E)
+    def attend_and_project(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           ctx: AttentionContext) -> torch.Tensor:
+        """3 x (B, T, E) -> (B, T, E)."""
         out = attend(
             split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads),
             ctx=ctx, slot=self.slot, dropout_p=self.dropout if self.training else 0.0,
         )
         return self.out_proj(merge_heads(out))
+
+
+class SelfAttention(Attention):
+    """Fused-qkv self-attention; ``qkv_proj`` rows are [K; V; Q] as in metaseq."""
+
+    def __init__(self, cfg: DecoderConfig, slot: int) -> None:
+        super().__init__(cfg, slot)
+        E = cfg.embed_dim
+        self.qkv_proj = nn.Linear(E, 3 * E, bias=cfg.bias)
+        self.out_proj = nn.Linear(E, E, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        k, v, q = self.qkv_proj(x).chunk(3, dim=-1)  # 3 x (B, T, E)
+        return self.attend_and_project(q, k, v, ctx)
 
 
 class PreLNBlock(nn.Module):
@@ -204,18 +220,41 @@ class DecoderLayer(PreLNBlock):
         return self.residual_and_ffn(x, self.self_attn(self.self_attn_layer_norm(x), ctx))
 
 
-def init_normal_(module: nn.Module, std: float) -> None:
-    """Fresh-weight init: N(0, std) for matrices and embeddings, zeros for biases, ones for LN."""
-    for name, p in module.named_parameters():
-        if p.is_meta:
-            continue
-        with torch.no_grad():
-            if name.endswith("bias"):
-                p.zero_()
-            elif "layer_norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std)
+def init_tensor_(key: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Give the fresh parameter ``key`` of the model ``cfg`` its start value in place
+    (``keys.init_rule``). Every matrix and embedding draws N(0, init_std) from torch's global
+    generator first, also one that the rule then sets to zeros or [I/2, I/2]: the draws, one per
+    tensor in ``named_parameters()`` order, are a model's random stream (``init_parameters_``), so
+    a tensor built on its own from that stream gets the same bits (``hosts.metaseq``)."""
+    rule = keys.init_rule(key, cfg)
+    std = cfg.parent.init_std if isinstance(cfg, CrossConfig) else cfg.init_std
+    with torch.no_grad():
+        if rule == "ones":
+            return t.fill_(1.0)
+        if key.endswith("bias"):
+            return t.zero_()
+        t.normal_(0.0, std)
+        if rule == "zeros":
+            t.zero_()
+        elif rule == "eye_halves":  # (E, 2E)
+            eye = torch.eye(t.shape[0], dtype=t.dtype, device=t.device) / 2
+            t.copy_(torch.cat([eye, eye], dim=1))
+    return t
+
+
+def fresh_buffer(key: str) -> torch.Tensor:
+    """The value the buffer ``key`` starts with: metaseq's ``decoder.version``, the one buffer."""
+    if key != keys.VERSION:
+        raise KeyError(f"{key}: not a buffer of the key schema")
+    return torch.tensor([keys.VERSION_VALUE])
+
+
+def init_parameters_(model: nn.Module, cfg: ModelConfig) -> None:
+    """``init_tensor_`` on every parameter of ``model`` in order (those on the meta device keep
+    no values, and draw nothing)."""
+    for key, p in model.named_parameters():
+        if not p.is_meta:
+            init_tensor_(key, p, cfg)
 
 
 class Decoder(nn.Module):
@@ -224,7 +263,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("version", torch.tensor([3.0]))
+        self.register_buffer("version", fresh_buffer(keys.VERSION))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.padding_idx)
         self.embed_positions = nn.Embedding(cfg.num_position_rows, cfg.embed_dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg, slot=i) for i in range(cfg.layers))
@@ -265,7 +304,7 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.decoder = Decoder(cfg)
-        init_normal_(self, cfg.init_std)
+        init_parameters_(self, cfg)
 
     @property
     def num_attention_slots(self) -> int:

@@ -1,0 +1,250 @@
+"""The state-dict key schema of every model here (paper §2.1), as data: the name of every tensor
+and how it splits across model-parallel ranks. The one place these are written; the models'
+module names produce exactly these keys (``tests/test_models_keys.py``), and the checkpoint tools
+(readers, writers, ``checkpoints_tools.layout``), the fusion code and the metaseq host read them
+from here.
+
+Keys are metaseq's ``model_parallel_transformer_lm`` names (docs/METASEQ.md), so the ``model``
+dict of a metaseq checkpoint loads with ``strict=True``; JAM-Cross adds the names of the authors'
+prototype. A model is top-level tensors plus *containers* of repeated blocks, whose keys are
+``{container}.{i}.{name in the block}``:
+
+- parent decoder, JAM-Uniform, JAM-Width: ``decoder.version`` (a constant buffer),
+  ``decoder.embed_tokens.weight``, ``decoder.embed_positions.weight``, ``LAYERS`` x L
+  (``LAYER`` blocks), ``decoder.layer_norm.{weight,bias}``, ``decoder.output_projection.weight``
+  (tied to the embedding).
+- JAM-Cross: the same embedding, one position table per branch (``BRANCH_POSITIONS``), both
+  branches' ``LAYER`` blocks (``BRANCH_LAYERS``), the cross blocks (``CROSS_LAYERS``, ``CROSS``
+  blocks, one per direction after every ``cross_every``-th layer), ``FEATURE_PROJECTION``, the
+  final LayerNorm and the tied output projection.
+
+Biases exist only with ``cfg.bias``, LayerNorm weights and biases only with ``cfg.affine_ln``.
+
+Model-parallel rules (Megatron, as metaseq splits): ``replicated`` (every rank holds it),
+``vocab`` (rows split: vocab-parallel embedding and output projection), ``column`` (output rows
+split), ``row`` (input columns split, dim 1; the output is all-reduced, so its bias is whole), and
+``qkv`` (the fused [K; V; Q] projection: rank r holds [K_r; V_r; Q_r]). ``checkpoints_tools.layout``
+applies them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Literal, Union
+
+Rule = Literal["replicated", "vocab", "column", "row", "qkv"]
+RULES: tuple[Rule, ...] = ("replicated", "vocab", "column", "row", "qkv")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor: its key (top level) or its name inside a block, its model-parallel rule, and
+    the config flag it needs (``bias`` / ``affine_ln``; None: always present)."""
+
+    name: str
+    rule: Rule = "replicated"
+    needs: str | None = None
+
+
+def _linear(name: str, rule: Rule, bias_rule: Rule) -> tuple[Entry, Entry]:
+    return Entry(f"{name}.weight", rule), Entry(f"{name}.bias", bias_rule, "bias")
+
+
+def _norm(name: str) -> tuple[Entry, Entry]:
+    return Entry(f"{name}.weight", needs="affine_ln"), Entry(f"{name}.bias", needs="affine_ln")
+
+
+# ---- blocks (names inside one block; the models register them in this order) --------------------
+QKV = "self_attn.qkv_proj"
+"""The fused self-attention projection, (3E, E) rows in [K; V; Q] order (metaseq's)."""
+FC1, FC2 = "fc1", "fc2"
+"""The FFN's (F, E) and (E, F) projections, in decoder layers and cross blocks alike."""
+
+LAYER: tuple[Entry, ...] = (
+    *_linear(QKV, "qkv", "qkv"),
+    *_linear("self_attn.out_proj", "row", "replicated"),
+    *_norm("self_attn_layer_norm"),
+    *_linear(FC1, "column", "column"),
+    *_linear(FC2, "row", "replicated"),
+    *_norm("final_layer_norm"),
+)
+"""A decoder layer: fused self-attention, its LayerNorm, the FFN and its LayerNorm."""
+
+CROSS: tuple[Entry, ...] = (
+    *_linear("cross_attn.q_proj", "column", "column"),
+    *_linear("cross_attn.k_proj", "column", "column"),
+    *_linear("cross_attn.v_proj", "column", "column"),
+    *_linear("cross_attn.out_proj", "row", "replicated"),
+    *_norm("cross_attn_layer_norm"),
+    *_linear(FC1, "column", "column"),
+    *_linear(FC2, "row", "replicated"),
+    *_norm("final_layer_norm"),
+)
+"""A JAM-Cross cross block: cross-attention (separate q/k/v), its LayerNorm, its own FFN."""
+
+LEGACY_LAYER: tuple[Entry, ...] = (
+    *_linear("self_attn.q_proj", "column", "column"),
+    *_linear("self_attn.k_proj", "column", "column"),
+    *_linear("self_attn.v_proj", "column", "column"),
+)
+"""Unfused self-attention of older metaseq checkpoints (OPT's model-parallel parts): no model
+here has them, but resharding such files splits them."""
+
+CROSS_PRESERVE_ZEROS = ("cross_attn.out_proj.weight", "cross_attn.out_proj.bias", f"{FC2}.weight", f"{FC2}.bias")
+"""``cross_init="preserve"``: the cross-block tensors that start at zero, so a block starts as the
+identity (its residual branches add nothing) and each branch computes exactly its parent."""
+
+# ---- containers and top-level tensors -----------------------------------------------------------
+BRANCHES = ("llm", "cm3")
+"""JAM-Cross's two sides: the LLM branch and the image-text (CM3) branch."""
+
+LAYERS = "decoder.layers"
+BRANCH_LAYERS = {side: f"decoder.layers_{side}" for side in BRANCHES}
+CROSS_LAYERS = {side: f"decoder.x_attn_layers_{side}" for side in BRANCHES}
+"""``CROSS_LAYERS[side]``: queries from ``side``, keys and values from the other branch."""
+CONTAINERS = (LAYERS, *BRANCH_LAYERS.values(), *CROSS_LAYERS.values())
+
+VERSION = "decoder.version"
+VERSION_VALUE = 3.0
+"""The value of metaseq's ``decoder.version`` buffer."""
+EMBED = "decoder.embed_tokens.weight"
+POSITIONS = "decoder.embed_positions.weight"
+BRANCH_POSITIONS = {side: f"decoder.embed_positions_{side}.weight" for side in BRANCHES}
+FINAL_NORM = _norm("decoder.layer_norm")
+OUTPUT = "decoder.output_projection.weight"
+TIED = (EMBED, OUTPUT)
+"""(embedding, output projection): the same tensor in every model here."""
+FEATURE_PROJECTION = "decoder.feature_projection.weight"
+"""JAM-Cross: (E, 2E) on ``cat([x_cm3, x_llm])``; small next to the branches, so replicated."""
+
+TOP: dict[str, Entry] = {e.name: e for e in (
+    Entry(VERSION), Entry(EMBED, "vocab"), Entry(POSITIONS), *(Entry(p) for p in BRANCH_POSITIONS.values()),
+    Entry(FEATURE_PROJECTION), *FINAL_NORM, Entry(OUTPUT, "vocab"),
+)}
+"""Every top-level tensor of any model here."""
+
+_IN_BLOCK: dict[str, Entry] = {}
+for _e in LAYER + CROSS + LEGACY_LAYER:
+    if _IN_BLOCK.setdefault(_e.name, _e) != _e:  # fc1, fc2, final_layer_norm are in both blocks
+        raise AssertionError(f"{_e.name}: two rules in the key schema")
+_BLOCK_KEY = re.compile(r"^(" + "|".join(re.escape(c) for c in CONTAINERS) + r")\.(\d+)\.(.+)$")
+
+
+# ---- one model's keys ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Block:
+    """``count`` blocks of ``entries`` in ``container`` (keys ``{container}.{i}.{name}``)."""
+
+    container: str
+    entries: tuple[Entry, ...]
+    count: int
+
+
+Item = Union[Entry, Block]
+
+
+def structure(cfg) -> list[Item]:
+    """The tensors of the model ``cfg`` describes (``DecoderConfig`` / ``CrossConfig``), in
+    state-dict order."""
+    from .config import CrossConfig
+
+    if isinstance(cfg, CrossConfig):
+        p, n = cfg.parent, len(cfg.cross_after)
+        body: list[Item] = [TOP[BRANCH_POSITIONS[s]] for s in BRANCHES]
+        body += [Block(BRANCH_LAYERS[s], LAYER, p.layers) for s in BRANCHES]
+        body += [Block(CROSS_LAYERS[s], CROSS, n) for s in BRANCHES]
+        body += [TOP[FEATURE_PROJECTION]]
+    else:
+        p = cfg
+        body = [TOP[POSITIONS], Block(LAYERS, LAYER, p.layers)]
+    items = [TOP[VERSION], TOP[EMBED], *body, *FINAL_NORM, TOP[OUTPUT]]
+    have = {"bias": p.bias, "affine_ln": p.affine_ln}
+
+    def kept(e: Entry) -> bool:
+        return e.needs is None or have[e.needs]
+
+    return [Block(i.container, tuple(e for e in i.entries if kept(e)), i.count) if isinstance(i, Block) else i
+            for i in items if isinstance(i, Block) or kept(i)]
+
+
+def templates(cfg) -> list[tuple[str, Rule]]:
+    """(key template, rule) of every tensor of ``cfg``: block keys as
+    ``"decoder.layers.{i}.self_attn.qkv_proj.weight"``, in state-dict order."""
+    out: list[tuple[str, Rule]] = []
+    for item in structure(cfg):
+        if isinstance(item, Block):
+            out += [(f"{item.container}.{{i}}.{e.name}", e.rule) for e in item.entries]
+        else:
+            out.append((item.name, item.rule))
+    return out
+
+
+def state_keys(cfg) -> list[str]:
+    """Every state-dict key of the model ``cfg`` describes, in ``state_dict()`` order."""
+    out: list[str] = []
+    for item in structure(cfg):
+        if isinstance(item, Block):
+            out += [f"{item.container}.{i}.{e.name}" for i in range(item.count) for e in item.entries]
+        else:
+            out.append(item.name)
+    return out
+
+
+# ---- any key -------------------------------------------------------------------------------------
+def block_of(key: str) -> tuple[str, int, str] | None:
+    """``(container, index, name in the block)`` of a block's key; None for a top-level key."""
+    m = _BLOCK_KEY.match(key)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def rule_for(key: str) -> Rule:
+    """The model-parallel rule of a key; a key the schema does not know is replicated."""
+    b = block_of(key)
+    e = _IN_BLOCK.get(b[2]) if b else TOP.get(key)
+    return e.rule if e is not None else "replicated"
+
+
+def is_cross_new(key: str) -> bool:
+    """A JAM-Cross tensor no parent has (cross blocks and the feature projection): fusion starts
+    it fresh."""
+    b = block_of(key)
+    return key == FEATURE_PROJECTION or (b is not None and b[0] in CROSS_LAYERS.values())
+
+
+def branch_source(key: str) -> tuple[str, str] | None:
+    """JAM-Cross key -> (branch, the parent's key it is copied from) for branch layers and
+    position tables; None for any other key."""
+    b = block_of(key)
+    for side in BRANCHES:
+        if key == BRANCH_POSITIONS[side]:
+            return side, POSITIONS
+        if b is not None and b[0] == BRANCH_LAYERS[side]:
+            return side, f"{LAYERS}.{b[1]}.{b[2]}"
+    return None
+
+
+def block_indices(keys: Iterable[str], container: str) -> set[int]:
+    """The block indices of ``container`` among ``keys``."""
+    return {b[1] for b in map(block_of, keys) if b is not None and b[0] == container}
+
+
+Init = Literal["normal", "zeros", "ones", "eye_halves"]
+
+
+def init_rule(key: str, cfg) -> Init:
+    """How a fresh tensor ``key`` of the model ``cfg`` starts: ``zeros`` (biases), ``ones``
+    (LayerNorm weights), ``normal`` (N(0, init_std): matrices and embeddings); with JAM-Cross's
+    ``cross_init="preserve"`` the cross blocks' ``CROSS_PRESERVE_ZEROS`` are ``zeros`` and the
+    feature projection is ``eye_halves``, [I/2, I/2], so the new parts start as the identity."""
+    if key.endswith("bias"):
+        return "zeros"
+    if "layer_norm" in key:
+        return "ones"
+    if getattr(cfg, "cross_init", None) == "preserve" and is_cross_new(key):
+        if key == FEATURE_PROJECTION:
+            return "eye_halves"
+        b = block_of(key)
+        if b is not None and b[2] in CROSS_PRESERVE_ZEROS:
+            return "zeros"
+    return "normal"
