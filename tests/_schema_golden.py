@@ -29,11 +29,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "schema_golden.json"
 IMAGE_VOCAB = (64, 100)
-OPS = {
+OPS = {  # cross: recorded before per-block draws became the default; the per-block digests are in _ckpt_golden.py
     "merge": {},
     "widen-copy": {"init": "copy"},
-    "cross-paper": {"init": "paper", "seed": 7, "cross_every": 2},
-    "cross-preserve": {"init": "preserve", "seed": 7, "cross_every": 1},
+    "cross-paper": {"init": "paper", "seed": 7, "cross_every": 2, "init_seed_scheme": "per-tensor"},
+    "cross-preserve": {"init": "preserve", "seed": 7, "cross_every": 1, "init_seed_scheme": "per-tensor"},
 }
 LAYOUTS = {"mp1": {"mp": 1}, "mp2": {"mp": 2}, "mp2-fsdp2": {"mp": 2, "fsdp": 2}}
 RESHARDS = {"cross-preserve/mp2-fsdp2->mp1": ("cross-preserve", "mp2-fsdp2", "mp1"),
