@@ -28,7 +28,7 @@ verb=${1:-help}
 shift || true
 case "$verb" in
     setup) setup ;;
-    quickstart|demo) setup; exec "$VENV/bin/jam" "$verb" "$@" ;;
+    quickstart|demo|run) setup; exec "$VENV/bin/jam" "$verb" "$@" ;;
     test)
         setup
         # CI (CI=true) has time for the slow tests too (~8 min more); metaseq-only tests never run here.

@@ -16,6 +16,7 @@ CORE = [
     "psutil>=5.9",
     "matplotlib>=3.8",
     "pyyaml>=6",
+    "pydantic>=2.7,<3",  # the plan schema of `jam run` (field docstrings as descriptions)
 ]
 EXTRAS = {
     # fairscale: fairseq's --ddp-backend fully_sharded (the launchers' default on GPUs)
