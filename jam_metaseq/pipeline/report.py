@@ -69,8 +69,11 @@ def budget_label(tokens: int) -> str:
 
 
 def build_results(*, plan: PlanSpec, evals: dict[str, dict], parents: dict[str, dict],
-                  pretrain: dict[int, dict[str, dict]], instruct: dict[str, dict] | None = None) -> dict:
-    """The results document: one row per model (parents first), curves, the sweep, the tables."""
+                  pretrain: dict[int, dict[str, dict]], instruct: dict[str, dict] | None = None,
+                  data_tokens: dict[int, dict[str, int]] | None = None) -> dict:
+    """The results document: one row per model (parents first), curves, the sweep, the tables.
+    ``data_tokens``: budget -> source -> training tokens of that budget's continued pretraining
+    (the sweep then says how many epochs of each source a budget is)."""
     top = plan.budgets[-1]
     rows = []
     for r, label in PARENTS.items():
@@ -137,6 +140,10 @@ def build_results(*, plan: PlanSpec, evals: dict[str, dict], parents: dict[str, 
         sweep["variants"][key] = {"model": VARIANTS[key].label,
                                   "text_ppl": [_ppls(e)["text_ppl"] for e in pts],
                                   "caption_ppl": [_ppls(e)["caption_ppl"] for e in pts]}
+    if data_tokens:
+        w = plan.pretrain.mixture
+        sweep["epochs"] = {src: [round(b * w[src] / sum(w.values()) / data_tokens[b][src], 3)
+                                 if data_tokens[b].get(src) else None for b in plan.budgets] for src in w}
     results["sweep"] = sweep
     if len(plan.budgets) > 1:
         header = ["Model"] + [f"{budget_label(b)} text" for b in plan.budgets] + \
@@ -144,9 +151,12 @@ def build_results(*, plan: PlanSpec, evals: dict[str, dict], parents: dict[str, 
         srows = [[p["model"]] + [p["text_ppl"]] * len(plan.budgets) + [p["caption_ppl"]] * len(plan.budgets)
                  for p in sweep["parents"].values()]
         srows += [[s["model"], *s["text_ppl"], *s["caption_ppl"]] for s in sweep["variants"].values()]
+        note = "Parents: no continued pretraining (the same value in every column)."
+        if "epochs" in sweep:
+            note += " Epochs of the training data per budget: " + "; ".join(
+                f"{src} " + ", ".join(_fmt(e) for e in eps) for src, eps in sweep["epochs"].items()) + "."
         tables["sweep"] = {"title": "Budget sweep: validation PPL after continued pretraining on each budget (tokens)",
-                           "header": header, "rows": srows,
-                           "note": "Parents: no continued pretraining (the same value in every column)."}
+                           "header": header, "rows": srows, "note": note}
     allrows = [[r["model"], _size(r["params"]), r.get("start", {}).get("text_ppl"), r["text_ppl"],
                 r.get("start", {}).get("caption_ppl"), r["caption_ppl"]] for r in rows]
     tables["all"] = {"title": "All models: validation PPL at the start of continued pretraining (fused) and after",

@@ -207,28 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_for_cli(path: Path, *, overrides: Sequence[str], budgets: str | None,
-                 variants: Sequence[str] | None) -> tuple[PlanSpec, str, dict]:
-    """Read the plan with the command line's overrides applied as plan fields (so their errors name
-    the field too)."""
-    import yaml
+                  variants: Sequence[str] | None) -> tuple[PlanSpec, str, dict]:
+    """Read the plan with the command line's changes applied as plan fields (so that their errors
+    name the field too): ``--set`` assignments, ``--budgets`` (multiples of the plan's first budget),
+    ``--variants``."""
+    from jam_metaseq.pipeline.spec import read_plan_file
 
-    from jam_metaseq.pipeline.spec import _yaml_lines, load_plan
-
-    plan = load_plan(path, overrides=overrides)  # the file itself, every problem at once
+    data, lines = read_plan_file(path)
+    base = path.resolve().parent
+    if isinstance(data, dict):
+        for o in overrides:
+            apply_override(data, o)
+    plan = parse_plan(data, source=str(path), base_dir=base, lines=lines)
     if budgets is None and variants is None:
-        text = path.read_text(encoding="utf-8")
-        return plan, str(path), _yaml_lines(text)
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    for o in overrides:
-        apply_override(data, o)
+        return plan, str(path), lines
     if budgets is not None:
-        data.setdefault("pretrain", {})
-        data["pretrain"]["budget_tokens"] = parse_budgets(budgets, reference=plan.reference_budget)
+        data.setdefault("pretrain", {})["budget_tokens"] = parse_budgets(budgets, reference=plan.reference_budget)
     if variants is not None:
         data["variants"] = list(variants)
-    text = path.read_text(encoding="utf-8")
-    return parse_plan(data, source=str(path), base_dir=path.resolve().parent, lines=_yaml_lines(text)), \
-        str(path), _yaml_lines(text)
+    return parse_plan(data, source=str(path), base_dir=base, lines=lines), str(path), lines
 
 
 def print_outputs(out: dict) -> None:

@@ -687,8 +687,8 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def load_plan(path: str | Path, *, overrides: Sequence[str] = ()) -> PlanSpec:
-    """Read, validate and resolve a plan file (YAML); ``overrides``: ``FIELD=VALUE`` assignments."""
+def read_plan_file(path: str | Path) -> tuple[Any, dict[tuple, int]]:
+    """A plan file's parsed YAML (``{}`` when empty) and the line of every field."""
     path = Path(path)
     if path.is_dir():
         raise PlanError(["is a directory, expected a plan YAML file"], source=str(path))
@@ -705,13 +705,16 @@ def load_plan(path: str | Path, *, overrides: Sequence[str] = ()) -> PlanSpec:
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise PlanError([f"{where}not valid YAML ({problem})"], source=str(path)) from None
-    if data is None:
-        data = {}
-    lines = _yaml_lines(text)
+    return ({} if data is None else data), _yaml_lines(text)
+
+
+def load_plan(path: str | Path, *, overrides: Sequence[str] = ()) -> PlanSpec:
+    """Read, validate and resolve a plan file (YAML); ``overrides``: ``FIELD=VALUE`` assignments."""
+    data, lines = read_plan_file(path)
     if isinstance(data, dict):
         for o in overrides:
             apply_override(data, o)
-    return parse_plan(data, source=str(path), base_dir=path.resolve().parent, lines=lines)
+    return parse_plan(data, source=str(path), base_dir=Path(path).resolve().parent, lines=lines)
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -813,5 +816,5 @@ __all__ = [
     "InstructSpec", "OptimSpec", "PAPER_CROSS", "PARENTS", "ParentSpec", "ParentTrainSpec", "ParentsSpec",
     "PlanError", "PlanSpec", "PretrainSpec", "RunSpec", "SOURCES", "ShapeSpec", "SlurmSpec", "TextTokenizerSpec",
     "VARIANTS", "Variant", "apply_override", "field_name", "load_plan", "parse_plan", "plan_dict", "plan_yaml",
-    "quickstart_plan", "resolve_paths",
+    "quickstart_plan", "read_plan_file", "resolve_paths",
 ]

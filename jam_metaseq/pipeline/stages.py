@@ -743,8 +743,13 @@ def stage_report(ctx: Context) -> dict:
                                                                               "instruct/")))
 
     def build(tmp: Path) -> dict:
+        data_tokens = {}
+        for b in ctx.plan.budgets:
+            stats = (ctx.markers["bin"].get(b) or ctx.markers["bin"][None]).get("stats", {})
+            data_tokens[b] = {src: stats.get(f"train.{src}", {}).get("num_tokens") for src in KINDS}
         results = rp.build_results(plan=ctx.plan, evals=ctx.markers["eval"], parents=ctx.markers["parents"],
-                                   pretrain=ctx.markers["pretrain"], instruct=ctx.markers.get("instruct"))
+                                   pretrain=ctx.markers["pretrain"], instruct=ctx.markers.get("instruct"),
+                                   data_tokens=data_tokens)
         write_json(tmp / "results.json", results)
         (tmp / "tables.txt").write_text(rp.render_tables(results) + "\n")
         rp.plot_curves(results, tmp / "curves.png")
@@ -791,8 +796,17 @@ def stage_generate(ctx: Context) -> dict | None:
         from jam_metaseq.generation.sampling import SamplingConfig
         from jam_metaseq.vocab import VocabManifest
 
+        from jam_metaseq.data.tokenizers import load_text_tokenizer
+
         paths = tokenizer_paths(ctx)
         vocab = VocabManifest.load(paths["vocab"])
+        positions = parent_config(ctx).max_positions
+        tok = load_text_tokenizer(vocab.text_tokenizer)
+        for text in g.prompts:
+            n = len(tok.encode(text)) + 1
+            if n + vocab.image_tokens_per_image + 2 > positions:
+                log(f"generate: no room for an image after {text!r}: {n} prompt tokens + "
+                    f"{vocab.image_tokens_per_image + 2} image tokens > the model's {positions} positions")
         sampling = SamplingConfig(temperature=g.temperature, top_p=g.top_p)
         gen = GenerationConfig(max_new_tokens=vocab.image_tokens_per_image + g.max_text_tokens, min_images=1,
                                max_images=1, guidance_scale=g.guidance_scale, seed=plan.seed, text=sampling,

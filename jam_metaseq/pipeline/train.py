@@ -115,11 +115,11 @@ def host_command(job: TrainJob, *, plan: PlanSpec, gpus: int, slurm: SlurmSpec |
     if gpus == 0:
         extra.append("--cpu")
     if slurm is None:
-        # one process on this machine: no SLURM rendez-vous even inside an allocation, and the
-        # plain DDP backend (fairscale's FSDP needs a GPU process group)
+        # one process on this machine: no SLURM rendez-vous, even inside an allocation
         extra += ["--distributed-port", "-1"]
-        if plan.host == "fairseq":
-            extra += ["--ddp-backend", "legacy_ddp"]
+    if plan.host == "fairseq" and (slurm is None or gpus == 0):
+        # the plain DDP backend: fairscale's FSDP needs a GPU process group
+        extra += ["--ddp-backend", "legacy_ddp"]
     cfg = LaunchConfig(
         stage="plan", host=plan.host, data=str(job.data), save_dir=str(job.save_dir), arch=job.arch,
         restore_file=str(job.restore) if job.restore is not None else None, user_dir=str(pkg), gpus=replicas,
@@ -295,7 +295,7 @@ class SubmititPlacement:
     def _executor(self, *, tasks: int, gpus: int, name: str) -> Any:
         import submitit
 
-        ex = submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster=self.slurm.cluster)
+        ex = submitit.AutoExecutor(folder=str(self.folder), cluster=self.slurm.cluster)
         nodes = max(1, -(-gpus // self.slurm.gpus_per_node)) if gpus else 1
         params: dict[str, Any] = {"timeout_min": self.slurm.time_hours * 60, "nodes": nodes,
                                   "tasks_per_node": max(1, tasks // nodes), "gpus_per_node": min(gpus, self.slurm.gpus_per_node),
@@ -321,8 +321,9 @@ class SubmititPlacement:
         try:
             return job.results()[0]
         except Exception as e:  # noqa: BLE001 - submitit wraps the job's failure in its own error
-            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-            raise PipelineError(f"job {job.job_id} failed: {first} (logs: {self.folder / str(job.job_id)})") from None
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            cause = lines[-1] if lines else type(e).__name__  # the job's own exception closes the trace
+            raise PipelineError(f"job {job.job_id} failed: {cause} (logs: {self.folder})") from None
 
     def train(self, cmd: list[str], *, log_path: Path, desc: str, updates: int) -> None:
         env = subprocess_env(device=self.device if self.gpus else "cpu", threads=0)
