@@ -66,7 +66,7 @@ verb=${1:-help}
 shift || true
 case "$verb" in
     setup) setup ;;
-    quickstart|demo) setup; exec "$VENV/bin/jam" "$verb" "$@" ;;
+    quickstart|demo|run) setup; exec "$VENV/bin/jam" "$verb" "$@" ;;
     test)
         setup
         all=$#

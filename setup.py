@@ -17,6 +17,7 @@ CORE = [
     "matplotlib>=3.8",
     "pyyaml>=6",
     "isal>=1.6,<2",  # CRC-32 of jam-ckpt's .pt zip records at ~3x zlib's speed (falls back to zlib)
+    "pydantic>=2.7,<3",  # the plan schema of `jam run` (field docstrings as descriptions)
 ]
 EXTRAS = {
     # fairscale: fairseq's --ddp-backend fully_sharded (the launchers' default on GPUs)

@@ -1,5 +1,6 @@
 """``jam``: the umbrella command. ``jam demo`` fuses two tiny random parents three ways (paper §2.1);
-``jam quickstart`` runs the whole pipeline in miniature."""
+``jam run PLAN.yaml`` runs the whole pipeline declared in a plan; ``jam quickstart`` runs the
+built-in plan (the pipeline in miniature)."""
 
 from __future__ import annotations
 
@@ -77,12 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="verb", required=True)
     p_demo = sub.add_parser("demo", help="fuse two tiny random parents three ways and print a table")
     p_demo.add_argument("--seed", type=int, default=0, help="random seed for the parents (default 0)")
-    sub.add_parser("quickstart", help="the JAM pipeline in miniature (see README)", add_help=False)
+    sub.add_parser("run", help="the JAM pipeline declared in a plan (YAML): jam run PLAN.yaml", add_help=False)
+    sub.add_parser("quickstart", help="the JAM pipeline in miniature: jam run on the built-in plan", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.verb == "quickstart":
         from .quickstart import main as quickstart_main
 
         return quickstart_main(rest)
+    if args.verb == "run":
+        from .pipeline.run import main as run_main
+
+        return run_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return run_cli("jam demo", lambda: _print_demo(seed=args.seed))

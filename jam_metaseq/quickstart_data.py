@@ -9,6 +9,8 @@ Two procedural sources stand in for the paper's two kinds of continued-pretraini
   caption first, then the image; a fraction add a sentence after the image ("the circle is red."),
   so the model also sees text after an image (what an interleaved answer needs). Validation
   documents are caption + image only: their perplexity is the miniature "MS-COCO PPL".
+- **instruction documents** (the LIMA / wikiHow role, optional): "draw a red circle on a white
+  background." answered by a sentence, the picture and a follow-up sentence.
 - **a text corpus** (the Wikipedia / CommonCrawl role): short documents of templated sentences on
   other topics (towns, trades, weather, animals, numbers) with consistent associations (a baker
   bakes bread, a fisher catches fish), so a language model can learn something in a few hundred
@@ -21,7 +23,9 @@ Public API::
 
     text_documents(n, *, seed) -> list[dict]             # {"segments": [{"text": str}]}
     caption_samples(n, *, size, seed, follow_up=0.3) -> list[CaptionSample]
-    caption_document(*, caption, codes, follow_up=None) -> dict   # segments with image_tokens
+    caption_document(*, caption, codes=None | image=None, follow_up=None) -> dict
+    instruct_samples(n, *, size, seed) -> list[CaptionSample]   # prompt in .caption
+    instruct_document(sample, *, image) -> dict          # {"prompt", "response": [text, image, text]}
     write_jsonl(path, docs)                              # atomic
 """
 
@@ -127,13 +131,43 @@ def caption_samples(n: int, *, size: int, seed: int, follow_up: float = 0.3,
     return out
 
 
-def caption_document(*, caption: str, codes: np.ndarray | Sequence[int], follow_up: str | None = None) -> dict:
-    """The JSONL document: ``caption``, the image as ``codes`` (any shape, flattened row-major),
-    then ``follow_up`` when given."""
-    segs: list[dict] = [{"text": caption}, {"image_tokens": [int(c) for c in np.asarray(codes).reshape(-1)]}]
+def caption_document(*, caption: str, codes: np.ndarray | Sequence[int] | None = None, image: str | None = None,
+                     follow_up: str | None = None) -> dict:
+    """The JSONL document: ``caption``, the image as ``codes`` (any shape, flattened row-major) or as
+    an ``image`` file path (relative to the JSONL file's folder), then ``follow_up`` when given."""
+    if (codes is None) == (image is None):
+        raise ValueError("give the image as codes or as a file path, not both or neither")
+    seg = {"image": image} if image is not None else {"image_tokens": [int(c) for c in np.asarray(codes).reshape(-1)]}
+    segs: list[dict] = [{"text": caption}, seg]
     if follow_up:
         segs.append({"text": follow_up})
     return {"segments": segs}
+
+
+INSTRUCT_TEMPLATES = ("draw a {colour} {shape} on a {background} background.",
+                      "show me a {colour} {shape} on a {background} background.",
+                      "can you paint a {colour} {shape}? the background should be {background}.")
+
+
+def instruct_samples(n: int, *, size: int, seed: int) -> list[CaptionSample]:
+    """``n`` instruction samples: the request in ``caption``, the answer's closing sentence in
+    ``follow_up`` (always given)."""
+    rng = np.random.default_rng([seed, 0x1257])
+    out = []
+    for s in shape_samples(n, size=size, seed=int(rng.integers(2**31))):
+        tpl = INSTRUCT_TEMPLATES[int(rng.integers(len(INSTRUCT_TEMPLATES)))]
+        out.append(CaptionSample(image=s.image, caption=tpl.format(colour=s.colour, shape=s.shape,
+                                                                   background=s.background),
+                                 follow_up=f"the {s.shape} is {s.colour} and the background is {s.background}.",
+                                 shape=s.shape, colour=s.colour, background=s.background))
+    return out
+
+
+def instruct_document(sample: CaptionSample, *, image: str) -> dict:
+    """``{"prompt": request, "response": [sentence, image, follow-up]}`` (loss on the response only)."""
+    return {"prompt": sample.caption + "\n\n",
+            "response": [{"text": f"here is a {sample.colour} {sample.shape}."}, {"image": image},
+                         {"text": sample.follow_up}]}
 
 
 def write_jsonl(path: str | os.PathLike, docs: Iterable[dict]) -> Path:
@@ -153,6 +187,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 __all__ = [
-    "CAPTION_TEMPLATES", "CaptionSample", "caption_document", "caption_samples", "read_jsonl",
-    "text_documents", "write_jsonl",
+    "CAPTION_TEMPLATES", "CaptionSample", "INSTRUCT_TEMPLATES", "caption_document", "caption_samples",
+    "instruct_document", "instruct_samples", "read_jsonl", "text_documents", "write_jsonl",
 ]

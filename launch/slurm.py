@@ -155,7 +155,8 @@ def train_command(cfg: LaunchConfig, recipe: StageRecipe, *, cross_every: int | 
         cmd += ["--save-interval-epochs" if cfg.host == "metaseq" else "--save-interval", "1",
                 "--keep-last-epochs", "-1"]
     else:
-        cmd += ["--keep-last-updates", "2"]
+        # the same setting under each host's name (fairseq kept the older one)
+        cmd += ["--keep-last-updates" if cfg.host == "metaseq" else "--keep-interval-updates", "2"]
     cmd += ["--ddp-backend", "fully_sharded", "--distributed-world-size", str(gpus),
             "--distributed-port", str(cfg.port), "--seed", str(cfg.seed),
             "--log-format", "json", "--log-interval", "10"]

@@ -1,5 +1,6 @@
-"""``jam quickstart`` (issue 9 items 2 and 4): the miniature JAM pipeline runs end to end through the
-real fairseq host and jam-ckpt, writes every artefact, and a re-run skips finished stages.
+"""``jam quickstart`` (issue 9 items 2 and 4; issue 16: it is ``jam run`` on the built-in plan): the
+miniature JAM pipeline runs end to end through the real fairseq host and jam-ckpt, writes every
+artefact, and a re-run skips finished stages.
 
 The end-to-end runs use ``--steps 0.02`` (a handful of updates per stage): they check plumbing and
 artefacts, not model quality. The default suite trains one JAM variant; the slow test trains all 11.
@@ -20,6 +21,10 @@ import pytest
 from jam_metaseq import quickstart as qs
 from jam_metaseq import quickstart_data as qd
 from jam_metaseq.cli import main as jam_main
+from jam_metaseq.pipeline import report as rp
+from jam_metaseq.pipeline.spec import VARIANTS, ShapeSpec, quickstart_plan
+from jam_metaseq.pipeline.train import parse_log
+from jam_metaseq.pipeline.units import Pipeline, PipelineError, RunOptions
 
 pytest.importorskip("fairseq")
 
@@ -78,6 +83,27 @@ def test_caption_document_tokenizes_as_caption_then_image():
     assert list(tokens[n + 1 : n + 65]) == [vocab.image_start + c for c in range(64)]
     assert tokens[-1] == vocab.eos and mask.all()
     assert len(tokens) == n + 66 + len("it is red.") + 1
+    assert qd.caption_document(caption="x", image="a.png") == {"segments": [{"text": "x"}, {"image": "a.png"}]}
+    with pytest.raises(ValueError):
+        qd.caption_document(caption="x", image="a.png", codes=codes)
+
+
+def test_instruct_documents_ask_for_what_they_show(tmp_path):
+    from jam_metaseq.data.documents import tokenize_document
+    from jam_metaseq.data.tokenizers import ByteTokenizer
+    from jam_metaseq.vocab import VocabManifest
+
+    samples = qd.instruct_samples(6, size=32, seed=2)
+    assert [s.caption for s in samples] == [s.caption for s in qd.instruct_samples(6, size=32, seed=2)]
+    vocab = VocabManifest(text_size=256, image_codes=64, num_sentinels=4, image_tokens_per_image=64,
+                          image_grid=(8, 8))
+    for s in samples:
+        assert s.colour in s.caption and s.shape in s.caption and s.background in s.caption
+        doc = qd.instruct_document(s, image="x.png")
+        doc["response"][1] = {"image_tokens": [0] * 64}
+        tokens, mask = tokenize_document(doc, vocab=vocab, text_tokenizer=ByteTokenizer())
+        n_prompt = len(doc["prompt"].encode())
+        assert not mask[:n_prompt].any() and mask[n_prompt:].all()  # the loss falls on the answer only
 
 
 def test_write_jsonl_round_trip(tmp_path):
@@ -87,23 +113,25 @@ def test_write_jsonl_round_trip(tmp_path):
     assert not list(tmp_path.glob("a/*.tmp"))
 
 
-# ---- plan, variants, logs --------------------------------------------------------------------------
-def test_plan_scales_training_and_width():
-    base, short, wide = qs.plan_for(), qs.plan_for(steps=0.1), qs.plan_for(scale=2)
-    assert short.parent_updates == round(base.parent_updates * 0.1)
-    assert short.variant_updates == round(base.variant_updates * 0.1)
-    assert short.embed_dim == base.embed_dim
-    assert wide.embed_dim == 2 * base.embed_dim and wide.train_images == 2 * base.train_images
-    assert wide.embed_dim % wide.heads == 0
-    assert qs.plan_for(steps=1e-6).variant_updates >= 2  # never zero updates
+# ---- the built-in plan, variants, logs -------------------------------------------------------------
+def test_builtin_plan_scales_training_and_width():
+    base, short, wide = quickstart_plan(), quickstart_plan(steps=0.1), quickstart_plan(scale=2)
+    tpu = base.pretrain.batch_size * base.data.tokens_per_sample
+    assert base.budgets == [150 * tpu] and base.parents.train.budget_tokens == 500 * tpu
+    assert short.budgets == [15 * tpu] and short.parents.train.budget_tokens == 50 * tpu
+    assert short.data.image_tokenizer.steps == 60 and short.model.embed_dim == base.model.embed_dim
+    assert wide.model.embed_dim == 2 * base.model.embed_dim
+    assert wide.data.builtin.train_images == 2 * base.data.builtin.train_images
+    assert wide.model.embed_dim % wide.model.heads == 0
+    assert quickstart_plan(steps=1e-6).budgets == [2 * tpu]  # never zero updates
     with pytest.raises(ValueError, match="--scale"):
-        qs.plan_for(scale=0)
+        quickstart_plan(scale=0)
     with pytest.raises(ValueError, match="--steps"):
-        qs.plan_for(steps=0)
+        quickstart_plan(steps=0)
 
 
 def test_variants_cover_the_paper_ablations():
-    v = qs.VARIANTS
+    v = VARIANTS
     assert len(v) == 11
     assert {x.init for x in v.values() if x.family == "jam_width"} == {"copy", "average"}
     cross = {(x.cross_every, x.init) for x in v.values() if x.family == "jam_cross"}
@@ -111,23 +139,39 @@ def test_variants_cover_the_paper_ablations():
     # with 4 layers per parent the four frequencies give different cross-block sets
     from jam_metaseq.models.config import DecoderConfig, cross_of
 
-    parent = DecoderConfig(vocab_size=64, embed_dim=8, ffn_dim=16, layers=qs.Plan().layers, heads=2)
+    parent = DecoderConfig(vocab_size=64, embed_dim=8, ffn_dim=16, layers=ShapeSpec().layers, heads=2)
     sets = {tuple(cross_of(parent, k).cross_after) for k in (0, 1, 2, 4)}
     assert len(sets) == 4
 
 
 def test_parse_fairseq_log_lines():
     line = ('2024-01-01 00:00:00 | INFO | train_inner | {"epoch": 1, "loss": "8.4", "num_updates": "5"}')
-    assert qs.parse_fairseq_log(line) == ("train_inner", {"epoch": 1, "loss": "8.4", "num_updates": "5"})
+    assert parse_log(line) == ("train_inner", {"epoch": 1, "loss": "8.4", "num_updates": "5"})
     line = ('2024-01-01 00:00:00 | INFO | valid | {"epoch": 1, "valid_text_ppl": "12.5", "valid_num_updates": "10"}')
-    assert qs.parse_fairseq_log(line)[0] == "valid"
-    assert qs.parse_fairseq_log("2024 | INFO | fairseq_cli.train | model jam_cross") is None
-    assert qs.parse_fairseq_log("x | train | {not json") is None
+    assert parse_log(line)[0] == "valid"
+    assert parse_log("2024 | INFO | fairseq_cli.train | model jam_cross") is None
+    assert parse_log("x | train | {not json") is None
+    assert parse_log("x | valid | [1, 2]") is None
+
+
+def test_read_curve_keeps_the_last_record_of_an_update(tmp_path):
+    from jam_metaseq.pipeline.train import read_curve
+
+    log = tmp_path / "train.log"
+    log.write_text("\n".join([
+        'a | train_inner | {"loss": "5.0", "num_updates": "1"}',
+        'a | valid | {"valid_ppl": "9.0", "valid_text_ppl": "8.0", "valid_num_updates": "2"}',
+        "a resumed attempt",
+        'a | valid | {"valid_ppl": "7.0", "valid_num_updates": "2"}',
+        'a | valid | {"valid_ppl": "6.0", "valid_image_ppl": "3.0", "valid_num_updates": "4"}',
+        'a | train_inner | {"loss": "4.5", "num_updates": "4"}']))
+    curve, last = read_curve(log)
+    assert curve == [{"update": 2, "ppl": 7.0}, {"update": 4, "ppl": 6.0, "image_ppl": 3.0}] and last == 4.5
 
 
 # ---- the unit runner ---------------------------------------------------------------------------------
-def _pipeline(tmp_path: Path, **kw) -> qs.Pipeline:
-    return qs.Pipeline(qs.QuickstartConfig(out=tmp_path, progress=False, **kw))
+def _pipeline(tmp_path: Path, jobs: int = 1, **kw) -> Pipeline:
+    return Pipeline(RunOptions(out=tmp_path, progress=False, **kw), jobs=jobs)
 
 
 def test_unit_skips_finished_reruns_changed_and_forced(tmp_path):
@@ -152,6 +196,30 @@ def test_unit_skips_finished_reruns_changed_and_forced(tmp_path):
     p.unit("data", "data", {"a": 2}, build)  # once per invocation, also with --force
     assert len(calls) == 3 and p.skipped == ["data"]
     assert not [x for x in tmp_path.iterdir() if x.name.startswith(".")]  # no temp dirs left
+
+
+def test_resumable_unit_keeps_its_work_after_an_interruption(tmp_path):
+    calls = []
+
+    def build(tmp: Path) -> dict:
+        calls.append(sorted(f.name for f in tmp.iterdir()))
+        (tmp / "checkpoint_last.pt").write_text("half")
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        _pipeline(tmp_path).unit("pretrain", "pretrain/x", {"a": 1}, build, resumable=True)
+    _pipeline(tmp_path).unit("pretrain", "pretrain/x", {"a": 1}, build, resumable=True)
+    assert calls == [[".unit_key"], [".unit_key", "checkpoint_last.pt"]]  # the second attempt found the first's
+    assert not (tmp_path / "pretrain" / "x" / ".unit_key").exists()
+    # another key starts afresh; a unit that is not resumable always does
+    _pipeline(tmp_path).unit("pretrain", "pretrain/y", {"a": 1}, lambda t: (t / "f").write_text("x") and None)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        _pipeline(tmp_path).unit("pretrain", "pretrain/z", {"a": 1}, build, resumable=True)
+    _pipeline(tmp_path).unit("pretrain", "pretrain/z", {"a": 2}, build, resumable=True)
+    assert calls == [[".unit_key"], [".unit_key"]]
 
 
 def test_units_run_in_parallel_and_keep_order(tmp_path):
@@ -187,29 +255,32 @@ def test_failed_unit_keeps_previous_output(tmp_path):
 
 def test_unselected_stage_must_be_finished(tmp_path):
     p = _pipeline(tmp_path, stages=("fuse",))
-    with pytest.raises(qs.QuickstartError, match=r"stage 'parents' output is not run yet"):
+    with pytest.raises(PipelineError, match=r"stage 'parents' output is not run yet"):
         p.unit("parents", "parents/llm", {}, lambda t: {})
 
 
 # ---- tables and the choice of the generating model ---------------------------------------------------
-def _fake_evals(keys):
+def _fake_evals(keys, tag):
     out = {}
-    for i, k in enumerate(["parent_llm", "parent_img"] + [f"start_{k}" for k in keys] + list(keys)):
-        out[k] = {"params": 1000 * (i + 1), "text": {"ppl": 10.0 + i, "image_ppl": float("nan")},
-                  "caption": {"ppl": 20.0 + i, "image_ppl": 5.0}}
+    names = ["parent_llm", "parent_img"] + [f"start/{k}" for k in keys] + [f"{tag}/{k}" for k in keys]
+    for i, k in enumerate(names):
+        out[k] = {"params": 1000 * (i + 1), "sets": {
+            "text": {"valid": {"ppl": 10.0 + i, "text_ppl": 10.0 + i, "image_ppl": float("nan"), "tokens": 3}},
+            "caption": {"valid": {"ppl": 20.0 + i, "text_ppl": 9.0, "image_ppl": 5.0, "tokens": 3}}}}
     return out
 
 
 def test_results_tables_and_best_cross(tmp_path):
-    keys = tuple(qs.VARIANTS)
-    p = _pipeline(tmp_path, variants=keys)
-    evals = _fake_evals(keys)
-    evals["cross4_preserve"]["text"]["ppl"] = 2.0  # the best JAM-Cross by geometric mean
-    evals["uniform"]["text"]["ppl"] = 1.0  # better still, but not a JAM-Cross
-    evals["uniform"]["caption"]["ppl"] = 1.0
+    keys = tuple(VARIANTS)
+    plan = quickstart_plan()
+    tag = rp.budget_label(plan.budgets[0])
+    evals = _fake_evals(keys, tag)
+    evals[f"{tag}/cross4_preserve"]["sets"]["text"]["valid"]["ppl"] = 2.0  # the best JAM-Cross by geometric mean
+    evals[f"{tag}/uniform"]["sets"]["text"]["valid"]["ppl"] = 1.0  # better still, but not a JAM-Cross
+    evals[f"{tag}/uniform"]["sets"]["caption"]["valid"]["ppl"] = 1.0
     curve = {"curve": [{"update": 1, "text_ppl": 3.0, "image_ppl": 4.0}], "updates": 1, "token_budget": 8}
-    plan = qs.plan_for()
-    res = qs.build_results(p, plan, evals, {r: curve for r in qs.PARENTS}, {k: curve for k in keys})
+    res = rp.build_results(plan=plan, evals=evals, parents={"llm": curve, "img": curve},
+                           pretrain={plan.budgets[0]: {k: curve for k in keys}})
     assert [r["key"] for r in res["rows"]] == ["parent_llm", "parent_img", *keys]
     t = res["tables"]
     assert [r[0] for r in t["table1"]["rows"]] == ["LLM parent (text)", "JAM-Uniform", "JAM-Width (copy)",
@@ -218,12 +289,13 @@ def test_results_tables_and_best_cross(tmp_path):
     assert [r[0] for r in t["table3"]["rows"]] == ["Copy", "Average"]
     assert [(r[0], r[1]) for r in t["table4"]["rows"]] == [(c, i) for i in ("paper", "preserve")
                                                            for c in ("X", "1", "2", "4")]
-    assert "zero-shot" in t["table1"]["note"]
-    assert qs.best_cross(res)["key"] == "cross4_preserve"
-    text = qs.render_tables(res)
+    assert "zero-shot" in t["table1"]["note"] and "sweep" not in t  # one budget: no sweep table
+    assert rp.best_model(res)["key"] == "cross4_preserve"
+    assert rp.best_model(res, choice="uniform")["key"] == "uniform"
+    text = rp.render_tables(res)
     for title in ("Table 1", "Table 2", "Table 3", "Table 4"):
         assert title in text
-    qs.plot_curves(res, tmp_path / "c.png")
+    rp.plot_curves(res, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(res)  # serialisable
 
@@ -235,7 +307,7 @@ def test_help_explains_every_flag(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--out", "--steps", "--scale", "--device", "--seed", "--stages", "--variants", "--force",
-                 "--jobs", "--threads", "--prompt", "--no-progress"):
+                 "--jobs", "--threads", "--prompt", "--no-progress", "--dry-run", "--print-plan"):
         assert flag in out
 
 
@@ -270,7 +342,7 @@ def _check_artefacts(out: Path, variants: list[str], stdout: str) -> dict:
     for role in ("llm", "img"):
         assert (out / "parents" / role / "checkpoint_last.pt").is_file()
     for v in variants:
-        assert (out / "pretrain" / v / "checkpoint_last.pt").is_file()
+        assert (out / "pretrain" / rp.budget_label(res["budget"]) / v / "checkpoint_last.pt").is_file()
         assert len(list((out / "fused" / v / "ckpt").glob("*.pt"))) == 1
     return res
 
@@ -300,11 +372,17 @@ def test_quickstart_one_variant_end_to_end_and_resume(tmp_path, capsys):
     after = _mtimes(out)
     changed = {Path(p).relative_to(out).parts[0] for p in after if after[p] != before.get(p)}
     assert changed == {"report"}
+    # the printed plan, run by `jam run`, is the same pipeline: everything is done already
+    assert jam_main(["quickstart", "--print-plan", "--variants", ",".join(variants), *FAST]) == 0
+    plan = out.parent / "plan.yaml"
+    plan.write_text(capsys.readouterr().out)
+    assert jam_main(["run", str(plan), "--out", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().out == stdout and _mtimes(out) == after
 
 
 @pytest.mark.slow
 def test_quickstart_all_variants_end_to_end(tmp_path, capsys):
-    out, variants = tmp_path / "qs", list(qs.VARIANTS)
+    out, variants = tmp_path / "qs", list(VARIANTS)
     stdout = _run(out, variants, capsys)
     res = _check_artefacts(out, variants, stdout)
     for n in ("Table 3", "Table 4"):

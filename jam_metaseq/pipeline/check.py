@@ -1,0 +1,239 @@
+"""Checks of a plan against the files and checkpoints it names, before any work (``jam run``).
+
+Structural rules (types, ranges, unknown fields) are the schema's (``pipeline.spec``); this module
+looks at the world: every named file exists (and the first documents of each JSONL file parse),
+the parents are decoders of one shape that matches the plan's ``model``, cover the sequence length
+and fit the vocabulary, every budget is a whole number of updates, the host and placement can run
+(metaseq needs GPUs; SLURM needs submitit). All problems are reported at once, each naming its
+field (and its line in the plan file). Checkpoints are opened lazily: no tensor data is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from jam_metaseq.pipeline.spec import PARENTS, OptimSpec, PlanError, PlanSpec, ShapeSpec
+
+SHAPE_FIELDS = ("embed_dim", "ffn_dim", "layers", "heads", "activation", "bias", "affine_ln")
+DOCS_CHECKED = 20
+"""Documents of each JSONL file parsed up front (binarization checks the rest, naming file:line)."""
+
+
+class _Problems:
+    def __init__(self, lines: Mapping[tuple, int]) -> None:
+        self.lines = lines
+        self.items: list[str] = []
+
+    def add(self, loc: tuple, msg: str) -> None:
+        from jam_metaseq.pipeline.spec import _where, field_name
+
+        self.items.append(f"{_where(loc, self.lines)}{field_name(loc)}: {msg}")
+
+
+def _loc(dotted: str) -> tuple:
+    out: list[Any] = []
+    for part in dotted.split("."):
+        name, _, idx = part.partition("[")
+        out.append(name)
+        if idx:
+            out.append(int(idx.rstrip("]")))
+    return tuple(out)
+
+
+def _check_jsonl(path: Path, loc: tuple, probs: _Problems) -> None:
+    from jam_metaseq.data.documents import SEGMENT_KEYS, DocumentError, document_parts, parse_jsonl_line
+
+    if not path.is_file():
+        probs.add(loc, f"no such file: {path}" if not path.exists() else f"not a file: {path}")
+        return
+    seen = 0
+    try:
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                seen += 1
+                try:
+                    prompt, segs = document_parts(parse_jsonl_line(line))
+                    for i, s in enumerate((prompt or []) + segs):
+                        if not isinstance(s, dict) or len(s) != 1 or next(iter(s)) not in SEGMENT_KEYS:
+                            raise DocumentError(f"segment {i}: expected exactly one of {list(SEGMENT_KEYS)}",
+                                                reason="bad_segment")
+                        if "image" in s and isinstance(s["image"], str) and not (path.parent / s["image"]).is_file():
+                            raise DocumentError(f"segment {i}: image file not found: {path.parent / s['image']}",
+                                                reason="image_missing")
+                except DocumentError as e:
+                    probs.add(loc, f"{path}:{lineno}: {e.detail}")
+                    return
+                if seen >= DOCS_CHECKED:
+                    break
+    except OSError as e:
+        probs.add(loc, f"{path}: {e.strerror or e}")
+        return
+    if seen == 0:
+        probs.add(loc, f"{path}: no documents (the file is empty)")
+
+
+def _check_budget(tokens: int, optim: OptimSpec, tps: int, loc: tuple, probs: _Problems) -> None:
+    per = optim.batch_size * tps
+    if tokens % per:
+        lo, hi = (tokens // per) * per, (tokens // per + 1) * per
+        near = f"{lo:,} or {hi:,}" if lo else f"{hi:,}"
+        probs.add(loc, f"{tokens:,} tokens is not a whole number of updates of {optim.batch_size} x {tps} = "
+                       f"{per:,} tokens (batch_size x data.tokens_per_sample); nearest: {near}")
+
+
+def _parent_configs(plan: PlanSpec, probs: _Problems) -> dict[str, Any]:
+    from checkpoints_tools.readers import open_checkpoint
+    from jam_metaseq.models.config import CrossConfig
+
+    out = {}
+    for role in PARENTS:
+        spec = getattr(plan.parents, role)
+        if spec.trained:
+            continue
+        loc = ("parents", role, "checkpoint")
+        try:
+            r = open_checkpoint(spec.checkpoint)
+            cfg = r.config(**({"heads": spec.heads} if spec.heads else {}))
+        except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+            probs.add(loc, str(e).splitlines()[0])
+            continue
+        if isinstance(cfg, CrossConfig) or getattr(cfg, "arch", "") == "jam_width":
+            probs.add(loc, f"{spec.checkpoint} is a fused JAM model ({type(cfg).__name__}); a parent is a plain decoder")
+            continue
+        vocab = None
+        try:
+            from checkpoints_tools.load import load_vocab_of
+
+            vocab = load_vocab_of(r)
+        except ValueError:
+            pass
+        out[role] = (cfg, vocab)
+    return out
+
+
+def _shape_of(cfg: Any) -> dict:
+    return {f: getattr(cfg, f) for f in SHAPE_FIELDS}
+
+
+def check_plan(plan: PlanSpec, *, source: str = "plan", lines: Mapping[tuple, int] | None = None,
+               executables: bool = True) -> dict[str, Any]:
+    """Raise ``PlanError`` listing every problem; returns what the checks learnt (the given
+    parents' configs and vocabularies)."""
+    probs = _Problems(lines or {})
+    d = plan.data
+    tps = d.tokens_per_sample
+    # ---- files
+    for src in ("text", "caption", "instruct"):
+        files = getattr(d, src)
+        if files is None:
+            continue
+        for split in ("train", "valid"):
+            for i, f in enumerate(getattr(files, split)):
+                _check_jsonl(Path(f), ("data", src, split, i), probs)
+    for kind in ("text", "caption"):
+        for name, files in (getattr(plan.eval, kind) or {}).items():
+            for i, f in enumerate(files):
+                _check_jsonl(Path(f), ("eval", kind, name, i), probs)
+    if d.vocab is not None and not Path(d.vocab).is_file():
+        probs.add(("data", "vocab"), f"no such file: {d.vocab}")
+    tt = d.text_tokenizer.path
+    if tt is not None and tt != "bytes":
+        raw = Path(tt.split(":", 1)[1] if tt.startswith(("spm:", "bpe:")) else tt)
+        if not raw.is_file():
+            probs.add(("data", "text_tokenizer", "path"), f"no such file: {raw}")
+    it = d.image_tokenizer.path
+    if it is not None:
+        missing = [n for n in ("vqgan.ckpt", "vqgan.yaml") if not (Path(it) / n).is_file()]
+        if missing:
+            probs.add(("data", "image_tokenizer", "path"), f"{it}: no {' / '.join(missing)} (a VQGAN folder holds "
+                                                            "vqgan.ckpt and vqgan.yaml)")
+    # ---- parents
+    for role in PARENTS:
+        spec = getattr(plan.parents, role)
+        if not spec.trained and not Path(spec.checkpoint).exists() and not list(
+                Path(spec.checkpoint).parent.glob(Path(spec.checkpoint).name.removesuffix(".pt") + "-*.pt")):
+            probs.add(("parents", role, "checkpoint"), f"no such checkpoint: {spec.checkpoint}")
+    given = _parent_configs(plan, probs) if not probs.items else {}
+    if given:
+        shapes = {role: _shape_of(cfg) for role, (cfg, _) in given.items()}
+        if len(shapes) == 2 and shapes["llm"] != shapes["img"]:
+            diff = {k: (shapes["llm"][k], shapes["img"][k]) for k in SHAPE_FIELDS if shapes["llm"][k] != shapes["img"][k]}
+            probs.add(("parents",), "the parents differ in shape (llm, img): " +
+                      ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()) + "; fusion needs one shape")
+        if plan.model is not None:
+            want = {f: getattr(plan.model, f) for f in SHAPE_FIELDS}
+            for role, shape in shapes.items():
+                diff = [f"{k} {shape[k]} (plan: {want[k]})" for k in SHAPE_FIELDS if shape[k] != want[k]]
+                if diff:
+                    probs.add(("parents", role, "checkpoint"), f"shape does not match the plan's model: {', '.join(diff)}")
+        for role, (cfg, vocab) in given.items():
+            if cfg.max_positions < tps:
+                probs.add(("data", "tokens_per_sample"),
+                          f"{tps} exceeds the {role} parent's {cfg.max_positions} positions")
+            if d.vocab is not None and Path(d.vocab).is_file():
+                from jam_metaseq.vocab import VocabManifest
+
+                try:
+                    v = VocabManifest.load(d.vocab)
+                    if v.size != cfg.vocab_size:
+                        probs.add(("data", "vocab"), f"{v.size} tokens, but the {role} parent's embedding has "
+                                                     f"{cfg.vocab_size} rows")
+                except (ValueError, OSError) as e:
+                    probs.add(("data", "vocab"), str(e).splitlines()[0])
+            elif vocab is None and d.text_tokenizer.path is None:
+                probs.add(("data", "vocab"), f"the {role} parent carries no vocabulary: give data.vocab (or "
+                                             "data.text_tokenizer.path) from its training")
+            elif vocab is not None and vocab.size != cfg.vocab_size:
+                probs.add(("parents", role, "checkpoint"), f"its vocabulary has {vocab.size} tokens but its embedding "
+                                                           f"{cfg.vocab_size} rows")
+        if d.text_tokenizer.path is None and d.vocab is None and not all(v is not None for _, v in given.values()):
+            probs.add(("data", "text_tokenizer", "path"), "a given parent needs the tokenizer it was trained with "
+                                                          "(a trained tokenizer would not match its embedding)")
+        if d.image_tokenizer.path is None:
+            probs.add(("data", "image_tokenizer", "path"), "a given parent needs the image tokenizer it was trained "
+                                                           "with (a trained one would not match its image codes)")
+    # ---- budgets
+    if any(getattr(plan.parents, r).trained for r in PARENTS):
+        _check_budget(plan.parents.train.budget_tokens, plan.parents.train, tps, ("parents", "train", "budget_tokens"),
+                      probs)
+    for i, b in enumerate(plan.pretrain.budget_tokens):
+        loc = ("pretrain", "budget_tokens") + ((i,) if len(plan.pretrain.budget_tokens) > 1 else ())
+        _check_budget(b, plan.pretrain, tps, loc, probs)
+    if plan.data.has_instruct:
+        _check_budget(plan.instruct.budget_tokens, plan.instruct, tps, ("instruct", "budget_tokens"), probs)
+    # ---- host and placement
+    gpus = plan.run.slurm.gpus if plan.run.where == "slurm" else (0 if plan.device == "cpu" else 1)
+    if plan.host == "metaseq" and gpus == 0:
+        probs.add(("host",), "metaseq cannot train on a CPU (its fully sharded data parallel needs GPUs); use "
+                             "host: fairseq, or a GPU device" + (" and run.slurm.gpus >= 1" if plan.run.where == "slurm"
+                                                                else ""))
+    if plan.run.where == "slurm":
+        if plan.device == "cpu" and plan.run.slurm.gpus:
+            probs.add(("run", "slurm", "gpus"), "GPU jobs with device cpu; set device: cuda (or gpus: 0)")
+        for name, optim in (("pretrain", plan.pretrain), ("parents.train", plan.parents.train),
+                            ("instruct", plan.instruct)):
+            if plan.run.slurm.gpus and optim.batch_size % plan.run.slurm.gpus:
+                probs.add(_loc(name) + ("batch_size",), f"{optim.batch_size} sequences do not divide over "
+                                                        f"run.slurm.gpus = {plan.run.slurm.gpus}")
+        if executables:
+            try:
+                import submitit  # noqa: F401
+            except ImportError:
+                probs.add(("run", "where"), "slurm needs submitit: pip install 'jam_metaseq[launch]'")
+    if executables:
+        import importlib.util
+
+        if plan.host == "fairseq" and importlib.util.find_spec("fairseq") is None:
+            probs.add(("host",), "fairseq is not installed: pip install 'jam_metaseq[fairseq]'")
+        if plan.host == "metaseq" and importlib.util.find_spec("metaseq") is None:
+            probs.add(("host",), "metaseq is not installed here (it is not on PyPI: install it from its "
+                                 "repository, facebookresearch/metaseq)")
+    if probs.items:
+        raise PlanError(probs.items, source=source)
+    return {"parents": given}
+
+
+__all__ = ["check_plan"]

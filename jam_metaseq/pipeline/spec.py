@@ -1,0 +1,820 @@
+"""The plan of ``jam run PLAN.yaml``: what to train, fuse, evaluate and report (paper §2-3), as typed
+dataclasses with one docstring per field.
+
+A plan names the data (the user's JSONL files or the built-in generator), the tokenizers (given or
+trained), the two parents (checkpoints in any layout ``jam-ckpt`` reads, or trained from the data
+with a shape), the JAM variants, the continued-pretraining budget in tokens (one value or a sweep),
+the optimisation settings, the evaluation sets, the host trainer, the device and where to run.
+
+This module holds the schema and its structural validation (pydantic: unknown fields, types,
+ranges, cross-field rules), YAML in and out (``load_plan``, ``plan_yaml``: commented YAML built from
+the field docstrings, which ``load_plan`` reads back to the same plan) and the built-in plan of
+``jam quickstart`` (``quickstart_plan``). Checks that look at files and checkpoints live in
+``pipeline.check``. Every error names its field (``data.text.train[0]``) and, when the plan came
+from a file, its line.
+
+Public API::
+
+    load_plan(path, *, overrides=()) -> PlanSpec      # PlanError naming field and line
+    parse_plan(mapping, *, source, base_dir, lines) -> PlanSpec
+    plan_yaml(plan) -> str                            # commented; load_plan(it) == plan
+    quickstart_plan(*, steps=1.0, scale=1, ...) -> PlanSpec
+    VARIANTS, Variant, PARENTS, PAPER_CROSS
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Sequence, Union
+
+import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic.dataclasses import dataclass
+
+from jam_metaseq.errors import JamError
+
+
+class PlanError(JamError, ValueError):
+    """A plan that cannot run; the message names every field at fault (and its line)."""
+
+    def __init__(self, problems: Sequence[str], *, source: str = "plan") -> None:
+        self.problems = list(problems)
+        self.source = source
+        if len(self.problems) == 1:
+            msg = f"{source}: {self.problems[0]}"
+        else:
+            msg = f"{source}: {len(self.problems)} problems: " + "; ".join(self.problems)
+        super().__init__(msg + " (nothing was run)")
+
+
+# ---- variants --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One JAM model built from the two parents."""
+
+    key: str
+    """Short name used for folders and ``variants``."""
+    label: str
+    """Row name in the tables."""
+    family: str
+    """fairseq/metaseq arch family: ``jam_uniform``, ``jam_width`` or ``jam_cross``."""
+    init: str = ""
+    """``copy``/``average`` (width), ``paper``/``preserve`` (cross)."""
+    cross_every: int = 0
+    """JAM-Cross: a cross-block pair after every k-th layer (0 = none)."""
+
+
+def _variants() -> dict[str, Variant]:
+    out = {"uniform": Variant("uniform", "JAM-Uniform", "jam_uniform"),
+           "width_copy": Variant("width_copy", "JAM-Width (copy)", "jam_width", "copy"),
+           "width_average": Variant("width_average", "JAM-Width (average)", "jam_width", "average")}
+    for init in ("paper", "preserve"):
+        for every in (1, 2, 4, 0):
+            key = f"cross{every}_{init}"
+            label = f"JAM-Cross ({'every ' + str(every) if every else 'no x-attn'}, {init})"
+            out[key] = Variant(key, label, "jam_cross", init, every)
+    return out
+
+
+VARIANTS: dict[str, Variant] = _variants()
+"""Every JAM variant of the paper's Tables 1-4 (§2.1): uniform, width copy/average, cross every 1/2/4/none
+with ``paper`` or ``preserve`` initialisation."""
+PARENTS = {"llm": "LLM parent (text)", "img": "Image-text parent"}
+PAPER_CROSS = "cross2_paper"
+"""The JAM-Cross row of Tables 1-2: a cross block every 2 layers, as the paper's 19B model."""
+SOURCES = ("text", "caption", "instruct")
+"""Names of the data sources (binarized as ``DATA/{split}/{source}``; mixture keys)."""
+
+_CFG = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+def _listify(v: Any) -> Any:
+    return [v] if isinstance(v, (str, Path)) else v
+
+
+# ---- data ------------------------------------------------------------------------------------
+@dataclass(config=_CFG)
+class GeneratorSpec:
+    """The built-in data generator: coloured-shape images with captions and a templated text corpus
+    (``quickstart_data``), made on the fly from the seed."""
+
+    train_texts: int = Field(1200, ge=1)
+    """Text documents for training (the parents' and the 1x continued-pretraining set)."""
+    valid_texts: int = Field(64, ge=1)
+    """Text documents for validation (the "Wikipedia PPL" set)."""
+    train_images: int = Field(1200, ge=1)
+    """Image-caption documents for training (and the image tokenizer's pool)."""
+    valid_images: int = Field(64, ge=1)
+    """Image-caption documents for validation, caption + image only (the "MS-COCO PPL" set)."""
+    image_size: int = Field(32, ge=8)
+    """Side of the images in pixels."""
+    follow_up: float = Field(0.3, ge=0.0, le=1.0)
+    """Fraction of training caption documents with a sentence after the image."""
+    train_instruct: int = Field(0, ge=0)
+    """Instruction documents for training ("draw a ..." -> text + image); 0 = no instruct data."""
+    valid_instruct: int = Field(0, ge=0)
+    """Instruction documents for validation."""
+    grow_with_budget: bool = True
+    """Continued pretraining on a budget b times the plan's first budget gets b times the training
+    documents (new ones after the first), so every budget of a sweep sees its data for the same
+    number of epochs (the parents always train on the first set)."""
+
+    @model_validator(mode="after")
+    def _instruct_pair(self) -> "GeneratorSpec":
+        if (self.train_instruct == 0) != (self.valid_instruct == 0):
+            raise ValueError("train_instruct and valid_instruct must both be 0 or both be > 0")
+        return self
+
+
+@dataclass(config=_CFG)
+class Files:
+    """JSONL documents of one source (``jam-data`` document format), one or more files per split."""
+
+    train: list[Path] = Field(min_length=1)
+    """Training files (a path or a list of paths, relative to the plan's folder)."""
+    valid: list[Path] = Field(min_length=1)
+    """Validation files: the in-training curves and the default evaluation set."""
+
+    @field_validator("train", "valid", mode="before")
+    @classmethod
+    def _wrap(cls, v: Any) -> Any:
+        return _listify(v)
+
+
+@dataclass(config=_CFG)
+class InstructFiles:
+    """Instruction documents (``{"prompt": ..., "response": [...]}``, or LIMA / wikiHow records)."""
+
+    train: list[Path] = Field(min_length=1)
+    """Training files."""
+    valid: list[Path] = Field(min_length=1)
+    """Validation files."""
+    format: Literal["plain", "lima", "wikihow"] = "plain"
+    """Record format: ``plain`` (already prompt/response), ``lima`` or ``wikihow`` (converted, §3.1.1)."""
+    max_images: int = Field(3, ge=0)
+    """wikiHow: images kept per article (the paper's 3)."""
+
+    @field_validator("train", "valid", mode="before")
+    @classmethod
+    def _wrap(cls, v: Any) -> Any:
+        return _listify(v)
+
+
+@dataclass(config=_CFG)
+class TextTokenizerSpec:
+    """The text tokenizer: a given one, or one trained on the training text."""
+
+    path: str | None = None
+    """A sentencepiece ``.model``, an HF tokenizers ``.json`` or ``bytes``; null = train one."""
+    vocab_size: int = Field(256, ge=8)
+    """Size of a trained tokenizer (an upper bound: a small corpus may support fewer)."""
+    kind: Literal["sentencepiece", "bpe"] = "sentencepiece"
+    """Algorithm of a trained tokenizer."""
+    sample_lines: int = Field(200_000, ge=1)
+    """Text segments a trained tokenizer sees at most (the first ones of the training files)."""
+
+
+@dataclass(config=_CFG)
+class ImageTokenizerSpec:
+    """The image tokenizer: a given VQGAN folder, or the small one trained on the training images."""
+
+    path: Path | None = None
+    """Folder with ``vqgan.ckpt`` + ``vqgan.yaml`` (taming / Make-A-Scene layout); null = train one."""
+    steps: int = Field(600, ge=1)
+    """Training steps of a trained tokenizer (the ``tiny`` preset: 32 px -> 8x8 codes of 64)."""
+    max_images: int = Field(4096, ge=1)
+    """Training images a trained tokenizer sees at most (the first ones of the caption files)."""
+
+
+@dataclass(config=_CFG)
+class DataSpec:
+    """Where the documents come from and how they become tokens (§3.1 Tokenizers, Datasets)."""
+
+    builtin: GeneratorSpec | None = None
+    """The built-in generator (instead of ``text`` / ``caption`` files)."""
+    text: Files | None = None
+    """Text-only documents (the Wikipedia / CommonCrawl role)."""
+    caption: Files | None = None
+    """Image-caption documents, images as ``{"image": path}`` or ``{"image_tokens": [...]}`` (the
+    Shutterstock / MS-COCO role)."""
+    instruct: InstructFiles | None = None
+    """Instruction documents for the instruct-tuning stage (§2.2, Table 5); optional."""
+    vocab: Path | None = None
+    """A vocabulary manifest (``jam-data vocab``) to use as is; null = build it from the tokenizers
+    (or take the parents' ``vocab.json`` when they have one)."""
+    text_tokenizer: TextTokenizerSpec = Field(default_factory=TextTokenizerSpec)
+    """The text tokenizer."""
+    image_tokenizer: ImageTokenizerSpec = Field(default_factory=ImageTokenizerSpec)
+    """The image tokenizer."""
+    num_sentinels: int = Field(4, ge=1)
+    """CM3 sentinels in a built vocabulary (the most masked spans per sequence)."""
+    tokens_per_sample: int = Field(160, ge=8)
+    """Sequence length of training and evaluation (the parents' positions must cover it)."""
+    on_error: Literal["fail", "skip"] = "fail"
+    """A bad JSONL line: ``fail`` stops naming ``file:line``; ``skip`` counts it in the data report."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        files = [k for k in ("text", "caption") if getattr(self, k) is not None]
+        if self.builtin is not None and (files or self.instruct is not None):
+            raise ValueError("give either builtin or text/caption/instruct files, not both")
+        if self.builtin is None and len(files) < 2:
+            missing = [k for k in ("text", "caption") if getattr(self, k) is None]
+            raise ValueError(f"needs builtin, or both text and caption files (missing: {', '.join(missing)})")
+        return self
+
+    @property
+    def has_instruct(self) -> bool:
+        return self.instruct is not None or (self.builtin is not None and self.builtin.train_instruct > 0)
+
+
+# ---- models ----------------------------------------------------------------------------------
+@dataclass(config=_CFG)
+class ShapeSpec:
+    """The shape both parents share (one parent; JAM-Width doubles it, JAM-Cross holds two)."""
+
+    embed_dim: int = Field(64, ge=1)
+    """Hidden size E."""
+    ffn_dim: int = Field(256, ge=1)
+    """FFN inner size."""
+    layers: int = Field(4, ge=1)
+    """Layers; 4 or more, so that a cross block every 1, 2 and 4 layers differ."""
+    heads: int = Field(4, ge=1)
+    """Attention heads (E must be a multiple)."""
+    activation: Literal["relu", "gelu"] = "relu"
+    """FFN activation."""
+    bias: bool = True
+    """Biases in the projections (False: CM3leon's ``--disable-bias``)."""
+    affine_ln: bool = True
+    """LayerNorms with weight and bias (False: CM3leon's ``--disable-affine-ln``)."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ShapeSpec":
+        if self.embed_dim % self.heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of heads {self.heads}")
+        return self
+
+
+@dataclass(config=_CFG)
+class ParentSpec:
+    """One parent: a checkpoint, or trained from the data (write ``train``)."""
+
+    checkpoint: Path | None = None
+    """Any layout ``jam-ckpt`` reads (consolidated, MP parts, FSDP shards, safetensors, HF OPT);
+    null = train it from the data with ``model``'s shape."""
+    heads: int | None = Field(None, ge=1)
+    """Attention heads, for a checkpoint that does not store them (HF and metaseq ones do)."""
+
+    @property
+    def trained(self) -> bool:
+        return self.checkpoint is None
+
+
+def _parent_shorthand(v: Any) -> Any:
+    if v == "train":
+        return {}
+    if isinstance(v, (str, Path)):
+        return {"checkpoint": v}
+    return v
+
+
+@dataclass(config=_CFG)
+class OptimSpec:
+    """Optimisation of one training stage (Adam, linear warm-up, linear decay, clipping)."""
+
+    batch_size: int = Field(8, ge=1)
+    """Sequences per update (the global batch)."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate."""
+    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Linear warm-up over this fraction of the updates (at least one update)."""
+    end_lr: float = Field(0.0, ge=0.0)
+    """Learning rate at the last update (linear decay from the peak)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """Adam betas."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """Decoupled weight decay."""
+    clip_norm: float = Field(1.0, ge=0.0)
+    """Gradient-norm clipping (0 = none)."""
+    curve_points: int = Field(6, ge=1)
+    """Validation runs during training (the curves' resolution)."""
+
+
+@dataclass(config=_CFG)
+class ParentTrainSpec(OptimSpec):
+    """How parents are trained from the data (same initialisation for both, as two models
+    fine-tuned from one base would share, which makes weight averaging meaningful)."""
+
+    budget_tokens: int = Field(640_000, ge=1)
+    """Training tokens of each parent (a whole number of updates)."""
+    lr: float = Field(3e-3, gt=0)
+    """Peak learning rate."""
+
+
+@dataclass(config=_CFG)
+class ParentsSpec:
+    """The two parents (§2: a text LLM and a text-to-image model of the same architecture)."""
+
+    llm: ParentSpec = Field(default_factory=ParentSpec)
+    """The text LLM: a checkpoint path, or ``train`` (on the text data)."""
+    img: ParentSpec = Field(default_factory=ParentSpec)
+    """The image-text model (CM3leon's role): a checkpoint path, or ``train`` (on the caption data)."""
+    train: ParentTrainSpec = Field(default_factory=ParentTrainSpec)
+    """Training of the parents that are trained."""
+
+    @field_validator("llm", "img", mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        return _parent_shorthand(v)
+
+
+@dataclass(config=_CFG)
+class PretrainSpec(OptimSpec):
+    """Continued pretraining of every variant after fusion (§3.1 "alignment"), same budget for all."""
+
+    budget_tokens: list[int] = Field(default_factory=lambda: [192_000], min_length=1)
+    """Tokens per variant: one value, or a list for a budget sweep (each a whole number of updates)."""
+    mixture: dict[str, float] = Field(default_factory=lambda: {"text": 1.0, "caption": 1.0})
+    """Source weights, token-balanced (the paper: 50/50 text and image-caption)."""
+    @field_validator("budget_tokens", mode="before")
+    @classmethod
+    def _wrap(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (int, float, str)) else v
+
+    @field_validator("budget_tokens")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        bad = [b for b in v if b < 1]
+        if bad:
+            raise ValueError(f"budgets must be >= 1 token, got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"budgets repeat: {v}")
+        return v
+
+    @field_validator("mixture")
+    @classmethod
+    def _mixture(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = sorted(set(v) - {"text", "caption"})
+        if bad:
+            raise ValueError(f"unknown source(s) {bad}; continued pretraining mixes text and caption")
+        if not v or any(not (w > 0 and math.isfinite(w)) for w in v.values()):
+            raise ValueError(f"weights must be finite and > 0, got {v}")
+        return v
+
+
+@dataclass(config=_CFG)
+class InstructSpec(OptimSpec):
+    """Instruction tuning of trained variants (§2.2; Table 5: with and without image-caption data)."""
+
+    variants: list[str] = Field(default_factory=lambda: [PAPER_CROSS], min_length=1)
+    """Variants (after continued pretraining on the largest budget) to instruct-tune."""
+    mixtures: list[dict[str, float]] = Field(
+        default_factory=lambda: [{"instruct": 1.0}, {"instruct": 1.0, "caption": 1.0}], min_length=1)
+    """One run per mixture (Table 5's rows: instruct data alone, and mixed with image-caption data)."""
+    budget_tokens: int = Field(64_000, ge=1)
+    """Tokens per run (a whole number of updates)."""
+    lr: float = Field(3e-4, gt=0)
+    """Peak learning rate."""
+
+    @field_validator("mixtures")
+    @classmethod
+    def _mixtures(cls, v: list[dict[str, float]]) -> list[dict[str, float]]:
+        for m in v:
+            bad = sorted(set(m) - set(SOURCES))
+            if bad or "instruct" not in m:
+                raise ValueError(f"each mixture needs 'instruct' and may add {list(SOURCES)}; got {m}")
+            if any(not (w > 0 and math.isfinite(w)) for w in m.values()):
+                raise ValueError(f"weights must be finite and > 0, got {m}")
+        return v
+
+
+@dataclass(config=_CFG)
+class EvalSpec:
+    """Evaluation sets: token-weighted perplexity of every model (Tables 1-4)."""
+
+    text: dict[str, list[Path]] | None = None
+    """Text sets by name (the Wikipedia PPL role); null = the text validation files as ``valid``."""
+    caption: dict[str, list[Path]] | None = None
+    """Image-caption sets by name (the MS-COCO PPL role); null = the caption validation files."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences per forward pass."""
+
+    @field_validator("text", "caption", mode="before")
+    @classmethod
+    def _wrap(cls, v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {k: _listify(x) for k, x in v.items()}
+        return v
+
+
+@dataclass(config=_CFG)
+class GenerateSpec:
+    """Interleaved answers from the best JAM model (§3.1 Decoding), written as HTML with images."""
+
+    prompts: list[str] = Field(default_factory=lambda: ["a red circle on a white background",
+                                                        "a picture of a blue square on a black background"])
+    """Prompts, one answer each (an empty list skips generation)."""
+    model: str = "auto"
+    """``auto`` (the instruct-tuned model if any, else the JAM-Cross with the lowest text x caption
+    PPL on the largest budget) or a variant key."""
+    guidance_scale: float = Field(3.5, ge=0.0)
+    """Classifier-free guidance on image tokens (Eq. 6; the paper used 3.5 and 4)."""
+    temperature: float = Field(1.0, gt=0.0)
+    """Sampling temperature."""
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    """Nucleus sampling threshold (the paper: 0.8 - 1)."""
+    max_text_tokens: int = Field(40, ge=1)
+    """Text tokens per answer besides its image."""
+
+
+@dataclass(config=_CFG)
+class SlurmSpec:
+    """SLURM placement of training and evaluation jobs (through submitit)."""
+
+    cluster: Literal["slurm", "local"] = "slurm"
+    """submitit executor: ``slurm``, or ``local`` (the same jobs as subprocesses of this machine)."""
+    partition: str | None = None
+    """SLURM partition."""
+    account: str | None = None
+    """SLURM account."""
+    gpus: int = Field(1, ge=0)
+    """GPUs of one training job (one task per GPU; 0 = a CPU job)."""
+    gpus_per_node: int = Field(8, ge=1)
+    """GPUs per node."""
+    cpus_per_task: int = Field(10, ge=1)
+    """CPU cores per task."""
+    time_hours: int = Field(24, ge=1)
+    """Time limit per job."""
+    port: int = Field(29500, ge=1, le=65535)
+    """``--distributed-port`` of the host's SLURM rendez-vous."""
+
+
+@dataclass(config=_CFG)
+class RunSpec:
+    """Where and how the work runs."""
+
+    where: Literal["local", "slurm"] = "local"
+    """``local`` subprocesses, or ``slurm`` jobs (training and evaluation; the rest runs here)."""
+    jobs: int = Field(0, ge=0)
+    """Training runs at once (0: local = 2 on a CPU with >= 2 cores, else 1; slurm = all)."""
+    threads: int = Field(0, ge=0)
+    """CPU threads per local process (0 = the cores divided among ``jobs``)."""
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    """SLURM settings (``where: slurm``)."""
+
+
+@dataclass(config=_CFG)
+class PlanSpec:
+    """The whole pipeline: data -> tokenizers -> binarize -> parents -> fuse -> pretrain (-> instruct)
+    -> eval -> report -> generate."""
+
+    out: Path | None = None
+    """Output folder (``--out`` wins; default ``runs/<plan file name>``)."""
+    seed: int = 0
+    """Seed of the data generator, the initialisations, the training order and the sampling."""
+    host: Literal["fairseq", "metaseq"] = "fairseq"
+    """Trainer: ``fairseq-train`` or ``metaseq-train`` (the same flags, ``--user-dir jam_metaseq``)."""
+    device: str = "cpu"
+    """torch device: ``cpu``, ``cuda`` or ``cuda:N``."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision (bf16 / fp16 need a GPU)."""
+    data: DataSpec = Field(default_factory=lambda: DataSpec(builtin=GeneratorSpec()))
+    """The documents and their tokenizers (default: the built-in generator)."""
+    model: ShapeSpec | None = None
+    """The parents' shape: needed to train a parent (default: the given parent's, else the
+    quickstart's); checked against given parents."""
+    parents: ParentsSpec = Field(default_factory=ParentsSpec)
+    """The two parents."""
+    variants: list[str] = Field(default_factory=lambda: list(VARIANTS), min_length=1)
+    """JAM variants to build, train and evaluate (keys of ``VARIANTS``)."""
+    pretrain: PretrainSpec = Field(default_factory=PretrainSpec)
+    """Continued pretraining (the budget or budget sweep)."""
+    instruct: InstructSpec = Field(default_factory=InstructSpec)
+    """Instruction tuning (runs when the data has instruct documents)."""
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    """Evaluation sets."""
+    generate: GenerateSpec = Field(default_factory=GenerateSpec)
+    """Generated answers."""
+    run: RunSpec = Field(default_factory=RunSpec)
+    """Placement: local or SLURM, parallel jobs, threads."""
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v: list[str]) -> list[str]:
+        bad = [x for x in v if x not in VARIANTS]
+        if bad:
+            raise ValueError(f"unknown variant(s) {bad}; variants are {', '.join(VARIANTS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"variants repeat: {v}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"expected cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_rules(self) -> "PlanSpec":
+        problems = []
+        if self.device == "cpu" and self.precision != "fp32":
+            problems.append(f"precision {self.precision} needs a GPU device (device is cpu)")
+        if self.generate.model not in ("auto", *self.variants):
+            problems.append(f"generate.model {self.generate.model!r} is neither auto nor one of the variants")
+        bad = [v for v in self.instruct.variants if v not in self.variants]
+        if self.data.has_instruct and bad:
+            problems.append(f"instruct.variants {bad} are not among the plan's variants")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # ---- derived --------------------------------------------------------------------------------
+    @property
+    def shape(self) -> ShapeSpec:
+        return self.model if self.model is not None else ShapeSpec()
+
+    @property
+    def budgets(self) -> list[int]:
+        """Continued-pretraining budgets, ascending."""
+        return sorted(self.pretrain.budget_tokens)
+
+    @property
+    def reference_budget(self) -> int:
+        """The plan's first budget: ``1x`` of ``--budgets`` and of the generator's growth."""
+        return self.pretrain.budget_tokens[0]
+
+
+_ADAPTER = TypeAdapter(PlanSpec)
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Field path (keys and list indices) -> 1-based line of its value in the YAML text."""
+    out: dict[tuple, int] = {}
+
+    def walk(node: Any, path: tuple) -> None:
+        out[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = k.value
+                out[path + (key,)] = k.start_mark.line + 1
+                walk(v, path + (key,))
+                out[path + (key,)] = k.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + (i,))
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return out
+    if root is not None:
+        walk(root, ())
+    return out
+
+
+def field_name(loc: Iterable[Any]) -> str:
+    """``("data", "text", "train", 0)`` -> ``data.text.train[0]``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(plan)"
+
+
+def _clean_loc(loc: Sequence[Any], data: Any) -> tuple:
+    """pydantic's location without the validator tags it inserts (``function-before[...]``)."""
+    out: list[Any] = []
+    node = data
+    for part in loc:
+        if isinstance(node, Mapping) and part in node:
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            out.append(part)
+            node = node[part]
+        elif isinstance(part, str) and not re.search(r"[\[\(-]", part):
+            out.append(part)  # a field the input lacks (missing) or a leaf
+            node = None
+    return tuple(out)
+
+
+def _where(loc: tuple, lines: Mapping[tuple, int]) -> str:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return f"line {lines[loc[:n]]}: "
+    return ""
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind, msg = err.get("type", ""), err.get("msg", "")
+    if kind == "unexpected_keyword_argument" or kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing" or kind == "missing_argument":
+        return "required field is missing"
+    msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
+    return msg
+
+
+def parse_plan(data: Any, *, source: str = "plan", base_dir: str | Path | None = None,
+               lines: Mapping[tuple, int] | None = None) -> PlanSpec:
+    """Validate a plan mapping (already parsed YAML) into a ``PlanSpec``; relative paths are taken
+    from ``base_dir``. Every problem is reported at once, each naming its field."""
+    lines = lines or {}
+    if not isinstance(data, Mapping):
+        raise PlanError([f"a plan is a mapping of fields (data, parents, variants, ...), got "
+                         f"{type(data).__name__}"], source=source)
+    try:
+        plan = _ADAPTER.validate_python(dict(data))
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = _clean_loc(err["loc"], data)
+            problems.append(f"{_where(loc, lines)}{field_name(loc)}: {_message(err)}")
+        raise PlanError(problems, source=source) from None
+    if base_dir is not None:
+        resolve_paths(plan, Path(base_dir))
+    return plan
+
+
+def resolve_paths(obj: Any, base: Path) -> None:
+    """Make every relative path of the plan absolute against ``base`` (in place)."""
+
+    def fix(p: Any) -> Any:
+        if isinstance(p, Path):
+            p = p.expanduser()
+            return p if p.is_absolute() else (base / p)
+        if isinstance(p, list):
+            return [fix(x) for x in p]
+        if isinstance(p, dict):
+            return {k: fix(x) for k, x in p.items()}
+        return p
+
+    if isinstance(obj, TextTokenizerSpec):
+        if obj.path is not None and obj.path != "bytes":
+            prefix = next((x for x in ("spm:", "bpe:") if obj.path.startswith(x)), "")
+            obj.path = prefix + str(fix(Path(obj.path[len(prefix):])))
+        return
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            resolve_paths(v, base)
+        else:
+            setattr(obj, f.name, fix(v))
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """``a.b.c=VALUE`` (VALUE read as YAML) into the nested mapping ``data`` (in place)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise PlanError([f"--set {assignment!r}: expected FIELD=VALUE (e.g. pretrain.lr=3e-3)"], source="--set")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise PlanError([f"--set {key}: value is not YAML ({e})"], source="--set") from None
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def read_plan_file(path: str | Path) -> tuple[Any, dict[tuple, int]]:
+    """A plan file's parsed YAML (``{}`` when empty) and the line of every field."""
+    path = Path(path)
+    if path.is_dir():
+        raise PlanError(["is a directory, expected a plan YAML file"], source=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlanError(["no such file"], source=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise PlanError([f"not UTF-8 text (byte offset {e.start})"], source=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise PlanError([f"{where}not valid YAML ({problem})"], source=str(path)) from None
+    return ({} if data is None else data), _yaml_lines(text)
+
+
+def load_plan(path: str | Path, *, overrides: Sequence[str] = ()) -> PlanSpec:
+    """Read, validate and resolve a plan file (YAML); ``overrides``: ``FIELD=VALUE`` assignments."""
+    data, lines = read_plan_file(path)
+    if isinstance(data, dict):
+        for o in overrides:
+            apply_override(data, o)
+    return parse_plan(data, source=str(path), base_dir=Path(path).resolve().parent, lines=lines)
+
+
+# ---- writing ---------------------------------------------------------------------------------
+def plan_dict(plan: Any) -> Any:
+    """The plan as plain YAML/JSON values (paths as strings, tuples as lists)."""
+    if dataclasses.is_dataclass(plan):
+        return {f.name: plan_dict(getattr(plan, f.name)) for f in dataclasses.fields(plan)}
+    if isinstance(plan, Path):
+        return str(plan)
+    if isinstance(plan, (list, tuple)):
+        return [plan_dict(x) for x in plan]
+    if isinstance(plan, dict):
+        return {k: plan_dict(v) for k, v in plan.items()}
+    return plan
+
+
+def _doc(cls: type, name: str) -> str:
+    """A field's docstring (inherited fields: from the class that declares it)."""
+    for klass in cls.__mro__:
+        info = getattr(klass, "__pydantic_fields__", {}).get(name)
+        text = (getattr(info, "description", None) or "").strip()
+        if text and name in getattr(klass, "__annotations__", {}):
+            return " ".join(text.split())
+    return ""
+
+
+def _scalar(v: Any) -> str:
+    return yaml.safe_dump(v, default_flow_style=True, width=10_000, sort_keys=False).strip() \
+        .removesuffix("...").strip()
+
+
+def plan_yaml(plan: PlanSpec, *, header: str = "") -> str:
+    """The plan as YAML, each field under its docstring as a comment (``load_plan`` reads it back)."""
+    import textwrap
+
+    out = [f"# {line}".rstrip() for line in header.splitlines()] if header else []
+
+    def emit(obj: Any, indent: int) -> None:
+        pad = "  " * indent
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            doc = _doc(type(obj), f.name)
+            if doc:
+                out.extend(textwrap.wrap(doc, width=max(40, 100 - len(pad)), initial_indent=pad + "# ",
+                                         subsequent_indent=pad + "# "))
+            if dataclasses.is_dataclass(v):
+                out.append(f"{pad}{f.name}:")
+                emit(v, indent + 1)
+            else:
+                out.append(f"{pad}{f.name}: {_scalar(plan_dict(v))}")
+
+    emit(plan, 0)
+    return "\n".join(out) + "\n"
+
+
+# ---- the built-in plan (jam quickstart) --------------------------------------------------------
+QUICKSTART_UPDATES = {"parents": 500, "pretrain": 150}
+"""Updates of each training stage of the built-in plan at ``--steps 1`` (batch 8 x 160 tokens)."""
+
+
+def quickstart_plan(*, steps: float = 1.0, scale: int = 1, device: str = "cpu", seed: int = 0,
+                    variants: Sequence[str] | None = None, prompts: Sequence[str] | None = None,
+                    jobs: int = 0, threads: int = 0) -> PlanSpec:
+    """The built-in plan of ``jam quickstart``: the generator's data, a trained text and image
+    tokenizer, two parents trained from the same initialisation, every variant. ``steps``
+    multiplies every training stage's length; ``scale`` the model width and the data."""
+    if scale < 1:
+        raise ValueError(f"--scale must be >= 1, got {scale}")
+    if not steps > 0:
+        raise ValueError(f"--steps must be > 0, got {steps}")
+
+    def n(x: int, lo: int = 2) -> int:
+        return max(lo, int(round(x * steps)))
+
+    g = GeneratorSpec()
+    shape = ShapeSpec()
+    batch = 8 * (2 if scale > 1 else 1)
+    tokens_per_update = batch * 160
+    data = DataSpec(
+        builtin=GeneratorSpec(train_texts=g.train_texts * scale, valid_texts=g.valid_texts * scale,
+                              train_images=g.train_images * scale, valid_images=g.valid_images * scale),
+        image_tokenizer=ImageTokenizerSpec(steps=n(600)), tokens_per_sample=160)
+    plan = PlanSpec(
+        data=data, out=Path("runs/quickstart"), seed=seed, device=device,
+        model=ShapeSpec(embed_dim=shape.embed_dim * scale, ffn_dim=shape.ffn_dim * scale, layers=shape.layers,
+                        heads=shape.heads * scale),
+        parents=ParentsSpec(train=ParentTrainSpec(
+            batch_size=batch, budget_tokens=n(QUICKSTART_UPDATES["parents"]) * tokens_per_update)),
+        variants=list(variants) if variants is not None else list(VARIANTS),
+        pretrain=PretrainSpec(batch_size=batch,
+                              budget_tokens=[n(QUICKSTART_UPDATES["pretrain"]) * tokens_per_update]),
+        generate=GenerateSpec(**({"prompts": list(prompts)} if prompts is not None else {})),
+        run=RunSpec(jobs=jobs, threads=threads))
+    return plan
+
+
+__all__ = [
+    "DataSpec", "EvalSpec", "Files", "GenerateSpec", "GeneratorSpec", "ImageTokenizerSpec", "InstructFiles",
+    "InstructSpec", "OptimSpec", "PAPER_CROSS", "PARENTS", "ParentSpec", "ParentTrainSpec", "ParentsSpec",
+    "PlanError", "PlanSpec", "PretrainSpec", "RunSpec", "SOURCES", "ShapeSpec", "SlurmSpec", "TextTokenizerSpec",
+    "VARIANTS", "Variant", "apply_override", "field_name", "load_plan", "parse_plan", "plan_dict", "plan_yaml",
+    "quickstart_plan", "read_plan_file", "resolve_paths",
+]
