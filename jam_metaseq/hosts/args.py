@@ -216,7 +216,7 @@ def add_task_args(parser: Any) -> None:
     a("--epoch-items", type=int, default=0, help="training items per epoch (0 = all blocks)")
     a("--retrieval-bank", default=None,
       help="memory bank (jam-retrieval build) whose documents are prefixed to items; a source's blocks "
-           "get neighbours from DATA/{split}/{source}.neighbors.npy (jam-retrieval neighbours BANK "
+           "get neighbours from DATA/{split}/{source}.neighbours.npy (jam-retrieval neighbours BANK "
            "--dataset DATA/{split}/{source}); sources without one get no prefix")
     a("--retrieval-k", type=int, default=2, help="retrieved documents per item at most (default %(default)s)")
     a("--retrieval-weight", type=float, default=0.0,
