@@ -200,7 +200,9 @@ class Reader:
                    if not is_version_key(n) and n != "decoder.output_projection.weight")
 
     def config(self, **overrides: Any) -> ModelConfig:
-        """The model config: stored ``jam_config``, else inferred from ``cfg["model"]`` + shapes."""
+        """The model config: stored ``jam_config`` (or a trained checkpoint's task state, the jam-ckpt
+    manifest, ``cfg["model"].jam_config``, a ``config.json`` of ours beside it), else inferred from
+    ``cfg["model"]`` + shapes (``resolve_config``)."""
         return resolve_config(self, **overrides)
 
     def vocab_dict(self) -> dict[str, Any] | None:
@@ -986,7 +988,23 @@ def resolve_config(reader: Reader, **overrides: Any) -> ModelConfig:
     stored = getattr(ns, "jam_config", None) if ns is not None else None
     if stored:
         return config_from_dict(dict(stored))
+    beside = _config_beside(reader)
+    if beside is not None:
+        return config_from_dict(beside)
     return infer_config(reader.shapes(), ns, source=str(reader.path), **overrides)
+
+
+def _config_beside(reader: Reader) -> dict[str, Any] | None:
+    """A ``config.json`` of ours (``config_to_json``: it names its ``type``) in the checkpoint's
+    directory or beside its file; an HF ``config.json`` is not one (``HFOptReader`` reads those)."""
+    side = (reader.path if reader.path.is_dir() else reader.path.parent) / "config.json"
+    if not side.is_file():
+        return None
+    try:
+        d = json.loads(side.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{side}: not a JSON model config ({e})") from None
+    return d if isinstance(d, dict) and d.get("type") in ("DecoderConfig", "CrossConfig") else None
 
 
 def infer_config(shapes: Mapping[str, Sequence[int]], ns: Namespace | None = None, *,
