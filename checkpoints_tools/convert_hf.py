@@ -9,16 +9,12 @@ each direction has its inverse and a round-trip test.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections import OrderedDict
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from checkpoints_tools.readers import MetaseqReader, Reader, SafetensorsReader, TensorInfo, read_safetensors_index
 from checkpoints_tools.safe_load import CheckpointError
 from jam_metaseq.models.config import CrossConfig, DecoderConfig, ModelConfig
 
@@ -108,114 +104,11 @@ def hf_config(cfg: ModelConfig, *, dtype: torch.dtype | None) -> dict[str, Any]:
     }
 
 
-# ---- HF -> metaseq (reading) -------------------------------------------------------------------
+# ---- HF -> metaseq (reading: ``readers.HFOptReader`` applies these) ----------------------------
 
 
-class HFOptReader(Reader):
-    """An HF OPT checkpoint seen with metaseq names (q/k/v fused on read)."""
-
-    def __init__(self, path: str | os.PathLike, *, trust_pickle: bool = False) -> None:
-        path = Path(path)
-        files: list[Path]
-        if (path / "model.safetensors.index.json").is_file():
-            wm = read_safetensors_index(path / "model.safetensors.index.json")
-            raw: Reader = SafetensorsReader(sorted(set(wm.values())), path=path, weight_map=wm)
-        elif (path / "model.safetensors").is_file():
-            raw = SafetensorsReader([path / "model.safetensors"], path=path)
-        elif (path / "pytorch_model.bin.index.json").is_file():
-            files = sorted(set(read_safetensors_index(path / "pytorch_model.bin.index.json").values()))
-            raw = _MultiReader([MetaseqReader({0: {0: f}}, path=f, trust_pickle=trust_pickle, fsdp=False)
-                                for f in files], path=path)
-        elif (path / "pytorch_model.bin").is_file():
-            raw = MetaseqReader({0: {0: path / "pytorch_model.bin"}}, path=path, trust_pickle=trust_pickle,
-                                fsdp=False)
-        else:
-            raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
-        self._init(raw, path, json.loads((path / "config.json").read_text()), str(path / "config.json"))
-
-    @classmethod
-    def from_reader(cls, raw: Reader, *, path: Path) -> "HFOptReader":
-        self = cls.__new__(cls)
-        cfg_file = (path if path.is_dir() else path.parent) / "config.json"
-        hf = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
-        self._init(raw, path, hf, str(cfg_file))
-        return self
-
-    def _init(self, raw: Reader, path: Path, hf: Mapping[str, Any] | None, source: str) -> None:
-        self.raw, self.path, self.format = raw, path, "hf_opt"
-        self.mp, self.fsdp, self.files = 1, 0, list(raw.files)
-        self.meta = dict(raw.meta)
-        self.hf_config = dict(hf) if hf else None
-        names = raw.names()
-        self.prefix = "model." if any(n.startswith("model.decoder.") for n in names) else ""
-        self._hf_cfg = config_from_hf(hf, source=source) if hf else None
-        self._map: dict[str, Any] = {}
-        self._infos = OrderedDict()
-        p = self.prefix
-        version = TensorInfo((1,), torch.float32)
-        self._infos["decoder.version"] = version
-        for ms_name, hf_tpl in KEY_MAP.items():
-            if hf_tpl is None:
-                continue
-            if "{}" not in ms_name:
-                if p + hf_tpl in raw:
-                    self._map[ms_name] = p + hf_tpl
-                    self._infos[ms_name] = raw.info(p + hf_tpl)
-        layers = sorted({int(n[len(p) + len("decoder.layers."):].split(".")[0]) for n in names
-                         if n.startswith(p + "decoder.layers.")})
-        # metaseq order: embeddings, then per layer, then final LN, then output projection.
-        ordered: OrderedDict[str, TensorInfo] = OrderedDict()
-        for k in ("decoder.version", "decoder.embed_tokens.weight", "decoder.embed_positions.weight"):
-            if k in self._infos:
-                ordered[k] = self._infos[k]
-        for i in layers:
-            for kind in ("weight", "bias"):
-                parts = [p + t.format(i, kind) for t in HF_QKV]
-                if all(x in raw for x in parts):
-                    infos = [raw.info(x) for x in parts]
-                    name = QKV.format(i, kind)
-                    self._map[name] = parts
-                    ordered[name] = TensorInfo((3 * infos[0].shape[0], *infos[0].shape[1:]), infos[0].dtype)
-            for ms_tpl, hf_tpl in KEY_MAP.items():
-                if hf_tpl is None or "{}" not in ms_tpl:
-                    continue
-                src = p + hf_tpl.format(i)
-                if src in raw:
-                    self._map[ms_tpl.format(i)] = src
-                    ordered[ms_tpl.format(i)] = raw.info(src)
-        for k in ("decoder.layer_norm.weight", "decoder.layer_norm.bias"):
-            if k in self._infos:
-                ordered[k] = self._infos[k]
-        emb = ordered.get("decoder.embed_tokens.weight")
-        if emb is None:
-            raise CheckpointError(f"{path}: no {p}decoder.embed_tokens.weight: not an OPT checkpoint")
-        ordered["decoder.output_projection.weight"] = emb
-        self._map["decoder.output_projection.weight"] = self._map["decoder.embed_tokens.weight"]
-        ordered["decoder.version"] = TensorInfo((1,), emb.dtype)
-        self._infos = ordered
-        unknown = [n for n in names if not _known_hf(n[len(p):] if n.startswith(p) else n)]
-        if unknown:
-            raise CheckpointError(f"{path}: HF tensor(s) with no metaseq equivalent: {unknown[:3]}")
-
-    def config(self, **overrides: Any) -> ModelConfig:
-        if self._hf_cfg is not None:
-            return self._hf_cfg
-        return super().config(**overrides)
-
-    def tied(self, a: str, b: str) -> bool:
-        return a in self._map and self._map.get(a) == self._map.get(b)  # HF OPT: lm_head = embed_tokens
-
-    def get(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        info = self.info(name)
-        if name == "decoder.version":
-            return torch.tensor([3.0], dtype=dtype or info.dtype)
-        src = self._map[name]
-        if isinstance(src, list):
-            return torch.cat([self.raw.get(s, dtype=dtype) for s in src], dim=0)
-        return self.raw.get(src, dtype=dtype)
-
-
-def _known_hf(n: str) -> bool:
+def is_hf_opt_name(n: str) -> bool:
+    """An HF OPT tensor name (without the ``model.`` prefix) that has a metaseq equivalent."""
     if n == "lm_head.weight":
         return True
     tpl, _ = _template(n)
@@ -223,22 +116,6 @@ def _known_hf(n: str) -> bool:
         return True
     return any(tpl == t.format("{}", k) for t in HF_QKV for k in ("weight", "bias"))
 
-
-class _MultiReader(Reader):
-    """Several files (an HF ``.bin`` index) as one name space."""
-
-    def __init__(self, readers: Sequence[Reader], *, path: Path) -> None:
-        self.path, self.format, self.files, self.meta = path, "multi", [], {}
-        self._owner: dict[str, Reader] = {}
-        self._infos = OrderedDict()
-        for r in readers:
-            self.files += r.files
-            for n in r.names():
-                self._owner[n] = r
-                self._infos[n] = r.info(n)
-
-    def get(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self._owner[name].get(name, dtype=dtype)
 
 
 # ---- metaseq -> HF (writing) -------------------------------------------------------------------

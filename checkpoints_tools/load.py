@@ -1,9 +1,11 @@
 """Load any checkpoint the tools read into a core model; inspect and verify outputs.
 
-``load_model`` is what the generator and evaluator call: it accepts a ``jam-ckpt`` output
-directory (any layout), a single file, model-parallel parts or FSDP shards, an HF OPT directory,
-or a fairseq/metaseq-trained checkpoint (whose ``cfg["model"]`` carries ``jam_config``), and
-returns ``(model, cfg, vocab)`` with the weights loaded ``strict=True``.
+``load_model`` is the one checkpoint loader of the project: the generator, the evaluator, the
+lm-eval adapter, ``jam run`` / the quickstart and the hosts' starting-checkpoint check all call it.
+It accepts a ``jam-ckpt`` output directory (any layout), a single file, model-parallel parts or
+FSDP shards, an HF OPT directory, or a fairseq/metaseq-trained checkpoint (whose ``cfg["model"]``
+carries ``jam_config``), finds the config and vocabulary manifest in or beside it (or takes
+given ones), and returns ``(model, cfg, vocab)`` with the weights loaded ``strict=True``.
 """
 
 from __future__ import annotations
@@ -16,21 +18,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from checkpoints_tools.readers import Reader, is_version_key, open_checkpoint
+from checkpoints_tools.readers import Reader, arch_of, open_checkpoint
 from checkpoints_tools.safe_load import CheckpointError
 from checkpoints_tools.writers import sha256_file
+from jam_metaseq.errors import read_json
 from jam_metaseq.models import keys
-from jam_metaseq.models.config import CrossConfig, ModelConfig
+from jam_metaseq.models.config import CrossConfig, DecoderConfig, ModelConfig, config_from_dict
 from jam_metaseq.vocab import VocabManifest
 
 
-def _build_empty(cfg: ModelConfig) -> nn.Module:
-    """The model without spending time on random init (meta build, then real empty storage)."""
+def _build_empty(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The model without spending time on random init (meta build, then empty storage of
+    ``dtype`` on ``device``; the meta device keeps it storage-free)."""
     from jam_metaseq.models import build_model
 
     with torch.device("meta"):
-        model = build_model(cfg)
-    model.to_empty(device="cpu")
+        model = build_model(cfg).to(dtype)
+    if device.type == "meta":
+        return model
+    model.to_empty(device=device)
     dec = getattr(model, "decoder", None)
     if dec is not None and hasattr(dec, "output_projection") and hasattr(dec, "embed_tokens"):
         dec.output_projection.weight = dec.embed_tokens.weight  # to_empty unties shared params
@@ -54,43 +60,90 @@ def _key_map(reader: Reader, expected: list[str]) -> dict[str, str]:
 
 
 def load_vocab_of(reader: Reader) -> VocabManifest | None:
+    """The checkpoint's vocabulary manifest: stored in it (``Reader.vocab_dict``), else a
+    ``vocab.json`` beside its file; None when there is none."""
     d = reader.vocab_dict()
+    source = str(reader.path)
     if d is None:
-        p = reader.path if reader.path.is_dir() else reader.path.parent
-        if (p / "vocab.json").is_file():
-            d = json.loads((p / "vocab.json").read_text())
+        side = (reader.path if reader.path.is_dir() else reader.path.parent) / "vocab.json"
+        if side.is_file():
+            d, source = read_json(side, what="vocab manifest"), str(side)
     if d is None:
         return None
-    return VocabManifest.from_dict(d, source=str(reader.path))
+    return VocabManifest.from_dict(d, source=source)
 
 
-def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None, trust_pickle: bool = False,
+def _given_config(config: ModelConfig | str | os.PathLike) -> ModelConfig:
+    if isinstance(config, (DecoderConfig, CrossConfig)):
+        return config
+    d = read_json(config, what="model config")
+    try:
+        return config_from_dict(d)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{config}: bad model config ({e})") from None
+
+
+def load_model(path: str | os.PathLike | Reader, *, config: ModelConfig | str | os.PathLike | None = None,
+               vocab: VocabManifest | str | os.PathLike | None = None, require_vocab: bool = False,
+               dtype: torch.dtype | None = None, device: str | torch.device = "cpu", trust_pickle: bool = False,
                heads: int | None = None, replica_mismatch: str = "error",
                ) -> tuple[nn.Module, ModelConfig, VocabManifest | None]:
-    """(model in eval mode, its config, its vocab manifest or None) from any supported checkpoint.
+    """(model in eval mode, its config, its vocab manifest or None) from any supported checkpoint:
+    the one loader of ``jam-generate``, ``jam-eval``, the lm-eval adapter, ``jam run`` / the
+    quickstart and the hosts' starting-checkpoint check.
 
-    ``dtype`` None keeps the stored parameter dtype. The vocab manifest, when present, is checked
-    against the embedding (a mismatch stops with both sizes). ``replica_mismatch``: see
-    ``readers.REPLICA_MISMATCH``.
+    - ``path``: anything ``open_checkpoint`` reads (a jam-ckpt output directory in any layout, a
+      single ``.pt`` / ``.safetensors`` file, model-parallel parts, FSDP shards, an HF OPT
+      directory, a fairseq/metaseq-trained checkpoint), or a ``Reader`` already open. Pickles are read by
+      ``safe_load.safe_torch_load`` only; ``trust_pickle`` is the ``--trust-pickle`` flag
+      (``jam_metaseq.errors.add_trust_pickle_flag``).
+    - ``config``: a ``ModelConfig`` or a JSON file of ``config_to_json`` that replaces the
+      checkpoint's own (``Reader.config``: the stored ``jam_config``, a trained checkpoint's task
+      state or ``cfg["model"]``, the jam-ckpt manifest, a ``config.json`` of ours beside the
+      file, else inferred from the shapes; ``heads`` when the shapes cannot tell).
+    - ``vocab``: a manifest or its JSON file that replaces the checkpoint's (``load_vocab_of``);
+      the one used must match the embedding (a mismatch stops with both sizes);
+      ``require_vocab``: finding none is an error naming the checkpoint.
+    - ``dtype``: None keeps the stored parameter dtype; ``device``: where the weights go
+      (``"meta"``: no tensor data is read, only every name and shape checked against the model).
+    - ``replica_mismatch``: see ``readers.REPLICA_MISMATCH``.
+
+    Errors are ``CheckpointError`` naming the file (and the tensor or setting).
     """
-    reader = open_checkpoint(path, trust_pickle=trust_pickle, replica_mismatch=replica_mismatch)
-    cfg = reader.config(**({"heads": heads} if heads else {}))
-    vocab = load_vocab_of(reader)
-    if vocab is not None:
-        vocab.check_embedding(cfg.vocab_size, what=f"checkpoint {path}")
-    model = _build_empty(cfg)
-    expected = list(model.state_dict().keys())
-    kmap = _key_map(reader, expected)
+    if isinstance(path, Reader):  # already open (its own trust_pickle / replica_mismatch)
+        reader, path = path, path.path
+    else:
+        path = Path(path)
+        reader = open_checkpoint(path, trust_pickle=trust_pickle, replica_mismatch=replica_mismatch)
+    cfg = _given_config(config) if config is not None else reader.config(**({"heads": heads} if heads else {}))
+    if vocab is None:
+        manifest = load_vocab_of(reader)
+    else:
+        manifest = vocab if isinstance(vocab, VocabManifest) else VocabManifest.load(vocab)
+    if manifest is None and require_vocab:
+        raise CheckpointError(f"{path}: no vocabulary manifest (none stored in the checkpoint, no vocab.json "
+                              "beside it); pass --vocab")
+    device = torch.device(device)
+    model = _build_empty(cfg, device=device, dtype=dtype or reader.param_dtype)
+    expected = model.state_dict()
+    kmap = _key_map(reader, list(expected))
     extra = set(reader.names()) - set(kmap.values())
     if extra:
         raise CheckpointError(f"{reader.path}: tensors the model does not have: {sorted(extra)[:3]}")
-    state = {n: reader.get(kmap[n]) for n in expected}
-    out_dtype = dtype or reader.param_dtype
-    model.load_state_dict(state, strict=True)
-    del state
-    model.to(out_dtype)
+    for n, t in expected.items():
+        got = tuple(reader.info(kmap[n]).shape)
+        if got != tuple(t.shape):
+            raise CheckpointError(f"{reader.path}: {kmap[n]} has shape {got} but the model "
+                                  f"({arch_of(cfg)}) expects {tuple(t.shape)}")
+    if manifest is not None:
+        try:
+            manifest.check_embedding(int(expected[keys.EMBED].shape[0]), what=f"checkpoint {path}")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    if device.type != "meta":
+        model.load_state_dict({n: reader.get(kmap[n]) for n in expected}, strict=True)
     model.eval()
-    return model, cfg, vocab
+    return model, cfg, manifest
 
 
 def inspect_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, heads: int | None = None) -> dict[str, Any]:
@@ -105,7 +158,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, h
         info["dtype"] = f"mixed ({e})"
     try:
         cfg = r.config(**({"heads": heads} if heads else {}))
-        info["arch"] = "jam_cross" if isinstance(cfg, CrossConfig) else cfg.arch
+        info["arch"] = arch_of(cfg)
         info["config"] = cfg.to_dict()
     except CheckpointError as e:
         info["arch"] = None

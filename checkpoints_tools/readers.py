@@ -3,7 +3,7 @@
 Layouts (``docs/CHECKPOINTS.md``, Files): a consolidated ``X.pt``; model-parallel parts
 ``X-model_part-{r}.pt``; FSDP shards ``X-shard{j}.pt`` with ``shard_metadata``; both
 (``X-model_part-{r}-shard{j}.pt``); safetensors files (single or indexed); HF OPT directories
-(converted on the fly by ``convert_hf``). ``open_checkpoint(path)`` picks the layout and returns
+(``HFOptReader``: converted on the fly by ``convert_hf``'s key maps). ``open_checkpoint(path)`` picks the layout and returns
 a ``Reader`` whose ``get(name)`` materialises one consolidated tensor at a time: MP pieces are
 joined with ``layout.join``, FSDP flat parameters are unpadded and cut by offset without ever
 building the whole flat vector; bytes are read with pread (``safe_load.MappedFile``), each
@@ -32,6 +32,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from checkpoints_tools import layout
+from checkpoints_tools.convert_hf import HF_QKV, KEY_MAP, QKV, config_from_hf, is_hf_opt_name
 from checkpoints_tools.safe_load import CheckpointError, MappedFile, safe_torch_load
 from checkpoints_tools.workspace import Workspace
 from jam_metaseq.models import keys
@@ -199,7 +200,9 @@ class Reader:
                    if not is_version_key(n) and n != "decoder.output_projection.weight")
 
     def config(self, **overrides: Any) -> ModelConfig:
-        """The model config: stored ``jam_config``, else inferred from ``cfg["model"]`` + shapes."""
+        """The model config: stored ``jam_config`` (or a trained checkpoint's task state, the jam-ckpt
+    manifest, ``cfg["model"].jam_config``, a ``config.json`` of ours beside it), else inferred from
+    ``cfg["model"]`` + shapes (``resolve_config``)."""
         return resolve_config(self, **overrides)
 
     def vocab_dict(self) -> dict[str, Any] | None:
@@ -775,13 +778,12 @@ def _validate_groups(base: Path, groups: dict[int, dict[int, Path]]) -> tuple[di
 def open_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False,
                     replica_mismatch: str = "error") -> Reader:
     """Open any supported checkpoint layout lazily. HF OPT directories/files come back already
-    converted to metaseq names (``convert_hf.HFOptReader``). ``replica_mismatch``: see
+    converted to metaseq names (``HFOptReader``). ``replica_mismatch``: see
     ``REPLICA_MISMATCH`` (model-parallel parts whose replicated tensors differ)."""
     path = Path(path)
     mkw = {"trust_pickle": trust_pickle, "replica_mismatch": replica_mismatch}
     if path.is_dir():
         if (path / "config.json").is_file() and _hf_weight_files(path):
-            from checkpoints_tools.convert_hf import HFOptReader
             return HFOptReader(path, trust_pickle=trust_pickle)
         st = sorted(path.glob("*.safetensors"))
         pts = sorted(path.glob("*.pt"))
@@ -834,9 +836,132 @@ def _maybe_hf(reader: Reader, path: Path) -> Reader:
     names = reader.names()
     if any(n.startswith(("model.decoder.", f"{keys.LAYERS}.0.self_attn.q_proj")) for n in names) and \
             not any(n.endswith(f"{keys.QKV}.weight") for n in names):
-        from checkpoints_tools.convert_hf import HFOptReader
         return HFOptReader.from_reader(reader, path=path)
     return reader
+
+
+# ---- HF OPT --------------------------------------------------------------------------------------
+
+
+class HFOptReader(Reader):
+    """An HF OPT checkpoint seen with metaseq names (q/k/v fused on read)."""
+
+    def __init__(self, path: str | os.PathLike, *, trust_pickle: bool = False) -> None:
+        path = Path(path)
+        files: list[Path]
+        if (path / "model.safetensors.index.json").is_file():
+            wm = read_safetensors_index(path / "model.safetensors.index.json")
+            raw: Reader = SafetensorsReader(sorted(set(wm.values())), path=path, weight_map=wm)
+        elif (path / "model.safetensors").is_file():
+            raw = SafetensorsReader([path / "model.safetensors"], path=path)
+        elif (path / "pytorch_model.bin.index.json").is_file():
+            files = sorted(set(read_safetensors_index(path / "pytorch_model.bin.index.json").values()))
+            raw = _MultiReader([MetaseqReader({0: {0: f}}, path=f, trust_pickle=trust_pickle, fsdp=False)
+                                for f in files], path=path)
+        elif (path / "pytorch_model.bin").is_file():
+            raw = MetaseqReader({0: {0: path / "pytorch_model.bin"}}, path=path, trust_pickle=trust_pickle,
+                                fsdp=False)
+        else:
+            raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
+        self._init(raw, path, json.loads((path / "config.json").read_text()), str(path / "config.json"))
+
+    @classmethod
+    def from_reader(cls, raw: Reader, *, path: Path) -> "HFOptReader":
+        self = cls.__new__(cls)
+        cfg_file = (path if path.is_dir() else path.parent) / "config.json"
+        hf = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+        self._init(raw, path, hf, str(cfg_file))
+        return self
+
+    def _init(self, raw: Reader, path: Path, hf: Mapping[str, Any] | None, source: str) -> None:
+        self.raw, self.path, self.format = raw, path, "hf_opt"
+        self.mp, self.fsdp, self.files = 1, 0, list(raw.files)
+        self.meta = dict(raw.meta)
+        self.hf_config = dict(hf) if hf else None
+        names = raw.names()
+        self.prefix = "model." if any(n.startswith("model.decoder.") for n in names) else ""
+        self._hf_cfg = config_from_hf(hf, source=source) if hf else None
+        self._map: dict[str, Any] = {}
+        self._infos = OrderedDict()
+        p = self.prefix
+        version = TensorInfo((1,), torch.float32)
+        self._infos["decoder.version"] = version
+        for ms_name, hf_tpl in KEY_MAP.items():
+            if hf_tpl is None:
+                continue
+            if "{}" not in ms_name:
+                if p + hf_tpl in raw:
+                    self._map[ms_name] = p + hf_tpl
+                    self._infos[ms_name] = raw.info(p + hf_tpl)
+        layers = sorted({int(n[len(p) + len("decoder.layers."):].split(".")[0]) for n in names
+                         if n.startswith(p + "decoder.layers.")})
+        # metaseq order: embeddings, then per layer, then final LN, then output projection.
+        ordered: OrderedDict[str, TensorInfo] = OrderedDict()
+        for k in ("decoder.version", "decoder.embed_tokens.weight", "decoder.embed_positions.weight"):
+            if k in self._infos:
+                ordered[k] = self._infos[k]
+        for i in layers:
+            for kind in ("weight", "bias"):
+                parts = [p + t.format(i, kind) for t in HF_QKV]
+                if all(x in raw for x in parts):
+                    infos = [raw.info(x) for x in parts]
+                    name = QKV.format(i, kind)
+                    self._map[name] = parts
+                    ordered[name] = TensorInfo((3 * infos[0].shape[0], *infos[0].shape[1:]), infos[0].dtype)
+            for ms_tpl, hf_tpl in KEY_MAP.items():
+                if hf_tpl is None or "{}" not in ms_tpl:
+                    continue
+                src = p + hf_tpl.format(i)
+                if src in raw:
+                    self._map[ms_tpl.format(i)] = src
+                    ordered[ms_tpl.format(i)] = raw.info(src)
+        for k in ("decoder.layer_norm.weight", "decoder.layer_norm.bias"):
+            if k in self._infos:
+                ordered[k] = self._infos[k]
+        emb = ordered.get("decoder.embed_tokens.weight")
+        if emb is None:
+            raise CheckpointError(f"{path}: no {p}decoder.embed_tokens.weight: not an OPT checkpoint")
+        ordered["decoder.output_projection.weight"] = emb
+        self._map["decoder.output_projection.weight"] = self._map["decoder.embed_tokens.weight"]
+        ordered["decoder.version"] = TensorInfo((1,), emb.dtype)
+        self._infos = ordered
+        unknown = [n for n in names if not is_hf_opt_name(n[len(p):] if n.startswith(p) else n)]
+        if unknown:
+            raise CheckpointError(f"{path}: HF tensor(s) with no metaseq equivalent: {unknown[:3]}")
+
+    def config(self, **overrides: Any) -> ModelConfig:
+        if self._hf_cfg is not None:
+            return self._hf_cfg
+        return super().config(**overrides)
+
+    def tied(self, a: str, b: str) -> bool:
+        return a in self._map and self._map.get(a) == self._map.get(b)  # HF OPT: lm_head = embed_tokens
+
+    def get(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        info = self.info(name)
+        if name == "decoder.version":
+            return torch.tensor([3.0], dtype=dtype or info.dtype)
+        src = self._map[name]
+        if isinstance(src, list):
+            return torch.cat([self.raw.get(s, dtype=dtype) for s in src], dim=0)
+        return self.raw.get(src, dtype=dtype)
+
+
+class _MultiReader(Reader):
+    """Several files (an HF ``.bin`` index) as one name space."""
+
+    def __init__(self, readers: Sequence[Reader], *, path: Path) -> None:
+        self.path, self.format, self.files, self.meta = path, "multi", [], {}
+        self._owner: dict[str, Reader] = {}
+        self._infos = OrderedDict()
+        for r in readers:
+            self.files += r.files
+            for n in r.names():
+                self._owner[n] = r
+                self._infos[n] = r.info(n)
+
+    def get(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self._owner[name].get(name, dtype=dtype)
 
 
 # ---- configs -----------------------------------------------------------------------------------
@@ -863,7 +988,23 @@ def resolve_config(reader: Reader, **overrides: Any) -> ModelConfig:
     stored = getattr(ns, "jam_config", None) if ns is not None else None
     if stored:
         return config_from_dict(dict(stored))
+    beside = _config_beside(reader)
+    if beside is not None:
+        return config_from_dict(beside)
     return infer_config(reader.shapes(), ns, source=str(reader.path), **overrides)
+
+
+def _config_beside(reader: Reader) -> dict[str, Any] | None:
+    """A ``config.json`` of ours (``config_to_json``: it names its ``type``) in the checkpoint's
+    directory or beside its file; an HF ``config.json`` is not one (``HFOptReader`` reads those)."""
+    side = (reader.path if reader.path.is_dir() else reader.path.parent) / "config.json"
+    if not side.is_file():
+        return None
+    try:
+        d = json.loads(side.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{side}: not a JSON model config ({e})") from None
+    return d if isinstance(d, dict) and d.get("type") in ("DecoderConfig", "CrossConfig") else None
 
 
 def infer_config(shapes: Mapping[str, Sequence[int]], ns: Namespace | None = None, *,

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jam_metaseq.eval.io import load_checkpoint, save_checkpoint
+from checkpoints_tools.load import load_model
+from jam_metaseq.eval.io import save_checkpoint
 from jam_metaseq.eval.ppl import perplexity, rolling_windows
 from jam_metaseq.models import build_model, cross_of, preset, width_of
 from jam_metaseq.vocab import VocabManifest, tiny_manifest
@@ -204,7 +205,7 @@ def _write_jsonl(path, docs):
 
 def test_checkpoint_round_trip(ckpt):
     path, model = ckpt
-    loaded, cfg, vocab = load_checkpoint(path)
+    loaded, cfg, vocab = load_model(path)
     assert vocab == BYTES_VOCAB and cfg == model.cfg
     x = torch.tensor([[2, 70, 80, 90]])
     torch.testing.assert_close(loaded(x), model(x))

@@ -158,15 +158,15 @@ def test_start_checkpoint_check(tmp_path):
 
     path = fused_checkpoint("jam_uniform", tmp_path, use_cli=False)
     cfg = jam_args.config_from_args(_filled("jam_uniform_tiny"), vocab_size=VOCAB.size)
-    shapes = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
-    check_start_checkpoint(path, model_shapes=shapes, vocab=VOCAB)  # fits
+    check_start_checkpoint(path, config=cfg, vocab=VOCAB)  # fits
     big = tiny_manifest(text_size=72)
     with pytest.raises(ValueError, match=f"vocab manifest has {big.size} ids but the checkpoint"):
-        check_start_checkpoint(path, model_shapes=shapes, vocab=big)
+        check_start_checkpoint(path, config=cfg, vocab=big)
     wide = jam_args.config_from_args(_filled("jam_width_tiny"), vocab_size=VOCAB.size)
-    wshapes = {k: tuple(v.shape) for k, v in build_model(wide).state_dict().items()}
-    with pytest.raises(ValueError, match="has shape .* but the --arch model expects"):
-        check_start_checkpoint(path, model_shapes=wshapes, vocab=VOCAB)
+    with pytest.raises(ValueError, match="has shape .* but the model .* expects"):
+        check_start_checkpoint(path, config=wide, vocab=VOCAB)
+    with pytest.raises(ValueError, match="written for model-parallel size 1, the run uses --model-parallel-size 2"):
+        check_start_checkpoint(path, config=cfg, vocab=VOCAB, model_parallel_size=2)
 
 
 # ---- the fairseq wrapper -------------------------------------------------------------------------

@@ -121,13 +121,12 @@ def _has_module(name: str) -> bool:
 def test_production_converter_agrees_with_test_map(tmp_path):
     """Cross-check: the checkpoint helper's HF reader (a saved HF OPT, read with metaseq names) gives
     the same tensors as this file's key map, its config is ours, and its inverse gives HF's names."""
-    convert_hf = pytest.importorskip("checkpoints_tools.convert_hf")
-    if not all(hasattr(convert_hf, a) for a in ("HFOptReader", "to_hf_items")):
-        pytest.skip("convert_hf exposes no HFOptReader / to_hf_items")
+    from checkpoints_tools import convert_hf, readers
+
     cfg = tiny_cfg(scale_embedding=False)
     hf = make_hf_opt(cfg, seed=7)
     hf.save_pretrained(tmp_path)
-    reader = convert_hf.HFOptReader(tmp_path)
+    reader = readers.HFOptReader(tmp_path)
     expected = hf_to_metaseq(hf.state_dict(), layers=cfg.layers)
     got = dict(reader.items())
     assert set(got) == set(expected)

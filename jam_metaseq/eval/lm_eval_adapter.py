@@ -10,7 +10,7 @@ no plugin entry point for models, so the bare ``lm_eval --model jam`` does not f
     import jam_metaseq.eval.lm_eval_adapter; lm_eval.simple_evaluate(model="jam", ...)
 
 Model arguments (``--model_args k=v,...``): ``checkpoint`` (path, read by
-``jam_metaseq.eval.io.load_checkpoint``), ``tokenizer`` (text tokenizer spec; default: the
+``checkpoints_tools.load_model``), ``tokenizer`` (text tokenizer spec; default: the
 manifest's ``text_tokenizer``), ``config`` / ``vocab`` (JSON files overriding the checkpoint's),
 ``batch_size`` (int or ``auto`` = 8), ``max_length`` (default: the model's max_positions),
 ``device``, ``dtype`` (float32 | bfloat16 | float16), ``trust_pickle``. In-process callers may pass
@@ -80,10 +80,10 @@ class JamLM(TemplateLM):
         if model is None:
             if checkpoint is None:
                 raise ValueError("jam: model_args needs checkpoint=PATH")
-            from jam_metaseq.eval.io import load_checkpoint
+            from checkpoints_tools.load import load_model
 
-            model, _, manifest = load_checkpoint(checkpoint, config=config, vocab=vocab,
-                                                 trust_pickle=_as_bool(trust_pickle))
+            model, _, manifest = load_model(checkpoint, config=config, vocab=vocab, require_vocab=True,
+                                            trust_pickle=_as_bool(trust_pickle))
         elif manifest is None:
             raise ValueError("jam: an in-process model needs manifest=")
         assert manifest is not None

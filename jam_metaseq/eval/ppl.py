@@ -260,12 +260,13 @@ def evaluate_ppl_files(
     every document must hold an image), ``auto`` (no check). ``use_loss_mask``: count only targets
     whose loss mask is True (instruction data: the response).
     """
-    from jam_metaseq.eval.io import EvalInputError, load_checkpoint, read_sequences
+    from checkpoints_tools.load import load_model
+    from jam_metaseq.eval.io import EvalInputError, read_sequences
 
     if kind not in PPL_KINDS:
         raise EvalInputError(f"kind must be one of {PPL_KINDS}, got {kind!r}")
-    model, cfg, manifest = load_checkpoint(checkpoint, config=config, vocab=vocab, trust_pickle=trust_pickle)
-    model = model.to(device=device, dtype=getattr(torch, dtype))
+    model, cfg, manifest = load_model(checkpoint, config=config, vocab=vocab, require_vocab=True,
+                                      dtype=getattr(torch, dtype), device=device, trust_pickle=trust_pickle)
     text_tok = None
     spec = tokenizer or manifest.text_tokenizer
     if spec:

@@ -7,8 +7,10 @@ sampling (temperature, top-p, top-k, repetition penalty). Modules:
 - ``sampling``: ``SamplingConfig``, ``sample``, counter-based ``row_uniform``
 - ``state``: ``MixedModalRules``, ``MixedModalState`` (per-row modality state on token ids)
 - ``cfg``: ``unconditional_prompt``, ``blend`` (Eq. 6)
+- ``step``: ``decode_step`` (the one decode step of every mode: forward, ``choose_tokens``, state
+  advance, feed) over ``DecodeBuffers``
 - ``engine``: ``GenerationConfig``, ``Engine`` (setup_caches / prefill / decode_one_token /
-  decode_n_tokens / generate)
+  decode_n_tokens / generate); ``static``: the fixed-shape loop and its CUDA graphs
 - ``answer``: ``Answer``, ``TextSegment``, ``ImageSegment``, ``split_segments``
 - ``render``: JSON lines, Markdown, HTML, PNGs through an image-tokenizer decoder
 - ``run`` / ``cli``: ``jam-generate``

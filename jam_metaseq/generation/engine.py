@@ -5,13 +5,14 @@ Small named steps (gpt-fast style):
 - ``setup_caches``: one explicit ``KVCache`` for all rows (JAM-Cross caches both branches and its
   cross blocks' keys/values; the model decides what it stores).
 - ``prefill``: the left-padded prompts in one forward pass; returns the last position's logits.
-- ``choose_tokens``: guidance (Eq. 6) on image rows, repetition penalty on text rows, the mixed-modal
-  constraints (``state.py``), then per-row seeded sampling (``sampling.py``).
-- ``decode_one_token``: one (R, 1) step through the cache.
-- ``decode_n_tokens``: the loop; ``generate`` ties it together and returns structured ``Answer``s.
+- ``decode_one_token``: one (R, 1) forward through the cache.
+- ``decode_n_tokens``: the loop of ``step.decode_step`` (forward, guidance of Eq. 6 on image rows,
+  repetition penalty on text rows, the mixed-modal constraints of ``state.py``, per-row seeded
+  sampling of ``sampling.py``, state advance); ``generate`` ties it together and returns
+  structured ``Answer``s.
 
-``decode="static"`` / ``"graph"`` run the decode steps with fixed shapes over persistent buffers,
-the latter as replayed CUDA graphs (``static.py``); the default ``"eager"`` is fastest on CPU.
+``decode="static"`` / ``"graph"`` run the same ``decode_step`` with fixed shapes over persistent
+buffers, the latter as replayed CUDA graphs (``static.py``); the default ``"eager"`` is fastest on CPU.
 
 With guidance the batch holds 2B rows: rows [0, B) are the prompts, rows [B, 2B) the same prompts
 with their text replaced by ``<mask>`` (``cfg.unconditional_prompt``). Both rows of a pair run in
@@ -21,7 +22,6 @@ sampled from the conditional row alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -30,50 +30,13 @@ from torch import nn
 from jam_metaseq.vocab import VocabManifest
 
 from .answer import Answer, open_image_codes, split_segments
-from .cfg import DEFAULT_ALPHA, blend, unconditional_prompt
-from .sampling import SamplingConfig, apply_repetition_penalty, sample
+from .cfg import unconditional_prompt
+from .config import GenerationConfig
 from .state import IMAGE, MixedModalRules, MixedModalState
 from .static import StaticDecoder
+from .step import DecodeBuffers, decode_step, next_logits
 
 DECODE_MODES = ("eager", "static", "graph")
-
-
-def _default_sampling() -> SamplingConfig:
-    return SamplingConfig(temperature=1.0, top_p=0.9)
-
-
-@dataclass
-class GenerationConfig:
-    """Everything that shapes one ``generate`` call."""
-
-    max_new_tokens: int = 1280
-    """Generated tokens per answer, images included (lowered per prompt to fit the context)."""
-    text: SamplingConfig = field(default_factory=_default_sampling)
-    """Sampling of text tokens (paper: tau = 1, top-p 0.8-1)."""
-    image: SamplingConfig = field(default_factory=_default_sampling)
-    """Sampling of image tokens (the repetition penalty is never applied to them)."""
-    guidance_scale: float = DEFAULT_ALPHA
-    """CFG alpha of Eq. 6 (paper: 3.5 or 4); 1 = plain conditional sampling."""
-    guidance: bool = True
-    """Run the unconditional rows at all (False halves the batch; image tokens then unguided)."""
-    max_images: int = 3
-    """Images per answer; 0 forbids images."""
-    min_images: int = 0
-    """``<eos>`` is forbidden until this many images were written (while one still fits)."""
-    force_image_first: bool = False
-    """Start the answer with an image (text-to-image)."""
-    seed: int = 0
-    """Row i of a call uses seed + i unless seeds are given explicitly."""
-    check_done_every: int = 1
-    """Steps between checks whether every row finished (a host sync on accelerators)."""
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.max_images < 0 or self.min_images < 0:
-            raise ValueError("max_images and min_images must be >= 0")
-        if self.check_done_every < 1:
-            raise ValueError("check_done_every must be >= 1")
 
 
 class Engine:
@@ -111,7 +74,7 @@ class Engine:
         self.cache = None
         self._seq: torch.Tensor | None = None  # (R, T) whole sequences, uncached mode only
         self.static = None if decode == "eager" else StaticDecoder(
-            self, use_graphs=decode == "graph", key_block=key_block
+            model, pad=vocab.pad, use_graphs=decode == "graph", key_block=key_block
         )
 
     @property
@@ -135,37 +98,22 @@ class Engine:
             self.cache = self.model.setup_caches(batch_size, max_len) if self.use_cache else None
         return self.cache
 
-    def last_logits(
-        self, tokens: torch.Tensor, columns: tuple[int, int] | None, *, span: int | None = None
-    ) -> torch.Tensor:
-        """(R, T) tokens through the cache -> (R, V) logits of the last position (or ``columns``);
-        ``span``: a static step over that many cached keys."""
-        if span is None:
-            feats = self.model.extract_features(tokens, cache=self.cache)[:, -1]  # (R, E): last position only
-        else:
-            feats = self.model.extract_features(tokens, cache=self.cache, span=span)[:, -1]
-        if columns is None:
-            return self.model.output_layer(feats)  # (R, V)
-        # Image steps only need the image-code rows of the tied projection (8192 of ~65k).
-        weight = self.model.decoder.output_projection.weight[columns[0] : columns[1]]
-        return torch.nn.functional.linear(feats, weight)  # (R, hi - lo)
-
     def prefill(self, tokens: torch.Tensor, *, columns: tuple[int, int] | None = None) -> torch.Tensor:
         """(R, T) left-padded prompts -> (R, V) next-token logits (or the ``columns`` [lo, hi) only)."""
         if not self.use_cache:
             self._seq = tokens
-        return self.last_logits(tokens, columns)
+        return next_logits(self.model, tokens, columns, cache=self.cache)
 
-    def decode_one_token(self, tokens: torch.Tensor, *, columns: tuple[int, int] | None = None) -> torch.Tensor:
+    def decode_one_token(self, tokens: torch.Tensor, columns: tuple[int, int] | None = None) -> torch.Tensor:
         """(R, 1) tokens -> (R, V) next-token logits (uncached mode reruns the whole sequence; static
         modes run a fixed-shape step)."""
         if self.static is not None:
             return self.static.logits(tokens, columns)
         if self.use_cache:
-            return self.last_logits(tokens, columns)
+            return next_logits(self.model, tokens, columns, cache=self.cache)
         assert self._seq is not None, "prefill first"
         self._seq = torch.cat([self._seq, tokens], dim=1)
-        return self.last_logits(self._seq, columns)
+        return next_logits(self.model, self._seq, columns)
 
     def image_columns(self) -> tuple[int, int] | None:
         """The image-code columns [lo, hi) image-only steps project, None when slicing is off."""
@@ -181,48 +129,6 @@ class Engine:
             return columns
         return None
 
-    # ---- token choice --------------------------------------------------------------------------
-    def choose_tokens(
-        self, logits: torch.Tensor, *, state: MixedModalState, seeds: torch.Tensor, step: int,
-        seen: torch.Tensor, config: GenerationConfig, columns: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
-        """(R, V) logits of all rows (or their ``columns`` [lo, hi)) -> (B,) next token per prompt."""
-        B = state.mode.shape[0]
-        lo, hi = columns if columns is not None else (0, self.vocab_size)
-        cond = logits[:B].float()  # (B, V)
-        image_rows = state.image_rows()  # (B,)
-        scores = cond
-        if config.guidance and logits.shape[0] == 2 * B:
-            guided = blend(cond, logits[B:].float(), alpha=config.guidance_scale)
-            scores = torch.where(image_rows[:, None], guided, cond)
-        if config.text.repetition_penalty != 1.0:
-            penalised = apply_repetition_penalty(
-                scores, seen=seen[:, lo:hi], penalty=config.text.repetition_penalty
-            )
-            scores = torch.where(image_rows[:, None], scores, penalised)
-        allowed = state.allowed()[:, lo:hi]
-        # Forced rows may have nothing allowed inside ``columns``: give them finite scores (unused).
-        scores = torch.where(
-            allowed.any(dim=-1, keepdim=True), scores.masked_fill(~allowed, float("-inf")), torch.zeros_like(scores)
-        )
-        txt, img = config.text, config.image
-
-        def per_row(text_value, image_value, dtype):
-            # Filled on the device (torch.tensor(value, device=...) would be a synchronous copy).
-            return torch.full(image_rows.shape, text_value, dtype=dtype, device=scores.device).masked_fill_(
-                image_rows, image_value
-            )
-
-        filtering = txt.top_k > 0 or img.top_k > 0 or txt.top_p < 1 or img.top_p < 1
-        tokens = sample(
-            scores, seeds=seeds, step=step,
-            temperature=per_row(txt.temperature, img.temperature, torch.float32),
-            top_k=per_row(txt.top_k, img.top_k, torch.int64) if filtering else None,
-            top_p=per_row(txt.top_p, img.top_p, torch.float32) if filtering else None,
-        )
-        forced = state.forced()
-        return torch.where(forced >= 0, forced, tokens + lo)
-
     # ---- the loop ------------------------------------------------------------------------------
     def decode_n_tokens(
         self, logits: torch.Tensor, *, state: MixedModalState, seeds: torch.Tensor, seen: torch.Tensor,
@@ -235,30 +141,19 @@ class Engine:
         if self.static is not None:
             return self.static.decode(
                 logits, state=state, seeds=seeds, seen=seen, config=config, num_steps=num_steps,
-                on_step=on_step, columns_of_first=columns_of_first,
+                image_columns=self.image_columns(), on_step=on_step, columns_of_first=columns_of_first,
             )
-        B = state.mode.shape[0]
-        rows = torch.arange(B, device=logits.device)
-        out = torch.full((B, num_steps), self.pad, dtype=torch.int64, device=logits.device)
-        columns = columns_of_first
-        for step in range(num_steps):
-            image_rows = state.image_rows()
-            tokens = self.choose_tokens(
-                logits, state=state, seeds=seeds, step=step, seen=seen, config=config, columns=columns
-            )
-            out[:, step] = tokens
-            state.advance(tokens)
-            seen[rows, tokens] = True
+        bufs = DecodeBuffers.wrap(state, seeds=seeds, seen=seen, rows=logits.shape[0], steps=num_steps, pad=self.pad)
+        decode_step(bufs, forward=self.decode_one_token, columns=columns_of_first, config=config, logits=logits)
+        for step in range(1, num_steps + 1):
             if on_step is not None:
-                on_step(tokens, image_rows)
-            if step + 1 == num_steps:
+                on_step(bufs.out[:, step - 1], bufs.image_rows[:, step - 1])
+            if step == num_steps:
                 break
-            if (step + 1) % config.check_done_every == 0 and bool(state.done.all()):
+            if step % config.check_done_every == 0 and bool(state.done.all()):
                 break
-            feed = tokens.repeat(logits.shape[0] // B)  # same token to the cond and uncond row
-            columns = self.logit_columns(state)
-            logits = self.decode_one_token(feed[:, None], columns=columns)
-        return out
+            decode_step(bufs, forward=self.decode_one_token, columns=self.logit_columns(state), config=config)
+        return bufs.out
 
     def generate(
         self, prompts: Sequence[Sequence[int]], *, config: GenerationConfig,

@@ -1,10 +1,10 @@
 """What ``jam-generate`` does, as a library: load a checkpoint and its vocabulary manifest, encode
 prompts, generate in batches (paper §3.1 decoding), write JSON lines / Markdown / HTML + PNGs.
 
-Checkpoints are opened with ``checkpoints_tools.readers.open_checkpoint`` (any layout the tools
-read: consolidated, MP parts, FSDP shards, safetensors; pickles through its allow-list unless
-``trust_pickle``). The manifest comes from
-``--vocab``, else the checkpoint's ``jam_vocab`` entry, else a ``vocab.json`` beside it.
+Checkpoints are loaded by ``checkpoints_tools.load_model`` (any layout the tools read:
+consolidated, MP parts, FSDP shards, safetensors, HF OPT; pickles through its allow-list unless
+``trust_pickle``). The manifest comes from ``--vocab``, else the checkpoint's own (stored in it,
+else a ``vocab.json`` beside it).
 
 Retrieval augmentation (``--retrieve BANK``; paper §3.1 "Retrieval Augmentation", as for the
 retrieval-augmented samples): each text prompt is the query of the bank's dense retriever (CLIP
@@ -35,7 +35,6 @@ from typing import Any, Sequence
 
 import torch
 
-from jam_metaseq.models import build_model, config_from_dict
 from jam_metaseq.vocab import VocabManifest
 
 from .answer import Answer
@@ -120,70 +119,6 @@ def read_prompts_jsonl(path: str | Path) -> list[PromptSpec]:
     if not specs:
         raise ValueError(f"{path}: no prompts")
     return specs
-
-
-def _load_state(checkpoint: Path, *, trust_pickle: bool = False
-                ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, torch.Tensor]]:
-    """(config dict, vocab dict, state dict) from any checkpoint layout."""
-    from checkpoints_tools.readers import open_checkpoint
-
-    reader = open_checkpoint(checkpoint, trust_pickle=trust_pickle)
-    cfg = reader.config().to_dict()
-    return cfg, reader.vocab_dict(), dict(reader.items())
-
-
-def load_model_and_vocab(
-    checkpoint: str | Path, *, vocab_path: str | Path | None = None, device: str = "cpu",
-    dtype: torch.dtype = torch.float32, trust_pickle: bool = False,
-) -> tuple[torch.nn.Module, VocabManifest]:
-    """Build the model of ``checkpoint`` (strict state-dict load) and its vocabulary manifest.
-
-    ``trust_pickle``: unpickle globals outside the loader's allow-list (``--trust-pickle``)."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.exists():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    cfg_dict, vocab_dict, state = _load_state(checkpoint, trust_pickle=trust_pickle)
-    if cfg_dict is None:
-        raise ValueError(f"{checkpoint}: no 'jam_config' in the checkpoint; write it with jam-ckpt")
-    if vocab_path is not None:
-        vocab = VocabManifest.load(vocab_path)
-        where = str(vocab_path)
-    elif vocab_dict is not None:
-        vocab = VocabManifest.from_dict(vocab_dict, source=f"{checkpoint} (jam_vocab)")
-        where = f"{checkpoint} (jam_vocab)"
-    else:
-        beside = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "vocab.json"
-        if not beside.is_file():
-            raise FileNotFoundError(
-                f"no vocabulary manifest for {checkpoint}: pass --vocab, or put vocab.json beside it"
-            )
-        vocab = VocabManifest.load(beside)
-        where = str(beside)
-    rows = state.get("decoder.embed_tokens.weight")
-    if rows is None:
-        raise ValueError(f"{checkpoint}: no 'decoder.embed_tokens.weight' tensor")
-    if rows.shape[0] != vocab.size:
-        raise ValueError(
-            f"vocab manifest {where} has {vocab.size} ids but the checkpoint {checkpoint}'s embedding "
-            f"has {rows.shape[0]} rows"
-        )
-    cfg = config_from_dict(cfg_dict)
-    with torch.device("meta"):
-        model = build_model(cfg)
-    missing = set(model.state_dict()) - set(state)
-    unexpected = set(state) - set(model.state_dict())
-    if missing or unexpected:
-        raise ValueError(
-            f"{checkpoint}: state dict does not fit {cfg.arch}: missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}"
-        )
-    model.load_state_dict(state, strict=True, assign=True)
-    if hasattr(model.decoder, "output_projection"):  # assign=True breaks the tie: restore it
-        model.decoder.output_projection.weight = model.decoder.embed_tokens.weight
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise ValueError(f"{checkpoint}: tensors not filled by the checkpoint: {left[:3]}")
-    return model.to(device=device, dtype=dtype).eval(), vocab
 
 
 def encode_prompts(
@@ -312,8 +247,10 @@ def generate_answers(
         for s in prompts:  # fail before loading anything
             if s.ids is not None or s.text is None:
                 raise ValueError(f"{s.source}: --retrieve needs a text prompt (the retrieval query), not prompt_ids")
-    model, vocab = load_model_and_vocab(checkpoint, vocab_path=vocab_path, device=device, dtype=dtype,
-                                        trust_pickle=trust_pickle)
+    from checkpoints_tools.load import load_model
+
+    model, _, vocab = load_model(checkpoint, vocab=vocab_path, require_vocab=True, dtype=dtype, device=device,
+                                 trust_pickle=trust_pickle)
     tok = None
     spec = tokenizer or vocab.text_tokenizer
     if spec is not None:

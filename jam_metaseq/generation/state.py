@@ -164,7 +164,7 @@ class MixedModalState:
         return logits.masked_fill(~self.allowed(), float("-inf"))
 
     def advance(self, tokens: torch.Tensor) -> None:
-        """Move every row past its chosen token (B,)."""
+        """Move every row past its chosen token (B,), in place."""
         r = self.rules
         live = self.mode != DONE
         mode = self.mode
@@ -180,11 +180,33 @@ class MixedModalState:
         closed = (mode == CLOSE) & is_break
         new_mode = torch.where(closed, torch.full_like(mode, TEXT), new_mode)
         pos = torch.where(closed | ((mode == TEXT) & is_break), torch.zeros_like(pos), pos)
-        self.images = self.images + closed.long()
-        self.generated = self.generated + live.long()
-        self.hit_eos = self.hit_eos | ended
+        self.images.add_(closed.long())
+        self.generated.add_(live.long())
+        self.hit_eos.logical_or_(ended)
         out_of_room = self.generated >= self.limit
         new_mode = torch.where(ended | (live & out_of_room), torch.full_like(mode, DONE), new_mode)
         new_mode = torch.where(live, new_mode, mode)
-        self.mode = new_mode
-        self.image_pos = pos
+        self.mode.copy_(new_mode)
+        self.image_pos.copy_(pos)
+
+    # In-place throughout: a decode step's buffers are these tensors (``step.DecodeBuffers``).
+    _TENSORS = ("limit", "mode", "image_pos", "images", "generated", "hit_eos", "_text_ok", "_image_ok")
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the state (a decode step reads and writes them in place)."""
+        return [getattr(self, n) for n in self._TENSORS]
+
+    def copy_(self, other: "MixedModalState") -> "MixedModalState":
+        """Take ``other``'s rules and values into this state's tensors (same shapes)."""
+        self.rules = other.rules
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            mine.copy_(theirs)
+        return self
+
+    def clone(self) -> "MixedModalState":
+        """A copy with tensors of its own."""
+        new = object.__new__(type(self))
+        new.rules = self.rules
+        for n in self._TENSORS:
+            setattr(new, n, getattr(self, n).clone())
+        return new

@@ -7,31 +7,34 @@ decode="static" | "graph")``):
 
 - every step attends to a fixed span of the cache, a multiple of ``key_block`` keys
   (``decoder.build_static_context``): positions, masks and the K/V write offset live on the device;
-- the whole step -- forward, ``Engine.choose_tokens`` (CFG of Eq. 6, constraints, seeded sampling),
-  ``MixedModalState.advance`` and the bookkeeping -- reads and writes persistent buffers, so
-  ``graph`` captures it (``torch.cuda.graph``, after a warm-up on a side stream) once per
-  (key span, logit columns, sampling settings) and replays it;
+- the whole step -- ``step.decode_step``, the eager loop's step: forward, CFG of Eq. 6,
+  constraints, seeded sampling, ``MixedModalState.advance`` and the bookkeeping -- reads and writes
+  persistent ``DecodeBuffers``, so ``graph`` captures it (``torch.cuda.graph``, after a warm-up on
+  a side stream) once per (key span, logit columns, sampling settings) and replays it;
 - the host reads the state only where ``plan`` says: inside an image every row stays an image row
   for ``image_tokens - image_pos`` more steps, so those steps run without a single sync.
 
-Same seeds give the same tokens as the eager loop: a step runs the same functions with the same
+Same seeds give the same tokens as the eager loop: a step is the same function with the same
 logit columns; only the attention sees extra keys, masked out (logits equal up to float rounding).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from torch import nn
 
 from jam_metaseq.models import KVCache
 
 from .state import DONE, IMAGE, MixedModalState
+from .step import DecodeBuffers, decode_step, next_logits
 
 if TYPE_CHECKING:
-    from .engine import Engine, GenerationConfig
+    from .config import GenerationConfig
 
 GRAPH_WARMUP_STEPS = 2
 """Eager runs of a step on a side stream before its capture (lazy library init, allocator)."""
@@ -67,20 +70,22 @@ def plan(
 
 
 class StaticDecoder:
-    """Fixed-shape decode steps of one ``Engine`` over persistent buffers (and their CUDA graphs)."""
+    """Fixed-shape decode steps over persistent ``DecodeBuffers`` (and their CUDA graphs) for one model."""
 
-    def __init__(self, engine: "Engine", *, use_graphs: bool, key_block: int) -> None:
-        self.engine = engine
+    def __init__(self, model: nn.Module, *, pad: int, use_graphs: bool, key_block: int) -> None:
+        self.model = model
+        self.pad = pad
         self.key_block = key_block
         self.use_graphs = use_graphs
-        if use_graphs and engine.device.type != "cuda":
+        device = next(model.parameters()).device
+        if use_graphs and device.type != "cuda":
             warnings.warn(
-                f"decode='graph' needs a CUDA device (the model is on {engine.device}); "
+                f"decode='graph' needs a CUDA device (the model is on {device}); "
                 "decoding with static shapes, without graphs", RuntimeWarning, stacklevel=3,
             )
             self.use_graphs = False
         self.cache: KVCache | None = None
-        self.bufs: dict[str, torch.Tensor] = {}
+        self.bufs: DecodeBuffers | None = None
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.graph_replays = 0
@@ -90,20 +95,20 @@ class StaticDecoder:
         """A cache of at least ``max_len`` positions (rounded up to ``key_block``); the previous one is
         reset and kept when it fits, so the captured graphs (which hold its addresses) stay valid."""
         c = self.cache
-        p = next(self.engine.model.parameters())
+        p = next(self.model.parameters())
         if c is not None and c.batch_size == batch_size and c.max_len >= max_len and c.k.device == p.device \
                 and c.k.dtype == p.dtype:
             c.reset()
             return c
         self.drop()
         cap = round_up(max_len, self.key_block) if self.key_block else max_len
-        self.cache = self.engine.model.setup_caches(batch_size, cap)
+        self.cache = self.model.setup_caches(batch_size, cap)
         return self.cache
 
     def drop(self) -> None:
         """Forget the cache, buffers and graphs."""
         self.graphs.clear()
-        self.bufs = {}
+        self.bufs = None
         self.cache = None
 
     def span(self, new_tokens: int = 1) -> int:
@@ -115,95 +120,46 @@ class StaticDecoder:
 
     def logits(self, tokens: torch.Tensor, columns: tuple[int, int] | None) -> torch.Tensor:
         """One static forward: (R, T) tokens -> (R, V) (or ``columns``) logits of the last position."""
-        return self.engine.last_logits(tokens, columns, span=self.span(tokens.shape[1]))
+        return next_logits(self.model, tokens, columns, cache=self.cache, span=self.span(tokens.shape[1]))
 
-    def _bind(self, state: MixedModalState, *, seeds: torch.Tensor, seen: torch.Tensor, rows: int) -> None:
-        """Copy the call's state into the persistent buffers and point ``state`` at them."""
-        B, cap = seeds.shape[0], self.cache.max_len
-        want = {
-            "feed": ((rows, 1), torch.int64), "step": ((), torch.int64), "seeds": ((B,), torch.int64),
-            "seen": (tuple(seen.shape), torch.bool), "out": ((B, cap), torch.int64),
-            "image_rows": ((B, cap), torch.bool),
-        }
-        want.update({f"state.{k}": (tuple(t.shape), t.dtype) for k, t in vars(state).items() if torch.is_tensor(t)})
-        have = {k: (tuple(t.shape), t.dtype) for k, t in self.bufs.items()}
-        if have != want:
+    def _bind(self, state: MixedModalState, *, seeds: torch.Tensor, seen: torch.Tensor, rows: int) -> DecodeBuffers:
+        """The persistent buffers, holding a copy of the call's state (new buffers, and no graphs, when
+        the shapes changed)."""
+        fresh = DecodeBuffers.wrap(state, seeds=seeds, seen=seen, rows=rows, steps=self.cache.max_len, pad=self.pad)
+        if self.bufs is None or self.bufs.signature() != fresh.signature():
             self.graphs.clear()  # they read and write the old buffers
-            device = self.cache.k.device
-            self.bufs = {k: torch.zeros(shape, dtype=dtype, device=device) for k, (shape, dtype) in want.items()}
-        b = self.bufs
-        b["step"].zero_()
-        b["seeds"].copy_(seeds)
-        b["seen"].copy_(seen)
-        b["out"].fill_(self.engine.pad)
-        for name in [k for k in vars(state) if f"state.{k}" in b]:
-            b[f"state.{name}"].copy_(getattr(state, name))
-            setattr(state, name, b[f"state.{name}"])
-
-    def _keep_state(self, state: MixedModalState) -> None:
-        """``advance`` assigns new tensors: copy them into the bound buffers (in place, as a graph must)."""
-        for key, buf in self.bufs.items():
-            if key.startswith("state."):
-                name = key[len("state."):]
-                t = getattr(state, name)
-                if t is not buf:
-                    buf.copy_(t)
-                    setattr(state, name, buf)
-
-    def _unbind(self, state: MixedModalState, seen: torch.Tensor) -> None:
-        for key in self.bufs:
-            if key.startswith("state."):
-                name = key[len("state."):]
-                setattr(state, name, getattr(state, name).clone())
-        seen.copy_(self.bufs["seen"])
+            self.bufs = DecodeBuffers.wrap(state.clone(), seeds=seeds.clone(), seen=seen.clone(), rows=rows,
+                                           steps=self.cache.max_len, pad=self.pad)
+        self.bufs.load_(state, seeds=seeds, seen=seen, pad=self.pad)
+        return self.bufs
 
     # ---- one step ------------------------------------------------------------------------------
-    def _choose(
-        self, logits: torch.Tensor, *, columns: tuple[int, int] | None, state: MixedModalState,
-        config: "GenerationConfig",
-    ) -> None:
-        """Token ``step`` from (R, V or columns) logits: sample, record, advance the state, feed it."""
-        b = self.bufs
-        B = b["seeds"].shape[0]
-        image_rows = state.image_rows()  # (B,) before the token
-        tokens = self.engine.choose_tokens(
-            logits, state=state, seeds=b["seeds"], step=b["step"], seen=b["seen"], config=config, columns=columns
-        )  # (B,)
-        at = b["step"].view(1)
-        b["out"].index_copy_(1, at, tokens[:, None])
-        b["image_rows"].index_copy_(1, at, image_rows[:, None])
-        state.advance(tokens)
-        self._keep_state(state)
-        b["seen"].scatter_(1, tokens[:, None], True)
-        b["feed"].copy_(tokens.repeat(b["feed"].shape[0] // B)[:, None])  # same token to cond and uncond row
-        b["step"] += 1
+    def _body(self, *, columns, span: int, config: "GenerationConfig") -> None:
+        """``decode_step`` over ``span`` keys: the step a graph captures."""
+        decode_step(self.bufs, forward=functools.partial(next_logits, self.model, cache=self.cache, span=span),
+                    columns=columns, config=config)
 
-    def _body(self, *, columns, span: int, state: MixedModalState, config: "GenerationConfig") -> None:
-        """Forward the fed tokens over ``span`` keys, then choose the next ones: the captured step."""
-        logits = self.engine.last_logits(self.bufs["feed"], columns, span=span)
-        self._choose(logits, columns=columns, state=state, config=config)
-
-    def _step(self, *, columns, state: MixedModalState, config: "GenerationConfig", settings: tuple) -> None:
+    def _step(self, *, columns, config: "GenerationConfig", settings: tuple) -> None:
         span = self.span()
         if self.use_graphs:
             key = (columns, span, settings)
             graph = self.graphs.get(key)
             if graph is None:
-                graph = self._capture(key, columns=columns, span=span, state=state, config=config)
+                graph = self._capture(key, columns=columns, span=span, config=config)
             if graph is not None:
                 graph.replay()
                 self.cache.length += 1  # what the captured forward's ``cache.advance`` did on the host
                 self.graph_replays += 1
                 return
-        self._body(columns=columns, span=span, state=state, config=config)
+        self._body(columns=columns, span=span, config=config)
 
     # ---- CUDA graphs ---------------------------------------------------------------------------
     def _mutable(self) -> list[torch.Tensor]:
         """Everything a step writes except the K/V at the write offset (rewritten by the real step)."""
         c = self.cache
-        return list(self.bufs.values()) + [c.positions, c.offset, c.key_padding]
+        return self.bufs.tensors() + [c.positions, c.offset, c.key_padding]
 
-    def _capture(self, key: tuple, *, columns, span: int, state, config) -> torch.cuda.CUDAGraph | None:
+    def _capture(self, key: tuple, *, columns, span: int, config) -> torch.cuda.CUDAGraph | None:
         """Warm the step up on a side stream, capture it, and undo the warm-up's writes; on failure
         warn, fall back to static steps for good and return None."""
         saved = [(t, t.clone()) for t in self._mutable()]
@@ -219,14 +175,14 @@ class StaticDecoder:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(GRAPH_WARMUP_STEPS):
-                    self._body(columns=columns, span=span, state=state, config=config)
+                    self._body(columns=columns, span=span, config=config)
                     restore()
             torch.cuda.current_stream().wait_stream(side)
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self._body(columns=columns, span=span, state=state, config=config)
+                self._body(columns=columns, span=span, config=config)
             self.cache.length = length  # capture records kernels without running them
         except Exception as e:  # noqa: BLE001 -- any capture failure: decode without graphs
             warnings.warn(
@@ -247,30 +203,31 @@ class StaticDecoder:
     # ---- the loop ------------------------------------------------------------------------------
     def decode(
         self, logits: torch.Tensor, *, state: MixedModalState, seeds: torch.Tensor, seen: torch.Tensor,
-        config: "GenerationConfig", num_steps: int,
+        config: "GenerationConfig", num_steps: int, image_columns: tuple[int, int] | None,
         on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
         columns_of_first: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """``Engine.decode_n_tokens`` with static steps: (B, num_steps) tokens from the prefill logits."""
+        """``Engine.decode_n_tokens`` with static steps: (B, num_steps) tokens from the prefill logits;
+        ``image_columns``: the columns of image-only steps (``Engine.image_columns``). ``state`` and
+        ``seen`` end as the eager loop leaves them."""
         if self.cache is None or num_steps > self.cache.max_len - self.cache.length + 1:
             raise ValueError("setup_caches and prefill before decoding, with room for every step")
-        self._bind(state, seeds=seeds, seen=seen, rows=logits.shape[0])
-        b = self.bufs
-        rules = state.rules
+        b = self._bind(state, seeds=seeds, seen=seen, rows=logits.shape[0])
+        st = b.state
+        rules = st.rules
         # What a captured step bakes in besides its shapes (the length budget is a state tensor).
         settings = (_settings_key(config), dataclasses.replace(rules, max_new_tokens=1))
-        image_columns = self.engine.image_columns()
-        self._choose(logits, columns=columns_of_first, state=state, config=config)  # token 0: prefill logits
+        decode_step(b, forward=self.logits, columns=columns_of_first, config=config, logits=logits)  # token 0
         step = 1
         reported = 0
         while step < num_steps:
-            forced = (state.forced() >= 0).long()
+            forced = (st.forced() >= 0).long()
             mode, image_pos, left, forced = torch.stack(
-                [state.mode, state.image_pos, state.limit - state.generated, forced]
+                [st.mode, st.image_pos, st.limit - st.generated, forced]
             ).tolist()  # the one host sync of this stretch
             if on_step is not None:
                 for s in range(reported, step):
-                    on_step(b["out"][:, s], b["image_rows"][:, s])
+                    on_step(b.out[:, s], b.image_rows[:, s])
                 reported = step
             planned = plan(
                 mode=mode, image_pos=image_pos, left=left, forced=[bool(f) for f in forced],
@@ -281,13 +238,14 @@ class StaticDecoder:
                 break
             columns, n = planned
             for _ in range(min(n, num_steps - step)):
-                self._step(columns=columns, state=state, config=config, settings=settings)
+                self._step(columns=columns, config=config, settings=settings)
                 step += 1
         if on_step is not None:
             for s in range(reported, step):
-                on_step(b["out"][:, s], b["image_rows"][:, s])
-        out = b["out"][:, :num_steps].clone()  # (B, num_steps)
-        self._unbind(state, seen)
+                on_step(b.out[:, s], b.image_rows[:, s])
+        out = b.out[:, :num_steps].clone()  # (B, num_steps)
+        state.copy_(st)
+        seen.copy_(b.seen)
         return out
 
 

@@ -7,9 +7,10 @@ on import.
 - ``patch_host_upgrader``: a fresh ``jam-ckpt`` file gets the neutral ``optimizer_history`` and
   ``extra_state`` entries the hosts' checkpoint upgraders index into.
 - ``patch_host_broadcast``: the hosts' rank-to-rank object broadcast unpickles on torch >= 2.6.
-- ``patch_host_load_checkpoint`` -> ``check_trainer_start``: before the first update, the file a
-  trainer starts from (this rank's ``-model_part-r``) is read through
-  ``checkpoints_tools.safe_load`` and checked against the model and vocabulary, on every rank.
+- ``patch_host_load_checkpoint`` -> ``check_trainer_start``: before the first update, the files a
+  trainer starts from (the set of ``-model_part-r``) are opened by the checkpoint loader
+  (``checkpoints_tools.load_model`` on the meta device) and checked against the model and
+  vocabulary, on every rank.
 - ``install_one_line_errors``: such errors (and ``DataSetupError``) end a host CLI with one line.
 """
 
@@ -19,13 +20,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from jam_metaseq.data.items import DataSetupError
-from jam_metaseq.models import keys
 from jam_metaseq.vocab import VocabManifest
 
 
@@ -122,17 +122,12 @@ def check_trainer_start(cfg: Any, trainer: Any) -> None:
     """``check_start_checkpoint`` for the file this rank's trainer is about to load (its
     ``-model_part-{r}`` at model-parallel size > 1; FSDP shards, flat, are not checked), then
     agreed on by all ranks, so that no rank waits for one that stopped."""
-    from checkpoints_tools import layout
-    from jam_metaseq.fusion import state_shapes
-
     model, task = trainer.get_model(), trainer.task
     vocab = getattr(task, "vocab", None)
     suffix = trainer.checkpoint_suffix or ""
     if not hasattr(model, "jam_config") or not isinstance(vocab, VocabManifest) or "-shard" in suffix:
         return
     mp = getattr(model, "model_parallel_size", 1)
-    # this rank's shapes from the config and the split plan, not from the live (maybe wrapped) model
-    shapes = {k: layout.part_shape(k, s, mp) for k, s in state_shapes(model.jam_config).items()}
     error: StartCheckpointError | None = None
     path = start_checkpoint(restore_file=getattr(cfg, "restore_file", None),
                             finetune_from_model=getattr(cfg, "finetune_from_model", None),
@@ -145,7 +140,7 @@ def check_trainer_start(cfg: Any, trainer: Any) -> None:
                     f"{path}: not found; {whole} is one consolidated file and --model-parallel-size {mp} "
                     f"loads one -model_part-{{r}} file per rank: write them with jam-ckpt reshard {whole} "
                     f"--mp {mp} -o DIR")
-            check_start_checkpoint(path, model_shapes=shapes, vocab=vocab, model_parallel_size=mp)
+            check_start_checkpoint(path, config=model.jam_config, vocab=vocab, model_parallel_size=mp)
         except StartCheckpointError as e:
             error = e
     dist = torch.distributed
@@ -171,12 +166,17 @@ def _unsafe_hint(msg: str, path: str | Path) -> str:
             f"jam-ckpt convert {path} --to metaseq -o DIR --trust-pickle")
 
 
-def peek_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Shapes and stored JAM config of a checkpoint without reading its tensors, through the
-    checkpoint tools' loader (``checkpoints_tools.safe_load``: allow-listed globals only,
-    memory-mapped, legacy non-zip files too); its errors become ``StartCheckpointError`` with
-    jam-ckpt's one-line message."""
-    from checkpoints_tools.safe_load import CheckpointError, UnsafePickleError, safe_torch_load
+def check_start_checkpoint(path: str | Path, *, config: Any, vocab: VocabManifest,
+                           model_parallel_size: int = 1) -> None:
+    """Stop before training when the starting weights cannot fit this model (``config``) and
+    vocabulary: the checkpoint loader (``checkpoints_tools.load_model`` on the meta device: every
+    name and shape checked, no tensor data read; pickles through ``safe_load``'s allow-list) over
+    the whole set of files the ranks load (``path`` is this rank's ``-model_part-{r}`` at
+    model-parallel size > 1), which must be split for ``model_parallel_size``. Errors become
+    ``StartCheckpointError`` with jam-ckpt's one-line message."""
+    from checkpoints_tools.load import load_model
+    from checkpoints_tools.readers import open_checkpoint
+    from checkpoints_tools.safe_load import CheckpointError, UnsafePickleError
 
     allow_checkpoint_globals()
     p = Path(path)
@@ -187,50 +187,17 @@ def peek_checkpoint(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise StartCheckpointError(f"starting checkpoint not found: {p}")
     try:
-        state = safe_torch_load(p, mmap=True)
+        reader = open_checkpoint(p)
+        load_model(reader, config=config, vocab=vocab, device="meta")
     except UnsafePickleError as e:
         raise StartCheckpointError(_unsafe_hint(str(e).splitlines()[0], p)) from None
     except CheckpointError as e:
         raise StartCheckpointError(str(e).splitlines()[0]) from None
-    model = state.get("model") if isinstance(state, dict) else None
-    if not isinstance(model, dict):
-        raise StartCheckpointError(f"{path}: not a metaseq/fairseq checkpoint (no 'model' state dict)")
-    cfg = state.get("jam_config")
-    if cfg is None:
-        margs = (state.get("cfg") or {}).get("model") if isinstance(state.get("cfg"), dict) else None
-        cfg = getattr(margs, "jam_config", None) if margs is not None else None
-    return {"shapes": {k: tuple(v.shape) for k, v in model.items() if torch.is_tensor(v)},
-            "jam_config": cfg}
-
-
-def check_start_checkpoint(path: str | Path, *, model_shapes: Mapping[str, tuple[int, ...]],
-                           vocab: VocabManifest, model_parallel_size: int = 1) -> None:
-    """Stop before training when the starting weights cannot fit this model and vocabulary
-    (``model_shapes``: this process's model, one rank's part at model-parallel size > 1)."""
-    info = peek_checkpoint(path)
-    shapes = info["shapes"]
-    emb = shapes.get(keys.EMBED)
-    if emb is None:
-        raise StartCheckpointError(f"{path}: no {keys.EMBED}; not a JAM/metaseq checkpoint")
-    rows = emb[0] if emb[0] == vocab.size else emb[0] * model_parallel_size  # a part: V / N rows
-    try:
-        vocab.check_embedding(rows, what=f"checkpoint {path}")
-    except ValueError as e:
-        raise StartCheckpointError(str(e)) from None
-    missing = sorted(set(model_shapes) - set(shapes))
-    extra = sorted(set(shapes) - set(model_shapes))
-    if missing or extra:
+    mp = reader.mp
+    if mp != model_parallel_size:
         raise StartCheckpointError(
-            f"{path}: keys do not match the --arch model: missing {missing[:3]}"
-            f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
-    for k, s in model_shapes.items():
-        if tuple(s) != shapes[k]:
-            hint = ""
-            if model_parallel_size > 1 and emb[0] == vocab.size:
-                hint = (f" (one consolidated file at --model-parallel-size {model_parallel_size}: write its "
-                        f"parts with jam-ckpt reshard {path} --mp {model_parallel_size} -o DIR)")
-            raise StartCheckpointError(f"{path}: {k} has shape {shapes[k]} but the --arch model expects "
-                                       f"{tuple(s)}{hint}")
+            f"{path}: written for model-parallel size {mp}, the run uses --model-parallel-size "
+            f"{model_parallel_size}: write its parts with jam-ckpt reshard {path} --mp {model_parallel_size} -o DIR")
 
 
 def start_checkpoint(*, restore_file: str | None, finetune_from_model: str | None,

@@ -667,14 +667,12 @@ def evaluate_checkpoint(*, checkpoint: str, sets: dict[str, dict[str, str]], voc
     so a SLURM job can run it."""
     import torch
 
-    from jam_metaseq.eval.io import load_checkpoint, read_sequences
+    from checkpoints_tools.load import load_model
+    from jam_metaseq.eval.io import read_sequences
     from jam_metaseq.eval.ppl import perplexity
     from jam_metaseq.models import count_parameters
-    from jam_metaseq.vocab import VocabManifest
 
-    vocab = VocabManifest.load(vocab_path)
-    model, mcfg, _ = load_checkpoint(checkpoint, vocab=vocab_path)
-    model = model.to(device)
+    model, mcfg, vocab = load_model(checkpoint, vocab=vocab_path, dtype=torch.float32, device=device)
     out: dict[str, Any] = {"arch": getattr(mcfg, "arch", type(mcfg).__name__), "params": count_parameters(mcfg),
                            "sets": {}}
     with torch.no_grad():
