@@ -90,7 +90,7 @@ def load_checkpoint(
                 raise EvalInputError(f"{path}: the checkpoint carries no vocabulary manifest (no jam_vocab, no "
                                      "vocab.json beside it); pass --vocab")
             try:
-                manifest.check_embedding(int(model.decoder.embed_tokens.weight.shape[0]))
+                manifest.check_embedding(int(model.decoder.output_projection.weight.shape[0]))
             except ValueError as e:
                 raise EvalInputError(f"{path}: {e}") from None
             return model.float().eval(), cfg, manifest
@@ -139,7 +139,7 @@ def load_checkpoint(
             f"{file}: state dict does not match the config: missing {missing[:3]}"
             f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
     try:
-        manifest.check_embedding(int(model.decoder.embed_tokens.weight.shape[0]))
+        manifest.check_embedding(int(model.decoder.output_projection.weight.shape[0]))
     except ValueError as e:
         raise EvalInputError(f"{file}: {e}") from None
     return model.float().eval(), cfg, manifest

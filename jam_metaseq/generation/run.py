@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
-from jam_metaseq.models import build_model, config_from_dict
+from jam_metaseq.models import build_model, config_from_dict, keys
 from jam_metaseq.vocab import VocabManifest
 
 from .answer import Answer
@@ -159,9 +159,10 @@ def load_model_and_vocab(
             )
         vocab = VocabManifest.load(beside)
         where = str(beside)
-    rows = state.get("decoder.embed_tokens.weight")
+    # the shared embedding, or (asymmetric JAM-Cross of two widths) the LLM branch's
+    rows = state.get(keys.EMBED, state.get(keys.BRANCH_EMBED["llm"]))
     if rows is None:
-        raise ValueError(f"{checkpoint}: no 'decoder.embed_tokens.weight' tensor")
+        raise ValueError(f"{checkpoint}: no '{keys.EMBED}' tensor")
     if rows.shape[0] != vocab.size:
         raise ValueError(
             f"vocab manifest {where} has {vocab.size} ids but the checkpoint {checkpoint}'s embedding "
@@ -178,7 +179,7 @@ def load_model_and_vocab(
             f"unexpected {sorted(unexpected)[:3]}"
         )
     model.load_state_dict(state, strict=True, assign=True)
-    if hasattr(model.decoder, "output_projection"):  # assign=True breaks the tie: restore it
+    if hasattr(model.decoder, "embed_tokens"):  # assign=True breaks the tie: restore it
         model.decoder.output_projection.weight = model.decoder.embed_tokens.weight
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
