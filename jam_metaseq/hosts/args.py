@@ -156,14 +156,15 @@ def config_from_args(args: argparse.Namespace, *, vocab_size: int, padding_idx: 
     fields: dict[str, Any] = {fld: getattr(args, flag) for flag, fld in _SHAPE_FLAGS.items()}
     fields.update({fld: not bool(getattr(args, flag)) for flag, fld in _NEG_FLAGS.items()})
     parent = DecoderConfig(vocab_size=vocab_size, padding_idx=padding_idx, **fields)
+    given = [flag for flag in IMG_FLAGS if getattr(args, flag, None) is not None]
+    image = {IMG_FLAGS[flag]: getattr(args, flag) for flag in given}
+    if image and family != ARCH_CROSS:
+        raise ValueError(f"--{given[0].replace('_', '-')}: the image-branch shape flags (--img-*) are "
+                         f"JAM-Cross flags; the arch is {family}")
     if family == ARCH_UNIFORM:
         return uniform_of(parent)
     if family == ARCH_WIDTH:
         return width_of(parent)
-    image = {fld: getattr(args, flag) for flag, fld in IMG_FLAGS.items() if getattr(args, flag, None) is not None}
-    if image and family != ARCH_CROSS:
-        raise ValueError(f"--{next(iter(IMG_FLAGS)).replace('_', '-')} and the other image-branch flags are "
-                         f"JAM-Cross flags; the arch is {family}")
     return cross_of(parent, int(args.cross_every), cross_init=args.cross_init,
                     image_vocab_start=image_range[0], image_vocab_end=image_range[1],
                     image_parent=dataclasses.replace(parent, **image) if image else None)

@@ -209,7 +209,7 @@ def check_start_checkpoint(path: str | Path, *, model_shapes: Mapping[str, tuple
     (``model_shapes``: this process's model, one rank's part at model-parallel size > 1)."""
     info = peek_checkpoint(path)
     shapes = info["shapes"]
-    emb = shapes.get(keys.EMBED)
+    emb = shapes.get(keys.EMBED, shapes.get(keys.BRANCH_EMBED["llm"]))  # (asymmetric JAM-Cross: per branch)
     if emb is None:
         raise StartCheckpointError(f"{path}: no {keys.EMBED}; not a JAM/metaseq checkpoint")
     rows = emb[0] if emb[0] == vocab.size else emb[0] * model_parallel_size  # a part: V / N rows
