@@ -367,3 +367,19 @@ def test_output_head_and_final_norm_of_two_widths():
         wider = L if a > b else I
         torch.testing.assert_close(norm[:m], (L["decoder.layer_norm.weight"][:m] + I["decoder.layer_norm.weight"][:m]) / 2)
         assert torch.equal(norm[m:], wider["decoder.layer_norm.weight"][m:])
+
+
+def test_readme_counts_of_a_6_7b_llm_with_a_1_3b_image_decoder():
+    """The README's table (``jam params``): the hand count of each config, and the meta-device
+    count for one of them (building all on the meta device takes seconds each)."""
+    from jam_metaseq.cli import params_table
+    from jam_metaseq.models import preset
+
+    readme = {1: 14_045_696_000, 2: 11_125_501_952, 4: 9_665_404_928, 0: 8_205_307_904}
+    for every, n in readme.items():
+        cfg = cross_of(preset("opt_6_7b"), every, image_parent=preset("opt_1_3b"))
+        assert _by_hand_count(cfg) == n, every
+        swapped = cross_of(preset("opt_1_3b"), every, image_parent=preset("opt_6_7b"))
+        assert _by_hand_count(swapped) == n, every
+    (row,) = params_table("opt_6_7b", "opt_1_3b", [4])
+    assert row["params"] == readme[4] and row["pairs"] == "0:0 5:4 11:8 16:12 21:16 27:20"
