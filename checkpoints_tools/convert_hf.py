@@ -1,9 +1,9 @@
 """HF transformers OPT <-> metaseq layout, so public OPT weights can be JAM parents (paper §3.1).
 
-The two are the same function once mapped (``reference/metaseq.md``: checked against
-``OPTForCausalLM``, max logit difference 3e-6): separate q/k/v projections are fused into
+The two are the same function once mapped (``docs/CHECKPOINTS.md``; checked against
+``OPTForCausalLM`` in ``tests/test_models_parity.py``): separate q/k/v projections are fused into
 metaseq's ``qkv_proj`` in [K; V; Q] row order, ``model.decoder.final_layer_norm`` is metaseq's
-``decoder.layer_norm``, ``lm_head`` is tied to the embedding. Key maps are data (STYLE.md #9);
+``decoder.layer_norm``, ``lm_head`` is tied to the embedding. Key maps are data;
 each direction has its inverse and a round-trip test.
 """
 

@@ -1,6 +1,6 @@
 """Lazy checkpoint readers: every supported layout seen as one consolidated (MP=1) state dict.
 
-Layouts (``reference/metaseq.md``, Checkpoints): a consolidated ``X.pt``; model-parallel parts
+Layouts (``docs/CHECKPOINTS.md``, Files): a consolidated ``X.pt``; model-parallel parts
 ``X-model_part-{r}.pt``; FSDP shards ``X-shard{j}.pt`` with ``shard_metadata``; both
 (``X-model_part-{r}-shard{j}.pt``); safetensors files (single or indexed); HF OPT directories
 (converted on the fly by ``convert_hf``). ``open_checkpoint(path)`` picks the layout and returns

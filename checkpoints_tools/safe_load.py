@@ -7,7 +7,7 @@ with the offending global named, unless the caller opts into ``trust_pickle``.
 Files are memory-mapped (``mmap=True``): tensors are views of the file and nothing is read until
 a tensor is needed; ``MappedFile.read`` then ``pread``s that tensor's bytes (located through the
 mapping) into fresh memory, so file pages never pile up in our RSS and streaming a 26B model
-keeps memory at a few tensors (``reference/metaseq.md``, Checkpoints).
+keeps memory at a few tensors (``docs/CHECKPOINTS.md``, Files).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Tensors arrive one at a time (consolidated, fp32 or any dtype) and go straight to disk: the torch
 zip format is written record by record through torch's own ``PyTorchFileWriter`` with the
-pickle (``data.pkl``) last, so a 26B model is never held in memory (STYLE.md #10). Every file is
+pickle (``data.pkl``) last, so a 26B model is never held in memory. Every file is
 hashed while it is written (sha256 on a helper thread, in parallel with the write itself).
 ``OutputDir.add_async`` casts and splits a tensor on the caller's thread and writes each MP
 rank's piece on that rank's writer thread, so the files of M ranks fill in parallel while the
@@ -13,7 +13,7 @@ temp dir next to the target (named after the writing process, so a later run can
 that process died), files are fsynced, ``manifest.json`` is written last, then one rename (or,
 replacing an earlier output, one atomic swap); on any error or interrupt the temp dir is removed
 and no output appears. A full disk is reported as the first failure, naming the output file.
-Layouts follow ``reference/metaseq.md``: ``{name}.pt`` (consolidated), ``{name}-model_part-{r}.pt``
+Layouts follow ``docs/CHECKPOINTS.md``: ``{name}.pt`` (consolidated), ``{name}-model_part-{r}.pt``
 (MP), ``-shard{j}`` (FSDP, fairscale's ``shard_metadata``: flat parameters per unit, padding on the
 last shards), so metaseq's ``--restore-file OUT/{name}.pt`` finds the parts.
 """

@@ -10,7 +10,7 @@ One JSON manifest describes every id:
   [.., size)                    filler rows so that size is a multiple of ``pad_to_multiple``
 
 ``<mask:0>`` doubles as the classifier-free-guidance ``<mask>``: the unconditional context is
-the CM3 infilling input whose condition was cut out (cm3_retrieval_decoding.md).
+the CM3 infilling input whose condition was cut out (paper §3.1, Decoding Strategies).
 """
 
 from __future__ import annotations

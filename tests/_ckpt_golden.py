@@ -44,13 +44,15 @@ def golden_parent(seed: int) -> tuple[Any, "OrderedDict[str, torch.Tensor]"]:
     """A tiny fp16 decoder whose every value is k / 2048 for an integer k in [-1024, 1024),
     drawn by ``torch.randint`` (integer draws: the same bits on any CPU); the output projection
     is the embedding (tied, as metaseq saves it)."""
-    from jam_metaseq.fusion import state_shapes
+    from jam_metaseq.models import build_model
     from jam_metaseq.models.config import preset
 
     cfg = preset("tiny")
+    with torch.device("meta"):  # the shapes as the model has them, in its state-dict order
+        shapes = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
     g = torch.Generator().manual_seed(seed)
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for name, shape in state_shapes(cfg).items():
+    for name, shape in shapes.items():
         if name.endswith("version"):
             out[name] = torch.tensor([3.0], dtype=torch.float16)
         elif name == "decoder.output_projection.weight":

@@ -1,9 +1,9 @@
 """Shared fixtures for the core-model tests (issue 2): tiny configs, random weights, and the
 HF ``OPTForCausalLM`` -> metaseq key map used by the parity tests and the forward benchmark.
 
-The key map is data (STYLE.md 9): ``{hf_template: metaseq_template}``, ``{}`` = layer index,
+The key map is data: ``{hf_template: metaseq_template}``, ``{}`` = layer index,
 ``None`` = drop (tied or fused elsewhere). q/k/v are fused separately because metaseq stacks them
-as [K; V; Q] in one ``qkv_proj`` (reference/metaseq.md, "qkv order").
+as [K; V; Q] in one ``qkv_proj`` (docs/CHECKPOINTS.md, "qkv order").
 """
 
 from __future__ import annotations

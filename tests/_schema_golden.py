@@ -41,58 +41,9 @@ RESHARDS = {"cross-preserve/mp2-fsdp2->mp1": ("cross-preserve", "mp2-fsdp2", "mp
 LAYOUTS_OUT = {**LAYOUTS, "mp1-fsdp2": {"mp": 1, "fsdp": 2}}
 
 
-def golden_parent(seed: int) -> tuple[Any, "OrderedDict[str, torch.Tensor]"]:
-    """A tiny fp16 decoder whose every value is k / 2048, k an integer in [-1024, 1024) drawn by
-    ``torch.randint``; the output projection is the embedding (tied, as metaseq saves it)."""
-    from jam_metaseq.models import build_model
-    from jam_metaseq.models.config import preset
-
-    cfg = preset("tiny")
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for name, shape in shapes.items():
-        if name.endswith("version"):
-            out[name] = torch.tensor([3.0], dtype=torch.float16)
-        elif name == "decoder.output_projection.weight":
-            out[name] = out["decoder.embed_tokens.weight"]
-        else:
-            k = torch.randint(-1024, 1024, shape, generator=g)
-            out[name] = (k.to(torch.float32) * 2.0**-11).to(torch.float16)
-    return cfg, out
-
-
-def randn_fingerprint() -> str:
-    """sha256 of a fixed ``torch.randn`` draw (float32, > 16 elements: the vectorised kernel)."""
-    g = torch.Generator().manual_seed(0)
-    return hashlib.sha256(torch.randn(64, generator=g).numpy().tobytes()).hexdigest()
-
-
-def tensors_digest(state: "OrderedDict[str, torch.Tensor]", names: list[str] | None = None) -> str:
-    h = hashlib.sha256()
-    for n in sorted(names if names is not None else state):
-        t = state[n].contiguous()
-        h.update(f"{n}|{str(t.dtype)}|{list(t.shape)}|".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def drawn_names(names: list[str], init: str) -> list[str]:
-    """The tensors JAM-Cross draws at random (§2.1.3: the new weight matrices; new biases are
-    zeros, new LayerNorms ones; ``preserve`` zeroes each cross block's out_proj and fc2 and sets
-    the feature projection to [I/2, I/2]), written out here independently of the code."""
-    out = []
-    for n in names:
-        if not (n.startswith("decoder.x_attn_layers_") or n.startswith("decoder.feature_projection.")):
-            continue
-        if not n.endswith(".weight") or "layer_norm" in n:
-            continue
-        if init == "preserve" and (n.startswith("decoder.feature_projection.")
-                                   or n.endswith(("out_proj.weight", "fc2.weight"))):
-            continue
-        out.append(n)
-    return out
+# The parents, their digests and the list of drawn tensors are the ones of the fusion golden file.
+from _ckpt_golden import golden_parent, randn_fingerprint, tensors_digest  # noqa: E402
+from _ckpt_golden import random_names as drawn_names  # noqa: E402
 
 
 def make_parents(tmp: Path) -> tuple[Path, Path]:

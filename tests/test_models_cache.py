@@ -1,4 +1,4 @@
-"""Incremental decoding with the explicit ``KVCache`` equals the full forward pass (STYLE.md 16),
+"""Incremental decoding with the explicit ``KVCache`` equals the full forward pass,
 for the parent decoder, JAM-Width (a twice-as-wide ``DecoderLM``, §2.1.2) and JAM-Cross (§2.1.3,
 cross blocks every 1 / 2 / no layers), with and without left padding.
 """

@@ -1,6 +1,6 @@
 """State-dict layout, configs and parameter counts of the core models (paper §2.1, §3.1).
 
-Keys and shapes must be exactly metaseq's (reference/metaseq.md) so metaseq checkpoints load with
+Keys and shapes must be exactly metaseq's (docs/CHECKPOINTS.md) so metaseq checkpoints load with
 ``strict=True``; JAM-Cross uses the authors' prototype names. Parameter counts, built on the meta
 device, must reproduce the paper's figures (7B parents, 26B JAM-Width, 13/16/19/26B JAM-Cross).
 """
@@ -19,7 +19,7 @@ from jam_metaseq.models import (
 )
 from jam_metaseq.models.decoder import metaseq_positions
 
-# reference/metaseq.md: one layer's keys; (optional) = present only with biases / affine LayerNorm.
+# docs/CHECKPOINTS.md: one layer's keys; (optional) = present only with biases / affine LayerNorm.
 LAYER_KEYS = {
     "self_attn.qkv_proj.weight": ("3E", "E"),
     "self_attn.qkv_proj.bias": ("3E",),

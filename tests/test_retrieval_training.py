@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -106,14 +107,30 @@ def test_neighbours_files_align_blocks_documents_and_bank_rows(setup):
     bank = MemoryBank.load(bank_dir)
     assert len(ds) == ds.num_documents == len(bank) == N_DOCS  # eos mode: one document per block
     per_doc = np.load(bank_dir / "neighbours.npy")
-    per_block = np.load(prefix + ".neighbors.npy")
+    per_block = np.load(prefix + ".neighbours.npy")
     assert per_block.shape == (N_DOCS, K) and per_block.dtype == np.int64
     np.testing.assert_array_equal(per_block, per_doc)
     for b in range(N_DOCS):
         assert ds[b]["tokens"].tolist() == bank.tokens(b).tolist()  # block b = document b = bank row b
         assert b not in per_block[b].tolist() and (per_block[b] >= 0).all()
-    meta = json.loads(Path(prefix + ".neighbors.info").read_text())
+    meta = json.loads(Path(prefix + ".neighbours.info").read_text())
     assert meta["bank_count"] == N_DOCS and meta["num_blocks"] == N_DOCS and meta["row_offset"] == 0
+
+
+def test_neighbours_files_of_the_older_spelling_are_still_read(setup, tmp_path):
+    """``.neighbors.npy`` / ``.neighbors.info`` (written before one spelling was settled on) are
+    read like the current files, checks included: renaming must not silently drop retrieval."""
+    from jam_metaseq.retrieval.retriever import load_block_neighbours
+
+    d, vocab, prefix, bank_dir = setup
+    old = str(tmp_path / "old")
+    want = np.load(prefix + ".neighbours.npy")
+    np.save(old + ".neighbors.npy", want)
+    shutil.copy(prefix + ".neighbours.info", old + ".neighbors.info")
+    np.testing.assert_array_equal(load_block_neighbours(old, num_blocks=N_DOCS, bank_size=N_DOCS), want)
+    with pytest.raises(ValueError, match=r"old\.neighbors\.info: made for a bank of"):
+        load_block_neighbours(old, num_blocks=N_DOCS, bank_size=N_DOCS + 1)
+    assert load_block_neighbours(str(tmp_path / "none"), num_blocks=N_DOCS, bank_size=N_DOCS) is None
 
 
 def test_neighbours_refuses_a_dataset_that_is_not_the_bank(setup, tmp_path, capsys):
@@ -129,7 +146,7 @@ def test_neighbours_refuses_a_dataset_that_is_not_the_bank(setup, tmp_path, caps
     assert retrieval_main(["neighbours", str(bank_dir), "--dataset", str(rev)]) == 2
     err = capsys.readouterr().err
     assert "document 0 holds other tokens than bank row 0" in err and str(rev) in err
-    assert not Path(f"{rev}.neighbors.npy").exists()
+    assert not Path(f"{rev}.neighbours.npy").exists()
     # half the documents: the counts disagree
     (tmp_path / "half.jsonl").write_text("\n".join(lines[:12]) + "\n")
     assert data_main(["binarize", str(tmp_path / "half.jsonl"), "--vocab", str(d / "vocab.json"),
@@ -165,8 +182,8 @@ def test_two_datasets_one_bank_complete_packing(setup, tmp_path, capsys):
     assert [x["row_offset"] for x in summary["datasets"]] == [0, 10]
     per_doc = np.load(bank_dir / "neighbours.npy")
     a, b = open_dataset(tmp_path / "a"), open_dataset(tmp_path / "b")
-    np.testing.assert_array_equal(np.load(f"{tmp_path / 'a'}.neighbors.npy"), per_doc[:10])
-    nb = np.load(f"{tmp_path / 'b'}.neighbors.npy")
+    np.testing.assert_array_equal(np.load(f"{tmp_path / 'a'}.neighbours.npy"), per_doc[:10])
+    nb = np.load(f"{tmp_path / 'b'}.neighbours.npy")
     assert len(b) < b.num_documents and nb.shape == (len(b), 3)  # several documents per block
     for blk in range(len(b)):
         s, e = int(b.block_offsets[blk]), int(b.block_offsets[blk + 1])
@@ -198,7 +215,7 @@ def _whole(item) -> list[int]:
 def test_item_is_retrieved_docs_then_block_with_prefix_weight(setup):
     d, vocab, prefix, bank_dir = setup
     ds, bank = open_dataset(prefix), MemoryBank.load(bank_dir)
-    nb = np.load(prefix + ".neighbors.npy")
+    nb = np.load(prefix + ".neighbours.npy")
     items = _items(prefix, bank_dir, vocab, T=200)  # validation items: no CM3 transform, room = T + 1
     for i in range(N_DOCS):
         r1, r2 = nb[i].tolist()
@@ -221,7 +238,7 @@ def test_item_is_retrieved_docs_then_block_with_prefix_weight(setup):
 def test_prefix_truncation_fits_tokens_per_sample(setup):
     d, vocab, prefix, bank_dir = setup
     ds, bank = open_dataset(prefix), MemoryBank.load(bank_dir)
-    nb = np.load(prefix + ".neighbors.npy")
+    nb = np.load(prefix + ".neighbours.npy")
     i = 7
     block = ds[i]["tokens"].tolist()
     d1, d2 = bank.tokens(int(nb[i, 0])).tolist(), bank.tokens(int(nb[i, 1])).tolist()
@@ -267,15 +284,15 @@ def test_task_refuses_stale_or_missing_neighbours(setup, tmp_path):
     other.parent.mkdir(parents=True)
     assert data_main(["binarize", str(d / "docs.jsonl"), "--vocab", str(d / "vocab.json"), "--tokenizer",
                       "bytes", "--block-size", "200", "--out", str(other)]) == 0
-    np.save(f"{other}.neighbors.npy", np.load(prefix + ".neighbors.npy"))
-    with pytest.raises(DataSetupError, match=r"caption\.neighbors\.npy: shape \(24, 2\).*jam-retrieval neighbours"):
+    np.save(f"{other}.neighbours.npy", np.load(prefix + ".neighbours.npy"))
+    with pytest.raises(DataSetupError, match=r"caption\.neighbours\.npy: shape \(24, 2\).*jam-retrieval neighbours"):
         _items(str(other), bank_dir, vocab, T=64, train=True)
     # no neighbours at all for the training sources
-    os.remove(f"{other}.neighbors.npy")
+    os.remove(f"{other}.neighbours.npy")
     with pytest.raises(DataSetupError, match="no training source has a neighbours file"):
         _items(str(other), bank_dir, vocab, T=64, train=True)
     # rows outside the bank
-    np.save(f"{other}.neighbors.npy", np.full((len(open_dataset(other)), 2), N_DOCS, np.int64))
+    np.save(f"{other}.neighbours.npy", np.full((len(open_dataset(other)), 2), N_DOCS, np.int64))
     with pytest.raises(ValueError, match="out of range"):
         load_block_neighbours(str(other), num_blocks=len(open_dataset(other)), bank_size=N_DOCS)
 

@@ -8,7 +8,7 @@ Data directory layout (``DATA``, the task's positional argument)::
 
     DATA/vocab.json                 optional; else the manifest stored with the binarized sources
     DATA/{split}/{source}.json ...  one ``jam-data binarize`` output per source (prefix {source})
-    DATA/{split}/{source}.neighbors.npy   optional (B, k) int64 memory-bank rows per block, -1 = none
+    DATA/{split}/{source}.neighbours.npy   optional (B, k) int64 memory-bank rows per block, -1 = none
                                           (``jam-retrieval neighbours BANK --dataset DATA/{split}/{source}``)
 
 Training items of epoch e: ``epoch_items`` blocks drawn from the sources by ``MixtureStream``
@@ -18,7 +18,7 @@ run builds it. Validation items are every block of every source once, in order, 
 (plain -log p(x), the PPL of Tables 1-5) unless ``cm3_on_valid``.
 
 Retrieval augmentation (§3.1, RA-CM3/CM3leon), with ``--retrieval-bank BANK``: the block of an
-item whose source has a ``.neighbors.npy`` (checked against the block count and the bank's size
+item whose source has a ``.neighbours.npy`` (checked against the block count and the bank's size
 when the split loads) becomes ``[bos] r_1 <eos> ... r_k <eos> block`` before the CM3 transform,
 r_i = the first ``--retrieval-k`` bank rows of the block, best first (``retrieval/prefix.py``
 layout). Truncation so the item fits T + 1 tokens: room = T + 1 - 3 * max_spans when the item is
@@ -74,7 +74,7 @@ class TaskOptions:
     epoch_items: int = 0
     """Training items per epoch (0 = the total number of blocks over all sources)."""
     retrieval_bank: str | None = None
-    """Memory bank (``jam-retrieval`` output) whose documents are prefixed to items with neighbors."""
+    """Memory bank (``jam-retrieval`` output) whose documents are prefixed to items with neighbours."""
     retrieval_k: int = 2
     """Retrieved documents prefixed per item at most."""
     retrieval_weight: float = 0.0
@@ -164,7 +164,7 @@ class CM3Items:
         self.opts = opts
         self.train = train
         self._bank = None
-        self._neighbors: dict[str, np.ndarray | None] = {}
+        self._neighbours: dict[str, np.ndarray | None] = {}
         if opts.retrieval_bank:
             self._check_retrieval()
         if train:
@@ -209,7 +209,7 @@ class CM3Items:
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["_bank"] = None
-        d["_neighbors"] = {}
+        d["_neighbours"] = {}
         return d
 
     def _load_bank(self) -> Any:
@@ -222,17 +222,17 @@ class CM3Items:
                 raise DataSetupError(f"cm3_multimodal: --retrieval-bank {self.opts.retrieval_bank}: {e}") from None
         return self._bank
 
-    def _load_neighbors(self, name: str) -> np.ndarray | None:
-        if name not in self._neighbors:
+    def _load_neighbours(self, name: str) -> np.ndarray | None:
+        if name not in self._neighbours:
             from jam_metaseq.retrieval.retriever import load_block_neighbours
 
             ds = self.sources[name]
             try:
-                self._neighbors[name] = load_block_neighbours(ds.prefix, num_blocks=len(ds),
+                self._neighbours[name] = load_block_neighbours(ds.prefix, num_blocks=len(ds),
                                                               bank_size=len(self._load_bank()))
             except ValueError as e:
                 raise DataSetupError(f"cm3_multimodal: {e}") from None
-        return self._neighbors[name]
+        return self._neighbours[name]
 
     def _check_retrieval(self) -> None:
         """Fail at setup, not mid-epoch: the bank's vocabulary and every neighbours file must fit."""
@@ -241,20 +241,20 @@ class CM3Items:
         if bv is not None and bv.to_dict() != self.vocab.to_dict():
             raise DataSetupError(f"cm3_multimodal: --retrieval-bank {bank.path} was built with a vocabulary "
                                  f"of {bv.size} ids, the data's has {self.vocab.size} (or their layouts differ)")
-        found = [n for n in self.names if self._load_neighbors(n) is not None]
+        found = [n for n in self.names if self._load_neighbours(n) is not None]
         logger.info(f"cm3_multimodal: retrieval prefixes from {bank.path} ({len(bank)} documents, k <= "
                     f"{self.opts.retrieval_k}, weight {self.opts.retrieval_weight}) for sources {found}")
         if self.train and not found:
             raise DataSetupError(
                 f"cm3_multimodal: --retrieval-bank is set but no training source has a neighbours file "
-                f"({', '.join(self.sources[n].prefix + '.neighbors.npy' for n in self.names)}): run "
+                f"({', '.join(self.sources[n].prefix + '.neighbours.npy' for n in self.names)}): run "
                 f"`jam-retrieval neighbours {self.opts.retrieval_bank} --dataset PREFIX`")
 
     def _retrieved(self, name: str, block: int) -> list[np.ndarray]:
         """Token arrays of the block's retrieved documents (at most ``retrieval_k``, best first)."""
         if not self.opts.retrieval_bank:
             return []
-        nb = self._load_neighbors(name)
+        nb = self._load_neighbours(name)
         if nb is None:
             return []
         bank = self._load_bank()

@@ -216,6 +216,27 @@ def args_from_config(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
+def command_line_from_config(cfg: ModelConfig) -> list[str]:
+    """The model flags of a training command that rebuilds ``cfg`` (``args_from_config`` as
+    ``--flag value`` words): only the flags ``add_model_args`` defines, so the echoes a checkpoint
+    stores for metaseq's own models (``decoder_input_dim``, ``tokens_per_sample`` ...), the
+    always-on switches metaseq needs and ``jam_family`` (the arch says it) are left out."""
+    words: list[str] = []
+    for dest, value in args_from_config(cfg).items():
+        if dest not in _COMMAND_LINE:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if isinstance(value, bool):
+            words += [flag] if value else []
+        else:
+            words += [flag, str(value)]
+    return words
+
+
+_COMMAND_LINE = {flag for flag, _, how in _FLAGS if how != "echo"} | set(CROSS_FLAGS) | {
+    "decoder_learned_pos", "share_decoder_input_output_embed"}
+
+
 # ---- the cm3_multimodal task and the cm3 criterion ------------------------------------------------
 def add_task_args(parser: Any) -> None:
     """The cm3_multimodal task flags."""
@@ -235,7 +256,7 @@ def add_task_args(parser: Any) -> None:
     a("--epoch-items", type=int, default=0, help="training items per epoch (0 = all blocks)")
     a("--retrieval-bank", default=None,
       help="memory bank (jam-retrieval build) whose documents are prefixed to items; a source's blocks "
-           "get neighbours from DATA/{split}/{source}.neighbors.npy (jam-retrieval neighbours BANK "
+           "get neighbours from DATA/{split}/{source}.neighbours.npy (jam-retrieval neighbours BANK "
            "--dataset DATA/{split}/{source}); sources without one get no prefix")
     a("--retrieval-k", type=int, default=2, help="retrieved documents per item at most (default %(default)s)")
     a("--retrieval-weight", type=float, default=0.0,

@@ -455,20 +455,10 @@ def pretrain_data(ctx: Context, budget: int) -> Path:
 
 # ---- models ----------------------------------------------------------------------------------------
 def model_flags(cfg: Any) -> list[str]:
-    """Host flags that rebuild ``cfg`` (``hosts.args.args_from_config``: one home for the mapping)."""
-    from jam_metaseq.hosts.args import args_from_config
+    """Host flags that rebuild ``cfg`` (``hosts.args.command_line_from_config``: one home for the mapping)."""
+    from jam_metaseq.hosts.args import command_line_from_config
 
-    flags = []
-    for dest, value in args_from_config(cfg).items():
-        if dest == "jam_family":
-            continue
-        flag = "--" + dest.replace("_", "-")
-        if isinstance(value, bool):
-            if value:
-                flags.append(flag)
-        else:
-            flags += [flag, str(value)]
-    return flags
+    return command_line_from_config(cfg)
 
 
 def parent_config(ctx: Context, role: str = "llm") -> Any:

@@ -136,16 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("neighbours", help="retrieve for every bank document (not itself); writes "
                        "neighbours.npy and neighbour_scores.npy into the bank, and with --dataset the "
-                       "per-block PREFIX.neighbors.npy the cm3_multimodal task reads")
+                       "per-block PREFIX.neighbours.npy the cm3_multimodal task reads")
     p.add_argument("bank", type=Path, help="bank directory")
     p.add_argument("--training", action="store_true",
                    help="query with the stored query-dropout vectors (bank built with --query-vectors)")
     p.add_argument("--batch-size", type=int, default=1024, help="queries per faiss search (default 1024)")
     p.add_argument("--dataset", action="append", default=[], metavar="PREFIX",
                    help="a 'jam-data binarize' output prefix made from the bank's JSONL files; repeat in "
-                        "bank order when the bank spans several. Writes PREFIX.neighbors.npy (one row of "
+                        "bank order when the bank spans several. Writes PREFIX.neighbours.npy (one row of "
                         "bank rows per training block, what 'fairseq-train --retrieval-bank' reads) and "
-                        "PREFIX.neighbors.info")
+                        "PREFIX.neighbours.info")
     p.add_argument("--check-documents", type=_check_count, default=256, metavar="N",
                    help="documents per --dataset whose tokens are compared with the bank's before "
                         "anything is computed, or 'all' (default 256)")

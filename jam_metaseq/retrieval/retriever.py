@@ -18,7 +18,7 @@ bank was built from (same files, same order as the binarized dataset); ``retriev
 the row's dropout-encoded vector (``query_vectors.npy``) when training and the bank has it, and
 ``precompute_neighbours`` retrieves for every row at once (``jam-retrieval neighbours``).
 ``jam-retrieval neighbours BANK --dataset PREFIX`` then maps those per-document neighbours onto
-the dataset's blocks, ``<prefix>.neighbors.npy``, which the ``cm3_multimodal`` task reads
+the dataset's blocks, ``<prefix>.neighbours.npy``, which the ``cm3_multimodal`` task reads
 (``block_neighbours``, ``align_datasets``, ``write_block_neighbours``, ``load_block_neighbours``:
 the rule is stated above ``block_neighbours``).
 """
@@ -351,7 +351,7 @@ class RetrievalAugmenter:
 
 
 # ---- training data: neighbours per block of a binarized dataset ---------------------------------
-# The cm3_multimodal task (hosts/common.py) reads ``<prefix>.neighbors.npy``: (B, k) int64 bank rows
+# The cm3_multimodal task (hosts/common.py) reads ``<prefix>.neighbours.npy``: (B, k) int64 bank rows
 # per *block* of the binarized dataset at ``<prefix>`` (-1 = none), while ``precompute_neighbours``
 # retrieves per bank *row*, i.e. per document. The mapping, written by
 # ``jam-retrieval neighbours BANK --dataset PREFIX [--dataset PREFIX2 ...]``:
@@ -364,11 +364,13 @@ class RetrievalAugmenter:
 #   ``complete``), their neighbour lists merged round-robin by rank (rank 1 of each document in
 #   document order, then rank 2, ...), skipping -1, repeats and the block's own documents; the
 #   first k kept. A block holding one document gets exactly that document's neighbours.
-# - ``<prefix>.neighbors.info`` records what the file was made from (bank size, row offset, blocks),
+# - ``<prefix>.neighbours.info`` records what the file was made from (bank size, row offset, blocks),
 #   so the task can refuse a stale file (re-binarized data, rebuilt bank). It holds JSON but is not
 #   named *.json: the task takes every DATA/{split}/*.json for a binarized source's index.
-NEIGHBORS_SUFFIX = ".neighbors.npy"
-NEIGHBORS_META_SUFFIX = ".neighbors.info"
+NEIGHBOURS_SUFFIX = ".neighbours.npy"
+NEIGHBOURS_META_SUFFIX = ".neighbours.info"
+LEGACY_SUFFIXES = (".neighbors.npy", ".neighbors.info")
+"""The same files as written before the project settled on one spelling; still read."""
 
 
 def block_neighbours(doc_rows: np.ndarray, *, doc_offsets: np.ndarray, block_offsets: np.ndarray,
@@ -455,7 +457,7 @@ def align_datasets(bank: MemoryBank, prefixes: Sequence[str], *, check_documents
 
 def write_block_neighbours(ds: Any, *, rows: np.ndarray, row_offset: int, bank: MemoryBank,
                            training: bool, k: int | None = None) -> dict[str, Any]:
-    """Write ``<prefix>.neighbors.npy`` (B, k) and ``<prefix>.neighbors.info`` for one dataset.
+    """Write ``<prefix>.neighbours.npy`` (B, k) and ``<prefix>.neighbours.info`` for one dataset.
 
     ``rows``: the bank's per-row neighbours (N, k0) (``precompute_neighbours``); the dataset's
     slice ``rows[row_offset:row_offset + D]`` is mapped to blocks by ``block_neighbours``.
@@ -470,11 +472,11 @@ def write_block_neighbours(ds: Any, *, rows: np.ndarray, row_offset: int, bank: 
             "num_documents": int(ds.num_documents), "num_blocks": len(ds), "block_size": ds.block_size,
             "break_mode": ds.break_mode, "k": int(per_block.shape[1]), "training": bool(training),
             "empty_blocks": int((per_block[:, 0] < 0).sum()) if per_block.size else len(ds)}
-    path = Path(ds.prefix + NEIGHBORS_SUFFIX)
+    path = Path(ds.prefix + NEIGHBOURS_SUFFIX)
     tmp = path.with_name(path.name[: -len(".npy")] + f".tmp{os.getpid()}.npy")
     np.save(tmp, per_block)
     os.replace(tmp, path)
-    mpath = Path(ds.prefix + NEIGHBORS_META_SUFFIX)
+    mpath = Path(ds.prefix + NEIGHBOURS_META_SUFFIX)
     mtmp = mpath.with_name(mpath.name + f".tmp{os.getpid()}")
     mtmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(mtmp, mpath)
@@ -483,22 +485,23 @@ def write_block_neighbours(ds: Any, *, rows: np.ndarray, row_offset: int, bank: 
 
 def load_block_neighbours(prefix: str, *, num_blocks: int, bank_size: int, mmap: bool = True
                           ) -> np.ndarray | None:
-    """``<prefix>.neighbors.npy`` checked against the dataset and bank in use; None if absent.
+    """``<prefix>.neighbours.npy`` checked against the dataset and bank in use; None if absent.
 
     Raises ValueError (naming the file) when the file does not fit: wrong shape or dtype, rows
-    outside the bank, or a ``.neighbors.info`` made for another bank size or block layout.
+    outside the bank, or a ``.neighbours.info`` made for another bank size or block layout.
     """
     import json
 
-    path = Path(prefix + NEIGHBORS_SUFFIX)
+    path, meta_path = Path(prefix + NEIGHBOURS_SUFFIX), Path(prefix + NEIGHBOURS_META_SUFFIX)
     if not path.is_file():
-        return None
+        path, meta_path = (Path(prefix + s) for s in LEGACY_SUFFIXES)
+        if not path.is_file():
+            return None
     redo = f"rerun `jam-retrieval neighbours BANK --dataset {prefix}`"
     nb = np.load(path, mmap_mode="r" if mmap else None)
     if nb.ndim != 2 or nb.shape[0] != num_blocks or nb.shape[1] < 1 or not np.issubdtype(nb.dtype, np.integer):
         raise ValueError(f"{path}: shape {nb.shape} dtype {nb.dtype}, but the dataset has {num_blocks} "
                          f"blocks (want ({num_blocks}, k) integer bank rows per block): {redo}")
-    meta_path = Path(prefix + NEIGHBORS_META_SUFFIX)
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if int(meta.get("bank_count", bank_size)) != bank_size:
