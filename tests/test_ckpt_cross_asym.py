@@ -151,6 +151,8 @@ def test_host_flags_round_trip_and_strict_fairseq_load(tmp_path, parents):
     assert cfg.img == cfg_b and cfg.llm == cfg_a
     flags = jam_args.args_from_config(cfg)
     assert flags["img_layers"] == 3
+    words = jam_args.command_line_from_config(cfg)  # a training command carries the image branch's shape
+    assert words[words.index("--img-embed-dim") + 1] == "16" and words[words.index("--img-layers") + 1] == "3"
     assert jam_args.config_from_args(argparse.Namespace(**flags), vocab_size=VOCAB.size,
                                      image_range=(LO, HI)).to_dict() == cfg.to_dict()
     # the symmetric model's flags stay as they were: no image-branch flags

@@ -233,7 +233,7 @@ def command_line_from_config(cfg: ModelConfig) -> list[str]:
     return words
 
 
-_COMMAND_LINE = {flag for flag, _, how in _FLAGS if how != "echo"} | set(CROSS_FLAGS) | {
+_COMMAND_LINE = {flag for flag, _, how in _FLAGS if how != "echo"} | set(CROSS_FLAGS) | set(IMG_FLAGS) | {
     "decoder_learned_pos", "share_decoder_input_output_embed"}
 
 
