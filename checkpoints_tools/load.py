@@ -117,7 +117,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, h
         info["vocab_error"] = str(e)
     info["vocab"] = None if v is None else {"size": v.size, "text": [v.text_start, v.text_end],
                                             "image": [v.image_start, v.image_end]}
-    info["embedding_rows"] = r.info(keys.EMBED).shape[0] if keys.EMBED in r else None
+    emb = next((k for k in (keys.EMBED, keys.BRANCH_EMBED["llm"]) if k in r), None)  # asymmetric JAM-Cross: per branch
+    info["embedding_rows"] = r.info(emb).shape[0] if emb is not None else None
     mpath = (r.path if r.path.is_dir() else r.path.parent) / "manifest.json"
     info["manifest"] = str(mpath) if mpath.is_file() else None
     return info

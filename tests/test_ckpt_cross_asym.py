@@ -103,6 +103,7 @@ def test_inspect_prints_the_branches_and_the_alignment(tmp_path, parents, capsys
     assert re.search(r"shape\s+layers=4 embed=32 ffn=64 heads=4", text), text
     assert re.search(r"image branch\s+layers=3 embed=16 ffn=48 heads=2 output width=32", text), text
     assert re.search(r"cross pairs\s+0:0 3:2  \(LLM layer:image layer\)", text), text
+    assert re.search(r"embedding rows\s+128", text), text
 
 
 def test_bad_pairs_are_refused_before_writing(tmp_path, parents):
