@@ -226,3 +226,23 @@ def test_e2e_fairseq_train_from_parents_of_different_widths_and_depths(tmp_path)
     # the trained checkpoint is still the asymmetric model
     trained, tcfg, _ = load_model(tmp_path / "run" / "checkpoint_last.pt")
     assert (tcfg.img.embed_dim, tcfg.img.layers, tcfg.llm.layers) == (16, 3, 4)
+
+
+def test_generation_and_evaluation_load_the_output(tmp_path, parents):
+    """jam-generate's and jam-eval's loaders read an asymmetric output (no shared embedding):
+    the same logits as ``load_model``."""
+    from jam_metaseq.eval.io import load_checkpoint
+    from jam_metaseq.generation.run import load_model_and_vocab
+
+    _, _, _, _, pa, pb, vpath = parents
+    opts = _opts(tmp_path / "x")
+    opts.vocab = str(vpath)
+    out = cross(pa, pb, opts=opts, cross_every=2, init="paper", seed=2)
+    ref, cfg, _ = load_model(out)
+    assert not cfg.shared_embedding
+    tokens = torch.randint(4, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    gen, _ = load_model_and_vocab(out / "checkpoint.pt")
+    ev, _, _ = load_checkpoint(out / "checkpoint.pt")
+    with torch.no_grad():
+        want = ref(tokens)
+        assert torch.equal(gen(tokens), want) and torch.equal(ev(tokens), want)
