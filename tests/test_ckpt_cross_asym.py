@@ -246,3 +246,23 @@ def test_generation_and_evaluation_load_the_output(tmp_path, parents):
     with torch.no_grad():
         want = ref(tokens)
         assert torch.equal(gen(tokens), want) and torch.equal(ev(tokens), want)
+
+
+def test_config_is_inferred_from_shapes_and_host_flags(tmp_path, parents):
+    """A checkpoint without ``jam_config`` (host flags only): the image branch's shape comes from
+    its tensors and ``img_attention_heads``."""
+    from checkpoints_tools.readers import infer_config
+
+    _, _, _, _, pa, pb, _ = parents
+    out = cross(pa, pb, opts=_opts(tmp_path / "x"), cross_every=2, init="paper", image_vocab=(LO, HI))
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    ns = state["cfg"]["model"]
+    want = load_model(out)[1]
+    shapes = {k: tuple(v.shape) for k, v in state["model"].items()}
+    assert infer_config(shapes, ns) == want
+    del ns.cross_every  # from the number of cross pairs on the shallower (3-layer) branch
+    assert infer_config(shapes, ns) == want
+    del ns.img_attention_heads  # the LLM's 4 heads would divide the width 16: never guessed
+    with pytest.raises(CheckpointError, match="image branch .3 layers, width 16. differs from the LLM's and its "
+                                              "attention heads are not stored"):
+        infer_config(shapes, ns)
