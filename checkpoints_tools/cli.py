@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-vocab", type=int, nargs=2, metavar=("START", "END"),
                    help="embedding rows [START, END) taken from the image parent (default: the vocab "
                         "manifest's image range)")
+    p.add_argument("--img-heads", type=int, metavar="H",
+                   help="attention heads of the image parent when its checkpoint does not record them and "
+                        "differ from --heads (parents of different sizes)")
     _add_output_flags(p)
 
     p = sub.add_parser("reshard", help="change layout: MP N->M, FSDP in/out, consolidated <-> sharded")
@@ -186,6 +189,15 @@ def _print_inspect(info: dict) -> None:
         rows.insert(3, ("shape", f"layers={c['layers']} embed={c['embed_dim']} ffn={c['ffn_dim']} heads={c['heads']} "
                                  f"vocab={c['vocab_size']} positions={c['max_positions']}"
                                  + (f" cross_every={cfg['cross_every']}" if "cross_every" in cfg else "")))
+        if cfg.get("image_parent"):
+            from jam_metaseq.models.config import config_from_dict
+
+            x = config_from_dict(cfg)
+            i = x.img
+            rows.insert(4, ("image branch", f"layers={i.layers} embed={i.embed_dim} ffn={i.ffn_dim} heads={i.heads} "
+                                            f"output width={x.output_dim}"))
+            pairs = " ".join(f"{a}:{b}" for a, b in x.cross_pairs) or "none"
+            rows.insert(5, ("cross pairs", f"{pairs}  (LLM layer:image layer)"))
     if info.get("config_error"):
         rows.append(("config", info["config_error"]))
     w = max(len(k) for k, _ in rows)
@@ -219,7 +231,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise ValueError(f"--cross-every must be >= 0, got {args.cross_every}")
         out = ops.cross(args.llm, args.img, opts=_opts(args, argv), cross_every=args.cross_every, init=args.init,
                         seed=args.seed, image_vocab=tuple(args.image_vocab) if args.image_vocab else None,
-                        heads=args.heads, init_seed_scheme=args.init_seed_scheme)
+                        heads=args.heads, init_seed_scheme=args.init_seed_scheme, img_heads=args.img_heads)
     elif args.cmd == "reshard":
         out = ops.reshard(args.src, opts=_opts(args, argv), heads=args.heads)
     elif args.cmd == "convert":

@@ -161,16 +161,18 @@ def cross_into(name: str, out: torch.Tensor, *, cfg: CrossConfig, llm: Any, img:
     through ``ws``; averages (the final LayerNorm) are small; fresh tensors: ``_fresh_into``."""
     readers = {"llm": llm, "img": img}
     for p in cross_plan(name, cfg):
-        dst = out[p.rows]
+        dst = fusion_cross.target(out, p)
         if p.kind == "copy":
             r = readers[p.role]
-            if p.rows == slice(None):
+            if p.rows == slice(None) and p.cols == slice(None):
                 r.get_into(p.source, dst)
             else:
                 info = r.info(p.source)
                 dst.copy_(r.get_into(p.source, ws.get(f"{p.role}_rows", info.shape, info.dtype))[p.rows])
         elif p.kind == "average":
-            dst.copy_(average_pair(llm.get(p.source), img.get(p.source)))
+            dst.copy_(average_pair(llm.get(p.source)[p.rows], img.get(p.source)[p.rows]))
+        elif p.kind == "zeros":
+            dst.zero_()
         elif p.kind == "const":
             dst.fill_(VERSION_VALUE)
         else:

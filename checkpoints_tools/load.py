@@ -48,7 +48,7 @@ def _key_map(reader: Reader, expected: list[str]) -> dict[str, str]:
     names = reader.names()
     if all(n in reader for n in expected):
         return {n: n for n in expected}
-    anchor = keys.EMBED
+    anchor = keys.OUTPUT  # every model has one (tied or, in an asymmetric JAM-Cross, its own)
     hits = [n for n in names if n.endswith(anchor)]
     if len(hits) == 1:
         prefix = hits[0][: -len(anchor)]
@@ -137,7 +137,7 @@ def load_model(path: str | os.PathLike | Reader, *, config: ModelConfig | str | 
                                   f"({arch_of(cfg)}) expects {tuple(t.shape)}")
     if manifest is not None:
         try:
-            manifest.check_embedding(int(expected[keys.EMBED].shape[0]), what=f"checkpoint {path}")
+            manifest.check_embedding(int(expected[keys.OUTPUT].shape[0]), what=f"checkpoint {path}")
         except ValueError as e:
             raise CheckpointError(str(e)) from None
     if device.type != "meta":
@@ -170,7 +170,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, h
         info["vocab_error"] = str(e)
     info["vocab"] = None if v is None else {"size": v.size, "text": [v.text_start, v.text_end],
                                             "image": [v.image_start, v.image_end]}
-    info["embedding_rows"] = r.info(keys.EMBED).shape[0] if keys.EMBED in r else None
+    emb = next((k for k in (keys.EMBED, keys.BRANCH_EMBED["llm"]) if k in r), None)  # asymmetric JAM-Cross: per branch
+    info["embedding_rows"] = r.info(emb).shape[0] if emb is not None else None
     mpath = (r.path if r.path.is_dir() else r.path.parent) / "manifest.json"
     info["manifest"] = str(mpath) if mpath.is_file() else None
     return info

@@ -39,7 +39,7 @@ from checkpoints_tools.workspace import Workspace
 from checkpoints_tools.writers import TIED, OutputDir, OutputSpec, sha256_file
 from jam_metaseq.fusion.cross import DEFAULT_INIT_SEED_SCHEME, INIT_SEED_SCHEMES, cross_plan
 from jam_metaseq.models.config import (
-    CrossConfig, DecoderConfig, ModelConfig, cross_of, uniform_of, width_of,
+    SHAPE_FIELDS, CrossConfig, DecoderConfig, ModelConfig, cross_of, uniform_of, width_of,
 )
 from jam_metaseq.vocab import VocabManifest
 
@@ -249,15 +249,23 @@ def check_parent_tensors(reader: Reader, cfg: DecoderConfig, *, role: str) -> No
         raise CheckpointError(f"{where}: {role} parent has unexpected tensor(s) {extra[:3]}")
 
 
-def check_same_parents(readers: Sequence[Reader], cfgs: Sequence[DecoderConfig], roles: Sequence[str]) -> None:
-    """Parents must agree in layers, width, FFN, heads, vocab and every tensor shape."""
+def check_same_parents(readers: Sequence[Reader], cfgs: Sequence[DecoderConfig], roles: Sequence[str], *,
+                       shapes_may_differ: bool = False) -> None:
+    """Parents must agree in layers, width, FFN, heads, vocab and every tensor shape; with
+    ``shapes_may_differ`` (asymmetric JAM-Cross) in vocab, positions, biases and LayerNorm kind
+    only (each parent's tensors are then checked against its own config)."""
     a = cfgs[0]
+    shape_fields = ("layers", "embed_dim", "ffn_dim", "heads")
     for r, c, role in zip(readers[1:], cfgs[1:], roles[1:]):
-        for fld in ("layers", "embed_dim", "ffn_dim", "heads", "vocab_size", "max_positions", "bias", "affine_ln"):
+        for fld in (*shape_fields, "vocab_size", "max_positions", "bias", "affine_ln"):
+            if shapes_may_differ and fld in shape_fields:
+                continue
             if getattr(c, fld) != getattr(a, fld):
                 raise CheckpointError(
                     f"{r.files[0] if r.files else r.path}: {role} parent has {fld}={getattr(c, fld)}, "
                     f"{roles[0]} parent ({readers[0].path}) has {getattr(a, fld)}")
+        if shapes_may_differ:
+            continue
         sa, sb = readers[0].shapes(), r.shapes()
         for n in sa:
             if n not in sb:
@@ -535,16 +543,18 @@ def input_paths(readers: Sequence[Reader]) -> list[Path]:
 
 
 def _open_parents(paths: Sequence[str | os.PathLike], roles: Sequence[str], *, opts: CommonOptions,
-                  heads: int | None) -> tuple[list[Reader], list[DecoderConfig]]:
+                  heads: int | None, role_heads: Mapping[str, int | None] | None = None,
+                  shapes_may_differ: bool = False) -> tuple[list[Reader], list[DecoderConfig]]:
     readers = [open_checkpoint(p, trust_pickle=opts.trust_pickle, replica_mismatch=opts.replica_mismatch)
                for p in paths]
     cfgs = []
     for r, role in zip(readers, roles):
-        c = r.config(**({"heads": heads} if heads else {}))
+        h = (role_heads or {}).get(role) or heads
+        c = r.config(**({"heads": h} if h else {}))
         if isinstance(c, CrossConfig):
             raise CheckpointError(f"{r.path}: {role} parent is a JAM-Cross model; parents must be decoders")
         cfgs.append(c)
-    check_same_parents(readers, cfgs, roles)
+    check_same_parents(readers, cfgs, roles, shapes_may_differ=shapes_may_differ)
     for r, c, role in zip(readers, cfgs, roles):
         check_parent_tensors(r, c, role=role)
     return readers, cfgs
@@ -619,15 +629,28 @@ def widen(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
 
 def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions, cross_every: int = 2,
           init: str = "paper", seed: int = 0, image_vocab: tuple[int, int] | None = None,
-          heads: int | None = None, init_seed_scheme: str = DEFAULT_INIT_SEED_SCHEME) -> Path:
+          heads: int | None = None, init_seed_scheme: str = DEFAULT_INIT_SEED_SCHEME,
+          img_heads: int | None = None) -> Path:
     """JAM-Cross (§2.1.3): both parents as branches, cross blocks every ``cross_every`` layers.
     ``init_seed_scheme``: how the normal init of new weights is seeded (``jam_metaseq.fusion.cross``:
     ``per-block`` draws in parallel; ``per-tensor`` reproduces outputs written before the scheme
-    was recorded); recorded in the manifest's parameters."""
+    was recorded); recorded in the manifest's parameters.
+
+    The parents may differ in width, FFN, depth and heads (asymmetric JAM-Cross,
+    ``CrossConfig.image_parent``): the image branch takes the image parent's shape, everything
+    else (vocabulary, positions, biases, LayerNorm kind, activation, embedding scale) is the
+    LLM's and must agree. ``img_heads``: the image parent's heads when its checkpoint does not
+    record them (default ``heads``)."""
     if init_seed_scheme not in INIT_SEED_SCHEMES:
         raise CheckpointError(f"init seed scheme must be one of {INIT_SEED_SCHEMES}, got {init_seed_scheme!r}")
-    readers, cfgs = _open_parents([llm, img], ["llm", "img"], opts=opts, heads=heads)
+    readers, cfgs = _open_parents([llm, img], ["llm", "img"], opts=opts, heads=heads, role_heads={"img": img_heads},
+                                  shapes_may_differ=True)
     parent = cfgs[0]
+    image_parent = dataclasses.replace(parent, **{f: getattr(cfgs[1], f) for f in SHAPE_FIELDS})
+    for f in ("activation", "scale_embedding", "ln_eps", "padding_idx"):
+        if getattr(cfgs[1], f) != getattr(parent, f):
+            raise CheckpointError(f"{readers[1].path}: img parent has {f}={getattr(cfgs[1], f)!r}, llm parent "
+                                  f"({readers[0].path}) has {getattr(parent, f)!r}; JAM-Cross parents share it")
     if image_vocab is None and opts.vocab is not None:
         v = VocabManifest.load(opts.vocab)
         image_vocab = (v.image_start, v.image_end)
@@ -643,7 +666,8 @@ def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
     lo, hi = image_vocab
     if not 0 <= lo < hi <= parent.vocab_size:
         raise CheckpointError(f"image vocab range [{lo}, {hi}) does not fit the {parent.vocab_size}-row embedding")
-    cfg = cross_of(parent, cross_every, cross_init=init, image_vocab_start=lo, image_vocab_end=hi)
+    cfg = cross_of(parent, cross_every, cross_init=init, image_vocab_start=lo, image_vocab_end=hi,
+                   image_parent=image_parent)
     shapes = expected_shapes(cfg)
     dtype = common_dtype(readers, opts.spec.dtype)
     vocab = load_vocab(opts.vocab, cfg=cfg, sources=readers)
@@ -663,9 +687,10 @@ def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
         return kernels.cross_into(name, buf, cfg=cfg, llm=a, img=b, seed=seed, ws=ws, scheme=init_seed_scheme)
 
     sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(("llm", "img"), readers)]
+    asym = {} if cfg.symmetric else {"cross_pairs": [list(p) for p in cfg.cross_pairs]}
     return stream_to(out, produce, produced_dtypes=_float_dtypes(shapes, torch.float32), desc="cross",
                      progress=opts.progress, threads=opts.threads,
                      manifest_extra=_extra(opts, "cross", sources, cross_every=cross_every, init=init, seed=seed,
                                            init_seed_scheme=init_seed_scheme,
-                                           image_vocab=[lo, hi]),
-                     tied=True)
+                                           image_vocab=[lo, hi], **asym),
+                     tied=cfg.shared_embedding)

@@ -17,6 +17,8 @@ names the file and the tensor.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import json
 import os
@@ -1014,9 +1016,10 @@ def infer_config(shapes: Mapping[str, Sequence[int]], ns: Namespace | None = Non
     g = (lambda k, d=None: getattr(ns, k, d)) if ns is not None else (lambda k, d=None: d)
     cross = bool(keys.block_indices(shapes, keys.BRANCH_LAYERS["llm"]))
     lay = keys.BRANCH_LAYERS["llm"] if cross else keys.LAYERS
-    if keys.EMBED not in shapes:
+    emb_key = keys.BRANCH_EMBED["llm"] if cross and keys.BRANCH_EMBED["llm"] in shapes else keys.EMBED
+    if emb_key not in shapes:
         raise CheckpointError(f"{source}: no {keys.EMBED}: not a decoder checkpoint")
-    vocab, embed = shapes[keys.EMBED]
+    vocab, embed = shapes[emb_key]
     layers = 1 + max(keys.block_indices(shapes, lay), default=-1)
     fc1 = shapes.get(f"{lay}.0.{keys.FC1}.weight")
     if fc1 is None:
@@ -1042,11 +1045,25 @@ def infer_config(shapes: Mapping[str, Sequence[int]], ns: Namespace | None = Non
     )
     if not cross:
         return parent
+    # the image branch: its own shape when the parents differed in size (asymmetric JAM-Cross)
+    img_lay = keys.BRANCH_LAYERS["cm3"]
+    img_fc1 = shapes.get(f"{img_lay}.0.{keys.FC1}.weight", fc1)
+    img_layers = 1 + max(keys.block_indices(shapes, img_lay), default=layers - 1)
+    img_shape = {"embed_dim": int(img_fc1[1]), "ffn_dim": int(img_fc1[0]), "layers": img_layers}
+    image_parent = None
+    img_heads = overrides.get("img_heads") or g("img_attention_heads")
+    if any(img_shape[f] != getattr(parent, f) for f in img_shape) or img_heads:
+        if not img_heads:  # shapes cannot tell heads, and the LLM's may divide the width by chance
+            raise CheckpointError(f"{source}: the image branch ({img_shape['layers']} layers, width "
+                                  f"{img_shape['embed_dim']}) differs from the LLM's and its attention heads "
+                                  "are not stored (args.img_attention_heads)")
+        image_parent = dataclasses.replace(parent, **img_shape, heads=int(img_heads))
     every = overrides.get("cross_every") or g("cross_every")
     if every is None:
         pairs = len(keys.block_indices(shapes, keys.CROSS_LAYERS["llm"]))
-        every = 0 if pairs == 0 else (layers if pairs == 1 else -(-layers // pairs))
-    return CrossConfig(parent=parent, cross_every=int(every),
+        shallow = min(layers, img_layers)
+        every = 0 if pairs == 0 else (shallow if pairs == 1 else -(-shallow // pairs))
+    return CrossConfig(parent=parent, cross_every=int(every), image_parent=image_parent,
                        image_vocab_start=int(g("image_vocab_start", -1)),
                        image_vocab_end=int(g("image_vocab_end", -1)))
 

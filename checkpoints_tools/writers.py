@@ -1016,9 +1016,11 @@ class OutputDir:
         sweep_stale(Path(os.path.abspath(out)))
         check_output_target(out, overwrite=spec.overwrite, overwrite_any_dir=spec.overwrite_any_dir, inputs=inputs)
         if spec.mp > 1:
-            parent = cfg.parent if isinstance(cfg, CrossConfig) else cfg
-            layout.check_mp(heads=parent.heads, vocab_size=parent.vocab_size, ffn_dim=parent.ffn_dim,
-                            embed_dim=parent.embed_dim, parts=spec.mp, what=f"target {out}")
+            branches = ([("", cfg.llm)] if cfg.symmetric else [(" (LLM branch)", cfg.llm), (" (image branch)", cfg.img)]) \
+                if isinstance(cfg, CrossConfig) else [("", cfg)]
+            for label, parent in branches:
+                layout.check_mp(heads=parent.heads, vocab_size=parent.vocab_size, ffn_dim=parent.ffn_dim,
+                                embed_dim=parent.embed_dim, parts=spec.mp, what=f"target {out}{label}")
         self.spec, self.cfg, self.vocab = spec, cfg, vocab
         self.shapes = collections.OrderedDict((k, tuple(int(s) for s in v)) for k, v in shapes.items())
         self.out = out

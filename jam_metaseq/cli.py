@@ -1,4 +1,5 @@
 """``jam``: the umbrella command. ``jam demo`` fuses two tiny random parents three ways (paper §2.1);
+``jam params`` counts JAM-Cross parameters for two parent presets, of the same or different sizes;
 ``jam run PLAN.yaml`` runs the whole pipeline declared in a plan; ``jam quickstart`` runs the
 built-in plan (the pipeline in miniature)."""
 
@@ -73,11 +74,39 @@ def _print_demo(*, seed: int) -> int:
     return 0
 
 
+def params_table(llm: str, img: str, everies: list[int]) -> list[dict]:
+    """Parameter counts (meta device) of JAM-Cross with an LLM shaped like preset ``llm`` and an
+    image decoder shaped like preset ``img`` (different sizes allowed), one row per cross_every."""
+    a, b = preset(llm), preset(img)
+    rows = []
+    for every in everies:
+        cfg = cross_of(a, every, image_parent=b)
+        rows.append({"cross_every": every, "params": count_parameters(cfg),
+                     "pairs": " ".join(f"{i}:{j}" for i, j in cfg.cross_pairs)})
+    return rows
+
+
+def _print_params(llm: str, img: str, everies: list[int]) -> int:
+    a, b = preset(llm), preset(img)
+    print(f"JAM-Cross: LLM {llm} ({count_parameters(a) / 1e9:.3f} B) x image decoder {img} "
+          f"({count_parameters(b) / 1e9:.3f} B)")
+    print(f"{'cross every':>11}  {'parameters':>16}  {'B':>7}  pairs (LLM layer:image layer)")
+    for r in params_table(llm, img, everies):
+        pairs = r["pairs"] if len(r["pairs"]) < 60 else r["pairs"][:57] + "..."
+        print(f"{r['cross_every']:>11}  {r['params']:>16,}  {r['params'] / 1e9:>7.3f}  {pairs or 'none'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jam", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
     p_demo = sub.add_parser("demo", help="fuse two tiny random parents three ways and print a table")
     p_demo.add_argument("--seed", type=int, default=0, help="random seed for the parents (default 0)")
+    p_params = sub.add_parser("params", help="JAM-Cross parameter counts of two parent presets (meta device)")
+    p_params.add_argument("--llm", default="opt_6_7b", help="LLM parent preset (default %(default)s)")
+    p_params.add_argument("--img", default="opt_1_3b", help="image-decoder parent preset, any size (default %(default)s)")
+    p_params.add_argument("--cross-every", default="1,2,4,0",
+                          help="comma-separated cross_every values, counted on the shallower branch (default %(default)s)")
     sub.add_parser("run", help="the JAM pipeline declared in a plan (YAML): jam run PLAN.yaml", add_help=False)
     sub.add_parser("quickstart", help="the JAM pipeline in miniature: jam run on the built-in plan", add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -91,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.verb == "params":
+        try:
+            everies = [int(x) for x in args.cross_every.split(",") if x.strip()]
+        except ValueError:
+            parser.error(f"--cross-every must be comma-separated integers, got {args.cross_every!r}")
+        return run_cli("jam params", lambda: _print_params(args.llm, args.img, everies))
     return run_cli("jam demo", lambda: _print_demo(seed=args.seed))
 
 

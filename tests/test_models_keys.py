@@ -59,6 +59,9 @@ _RECORDED_RULES = [(re.compile(p + r"$"), r) for p, r in [
     (_L + r"(?:self_attn|cross_attn)\.out_proj\.weight", "row"),
     (_L + r"fc1\.(?:weight|bias)", "column"),
     (_L + r"fc2\.weight", "row"),
+    # Added after the recording with asymmetric JAM-Cross (issue 17): its per-branch input
+    # embeddings are vocab-parallel like the shared one. No key recorded above changes.
+    (r"decoder\.embed_tokens_(?:llm|cm3)\.weight", "vocab"),
 ]]
 
 

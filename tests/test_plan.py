@@ -497,3 +497,35 @@ def test_trained_plan_through_submitit_then_reused_as_given(tmp_path, user, caps
     first = json.loads((out / "report" / "results.json").read_text())
     for i in (0, 1):  # the same parents evaluate to the same perplexity
         assert res["rows"][i]["text_ppl"] == pytest.approx(first["rows"][i]["text_ppl"], rel=1e-5)
+
+
+# ---- JAM-Cross between parents of different sizes (issue 17) --------------------------------------------
+def test_parents_of_different_sizes_cross_with_the_image_branch_flags(tmp_path, user, capsys):
+    """Given parents of two sizes: with ``image_model`` the plan checks each against its own shape
+    and trains JAM-Cross with the image branch's flags (accepted by the real fairseq parser);
+    variants that need one shape are refused."""
+    from _ckpt_util import save_metaseq, tiny_parent
+
+    from jam_metaseq.vocab import VocabManifest
+
+    cfg, state = tiny_parent(6, vocab_size=VocabManifest.load(user["vocab"]).size, max_positions=128,
+                             embed_dim=16, ffn_dim=48, heads=2, layers=3)
+    small = save_metaseq(tmp_path / "small_img", cfg, state)
+    image_model = {"embed_dim": 16, "ffn_dim": 48, "layers": 3, "heads": 2}
+    plan = _given_plan(user, parents__img=str(small), image_model=image_model)
+    out = _dry(tmp_path, plan, capsys)
+    cmds = [shlex.split(line) for line in out.splitlines() if line.startswith("    ")]
+    args = _fairseq_args(cmds[0])
+    assert (args.img_embed_dim, args.img_ffn_embed_dim, args.img_layers, args.img_attention_heads) == (16, 48, 3, 2)
+    assert (args.decoder_embed_dim, args.decoder_layers, args.cross_every) == (32, 4, 2)
+    # without image_model the parents of two sizes are refused, as before
+    err = _fails(tmp_path, _given_plan(user, parents__img=str(small)), capsys)
+    assert "the parents differ in shape (llm, img): embed_dim 32 vs 16" in err and "give model and image_model" in err
+    # image_model checked against the given image parent
+    err = _fails(tmp_path, _given_plan(user, parents__img=str(small), image_model={**image_model, "layers": 2}), capsys)
+    assert "parents.img.checkpoint: shape does not match the plan's image_model: layers 3 (plan: 2)" in err
+    # one-shape variants are refused
+    err = _fails(tmp_path, _given_plan(user, parents__img=str(small), image_model=image_model,
+                                       variants=["cross2_paper", "uniform"], instruct__variants=["cross2_paper"]),
+                 capsys)
+    assert "variants ['uniform'] need parents of one shape" in err

@@ -6,6 +6,12 @@
   [image_vocab_start, image_vocab_end) taken from the image parent ("text tokens from the LLM input
   embedding, image tokens from the image-text model").
 - ``decoder.layer_norm``: the parents' average (one final LayerNorm after the feature projection).
+- parents of different widths (``CrossConfig.image_parent``): each branch's input embedding
+  ``decoder.embed_tokens_{llm,cm3}`` <- its parent's whole embedding; the untied output projection
+  (V, W), W the wider width: text rows from the LLM, image rows from the image parent, each in its
+  first E_parent columns and zero after; the final LayerNorm: the parents' average on the
+  coordinates both have, the wider parent's after; ``preserve``'s feature projection
+  [P_img/2, P_llm/2] with rectangular identities (``models.decoder.eye_halves``).
 - new parameters (cross blocks, ``feature_projection``): ``paper`` = N(0, init_std) weights, zero
   biases, unit LayerNorms; ``preserve`` additionally zeroes each cross block's ``out_proj`` and ``fc2``
   (the blocks start as identities, so each branch computes exactly its parent) and sets the feature
@@ -37,6 +43,7 @@ import torch
 
 from ..models import keys
 from ..models.config import CrossConfig
+from ..models.decoder import eye_halves
 from .uniform import average_pair
 
 Getter = Callable[[str], torch.Tensor]
@@ -59,16 +66,23 @@ def block_seed(seed: int, name: str, block: int) -> int:
 
 
 class Piece(NamedTuple):
-    """``out[rows] = `` one source: ``copy`` of parent ``role``'s tensor ``source`` (those rows),
-    ``average`` of both parents' ``source``, ``fresh`` (``fresh_rule``) or ``const`` (``keys.VERSION_VALUE``)."""
+    """``out[rows, cols] = `` one source: ``copy`` of parent ``role``'s tensor ``source`` (those
+    rows, all its columns), ``average`` of both parents' ``source`` (those rows), ``fresh``
+    (``fresh_rule``), ``zeros`` or ``const`` (``keys.VERSION_VALUE``)."""
 
     rows: slice
-    kind: str  # "copy" | "average" | "fresh" | "const"
+    kind: str  # "copy" | "average" | "fresh" | "zeros" | "const"
     role: str | None = None  # "llm" | "img" for copy
     source: str | None = None
+    cols: slice = slice(None)  # asymmetric JAM-Cross: a narrower parent's rows in a wider tensor
 
 
 _ALL = slice(None)
+
+
+def target(out: torch.Tensor, p: Piece) -> torch.Tensor:
+    """The view of ``out`` that piece ``p`` fills."""
+    return out[p.rows] if p.cols == _ALL else out[p.rows, p.cols]
 
 
 def cross_plan(name: str, cfg: CrossConfig) -> list[Piece]:
@@ -77,20 +91,37 @@ def cross_plan(name: str, cfg: CrossConfig) -> list[Piece]:
     (``jam_metaseq/models/keys.py``)."""
     if name == keys.VERSION:
         return [Piece(_ALL, "const")]
-    if name in keys.TIED:
+    shared = cfg.shared_embedding
+    if name in keys.TIED and (shared or name == keys.OUTPUT):
         lo, hi = cfg.image_vocab_start, cfg.image_vocab_end
         if not 0 <= lo < hi <= cfg.vocab_size:
             raise ValueError(
                 f"{name}: image_vocab_start/end = {lo}/{hi} must lie in [0, {cfg.vocab_size}] "
                 "(set them from the vocab manifest's image range)"
             )
-        return [Piece(_ALL, "copy", "llm", keys.EMBED), Piece(slice(lo, hi), "copy", "img", keys.EMBED)]
+        if shared:
+            return [Piece(_ALL, "copy", "llm", keys.EMBED), Piece(slice(lo, hi), "copy", "img", keys.EMBED)]
+        # Widths differ: the untied (V, W) output projection, W the wider width; text rows are
+        # the LLM's, image rows the image parent's, each in its first E_parent columns, zeros after.
+        W, a, b = cfg.output_dim, cfg.llm.embed_dim, cfg.img.embed_dim
+        plan = [Piece(_ALL, "copy", "llm", keys.EMBED, slice(0, a)), Piece(slice(lo, hi), "copy", "img", keys.EMBED,
+                                                                          slice(0, b))]
+        if a < W:
+            plan.insert(1, Piece(_ALL, "zeros", cols=slice(a, W)))
+        if b < W:
+            plan.append(Piece(slice(lo, hi), "zeros", cols=slice(b, W)))
+        return plan
     src = keys.branch_source(name)
-    if src is not None:
+    if src is not None and (shared or name not in keys.TIED):
         side, source = src
         return [Piece(_ALL, "copy", "llm" if side == "llm" else "img", source)]
     if name in {e.name for e in keys.FINAL_NORM}:
-        return [Piece(_ALL, "average", None, name)]
+        m, W = min(cfg.llm.embed_dim, cfg.img.embed_dim), cfg.output_dim
+        if m == W:
+            return [Piece(_ALL, "average", None, name)]
+        # The wider parent's norm, averaged with the narrower one's where both have coordinates.
+        wider = "llm" if cfg.llm.embed_dim == W else "img"
+        return [Piece(slice(0, m), "average", None, name), Piece(slice(m, W), "copy", wider, name)]
     if keys.is_cross_new(name):
         return [Piece(_ALL, "fresh")]
     raise KeyError(f"{name}: not a JAM-Cross tensor")
@@ -142,8 +173,7 @@ def fresh_tensor(name: str, shape: tuple[int, ...], *, cfg: CrossConfig, seed: i
     if rule == "ones":
         return torch.ones(shape)
     if rule == "eye_halves":
-        eye = torch.eye(cfg.parent.embed_dim) / 2
-        return torch.cat([eye, eye], dim=1)
+        return eye_halves(cfg)
     numel = 1
     for s in shape:
         numel *= int(s)
@@ -153,21 +183,20 @@ def fresh_tensor(name: str, shape: tuple[int, ...], *, cfg: CrossConfig, seed: i
 def cross_tensor(name: str, *, cfg: CrossConfig, llm: Getter, img: Getter, seed: int = 0,
                  scheme: str = DEFAULT_INIT_SEED_SCHEME) -> torch.Tensor:
     """The JAM-Cross tensor ``name`` built from the parents' tensors (fetched lazily by name), fp32."""
-    out: torch.Tensor | None = None
-    for p in cross_plan(name, cfg):
+    from . import state_shapes  # late import: the package imports this module
+
+    plan = cross_plan(name, cfg)  # first: it names what is wrong with ``name`` or ``cfg``
+    out = torch.empty(state_shapes(cfg)[name])
+    for p in plan:
         if p.kind == "const":
             value = torch.tensor([keys.VERSION_VALUE])
         elif p.kind == "copy":
             value = (llm if p.role == "llm" else img)(p.source)[p.rows].to(torch.float32)
         elif p.kind == "average":
-            value = average_pair(llm(p.source), img(p.source))
+            value = average_pair(llm(p.source)[p.rows], img(p.source)[p.rows])
+        elif p.kind == "zeros":
+            value = torch.zeros(())
         else:
-            from . import state_shapes  # late import: the package imports this module
-
-            value = fresh_tensor(name, state_shapes(cfg)[name], cfg=cfg, seed=seed, scheme=scheme)
-        if out is None:  # the first piece covers the whole tensor
-            out = value.clone() if p.kind == "copy" else value
-        else:
-            out[p.rows] = value
-    assert out is not None
+            value = fresh_tensor(name, tuple(out.shape), cfg=cfg, seed=seed, scheme=scheme)
+        target(out, p).copy_(value)
     return out

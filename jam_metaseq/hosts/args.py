@@ -4,7 +4,8 @@ The only place where host-style flags (``--decoder-embed-dim``, ``--cross-every`
 ...) meet the typed configs of ``jam_metaseq.models.config`` (paper §2.1, §3.1) and the task's
 ``jam_metaseq.data.items.TaskOptions``. Host-free: argparse only.
 
-Flags describe ONE PARENT (the shape both 7B parents share); the arch's family derives the model:
+Flags describe ONE PARENT (the shape both 7B parents share; JAM-Cross between parents of different
+sizes: the LLM, with ``--img-*`` flags for the image branch's shape); the arch's family derives the model:
 ``jam_uniform`` = the parent's shape (Eq. 1), ``jam_width`` = ``width_of(parent)`` (Eq. 2-3),
 ``jam_cross`` = ``cross_of(parent, cross_every)`` (Eq. 4-5). Sized archs (``jam_cross_7b`` ...) fill
 every flag the user did not give; the bare family name is the 7B size. Boolean flags default to
@@ -98,6 +99,12 @@ def add_model_args(parser: argparse.ArgumentParser | Any) -> None:
       help="JAM-Cross: a cross-attention block pair after every K-th layer; 0 = none (Table 4)")
     a("--cross-init", choices=("paper", "preserve"),
       help="JAM-Cross: how new parameters start when the model is built from scratch")
+    a("--img-embed-dim", type=int, metavar="E",
+      help="JAM-Cross between parents of different sizes: hidden size of the image branch (default: the LLM's)")
+    a("--img-ffn-embed-dim", type=int, metavar="F", help="JAM-Cross: FFN inner size of the image branch")
+    a("--img-layers", type=int, metavar="L",
+      help="JAM-Cross: layers of the image branch (cross pairs aligned by proportional depth)")
+    a("--img-attention-heads", type=int, metavar="H", help="JAM-Cross: attention heads of the image branch")
 
 
 def apply_arch_defaults(args: argparse.Namespace, *, family: str, size: str) -> None:
@@ -149,16 +156,26 @@ def config_from_args(args: argparse.Namespace, *, vocab_size: int, padding_idx: 
     fields: dict[str, Any] = {fld: getattr(args, flag) for flag, fld in _SHAPE_FLAGS.items()}
     fields.update({fld: not bool(getattr(args, flag)) for flag, fld in _NEG_FLAGS.items()})
     parent = DecoderConfig(vocab_size=vocab_size, padding_idx=padding_idx, **fields)
+    given = [flag for flag in IMG_FLAGS if getattr(args, flag, None) is not None]
+    image = {IMG_FLAGS[flag]: getattr(args, flag) for flag in given}
+    if image and family != ARCH_CROSS:
+        raise ValueError(f"--{given[0].replace('_', '-')}: the image-branch shape flags (--img-*) are "
+                         f"JAM-Cross flags; the arch is {family}")
     if family == ARCH_UNIFORM:
         return uniform_of(parent)
     if family == ARCH_WIDTH:
         return width_of(parent)
     return cross_of(parent, int(args.cross_every), cross_init=args.cross_init,
-                    image_vocab_start=image_range[0], image_vocab_end=image_range[1])
+                    image_vocab_start=image_range[0], image_vocab_end=image_range[1],
+                    image_parent=dataclasses.replace(parent, **image) if image else None)
 
 
 CROSS_FLAGS = ("cross_every", "cross_init", "image_vocab_start", "image_vocab_end")
 """The JAM-Cross flags ``args_from_config`` adds after the parent's."""
+IMG_FLAGS = {"img_embed_dim": "embed_dim", "img_ffn_embed_dim": "ffn_dim", "img_layers": "layers",
+             "img_attention_heads": "heads"}
+"""Asymmetric JAM-Cross: the image branch's shape flags (``config.SHAPE_FIELDS``; unset = the
+LLM's), which ``args_from_config`` adds only for a model whose branches differ."""
 
 
 def host_arch(cfg: ModelConfig) -> str:
@@ -183,6 +200,8 @@ def args_from_config(cfg: ModelConfig) -> dict[str, Any]:
     if isinstance(cfg, CrossConfig):
         parent = cfg.parent
         extra = {flag: getattr(cfg, flag) for flag in CROSS_FLAGS}
+        if not cfg.symmetric:
+            extra.update({flag: getattr(cfg.img, fld) for flag, fld in IMG_FLAGS.items()})
     elif arch == ARCH_WIDTH:  # the inverse of width_of
         parent = dataclasses.replace(cfg, embed_dim=cfg.embed_dim // 2, ffn_dim=cfg.ffn_dim // 2,
                                      heads=cfg.heads // 2)
@@ -214,7 +233,7 @@ def command_line_from_config(cfg: ModelConfig) -> list[str]:
     return words
 
 
-_COMMAND_LINE = {flag for flag, _, how in _FLAGS if how != "echo"} | set(CROSS_FLAGS) | {
+_COMMAND_LINE = {flag for flag, _, how in _FLAGS if how != "echo"} | set(CROSS_FLAGS) | set(IMG_FLAGS) | {
     "decoder_learned_pos", "share_decoder_input_output_embed"}
 
 

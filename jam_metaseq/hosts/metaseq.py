@@ -124,6 +124,12 @@ def parallelize_tensor(core: nn.Module, cfg: Any, *, world_size: int, rank: int 
             new = fill(mpu.VocabParallelEmbedding(module.num_embeddings, module.embedding_dim, module.padding_idx,
                                                   **kw), name)
             embedding = new
+        elif isinstance(module, nn.Linear) and rule == "vocab" and key == keys.OUTPUT \
+                and f"{parent_name}.embed_tokens" not in modules:
+            # asymmetric JAM-Cross of two widths: an output projection of its own, its vocab rows
+            # split like a column-parallel layer's outputs (local logits, as the tied one gives)
+            new = fill(column_cls(module.in_features, module.out_features, bias=False, gather_output=False, **kw),
+                       name)
         elif isinstance(module, nn.Linear) and rule == "vocab":
             tied.append((parent, attr))  # the output projection: tied to the embedding shard below
             emb = modules.get(f"{parent_name}.embed_tokens")

@@ -11,11 +11,18 @@ needs no host sync (what a CUDA graph needs). Both keep ``length`` (host) and ``
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
 class KVCache:
-    """Keys/values for ``num_slots`` attention modules of one model, ``(B, H, max_len, D)`` each."""
+    """Keys/values for ``num_slots`` attention modules of one model, ``(B, H, max_len, D)`` each.
+
+    Slots of one shape share one buffer ``(S, B, H, max_len, D)``. ``slot_shapes`` ((heads,
+    head dim) per slot; asymmetric JAM-Cross, whose branches differ in heads or head dim) groups
+    the slots by shape, one buffer per group; ``k``/``v`` are then the first group's buffers and
+    ``buffers()`` lists them all."""
 
     def __init__(
         self,
@@ -27,10 +34,17 @@ class KVCache:
         max_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        slot_shapes: Sequence[tuple[int, int]] | None = None,
     ) -> None:
-        shape = (num_slots, batch_size, heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (S, B, H, L, D)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shapes = [(heads, head_dim)] * num_slots if slot_shapes is None else [tuple(s) for s in slot_shapes]
+        if len(shapes) != num_slots:
+            raise ValueError(f"{len(shapes)} slot shapes for {num_slots} slots")
+        kinds: list[tuple[int, int]] = list(dict.fromkeys(shapes))
+        # slot -> (group, index in the group)
+        self.slot_map = [(kinds.index(s), shapes[:n].count(s)) for n, s in enumerate(shapes)]
+        self.groups_k = [torch.zeros((shapes.count(s), batch_size, s[0], max_len, s[1]), dtype=dtype, device=device)
+                         for s in kinds]  # each (S_g, B, H_g, L, D_g)
+        self.groups_v = [torch.zeros_like(k) for k in self.groups_k]
         # True where the cached key is padding (never attended to).
         self.key_padding = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         # Non-pad tokens seen so far per row: the next real token's position is this + pad + 1.
@@ -40,6 +54,23 @@ class KVCache:
         self.offset = torch.zeros((), dtype=torch.long, device=device)
         self.max_len = max_len
         self.batch_size = batch_size
+
+    @property
+    def k(self) -> torch.Tensor:
+        """The keys of the first slot group (every slot's when all slots share a shape)."""
+        return self.groups_k[0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.groups_v[0]
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every key and value buffer."""
+        return [*self.groups_k, *self.groups_v]
+
+    def _slot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g, i = self.slot_map[slot]
+        return self.groups_k[g][i], self.groups_v[g][i]
 
     def reset(self) -> None:
         self.key_padding.zero_()
@@ -56,18 +87,20 @@ class KVCache:
     def write(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, H, T, D) keys/values at the current offset; return all keys/values so far."""
         start, end = self.length, self.length + k.shape[2]
-        self.k[slot, :, :, start:end] = k
-        self.v[slot, :, :, start:end] = v
-        return self.k[slot, :, :, :end], self.v[slot, :, :, :end]
+        ks, vs = self._slot(slot)
+        ks[:, :, start:end] = k
+        vs[:, :, start:end] = v
+        return ks[:, :, :end], vs[:, :, :end]
 
     def write_at(
         self, slot: int, k: torch.Tensor, v: torch.Tensor, *, index: torch.Tensor, span: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, H, T, D) keys/values at the device positions ``index`` (T,); return the first
         ``span`` keys/values, (B, H, span, D), whatever has been written (the caller masks)."""
-        self.k[slot].index_copy_(2, index, k)
-        self.v[slot].index_copy_(2, index, v)
-        return self.k[slot, :, :, :span], self.v[slot, :, :, :span]
+        ks, vs = self._slot(slot)
+        ks.index_copy_(2, index, k)
+        vs.index_copy_(2, index, v)
+        return ks[:, :, :span], vs[:, :, :span]
 
     def advance(self, nonpad: torch.Tensor, steps: int) -> None:
         """After a forward pass over ``steps`` tokens per row, ``nonpad`` (B,) of them real."""
@@ -77,8 +110,8 @@ class KVCache:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` of the batch (e.g. after finished sequences are dropped)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
+        self.groups_k = [k[:, rows] for k in self.groups_k]
+        self.groups_v = [v[:, rows] for v in self.groups_v]
         self.key_padding = self.key_padding[rows]
         self.positions = self.positions[rows]
         self.batch_size = int(self.k.shape[1])

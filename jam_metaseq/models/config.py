@@ -3,7 +3,8 @@
 One dataclass per architecture, JSON-serialisable, stored in every checkpoint the tools write:
 - ``DecoderConfig``: metaseq's ``model_parallel_transformer_lm`` at MP=1 (OPT / CM3leon family).
   JAM-Uniform has its parent's config; JAM-Width is a ``DecoderConfig`` twice as wide (``width_of``).
-- ``CrossConfig``: JAM-Cross, two parent-shaped branches with cross blocks (``cross_of``).
+- ``CrossConfig``: JAM-Cross, two parent-shaped branches with cross blocks (``cross_of``); the
+  parents may differ in shape (width, FFN, depth, heads: ``image_parent``).
 """
 
 from __future__ import annotations
@@ -75,14 +76,48 @@ class DecoderConfig:
         return {"type": "DecoderConfig", **dataclasses.asdict(self)}
 
 
+SHAPE_FIELDS = ("embed_dim", "ffn_dim", "layers", "heads")
+"""The fields in which JAM-Cross's two parents may differ (``CrossConfig.image_parent``); every
+other ``DecoderConfig`` field (vocabulary, positions, padding, biases, LayerNorm kind, activation,
+embedding scale, dropout, init) is shared."""
+
+
+def align_layer(i: int, *, shallow: int, deep: int) -> int:
+    """Proportional depth: layer ``i`` of a ``shallow``-layer branch ends at depth (i+1)/shallow;
+    the ``deep``-layer branch's layer ending at or just before that depth,
+    ``(i+1) * deep // shallow - 1``. Strictly increasing, maps the last layer to the last layer,
+    and is the identity when the depths are equal."""
+    return (i + 1) * deep // shallow - 1
+
+
 @dataclass
 class CrossConfig:
-    """JAM-Cross: two branches shaped like ``parent`` + bidirectional cross blocks (§2.1.3, Fig. 2)."""
+    """JAM-Cross: two parent-shaped branches + bidirectional cross blocks (§2.1.3, Fig. 2).
+
+    Symmetric (``image_parent`` None, the paper's case): both branches are shaped like ``parent``.
+    Asymmetric (the paper's stated future work): the image branch is shaped like ``image_parent``,
+    which may differ from ``parent`` in ``SHAPE_FIELDS`` (width, FFN, depth, heads) only.
+
+    - Cross blocks are rectangular (Eq. 4): the block of side s takes its query from its own
+      width E_s and projects keys and values from the other branch's width E_o to E_s (``k_proj``,
+      ``v_proj``: (E_s, E_o)); heads, head dim, FFN and output are side s's.
+    - Layer alignment (``cross_pairs``): ``cross_every`` counts layers of the shallower branch
+      (layers 0, k, 2k, ...); its layer i pairs with the deeper branch's ``align_layer(i)``
+      (proportional depth). Each pair of cross blocks reads both branches' outputs of its pair.
+    - Embeddings: with equal widths, one shared token embedding tied to the output projection
+      (the symmetric model's keys). With different widths, each branch has its own input
+      embedding, its parent's whole table (so each branch reads every token as its parent did),
+      and a separate output projection of width ``output_dim`` = the wider branch's width: the
+      feature projection maps cat([x_img, x_llm]) (E_img + E_llm) to it, so neither branch's
+      output is squeezed below its own width, and each parent's head rows (text rows from the
+      LLM, image rows from the image parent) fit into it unchanged, zero-padded.
+    """
 
     parent: DecoderConfig
-    """Shape of each branch (both parents share it)."""
+    """Shape of the LLM branch (and of both branches when ``image_parent`` is None)."""
     cross_every: int = 2
-    """A pair of cross blocks after layers 0, k, 2k, ... (k = cross_every); 0 = no cross blocks."""
+    """A pair of cross blocks after layers 0, k, 2k, ... of the shallower branch (k = cross_every);
+    0 = no cross blocks."""
     cross_init: Literal["paper", "preserve"] = "paper"
     """How new parameters start: ``paper`` (normal init) or ``preserve`` (blocks are identities)."""
     image_vocab_start: int = -1
@@ -91,21 +126,83 @@ class CrossConfig:
     """One past the last image-code id."""
     arch: str = ARCH_CROSS
     """Always ``jam_cross``."""
+    image_parent: DecoderConfig | None = None
+    """Shape of the image branch when it differs from ``parent`` (None: the same shape)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.parent, dict):
             self.parent = config_from_dict(self.parent)
+        if isinstance(self.image_parent, dict):
+            self.image_parent = config_from_dict(self.image_parent)
         if self.cross_every < 0:
             raise ValueError(f"cross_every must be >= 0, got {self.cross_every}")
         if self.cross_init not in ("paper", "preserve"):
             raise ValueError(f"cross_init must be paper or preserve, got {self.cross_init!r}")
+        if self.image_parent is not None:
+            a, b = self.parent, self.image_parent
+            for f in dataclasses.fields(DecoderConfig):
+                if f.name not in SHAPE_FIELDS and f.name != "arch" and getattr(a, f.name) != getattr(b, f.name):
+                    raise ValueError(f"the parents of JAM-Cross must share {f.name}: the LLM has "
+                                     f"{getattr(a, f.name)!r}, the image parent {getattr(b, f.name)!r} "
+                                     f"(they may differ only in {', '.join(SHAPE_FIELDS)})")
+            if all(getattr(a, f) == getattr(b, f) for f in SHAPE_FIELDS):
+                self.image_parent = None  # one shape: the symmetric model, whatever the spelling
+            else:
+                self.image_parent = dataclasses.replace(b, arch=ARCH_DECODER)
+
+    @property
+    def symmetric(self) -> bool:
+        """Both branches have the LLM's shape (the paper's JAM-Cross)."""
+        return self.image_parent is None
+
+    @property
+    def llm(self) -> DecoderConfig:
+        """The LLM branch's shape."""
+        return self.parent
+
+    @property
+    def img(self) -> DecoderConfig:
+        """The image branch's shape."""
+        return self.parent if self.image_parent is None else self.image_parent
+
+    def branch(self, side: str) -> DecoderConfig:
+        """The shape of branch ``side`` (``llm`` or ``cm3``, the key schema's names)."""
+        if side not in ("llm", "cm3"):
+            raise ValueError(f"no branch {side!r}; expected llm or cm3")
+        return self.llm if side == "llm" else self.img
+
+    @property
+    def shared_embedding(self) -> bool:
+        """One token embedding for both branches, tied to the output projection (equal widths)."""
+        return self.llm.embed_dim == self.img.embed_dim
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the feature projection's output, the final LayerNorm and the output
+        projection: the wider branch's (both branches' when equal)."""
+        return max(self.llm.embed_dim, self.img.embed_dim)
+
+    @property
+    def cross_pairs(self) -> list[tuple[int, int]]:
+        """(LLM layer, image layer) after which each cross-block pair sits, in order: layers 0, k,
+        2k, ... of the shallower branch, each with its ``align_layer`` in the deeper one."""
+        if self.cross_every == 0:
+            return []
+        L_llm, L_img = self.llm.layers, self.img.layers
+        shallow, deep = min(L_llm, L_img), max(L_llm, L_img)
+        out = []
+        for i in range(0, shallow, self.cross_every):
+            j = align_layer(i, shallow=shallow, deep=deep)
+            out.append((i, j) if L_llm <= L_img else (j, i))
+        return out
 
     @property
     def cross_after(self) -> list[int]:
-        """Indices of the branch layers followed by a cross-block pair."""
+        """Indices of the shallower branch's layers followed by a cross-block pair (both
+        branches' when the depths are equal)."""
         if self.cross_every == 0:
             return []
-        return list(range(0, self.parent.layers, self.cross_every))
+        return list(range(0, min(self.llm.layers, self.img.layers), self.cross_every))
 
     @property
     def vocab_size(self) -> int:
@@ -113,7 +210,8 @@ class CrossConfig:
 
     @property
     def embed_dim(self) -> int:
-        return self.parent.embed_dim
+        """The output width (``output_dim``; the parent's width when the branches are alike)."""
+        return self.output_dim
 
     @property
     def padding_idx(self) -> int:
@@ -126,6 +224,10 @@ class CrossConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["parent"] = self.parent.to_dict()
+        if self.image_parent is None:
+            del d["image_parent"]  # the symmetric model's dict (and bytes) as before
+        else:
+            d["image_parent"] = self.image_parent.to_dict()
         return {"type": "CrossConfig", **d}
 
 
@@ -140,6 +242,8 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
         return DecoderConfig(**d)
     if kind == "CrossConfig":
         d["parent"] = config_from_dict(d["parent"])
+        if d.get("image_parent") is not None:
+            d["image_parent"] = config_from_dict(d["image_parent"])
         return CrossConfig(**d)
     raise ValueError(f"unknown config type {kind!r}")
 
@@ -175,10 +279,13 @@ def cross_of(
     cross_init: str = "paper",
     image_vocab_start: int = -1,
     image_vocab_end: int = -1,
+    image_parent: DecoderConfig | None = None,
 ) -> CrossConfig:
-    """JAM-Cross (§2.1.3) built from two parents shaped like ``parent``."""
+    """JAM-Cross (§2.1.3) built from an LLM shaped like ``parent`` and an image parent shaped
+    like ``image_parent`` (None: like ``parent``)."""
     return CrossConfig(
         parent=dataclasses.replace(parent, arch=ARCH_DECODER),
+        image_parent=image_parent,
         cross_every=cross_every,
         cross_init=cross_init,  # type: ignore[arg-type]
         image_vocab_start=image_vocab_start,

@@ -6,7 +6,13 @@ projection), one learned position table per branch, branch layers ``layers_llm``
 after every ``cross_every``-th layer (after layers 0, k, 2k, ...) a pair of cross blocks
 ``x_attn_layers_llm`` (queries from the LLM branch, keys/values from the image branch) and
 ``x_attn_layers_cm3`` (the reverse). Both blocks of a pair read the other branch's output of the same
-layer, from before either cross block (Eq. 4). Cross-attention is causal: position t sees the other
+layer, from before either cross block (Eq. 4).
+
+Parents of different sizes (``CrossConfig.image_parent``): each branch keeps its parent's shape,
+cross blocks are rectangular (K/V projected from the other branch's width), pairs are aligned by
+proportional depth (``CrossConfig.cross_pairs``), and with different widths each branch has its
+own input embedding and the output projection, at the wider width, is untied (``CrossConfig``
+says why). Cross-attention is causal: position t sees the other
 branch's positions <= t, so the model stays autoregressive. The final states are concatenated as
 ``cat([x_cm3, x_llm])``, projected by ``feature_projection`` (E x 2E, no bias), normalised by the
 final LayerNorm and scored with the shared output projection.
@@ -27,14 +33,17 @@ from .decoder import (
 
 
 class CrossAttention(Attention):
-    """Eq. 4-5: Q from this branch, K and V from the other branch (separate projections)."""
+    """Eq. 4-5: Q from this branch, K and V from the other branch (separate projections).
 
-    def __init__(self, cfg: DecoderConfig, slot: int) -> None:
+    Rectangular when the branches differ in width: ``k_proj`` / ``v_proj`` map the other
+    branch's width ``other_dim`` to this branch's; heads and head dim are this branch's."""
+
+    def __init__(self, cfg: DecoderConfig, slot: int, *, other_dim: int | None = None) -> None:
         super().__init__(cfg, slot)
-        E = cfg.embed_dim
+        E, O = cfg.embed_dim, other_dim or cfg.embed_dim
         self.q_proj = nn.Linear(E, E, bias=cfg.bias)
-        self.k_proj = nn.Linear(E, E, bias=cfg.bias)
-        self.v_proj = nn.Linear(E, E, bias=cfg.bias)
+        self.k_proj = nn.Linear(O, E, bias=cfg.bias)
+        self.v_proj = nn.Linear(O, E, bias=cfg.bias)
         self.out_proj = nn.Linear(E, E, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, other: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -42,12 +51,13 @@ class CrossAttention(Attention):
 
 
 class CrossBlock(PreLNBlock):
-    """A pre-LN layer whose self-attention is replaced by cross-attention, with its own FFN."""
+    """A pre-LN layer whose self-attention is replaced by cross-attention, with its own FFN
+    (shaped like its own branch ``cfg``; keys and values from a branch of width ``other_dim``)."""
 
-    def __init__(self, cfg: DecoderConfig, slot: int) -> None:
+    def __init__(self, cfg: DecoderConfig, slot: int, *, other_dim: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.cross_attn = CrossAttention(cfg, slot)
+        self.cross_attn = CrossAttention(cfg, slot, other_dim=other_dim)
         self.cross_attn_layer_norm = layer_norm(cfg.embed_dim, cfg)
         self.add_ffn(cfg)
 
@@ -56,41 +66,56 @@ class CrossBlock(PreLNBlock):
 
 
 class CrossDecoder(nn.Module):
-    """The ``decoder.*`` submodule of JAM-Cross."""
+    """The ``decoder.*`` submodule of JAM-Cross (modules registered in the key schema's order)."""
 
     def __init__(self, cfg: CrossConfig) -> None:
         super().__init__()
-        p = cfg.parent
+        a, b, p = cfg.llm, cfg.img, cfg.parent
         self.cfg = cfg
-        L = p.layers
+        W = cfg.output_dim
         self.register_buffer("version", fresh_buffer(keys.VERSION))
-        self.embed_tokens = nn.Embedding(p.vocab_size, p.embed_dim, padding_idx=p.padding_idx)
-        self.embed_positions_llm = nn.Embedding(p.num_position_rows, p.embed_dim)
-        self.embed_positions_cm3 = nn.Embedding(p.num_position_rows, p.embed_dim)
-        # Cache slots: [0, L) LLM self-attn, [L, 2L) image self-attn, then the cross blocks.
-        self.layers_llm = nn.ModuleList(DecoderLayer(p, slot=i) for i in range(L))
-        self.layers_cm3 = nn.ModuleList(DecoderLayer(p, slot=L + i) for i in range(L))
+        if cfg.shared_embedding:
+            self.embed_tokens = nn.Embedding(p.vocab_size, p.embed_dim, padding_idx=p.padding_idx)
+        else:  # one input embedding per branch width; the output projection is its own tensor
+            self.embed_tokens_llm = nn.Embedding(p.vocab_size, a.embed_dim, padding_idx=p.padding_idx)
+            self.embed_tokens_cm3 = nn.Embedding(p.vocab_size, b.embed_dim, padding_idx=p.padding_idx)
+        self.embed_positions_llm = nn.Embedding(a.num_position_rows, a.embed_dim)
+        self.embed_positions_cm3 = nn.Embedding(b.num_position_rows, b.embed_dim)
+        # Cache slots: LLM self-attn, image self-attn, then the cross blocks (LLM side, image side).
+        La, Lb = a.layers, b.layers
         n_cross = len(cfg.cross_after)
-        self.x_attn_layers_llm = nn.ModuleList(CrossBlock(p, slot=2 * L + j) for j in range(n_cross))
+        self.layers_llm = nn.ModuleList(DecoderLayer(a, slot=i) for i in range(La))
+        self.layers_cm3 = nn.ModuleList(DecoderLayer(b, slot=La + i) for i in range(Lb))
+        self.x_attn_layers_llm = nn.ModuleList(
+            CrossBlock(a, slot=La + Lb + j, other_dim=b.embed_dim) for j in range(n_cross))
         self.x_attn_layers_cm3 = nn.ModuleList(
-            CrossBlock(p, slot=2 * L + n_cross + j) for j in range(n_cross)
-        )
-        self.feature_projection = nn.Linear(2 * p.embed_dim, p.embed_dim, bias=False)
-        self.layer_norm = layer_norm(p.embed_dim, p)
-        self.output_projection = nn.Linear(p.embed_dim, p.vocab_size, bias=False)
-        self.output_projection.weight = self.embed_tokens.weight
-        self.embed_scale = p.embed_dim**0.5 if p.scale_embedding else 1.0
-        self.cross_index = {layer: j for j, layer in enumerate(cfg.cross_after)}
+            CrossBlock(b, slot=La + Lb + n_cross + j, other_dim=a.embed_dim) for j in range(n_cross))
+        self.feature_projection = nn.Linear(b.embed_dim + a.embed_dim, W, bias=False)
+        self.layer_norm = layer_norm(W, p)
+        self.output_projection = nn.Linear(W, p.vocab_size, bias=False)
+        if cfg.shared_embedding:
+            self.output_projection.weight = self.embed_tokens.weight
+        self.embed_scale = a.embed_dim**0.5 if p.scale_embedding else 1.0
+        self.embed_scale_cm3 = b.embed_dim**0.5 if p.scale_embedding else 1.0
+        self.cross_pairs = cfg.cross_pairs
 
     def embed(
         self, tokens: torch.Tensor, cache: KVCache | None, *, check_positions: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) -> (x_llm, x_cm3): one shared token lookup, each branch's own positions."""
-        x_llm, x_cm3 = embed_input(
-            self, tokens, positions_tables=[self.embed_positions_llm, self.embed_positions_cm3],
-            cfg=self.cfg.parent, cache=cache, check_positions=check_positions,
-        )
-        return x_llm, x_cm3
+        """(B, T) -> (x_llm, x_cm3): one shared token lookup (or each branch's own, when the
+        widths differ), each branch's own positions."""
+        if self.cfg.shared_embedding:
+            x_llm, x_cm3 = embed_input(
+                self, tokens, positions_tables=[self.embed_positions_llm, self.embed_positions_cm3],
+                cfg=self.cfg.parent, cache=cache, check_positions=check_positions,
+            )
+            return x_llm, x_cm3
+        out = []
+        for table, pos, scale in ((self.embed_tokens_llm, self.embed_positions_llm, self.embed_scale),
+                                  (self.embed_tokens_cm3, self.embed_positions_cm3, self.embed_scale_cm3)):
+            out += embed_input(self, tokens, positions_tables=[pos], cfg=self.cfg.parent, cache=cache,
+                               check_positions=check_positions, token_table=table, scale=scale)
+        return out[0], out[1]
 
 
 class JamCrossLM(nn.Module):
@@ -104,23 +129,36 @@ class JamCrossLM(nn.Module):
 
     @property
     def num_attention_slots(self) -> int:
-        return 2 * self.cfg.parent.layers + 2 * len(self.cfg.cross_after)
+        return self.cfg.llm.layers + self.cfg.img.layers + 2 * len(self.cfg.cross_after)
+
+    def slot_shapes(self) -> list[tuple[int, int]]:
+        """(heads, head dim) of every cache slot: a branch's self-attention and the cross blocks
+        whose queries come from it have that branch's."""
+        a, b, n = self.cfg.llm, self.cfg.img, len(self.cfg.cross_after)
+        sa, sb = (a.heads, a.head_dim), (b.heads, b.head_dim)
+        return [sa] * a.layers + [sb] * b.layers + [sa] * n + [sb] * n
 
     def setup_caches(
         self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> KVCache:
-        p = self.decoder.embed_tokens.weight
+        p = next(self.parameters())
+        shapes = self.slot_shapes()
         return KVCache(
-            num_slots=self.num_attention_slots, batch_size=batch_size, heads=self.cfg.parent.heads,
-            head_dim=self.cfg.parent.head_dim, max_len=max_len, dtype=dtype or p.dtype,
-            device=device or p.device,
+            num_slots=len(shapes), batch_size=batch_size, heads=shapes[0][0], head_dim=shapes[0][1],
+            max_len=max_len, dtype=dtype or p.dtype, device=device or p.device,
+            slot_shapes=None if self.cfg.symmetric else shapes,
         )
 
     def branch_features(
         self, tokens: torch.Tensor, *, cache: KVCache | None = None, span: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) -> final (x_llm, x_cm3), each (B, T, E), before projection and final LayerNorm.
+        """(B, T) -> final (x_llm, x_cm3), (B, T, E_llm) and (B, T, E_img), before projection and
+        final LayerNorm.
+
+        Each branch runs its layers up to the next cross pair ``(i, j)`` (LLM layer i, image layer
+        j: ``CrossConfig.cross_pairs``), then both directions read the other branch's output of
+        its pair layer (Eq. 4); the layers after the last pair follow.
 
         ``span``: a static step (``decoder.build_static_context``); one context serves both branches'
         self-attention and both cross directions, whose keys sit in their own cache slots."""
@@ -128,16 +166,22 @@ class JamCrossLM(nn.Module):
         pad_idx = self.cfg.parent.padding_idx
         ctx = build_context(tokens, padding_idx=pad_idx, cache=cache, span=span)
         x_llm, x_cm3 = d.embed(tokens, cache, check_positions=span is None)
-        for i, (layer_llm, layer_cm3) in enumerate(zip(d.layers_llm, d.layers_cm3)):
-            x_llm = layer_llm(x_llm, ctx)
-            x_cm3 = layer_cm3(x_cm3, ctx)
-            j = d.cross_index.get(i)
-            if j is not None:
-                # Both directions read the other branch's output of layer i (Eq. 4).
-                x_llm, x_cm3 = (
-                    d.x_attn_layers_llm[j](x_llm, x_cm3, ctx),
-                    d.x_attn_layers_cm3[j](x_cm3, x_llm, ctx),
-                )
+        done_llm = done_cm3 = 0
+        for c, (i, j) in enumerate(d.cross_pairs):
+            for layer in d.layers_llm[done_llm:i + 1]:
+                x_llm = layer(x_llm, ctx)
+            for layer in d.layers_cm3[done_cm3:j + 1]:
+                x_cm3 = layer(x_cm3, ctx)
+            done_llm, done_cm3 = i + 1, j + 1
+            # Both directions read the other branch's output of the paired layer (Eq. 4).
+            x_llm, x_cm3 = (
+                d.x_attn_layers_llm[c](x_llm, x_cm3, ctx),
+                d.x_attn_layers_cm3[c](x_cm3, x_llm, ctx),
+            )
+        for layer in d.layers_llm[done_llm:]:
+            x_llm = layer(x_llm, ctx)
+        for layer in d.layers_cm3[done_cm3:]:
+            x_cm3 = layer(x_cm3, ctx)
         if cache is not None:
             cache.advance(tokens.ne(pad_idx).sum(dim=1), tokens.shape[1])
         return x_llm, x_cm3
@@ -146,7 +190,7 @@ class JamCrossLM(nn.Module):
         self, tokens: torch.Tensor, *, cache: KVCache | None = None, span: int | None = None
     ) -> torch.Tensor:
         x_llm, x_cm3 = self.branch_features(tokens, cache=cache, span=span)
-        x = self.decoder.feature_projection(torch.cat([x_cm3, x_llm], dim=-1))  # (B, T, E)
+        x = self.decoder.feature_projection(torch.cat([x_cm3, x_llm], dim=-1))  # (B, T, W)
         return self.decoder.layer_norm(x)
 
     def output_layer(self, features: torch.Tensor) -> torch.Tensor:

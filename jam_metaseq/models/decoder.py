@@ -236,10 +236,19 @@ def init_tensor_(key: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
         t.normal_(0.0, std)
         if rule == "zeros":
             t.zero_()
-        elif rule == "eye_halves":  # (E, 2E)
-            eye = torch.eye(t.shape[0], dtype=t.dtype, device=t.device) / 2
-            t.copy_(torch.cat([eye, eye], dim=1))
+        elif rule == "eye_halves":
+            t.copy_(eye_halves(cfg, dtype=t.dtype, device=t.device))
     return t
+
+
+def eye_halves(cfg: CrossConfig, *, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """The ``preserve`` feature projection on ``cat([x_cm3, x_llm])``: [P_img / 2, P_llm / 2],
+    P_s the (W, E_s) identity (ones on the diagonal; W = ``cfg.output_dim``), so it averages the
+    branches' states, each zero-padded to W. Symmetric: [I/2, I/2]."""
+    W = cfg.output_dim
+    return torch.cat([torch.eye(W, cfg.img.embed_dim, dtype=dtype, device=device) / 2,
+                      torch.eye(W, cfg.llm.embed_dim, dtype=dtype, device=device) / 2], dim=1)
 
 
 def fresh_buffer(key: str) -> torch.Tensor:
@@ -285,15 +294,18 @@ class Decoder(nn.Module):
 def embed_input(
     decoder: nn.Module, tokens: torch.Tensor, *, positions_tables: Sequence[nn.Embedding],
     cfg: DecoderConfig, cache: KVCache | None, check_positions: bool = True,
+    token_table: nn.Embedding | None = None, scale: float | None = None,
 ) -> list[torch.Tensor]:
     """scale * token embedding + each learned position table, then dropout: (B, T) -> [(B, T, E)].
 
-    The token embedding is looked up once and shared (JAM-Cross has one position table per branch).
+    The token embedding (``decoder.embed_tokens`` unless ``token_table``) is looked up once and
+    shared (JAM-Cross has one position table per branch).
     """
     pos = metaseq_positions(
         tokens, padding_idx=cfg.padding_idx, cache=cache, max_positions=cfg.max_positions, check=check_positions
     )
-    tok = decoder.embed_scale * decoder.embed_tokens(tokens)
+    table = decoder.embed_tokens if token_table is None else token_table
+    tok = (decoder.embed_scale if scale is None else scale) * table(tokens)
     return [F.dropout(tok + table(pos), p=cfg.dropout, training=decoder.training) for table in positions_tables]
 
 

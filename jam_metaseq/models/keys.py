@@ -13,7 +13,8 @@ prototype. A model is top-level tensors plus *containers* of repeated blocks, wh
   ``decoder.embed_tokens.weight``, ``decoder.embed_positions.weight``, ``LAYERS`` x L
   (``LAYER`` blocks), ``decoder.layer_norm.{weight,bias}``, ``decoder.output_projection.weight``
   (tied to the embedding).
-- JAM-Cross: the same embedding, one position table per branch (``BRANCH_POSITIONS``), both
+- JAM-Cross: the same embedding (branches of different widths: one per branch,
+  ``BRANCH_EMBED``, and an untied output projection), one position table per branch (``BRANCH_POSITIONS``), both
   branches' ``LAYER`` blocks (``BRANCH_LAYERS``), the cross blocks (``CROSS_LAYERS``, ``CROSS``
   blocks, one per direction after every ``cross_every``-th layer), ``FEATURE_PROJECTION``, the
   final LayerNorm and the tied output projection.
@@ -111,15 +112,20 @@ VERSION_VALUE = 3.0
 EMBED = "decoder.embed_tokens.weight"
 POSITIONS = "decoder.embed_positions.weight"
 BRANCH_POSITIONS = {side: f"decoder.embed_positions_{side}.weight" for side in BRANCHES}
+BRANCH_EMBED = {side: f"decoder.embed_tokens_{side}.weight" for side in BRANCHES}
+"""Asymmetric JAM-Cross with branches of different widths: each branch's own input embedding
+(V, E_side), vocab-parallel like ``EMBED``; the output projection is then a tensor of its own."""
 FINAL_NORM = _norm("decoder.layer_norm")
 OUTPUT = "decoder.output_projection.weight"
 TIED = (EMBED, OUTPUT)
 """(embedding, output projection): the same tensor in every model here."""
 FEATURE_PROJECTION = "decoder.feature_projection.weight"
-"""JAM-Cross: (E, 2E) on ``cat([x_cm3, x_llm])``; small next to the branches, so replicated."""
+"""JAM-Cross: (E, 2E) on ``cat([x_cm3, x_llm])`` (asymmetric: (W, E_img + E_llm), W the output
+width); small next to the branches, so replicated."""
 
 TOP: dict[str, Entry] = {e.name: e for e in (
-    Entry(VERSION), Entry(EMBED, "vocab"), Entry(POSITIONS), *(Entry(p) for p in BRANCH_POSITIONS.values()),
+    Entry(VERSION), Entry(EMBED, "vocab"), *(Entry(e, "vocab") for e in BRANCH_EMBED.values()), Entry(POSITIONS),
+    *(Entry(p) for p in BRANCH_POSITIONS.values()),
     Entry(FEATURE_PROJECTION), *FINAL_NORM, Entry(OUTPUT, "vocab"),
 )}
 """Every top-level tensor of any model here."""
@@ -149,16 +155,19 @@ def structure(cfg) -> list[Item]:
     state-dict order."""
     from .config import CrossConfig
 
+    embed: list[Item] = [TOP[EMBED]]
     if isinstance(cfg, CrossConfig):
         p, n = cfg.parent, len(cfg.cross_after)
+        if not cfg.shared_embedding:  # branches of different widths: one input embedding each
+            embed = [TOP[BRANCH_EMBED[s]] for s in BRANCHES]
         body: list[Item] = [TOP[BRANCH_POSITIONS[s]] for s in BRANCHES]
-        body += [Block(BRANCH_LAYERS[s], LAYER, p.layers) for s in BRANCHES]
+        body += [Block(BRANCH_LAYERS[s], LAYER, cfg.branch(s).layers) for s in BRANCHES]
         body += [Block(CROSS_LAYERS[s], CROSS, n) for s in BRANCHES]
         body += [TOP[FEATURE_PROJECTION]]
     else:
         p = cfg
         body = [TOP[POSITIONS], Block(LAYERS, LAYER, p.layers)]
-    items = [TOP[VERSION], TOP[EMBED], *body, *FINAL_NORM, TOP[OUTPUT]]
+    items = [TOP[VERSION], *embed, *body, *FINAL_NORM, TOP[OUTPUT]]
     have = {"bias": p.bias, "affine_ln": p.affine_ln}
 
     def kept(e: Entry) -> bool:
@@ -213,12 +222,14 @@ def is_cross_new(key: str) -> bool:
 
 
 def branch_source(key: str) -> tuple[str, str] | None:
-    """JAM-Cross key -> (branch, the parent's key it is copied from) for branch layers and
-    position tables; None for any other key."""
+    """JAM-Cross key -> (branch, the parent's key it is copied from) for branch layers, position
+    tables and (asymmetric) branch embeddings; None for any other key."""
     b = block_of(key)
     for side in BRANCHES:
         if key == BRANCH_POSITIONS[side]:
             return side, POSITIONS
+        if key == BRANCH_EMBED[side]:
+            return side, EMBED
         if b is not None and b[0] == BRANCH_LAYERS[side]:
             return side, f"{LAYERS}.{b[1]}.{b[2]}"
     return None
@@ -236,7 +247,8 @@ def init_rule(key: str, cfg) -> Init:
     """How a fresh tensor ``key`` of the model ``cfg`` starts: ``zeros`` (biases), ``ones``
     (LayerNorm weights), ``normal`` (N(0, init_std): matrices and embeddings); with JAM-Cross's
     ``cross_init="preserve"`` the cross blocks' ``CROSS_PRESERVE_ZEROS`` are ``zeros`` and the
-    feature projection is ``eye_halves``, [I/2, I/2], so the new parts start as the identity."""
+    feature projection is ``eye_halves``, [I/2, I/2] (asymmetric: [P_img/2, P_llm/2], P_s the
+    (W, E_s) rectangular identity), so the new parts start as the identity."""
     if key.endswith("bias"):
         return "zeros"
     if "layer_norm" in key:

@@ -159,16 +159,19 @@ def check_plan(plan: PlanSpec, *, source: str = "plan", lines: Mapping[tuple, in
     given = _parent_configs(plan, probs) if not probs.items else {}
     if given:
         shapes = {role: _shape_of(cfg) for role, (cfg, _) in given.items()}
-        if len(shapes) == 2 and shapes["llm"] != shapes["img"]:
+        if len(shapes) == 2 and shapes["llm"] != shapes["img"] and plan.image_model is None:
             diff = {k: (shapes["llm"][k], shapes["img"][k]) for k in SHAPE_FIELDS if shapes["llm"][k] != shapes["img"][k]}
             probs.add(("parents",), "the parents differ in shape (llm, img): " +
-                      ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()) + "; fusion needs one shape")
+                      ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()) + "; fusion needs one shape "
+                      "(JAM-Cross of parents of different sizes: give model and image_model)")
         if plan.model is not None:
-            want = {f: getattr(plan.model, f) for f in SHAPE_FIELDS}
+            wants = {"llm": plan.model, "img": plan.image_shape}
             for role, shape in shapes.items():
+                want = {f: getattr(wants[role], f) for f in SHAPE_FIELDS}
                 diff = [f"{k} {shape[k]} (plan: {want[k]})" for k in SHAPE_FIELDS if shape[k] != want[k]]
                 if diff:
-                    probs.add(("parents", role, "checkpoint"), f"shape does not match the plan's model: {', '.join(diff)}")
+                    which = "image_model" if role == "img" and plan.image_model is not None else "model"
+                    probs.add(("parents", role, "checkpoint"), f"shape does not match the plan's {which}: {', '.join(diff)}")
         for role, (cfg, vocab) in given.items():
             if cfg.max_positions < tps:
                 probs.add(("data", "tokens_per_sample"),

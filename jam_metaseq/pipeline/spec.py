@@ -486,6 +486,11 @@ class PlanSpec:
     model: ShapeSpec | None = None
     """The parents' shape: needed to train a parent (default: the given parent's, else the
     quickstart's); checked against given parents."""
+    image_model: ShapeSpec | None = None
+    """The image parent's shape when it differs from the LLM's (``model``): JAM-Cross between
+    parents of different sizes (width, FFN, layers, heads; activation, bias and LayerNorm kind
+    are shared), so only ``cross*`` variants. null = ``model``'s shape (checked against a given
+    image parent)."""
     parents: ParentsSpec = Field(default_factory=ParentsSpec)
     """The two parents."""
     variants: list[str] = Field(default_factory=lambda: list(VARIANTS), min_length=1)
@@ -523,6 +528,18 @@ class PlanSpec:
         problems = []
         if self.device == "cpu" and self.precision != "fp32":
             problems.append(f"precision {self.precision} needs a GPU device (device is cpu)")
+        if self.image_model is not None and self.model is None:
+            problems.append("image_model needs model (the LLM's shape) next to it")
+        elif self.image_model is not None and self.asymmetric:
+            s, i = self.shape, self.image_model
+            shared = [f for f in ("activation", "bias", "affine_ln") if getattr(s, f) != getattr(i, f)]
+            if shared:
+                problems.append(f"image_model: {', '.join(shared)} must equal the LLM's (model); parents of "
+                                "different sizes differ in embed_dim, ffn_dim, layers and heads only")
+            others = [v for v in self.variants if VARIANTS[v].family != "jam_cross"]
+            if others:
+                problems.append(f"variants {others} need parents of one shape; with image_model of another "
+                                "size only JAM-Cross variants (cross*) fuse them")
         if self.generate.model not in ("auto", *self.variants):
             problems.append(f"generate.model {self.generate.model!r} is neither auto nor one of the variants")
         bad = [v for v in self.instruct.variants if v not in self.variants]
@@ -536,6 +553,17 @@ class PlanSpec:
     @property
     def shape(self) -> ShapeSpec:
         return self.model if self.model is not None else ShapeSpec()
+
+    @property
+    def image_shape(self) -> ShapeSpec:
+        """The image parent's shape (``image_model``, else ``model``'s)."""
+        return self.image_model if self.image_model is not None else self.shape
+
+    @property
+    def asymmetric(self) -> bool:
+        """The parents' shapes differ (JAM-Cross between parents of different sizes)."""
+        return any(getattr(self.shape, f) != getattr(self.image_shape, f)
+                   for f in ("embed_dim", "ffn_dim", "layers", "heads"))
 
     @property
     def budgets(self) -> list[int]:

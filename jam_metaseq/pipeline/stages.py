@@ -461,29 +461,38 @@ def model_flags(cfg: Any) -> list[str]:
     return command_line_from_config(cfg)
 
 
-def parent_config(ctx: Context) -> Any:
-    """The parents' ``DecoderConfig`` (a given parent's, else the plan's shape)."""
+def parent_config(ctx: Context, role: str = "llm") -> Any:
+    """Parent ``role``'s ``DecoderConfig`` (a given parent's, else the plan's shape for it:
+    ``model``, or ``image_model`` for the image parent). Parents of one shape: either role's."""
     from jam_metaseq.models.config import DecoderConfig, config_from_dict
 
-    for role in PARENTS:
-        if role in ctx.given:
-            return ctx.given[role][0]
-        m = ctx.markers.get("parents", {}).get(role, {})
+    roles = [role] + ([] if ctx.plan.asymmetric else [r for r in PARENTS if r != role])
+    for r in roles:
+        if r in ctx.given:
+            return ctx.given[r][0]
+        m = ctx.markers.get("parents", {}).get(r, {})
         if m.get("config"):
             return config_from_dict(m["config"])
-    s: ShapeSpec = ctx.plan.shape
+    s: ShapeSpec = ctx.plan.image_shape if role == "img" else ctx.plan.shape
     vocab_size = ctx.markers["tokenizers"].get("vocab_size", 0) or 8
     return DecoderConfig(vocab_size=vocab_size, embed_dim=s.embed_dim, ffn_dim=s.ffn_dim, layers=s.layers,
                          heads=s.heads, max_positions=ctx.plan.data.tokens_per_sample, bias=s.bias,
                          affine_ln=s.affine_ln, activation=s.activation)
 
 
-def variant_flags(ctx: Context, v: Variant) -> tuple[str, list[str]]:
-    """(arch, flags) of a variant: the family's arch and the parent's shape (+ cross settings)."""
-    parent = parent_config(ctx)
+def variant_flags(ctx: Context, v: Variant, *, role: str = "llm") -> tuple[str, list[str]]:
+    """(arch, flags) of a variant: the family's arch and the (``role``) parent's shape (+ cross
+    settings, and the image branch's shape when the parents differ in size)."""
+    from jam_metaseq.hosts.args import IMG_FLAGS
+
+    parent = parent_config(ctx, role)
     flags = model_flags(parent)
     if v.family == "jam_cross":
         flags += ["--cross-every", str(v.cross_every), "--cross-init", v.init]
+        img = parent_config(ctx, "img")
+        if any(getattr(img, f) != getattr(parent, f) for f in IMG_FLAGS.values()):
+            for flag, fld in IMG_FLAGS.items():
+                flags += ["--" + flag.replace("_", "-"), str(getattr(img, fld))]
     return f"{v.family}_tiny", flags
 
 
@@ -518,7 +527,7 @@ def stage_parents(ctx: Context, bin_: dict) -> dict[str, dict]:
         rel = f"parents/{role}"
         # Same --seed for both: the two parents share their initialisation (as two models
         # fine-tuned from one base would), which is what makes weight averaging meaningful.
-        arch, flags = variant_flags(ctx, VARIANTS["uniform"])
+        arch, flags = variant_flags(ctx, VARIANTS["uniform"], role=role)
         job, run = ctx.train(rel, TrainJob(
             desc=f"parents: {role} ({source})", data=ctx.path("bin") / source, save_dir=ctx.tmp(rel), arch=arch,
             model_flags=flags, optim=t, updates=t.budget_tokens // tpu, tokens_per_sample=plan.data.tokens_per_sample,
