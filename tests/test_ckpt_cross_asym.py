@@ -229,11 +229,9 @@ def test_e2e_fairseq_train_from_parents_of_different_widths_and_depths(tmp_path)
 
 
 def test_generation_and_evaluation_load_the_output(tmp_path, parents):
-    """jam-generate's and jam-eval's loaders read an asymmetric output (no shared embedding):
-    the same logits as ``load_model``."""
-    from jam_metaseq.eval.io import load_checkpoint
-    from jam_metaseq.generation.run import load_model_and_vocab
-
+    """jam-generate and jam-eval load through ``load_model`` (the one loader) as they call it:
+    the file of an asymmetric output (no shared embedding), its vocabulary required, another
+    dtype: the same model as the directory's."""
     _, _, _, _, pa, pb, vpath = parents
     opts = _opts(tmp_path / "x")
     opts.vocab = str(vpath)
@@ -241,11 +239,10 @@ def test_generation_and_evaluation_load_the_output(tmp_path, parents):
     ref, cfg, _ = load_model(out)
     assert not cfg.shared_embedding
     tokens = torch.randint(4, 128, (2, 7), generator=torch.Generator().manual_seed(1))
-    gen, _ = load_model_and_vocab(out / "checkpoint.pt")
-    ev, _, _ = load_checkpoint(out / "checkpoint.pt")
+    gen, _, vocab = load_model(out / "checkpoint.pt", vocab=vpath, require_vocab=True, dtype=torch.float64)
+    assert vocab is not None and next(gen.parameters()).dtype == torch.float64
     with torch.no_grad():
-        want = ref(tokens)
-        assert torch.equal(gen(tokens), want) and torch.equal(ev(tokens), want)
+        torch.testing.assert_close(gen(tokens).float(), ref(tokens), rtol=1e-4, atol=1e-5)
 
 
 def test_config_is_inferred_from_shapes_and_host_flags(tmp_path, parents):
