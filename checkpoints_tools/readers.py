@@ -1026,7 +1026,7 @@ def infer_config(shapes: Mapping[str, Sequence[int]], ns: Namespace | None = Non
         raise CheckpointError(f"{source}: no {lay}.0.{keys.FC1}.weight")
     pos_key = keys.BRANCH_POSITIONS["llm"] if cross else keys.POSITIONS
     if cross and pos_key not in shapes:
-        pos_key = keys.BRANCH_POSITIONS["cm3"]
+        pos_key = keys.BRANCH_POSITIONS["img"]
     padding_idx = int(overrides.get("padding_idx", 1))
     heads = overrides.get("heads") or g("decoder_attention_heads")
     if not heads:
@@ -1046,7 +1046,7 @@ def infer_config(shapes: Mapping[str, Sequence[int]], ns: Namespace | None = Non
     if not cross:
         return parent
     # the image branch: its own shape when the parents differed in size (asymmetric JAM-Cross)
-    img_lay = keys.BRANCH_LAYERS["cm3"]
+    img_lay = keys.BRANCH_LAYERS["img"]
     img_fc1 = shapes.get(f"{img_lay}.0.{keys.FC1}.weight", fc1)
     img_layers = 1 + max(keys.block_indices(shapes, img_lay), default=layers - 1)
     img_shape = {"embed_dim": int(img_fc1[1]), "ffn_dim": int(img_fc1[0]), "layers": img_layers}

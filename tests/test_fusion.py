@@ -215,9 +215,9 @@ def test_preserve_init_reproduces_each_parent_in_its_branch(every, overrides):
     image = random_tokens(2, 10, low=IMG_START, high=IMG_END, seed=4)  # image rows from the image parent
     with torch.no_grad():
         x_llm, _ = fused.branch_features(text)
-        _, x_cm3 = fused.branch_features(image)
+        _, x_img = fused.branch_features(image)
     torch.testing.assert_close(x_llm, _pre_ln_hidden(llm, text), atol=1e-5, rtol=0)
-    torch.testing.assert_close(x_cm3, _pre_ln_hidden(img, image), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_img, _pre_ln_hidden(img, image), atol=1e-5, rtol=0)
 
 
 def test_preserve_with_a_shared_embedding_reproduces_both_parents_on_mixed_tokens():
@@ -228,12 +228,12 @@ def test_preserve_with_a_shared_embedding_reproduces_both_parents_on_mixed_token
     fused = _fused(parent_cfg, 1, "preserve", llm, img)
     tokens = random_tokens(3, 12, low=4, high=128, seed=5)
     with torch.no_grad():
-        x_llm, x_cm3 = fused.branch_features(tokens)
+        x_llm, x_img = fused.branch_features(tokens)
         # Feature projection [I/2, I/2] then the averaged final LayerNorm.
         feats = fused.extract_features(tokens)
     torch.testing.assert_close(x_llm, _pre_ln_hidden(llm, tokens), atol=1e-5, rtol=0)
-    torch.testing.assert_close(x_cm3, _pre_ln_hidden(img, tokens), atol=1e-5, rtol=0)
-    torch.testing.assert_close(feats, fused.decoder.layer_norm((x_llm + x_cm3) / 2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(x_img, _pre_ln_hidden(img, tokens), atol=1e-5, rtol=0)
+    torch.testing.assert_close(feats, fused.decoder.layer_norm((x_llm + x_img) / 2), atol=1e-6, rtol=0)
 
 
 def test_preserve_of_identical_parents_is_the_parent():

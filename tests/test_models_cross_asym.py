@@ -105,7 +105,7 @@ def test_schema_names_every_tensor_of_an_asymmetric_model(llm, img, every, bias,
         assert tuple(sd["decoder.x_attn_layers_cm3.0.cross_attn.v_proj.weight"].shape) == (b, a)
         assert tuple(sd["decoder.x_attn_layers_cm3.0.fc1.weight"].shape) == (cfg.img.ffn_dim, b)
     assert tuple(sd[keys.FEATURE_PROJECTION].shape) == (max(a, b), a + b)
-    assert (keys.EMBED in sd) == (a == b) and (keys.BRANCH_EMBED["cm3"] in sd) == (a != b)
+    assert (keys.EMBED in sd) == (a == b) and (keys.BRANCH_EMBED["img"] in sd) == (a != b)
     tied = model.decoder.output_projection.weight is getattr(model.decoder, "embed_tokens", None).weight \
         if a == b else False
     assert tied == (a == b)
@@ -327,18 +327,18 @@ def test_preserve_init_reproduces_each_parent_in_its_branch(img, every):
     mixed = random_tokens(2, 10, low=4, high=128, seed=5)
     with torch.no_grad():
         x_llm, _ = fused.branch_features(text)
-        _, x_cm3 = fused.branch_features(image)
+        _, x_img = fused.branch_features(image)
     torch.testing.assert_close(x_llm, _pre_ln_hidden(llm, text), atol=1e-5, rtol=0)
-    torch.testing.assert_close(x_cm3, _pre_ln_hidden(imgm, image), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_img, _pre_ln_hidden(imgm, image), atol=1e-5, rtol=0)
     if img.embed_dim != LLM.embed_dim:  # own embeddings: each branch is its parent on any tokens
         with torch.no_grad():
-            x_llm, x_cm3 = fused.branch_features(mixed)
+            x_llm, x_img = fused.branch_features(mixed)
             feats = fused.extract_features(mixed)
         torch.testing.assert_close(x_llm, _pre_ln_hidden(llm, mixed), atol=1e-5, rtol=0)
-        torch.testing.assert_close(x_cm3, _pre_ln_hidden(imgm, mixed), atol=1e-5, rtol=0)
+        torch.testing.assert_close(x_img, _pre_ln_hidden(imgm, mixed), atol=1e-5, rtol=0)
         W = max(LLM.embed_dim, img.embed_dim)
         pad = lambda x: torch.nn.functional.pad(x, (0, W - x.shape[-1]))  # noqa: E731
-        torch.testing.assert_close(feats, fused.decoder.layer_norm((pad(x_llm) + pad(x_cm3)) / 2), atol=1e-6, rtol=0)
+        torch.testing.assert_close(feats, fused.decoder.layer_norm((pad(x_llm) + pad(x_img)) / 2), atol=1e-6, rtol=0)
     # control: paper init mixes the branches
     paper = _fused(asym(img, every, "paper"), llm, imgm)
     with torch.no_grad():
@@ -359,7 +359,7 @@ def test_output_head_and_final_norm_of_two_widths():
         assert torch.equal(head[IMG_START:IMG_END, :b], I[keys.EMBED][IMG_START:IMG_END])
         assert not head[IMG_START:IMG_END, b:].any()
         assert torch.equal(head[IMG_END:, :a], L[keys.EMBED][IMG_END:])
-        for side, sd in (("llm", L), ("cm3", I)):
+        for side, sd in (("llm", L), ("img", I)):
             got = cross_tensor(keys.BRANCH_EMBED[side], cfg=cfg, llm=L.__getitem__, img=I.__getitem__)
             assert torch.equal(got, sd[keys.EMBED])
         norm = cross_tensor("decoder.layer_norm.weight", cfg=cfg, llm=L.__getitem__, img=I.__getitem__)

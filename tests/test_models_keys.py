@@ -153,12 +153,12 @@ def test_fresh_parameters_of_a_meta_model_are_build_models(cfg, seed):
 def test_cross_helpers():
     cfg = _cfg("cross", layers=2, bias=True, affine_ln=True)
     ks = keys.state_keys(cfg)
-    assert keys.branch_source("decoder.layers_cm3.1.fc1.weight") == ("cm3", "decoder.layers.1.fc1.weight")
+    assert keys.branch_source("decoder.layers_cm3.1.fc1.weight") == ("img", "decoder.layers.1.fc1.weight")
     assert keys.branch_source(keys.BRANCH_POSITIONS["llm"]) == ("llm", keys.POSITIONS)
     assert keys.branch_source(keys.EMBED) is None
     new = [k for k in ks if keys.is_cross_new(k)]
     assert new and all(k.startswith("decoder.x_attn_layers_") or k == keys.FEATURE_PROJECTION for k in new)
-    assert keys.block_indices(ks, keys.CROSS_LAYERS["cm3"]) == {0, 1}
+    assert keys.block_indices(ks, keys.CROSS_LAYERS["img"]) == {0, 1}
     assert keys.block_of("decoder.x_attn_layers_llm.1.fc2.bias") == ("decoder.x_attn_layers_llm", 1, "fc2.bias")
     assert keys.block_of("decoder.layer_norm.weight") is None
 

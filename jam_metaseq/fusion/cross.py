@@ -114,7 +114,7 @@ def cross_plan(name: str, cfg: CrossConfig) -> list[Piece]:
     src = keys.branch_source(name)
     if src is not None and (shared or name not in keys.TIED):
         side, source = src
-        return [Piece(_ALL, "copy", "llm" if side == "llm" else "img", source)]
+        return [Piece(_ALL, "copy", side, source)]
     if name in {e.name for e in keys.FINAL_NORM}:
         m, W = min(cfg.llm.embed_dim, cfg.img.embed_dim), cfg.output_dim
         if m == W:

@@ -166,9 +166,9 @@ class CrossConfig:
         return self.parent if self.image_parent is None else self.image_parent
 
     def branch(self, side: str) -> DecoderConfig:
-        """The shape of branch ``side`` (``llm`` or ``cm3``, the key schema's names)."""
-        if side not in ("llm", "cm3"):
-            raise ValueError(f"no branch {side!r}; expected llm or cm3")
+        """The shape of branch ``side`` (``llm`` or ``img``, the key schema's sides)."""
+        if side not in ("llm", "img"):
+            raise ValueError(f"no branch {side!r}; expected llm or img")
         return self.llm if side == "llm" else self.img
 
     @property

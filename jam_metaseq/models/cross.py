@@ -14,7 +14,7 @@ proportional depth (``CrossConfig.cross_pairs``), and with different widths each
 own input embedding and the output projection, at the wider width, is untied (``CrossConfig``
 says why). Cross-attention is causal: position t sees the other
 branch's positions <= t, so the model stays autoregressive. The final states are concatenated as
-``cat([x_cm3, x_llm])``, projected by ``feature_projection`` (E x 2E, no bias), normalised by the
+``cat([x_img, x_llm])``, projected by ``feature_projection`` (E x 2E, no bias), normalised by the
 final LayerNorm and scored with the shared output projection.
 """
 
@@ -96,23 +96,23 @@ class CrossDecoder(nn.Module):
         if cfg.shared_embedding:
             self.output_projection.weight = self.embed_tokens.weight
         self.embed_scale = a.embed_dim**0.5 if p.scale_embedding else 1.0
-        self.embed_scale_cm3 = b.embed_dim**0.5 if p.scale_embedding else 1.0
+        self.embed_scale_img = b.embed_dim**0.5 if p.scale_embedding else 1.0
         self.cross_pairs = cfg.cross_pairs
 
     def embed(
         self, tokens: torch.Tensor, cache: KVCache | None, *, check_positions: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) -> (x_llm, x_cm3): one shared token lookup (or each branch's own, when the
+        """(B, T) -> (x_llm, x_img): one shared token lookup (or each branch's own, when the
         widths differ), each branch's own positions."""
         if self.cfg.shared_embedding:
-            x_llm, x_cm3 = embed_input(
+            x_llm, x_img = embed_input(
                 self, tokens, positions_tables=[self.embed_positions_llm, self.embed_positions_cm3],
                 cfg=self.cfg.parent, cache=cache, check_positions=check_positions,
             )
-            return x_llm, x_cm3
+            return x_llm, x_img
         out = []
         for table, pos, scale in ((self.embed_tokens_llm, self.embed_positions_llm, self.embed_scale),
-                                  (self.embed_tokens_cm3, self.embed_positions_cm3, self.embed_scale_cm3)):
+                                  (self.embed_tokens_cm3, self.embed_positions_cm3, self.embed_scale_img)):
             out += embed_input(self, tokens, positions_tables=[pos], cfg=self.cfg.parent, cache=cache,
                                check_positions=check_positions, token_table=table, scale=scale)
         return out[0], out[1]
@@ -153,7 +153,7 @@ class JamCrossLM(nn.Module):
     def branch_features(
         self, tokens: torch.Tensor, *, cache: KVCache | None = None, span: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) -> final (x_llm, x_cm3), (B, T, E_llm) and (B, T, E_img), before projection and
+        """(B, T) -> final (x_llm, x_img), (B, T, E_llm) and (B, T, E_img), before projection and
         final LayerNorm.
 
         Each branch runs its layers up to the next cross pair ``(i, j)`` (LLM layer i, image layer
@@ -165,32 +165,32 @@ class JamCrossLM(nn.Module):
         d = self.decoder
         pad_idx = self.cfg.parent.padding_idx
         ctx = build_context(tokens, padding_idx=pad_idx, cache=cache, span=span)
-        x_llm, x_cm3 = d.embed(tokens, cache, check_positions=span is None)
-        done_llm = done_cm3 = 0
+        x_llm, x_img = d.embed(tokens, cache, check_positions=span is None)
+        done_llm = done_img = 0
         for c, (i, j) in enumerate(d.cross_pairs):
             for layer in d.layers_llm[done_llm:i + 1]:
                 x_llm = layer(x_llm, ctx)
-            for layer in d.layers_cm3[done_cm3:j + 1]:
-                x_cm3 = layer(x_cm3, ctx)
-            done_llm, done_cm3 = i + 1, j + 1
+            for layer in d.layers_cm3[done_img:j + 1]:
+                x_img = layer(x_img, ctx)
+            done_llm, done_img = i + 1, j + 1
             # Both directions read the other branch's output of the paired layer (Eq. 4).
-            x_llm, x_cm3 = (
-                d.x_attn_layers_llm[c](x_llm, x_cm3, ctx),
-                d.x_attn_layers_cm3[c](x_cm3, x_llm, ctx),
+            x_llm, x_img = (
+                d.x_attn_layers_llm[c](x_llm, x_img, ctx),
+                d.x_attn_layers_cm3[c](x_img, x_llm, ctx),
             )
         for layer in d.layers_llm[done_llm:]:
             x_llm = layer(x_llm, ctx)
-        for layer in d.layers_cm3[done_cm3:]:
-            x_cm3 = layer(x_cm3, ctx)
+        for layer in d.layers_cm3[done_img:]:
+            x_img = layer(x_img, ctx)
         if cache is not None:
             cache.advance(tokens.ne(pad_idx).sum(dim=1), tokens.shape[1])
-        return x_llm, x_cm3
+        return x_llm, x_img
 
     def extract_features(
         self, tokens: torch.Tensor, *, cache: KVCache | None = None, span: int | None = None
     ) -> torch.Tensor:
-        x_llm, x_cm3 = self.branch_features(tokens, cache=cache, span=span)
-        x = self.decoder.feature_projection(torch.cat([x_cm3, x_llm], dim=-1))  # (B, T, W)
+        x_llm, x_img = self.branch_features(tokens, cache=cache, span=span)
+        x = self.decoder.feature_projection(torch.cat([x_img, x_llm], dim=-1))  # (B, T, W)
         return self.decoder.layer_norm(x)
 
     def output_layer(self, features: torch.Tensor) -> torch.Tensor:

@@ -243,7 +243,7 @@ def init_tensor_(key: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 def eye_halves(cfg: CrossConfig, *, dtype: torch.dtype = torch.float32,
                device: torch.device | str | None = None) -> torch.Tensor:
-    """The ``preserve`` feature projection on ``cat([x_cm3, x_llm])``: [P_img / 2, P_llm / 2],
+    """The ``preserve`` feature projection on ``cat([x_img, x_llm])``: [P_img / 2, P_llm / 2],
     P_s the (W, E_s) identity (ones on the diagonal; W = ``cfg.output_dim``), so it averages the
     branches' states, each zero-padded to W. Symmetric: [I/2, I/2]."""
     W = cfg.output_dim

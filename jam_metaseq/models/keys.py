@@ -97,12 +97,15 @@ CROSS_PRESERVE_ZEROS = ("cross_attn.out_proj.weight", "cross_attn.out_proj.bias"
 identity (its residual branches add nothing) and each branch computes exactly its parent."""
 
 # ---- containers and top-level tensors -----------------------------------------------------------
-BRANCHES = ("llm", "cm3")
-"""JAM-Cross's two sides: the LLM branch and the image-text (CM3) branch."""
+BRANCHES = ("llm", "img")
+"""JAM-Cross's two sides: the LLM branch and the image-text branch (the image parent's)."""
+KEY_SUFFIX = {"llm": "llm", "img": "cm3"}
+"""How each side is spelled inside key names: the image side is ``cm3`` there, the JAM authors'
+prototype's name, kept so that checkpoints interchange (``decoder.layers_cm3.*``)."""
 
 LAYERS = "decoder.layers"
-BRANCH_LAYERS = {side: f"decoder.layers_{side}" for side in BRANCHES}
-CROSS_LAYERS = {side: f"decoder.x_attn_layers_{side}" for side in BRANCHES}
+BRANCH_LAYERS = {side: f"decoder.layers_{KEY_SUFFIX[side]}" for side in BRANCHES}
+CROSS_LAYERS = {side: f"decoder.x_attn_layers_{KEY_SUFFIX[side]}" for side in BRANCHES}
 """``CROSS_LAYERS[side]``: queries from ``side``, keys and values from the other branch."""
 CONTAINERS = (LAYERS, *BRANCH_LAYERS.values(), *CROSS_LAYERS.values())
 
@@ -111,8 +114,8 @@ VERSION_VALUE = 3.0
 """The value of metaseq's ``decoder.version`` buffer."""
 EMBED = "decoder.embed_tokens.weight"
 POSITIONS = "decoder.embed_positions.weight"
-BRANCH_POSITIONS = {side: f"decoder.embed_positions_{side}.weight" for side in BRANCHES}
-BRANCH_EMBED = {side: f"decoder.embed_tokens_{side}.weight" for side in BRANCHES}
+BRANCH_POSITIONS = {side: f"decoder.embed_positions_{KEY_SUFFIX[side]}.weight" for side in BRANCHES}
+BRANCH_EMBED = {side: f"decoder.embed_tokens_{KEY_SUFFIX[side]}.weight" for side in BRANCHES}
 """Asymmetric JAM-Cross with branches of different widths: each branch's own input embedding
 (V, E_side), vocab-parallel like ``EMBED``; the output projection is then a tensor of its own."""
 FINAL_NORM = _norm("decoder.layer_norm")
@@ -120,7 +123,7 @@ OUTPUT = "decoder.output_projection.weight"
 TIED = (EMBED, OUTPUT)
 """(embedding, output projection): the same tensor in every model here."""
 FEATURE_PROJECTION = "decoder.feature_projection.weight"
-"""JAM-Cross: (E, 2E) on ``cat([x_cm3, x_llm])`` (asymmetric: (W, E_img + E_llm), W the output
+"""JAM-Cross: (E, 2E) on ``cat([x_img, x_llm])`` (asymmetric: (W, E_img + E_llm), W the output
 width); small next to the branches, so replicated."""
 
 TOP: dict[str, Entry] = {e.name: e for e in (
