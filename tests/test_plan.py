@@ -311,7 +311,9 @@ def _fairseq_args(cmd: list[str]):
     """The real fairseq-train parser on a command line (fails on any flag fairseq does not know)."""
     from fairseq import options
 
-    import jam_metaseq  # noqa: F401 - registers the task, criterion and archs
+    from jam_metaseq.hosts import fairseq as host
+
+    host.register()  # the task, criterion and archs (importing jam_metaseq alone registers nothing)
 
     parser = options.get_training_parser()
     return options.parse_args_and_arch(parser, input_args=cmd[1:])

@@ -455,12 +455,19 @@ def pretrain_data(ctx: Context, budget: int) -> Path:
 
 # ---- models ----------------------------------------------------------------------------------------
 def model_flags(cfg: Any) -> list[str]:
-    """Host flags that rebuild ``cfg`` (``hosts.args.args_from_config``: one home for the mapping)."""
-    from jam_metaseq.hosts.args import args_from_config
+    """Host flags that rebuild ``cfg`` (``hosts.args.args_from_config``: one home for the mapping),
+    less the copies a checkpoint stores for metaseq's own models that the jam archs do not take
+    (``--decoder-input-dim`` ...): only what ``hosts.args.add_model_args`` registers is passed."""
+    import argparse
 
+    from jam_metaseq.hosts.args import add_model_args, args_from_config
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_model_args(parser)
+    accepted = set(vars(parser.parse_args([])))
     flags = []
     for dest, value in args_from_config(cfg).items():
-        if dest == "jam_family":
+        if dest not in accepted:
             continue
         flag = "--" + dest.replace("_", "-")
         if isinstance(value, bool):
