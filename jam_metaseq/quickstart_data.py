@@ -14,7 +14,10 @@ Two procedural sources stand in for the paper's two kinds of continued-pretraini
 - **a text corpus** (the Wikipedia / CommonCrawl role): short documents of templated sentences on
   other topics (towns, trades, weather, animals, numbers) with consistent associations (a baker
   bakes bread, a fisher catches fish), so a language model can learn something in a few hundred
-  updates. Its validation perplexity is the miniature "Wikipedia PPL".
+  updates, and sentences about pictures that use every caption word without being captions ("in
+  the picture the square is orange and the background is white."), as a web corpus would: JAM-Cross
+  reads captions through the LLM's text embedding rows (docs/REPRODUCTION.md). Its validation
+  perplexity is the miniature "Wikipedia PPL".
 
 Everything is a pure function of a seed. Documents use the JSONL format of
 ``jam_metaseq.data.documents``: ``{"segments": [{"text": ...}, {"image_tokens": [...]}, ...]}``.
