@@ -376,6 +376,16 @@ def test_quickstart_one_variant_end_to_end_and_resume(tmp_path, capsys):
     stdout = _run(out, variants, capsys)
     res = _check_artefacts(out, variants, stdout)
     assert res["rows"][-1]["params"] > res["rows"][0]["params"]  # two branches + cross blocks
+    # every validation token is scored except each document's first, which starts the document at
+    # position 0 as in the training blocks (no <eos> before it: a model never saw one there)
+    from jam_metaseq.eval.io import read_sequences
+    from jam_metaseq.vocab import VocabManifest
+
+    vocab = VocabManifest.load(out / "tokenizers" / "vocab.json")
+    for kind in ("text", "caption"):
+        seqs, _ = read_sequences(out / "bin" / kind / "valid" / kind, vocab=vocab)
+        want = sum(len(s) for s in seqs) - len(seqs)
+        assert {r["sets"][kind]["valid"]["tokens"] for r in res["rows"]} == {want}, kind
     before = _mtimes(out)
     again = _run(out, variants, capsys)
     assert _mtimes(out) == before  # nothing rewritten
