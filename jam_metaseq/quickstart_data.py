@@ -14,7 +14,10 @@ Two procedural sources stand in for the paper's two kinds of continued-pretraini
 - **a text corpus** (the Wikipedia / CommonCrawl role): short documents of templated sentences on
   other topics (towns, trades, weather, animals, numbers) with consistent associations (a baker
   bakes bread, a fisher catches fish), so a language model can learn something in a few hundred
-  updates. Its validation perplexity is the miniature "Wikipedia PPL".
+  updates, and sentences about pictures that use every caption word without being captions ("in
+  the picture the square is orange and the background is white."), as a web corpus would: JAM-Cross
+  reads captions through the LLM's text embedding rows (docs/REPRODUCTION.md). Its validation
+  perplexity is the miniature "Wikipedia PPL".
 
 Everything is a pure function of a seed. Documents use the JSONL format of
 ``jam_metaseq.data.documents``: ``{"segments": [{"text": ...}, {"image_tokens": [...]}, ...]}``.
@@ -40,7 +43,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from jam_metaseq.image_tokenizer.synthetic import shape_samples
+from jam_metaseq.image_tokenizer.synthetic import BACKGROUNDS, COLOURS, SHAPES, shape_samples
 
 # ---- the text corpus ---------------------------------------------------------------------------
 TOWNS = ("paris", "lisbon", "oslo", "cairo", "lima", "tokyo", "dublin", "quito")
@@ -65,7 +68,13 @@ def _pick(rng: np.random.Generator, seq: Sequence[str]) -> str:
 
 
 def _sentence(rng: np.random.Generator) -> str:
-    kind = int(rng.integers(5))
+    kind = int(rng.integers(6))
+    if kind == 5:  # what pictures show: the words of the captions, in sentences that are not captions
+        shape, colour = _pick(rng, SHAPES), _pick(rng, list(COLOURS))
+        background = _pick(rng, list(BACKGROUNDS))
+        if rng.random() < 0.5:
+            return f"the {_pick(rng, TOWNS)} museum shows a picture of a {colour} {shape} on a {background} background."
+        return f"in the picture the {shape} is {colour} and the background is {background}."
     if kind == 0:
         trade = _pick(rng, list(TRADES))
         verb, obj, place = TRADES[trade]

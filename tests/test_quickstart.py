@@ -47,6 +47,19 @@ def test_text_documents_are_deterministic_and_consistent():
                     assert verb in sent and obj in sent, sent
 
 
+def test_text_corpus_knows_the_caption_words():
+    """The LLM's corpus uses every word of the captions (JAM-Cross reads captions through the LLM's
+    text embedding rows; docs/REPRODUCTION.md), yet no text document is a caption."""
+    text = " ".join(d["segments"][0]["text"] for d in qd.text_documents(200, seed=0))
+    words = set(text.replace(".", " ").replace(",", " ").split())
+    captions = qd.caption_samples(60, size=32, seed=0, follow_up=1.0)
+    for s in captions:
+        for part in (s.caption, s.follow_up):
+            missing = set(part.replace(".", " ").replace(",", " ").split()) - words
+            assert not missing, (part, missing)
+    assert not {s.caption for s in captions} & {sent.strip() for sent in text.split(".")}
+
+
 def test_caption_samples_describe_their_image():
     samples = qd.caption_samples(40, size=32, seed=0, follow_up=0.5)
     again = qd.caption_samples(40, size=32, seed=0, follow_up=0.5)
@@ -363,6 +376,16 @@ def test_quickstart_one_variant_end_to_end_and_resume(tmp_path, capsys):
     stdout = _run(out, variants, capsys)
     res = _check_artefacts(out, variants, stdout)
     assert res["rows"][-1]["params"] > res["rows"][0]["params"]  # two branches + cross blocks
+    # every validation token is scored except each document's first, which starts the document at
+    # position 0 as in the training blocks (no <eos> before it: a model never saw one there)
+    from jam_metaseq.eval.io import read_sequences
+    from jam_metaseq.vocab import VocabManifest
+
+    vocab = VocabManifest.load(out / "tokenizers" / "vocab.json")
+    for kind in ("text", "caption"):
+        seqs, _ = read_sequences(out / "bin" / kind / "valid" / kind, vocab=vocab)
+        want = sum(len(s) for s in seqs) - len(seqs)
+        assert {r["sets"][kind]["valid"]["tokens"] for r in res["rows"]} == {want}, kind
     before = _mtimes(out)
     again = _run(out, variants, capsys)
     assert _mtimes(out) == before  # nothing rewritten

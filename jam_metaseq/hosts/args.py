@@ -220,10 +220,13 @@ def command_line_from_config(cfg: ModelConfig) -> list[str]:
     """The model flags of a training command that rebuilds ``cfg`` (``args_from_config`` as
     ``--flag value`` words): only the flags ``add_model_args`` defines, so the echoes a checkpoint
     stores for metaseq's own models (``decoder_input_dim``, ``tokens_per_sample`` ...), the
-    always-on switches metaseq needs and ``jam_family`` (the arch says it) are left out."""
+    switches metaseq needs and ``jam_family`` (the arch says it) are left out."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_model_args(parser)
+    accepted = set(vars(parser.parse_args([])))
     words: list[str] = []
     for dest, value in args_from_config(cfg).items():
-        if dest not in _COMMAND_LINE:
+        if dest not in accepted:
             continue
         flag = "--" + dest.replace("_", "-")
         if isinstance(value, bool):
@@ -231,10 +234,6 @@ def command_line_from_config(cfg: ModelConfig) -> list[str]:
         else:
             words += [flag, str(value)]
     return words
-
-
-_COMMAND_LINE = {flag for flag, _, how in _FLAGS if how != "echo"} | set(CROSS_FLAGS) | set(IMG_FLAGS) | {
-    "decoder_learned_pos", "share_decoder_input_output_embed"}
 
 
 # ---- the cm3_multimodal task and the cm3 criterion ------------------------------------------------
