@@ -669,6 +669,15 @@ def stage_instruct(ctx: Context) -> dict[str, dict]:
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
+EVAL_PREFIX = None
+"""What the evaluation puts before each document: nothing, so a document starts at position 0 with its
+first token as context only, as every training block does (``binarize`` packs whole documents,
+``break_mode="complete"``: a block starts with a document's first token, never with ``<eos>``). A
+model never saw ``<eos>`` at position 0; scoring after one measures that (every later position
+attends to it), not the model: the quickstart's LLM parent scores 7.1 after ``<eos>`` and 1.76
+without it on the same documents (docs/REPRODUCTION.md)."""
+
+
 def evaluate_checkpoint(*, checkpoint: str, sets: dict[str, dict[str, str]], vocab_path: str, max_len: int,
                         batch_size: int, device: str, progress: bool) -> dict:
     """Perplexity of one checkpoint on every set: ``sets[kind][name]`` = binarized prefix. Returns
@@ -689,7 +698,7 @@ def evaluate_checkpoint(*, checkpoint: str, sets: dict[str, dict[str, str]], voc
             for name, prefix in named.items():
                 seqs, masks = read_sequences(prefix, vocab=vocab)
                 r = perplexity(model, seqs, masks=masks, vocab=vocab, batch_size=batch_size, max_len=max_len,
-                               device=device, progress=progress)
+                               prefix=EVAL_PREFIX, device=device, progress=progress)
                 out["sets"].setdefault(kind, {})[name] = {"ppl": r["ppl"], "tokens": r["tokens"],
                                                           "text_ppl": r["text"]["ppl"],
                                                           "image_ppl": r["image"]["ppl"]}
@@ -725,7 +734,7 @@ def stage_eval(ctx: Context, src: Sources) -> dict[str, dict]:
             return {"result": r}
 
         m = p.unit("eval", f"eval/{name}", {"model": run, "bin": ctx.markers["bin"][None]["run"], "sets": sets,
-                                            "batch": plan.eval.batch_size}, build)
+                                            "batch": plan.eval.batch_size, "prefix": EVAL_PREFIX}, build)
         results[name] = m.get("result")
     ctx.markers["eval"] = results
     return results
@@ -819,7 +828,7 @@ def stage_generate(ctx: Context) -> dict | None:
                                            "tokenizers": ctx.markers["tokenizers"]["run"], "seed": plan.seed}, build)
 
 
-__all__ = ["Context", "KINDS", "Sources", "budget_tag", "eval_prefix", "eval_targets", "evaluate_checkpoint",
+__all__ = ["Context", "EVAL_PREFIX", "KINDS", "Sources", "budget_tag", "eval_prefix", "eval_targets", "evaluate_checkpoint",
            "fused_checkpoint", "mixture_name", "model_flags", "parent_checkpoint", "parent_config",
            "pretrain_data", "pretrained_checkpoint", "stage_binarize", "stage_data", "stage_eval", "stage_fuse",
            "stage_generate", "stage_instruct", "stage_parents", "stage_pretrain", "stage_report", "stage_tokenizers", "tokenizer_paths",
