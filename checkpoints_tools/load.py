@@ -130,16 +130,16 @@ def load_model(path: str | os.PathLike | Reader, *, config: ModelConfig | str | 
     extra = set(reader.names()) - set(kmap.values())
     if extra:
         raise CheckpointError(f"{reader.path}: tensors the model does not have: {sorted(extra)[:3]}")
+    if manifest is not None:  # before the shapes: a vocabulary that does not fit is the cause to name
+        try:
+            manifest.check_embedding(int(reader.info(kmap[keys.OUTPUT]).shape[0]), what=f"checkpoint {path}")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     for n, t in expected.items():
         got = tuple(reader.info(kmap[n]).shape)
         if got != tuple(t.shape):
             raise CheckpointError(f"{reader.path}: {kmap[n]} has shape {got} but the model "
                                   f"({arch_of(cfg)}) expects {tuple(t.shape)}")
-    if manifest is not None:
-        try:
-            manifest.check_embedding(int(expected[keys.OUTPUT].shape[0]), what=f"checkpoint {path}")
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
     if device.type != "meta":
         model.load_state_dict({n: reader.get(kmap[n]) for n in expected}, strict=True)
     model.eval()
