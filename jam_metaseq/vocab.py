@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 
@@ -29,6 +29,13 @@ from jam_metaseq.errors import read_json
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 NUM_DICT_SPECIALS = 4
 MANIFEST_VERSION = 1
+FILE_NAME = "vocab.json"
+"""A manifest beside a checkpoint (in its directory) or at the top of a data directory."""
+CHECKPOINT_KEY = "jam_vocab"
+"""Where a checkpoint stores its manifest (as ``to_dict()``): a top-level entry of a ``.pt``, an
+``__metadata__`` entry (JSON) of a safetensors file."""
+TASK_STATE_KEY = "vocab_manifest"
+"""Where a host-trained checkpoint stores it: ``task_state[TASK_STATE_KEY]`` (the task's state)."""
 
 
 @dataclass(frozen=True)
@@ -214,11 +221,49 @@ class VocabManifest:
         return cls.from_dict(read_json(path, what="vocab manifest"), source=str(path))
 
     def check_embedding(self, num_rows: int, *, what: str = "checkpoint") -> None:
-        """Stop when a model's embedding does not fit this manifest, saying both sizes."""
-        if num_rows != self.size:
-            raise ValueError(
-                f"vocab manifest has {self.size} ids but the {what}'s embedding has {num_rows} rows"
-            )
+        """Stop when a model's embedding does not fit this manifest (``check_embedding``)."""
+        check_embedding(self.size, num_rows, what=what)
+
+
+def check_embedding(ids: int, rows: int, *, what: str = "checkpoint") -> None:
+    """The one vocabulary-vs-embedding check: a vocabulary of ``ids`` ids (a manifest's ``size``, or
+    the host dictionary built from it) fits a model whose embedding has ``rows`` rows only when the
+    two are equal. ``what`` names the model (``the {what}'s embedding``)."""
+    if rows != ids:
+        raise ValueError(f"vocab manifest has {ids} ids but the {what}'s embedding has {rows} rows")
+
+
+Stored = Union[Mapping[str, Any], VocabManifest, Callable[[], Union[Mapping[str, Any], VocabManifest, None]], None]
+"""What ``find_vocab`` takes as a stored manifest."""
+
+
+def stored_in(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The manifest a checkpoint stores, from its top-level entries (``meta``): ``CHECKPOINT_KEY``
+    (jam-ckpt, ``eval.io``), else a host-trained checkpoint's ``task_state[TASK_STATE_KEY]``."""
+    d = meta.get(CHECKPOINT_KEY)
+    task_state = meta.get("task_state")
+    if d is None and isinstance(task_state, Mapping):
+        d = task_state.get(TASK_STATE_KEY)
+    return d
+
+
+def find_vocab(*, given: VocabManifest | str | os.PathLike | None = None, stored: Stored = None,
+               beside: str | os.PathLike | None = None, source: str = "checkpoint") -> VocabManifest | None:
+    """The one vocabulary lookup (of a checkpoint, or of a data directory): ``given`` (a manifest or
+    its JSON file: ``--vocab``, a data directory's own ``vocab.json``) wins; else the manifest stored
+    with it (``stored``: a manifest as ``to_dict()``, a ``VocabManifest``, or a function returning
+    either, called only when nothing is given); else ``FILE_NAME`` in the directory ``beside``.
+    None when there is none. Errors name the file (``source``: what ``stored`` came from)."""
+    if given is not None:
+        return given if isinstance(given, VocabManifest) else VocabManifest.load(given)
+    found = stored() if callable(stored) else stored
+    if isinstance(found, VocabManifest):
+        return found
+    if found is not None:
+        return VocabManifest.from_dict(found, source=source)
+    if beside is not None and (Path(beside) / FILE_NAME).is_file():
+        return VocabManifest.load(Path(beside) / FILE_NAME)
+    return None
 
 
 def tiny_manifest(text_size: int = 64, image_codes: int = 32, image_grid: tuple[int, int] = (2, 2),

@@ -80,6 +80,12 @@ SHAPE_FIELDS = ("embed_dim", "ffn_dim", "layers", "heads")
 """The fields in which JAM-Cross's two parents may differ (``CrossConfig.image_parent``); every
 other ``DecoderConfig`` field (vocabulary, positions, padding, biases, LayerNorm kind, activation,
 embedding scale, dropout, init) is shared."""
+TENSOR_FIELDS = ("vocab_size", "max_positions", "bias", "affine_ln")
+"""Besides ``SHAPE_FIELDS``, the fields a checkpoint's tensors show (embedding and position rows,
+biases, LayerNorm weights): the parents of every fusion agree in them, whatever their shapes."""
+FUNCTION_FIELDS = ("activation", "scale_embedding", "ln_eps", "padding_idx")
+"""Fields of the function, not of the tensors, that JAM-Cross's parents must share as well (its
+image branch takes the LLM's)."""
 
 
 def align_layer(i: int, *, shallow: int, deep: int) -> int:

@@ -112,6 +112,7 @@ CONTAINERS = (LAYERS, *BRANCH_LAYERS.values(), *CROSS_LAYERS.values())
 VERSION = "decoder.version"
 VERSION_VALUE = 3.0
 """The value of metaseq's ``decoder.version`` buffer."""
+_VERSION_LEAF = VERSION.rsplit(".", 1)[1]
 EMBED = "decoder.embed_tokens.weight"
 POSITIONS = "decoder.embed_positions.weight"
 BRANCH_POSITIONS = {side: f"decoder.embed_positions_{KEY_SUFFIX[side]}.weight" for side in BRANCHES}
@@ -208,6 +209,12 @@ def block_of(key: str) -> tuple[str, int, str] | None:
     """``(container, index, name in the block)`` of a block's key; None for a top-level key."""
     m = _BLOCK_KEY.match(key)
     return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def is_version(key: str) -> bool:
+    """A version counter (``VERSION``, or any ``*.version`` buffer a host left): the one tensor of a
+    checkpoint that is not a floating-point parameter."""
+    return key == _VERSION_LEAF or key.endswith("." + _VERSION_LEAF)
 
 
 def rule_for(key: str) -> Rule:
