@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _opts(args: argparse.Namespace, argv: Sequence[str], *, fmt: str | None = None):
+    from checkpoints_tools.io import OutputSpec
     from checkpoints_tools.ops import CommonOptions
-    from checkpoints_tools.writers import OutputSpec
 
     if args.mp < 1:
         raise ValueError(f"--mp must be >= 1, got {args.mp}")

@@ -1,4 +1,4 @@
-"""HF OPT <-> metaseq conversion (checkpoints_tools.convert_hf): logits parity with
+"""HF OPT <-> metaseq conversion (checkpoints_tools.hf): logits parity with
 transformers' OPTForCausalLM, a negative control, and the HF -> metaseq -> HF round trip."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from checkpoints_tools import load_model
 from checkpoints_tools.ops import CommonOptions, reshard
 from checkpoints_tools.readers import open_checkpoint
 from checkpoints_tools.safe_load import CheckpointError
-from checkpoints_tools.writers import OutputSpec
+from checkpoints_tools.io import OutputSpec
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)

@@ -164,7 +164,7 @@ def test_cross_helpers():
 
 
 def test_fsdp_units_are_the_schema_blocks():
-    from checkpoints_tools.writers import fsdp_unit
+    from checkpoints_tools.io.fsdp import fsdp_unit
 
     assert fsdp_unit("decoder.x_attn_layers_cm3.12.cross_attn.q_proj.weight") == \
         ("decoder.x_attn_layers_cm3.12", "cross_attn.q_proj.weight")
@@ -176,7 +176,7 @@ def test_model_namespace_is_the_hosts_flags():
     """``cfg["model"]`` of a written checkpoint rebuilds the model through the host flags."""
     import argparse
 
-    from checkpoints_tools.writers import model_namespace
+    from checkpoints_tools.io.host_meta import model_namespace
     from jam_metaseq.hosts import args as host_args
 
     for arch in ("decoder", "uniform", "width", "cross"):

@@ -259,7 +259,7 @@ def test_parent_vocabulary_and_positions_are_checked(tmp_path, user, capsys):
     small = VocabManifest(text_size=128, image_codes=64, num_sentinels=4, image_tokens_per_image=64, image_grid=(8, 8))
     small.save(tmp_path / "small.json")
     err = _fails(tmp_path, _given_plan(user, data__vocab=str(tmp_path / "small.json")), capsys)
-    assert f"data.vocab: {small.size} tokens, but the llm parent's embedding has" in err
+    assert f"data.vocab: vocab manifest has {small.size} ids but the llm parent's embedding has" in err
     err = _fails(tmp_path, _given_plan(user, data__image_tokenizer__path=None), capsys)
     assert "data.image_tokenizer.path: a given parent needs the image tokenizer it was trained with" in err
 

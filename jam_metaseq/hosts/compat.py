@@ -56,7 +56,7 @@ def normalise_start_state(state: Any) -> Any:
     ``extra_state is None``) the neutral entries the hosts' checkpoint upgraders index into."""
     if isinstance(state, dict) and "model" in state:
         if not state.get("optimizer_history"):
-            from checkpoints_tools.writers import start_optimizer_history
+            from checkpoints_tools.io.host_meta import start_optimizer_history
 
             state["optimizer_history"] = start_optimizer_history()
         if state.get("extra_state") is None:

@@ -566,7 +566,7 @@ def stage_fuse(ctx: Context) -> dict[str, dict]:
 
         def build(tmp: Path, v: Variant = v) -> dict:
             from checkpoints_tools import ops
-            from checkpoints_tools.writers import OutputSpec
+            from checkpoints_tools.io import OutputSpec
 
             target = tmp / "ckpt"
             opts = ops.CommonOptions(spec=OutputSpec(out_dir=target), vocab=str(vocab), hash_sources=False,
