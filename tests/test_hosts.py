@@ -75,7 +75,7 @@ def test_stored_config_wins_and_vocab_must_match():
     ns = _filled("jam_uniform_7b")
     ns.jam_config = cfg.to_dict()
     assert jam_args.config_from_args(ns, vocab_size=VOCAB.size).to_dict() == cfg.to_dict()
-    with pytest.raises(ValueError, match="112 embedding rows but the dictionary has 120"):
+    with pytest.raises(ValueError, match="vocab manifest has 120 ids but the checkpoint's embedding has 112 rows"):
         jam_args.config_from_args(ns, vocab_size=120)
     with pytest.raises(ValueError, match="no JAM family"):
         jam_args.config_from_args(argparse.Namespace(), vocab_size=VOCAB.size)

@@ -27,7 +27,7 @@ from jam_metaseq.models.config import (
     cross_of, preset, uniform_of, width_of,
 )
 from jam_metaseq.objectives.cm3 import CM3Config
-from jam_metaseq.vocab import VocabManifest
+from jam_metaseq.vocab import VocabManifest, check_embedding
 
 TASK_NAME = "cm3_multimodal"
 """The task's name in both hosts' registries (``--task``)."""
@@ -141,9 +141,7 @@ def config_from_args(args: argparse.Namespace, *, vocab_size: int, padding_idx: 
     stored = getattr(args, "jam_config", None)
     if stored:
         cfg = config_from_dict(dict(stored))
-        if cfg.vocab_size != vocab_size:
-            raise ValueError(f"the checkpoint's model has {cfg.vocab_size} embedding rows but the "
-                             f"dictionary has {vocab_size} symbols")
+        check_embedding(vocab_size, cfg.vocab_size, what="checkpoint")  # the dictionary: the manifest's ids
         return cfg
     family = getattr(args, "jam_family", None)
     if family not in FAMILIES:
