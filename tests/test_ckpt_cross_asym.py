@@ -16,9 +16,9 @@ import torch
 
 from _ckpt_util import save_metaseq, tiny_parent
 from checkpoints_tools import load_model
+from checkpoints_tools.io import OutputSpec
 from checkpoints_tools.ops import CommonOptions, cross, reshard
 from checkpoints_tools.safe_load import CheckpointError
-from checkpoints_tools.io import OutputSpec
 from jam_metaseq.fusion import cross_tensor, state_shapes
 from jam_metaseq.models import build_model, keys
 from jam_metaseq.models.config import cross_of

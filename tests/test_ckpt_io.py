@@ -16,11 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from checkpoints_tools import layout
+from checkpoints_tools.io import OutputError, OutputSpec
+from checkpoints_tools.io.target import check_free_space
 from checkpoints_tools.ops import CommonOptions, reshard
 from checkpoints_tools.readers import open_checkpoint, read_safetensors_header
 from checkpoints_tools.safe_load import CheckpointError, UnsafePickleError, safe_torch_load
-from checkpoints_tools.io import OutputError, OutputSpec
-from checkpoints_tools.io.target import check_free_space
 from _ckpt_util import assert_state_equal, ref_mp_split, save_metaseq, tiny_parent
 
 torch.set_num_threads(1)

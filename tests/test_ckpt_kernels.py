@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from checkpoints_tools import kernels
+from checkpoints_tools.io import OutputSpec
 from checkpoints_tools.ops import CommonOptions, expected_shapes, merge, reshard
 from checkpoints_tools.readers import open_checkpoint
 from checkpoints_tools.workspace import Workspace
-from checkpoints_tools.io import OutputSpec
 from jam_metaseq.fusion import cross_tensor, merge_tensor, state_shapes, widen_tensor
 from jam_metaseq.models.config import cross_of, preset, uniform_of, width_of
 from _ckpt_util import assert_state_equal, save_metaseq, tiny_parent

@@ -25,6 +25,7 @@ from checkpoints_tools.io.hashed_file import fsync_dir
 
 
 def check_free_space(out_dir: Path, need: int) -> None:
+    """Stop before writing when the filesystem of ``out_dir`` has not ``need`` bytes (+64 MiB) free."""
     parent = out_dir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(parent).free

@@ -76,7 +76,7 @@ def resolve_config(reader: "Reader", **overrides: Any) -> ModelConfig:
 
 def _config_beside(reader: "Reader") -> dict[str, Any] | None:
     """A ``config.json`` of ours (``config_to_json``: it names its ``type``) in the checkpoint's
-    directory or beside its file; an HF ``config.json`` is not one (``HFOptReader`` reads those)."""
+    directory or beside its file; an HF ``config.json`` is not one (``readers.hf`` reads those)."""
     side = (reader.path if reader.path.is_dir() else reader.path.parent) / "config.json"
     if not side.is_file():
         return None
