@@ -15,15 +15,19 @@ class CommonOptions:
     """Options shared by every writing operation."""
 
     spec: OutputSpec
+    """Where and how the output is written."""
     vocab: str | None = None
-    """Vocab manifest JSON stored as vocab.json (checked against the embedding)."""
+    """Vocab manifest JSON stored as vocab.json (checked against the embedding; default: the first
+    parent's own, ``parents.parents_vocab``)."""
     hash_sources: bool | str = "auto"
     """Source sha256s in the manifest: ``auto`` | ``full`` | ``none`` (see ``HASH_SOURCES``;
     True = auto, False = none). Hashing reads the sources once more, on a helper thread."""
     progress: bool = True
+    """A progress bar on stderr."""
     command: Sequence[str] | None = None
     """The command line, recorded in the manifest."""
     trust_pickle: bool = False
+    """Read the sources' pickles without the allow-list (``--trust-pickle``)."""
     replica_mismatch: str = "error"
     """Model-parallel parts whose replicated tensors differ: ``error`` or ``warn`` (use part 0's;
     ``readers.REPLICA_MISMATCH``)."""
