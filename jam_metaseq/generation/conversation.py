@@ -28,7 +28,8 @@ model's context, the oldest whole exchanges are dropped by the data's rule
 (``data.instruct.fit_turns``; the new user turn is never dropped) and the cache is rebuilt once.
 
 A stopped turn (``should_stop``) keeps what was written, minus an image still being drawn, and is
-closed with ``<eot>`` like any other turn. Events stream to ``on_event`` as tokens are chosen:
+closed with ``<eot>`` like any other turn; a turn that raises (an error in ``on_event``, Ctrl-C)
+leaves the conversation as it was before the turn. Events stream to ``on_event`` as tokens are chosen:
 ``TextDelta`` per text token, ``ImageStarted`` / ``ImageDone`` (the code grid, ready to decode) and
 ``TurnDone``.
 """
@@ -194,14 +195,21 @@ class Conversation:
             raise ValueError("no room left in the model's context for an answer")
         # the state scans the turn for an open image (a pending closing <break> would fool it)
         state = MixedModalState(engine.rules(config), [turn], limits=[limit], device=device)
+        seen_before = self.seen.clone()
         self.seen[0, torch.tensor(chunk, device=device)] = True
         stream = _EventStream(v, on_event)
-        with torch.inference_mode():
-            columns = engine.logit_columns(state)
-            logits = engine.prefill(tokens.to(device), columns=columns)
-            out = engine.decode_n_tokens(
-                logits, state=state, seeds=torch.tensor([seed], device=device), seen=self.seen, config=config,
-                num_steps=limit, on_step=stream.step, columns_of_first=columns, should_stop=should_stop)
+        try:
+            with torch.inference_mode():
+                columns = engine.logit_columns(state)
+                logits = engine.prefill(tokens.to(device), columns=columns)
+                out = engine.decode_n_tokens(
+                    logits, state=state, seeds=torch.tensor([seed], device=device), seen=self.seen, config=config,
+                    num_steps=limit, on_step=stream.step, columns_of_first=columns, should_stop=should_stop)
+        except BaseException:  # a failed or interrupted turn leaves the conversation as it was before it
+            if self.cache.length > self.fed:
+                _rewind(self.cache, self.cache.length - self.fed)
+            self.seen.copy_(seen_before)
+            raise
         n = int(state.generated[0])  # >= 1: the prefill logits always choose a token
         ids = out[0, :n].tolist()
         self.forward_positions += T + n - 1
