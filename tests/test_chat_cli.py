@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from _chat_util import write_chat_checkpoint
+from _generation_util import one_thread  # noqa: F401  (tiny models: one thread)
 from jam_metaseq.cli import main as jam_main
 from jam_metaseq.models import build_model, preset
 from jam_metaseq.vocab import tiny_manifest
@@ -25,7 +26,6 @@ def model_dir(tmp_path_factory):
 
 
 def test_chat_streams_turns_and_saves_pictures(model_dir, tmp_path, monkeypatch, capsys):
-    torch.set_num_threads(1)
     Image.new("RGB", (32, 32), (20, 60, 220)).save(tmp_path / "blue.png")
     lines = ["draw a red circle", f"/image {tmp_path / 'blue.png'} like this one?", "/image", "/new", "hello", "/quit"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))

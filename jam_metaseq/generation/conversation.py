@@ -152,6 +152,22 @@ class Conversation:
         self.cache = None  # positions changed: prefill the kept history again
         self.seen.zero_()  # and count only its tokens as seen (repetition penalty)
 
+    def extend(self, turns: Sequence[tuple[str, Sequence[int]]]) -> None:
+        """Append given turns ``(role, content ids)`` without generating them (a conversation read
+        back, a teacher-forced history for evaluation); they go through the model with the next
+        turn. They continue the alternation and end with an assistant turn."""
+        framed = []
+        for i, (role, content) in enumerate(turns):
+            want = ("user", "assistant")[(len(self.turns) + i) % 2]
+            if role != want:
+                raise ValueError(f"given turn {i} is a {role} turn; the conversation expects a {want} turn")
+            framed.append(frame_turn(role, [int(t) for t in content], vocab=self.vocab).tolist())
+        if (len(self.turns) + len(framed)) % 2:
+            raise ValueError("the given turns must end with an assistant turn (say() adds the next user turn)")
+        for (role, _), ids in zip(turns, framed):
+            self.turns.append(Turn(role, len(self.history), len(self.history) + len(ids)))
+            self.history += ids
+
     # ---- one turn --------------------------------------------------------------------------------
     def user_turn(self, content: Sequence[int]) -> list[int]:
         """``<user> content <eot> <assistant>``: what a turn feeds (content: vocabulary ids, text
