@@ -4,6 +4,7 @@ and read uploads."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ def write_chat_checkpoint(out: Path, *, max_positions: int = 512, seed: int = 0)
     vq = ImageTokenizer(VQGAN(vq_preset("tiny")))
     vq.save(out / "vq")
     vocab = tiny_manifest(text_size=256, image_codes=vq.n_codes, image_grid=vq.grid, conversation_tokens=True)
-    vocab = vocab.__class__(**{**{f: getattr(vocab, f) for f in vocab.__dataclass_fields__}, "text_tokenizer": "bytes"})
+    vocab = dataclasses.replace(vocab, text_tokenizer="bytes")  # jam chat/serve find the tokenizer in it
     cfg = preset("tiny", vocab_size=vocab.size, max_positions=max_positions, init_std=0.3)
     torch.save({"model": build_model(cfg).state_dict(), "jam_config": cfg.to_dict()}, out / "ckpt.pt")
     vocab.save(out / "vocab.json")

@@ -288,3 +288,26 @@ def test_conversation_images_as_files_in_either_role(tmp_path):
     codes = tokens[V.is_image(tokens)] - V.image_start
     assert codes.tolist() == [10] * 4 + [20] * 4
     assert mask[V.is_image(tokens)].tolist() == [False] * 4 + [True] * 4
+
+
+def test_jam_data_vocab_and_binarize_conversations(tmp_path, capsys):
+    from jam_metaseq.data.binarize import open_dataset
+    from jam_metaseq.data.cli import main
+
+    assert main(["vocab", "--tokenizer", "bytes", "--image-codes", "32", "--image-grid", "2", "2",
+                 "--sentinels", "4", "--conversation-tokens", "--out", str(tmp_path / "v.json")]) == 0
+    ids = json.loads(capsys.readouterr().out)
+    vocab = VocabManifest.load(tmp_path / "v.json")
+    assert vocab.to_dict()["ids"] == V.to_dict()["ids"] and ids["eot"] == V.eot
+    turn = lambda r, t: {"role": r, "segments": [{"text": t}]}  # noqa: E731
+    docs = [{"turns": [turn("user", "q" * 30), turn("assistant", "a" * 30), turn("user", "hi"), turn("assistant", "yo")]},
+            {"turns": [turn("user", "x"), turn("assistant", "y")]}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    common = ["--vocab", str(tmp_path / "v.json"), "--tokenizer", "bytes", "--json"]
+    assert main(["binarize", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "ds"), "--format", "conversation",
+                 "--max-tokens", "20", *common]) == 0
+    ds = open_dataset(tmp_path / "ds")
+    first, second = ds.document(0), ds.document(1)
+    assert first["tokens"].size == 9  # the first exchange was dropped: <user>hi<eot><assistant>yo<eot><eos>
+    assert first["loss_mask"].tolist() == [False] * 5 + [True] * 3 + [False]
+    assert second["loss_mask"].sum() == 2  # "y" and its <eot>

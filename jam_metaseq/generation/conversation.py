@@ -37,7 +37,7 @@ leaves the conversation as it was before the turn. Events stream to ``on_event``
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
 import torch
@@ -286,10 +286,12 @@ class _EventStream:
 
 
 def _copy_row(cache, *, src: int, dst: int) -> None:
-    """Row ``dst`` of the cache becomes row ``src``: keys, values, padding, position counter."""
+    """Row ``dst`` of the cache becomes row ``src`` (keys, values, padding of the positions written so
+    far, position counter); positions after ``length`` are rewritten before they are attended."""
+    n = cache.length
     for buf in cache.buffers():  # (S, B, H, L, D)
-        buf[:, dst].copy_(buf[:, src])
-    cache.key_padding[dst].copy_(cache.key_padding[src])
+        buf[:, dst, :, :n].copy_(buf[:, src, :, :n])
+    cache.key_padding[dst, :n].copy_(cache.key_padding[src, :n])
     cache.positions[dst].copy_(cache.positions[src])
 
 
