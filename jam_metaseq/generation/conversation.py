@@ -130,7 +130,9 @@ class Conversation:
     def turn_count(self) -> int:
         return len(self.turns)
 
-    def _start_cache(self) -> None:
+    def allocate(self) -> None:
+        """Allocate the KV cache now (otherwise the first turn does); it holds the model's whole
+        context for ``rows`` rows."""
         self.cache = self.engine.setup_caches(batch_size=self.rows, max_len=self.engine.max_positions)
         self.fed = 0
 
@@ -190,7 +192,7 @@ class Conversation:
         turn = self.user_turn(content)
         self._fit(len(turn))
         if self.cache is None:
-            self._start_cache()
+            self.allocate()
         elif engine.cache is not self.cache:
             raise RuntimeError("the engine ran something else since this conversation's last turn: "
                                "give each Conversation an Engine of its own (the engine holds the cache)")
