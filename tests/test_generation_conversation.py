@@ -156,7 +156,7 @@ def test_a_stopped_turn_is_closed_and_the_next_turn_still_equals_from_scratch(mo
 
 
 def test_old_exchanges_are_dropped_when_the_context_fills(model64):
-    config = chat_config(max_new_tokens=14)
+    config = chat_config(max_new_tokens=14, text=SamplingConfig(temperature=1.0, top_p=0.9))  # seeds matter
     conv = Conversation(Engine(model64, vocab=V), config=config, answer_room=14)
     for k in range(6):  # ~23 tokens per exchange in a 96-position context
         content = USER_TURNS[k % 3]

@@ -98,8 +98,9 @@ class Conversation:
 
     def __init__(self, engine: Engine, *, config: GenerationConfig, answer_room: int | None = None) -> None:
         """``engine``: this conversation's own (it holds the cache; engines over one model are
-        cheap, so a server makes one per conversation). ``config``: sampling, guidance and limits of every answer (its ``end_id`` becomes
-        ``<eot>``); turn k samples with seed ``config.seed + k`` unless ``say`` is given one.
+        cheap, so a server makes one per conversation). ``config``: sampling, guidance and limits
+        of every answer (its ``end_id`` becomes ``<eot>``); the k-th answer (from 0, since the last
+        ``reset``) samples with seed ``config.seed + k`` unless ``say`` is given one.
         ``answer_room``: positions kept free for an answer when old exchanges must be dropped
         (default ``min(max_new_tokens, context / 2)``)."""
         if not engine.use_cache:
@@ -121,6 +122,8 @@ class Conversation:
         self.history: list[int] = [self.vocab.eos]
         """Every token so far: the document separator, then each turn ``<role> ... <eot>``."""
         self.turns: list[Turn] = []
+        self.answers = 0
+        """Answers generated since the reset (the default seed of the next is ``config.seed + answers``)."""
         self.fed = 0
         """How many tokens of ``history`` the cache holds (the first row's; never padded)."""
         self.seen = torch.zeros(1, self.engine.vocab_size, dtype=torch.bool, device=self.engine.device)
@@ -196,7 +199,7 @@ class Conversation:
         elif engine.cache is not self.cache:
             raise RuntimeError("the engine ran something else since this conversation's last turn: "
                                "give each Conversation an Engine of its own (the engine holds the cache)")
-        seed = config.seed + len(self.turns) // 2 if seed is None else int(seed)
+        seed = config.seed + self.answers if seed is None else int(seed)
         chunk = self.history[self.fed:] + turn  # the first row's new tokens
         rows = [chunk]
         if self.rows == 2:
@@ -247,6 +250,7 @@ class Conversation:
         self.turns += [Turn("user", len(self.history), base - 1),
                        Turn("assistant", base - 1, base + len(kept))]
         self.history += turn + kept
+        self.answers += 1
         answer = Answer(prompt_ids=turn, ids=kept, finish_reason=finish, seed=seed,
                         segments=split_segments(kept, vocab=v))
         stream.emit(TurnDone(answer))
