@@ -124,7 +124,7 @@ def _browser(tmp_path: Path):
     opts.binary_location = chromium
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=900,1400", f"--user-data-dir={tmp_path / 'chrome'}"):
+                 "--disable-dev-shm-usage", "--window-size=900,1400", f"--user-data-dir={tmp_path / 'chrome'}"):
         opts.add_argument(flag)
     return webdriver.Chrome(service=Service(executable_path=driver), options=opts)
 

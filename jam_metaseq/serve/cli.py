@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sock.bind((args.host, args.port))  # bound here, so --port 0 can print the port it got
         port = sock.getsockname()[1]
         sock.listen(128)  # connections wait in the backlog until the server accepts them
-        config = uvicorn.Config(app, log_level="warning", access_log=False)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"jam serve: open http://{host}:{port}/ (Ctrl-C stops the server)", file=sys.stderr, flush=True)
         uvicorn.Server(config).run(sockets=[sock])
