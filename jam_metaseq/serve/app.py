@@ -5,7 +5,8 @@ Routes (nothing else is served: no static files, no paths from a request ever to
 
     GET    /                                the page (page.py)
     GET    /app.js                          its script
-    POST   /api/conversations               -> {"id"}: a new conversation (one per browser tab)
+    POST   /api/conversations               -> {"id", "pictures", "max_picture_bytes"}: a new
+                                            conversation (one per browser tab)
     DELETE /api/conversations/{id}          forget it ("new conversation")
     POST   /api/conversations/{id}/messages {"text", "image": base64 PNG/JPEG or null}
                                             -> text/event-stream of ``ChatEvent``s, then {"kind": "end"}
@@ -262,7 +263,8 @@ def create_app(chat: ChatModel, *, limits: ServeLimits | None = None) -> Starlet
 
     async def new_conversation(_request: Request) -> Response:
         cid = await asyncio.to_thread(server.new_conversation)
-        return JSONResponse({"id": cid, "pictures": chat.image_tokenizer is not None}, headers=SECURITY_HEADERS)
+        return JSONResponse({"id": cid, "pictures": chat.image_tokenizer is not None,
+                             "max_picture_bytes": server.limits.max_image_bytes}, headers=SECURITY_HEADERS)
 
     async def forget(request: Request) -> Response:
         server.forget(request.path_params["cid"])

@@ -59,7 +59,7 @@ const $ = (id) => document.getElementById(id);
 let cid = null;        // this tab's conversation
 let busy = false;
 let picture = null;    // {b64, url, name} attached to the next message
-const MAX_PICTURE = 4 * 1024 * 1024;
+let maxPicture = 4 * 1024 * 1024;  // the server's limit, from its answer to a new conversation
 
 function status(message) { $("status").textContent = message || ""; }
 
@@ -101,6 +101,7 @@ async function newConversation() {
     if (!r.ok) { status(d.error); return; }
     cid = d.id;
     $("pick").hidden = !d.pictures;
+    maxPicture = d.max_picture_bytes;
   } catch (e) { status("cannot reach the server: " + e); }
 }
 
@@ -193,7 +194,11 @@ function pick() { $("file").click(); }
 function picked() {
   const f = $("file").files[0];
   if (!f) return;
-  if (f.size > MAX_PICTURE) { status("that picture is larger than 4 MiB"); $("file").value = ""; return; }
+  if (f.size > maxPicture) {
+    status("that picture is larger than " + (maxPicture / 1048576).toFixed(1) + " MiB");
+    $("file").value = "";
+    return;
+  }
   const reader = new FileReader();
   reader.onload = () => {
     clearPicture();
