@@ -25,9 +25,12 @@ EXTRAS = {
     "retrieval": ["faiss-cpu==1.15.1", "open_clip_torch==3.3.0"],
     "launch": ["submitit>=1.5,<2"],
     "eval": ["lm_eval==0.4.13"],
+    # jam serve: the chat page (an ASGI app on Starlette, served by uvicorn)
+    "serve": ["starlette>=1.0,<2", "uvicorn>=0.30,<1"],
     "dev": [
         "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100",
         "transformers>=4.45,<6",  # HF OPT: the independent reference in parity tests and benchmarks
+        "selenium>=4.20,<5",  # drives Debian's chromium + chromium-driver in the jam serve page test
     ],
 }
 EXTRAS["all"] = sorted({d for deps in EXTRAS.values() for d in deps})

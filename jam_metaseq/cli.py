@@ -1,7 +1,8 @@
 """``jam``: the umbrella command. ``jam demo`` fuses two tiny random parents three ways (paper §2.1);
 ``jam params`` counts JAM-Cross parameters for two parent presets, of the same or different sizes;
 ``jam run PLAN.yaml`` runs the whole pipeline declared in a plan; ``jam quickstart`` runs the
-built-in plan (the pipeline in miniature)."""
+built-in plan (the pipeline in miniature); ``jam chat CHECKPOINT`` talks to a model in the terminal
+and ``jam serve CHECKPOINT`` on a local web page (docs/CONVERSATIONS.md)."""
 
 from __future__ import annotations
 
@@ -109,7 +110,19 @@ def main(argv: list[str] | None = None) -> int:
                           help="comma-separated cross_every values, counted on the shallower branch (default %(default)s)")
     sub.add_parser("run", help="the JAM pipeline declared in a plan (YAML): jam run PLAN.yaml", add_help=False)
     sub.add_parser("quickstart", help="the JAM pipeline in miniature: jam run on the built-in plan", add_help=False)
+    sub.add_parser("chat", help="talk to a model in the terminal, text and pictures: jam chat CHECKPOINT",
+                   add_help=False)
+    sub.add_parser("serve", help="talk to a model on a local web page: jam serve CHECKPOINT [--port N]",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.verb == "chat":
+        from .generation.chat_cli import main as chat_main
+
+        return chat_main(rest)
+    if args.verb == "serve":
+        from .serve.cli import main as serve_main
+
+        return serve_main(rest)
     if args.verb == "quickstart":
         from .quickstart import main as quickstart_main
 

@@ -7,6 +7,9 @@ One JSON manifest describes every id:
   break                         <break>, framing every image: <break> img_0 .. img_1023 <break>
   [sentinel_start, +num_sentinels)  CM3 sentinels <mask:0> ... <mask:K-1>
   eoss                          end-of-span token closing each moved span
+  user, assistant, eot          conversation tokens, only with ``conversation_tokens``: the role
+                                token opening each turn and the end-of-turn token closing it
+                                (docs/CONVERSATIONS.md)
   [.., size)                    filler rows so that size is a multiple of ``pad_to_multiple``
 
 ``<mask:0>`` doubles as the classifier-free-guidance ``<mask>``: the unconditional context is
@@ -28,6 +31,8 @@ from jam_metaseq.errors import read_json
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 NUM_DICT_SPECIALS = 4
+CONVERSATION_SYMBOLS = ("<user>", "<assistant>", "<eot>")
+NUM_CONVERSATION_TOKENS = len(CONVERSATION_SYMBOLS)
 MANIFEST_VERSION = 1
 FILE_NAME = "vocab.json"
 """A manifest beside a checkpoint (in its directory) or at the top of a data directory."""
@@ -56,6 +61,9 @@ class VocabManifest:
     """VQ grid (rows, cols) of one image."""
     text_tokenizer: str | None = None
     """Path or description of the text tokenizer model (informational)."""
+    conversation_tokens: bool = False
+    """Add ``<user>``, ``<assistant>`` and ``<eot>`` after ``<eoss>`` (multi-turn conversations;
+    every earlier id keeps its place, so a checkpoint gains rows, ``jam_metaseq.vocab_rows``)."""
 
     def __post_init__(self) -> None:
         if self.text_size < 0 or self.image_codes < 0:
@@ -113,8 +121,37 @@ class VocabManifest:
         return self.sentinel_end
 
     @property
+    def user_id(self) -> int:
+        """``<user>``: opens a user turn (``conversation_tokens`` only)."""
+        return self._conversation_id(0, "<user>")
+
+    @property
+    def assistant_id(self) -> int:
+        """``<assistant>``: opens an assistant turn (``conversation_tokens`` only)."""
+        return self._conversation_id(1, "<assistant>")
+
+    @property
+    def eot(self) -> int:
+        """``<eot>``: closes every turn; a chat answer ends with it (``conversation_tokens`` only)."""
+        return self._conversation_id(2, "<eot>")
+
+    def _conversation_id(self, i: int, name: str) -> int:
+        if not self.conversation_tokens:
+            raise ValueError(f"this vocabulary has no {name} token: make the manifest with conversation "
+                             "tokens (jam-data vocab --conversation-tokens)")
+        return self.eoss + 1 + i
+
+    def role_id(self, role: str) -> int:
+        """The token opening a turn of ``role`` (``user`` or ``assistant``)."""
+        if role == "user":
+            return self.user_id
+        if role == "assistant":
+            return self.assistant_id
+        raise ValueError(f"unknown conversation role {role!r}; expected 'user' or 'assistant'")
+
+    @property
     def num_used(self) -> int:
-        return self.eoss + 1
+        return self.eoss + 1 + (NUM_CONVERSATION_TOKENS if self.conversation_tokens else 0)
 
     @property
     def size(self) -> int:
@@ -165,6 +202,8 @@ class VocabManifest:
         out += ["<break>"]
         out += [f"<mask:{i}>" for i in range(self.num_sentinels)]
         out += ["<eoss>"]
+        if self.conversation_tokens:
+            out += list(CONVERSATION_SYMBOLS)
         out += [f"madeupword{i:04d}" for i in range(self.size - self.num_used)]
         assert len(out) == self.size
         return out
@@ -173,6 +212,8 @@ class VocabManifest:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["image_grid"] = list(self.image_grid)
+        if not self.conversation_tokens:
+            del d["conversation_tokens"]  # manifests without them stay byte-identical
         d["version"] = MANIFEST_VERSION
         d["ids"] = {
             "bos": self.bos, "pad": self.pad, "eos": self.eos, "unk": self.unk,
@@ -182,6 +223,8 @@ class VocabManifest:
             "sentinels": [self.sentinel_start, self.sentinel_end],
             "size": self.size,
         }
+        if self.conversation_tokens:
+            d["ids"].update(user=self.user_id, assistant=self.assistant_id, eot=self.eot)
         return d
 
     @classmethod
@@ -267,11 +310,12 @@ def find_vocab(*, given: VocabManifest | str | os.PathLike | None = None, stored
 
 
 def tiny_manifest(text_size: int = 64, image_codes: int = 32, image_grid: tuple[int, int] = (2, 2),
-                  num_sentinels: int = 4) -> VocabManifest:
+                  num_sentinels: int = 4, conversation_tokens: bool = False) -> VocabManifest:
     """A small layout for tests and the quickstart."""
     return VocabManifest(
         text_size=text_size, image_codes=image_codes, num_sentinels=num_sentinels,
         image_tokens_per_image=image_grid[0] * image_grid[1], image_grid=image_grid,
+        conversation_tokens=conversation_tokens,
     )
 
 

@@ -40,14 +40,18 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
                         "(jam_metaseq.image_tokenizer.load_image_tokenizer); omit when data holds image_tokens")
     add_trust_pickle_flag(p)
     p.add_argument("--format", choices=FORMATS, default="plain",
-                   help="input records: plain documents, LIMA records, or wikiHow articles (converted to "
-                        "prompt/response and fitted to --max-tokens)")
+                   help="input records: plain documents (conversations {\"turns\": [...]} included), LIMA "
+                        "records, wikiHow articles (converted to prompt/response, or LIMA to a conversation of "
+                        "all its turns when the vocabulary has conversation tokens), or conversations; all but "
+                        "plain are fitted to --max-tokens (conversations: oldest whole exchanges dropped, "
+                        "docs/CONVERSATIONS.md)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="longest document in tokens; longer ones are errors (lima/wikihow: fitted to it; "
                         "default 4096 there, unlimited for plain)")
     p.add_argument("--max-images", type=int, default=3, help="wikiHow: keep at most this many images")
     p.add_argument("--loss-on-prompt", action="store_true",
-                   help="instruction data: also train on the prompt (default: loss on the response only)")
+                   help="instruction data: also train on the prompt (default: loss on the response only; "
+                        "conversations: on the assistant's turns only)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -63,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VQ grid of one image; tokens per image = H * W")
     p.add_argument("--sentinels", type=int, default=16, help="number of CM3 sentinels <mask:i>")
     p.add_argument("--pad-to-multiple", type=int, default=8, help="round the vocabulary size up to this")
+    p.add_argument("--conversation-tokens", action="store_true",
+                   help="add <user>, <assistant> and <eot> after <eoss> for multi-turn conversations "
+                        "(docs/CONVERSATIONS.md)")
     p.add_argument("--out", required=True, type=Path, help="output manifest path (written atomically)")
 
     p = sub.add_parser("validate", help="check JSONL documents and summarise them")
@@ -130,7 +137,8 @@ def cmd_vocab(args: argparse.Namespace) -> int:
     h, w = args.image_grid
     vocab = VocabManifest(text_size=tok.vocab_size, image_codes=args.image_codes, num_sentinels=args.sentinels,
                           pad_to_multiple=args.pad_to_multiple, image_tokens_per_image=h * w,
-                          image_grid=(h, w), text_tokenizer=tok.spec)
+                          image_grid=(h, w), text_tokenizer=tok.spec,
+                          conversation_tokens=args.conversation_tokens)
     vocab.save(args.out)
     print(json.dumps(vocab.to_dict()["ids"]))
     return 0
