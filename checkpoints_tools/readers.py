@@ -1,7 +1,7 @@
 """Lazy checkpoint readers: every supported layout seen as one consolidated (MP=1) state dict.
 
 Layouts (``docs/CHECKPOINTS.md``, Files): a consolidated ``X.pt``; model-parallel parts
-``X-model_part-{r}.pt``; FSDP shards ``X-shard{j}.pt`` with ``shard_metadata``; both
+``X-model_part-{r}.pt``; FSDP shards ``X-shard{j}.pt`` with ``shard_metadata`` (fairseq: ``fsdp_metadata``); both
 (``X-model_part-{r}-shard{j}.pt``); safetensors files (single or indexed); HF OPT directories
 (``HFOptReader``: converted on the fly by ``convert_hf``'s key maps). ``open_checkpoint(path)`` picks the layout and returns
 a ``Reader`` whose ``get(name)`` materialises one consolidated tensor at a time: MP pieces are
@@ -44,6 +44,10 @@ from jam_metaseq.models.config import (
 
 # fairscale/FSDP and activation-checkpoint wrappers leave these in parameter names.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_fpw_module.", "_checkpoint_wrapped_module.")
+FSDP_METADATA_KEYS = ("shard_metadata", "fsdp_metadata")
+"""Where an FSDP shard file keeps fairscale's ``local_metadata_dict()`` (flat parameters per unit,
+padding, shared parameters, buffers): metaseq's trainer saves it as ``shard_metadata``, fairseq's
+as ``fsdp_metadata``; the contents are the same."""
 _PART_RE = re.compile(r"^(?P<base>.*?)(?:-model_part-(?P<part>\d+))?(?:-shard(?P<shard>\d+))?\.pt$")
 
 
@@ -250,6 +254,10 @@ class _RankSource:
     flat_only_rank0: set[str] = field(default_factory=set)
 
 
+def _fsdp_metadata(obj: Mapping[str, Any]) -> Any:
+    return next((obj[k] for k in FSDP_METADATA_KEYS if obj.get(k) is not None), None)
+
+
 class MetaseqReader(Reader):
     """metaseq/fairseq ``.pt`` files: consolidated, MP parts, FSDP shards or both."""
 
@@ -279,11 +287,11 @@ class MetaseqReader(Reader):
                     raise CheckpointError(f"{f}: no 'model' state dict in this checkpoint")
             if not self.meta:
                 self.meta = {k: v for k, v in loaded[0].items()
-                             if k not in ("model", "last_optimizer_state", "shard_metadata")}
+                             if k not in ("model", "last_optimizer_state", *FSDP_METADATA_KEYS)}
             src = _RankSource(files=files, models=[o["model"] for o in loaded],
                               mapped=[MappedFile(f) for f in files])
             if fsdp:
-                self._index_fsdp(src, [o.get("shard_metadata") for o in loaded])
+                self._index_fsdp(src, [_fsdp_metadata(o) for o in loaded])
             else:
                 src.plain = {strip_wrappers(k): k for k in src.models[0]}
             self._ranks.append(src)
@@ -295,7 +303,7 @@ class MetaseqReader(Reader):
     def _index_fsdp(self, src: _RankSource, metas: list[Any]) -> None:
         for f, m in zip(src.files, metas):
             if not m or "param_metadata" not in m:
-                raise CheckpointError(f"{f}: FSDP shard without 'shard_metadata'")
+                raise CheckpointError(f"{f}: FSDP shard without 'shard_metadata' (metaseq) or 'fsdp_metadata' (fairseq)")
         meta0 = metas[0]
         for f, m in zip(src.files, metas):
             if len(m["param_metadata"]) != len(meta0["param_metadata"]):
