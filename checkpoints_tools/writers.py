@@ -15,7 +15,8 @@ replacing an earlier output, one atomic swap); on any error or interrupt the tem
 and no output appears. A full disk is reported as the first failure, naming the output file.
 Layouts follow ``docs/CHECKPOINTS.md``: ``{name}.pt`` (consolidated), ``{name}-model_part-{r}.pt``
 (MP), ``-shard{j}`` (FSDP, fairscale's ``shard_metadata``: flat parameters per unit, padding on the
-last shards), so metaseq's ``--restore-file OUT/{name}.pt`` finds the parts.
+last shards; ``-model_part-0`` too at MP=1 once the layout is for several processes, as metaseq names
+them), so metaseq's ``--restore-file OUT/{name}.pt`` finds the parts.
 """
 
 from __future__ import annotations
@@ -714,12 +715,14 @@ class OutputSpec:
     """Replace an existing directory even if it is not a jam-ckpt output (implies ``overwrite``)."""
 
     def file_names(self) -> list[list[str]]:
-        """[rank][shard] -> file name."""
+        """[rank][shard] -> file name: metaseq's names for a run of ``mp`` x ``fsdp`` processes,
+        which carry ``-model_part-{r}`` whenever that is more than one process (metaseq's
+        distributed start adds it, at model-parallel size 1 too) and ``-shard{j}`` with FSDP."""
         if self.format == "safetensors":
             return [[f"{self.name}.safetensors"]]
         out = []
         for r in range(self.mp):
-            part = f"-model_part-{r}" if self.mp > 1 else ""
+            part = f"-model_part-{r}" if self.mp * max(self.fsdp, 1) > 1 else ""
             if self.fsdp:
                 out.append([f"{self.name}{part}-shard{j}.pt" for j in range(self.fsdp)])
             else:

@@ -5,9 +5,11 @@ trainers' files)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from checkpoints_tools.readers import open_checkpoint
+from checkpoints_tools.writers import OutputSpec
 from _ckpt_util import assert_state_equal, save_metaseq, tiny_parent
 
 torch.set_num_threads(1)
@@ -26,3 +28,19 @@ def test_fairseq_fsdp_metadata_is_read(tmp_path):
     reader = open_checkpoint(src)
     assert (reader.mp, reader.fsdp) == (1, 2)
     assert_state_equal(dict(reader.items()), state)
+
+
+@pytest.mark.parametrize("mp,fsdp,names", [
+    (1, 0, [["checkpoint.pt"]]),
+    (1, 1, [["checkpoint-shard0.pt"]]),  # one process: metaseq adds no part number
+    (1, 2, [["checkpoint-model_part-0-shard0.pt", "checkpoint-model_part-0-shard1.pt"]]),
+    (2, 0, [["checkpoint-model_part-0.pt"], ["checkpoint-model_part-1.pt"]]),
+    (2, 2, [["checkpoint-model_part-0-shard0.pt", "checkpoint-model_part-0-shard1.pt"],
+            ["checkpoint-model_part-1-shard0.pt", "checkpoint-model_part-1-shard1.pt"]]),
+])
+def test_output_names_are_the_ones_a_metaseq_run_of_that_size_loads(tmp_path, mp, fsdp, names):
+    """metaseq names a rank's files ``-model_part-{m}`` whenever the run has more than one
+    process (its distributed start adds the part number at model-parallel size 1 too) and
+    ``-shard{d}`` with sharded state: ``--restore-file OUT/checkpoint.pt`` of a run of ``mp`` x
+    ``fsdp`` processes finds the files ``jam-ckpt --mp mp --fsdp fsdp`` wrote."""
+    assert OutputSpec(out_dir=tmp_path, mp=mp, fsdp=fsdp).file_names() == names
