@@ -348,6 +348,34 @@ class MetaseqReader(Reader):
         for b in meta0.get("buffer_names", []):
             key = self._find_key(src.models[0], b, src.files[0])
             src.plain[strip_wrappers(b)] = key
+        self._index_tied_aliases(src)
+
+    @staticmethod
+    def _index_tied_aliases(src: _RankSource) -> None:
+        """Unflattened units (``flatten_parameters=False``, fairseq's ``--not-fsdp-flatten-parameters``)
+        describe a parameter tied to another (the output projection) once and list no
+        ``shared_param_info``, while the state dict holds it under both names as one stored tensor:
+        such a key reads as the parameter it shares storage with. Any other key the metadata does
+        not describe is an error, not a tensor silently left out."""
+        def where(t: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
+            return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
+
+        model = src.models[0]
+        described = {s.flat_key for s in src.slots.values()} | set(src.plain.values())
+        names_per_key: dict[str, list[str]] = {}
+        for name, slot in src.slots.items():
+            names_per_key.setdefault(slot.flat_key, []).append(name)
+        whole = {where(model[k]): names[0] for k, names in names_per_key.items() if len(names) == 1}
+        for key, t in model.items():
+            alias = whole.get(where(t)) if key not in described and isinstance(t, torch.Tensor) else None
+            if alias is not None:
+                src.slots[strip_wrappers(key)] = src.slots[alias]
+                described.add(key)
+        for f, m in zip(src.files, src.models):
+            unknown = [k for k, t in m.items() if k not in described and isinstance(t, torch.Tensor)]
+            if unknown:
+                raise CheckpointError(f"{f}: tensor {unknown[0]!r} is in the state dict but not in its "
+                                      "FSDP shard metadata")
 
     @staticmethod
     def _find_key(model: Mapping[str, Any], key: str, f: Path) -> str:
