@@ -249,6 +249,7 @@ def register_with_host(host: str, *, model_class: type, task_class: type, criter
     compat.install_one_line_errors()
     compat.patch_host_upgrader(checkpoint_utils)
     compat.patch_host_load_checkpoint(checkpoint_utils)
+    compat.patch_host_unsharded_load(checkpoint_utils)
     try:
         compat.patch_host_broadcast(importlib.import_module(f"{host}.distributed.utils"))
     except ImportError:
