@@ -48,6 +48,9 @@ learning rate are a cluster's."""
 DDP = {"--ddp-backend": "pytorch_ddp"}
 LOSS_TOL = 1e-3
 """On the logged (3-decimal) losses; the runs agree far below that (see each test)."""
+WEIGHT_TOL = 1e-5
+"""Max |difference| of two runs' weights after a few updates that differ only in the order of
+their sums (measured <= 3.1e-7); training moves them ~5e-3."""
 
 
 def _jam_ckpt(*argv: str) -> None:
@@ -188,7 +191,9 @@ def test_fully_sharded_equals_pytorch_ddp(family, runs, starts):
     """2 gloo ranks, 4 updates from one jam-ckpt fusion: the fully-sharded run (from jam-ckpt's
     2 FSDP shards, one per rank) logs the pytorch_ddp run's losses (from jam-ckpt's whole file),
     writes one shard per rank and update, and its shards hold the pytorch_ddp run's weights.
-    Measured: identical to the last bit (both sum the same two ranks' gradients)."""
+    Measured max |difference| after 4 updates: 0 (jam_uniform), 1.1e-7 (jam_cross), 3.1e-7
+    (jam_width): the gradient-norm clip sums the squares over shards in another order; the
+    weights moved ~5e-3 from the start, and a wrong shard or unit shows at that scale."""
     out_f, fsdp = runs.get(f"fsdp-{family}")
     out_d, ddp = runs.get(f"ddp-{family}")
     lf, ld = train_losses(out_f), train_losses(out_d)
@@ -201,13 +206,14 @@ def test_fully_sharded_equals_pytorch_ddp(family, runs, starts):
     assert "loading pretrained model" in out_d
     weights = _read(fsdp / "checkpoint_4-model_part-0-shard0.pt")
     assert _max_diff(weights, _read(starts[family, "whole"])) > 1e-3  # it trained
-    assert _max_diff(weights, _read(ddp / "checkpoint_4-model_part-0.pt")) <= 1e-6
+    assert _max_diff(weights, _read(ddp / "checkpoint_4-model_part-0.pt")) <= WEIGHT_TOL
 
 
 def test_the_launch_script_resumes_a_killed_run(runs):
     """The same jam-launch script, run again after a kill that left the update-2 shards: it
     drops --restore-file (checkpoint_last exists), metaseq loads each rank's shard, and the run
-    continues at update 3 with the uninterrupted run's losses and weights (measured: bitwise)."""
+    continues at update 3 with the uninterrupted run's losses and weights (measured: bitwise
+    equal)."""
     out_full, full = runs.get("fsdp-jam_cross")
     out, save = runs.get("resumed")
     assert f"Loaded checkpoint {save}/checkpoint_last-model_part-0-shard0.pt (epoch 1 @ 2 updates)" in out
@@ -270,7 +276,7 @@ def test_model_parallel_2_x_fsdp_2_equals_model_parallel_2(runs):
     """jam-ckpt reshards the 2-rank run's shards for MP 2 x FSDP 2: a 4-process fully-sharded run
     (another world size) starts from them and logs an MP 2 run's losses (2 processes, the same
     samples per update); its 4 files, one per (part, shard), consolidate to the MP 2 run's
-    weights."""
+    weights (measured max |difference| 6e-8)."""
     out4, four = runs.get("mp2xfsdp2")
     out2, two = runs.get("mp2")
     l4, l2 = train_losses(out4), train_losses(out2)
@@ -283,7 +289,7 @@ def test_model_parallel_2_x_fsdp_2_equals_model_parallel_2(runs):
 
     reader = open_checkpoint(four / "checkpoint_last-model_part-1-shard0.pt")
     assert (reader.mp, reader.fsdp) == (2, 2)
-    assert _max_diff(dict(reader.items()), _read(two / "checkpoint_last-model_part-0.pt")) <= 1e-5
+    assert _max_diff(dict(reader.items()), _read(two / "checkpoint_last-model_part-0.pt")) <= WEIGHT_TOL
 
 
 # ---- a start that does not fit: one line, before training ----------------------------------------------
