@@ -94,6 +94,26 @@ def test_missing_rank_file_beside_a_whole_one_says_what_to_write(starts, suffix,
     assert want in str(e.value), str(e.value)
 
 
+def test_a_shard_given_to_a_model_that_is_not_sharded_is_one_line(starts):
+    """``metaseq-validate --path SHARD`` (or any unsharded load) of a fully-sharded run's file: one
+    line saying to consolidate it, not a key-by-key mismatch (the host model's ``load_state_dict``,
+    shared by both hosts; fairseq's model here)."""
+    pytest.importorskip("fairseq")
+    from argparse import Namespace
+
+    from jam_metaseq.hosts.fairseq import JamLanguageModel, dictionary_from_manifest
+
+    ns = Namespace(**jam_args.args_from_config(_cfg().parent))
+    jam_args.apply_arch_defaults(ns, family="jam_cross", size="tiny")
+    ns.cross_every = 1
+    task = Namespace(vocab=VOCAB, target_dictionary=dictionary_from_manifest(VOCAB))
+    model = JamLanguageModel.build_model(ns, task)
+    shard = torch.load(starts["f2"].with_name("checkpoint-model_part-0-shard0.pt"), weights_only=False)["model"]
+    with pytest.raises(StartCheckpointError, match=r"FSDP flat parameters \(\S*flat_param_0\) .* jam-ckpt convert"):
+        model.load_state_dict(shard)
+    model.load_state_dict(torch.load(starts["whole"], weights_only=False)["model"])  # the whole file loads
+
+
 # ---- fairseq-train --ddp-backend fully_sharded, two gloo ranks --------------------------------------
 def fsdp_env() -> dict[str, str]:
     """A host CLI's environment (``cli_env``) with the CPU FSDP stand-ins first on its path."""

@@ -212,7 +212,7 @@ def _explain_missing(path: str, *, suffix: str, model_parallel_size: int, fsdp_s
     if fsdp_shards:
         raise StartCheckpointError(
             f"{path}: not found; {whole} is one whole file and this fully-sharded run (--use-sharded-state, "
-            f"{fsdp_shards} data-parallel ranks) loads {per_rank}: write them with "
+            f"data-parallel size {fsdp_shards}) loads {per_rank}: write them with "
             f"{_reshard_hint(whole, model_parallel_size=model_parallel_size, fsdp_shards=fsdp_shards)}")
     if model_parallel_size > 1:
         raise StartCheckpointError(
@@ -277,12 +277,12 @@ def check_start_checkpoint(path: str | Path, *, config: Any, vocab: VocabManifes
             f"one FSDP shard per data-parallel rank ({fsdp_shards}): write them with {hint}")
     if fsdp_shards and reader.fsdp != fsdp_shards:
         raise StartCheckpointError(
-            f"{path}: written as {reader.fsdp} FSDP shard(s) per model part, the run has {fsdp_shards} "
-            f"data-parallel ranks: write {fsdp_shards} with {hint}")
+            f"{path}: written as {reader.fsdp} FSDP shard(s) per model part, but the run's data-parallel size is "
+            f"{fsdp_shards}: write {fsdp_shards} with {hint}")
     if not fsdp_shards and reader.fsdp:
         raise StartCheckpointError(
             f"{path}: FSDP shards ({reader.fsdp} per model part) load only into a fully-sharded run with "
-            f"--ddp-backend fully_sharded --use-sharded-state on {reader.fsdp} data-parallel ranks; for this "
+            f"--ddp-backend fully_sharded --use-sharded-state at data-parallel size {reader.fsdp}; for this "
             f"run, consolidate them: {_reshard_hint(path, model_parallel_size=model_parallel_size, fsdp_shards=0)}")
 
 
