@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
 import shutil
 from pathlib import Path
