@@ -10,8 +10,8 @@ first time a test needs it) serves every assertion:
 - per arch, 2 ranks, 4 updates from the same fused parents: ``fsdp`` (fully_sharded,
   --use-sharded-state, from ``jam-ckpt --fsdp 2``) and ``ddp`` (pytorch_ddp, from the whole
   ``jam-ckpt`` file): equal losses and equal weights;
-- JAM-Cross: the FSDP script again after a kill that left the update-2 shards (it resumes at
-  update 3 and logs the same losses and weights); the update-4 shards resharded by ``jam-ckpt`` to
+- JAM-Cross: the FSDP script again on a copy of the run as a kill after update 2 leaves it (it
+  resumes at update 3 and logs the same losses and weights); the update-4 shards resharded by ``jam-ckpt`` to
   MP 2 x FSDP 2 start a 4-process run whose losses and weights equal an MP 2 run's (2 processes,
   ``--update-freq 2``: the same samples per update); the consolidated shards validate to the loss
   the fully-sharded run reported on its shards.
@@ -138,8 +138,9 @@ class Runs:
         return out, save
 
     def resume(self) -> tuple[str, Path]:
-        """jam_cross's FSDP run killed right after its update-2 save (the update-4 files gone,
-        ``checkpoint_last`` pointing at update 2), then its script run again unchanged."""
+        """jam_cross's FSDP run as a kill right after its update-2 save leaves it (a copy of its
+        save dir without the update-4 files, ``checkpoint_last`` pointing at update 2), then the
+        same jam-launch script for that dir run again."""
         _, full = self.get("fsdp-jam_cross")
         script, save = launch("jam_cross", data=self.data, save=self.root / "resumed",
                               start=("--restore-file", self.starts["jam_cross", "f2"]))
@@ -209,10 +210,10 @@ def test_fully_sharded_equals_pytorch_ddp(family, runs, starts):
 
 
 def test_the_launch_script_resumes_a_killed_run(runs):
-    """The same jam-launch script, run again after a kill that left the update-2 shards: it
-    drops --restore-file (checkpoint_last exists), metaseq loads each rank's shard, and the run
-    continues at update 3 with the uninterrupted run's losses and weights (measured: bitwise
-    equal)."""
+    """The jam-launch script run again on a save dir as a kill after the update-2 save leaves
+    it: the script drops --restore-file (checkpoint_last exists), metaseq loads each rank's
+    shard, and the run continues at update 3 with the uninterrupted run's losses and weights
+    (measured: bitwise equal)."""
     out_full, full = runs.get("fsdp-jam_cross")
     out, save = runs.get("resumed")
     assert f"Loaded checkpoint {save}/checkpoint_last-model_part-0-shard0.pt (epoch 1 @ 2 updates)" in out
