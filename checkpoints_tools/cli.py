@@ -51,7 +51,9 @@ def _add_output_flags(p: argparse.ArgumentParser, *, formats: Sequence[str] = ("
     p.add_argument("--mp", type=int, default=1, metavar="M",
                    help="target model-parallel size: files NAME-model_part-{r}.pt (default 1 = consolidated)")
     p.add_argument("--fsdp", type=int, default=0, metavar="W",
-                   help="write W FSDP shards per MP rank (-shard{j}, fairscale shard_metadata); 0 = unflattened")
+                   help="write W FSDP shards per MP rank (NAME-model_part-{r}-shard{j}.pt, fairscale's flat "
+                        "parameters and shard_metadata) for a fully-sharded run of MP x W processes with "
+                        "--use-sharded-state; 0 = unflattened")
     p.add_argument("--format", choices=formats, default=formats[0],
                    help="metaseq .pt files, or one consolidated safetensors file")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,

@@ -94,7 +94,7 @@ def test_fsdp_shards_do_not_depend_on_the_reader_the_tensors_came_from(tmp_path,
     direct = reshard(d, opts=_opts(tmp_path / "direct", fsdp=2))
     via = reshard(reshard(d, opts=_opts(tmp_path / "ms")), opts=_opts(tmp_path / "via", fsdp=2))
     files = sorted(f.name for f in direct.glob("*.pt"))
-    assert files == ["checkpoint-shard0.pt", "checkpoint-shard1.pt"]
+    assert files == ["checkpoint-model_part-0-shard0.pt", "checkpoint-model_part-0-shard1.pt"]
     for name in files:
         assert (direct / name).read_bytes() == (via / name).read_bytes(), name
 

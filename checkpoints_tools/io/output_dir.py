@@ -6,7 +6,8 @@ or an HF directory (``hf_{model_type}``, e.g. ``hf_opt``: ``checkpoints_tools.hf
 interrupt the temp directory is removed and no output appears.
 
 Layouts follow ``docs/CHECKPOINTS.md``: ``{name}.pt`` (consolidated), ``{name}-model_part-{r}.pt``
-(MP), ``-shard{j}`` (FSDP), so metaseq's ``--restore-file OUT/{name}.pt`` finds the parts. A tied
+(MP), ``-shard{j}`` (FSDP; ``-model_part-0`` too at MP=1 once the layout is for several processes, as
+metaseq names them), so metaseq's ``--restore-file OUT/{name}.pt`` finds the parts. A tied
 output projection is written as the embedding's alias: the same storage in ``.pt`` files (as
 ``torch.save`` does), ``__metadata__[OUTPUT] = EMBED`` in safetensors (the ``safetensors``
 library's record of a tensor it stored once), ``shared_param_info`` in FSDP shards.
@@ -70,12 +71,14 @@ class OutputSpec:
     """Replace an existing directory even if it is not a jam-ckpt output (implies ``overwrite``)."""
 
     def file_names(self) -> list[list[str]]:
-        """[rank][shard] -> file name."""
+        """[rank][shard] -> file name: metaseq's names for a run of ``mp`` x ``fsdp`` processes,
+        which carry ``-model_part-{r}`` whenever that is more than one process (metaseq's
+        distributed start adds it, at model-parallel size 1 too) and ``-shard{j}`` with FSDP."""
         if self.format == "safetensors":
             return [[f"{self.name}.safetensors"]]
         out = []
         for r in range(self.mp):
-            part = f"-model_part-{r}" if self.mp > 1 else ""
+            part = f"-model_part-{r}" if self.mp * max(self.fsdp, 1) > 1 else ""
             if self.fsdp:
                 out.append([f"{self.name}{part}-shard{j}.pt" for j in range(self.fsdp)])
             else:

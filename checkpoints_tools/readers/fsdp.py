@@ -1,4 +1,5 @@
-"""FSDP shards (fairscale's ``shard_metadata``): each unit's parameters flattened into one flat
+"""FSDP shards (fairscale's ``local_metadata_dict()``, saved as ``shard_metadata`` by metaseq and as
+``fsdp_metadata`` by fairseq): each unit's parameters flattened into one flat
 parameter, chunked over the shard files, padded. ``index_shards`` says where each original
 parameter lies; ``flat_pieces`` walks the shards' unpadded chunks, so a parameter is read
 straight from its bytes and the whole flat vector is never built.
@@ -14,6 +15,16 @@ import torch
 from checkpoints_tools.readers.pt_files import FlatSlot, RankSource, strip_wrappers
 from checkpoints_tools.safe_load import CheckpointError
 
+FSDP_METADATA_KEYS = ("shard_metadata", "fsdp_metadata")
+"""Where an FSDP shard file keeps fairscale's ``local_metadata_dict()`` (flat parameters per unit,
+padding, shared parameters, buffers): metaseq's trainer saves it as ``shard_metadata``, fairseq's
+as ``fsdp_metadata``; the contents are the same."""
+
+
+def fsdp_metadata(obj: Mapping[str, Any]) -> Any:
+    """The FSDP metadata of one loaded shard file, under either host's key (None if absent)."""
+    return next((obj[k] for k in FSDP_METADATA_KEYS if obj.get(k) is not None), None)
+
 
 def index_shards(src: RankSource, metas: list[Any]) -> None:
     """Fill ``src`` (one rank's loaded shard files) from their ``shard_metadata``: where each
@@ -22,7 +33,7 @@ def index_shards(src: RankSource, metas: list[Any]) -> None:
     missing, extra or disagree with the metadata are errors naming the file."""
     for f, m in zip(src.files, metas):
         if not m or "param_metadata" not in m:
-            raise CheckpointError(f"{f}: FSDP shard without 'shard_metadata'")
+            raise CheckpointError(f"{f}: FSDP shard without 'shard_metadata' (metaseq) or 'fsdp_metadata' (fairseq)")
     meta0 = metas[0]
     for f, m in zip(src.files, metas):
         if len(m["param_metadata"]) != len(meta0["param_metadata"]):
@@ -67,6 +78,34 @@ def index_shards(src: RankSource, metas: list[Any]) -> None:
     for b in meta0.get("buffer_names", []):
         key = find_key(src.models[0], b, src.files[0])
         src.plain[strip_wrappers(b)] = key
+    index_tied_aliases(src)
+
+
+def index_tied_aliases(src: RankSource) -> None:
+    """Unflattened units (``flatten_parameters=False``, fairseq's ``--not-fsdp-flatten-parameters``)
+    describe a parameter tied to another (the output projection) once and list no
+    ``shared_param_info``, while the state dict holds it under both names as one stored tensor:
+    such a key reads as the parameter it shares storage with. Any other key the metadata does
+    not describe is an error, not a tensor silently left out."""
+    def where(t: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
+        return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
+
+    model = src.models[0]
+    described = {s.flat_key for s in src.slots.values()} | set(src.plain.values())
+    names_per_key: dict[str, list[str]] = {}
+    for name, slot in src.slots.items():
+        names_per_key.setdefault(slot.flat_key, []).append(name)
+    whole = {where(model[k]): names[0] for k, names in names_per_key.items() if len(names) == 1}
+    for key, t in model.items():
+        alias = whole.get(where(t)) if key not in described and isinstance(t, torch.Tensor) else None
+        if alias is not None:
+            src.slots[strip_wrappers(key)] = src.slots[alias]
+            described.add(key)
+    for f, m in zip(src.files, src.models):
+        unknown = [k for k, t in m.items() if k not in described and isinstance(t, torch.Tensor)]
+        if unknown:
+            raise CheckpointError(f"{f}: tensor {unknown[0]!r} is in the state dict but not in its "
+                                  "FSDP shard metadata")
 
 
 def find_key(model: Mapping[str, Any], key: str, f: Path) -> str:

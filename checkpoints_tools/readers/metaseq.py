@@ -17,7 +17,7 @@ from checkpoints_tools import layout
 from checkpoints_tools.readers.base import (
     REPLICA_MISMATCH, Reader, ReplicaMismatchWarning, TensorInfo, check_parameter_dtype,
 )
-from checkpoints_tools.readers.fsdp import flat_pieces, index_shards
+from checkpoints_tools.readers.fsdp import FSDP_METADATA_KEYS, flat_pieces, fsdp_metadata, index_shards
 from checkpoints_tools.readers.pt_files import (
     PART_RE, RankSource, glob_escape, group_pt, strip_wrappers, validate_groups,
 )
@@ -54,11 +54,11 @@ class MetaseqReader(Reader):
                     raise CheckpointError(f"{f}: no 'model' state dict in this checkpoint")
             if not self.meta:
                 self.meta = {k: v for k, v in loaded[0].items()
-                             if k not in ("model", "last_optimizer_state", "shard_metadata")}
+                             if k not in ("model", "last_optimizer_state", *FSDP_METADATA_KEYS)}
             src = RankSource(files=files, models=[o["model"] for o in loaded],
                               mapped=[MappedFile(f) for f in files])
             if fsdp:
-                index_shards(src, [o.get("shard_metadata") for o in loaded])
+                index_shards(src, [fsdp_metadata(o) for o in loaded])
             else:
                 src.plain = {strip_wrappers(k): k for k in src.models[0]}
             self._ranks.append(src)

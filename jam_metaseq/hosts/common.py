@@ -62,6 +62,19 @@ class JamModelMixin:
     def add_args(parser: Any) -> None:
         jam_args.add_model_args(parser)
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, **kwargs: Any) -> Any:
+        """The host's own load, after refusing FSDP flat parameters with one line: a model that is
+        not fully sharded (``metaseq-validate``, a single-process run) given a fully-sharded run's
+        shard would otherwise fail on every key. (A fully-sharded run loads its shards through
+        fairscale, which does not call this.)"""
+        flat = next((k for k in state_dict if k.rsplit(".", 1)[-1].startswith("flat_param_")), None)
+        if flat is not None:
+            raise compat.StartCheckpointError(
+                f"the checkpoint holds FSDP flat parameters ({flat}) of a fully-sharded run, which load only into a "
+                "fully-sharded run (--ddp-backend fully_sharded --use-sharded-state) of its size: consolidate them "
+                "first with jam-ckpt convert SHARD_FILE --to metaseq -o DIR")
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)  # type: ignore[misc]
+
     def max_positions(self) -> int:
         return self.decoder.max_positions()  # type: ignore[attr-defined]
 
@@ -249,6 +262,7 @@ def register_with_host(host: str, *, model_class: type, task_class: type, criter
     compat.install_one_line_errors()
     compat.patch_host_upgrader(checkpoint_utils)
     compat.patch_host_load_checkpoint(checkpoint_utils)
+    compat.patch_host_unsharded_load(checkpoint_utils)
     try:
         compat.patch_host_broadcast(importlib.import_module(f"{host}.distributed.utils"))
     except ImportError:
