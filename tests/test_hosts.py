@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from _hosts_util import (
-    LIBRARY, USER_DIR, VOCAB, fresh_interpreter, fused_checkpoint, installed_copy, library_leaves_host_alone,
-    make_data, user_dir_registers,
+    LIBRARY, USER_DIR, VOCAB, fresh_interpreter, fused_checkpoint, installed_copy, library_after_host_registers,
+    library_leaves_host_alone, make_data, user_dir_registers,
 )
 from jam_metaseq.hosts import args as jam_args
 from jam_metaseq.data.items import (
@@ -227,16 +227,23 @@ def test_fairseq_criterion_is_cm3_loss():
     assert 0 < float(sample_size) < float(ref.ntokens)  # weights < 1 did reach the loss
 
 
-# ---- registration happens when a host imports us as its --user-dir, and only then ---------------
-@pytest.mark.parametrize("host_first", [False, True], ids=["library-first", "host-first"])
-def test_importing_the_library_changes_no_host(host_first):
-    """Importing jam_metaseq, its models and the checkpoint tools from a notebook or a tool
-    registers nothing and patches nothing: no import hook, fairseq's registries, checkpoint_utils
-    and broadcast as shipped, whether fairseq was imported before or after."""
+# ---- registration happens when the package is imported with a host there (--user-dir) ------------
+def test_importing_the_library_first_changes_no_host():
+    """Importing jam_metaseq, its models and the checkpoint tools from a notebook or a tool, before
+    any host, imports no host and patches nothing: no import hook, fairseq's registries,
+    checkpoint_utils and broadcast as shipped once fairseq is imported afterwards."""
     pytest.importorskip("fairseq")
     root = str(Path(USER_DIR).parent)
-    assert "UNTOUCHED" in fresh_interpreter(library_leaves_host_alone("fairseq", host_first=host_first),
-                                 pythonpath=root, cwd=root).stdout
+    assert "UNTOUCHED" in fresh_interpreter(library_leaves_host_alone("fairseq"), pythonpath=root, cwd=root).stdout
+
+
+def test_importing_the_package_after_fairseq_registers_with_it():
+    """The package's import is the --user-dir entry point: with fairseq imported, it registers the
+    archs, task and criterion and installs the shims, once; the rest of the library adds nothing."""
+    pytest.importorskip("fairseq")
+    root = str(Path(USER_DIR).parent)
+    assert "REGISTERED" in fresh_interpreter(library_after_host_registers("fairseq"), pythonpath=root,
+                                             cwd=root).stdout
 
 
 @pytest.mark.parametrize("route", ["checkout", "installed"])
