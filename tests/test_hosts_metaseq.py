@@ -92,11 +92,12 @@ def test_metaseq_model_keys_and_logits_match_the_core(tmp_path):
     """Defect 1: metaseq's BaseModel.__init__ takes the decoder (TypeError without it)."""
     _real_metaseq()
     from _hosts_util import VOCAB, fused_checkpoint
+    from jam_metaseq import flags as jam_flags
     from jam_metaseq.hosts import args as jam_args
     from jam_metaseq.hosts.metaseq import JamMetaseqModel, dictionary_from_manifest
 
     p = argparse.ArgumentParser()
-    jam_args.add_model_args(p)
+    jam_flags.add_model_args(p)
     ns = p.parse_args([])
     jam_args.apply_arch_defaults(ns, family="jam_cross", size="tiny")
     ns.cross_every = 1

@@ -454,13 +454,6 @@ def pretrain_data(ctx: Context, budget: int) -> Path:
 
 
 # ---- models ----------------------------------------------------------------------------------------
-def model_flags(cfg: Any) -> list[str]:
-    """Host flags that rebuild ``cfg`` (``hosts.args.command_line_from_config``: one home for the mapping)."""
-    from jam_metaseq.hosts.args import command_line_from_config
-
-    return command_line_from_config(cfg)
-
-
 def parent_config(ctx: Context, role: str = "llm") -> Any:
     """Parent ``role``'s ``DecoderConfig`` (a given parent's, else the plan's shape for it:
     ``model``, or ``image_model`` for the image parent). Parents of one shape: either role's."""
@@ -480,20 +473,29 @@ def parent_config(ctx: Context, role: str = "llm") -> Any:
                          affine_ln=s.affine_ln, activation=s.activation)
 
 
-def variant_flags(ctx: Context, v: Variant, *, role: str = "llm") -> tuple[str, list[str]]:
-    """(arch, flags) of a variant: the family's arch and the (``role``) parent's shape (+ cross
-    settings, and the image branch's shape when the parents differ in size)."""
-    from jam_metaseq.hosts.args import IMG_FLAGS
+def variant_config(ctx: Context, v: Variant, *, role: str = "llm") -> Any:
+    """The model a variant trains: the family's config of the (``role``) parent's shape; JAM-Cross
+    with the image parent's shape for its image branch (``config.SHAPE_FIELDS``: what the host's
+    ``--img-*`` flags carry)."""
+    from jam_metaseq.models.config import SHAPE_FIELDS, cross_of, uniform_of, width_of
 
     parent = parent_config(ctx, role)
-    flags = model_flags(parent)
-    if v.family == "jam_cross":
-        flags += ["--cross-every", str(v.cross_every), "--cross-init", v.init]
-        img = parent_config(ctx, "img")
-        if any(getattr(img, f) != getattr(parent, f) for f in IMG_FLAGS.values()):
-            for flag, fld in IMG_FLAGS.items():
-                flags += ["--" + flag.replace("_", "-"), str(getattr(img, fld))]
-    return f"{v.family}_tiny", flags
+    if v.family == "jam_uniform":
+        return uniform_of(parent)
+    if v.family == "jam_width":
+        return width_of(parent)
+    img = parent_config(ctx, "img")
+    return cross_of(parent, v.cross_every, cross_init=v.init,
+                    image_parent=dataclasses.replace(parent, **{f: getattr(img, f) for f in SHAPE_FIELDS}))
+
+
+def variant_flags(ctx: Context, v: Variant, *, role: str = "llm") -> tuple[str, list[str]]:
+    """(arch, model flags) of a variant's training command: the family's ``_tiny`` arch (its
+    preset has every switch off, so the flags decide every field) and
+    ``flags.command_line_from_config``."""
+    from jam_metaseq.flags import command_line_from_config
+
+    return f"{v.family}_tiny", command_line_from_config(variant_config(ctx, v, role=role))
 
 
 def parent_checkpoint(ctx: Context, role: str) -> Path:
@@ -829,7 +831,7 @@ def stage_generate(ctx: Context) -> dict | None:
 
 
 __all__ = ["Context", "EVAL_PREFIX", "KINDS", "Sources", "budget_tag", "eval_prefix", "eval_targets", "evaluate_checkpoint",
-           "fused_checkpoint", "mixture_name", "model_flags", "parent_checkpoint", "parent_config",
+           "fused_checkpoint", "mixture_name", "parent_checkpoint", "parent_config",
            "pretrain_data", "pretrained_checkpoint", "stage_binarize", "stage_data", "stage_eval", "stage_fuse",
            "stage_generate", "stage_instruct", "stage_parents", "stage_pretrain", "stage_report", "stage_tokenizers", "tokenizer_paths",
-           "variant_flags"]
+           "variant_config", "variant_flags"]
