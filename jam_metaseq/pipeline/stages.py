@@ -671,39 +671,16 @@ def stage_instruct(ctx: Context) -> dict[str, dict]:
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
-EVAL_PREFIX = None
-"""What the evaluation puts before each document: nothing, so a document starts at position 0 with its
-first token as context only, as every training block does (``binarize`` packs whole documents,
-``break_mode="complete"``: a block starts with a document's first token, never with ``<eos>``). A
-model never saw ``<eos>`` at position 0; scoring after one measures that (every later position
-attends to it), not the model: the quickstart's LLM parent scores 7.1 after ``<eos>`` and 1.76
-without it on the same documents (docs/REPRODUCTION.md)."""
-
-
-def evaluate_checkpoint(*, checkpoint: str, sets: dict[str, dict[str, str]], vocab_path: str, max_len: int,
-                        batch_size: int, device: str, progress: bool) -> dict:
-    """Perplexity of one checkpoint on every set: ``sets[kind][name]`` = binarized prefix. Returns
-    ``{"params", "arch", "sets": {kind: {name: {ppl, text_ppl, image_ppl, tokens}}}}``. Module-level
-    so a SLURM job can run it."""
-    import torch
-
-    from checkpoints_tools.load import load_model
-    from jam_metaseq.eval.io import read_sequences
-    from jam_metaseq.eval.ppl import perplexity
-    from jam_metaseq.models import count_parameters
-
-    model, mcfg, vocab = load_model(checkpoint, vocab=vocab_path, dtype=torch.float32, device=device)
-    out: dict[str, Any] = {"arch": getattr(mcfg, "arch", type(mcfg).__name__), "params": count_parameters(mcfg),
-                           "sets": {}}
-    with torch.no_grad():
-        for kind, named in sets.items():
-            for name, prefix in named.items():
-                seqs, masks = read_sequences(prefix, vocab=vocab)
-                r = perplexity(model, seqs, masks=masks, vocab=vocab, batch_size=batch_size, max_len=max_len,
-                               prefix=EVAL_PREFIX, device=device, progress=progress)
-                out["sets"].setdefault(kind, {})[name] = {"ppl": r["ppl"], "tokens": r["tokens"],
-                                                          "text_ppl": r["text"]["ppl"],
-                                                          "image_ppl": r["image"]["ppl"]}
+def evaluation_sets(results: dict[str, dict], sets: dict[str, dict[str, str]]) -> dict:
+    """``{"params", "arch", "sets": {kind: {name: {ppl, text_ppl, image_ppl, tokens}}}}`` from
+    ``eval.ppl.evaluate_ppl_files``'s ``{file: result}`` of one checkpoint on ``sets[kind][name]``."""
+    first = next(iter(results.values()))
+    out: dict[str, Any] = {"arch": first["arch"], "params": first["params"], "sets": {}}
+    for kind, named in sets.items():
+        for name, prefix in named.items():
+            r = results[str(prefix)]
+            out["sets"].setdefault(kind, {})[name] = {"ppl": r["ppl"], "tokens": r["tokens"],
+                                                      "text_ppl": r["text"]["ppl"], "image_ppl": r["image"]["ppl"]}
     return out
 
 
@@ -729,14 +706,20 @@ def stage_eval(ctx: Context, src: Sources) -> dict[str, dict]:
     results = {}
     for name, ckpt, run in eval_targets(ctx):
         def build(tmp: Path, ckpt: Path = ckpt, name: str = name) -> dict:
-            r = ctx.placement.call(evaluate_checkpoint, checkpoint=str(ckpt), sets=sets, vocab_path=vocab,
-                                   max_len=plan.data.tokens_per_sample, batch_size=plan.eval.batch_size,
-                                   device=plan.device, progress=ctx.progress, desc=f"eval {name}")
+            from jam_metaseq.eval.ppl import evaluate_ppl_files
+
+            files = ctx.placement.call(
+                evaluate_ppl_files, checkpoint=str(ckpt), data=sorted({f for n in sets.values() for f in n.values()}),
+                vocab=vocab, max_len=plan.data.tokens_per_sample, batch_size=plan.eval.batch_size,
+                use_loss_mask=True, device=plan.device, progress=ctx.progress, desc=f"eval {name}")
+            r = evaluation_sets(files, sets)
             write_json(tmp / "result.json", r)
             return {"result": r}
 
+        # "prefix": None is the evaluation rule's key (eval.context: nothing before a document) as
+        # runs have recorded it since the rule was adopted; a change of the rule changes it
         m = p.unit("eval", f"eval/{name}", {"model": run, "bin": ctx.markers["bin"][None]["run"], "sets": sets,
-                                            "batch": plan.eval.batch_size, "prefix": EVAL_PREFIX}, build)
+                                            "batch": plan.eval.batch_size, "prefix": None}, build)
         results[name] = m.get("result")
     ctx.markers["eval"] = results
     return results
@@ -830,7 +813,7 @@ def stage_generate(ctx: Context) -> dict | None:
                                            "tokenizers": ctx.markers["tokenizers"]["run"], "seed": plan.seed}, build)
 
 
-__all__ = ["Context", "EVAL_PREFIX", "KINDS", "Sources", "budget_tag", "eval_prefix", "eval_targets", "evaluate_checkpoint",
+__all__ = ["Context", "KINDS", "Sources", "budget_tag", "eval_prefix", "eval_targets", "evaluation_sets",
            "fused_checkpoint", "mixture_name", "parent_checkpoint", "parent_config",
            "pretrain_data", "pretrained_checkpoint", "stage_binarize", "stage_data", "stage_eval", "stage_fuse",
            "stage_generate", "stage_instruct", "stage_parents", "stage_pretrain", "stage_report", "stage_tokenizers", "tokenizer_paths",
