@@ -210,7 +210,7 @@ def fresh_interpreter(code: str, *, pythonpath: str, cwd: str) -> subprocess.Com
 
 LIBRARY = ("import jam_metaseq, jam_metaseq.models, checkpoints_tools, checkpoints_tools.load, "
            "checkpoints_tools.cli, jam_metaseq.hosts.args, jam_metaseq.hosts.common, jam_metaseq.hosts.compat, "
-           "jam_metaseq.data.items")
+           "jam_metaseq.task.items")
 
 
 def _host_state(host: str) -> str:

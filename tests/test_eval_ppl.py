@@ -312,7 +312,7 @@ def test_a_document_is_scored_in_the_context_training_gives_it(tmp_path, break_m
     tokens before every target, the same targets, each counted by training. Putting anything
     before a document (an <eos>, as jam-eval once did) or dropping its first token breaks this."""
     from jam_metaseq.data.binarize import binarize, open_dataset
-    from jam_metaseq.data.items import CM3Items, TaskOptions, collate
+    from jam_metaseq.task.items import CM3Items, TaskOptions, collate
     from jam_metaseq.data.tokenizers import ByteTokenizer
     from jam_metaseq.objectives.cm3 import CM3Config
 

@@ -17,7 +17,7 @@ from _hosts_util import (
 )
 from jam_metaseq import flags as jam_flags
 from jam_metaseq.hosts import args as jam_args
-from jam_metaseq.data.items import (
+from jam_metaseq.task.items import (
     CM3Items, DataSetupError, TaskOptions, collate, find_sources, load_manifest, parse_mixture,
 )
 from jam_metaseq.hosts.compat import check_start_checkpoint

@@ -144,7 +144,7 @@ def _spec_classes() -> list[type]:
 def test_every_plan_field_has_a_docstring():
     classes = _spec_classes()
     assert len(classes) >= 15
-    missing = [f"{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c) if not spec._doc(c, f.name)]
+    missing = [f"{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c) if not spec.yaml_io._doc(c, f.name)]
     assert missing == []
 
 
@@ -396,6 +396,7 @@ def _fake_eval(i: int) -> dict:
 
 def test_sweep_results_and_plot(tmp_path):
     from jam_metaseq.pipeline import report as rp
+    from jam_metaseq.pipeline.layout import budget_tag
 
     plan = quickstart_plan(variants=["uniform", "cross2_paper"])
     plan.pretrain.budget_tokens = [12800, 51200, 204800]
@@ -404,7 +405,7 @@ def test_sweep_results_and_plot(tmp_path):
     pretrain = {}
     for j, b in enumerate(plan.budgets):
         for k, key in enumerate(plan.variants):
-            evals[f"{rp.budget_label(b)}/{key}"] = _fake_eval(2 + 3 * k + j)
+            evals[f"{budget_tag(b)}/{key}"] = _fake_eval(2 + 3 * k + j)
             pretrain.setdefault(b, {})[key] = curve
     for key in plan.variants:
         evals[f"start/{key}"] = _fake_eval(9)

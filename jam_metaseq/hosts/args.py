@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from jam_metaseq import flags
-from jam_metaseq.data.items import TaskOptions, parse_mixture
+from jam_metaseq.task.items import TaskOptions, parse_mixture
 from jam_metaseq.flags import FAMILIES
 from jam_metaseq.models.config import preset
 from jam_metaseq.objectives.cm3 import CM3Config

@@ -4,7 +4,7 @@ base classes, signatures and registry calls; nothing here imports a host.
 
 Mixins go first in a host class, ``class X(CM3DatasetMixin, FairseqDataset)``, so their methods win
 over the base's placeholders and their ``super().__init__`` reaches the host base. The items, the
-batches and the task options are ``jam_metaseq.data.items``; flags are ``jam_metaseq.flags`` (the arch functions' glue ``hosts.args``); what makes
+batches and the task options are ``jam_metaseq.task.items``; flags are ``jam_metaseq.flags`` (the arch functions' glue ``hosts.args``); what makes
 the hosts load our checkpoints is ``hosts.compat``.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from jam_metaseq import flags
 from jam_metaseq.data.binarize import open_dataset
-from jam_metaseq.data.items import CM3Items, collate, find_sources, load_manifest
+from jam_metaseq.task.items import CM3Items, collate, find_sources, load_manifest
 from jam_metaseq.hosts import args as jam_args
 from jam_metaseq.hosts import compat
 from jam_metaseq.models import build_model

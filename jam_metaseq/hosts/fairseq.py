@@ -6,7 +6,7 @@
 
 trains a JAM model from ``jam-ckpt`` output. Thin by design: flags -> ``hosts.args`` -> config
 dataclass -> ``jam_metaseq.models.build_model``; the data, task, criterion and decoder logic
-live in ``hosts.common`` (mixins shared with the metaseq adapter), ``data.items`` and ``objectives.loss``.
+live in ``hosts.common`` (mixins shared with the metaseq adapter), ``task.items`` and ``objectives.loss``.
 ``register()`` is idempotent; ``jam_metaseq/__init__`` calls it when fairseq imports the package as
 its ``--user-dir``.
 
@@ -71,7 +71,7 @@ class JamLanguageModel(JamModelMixin, FairseqLanguageModel):
 
 # ---- data / task -----------------------------------------------------------------------------
 class CM3FairseqDataset(CM3DatasetMixin, FairseqDataset):
-    """``data.items.CM3Items`` as a FairseqDataset (``hosts.common.CM3DatasetMixin``)."""
+    """``task.items.CM3Items`` as a FairseqDataset (``hosts.common.CM3DatasetMixin``)."""
 
     @property
     def can_reuse_epoch_itr_across_epochs(self) -> bool:
