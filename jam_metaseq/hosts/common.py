@@ -4,8 +4,8 @@ base classes, signatures and registry calls; nothing here imports a host.
 
 Mixins go first in a host class, ``class X(CM3DatasetMixin, FairseqDataset)``, so their methods win
 over the base's placeholders and their ``super().__init__`` reaches the host base. The items, the
-batches and the task options are ``jam_metaseq.task.items``; flags are ``jam_metaseq.flags`` (the arch functions' glue ``hosts.args``); what makes
-the hosts load our checkpoints is ``hosts.compat``.
+batches and the task options are ``jam_metaseq.task.items``; flags are ``jam_metaseq.flags`` (the
+arch functions' glue: ``hosts.args``); what makes the hosts load our checkpoints is ``hosts.compat``.
 """
 
 from __future__ import annotations
