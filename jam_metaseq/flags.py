@@ -7,7 +7,8 @@ from it: ``add_model_args`` (both hosts' argparse), ``config_from_args`` (flags 
 ``args_from_config`` (config -> the ``cfg["model"]`` a checkpoint stores, in its order),
 ``command_line_from_config`` (config -> the flags of a training command: ``jam run``'s,
 ``jam-launch``'s), ``host_arch``, and ``saved_fields`` / ``FLAG_OF`` / ``FIELD_OF`` (config
-inference from a saved ``cfg["model"]``). A new config field with a flag is one new row.
+inference from a saved ``cfg["model"]``). A new config field with a flag is one new row (with
+``when_set=True``, configs that leave the field at its default keep their checkpoint bytes).
 
 Flags describe ONE PARENT (``scope="parent"``: a ``DecoderConfig``, the shape both parents share;
 JAM-Width: half the widened model); the arch's family derives the model (``jam_uniform`` = the
@@ -66,6 +67,11 @@ class Flag:
     """A copy metaseq's own models read that no config reads back (stored, never on our command line)."""
     cli: bool = True
     """Defined by ``add_model_args`` (False: the host sets it, e.g. the image range from its dictionary)."""
+    when_set: bool = False
+    """Stored in ``cfg["model"]`` and put on command lines only when the config's field is not at its
+    default: for a field added after checkpoints were first written, so every config that does not
+    use it keeps its checkpoint bytes (tests/_ckpt_golden.py). Left unset, the field takes its
+    config default."""
 
     @property
     def option(self) -> str:
@@ -127,6 +133,11 @@ FLAG_OF: dict[str, dict[str, str]] = {s: {f.field: f.dest for f in MODEL_FLAGS i
 """scope -> config field -> the flag dest that fills it (echoes left out)."""
 
 
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(DecoderConfig)
+                             if f.default is not dataclasses.MISSING}
+"""``DecoderConfig``'s field defaults (what a ``when_set`` flag left out means)."""
+
+
 def rows(scope: str, *, echo: bool = False) -> tuple[Flag, ...]:
     """The rows of ``scope`` (echoes only with ``echo``)."""
     if scope not in SCOPES:
@@ -183,7 +194,7 @@ def config_from_args(args: argparse.Namespace, *, vocab_size: int, padding_idx: 
         raise ValueError(f"args carry no JAM family (got {family!r}); was the arch function applied?")
     if not getattr(args, "share_decoder_input_output_embed", True):
         raise ValueError("JAM models always tie input and output embeddings")
-    missing = [f.option for f in rows("parent") if getattr(args, f.dest, None) is None]
+    missing = [f.option for f in rows("parent") if not f.when_set and getattr(args, f.dest, None) is None]
     if missing:
         raise ValueError(f"model flags not set: {', '.join(missing)}")
     parent = DecoderConfig(vocab_size=vocab_size, padding_idx=padding_idx, **saved_fields(args, "parent"))
@@ -230,13 +241,15 @@ def args_from_config(cfg: ModelConfig) -> dict[str, Any]:
     ``image`` rows only when the branches differ."""
     arch = host_arch(cfg)
     parent = _one_parent(cfg)
-    out: dict[str, Any] = {f.dest: f.to_value(getattr(parent, f.field)) for f in rows("parent", echo=True)}
+    out: dict[str, Any] = {f.dest: f.to_value(getattr(parent, f.field)) for f in rows("parent", echo=True)
+                           if not (f.when_set and getattr(parent, f.field) == _DEFAULTS.get(f.field))}
     out.update({f.dest: True for f in rows("always")})
     out["jam_family"] = arch if arch in FAMILIES else ARCH_UNIFORM
     if isinstance(cfg, CrossConfig):
         out.update({f.dest: getattr(cfg, f.field) for f in rows("cross")})
         if not cfg.symmetric:
-            out.update({f.dest: getattr(cfg.img, f.field) for f in rows("image")})
+            out.update({f.dest: getattr(cfg.img, f.field) for f in rows("image")
+                        if not (f.when_set and getattr(cfg.img, f.field) == _DEFAULTS.get(f.field))})
     return out
 
 

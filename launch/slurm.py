@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from jam_metaseq.errors import JamError
+from jam_metaseq.flags import FLAGS_BY_DEST
 from launch.recipes import StageRecipe, stage
 
 HOSTS = ("fairseq", "metaseq")
@@ -208,7 +209,7 @@ def train_command(cfg: LaunchConfig, recipe: StageRecipe, *, cross_every: int | 
     elif cfg.finetune_from_model:
         cmd += ["--finetune-from-model", cfg.finetune_from_model]
     if cross_every is not None:
-        cmd += ["--cross-every", str(cross_every)]
+        cmd += [FLAGS_BY_DEST["cross_every"].option, str(cross_every)]
     return merge_flags(cmd, cfg.extra_args)
 
 

@@ -94,3 +94,17 @@ def test_host_arch_and_negated_switches():
     assert saved["disable_affine_ln"] is False and saved["tokens_per_sample"] == PARENT.max_positions
     words = flags.command_line_from_config(PARENT)
     assert "--disable-bias" in words and "--disable-affine-ln" not in words and "--tokens-per-sample" not in words
+
+
+def test_a_when_set_row_keeps_older_configs_bytes(monkeypatch):
+    """A flag added for a new field (``when_set``) is stored and written only when the field is not
+    at its default, so configs that do not use it give exactly the args they gave before."""
+    before = {n: flags.args_from_config(c) for n, c in CONFIGS.items()}
+    row = flags.Flag("attention_dropout_new", "attention_dropout", "parent", float, "a newer field", when_set=True)
+    monkeypatch.setattr(flags, "MODEL_FLAGS", flags.MODEL_FLAGS + (row,))
+    monkeypatch.setattr(flags, "FLAGS_BY_DEST", {**flags.FLAGS_BY_DEST, row.dest: row})
+    assert {n: flags.args_from_config(c) for n, c in CONFIGS.items()} == before  # all at the default 0.0
+    changed = dataclasses.replace(PARENT, attention_dropout=0.25)
+    assert flags.args_from_config(changed)["attention_dropout_new"] == 0.25
+    words = flags.command_line_from_config(changed)
+    assert words[words.index("--attention-dropout-new") + 1] == "0.25"
