@@ -72,6 +72,10 @@ def task_options_from_args(args: argparse.Namespace, vocab: VocabManifest) -> Ta
 
 
 # ---- until checkpoints_tools imports jam_metaseq.flags (switched at merge): remove then -------------
+# The names checkpoints_tools' host metadata and config inference read here, derived from the table.
 from jam_metaseq.flags import args_from_config, host_arch, saved_cfg_groups  # noqa: E402,F401
 
 CROSS_FLAGS = tuple(f.dest for f in flags.rows("cross"))
+_FLAGS = tuple((f.dest, f.field, "negated" if f.negated else "echo" if f.echo else "value")
+               for f in flags.rows("parent", echo=True))
+IMG_FLAGS = {f.dest: f.field for f in flags.rows("image")}
