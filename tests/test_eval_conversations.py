@@ -153,12 +153,14 @@ def test_history_ppl_scores_the_same_answer_tokens_with_and_without_the_history(
         for end in range(4, len(d["turns"]) + 1, 2):
             tokens, mask = tokenize_document({"turns": d["turns"][:end]}, vocab=vocab, text_tokenizer=BYTES)
             mask = last_exchange_mask(tokens, mask, vocab=vocab)
-            x = torch.tensor([vocab.eos, *tokens.tolist()])
+            # the evaluation rule (eval/context.py): the document alone from position 0, its first
+            # token context only
+            x = torch.tensor(tokens.tolist())
             with torch.no_grad():
                 logp = F.log_softmax(model(x[None, :-1])[0].double(), dim=-1)
-            lp = logp[torch.arange(len(tokens)), x[1:]]
-            nll -= float(lp[torch.from_numpy(mask)].sum())
-            count += int(mask.sum())
+            lp = logp[torch.arange(len(tokens) - 1), x[1:]]
+            nll -= float(lp[torch.from_numpy(mask[1:])].sum())
+            count += int(mask[1:].sum())
     assert count == out["with_history"]["tokens"]
     assert out["with_history"]["nll"] == pytest.approx(nll, rel=1e-5)
 

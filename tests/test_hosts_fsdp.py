@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from _hosts_util import USER_DIR, VOCAB, cli_env, fused_checkpoint, make_data, train_losses
+from jam_metaseq import flags as jam_flags
 from jam_metaseq.hosts import args as jam_args
 from jam_metaseq.hosts.compat import StartCheckpointError, check_start_checkpoint, check_trainer_start
 
@@ -36,11 +37,11 @@ def _cfg(arch: str = "jam_cross_tiny"):
 
     family, size = jam_args.arch_names()[arch]
     p = argparse.ArgumentParser()
-    jam_args.add_model_args(p)
+    jam_flags.add_model_args(p)
     ns = p.parse_args([])
     ns.cross_every = 1
     jam_args.apply_arch_defaults(ns, family=family, size=size)
-    return jam_args.config_from_args(ns, vocab_size=VOCAB.size)
+    return jam_flags.config_from_args(ns, vocab_size=VOCAB.size)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_a_shard_given_to_a_model_that_is_not_sharded_is_one_line(starts):
 
     from jam_metaseq.hosts.fairseq import JamLanguageModel, dictionary_from_manifest
 
-    ns = Namespace(**jam_args.args_from_config(_cfg().parent))
+    ns = Namespace(**jam_flags.args_from_config(_cfg().parent))
     jam_args.apply_arch_defaults(ns, family="jam_cross", size="tiny")
     ns.cross_every = 1
     task = Namespace(vocab=VOCAB, target_dictionary=dictionary_from_manifest(VOCAB))

@@ -177,7 +177,7 @@ def test_model_namespace_is_the_hosts_flags():
     import argparse
 
     from checkpoints_tools.io.host_meta import model_namespace
-    from jam_metaseq.hosts import args as host_args
+    from jam_metaseq import flags as jam_flags
 
     for arch in ("decoder", "uniform", "width", "cross"):
         cfg = _cfg(arch, layers=2, bias=arch != "width", affine_ln=True, cross_every=2, init="preserve")
@@ -185,7 +185,7 @@ def test_model_namespace_is_the_hosts_flags():
         assert ns.arch == ("transformer_lm" if arch == "decoder" else f"jam_{arch}") and ns.model_parallel_size == 2
         assert (ns.jam_family is None) == (arch == "decoder")
         flags = argparse.Namespace(**{**vars(ns), "jam_config": None, "jam_family": ns.jam_family or "jam_uniform"})
-        back = host_args.config_from_args(flags, vocab_size=cfg.vocab_size, image_range=(64, 100))
+        back = jam_flags.config_from_args(flags, vocab_size=cfg.vocab_size, image_range=(64, 100))
         want = uniform_of(cfg) if arch == "decoder" else cfg
         assert back.to_dict() == want.to_dict()
 

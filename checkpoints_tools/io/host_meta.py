@@ -8,33 +8,23 @@ vocabulary manifest.
 from __future__ import annotations
 
 from argparse import Namespace
-from types import ModuleType
 from typing import Any, Mapping
 
+from jam_metaseq import flags as jam_flags
 from jam_metaseq.models.config import ModelConfig
 from jam_metaseq.vocab import CHECKPOINT_KEY as VOCAB_KEY
 
 
-def host_flag_table() -> ModuleType:
-    """The one config <-> host-flag map: ``host_arch``, ``args_from_config``, ``CROSS_FLAGS``,
-    ``FAMILIES``, ``saved_cfg_groups``. The only place the writers import it, lazily (the hosts'
-    package sits above ``checkpoints_tools``); it moves to a host-free ``jam_metaseq.flags``."""
-    from jam_metaseq.hosts import args
-
-    return args
-
-
 def model_namespace(cfg: ModelConfig, *, model_parallel_size: int = 1) -> Namespace:
     """``cfg["model"]`` for metaseq/fairseq: the arch and the host flags of ``cfg``
-    (``jam_metaseq.hosts.args.args_from_config``, the one config -> flags map), plus
+    (``jam_metaseq.flags.args_from_config``, the one config -> flags map), plus
     ``jam_config``, which the hosts prefer. A plain parent is ``transformer_lm`` with no JAM family."""
-    host_args = host_flag_table()
-    arch = host_args.host_arch(cfg)
-    flags = host_args.args_from_config(cfg)
+    arch = jam_flags.host_arch(cfg)
+    flags = jam_flags.args_from_config(cfg)
     flags.pop("jam_family")
-    cross = {k: flags.pop(k) for k in host_args.CROSS_FLAGS if k in flags}
+    cross = jam_flags.cross_args(flags)
     return Namespace(_name=arch, arch=arch, **flags, model_parallel_size=model_parallel_size,
-                     jam_family=arch if arch in host_args.FAMILIES else None, jam_config=cfg.to_dict(), **cross)
+                     jam_family=arch if arch in jam_flags.FAMILIES else None, jam_config=cfg.to_dict(), **cross)
 
 
 START_CRITERION = "CM3Criterion"
@@ -69,7 +59,7 @@ def checkpoint_meta(cfg: ModelConfig, *, mp: int, fsdp: int, vocab: Mapping[str,
             "common": {"model_parallel_size": mp},
             "distributed_training": {"distributed_world_size": mp * max(fsdp, 1),
                                      "use_sharded_state": fsdp > 0},
-            **host_flag_table().saved_cfg_groups(),
+            **jam_flags.saved_cfg_groups(),
         },
         "criterion": None,
         "optimizer_history": start_optimizer_history(),

@@ -11,6 +11,7 @@ from argparse import Namespace
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from checkpoints_tools.safe_load import CheckpointError
+from jam_metaseq import flags as jam_flags
 from jam_metaseq.models import keys
 from jam_metaseq.models.config import (
     ARCH_CROSS, CrossConfig, DecoderConfig, ModelConfig, config_from_dict,
@@ -26,21 +27,16 @@ STORED_FIELDS = ("heads", "activation", "scale_embedding", "dropout", "attention
 def host_fields(ns: Namespace | None) -> dict[str, Any]:
     """The config fields shapes cannot tell, as a checkpoint's host args (``cfg["model"]`` or
     ``args``) hold them: ``STORED_FIELDS`` of the parent, ``img_heads`` (the image branch's heads,
-    asymmetric JAM-Cross) and the JAM-Cross fields, each present only when its flag is. The one
-    place the readers read host flags; their names come from the flag table
-    (``jam_metaseq.hosts.args``, imported lazily; it moves to a host-free ``jam_metaseq.flags``)."""
+    asymmetric JAM-Cross) and the JAM-Cross fields, each present only when its flag is set. The one
+    place the readers read host flags; their names come from the flag table (``jam_metaseq.flags``)."""
     if ns is None:
         return {}
-    from jam_metaseq.hosts.args import _FLAGS, CROSS_FLAGS, IMG_FLAGS
-
-    out: dict[str, Any] = {}
-    for flag, fld, how in _FLAGS:
-        if how != "echo" and fld in STORED_FIELDS and hasattr(ns, flag):
-            out[fld] = not getattr(ns, flag) if how == "negated" else getattr(ns, flag)
-    img_heads = next(flag for flag, fld in IMG_FLAGS.items() if fld == "heads")
-    if hasattr(ns, img_heads):
-        out["img_heads"] = getattr(ns, img_heads)
-    out.update({flag: getattr(ns, flag) for flag in CROSS_FLAGS if hasattr(ns, flag)})
+    parent = jam_flags.saved_fields(ns, "parent")
+    out: dict[str, Any] = {fld: v for fld, v in parent.items() if fld in STORED_FIELDS}
+    image = jam_flags.saved_fields(ns, "image")
+    if "heads" in image:
+        out["img_heads"] = image["heads"]
+    out.update(jam_flags.saved_fields(ns, "cross"))
     return out
 
 

@@ -44,6 +44,7 @@ import torch
 from ..models import keys
 from ..models.config import CrossConfig
 from ..models.decoder import eye_halves
+from .shapes import state_shapes
 from .uniform import average_pair
 
 Getter = Callable[[str], torch.Tensor]
@@ -183,8 +184,6 @@ def fresh_tensor(name: str, shape: tuple[int, ...], *, cfg: CrossConfig, seed: i
 def cross_tensor(name: str, *, cfg: CrossConfig, llm: Getter, img: Getter, seed: int = 0,
                  scheme: str = DEFAULT_INIT_SEED_SCHEME) -> torch.Tensor:
     """The JAM-Cross tensor ``name`` built from the parents' tensors (fetched lazily by name), fp32."""
-    from . import state_shapes  # late import: the package imports this module
-
     plan = cross_plan(name, cfg)  # first: it names what is wrong with ``name`` or ``cfg``
     out = torch.empty(state_shapes(cfg)[name])
     for p in plan:

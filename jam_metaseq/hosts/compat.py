@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jam_metaseq.data.items import DataSetupError
+from jam_metaseq.task.items import DataSetupError
 from jam_metaseq.vocab import VocabManifest
 
 

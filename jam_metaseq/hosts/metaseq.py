@@ -18,7 +18,7 @@ through the real ``metaseq-train`` / ``metaseq-validate`` on a CPU build of meta
   vocab-split logits. The core stays plain PyTorch.
 - Checkpoints load under torch >= 2.6 through the same allow-list as fairseq, and starting files
   are checked before training (``hosts.compat.check_trainer_start``).
-Data, items, task, criterion and decoder logic are shared with the fairseq adapter (``data.items``,
+Data, items, task, criterion and decoder logic are shared with the fairseq adapter (``task.items``,
 mixins in ``hosts.common``, loss math in ``objectives.loss``); this module keeps what metaseq does
 differently.
 """
@@ -307,7 +307,7 @@ def _task_state() -> Any:
 
 # ---- data / task -----------------------------------------------------------------------------
 class CM3MetaseqDataset(CM3DatasetMixin, BaseDataset):
-    """``data.items.CM3Items`` as a metaseq BaseDataset (``hosts.common.CM3DatasetMixin``)."""
+    """``task.items.CM3Items`` as a metaseq BaseDataset (``hosts.common.CM3DatasetMixin``)."""
 
 
 class CM3MultimodalMetaseqTask(CM3TaskMixin, _TaskBase):

@@ -26,7 +26,7 @@ class _Problems:
         self.items: list[str] = []
 
     def add(self, loc: tuple, msg: str) -> None:
-        from jam_metaseq.pipeline.spec import _where, field_name
+        from jam_metaseq.pipeline.spec.schema import _where, field_name
 
         self.items.append(f"{_where(loc, self.lines)}{field_name(loc)}: {msg}")
 
