@@ -18,7 +18,8 @@ from _model_util import pre_norm_hidden, randomize_, random_tokens
 from jam_metaseq.fusion import cross_tensor, merge_tensor, state_shapes, widen_tensor
 from jam_metaseq.models import DecoderLM, JamCrossLM, build_model, count_parameters, cross_of, keys, preset, width_of
 from jam_metaseq.models.config import DecoderConfig
-from jam_metaseq.models.decoder import RMSNorm, build_context, rotary_context
+from jam_metaseq.models.decoder import build_context, rotary_context
+from jam_metaseq.models.norms import RMSNorm
 
 torch.set_num_threads(1)
 IMG_START, IMG_END = 64, 120

@@ -220,10 +220,7 @@ def tensor_parallel_logits(model, cfg: DecoderConfig, tokens: torch.Tensor, *, p
                 if layout.rule_for(name) == "replicated" and name.endswith("bias") and r > 0 \
                         and (".out_proj." in name or ".fc2." in name):
                     piece = torch.zeros_like(piece)  # a row-parallel bias is added once, after the sum
-                p.data = piece.clone()
-        for layer in m.decoder.layers:
-            layer.self_attn.heads //= parts
-            layer.self_attn.kv_heads //= parts
+                p.data = piece.clone()  # a rank's attention reads its heads off these widths
         ranks.append(m.decoder)
     d = model.decoder
     with torch.no_grad():

@@ -41,6 +41,8 @@ from torch import nn
 from . import keys
 from .cache import KVCache
 from .config import CrossConfig, DecoderConfig, ModelConfig
+from .norms import make_norm
+from .rotary import apply_rotary, rotary_tables
 
 
 @dataclass
@@ -154,86 +156,6 @@ def rotary_positions(
     return (counts - 1).clamp_(min=0)
 
 
-@functools.lru_cache(maxsize=64)
-def _inv_freq(head_dim: int, theta: float, scaling: tuple) -> torch.Tensor:
-    """(D/2,) fp32 rotary inverse frequencies theta^(-2i/D), scaled per ``rope_scaling`` (HF
-    ``modeling_rope_utils``: ``linear`` divides them by the factor; ``llama3`` divides the low
-    frequencies by it, keeps the high ones and interpolates between them), on the CPU."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    s = dict(scaling)
-    kind = s.get("rope_type")
-    if kind == "linear":
-        inv = inv / s["factor"]
-    elif kind == "llama3":
-        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        context = s["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        low_wavelen, high_wavelen = context / lo, context / hi  # long waves: scaled; short: kept
-        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
-        smooth = (context / wavelen - lo) / (hi - lo)  # 0 at the low end of the band, 1 at the high end
-        between = (1 - smooth) * scaled / factor + smooth * scaled
-        in_band = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-        inv = torch.where(in_band, between, scaled)
-    elif kind is not None:  # DecoderConfig refuses it first
-        raise ValueError(f"rope scaling type {kind!r} is not supported")
-    return inv
-
-
-@functools.lru_cache(maxsize=64)
-def _inv_freq_on(head_dim: int, theta: float, scaling: tuple, device: torch.device) -> torch.Tensor:
-    # One copy per device, made outside any CUDA-graph capture (prefill and the warm-up run first).
-    return _inv_freq(head_dim, theta, scaling).to(device)
-
-
-def rotary_tables(positions: torch.Tensor, *, cfg: DecoderConfig, dtype: torch.dtype
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) positions -> (cos, sin), each (B, 1, T, D) in ``dtype``: angle position x inv_freq
-    in fp32, the D/2 frequencies repeated for the two halves (HF's layout)."""
-    scaling = tuple(sorted((cfg.rope_scaling or {}).items()))
-    inv = _inv_freq_on(cfg.head_dim, float(cfg.rope_theta), scaling, positions.device)
-    freqs = positions[..., None].float() * inv  # (B, T, D/2)
-    angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
-    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on (B, H, T, D) in the half-split layout: x * cos + rotate_half(x) * sin, where
-    rotate_half(x) = [-x2, x1] for the halves x1 = x[..., :D/2], x2 = x[..., D/2:]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) over the last dim, in fp32, then the weight: ``w * y`` cast first (Llama, Qwen2:
-    ``rmsnorm``) or ``(1 + w) * y`` cast after (Gemma: ``rmsnorm_plus_one``, whose weight starts at
-    0). The two casts are HF's, and differ only below fp32; no weight with ``affine=False``."""
-
-    def __init__(self, dim: int, *, eps: float, affine: bool, plus_one: bool) -> None:
-        super().__init__()
-        self.eps = eps
-        self.plus_one = plus_one
-        if affine:
-            self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
-        else:
-            self.register_parameter("weight", None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        if self.weight is None:
-            return y.to(x.dtype)
-        if self.plus_one:
-            return (y * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * y.to(x.dtype)
-
-
-def make_norm(dim: int, cfg: DecoderConfig) -> nn.Module:
-    """The config's normalisation over ``dim`` features (every norm of a block, and the final one)."""
-    if cfg.norm == "layernorm":
-        return nn.LayerNorm(dim, eps=cfg.ln_eps, elementwise_affine=cfg.affine_ln, bias=cfg.affine_ln)
-    return RMSNorm(dim, eps=cfg.ln_eps, affine=cfg.affine_ln, plus_one=cfg.norm == "rmsnorm_plus_one")
-
-
 ACTIVATION_FNS = {
     "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
 }
@@ -279,23 +201,28 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """What self- and cross-attention share: heads, k/v heads, KV-cache slot, dropout, rotary
-    positions, and SDPA then ``out_proj`` (registered by the subclass after its input projections:
-    metaseq's key order). A tensor-parallel host divides ``heads`` and ``kv_heads`` by its size."""
+    """What self- and cross-attention share: head width, KV-cache slot, dropout, rotary positions,
+    and SDPA then ``out_proj`` (registered by the subclass after its input projections: metaseq's
+    key order).
+
+    The numbers of query and k/v heads are read off the projections' widths (``head_dim`` is
+    fixed), so a tensor-parallel rank, whose column-parallel q/k/v hold whole heads, computes its
+    local heads with no bookkeeping; ``heads`` is the model's (a host checks its split with it)."""
 
     out_proj: nn.Linear
 
     def __init__(self, cfg: DecoderConfig, slot: int) -> None:
         super().__init__()
         self.heads = cfg.heads
-        self.kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
         self.slot = slot
         self.dropout = cfg.attention_dropout
 
     def attend_and_project(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            ctx: AttentionContext) -> torch.Tensor:
         """(B, T, H D), 2 x (B, T, G D) -> (B, T, E)."""
-        q, k, v = split_heads(q, self.heads), split_heads(k, self.kv_heads), split_heads(v, self.kv_heads)
+        D = self.head_dim
+        q, k, v = split_heads(q, q.shape[-1] // D), split_heads(k, k.shape[-1] // D), split_heads(v, v.shape[-1] // D)
         if ctx.rotary is not None:
             cos, sin = ctx.rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
