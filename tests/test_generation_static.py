@@ -283,7 +283,7 @@ def test_span_must_cover_the_chunk(model):
 
 
 # ---- CUDA ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=ARCHS + FAMILY_ARCHS)
 def cuda_model(request):
     torch.manual_seed(0)
     return build_model(tiny_config(request.param)).eval().cuda()
