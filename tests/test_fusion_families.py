@@ -67,6 +67,15 @@ def test_width_blocks_by_hand():
     assert (w.heads, w.num_kv_heads, w.head_dim, w.embed_dim) == (4, 2, 2, 8)  # 2 query heads per k/v head
 
 
+def test_parent_of_width_inverts_width_of():
+    from jam_metaseq.models.config import parent_of_width
+
+    for name in ("tiny", "llama_tiny", "qwen2_tiny", "gemma_tiny", "llama3_8b"):
+        assert parent_of_width(width_of(preset(name))) == preset(name), name
+    with pytest.raises(ValueError, match="kv heads 1 must all be even"):
+        parent_of_width(preset("gemma_tiny"))
+
+
 def _attention_heads(model: DecoderLM, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Layer 0's attention output before ``out_proj`` (B, T, H D) on normalised input ``x``."""
     seen = []

@@ -158,6 +158,21 @@ def test_written_config_loads_in_transformers_and_computes_the_same(pair):
         torch.testing.assert_close(reloaded(input_ids=tokens).logits, ours(tokens), atol=ATOL, rtol=0)
 
 
+def test_gemma_embedding_scale_is_rounded_to_the_model_dtype_as_hf_does():
+    """In bf16 HF Gemma multiplies by sqrt(E) rounded to bf16 (sqrt(32) = 5.65625, not 5.6569):
+    our embedding equals its bit for bit; without the rounding (metaseq's full-precision scale) it
+    does not."""
+    hf = hf_model("gemma").to(torch.bfloat16)
+    ours, cfg = ours_from(hf)
+    ours = ours.to(torch.bfloat16)
+    tokens = random_tokens(2, 16, low=0, high=V, seed=4)
+    with torch.no_grad():
+        ref = hf.model.embed_tokens(tokens)
+        assert torch.equal(ours.decoder.embed(tokens, None, None), ref)
+        ours.cfg.embed_scale_in_dtype = False  # the control
+        assert not torch.equal(ours.decoder.embed(tokens, None, None), ref)
+
+
 # ---- negative controls ---------------------------------------------------------------------------
 def _interleaved(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     """q/k rows of each head from the half-split order (i, i + D/2 pairs) to the interleaved one
