@@ -31,7 +31,10 @@ Model-parallel rules (Megatron, as metaseq splits): ``replicated`` (every rank h
 ``vocab`` (rows split: vocab-parallel embedding and output projection), ``column`` (output rows
 split), ``row`` (input columns split, dim 1; the output is all-reduced, so its bias is whole), and
 ``qkv`` (the fused [K; V; Q] projection: rank r holds [K_r; V_r; Q_r]). ``checkpoints_tools.layout``
-applies them.
+applies them. The Llama family's tensors: separate q/k/v and the gate ``column`` (q by query heads,
+k/v by k/v heads, so M ranks need M | kv_heads: ``layout.check_mp(kv_heads=...)``), down (``fc2``)
+and o ``row``, RMSNorm weights ``replicated``, an untied output projection ``vocab``. Fresh
+init (``init_rule``): norm weights 1 (Gemma's 0), biases 0, matrices N(0, init_std).
 """
 
 from __future__ import annotations
