@@ -312,6 +312,7 @@ def test_older_rope_spelling_is_read():
     ({"hidden_act": "gelu_new"}, "hidden_act 'gelu_new'"),
     ({"model_type": "mistral"}, "model_type 'mistral'"),
     ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+    ({"model_type": "gemma", "attention_bias": True}, "attention_bias=true is not supported for gemma"),
     ({"pad_token_id": None}, "pad_token_id is null"),
 ])
 def test_unsupported_hf_configs_are_refused_by_name(over, match):

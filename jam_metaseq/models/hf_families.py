@@ -190,12 +190,12 @@ def _biases_from_hf(hf: Mapping[str, Any], fam: Family, *, source: str) -> tuple
     if fam.biases == "qwen2":
         return False, True
     attn = bool(hf.get("attention_bias", fam.defaults.get("attention_bias", False)))
-    mlp = bool(hf.get("mlp_bias", fam.defaults.get("mlp_bias", False))) if fam.biases == "llama" else attn
-    if attn != mlp:
+    mlp = bool(hf.get("mlp_bias", fam.defaults.get("mlp_bias", False))) if fam.biases == "llama" else False
+    if attn != mlp:  # our ``bias`` covers o_proj and the MLP together
         raise ValueError(f"{source}: attention_bias={str(attn).lower()} with mlp_bias={str(mlp).lower()} is not "
                          "supported (biases on all projections or on none)" if fam.biases == "llama" else
                          f"{source}: attention_bias=true is not supported for {fam.model_type} (o_proj biased, "
-                         "MLP not)")
+                         "its MLP never)")
     return attn, attn
 
 
