@@ -90,11 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", type=int, default=16, help="one-token steps after the prefill")
     ap.add_argument("--repeats", type=int, default=15, help="timed turns per step and version (median)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                    help="cpu: this process's CPU time (time spent waiting for a core on a shared machine "
+                    "does not count; use with --threads 1); wall: elapsed time")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     base = load_models_package(args.baseline.resolve())
     print(f"# this={Path(this.__file__).parents[2]} baseline={args.baseline} batch={args.batch} seq={args.seq} "
-          f"repeats={args.repeats} threads={args.threads} torch={torch.__version__}")
+          f"repeats={args.repeats} threads={args.threads} clock={args.clock} torch={torch.__version__}")
     print(f"{'shape':<12}{'step':<24}{'this ms':>10}{'baseline ms':>13}{'this/baseline':>15}{'of the minima':>15}")
     for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
         if shape not in base.PRESETS:
@@ -111,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             times: dict[str, list[float]] = {"a": [], "b": []}
             for r in range(args.repeats + 1):  # the first turn warms up
                 for key, fn in (("a", sa[name]), ("b", sb[name])) if r % 2 else (("b", sb[name]), ("a", sa[name])):
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     fn()
                     if r:
-                        times[key].append(time.perf_counter() - t0)
+                        times[key].append(clock() - t0)
             ma, mb = statistics.median(times["a"]), statistics.median(times["b"])
             least = min(times["a"]) / min(times["b"])  # the least disturbed turn of each
             print(f"{shape:<12}{name:<24}{ma * 1e3:>10.2f}{mb * 1e3:>13.2f}{ma / mb:>14.3f}x{least:>14.3f}x",

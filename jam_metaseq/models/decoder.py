@@ -237,7 +237,8 @@ class SelfAttention(Attention):
     def __init__(self, cfg: DecoderConfig, slot: int) -> None:
         super().__init__(cfg, slot)
         E = cfg.embed_dim
-        if cfg.qkv == "fused":
+        self.fused = cfg.qkv == "fused"
+        if self.fused:
             self.qkv_proj = nn.Linear(E, 3 * E, bias=cfg.bias)
         else:
             q_dim, kv_dim = cfg.heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -247,7 +248,7 @@ class SelfAttention(Attention):
         self.out_proj = nn.Linear(cfg.heads * cfg.head_dim, E, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        if hasattr(self, "qkv_proj"):
+        if self.fused:
             k, v, q = self.qkv_proj(x).chunk(3, dim=-1)  # 3 x (B, T, E)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -265,7 +266,9 @@ class PreLNBlock(nn.Module):
     cfg: DecoderConfig
 
     def add_ffn(self, cfg: DecoderConfig) -> None:
-        if cfg.mlp == "gated":
+        self.gated = cfg.mlp == "gated"
+        self.act = ACTIVATION_FNS[cfg.activation]
+        if self.gated:
             self.fc_gate = nn.Linear(cfg.embed_dim, cfg.ffn_dim, bias=cfg.bias)
         self.fc1 = nn.Linear(cfg.embed_dim, cfg.ffn_dim, bias=cfg.bias)
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.embed_dim, bias=cfg.bias)
@@ -273,10 +276,9 @@ class PreLNBlock(nn.Module):
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         """The FFN on normalised (B, T, E): fc2(act(fc1(h))), or gated fc2(act(fc_gate(h)) * fc1(h))."""
-        act = ACTIVATION_FNS[self.cfg.activation]
-        if self.cfg.mlp == "gated":
-            return self.fc2(act(self.fc_gate(h)) * self.fc1(h))
-        return self.fc2(act(self.fc1(h)))
+        if self.gated:
+            return self.fc2(self.act(self.fc_gate(h)) * self.fc1(h))
+        return self.fc2(self.act(self.fc1(h)))
 
     def residual_and_ffn(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """x + dropout(attn_out), then + FFN(N(x)) with dropout: (B, T, E) -> (B, T, E)."""
