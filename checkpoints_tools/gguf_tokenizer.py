@@ -11,7 +11,7 @@ the split applied before the merges (``tokenizer.ggml.pre``). ``tokenizer_from_g
   matches, then GPT-2's byte-level split); ``smollm`` isolates every numeric character first
   (``\\p{N}``), as SmolLM2's own tokenizer does. (transformers' GGUF loader has no ``smollm``
   entry and uses GPT-2's split alone, which differs where a space precedes a non-ASCII numeral,
-  e.g. " ½"; ``tests/test_gguf_smollm2.py`` pins both facts.)
+  e.g. " ½"; ``tests/test_gguf_smollm2.py`` pins ours.)
 - control tokens (``<|im_end|>``) as special added tokens, user-defined ones as plain added tokens:
   matched whole in text, as llama.cpp and transformers match them.
 

@@ -172,7 +172,8 @@ def _parse(path: Path, buf: mmap.mmap, size: int) -> GGUFHeader:
     version = c.u32()
     if version not in VERSIONS:
         hint = " (a big-endian file? only little-endian GGUF is read)" if version & 0xFFFF == 0 else ""
-        raise CheckpointError(f"{path}: GGUF version {version} is not supported ({', '.join(map(str, VERSIONS))}){hint}")
+        raise CheckpointError(f"{path}: GGUF version {version} is not supported "
+                              f"({', '.join(map(str, VERSIONS))}){hint}")
     n_tensors, n_kv = c.u64(), c.u64()
     where = "the metadata count"
     metadata: dict[str, Any] = {}

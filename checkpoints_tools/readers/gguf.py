@@ -166,6 +166,8 @@ class GGUFReader(Reader):
         self.header = header
         self.hf_config = hf_config_of(header)
         pad, self.padding_rule = padding_rule(header.metadata)
+        if pad is None:
+            raise CheckpointError(f"{path}: no id to mask as padding ({self.padding_rule})")
         try:
             self._cfg = hf_families.config_from_hf(self.hf_config, source=str(path), padding_idx=pad)
         except (ValueError, KeyError, TypeError) as e:
