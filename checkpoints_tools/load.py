@@ -3,7 +3,7 @@
 ``load_model`` is the one checkpoint loader of the project: the generator, the evaluator, the
 lm-eval adapter, ``jam run`` / the quickstart and the hosts' starting-checkpoint check all call it.
 It accepts a ``jam-ckpt`` output directory (any layout), a single file, model-parallel parts or
-FSDP shards, an HF OPT directory, or a fairseq/metaseq-trained checkpoint (whose ``cfg["model"]``
+FSDP shards, an HF directory (OPT, Llama, Qwen2, Gemma), or a fairseq/metaseq-trained checkpoint (whose ``cfg["model"]``
 carries ``jam_config``), finds the config and vocabulary manifest in or beside it (or takes
 given ones), and returns ``(model, cfg, vocab)`` with the weights loaded ``strict=True``.
 """
@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from checkpoints_tools.hf import OUTPUT_FORMATS
 from checkpoints_tools.io.hashed_file import sha256_file
 from checkpoints_tools.readers import Reader, arch_of, open_checkpoint
 from checkpoints_tools.safe_load import CheckpointError
@@ -80,8 +79,8 @@ def load_model(path: str | os.PathLike | Reader, *, config: ModelConfig | str | 
     quickstart and the hosts' starting-checkpoint check.
 
     - ``path``: anything ``open_checkpoint`` reads (a jam-ckpt output directory in any layout, a
-      single ``.pt`` / ``.safetensors`` file, model-parallel parts, FSDP shards, an HF OPT
-      directory, a fairseq/metaseq-trained checkpoint), or a ``Reader`` already open. Pickles are read by
+      single ``.pt`` / ``.safetensors`` file, model-parallel parts, FSDP shards, an HF directory
+      of a family in ``jam_metaseq.models.hf_families``, a fairseq/metaseq-trained checkpoint), or a ``Reader`` already open. Pickles are read by
       ``safe_load.safe_torch_load`` only; ``trust_pickle`` is the ``--trust-pickle`` flag
       (``jam_metaseq.errors.add_trust_pickle_flag``).
     - ``config``: a ``ModelConfig`` or a JSON file of ``config_to_json`` that replaces the
@@ -220,7 +219,7 @@ def verify_checkpoint(path: str | os.PathLike, *, forward: bool = True, max_forw
     else:
         report["manifest"] = None
     r = open_checkpoint(path, trust_pickle=trust_pickle, replica_mismatch=replica_mismatch)
-    if manifest is not None and manifest.get("tensors") and r.format not in OUTPUT_FORMATS:  # HF: its own names
+    if manifest is not None and manifest.get("tensors") and not r.format.startswith("hf_"):  # HF: its own names
         want = manifest["tensors"]
         if set(want) != set(r.names()):
             odd = sorted(set(want) ^ set(r.names()))[:3]
