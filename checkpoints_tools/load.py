@@ -102,8 +102,11 @@ def load_model(path: str | os.PathLike | Reader, *, config: ModelConfig | str | 
     else:
         path = Path(path)
         reader = open_checkpoint(path, trust_pickle=trust_pickle, replica_mismatch=replica_mismatch)
-    cfg = _given_config(config) if config is not None else reader.config(**({"heads": heads} if heads else {}))
     manifest = reader.vocab(vocab)
+    over: dict[str, Any] = {"heads": heads} if heads else {}
+    if manifest is not None:
+        over["padding_idx"] = manifest.pad  # the vocabulary's pad (an HF Llama names none)
+    cfg = _given_config(config) if config is not None else reader.config(**over)
     if manifest is None and require_vocab:
         raise CheckpointError(f"{path}: no vocabulary manifest (none stored in the checkpoint, no vocab.json "
                               "beside it); pass --vocab")
