@@ -38,7 +38,8 @@ def _build_empty(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype) 
         return model
     model.to_empty(device=device)
     dec = getattr(model, "decoder", None)
-    if dec is not None and hasattr(dec, "output_projection") and hasattr(dec, "embed_tokens"):
+    tied = cfg.tied_output if isinstance(cfg, CrossConfig) else cfg.tie_embeddings
+    if tied and dec is not None and hasattr(dec, "output_projection") and hasattr(dec, "embed_tokens"):
         dec.output_projection.weight = dec.embed_tokens.weight  # to_empty unties shared params
     return model
 

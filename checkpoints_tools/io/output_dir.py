@@ -138,6 +138,8 @@ class OutputDir:
                                 embed_dim=parent.embed_dim, parts=spec.mp, what=f"target {out}{label}",
                                 kv_heads=parent.num_kv_heads)
         self.spec, self.cfg, self.vocab = spec, cfg, vocab
+        self._model_ties = cfg.tied_output if isinstance(cfg, CrossConfig) else cfg.tie_embeddings
+        """The model's output projection is its embedding (False: Llama-2/3's own head)."""
         self.shapes = collections.OrderedDict((k, tuple(int(s) for s in v)) for k, v in shapes.items())
         self.out = out
         self.inputs = list(inputs)
@@ -208,7 +210,8 @@ class OutputDir:
             buffers = [n for n in self.shapes if keys.is_version(n)]
             # Copies of the names: pickle writes an object it has written before as a reference, so
             # the bytes would depend on whether the tensor names are these very string objects.
-            shared = [tuple(n.encode().decode() for n in TIED)] if all(t in self.shapes for t in TIED) else []
+            shared = [tuple(n.encode().decode() for n in TIED)] \
+                if self._model_ties and all(t in self.shapes for t in TIED) else []
             for r in range(self.spec.mp):
                 units: dict[str, Unit] = {}
                 for n in self.shapes:
@@ -230,7 +233,7 @@ class OutputDir:
         storage (as ``torch.save`` does), safetensors stores it once and names the alias in
         ``__metadata__`` (``__metadata__[OUTPUT] = EMBED``); HF files have no output projection when tied
         (``lm_head`` is tied by the config)."""
-        return all(t in self.shapes for t in TIED) and self.shapes[TIED[0]] == self.shapes[TIED[1]]
+        return self._model_ties and all(t in self.shapes for t in TIED) and self.shapes[TIED[0]] == self.shapes[TIED[1]]
 
     def expect_tied(self) -> None:
         """The caller will write the output projection with ``add_tied`` (its sources are tied):
@@ -322,7 +325,7 @@ class OutputDir:
             piece = torch.cat(piece, dim=0, out=buf)
         elif not piece.is_contiguous():  # a column block (row-parallel linear)
             piece = self._rank_ws[r].get("piece", piece.shape, piece.dtype).copy_(piece)
-        if name in TIED and all(x in self.shapes for x in TIED) and not self._expect_tied:
+        if name in TIED and self._model_ties and all(x in self.shapes for x in TIED) and not self._expect_tied:
             sha = hashlib.sha256(piece.contiguous().view(-1).view(torch.uint8).numpy().data).hexdigest()
             if name == TIED[0]:
                 self._tied_sha[r] = sha

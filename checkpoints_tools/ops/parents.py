@@ -97,14 +97,14 @@ def check_same_parents(readers: Sequence[Reader], cfgs: Sequence[DecoderConfig],
     the parents, if any."""
     a = cfgs[0]
     for r, c, role in zip(readers[1:], cfgs[1:], roles[1:]):
-        for fld in (*SHAPE_FIELDS, *TENSOR_FIELDS, *FUNCTION_FIELDS):
-            if shapes_may_differ and fld in SHAPE_FIELDS:
-                continue
-            if getattr(c, fld) != getattr(a, fld):
-                raise CheckpointError(
-                    f"{r.files[0] if r.files else r.path}: {role} parent has {fld}={getattr(c, fld)!r}, "
-                    f"{roles[0]} parent ({readers[0].path}) has {getattr(a, fld)!r}"
-                    f"{_instead(fld, shapes_may_differ=shapes_may_differ)}")
+        differ = [f for f in (*SHAPE_FIELDS, *TENSOR_FIELDS, *FUNCTION_FIELDS)
+                  if getattr(c, f) != getattr(a, f) and not (shapes_may_differ and f in SHAPE_FIELDS)]
+        if differ:  # the one to name: a difference no fusion takes first, then the vocabulary, then the size
+            fld = min(differ, key=lambda f: (f in SHAPE_FIELDS, f in ("vocab_size", "padding_idx")))
+            raise CheckpointError(
+                f"{r.files[0] if r.files else r.path}: {role} parent has {fld}={getattr(c, fld)!r}, "
+                f"{roles[0]} parent ({readers[0].path}) has {getattr(a, fld)!r}"
+                f"{_instead(fld, shapes_may_differ=shapes_may_differ)}")
         if shapes_may_differ:
             continue
         sa, sb = readers[0].shapes(), r.shapes()

@@ -204,5 +204,7 @@ def open_hf_dir(path: Path, *, trust_pickle: bool = False, **_: object) -> HFRea
 
 def view(reader: Reader, path: Path) -> Reader:
     """``reader`` seen with our names if its tensors have an HF family's names, else itself."""
+    if isinstance(reader, HFReader):
+        return reader
     family = family_by_names(reader.names())
     return reader if family is None else HFReader.from_reader(reader, path=path, family=family)

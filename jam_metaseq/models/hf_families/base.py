@@ -119,9 +119,11 @@ class HFFamily:
         return tpl in self._hf_templates or self.prefix + tpl in self._hf_templates
 
     def claims(self, names: Sequence[str]) -> bool:
-        """``names`` are this family's HF names (not ours, whose fused projection is ``qkv_proj``)."""
+        """``names`` are this family's HF names, not ours (which have ``qkv_proj`` or separate q/k/v
+        under ``decoder.layers``, and always our final norm ``decoder.layer_norm``)."""
+        ours = (keys.FINAL_NORM[0].name, keys.OUTPUT)
         return any(n.startswith(self.markers) for n in names) and \
-            not any(n.endswith(f"{keys.QKV}.weight") for n in names)
+            not any(n.endswith(f"{keys.QKV}.weight") or n.endswith(ours) for n in names)
 
     # ---- tensors -------------------------------------------------------------------------------
     def to_hf_items(self, name: str, tensor: torch.Tensor, *, cfg: DecoderConfig) -> list[tuple[str, torch.Tensor]]:

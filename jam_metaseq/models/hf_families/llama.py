@@ -135,6 +135,8 @@ def config_from_hf(hf: Mapping[str, Any], *, sp: Spelling, source: str = "config
     theta, scaling = _rope_from_hf(hf, sp, source=source)
     bias, qkv_bias = _biases_from_hf(d, sp, source=source)
     pad = d.get("pad_token_id")
+    if pad is not None and padding_idx is not None and int(pad) != int(padding_idx):
+        raise ValueError(f"{source}: pad_token_id {pad}, but the vocabulary manifest names pad {padding_idx}")
     if pad is None:
         pad = padding_idx
     if pad is None:
