@@ -64,10 +64,11 @@ def make_data(root: Path, *, n_train: int = 48, n_valid: int = 8, block_size: in
     return root
 
 
-def tiny_parent_cfg(vocab: VocabManifest = VOCAB):
+def tiny_parent_cfg(vocab: VocabManifest = VOCAB, size: str = "tiny"):
+    """A tiny parent of the preset ``size`` (``tiny``: OPT's block; ``llama_tiny``, ``gemma_tiny`` ...)."""
     from jam_metaseq.models.config import preset
 
-    return preset("tiny", vocab_size=vocab.size)
+    return preset(size, vocab_size=vocab.size)
 
 
 def _save(state: dict, path: Path) -> None:
@@ -76,15 +77,15 @@ def _save(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def make_parents(root: Path, vocab: VocabManifest = VOCAB) -> tuple[Path, Path]:
-    """Two tiny random parents in metaseq layout (different seeds)."""
+def make_parents(root: Path, vocab: VocabManifest = VOCAB, size: str = "tiny") -> tuple[Path, Path]:
+    """Two tiny random parents (preset ``size``) in metaseq layout (different seeds)."""
     from jam_metaseq.models import build_model
 
     root.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, seed in (("llm", 11), ("img", 22)):
         torch.manual_seed(seed)
-        cfg = tiny_parent_cfg(vocab)
+        cfg = tiny_parent_cfg(vocab, size)
         model = build_model(cfg)
         p = root / f"{name}.pt"
         _save({"model": model.state_dict(), "jam_config": cfg.to_dict(),
