@@ -137,6 +137,19 @@ def jam_ckpt_fuse(family: str, *, llm: Path, img: Path, out: Path, cross_every: 
     return out / "checkpoint.pt"
 
 
+def hf_parents(root: Path, case: str, vocab: VocabManifest = VOCAB) -> tuple[Path, Path]:
+    """Two tiny random HF parents of the family ``case`` (``_hf_util``: ``llama``, ``gemma`` ...),
+    saved with ``save_pretrained``, embeddings sized for ``vocab`` (pad id 1, the tiny manifest's)."""
+    from _hf_util import hf_model
+
+    out = []
+    for name, seed in (("llm", 11), ("img", 22)):
+        d = root / f"{case}_{name}"
+        hf_model(case, seed=seed, vocab_size=vocab.size, pad_token_id=vocab.pad).save_pretrained(d)
+        out.append(d)
+    return out[0], out[1]
+
+
 # ---- running the hosts' CLIs -----------------------------------------------------------------------
 def cli_env() -> dict[str, str]:
     """Environment of a host CLI subprocess: one thread, no GPU, our checkout importable."""
