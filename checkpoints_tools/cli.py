@@ -212,6 +212,13 @@ def _print_inspect(info: dict) -> None:
         rows.insert(3, ("shape", f"layers={c['layers']} embed={c['embed_dim']} ffn={c['ffn_dim']} heads={c['heads']} "
                                  f"vocab={c['vocab_size']} positions={c['max_positions']}"
                                  + (f" cross_every={cfg['cross_every']}" if "cross_every" in cfg else "")))
+        if c.get("positions") == "rotary" or c.get("norm", "layernorm") != "layernorm":  # a Llama-family block
+            from jam_metaseq.models.config import config_from_dict
+
+            p = config_from_dict(c)
+            rows.insert(4, ("block", f"norm={p.norm} positions={p.positions} mlp={p.mlp} activation={p.activation} "
+                                     f"kv_heads={p.num_kv_heads} head_dim={p.head_dim} "
+                                     f"tied_head={p.tie_embeddings} rope_theta={p.rope_theta:g}"))
         if cfg.get("image_parent"):
             from jam_metaseq.models.config import config_from_dict
 
