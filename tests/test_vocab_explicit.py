@@ -94,3 +94,15 @@ def test_host_dictionary_puts_the_specials_where_the_manifest_says():
     assert d.index("<break>") == 8 and d.index("<mask:0>") == 4 and d[96] == "<img0>"
     ours = host_dictionary(Dictionary, tiny_manifest())
     assert (ours.bos(), ours.pad(), ours.eos(), ours.unk(), len(ours)) == (0, 1, 2, 3, 112)
+
+
+def test_the_gemma_liquid_manifest_of_the_docs_is_valid():
+    """docs/FAMILIES.md's manifest for Gemma-7B + Liquid-7B reads as the ids it describes."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "FAMILIES.md").read_text()
+    block = text.split("```json", 1)[1].split("```", 1)[0]
+    v = VocabManifest.from_dict(json.loads(block), source="docs/FAMILIES.md")
+    assert (v.size, v.pad, v.eos, v.bos, v.mask_id, v.num_sentinels, v.break_id, v.eoss) == \
+        (264192, 0, 1, 2, 7, 16, 23, 24)
+    assert (v.image_start, v.image_end, v.explicit_ids.extends) == (256000, 264192, (256000, 264192))
