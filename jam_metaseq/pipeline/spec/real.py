@@ -14,10 +14,12 @@ from jam_metaseq.pipeline.spec.schema import (
     PretrainSpec, RunSpec, ShapeSpec,
 )
 
-REAL_UPDATES = {"parents": 120, "pretrain": 16}
+REAL_UPDATES = {"parents": 120, "pretrain": 32}
 """Updates of each training stage at ``--steps 1``: the image parent (batch 8 x 256 tokens) and the
 continued pretraining of each variant (batch ``REAL_PRETRAIN_BATCH`` x 256 tokens)."""
-REAL_PRETRAIN_BATCH = 8
+REAL_PRETRAIN_BATCH = 4
+"""Sequences per continued-pretraining update: 4 x 256 tokens keeps a JAM-Cross run of SmolLM2
+(weights, gradients, Adam moments, activations, the 49,224-wide logits) near 5 GB."""
 REAL_TOKENS = 256
 """Sequence length of training and evaluation."""
 SMOLLM2_SHAPE = ShapeSpec(embed_dim=576, ffn_dim=1536, layers=30, heads=9, kv_heads=3, activation="silu", bias=False)
@@ -27,9 +29,10 @@ IMAGE_SHAPE = ShapeSpec(embed_dim=128, ffn_dim=512, layers=4, heads=4, kv_heads=
 id, tied embedding; ``stages.models.parent_config`` takes them from the given parent) at 4 layers
 of width 128, small enough to train on 2 CPU cores. ``kv_heads`` is written out: the hosts'
 ``--img-kv-heads`` left unset would give the image branch the LLM's 3 key/value heads."""
-REAL_VARIANTS = ("cross2_preserve", "cross2_paper")
+REAL_VARIANTS = ("cross2_preserve",)
 """JAM-Cross every 2 layers of the image branch (the paper's row), started as the parents
-(``preserve``) and as the paper does (``paper``: fresh cross blocks and feature projection)."""
+(``preserve``). ``--variants cross2_preserve,cross2_paper`` adds the paper's initialisation (fresh
+cross blocks and feature projection), at twice the continued-pretraining time."""
 REAL_PROMPTS = ("a red circle on a white background", "a picture of a blue square on a black background")
 
 
