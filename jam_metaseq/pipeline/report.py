@@ -5,7 +5,10 @@ sweep, and the choice of the model that writes the answers.
 pretraining on the largest budget) with its perplexities on every evaluation set, its training
 curve and its perplexities at the start of continued pretraining (the fused weights); ``sweep``
 holds every variant's final text and caption PPL for every budget, the parents as references;
-``instruct`` the instruction-tuned runs (Table 5). ``tables.txt`` prints the tables,
+``instruct`` the instruction-tuned runs (Table 5), with the conversation measurements of those
+tuned on conversations (``conversations``: assistant-turn PPL of held-out follow-ups with and
+without their history, prompt-following accuracy single-turn and as a follow-up, the share of
+answers closed with ``<eot>``; docs/CONVERSATIONS.md). ``tables.txt`` prints the tables,
 ``curves.png`` the validation curves of the largest budget, ``sweep.png`` PPL against
 continued-pretraining tokens (one line per variant, parents as horizontal lines).
 
@@ -23,7 +26,7 @@ from typing import Any, Sequence
 from jam_metaseq.pipeline.layout import budget_tag
 from jam_metaseq.pipeline.spec import PAPER_CROSS, PARENTS, VARIANTS, PlanSpec, plan_dict
 
-TABLE_NAMES = ("table1", "table2", "table3", "table4", "table5", "sweep", "all")
+TABLE_NAMES = ("table1", "table2", "table3", "table4", "table5", "conversations", "sweep", "all")
 
 
 def _fmt(x: Any) -> str:
@@ -65,10 +68,12 @@ def _ppls(e: dict) -> dict:
 
 def build_results(*, plan: PlanSpec, evals: dict[str, dict], parents: dict[str, dict],
                   pretrain: dict[int, dict[str, dict]], instruct: dict[str, dict] | None = None,
-                  data_tokens: dict[int, dict[str, int]] | None = None) -> dict:
+                  data_tokens: dict[int, dict[str, int]] | None = None,
+                  conversations: dict[str, dict] | None = None) -> dict:
     """The results document: one row per model (parents first), curves, the sweep, the tables.
     ``data_tokens``: budget -> source -> training tokens of that budget's continued pretraining
-    (the sweep then says how many epochs of each source a budget is)."""
+    (the sweep then says how many epochs of each source a budget is). ``conversations``: instruct
+    run -> ``eval.conversations.evaluate_conversations``'s result."""
     top = plan.budgets[-1]
     rows = []
     for r, label in PARENTS.items():
@@ -118,12 +123,17 @@ def build_results(*, plan: PlanSpec, evals: dict[str, dict], parents: dict[str, 
         for name, m in instruct.items():
             e = evals[f"instruct/{name}"]
             irows.append({"key": name, "variant": m["variant"], "mixture": m["mixture"], **_ppls(e),
-                          "curve": m["curve"], "updates": m["updates"], "token_budget": m["token_budget"]})
+                          "curve": m["curve"], "updates": m["updates"], "token_budget": m["token_budget"],
+                          **({"conversations": conversations[name]} if conversations and name in conversations
+                             else {})})
         results["instruct"] = irows
         tables["table5"] = {"title": "Table 5 (miniature): instruction tuning; validation image-caption PPL",
                             "header": ["Model", "Mixture", "Caption PPL", "Text PPL"],
                             "rows": [[VARIANTS[r["variant"]].label, " + ".join(r["mixture"]), r["caption_ppl"],
                                       r["text_ppl"]] for r in irows]}
+        conv = [r for r in irows if "conversations" in r]
+        if conv:
+            tables["conversations"] = _conversation_table(conv)
     # the budget sweep
     sweep = {"budgets": plan.budgets,
              "parents": {f"parent_{r}": {"model": PARENTS[r], **{k: by[f"parent_{r}"][k]
@@ -161,6 +171,34 @@ def build_results(*, plan: PlanSpec, evals: dict[str, dict], parents: dict[str, 
                              "rows (no continued pretraining)."}
     results["tables"] = {k: tables[k] for k in TABLE_NAMES if k in tables}
     return results
+
+
+def _conversation_table(rows: Sequence[dict]) -> dict:
+    """The conversation measurements of the instruct runs, beside their caption PPL."""
+    def drawn(r: dict, name: str, key: str) -> Any:
+        return ((r["conversations"].get("prompt_following") or {}).get(name) or {}).get(key)
+
+    def ended(r: dict) -> Any:
+        sets = (r["conversations"].get("prompt_following") or {}).values()
+        n = sum(s["n"] for s in sets)
+        return sum(s["ended_with_eot"] * s["n"] for s in sets) / n if n else None
+
+    out = []
+    for r in rows:
+        h = r["conversations"]["history_ppl"]
+        out.append([VARIANTS[r["variant"]].label, " + ".join(r["mixture"]), r["caption_ppl"], h["with_history"],
+                    h["without_history"], h["ratio"], drawn(r, "single", "all"), drawn(r, "follow_up", "all"),
+                    ended(r)])
+    return {"title": "Conversations: assistant-turn PPL of held-out follow-ups with and without the history; "
+                     "pictures drawn as asked",
+            "header": ["Model", "Mixture", "Caption PPL", "Turn PPL", "no history", "ratio", "Drawn: single",
+                       "follow-up", "<eot>"],
+            "rows": out,
+            "note": "Turn PPL: the follow-up answers (second and later exchanges) of the held-out conversations, "
+                    "scored after their history and alone (ratio = alone / after: above 1, the history helps). "
+                    "Drawn: share of pictures whose background, colour and shape match the request (read off "
+                    "their pixels), single-turn and as a follow-up; <eot>: share of those answers the model "
+                    "closed itself."}
 
 
 def render_tables(results: dict) -> str:
@@ -260,4 +298,12 @@ def best_model(results: dict, *, choice: str = "auto") -> dict:
     return min(pool, key=lambda r: math.log(r["text_ppl"]) + math.log(r["caption_ppl"]))
 
 
-__all__ = ["best_model", "build_results", "plot_curves", "plot_sweep", "render_tables"]
+def chat_model(results: dict) -> dict | None:
+    """The instruct run ``jam chat`` / ``jam serve`` are pointed at: of the runs tuned on
+    conversations, the one whose follow-up answers have the lowest PPL after their history; None
+    when no run was tuned on conversations."""
+    runs = [r for r in results.get("instruct") or [] if "conversations" in r]
+    return min(runs, key=lambda r: r["conversations"]["history_ppl"]["with_history"]) if runs else None
+
+
+__all__ = ["best_model", "build_results", "chat_model", "plot_curves", "plot_sweep", "render_tables"]
