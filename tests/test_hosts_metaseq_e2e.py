@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from _hosts_util import (
-    USER_DIR, VOCAB, fused_checkpoint, jam_ckpt_fuse, make_data, make_parents, run_cli, train_losses,
-    valid_stats,
+    USER_DIR, VOCAB, fused_checkpoint, jam_ckpt_fuse, make_conversation_data, make_data, make_parents, run_cli,
+    train_losses, valid_stats,
 )
 
 pytestmark = pytest.mark.metaseq
@@ -265,6 +265,23 @@ def test_launch_command_trains_with_tiny_sizes(data, fused, tmp_path):
               "--distributed-world-size": "1"}
     run_cli("metaseq-train", *cpu_argv([paths.get(a, a) for a in cmd[1:]], values=values), "--cross-every", "1")
     assert updates_of(tmp_path / "run" / "checkpoint_last.pt") == 2
+
+
+# ---- instruction tuning on conversations (issue 25): the pipeline's instruct stage on this host ----------
+def test_instruct_run_on_conversations(data, fused, tmp_path):
+    """``jam-ckpt extend-vocab --conversation-tokens`` on the fused model, then ``--instruction``
+    training on conversations (binarized with the conversation tokens) mixed with caption data
+    binarized before them, as ``jam run``'s instruct stage runs it: the host reads both sources
+    under the grown vocabulary and trains."""
+    conv = make_conversation_data(tmp_path / "data", base=data)
+    start = tmp_path / "start"
+    assert run_cli("jam-ckpt", "extend-vocab", str(fused[1]), "--conversation-tokens", "-o", str(start),
+                   "--quiet").returncode == 0
+    res = train(conv, tmp_path / "run", *arch("jam_cross"), "--max-update", "3", "--restore-file",
+                str(start / "checkpoint.pt"), *RESETS, "--instruction", "--mixture", "instruct=1,caption=1")
+    curve = train_losses(res.stdout + res.stderr)
+    assert sorted(curve) == [1, 2, 3] and all(math.isfinite(v) for v in curve.values()), curve
+    assert updates_of(tmp_path / "run" / "checkpoint_last.pt") == 3
 
 
 # ---- starting checkpoints that cannot be used: one line, before training -----------------------------
