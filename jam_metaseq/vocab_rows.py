@@ -15,8 +15,9 @@ output row its logit is the average text logit, so a new token starts with about
 an average word instead of a random one (Hewitt, 2021, "Initializing new word embeddings for
 pretrained language models"). One rule for every vocab tensor, so a tied projection stays tied.
 
-``jam-ckpt`` applies it to a checkpoint through ``extend_state_dict`` and writes ``rows_record``
-into its manifest (phase 2 of issue 25 wires the verb).
+``jam-ckpt extend-vocab`` (``checkpoints_tools/ops/extend_vocab.py``) applies ``extend_rows`` to a
+checkpoint on disk tensor by tensor and writes ``rows_record`` into its ``manifest.json``; ``jam
+run``'s instruct stage uses it when a model must learn the conversation tokens.
 
 Public API::
 

@@ -178,3 +178,43 @@ def test_prompt_following_draws_reads_and_scores(tiny_chat_model):
     assert out["n"] == 4 and len(out["pictures"]) == 4
     assert all(p is not None and p.size == (32, 32) for p in out["pictures"])  # one picture per answer
     assert 0.0 <= out["all"] <= out["colour"] <= 1.0 and out["shape_classifier_accuracy"] >= 0.9
+
+
+def test_evaluate_conversations_reads_files_as_the_instruct_data_were(tmp_path):
+    """The evaluation stage's job on a checkpoint on disk: JSONL conversations (pictures as files
+    beside the JSONL, in two folders), converted by their format and fitted, give ``history_ppl``'s
+    figures; drawing prompts give their scores and a picture sheet; files without any follow-up
+    exchange give no history figure instead of an error."""
+    from _chat_util import write_chat_checkpoint
+    from checkpoints_tools.load import load_model
+    from jam_metaseq.eval.conversations import evaluate_conversations
+    from jam_metaseq.image_tokenizer import load_image_tokenizer
+
+    paths = write_chat_checkpoint(tmp_path / "model")
+    model, _, vocab = load_model(paths["checkpoint"])
+    samples = qd.conversation_samples(4, size=32, seed=5)
+    files, docs = [], []
+    for k, part in enumerate((samples[:2], samples[2:])):
+        d = tmp_path / f"set{k}"
+        (d / "img").mkdir(parents=True)
+        rows = []
+        for i, s in enumerate(part):
+            rels = [f"img/{i}-{j}.png" for j in range(len(s.pictures))]
+            for rel, p in zip(rels, s.pictures):
+                p.image.save(d / rel)
+            rows.append(qd.conversation_document(s, images=rels))
+            docs.append(qd.conversation_document(s, images=[str(d / r) for r in rels]))
+        files.append(str(qd.write_jsonl(d / "valid.jsonl", rows)))
+    prompts = {"single": qd.drawing_prompts(1, size=32, seed=0, follow_up=False)}
+    out = evaluate_conversations(checkpoint=str(paths["checkpoint"]), conversations=files, max_tokens=512,
+                                 image_tokenizer=str(paths["vq"]), drawing=prompts, seeds=(0,), out_dir=str(tmp_path))
+    ref = history_ppl(model, docs, vocab=vocab, text_tokenizer=BYTES,
+                      image_tokenizer=load_image_tokenizer(paths["vq"], device="cpu"))
+    h = out["history_ppl"]
+    assert h["exchanges"] == ref["exchanges"] and h["with_history"] == pytest.approx(ref["with_history"]["ppl"])
+    assert h["without_history"] == pytest.approx(ref["without_history"]["ppl"])
+    assert out["prompt_following"]["single"]["n"] == 1 and (tmp_path / "drawing-single.png").is_file()
+    single = tmp_path / "single.jsonl"
+    qd.write_jsonl(single, [{"turns": d["turns"][:2]} for d in docs])
+    out = evaluate_conversations(checkpoint=str(paths["checkpoint"]), conversations=[str(single)], max_tokens=512)
+    assert out == {"history_ppl": None}

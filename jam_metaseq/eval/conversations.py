@@ -162,7 +162,8 @@ def evaluate_conversations(*, checkpoint: str, conversations: Sequence[str], fmt
     """One checkpoint (its manifest has the conversation tokens) on conversations:
     ``{"history_ppl": {with_history, without_history, ratio, exchanges, tokens}}`` over the
     conversations of the JSONL files ``conversations`` (records of format ``fmt``, converted and
-    fitted to ``max_tokens`` by ``data.instruct.make_transform``), and with ``drawing`` (set name ->
+    fitted to ``max_tokens`` by ``data.instruct.make_transform``; None when none has a follow-up
+    exchange after fitting), and with ``drawing`` (set name ->
     ``ConversationSample`` prompts) ``{"prompt_following": {set: prompt_following's scores}}``, the
     pictures written to ``out_dir/drawing-<set>.png`` (one row per prompt, one column per seed)."""
     from checkpoints_tools.load import load_model
@@ -185,11 +186,12 @@ def evaluate_conversations(*, checkpoint: str, conversations: Sequence[str], fmt
         for rec in iter_jsonl(path, vocab=vocab, transform=transform, on_error="skip"):
             if conversation_turns(rec.doc) is not None and len(rec.doc["turns"]) >= 4:
                 docs.append(_absolute_images(rec.doc, Path(path).parent))
-    h = history_ppl(model, docs, vocab=vocab, text_tokenizer=text_tok, image_tokenizer=image_tok,
-                    batch_size=batch_size, device=device)
-    out: dict[str, Any] = {"history_ppl": {"with_history": h["with_history"]["ppl"],
-                                           "without_history": h["without_history"]["ppl"], "ratio": h["ratio"],
-                                           "exchanges": h["exchanges"], "tokens": h["with_history"]["tokens"]}}
+    out: dict[str, Any] = {"history_ppl": None}  # None: no conversation with a follow-up
+    if docs:
+        h = history_ppl(model, docs, vocab=vocab, text_tokenizer=text_tok, image_tokenizer=image_tok,
+                        batch_size=batch_size, device=device)
+        out["history_ppl"] = {"with_history": h["with_history"]["ppl"], "without_history": h["without_history"]["ppl"],
+                              "ratio": h["ratio"], "exchanges": h["exchanges"], "tokens": h["with_history"]["tokens"]}
     if drawing:
         if image_tok is None:
             raise ValueError("prompt-following needs the image tokenizer (to read the pictures drawn)")

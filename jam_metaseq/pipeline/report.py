@@ -185,9 +185,9 @@ def _conversation_table(rows: Sequence[dict]) -> dict:
 
     out = []
     for r in rows:
-        h = r["conversations"]["history_ppl"]
-        out.append([VARIANTS[r["variant"]].label, " + ".join(r["mixture"]), r["caption_ppl"], h["with_history"],
-                    h["without_history"], h["ratio"], drawn(r, "single", "all"), drawn(r, "follow_up", "all"),
+        h = r["conversations"]["history_ppl"] or {}
+        out.append([VARIANTS[r["variant"]].label, " + ".join(r["mixture"]), r["caption_ppl"], h.get("with_history"),
+                    h.get("without_history"), h.get("ratio"), drawn(r, "single", "all"), drawn(r, "follow_up", "all"),
                     ended(r)])
     return {"title": "Conversations: assistant-turn PPL of held-out follow-ups with and without the history; "
                      "pictures drawn as asked",
@@ -300,10 +300,15 @@ def best_model(results: dict, *, choice: str = "auto") -> dict:
 
 def chat_model(results: dict) -> dict | None:
     """The instruct run ``jam chat`` / ``jam serve`` are pointed at: of the runs tuned on
-    conversations, the one whose follow-up answers have the lowest PPL after their history; None
-    when no run was tuned on conversations."""
+    conversations, the one whose follow-up answers have the lowest PPL after their history (without
+    follow-ups to score, the lowest caption PPL); None when no run was tuned on conversations."""
     runs = [r for r in results.get("instruct") or [] if "conversations" in r]
-    return min(runs, key=lambda r: r["conversations"]["history_ppl"]["with_history"]) if runs else None
+
+    def key(r: dict) -> tuple[float, float]:
+        h = r["conversations"]["history_ppl"]
+        return (h["with_history"] if h else math.inf, r["caption_ppl"])
+
+    return min(runs, key=key) if runs else None
 
 
 __all__ = ["best_model", "build_results", "chat_model", "plot_curves", "plot_sweep", "render_tables"]
