@@ -321,8 +321,9 @@ def test_results_tables_and_best_cross(tmp_path):
 
 def test_conversation_measurements_sit_beside_the_caption_ppl():
     """Instruct runs tuned on conversations: their history PPL, drawing accuracy and <eot> share in
-    the conversation table next to their caption PPL; jam chat is pointed at the run whose follow-up
-    answers have the lowest PPL after their history."""
+    the conversation table next to their caption PPL; jam chat is pointed at the answering model
+    (the lowest caption PPL), else at the run whose follow-ups have the lowest PPL after their
+    history."""
     plan = quickstart_plan(variants=["cross2_paper"])
     tag = budget_tag(plan.budgets[0])
     evals = _fake_evals(("cross2_paper",), tag)
@@ -345,7 +346,10 @@ def test_conversation_measurements_sit_beside_the_caption_ppl():
     assert rows[0][1:] == ["instruct", 23.0, 3.0, 6.0, 2.0, 0.5, 0.25, 0.75]  # caption PPL of the fake eval
     assert rows[1][-1] == 1.0 and rows[1][2] == res["instruct"][1]["caption_ppl"]
     assert res["instruct"][1]["conversations"] == convs["cross2_paper/instruct+caption"]
+    assert rp.chat_model(res)["key"] == rp.best_model(res)["key"] == "cross2_paper/instruct"  # caption PPLs tie
+    res["instruct"][0]["caption_ppl"] = 99.0
     assert rp.chat_model(res)["key"] == "cross2_paper/instruct+caption"
+    assert rp.chat_model(res, choice="cross2_paper")["key"] == "cross2_paper/instruct+caption"  # by history PPL
     assert "Conversations:" in rp.render_tables(res)
 
 

@@ -298,11 +298,15 @@ def best_model(results: dict, *, choice: str = "auto") -> dict:
     return min(pool, key=lambda r: math.log(r["text_ppl"]) + math.log(r["caption_ppl"]))
 
 
-def chat_model(results: dict) -> dict | None:
-    """The instruct run ``jam chat`` / ``jam serve`` are pointed at: of the runs tuned on
-    conversations, the one whose follow-up answers have the lowest PPL after their history (without
-    follow-ups to score, the lowest caption PPL); None when no run was tuned on conversations."""
+def chat_model(results: dict, *, choice: str = "auto") -> dict | None:
+    """The instruct run ``jam chat`` / ``jam serve`` are pointed at: the answering model
+    (``best_model``) when it was tuned on conversations, else of the runs tuned on conversations
+    the one whose follow-up answers have the lowest PPL after their history (without follow-ups to
+    score, the lowest caption PPL); None when no run was tuned on conversations."""
     runs = [r for r in results.get("instruct") or [] if "conversations" in r]
+    best = best_model(results, choice=choice) if runs else {}
+    if best.get("instruct") and "conversations" in best:
+        return best
 
     def key(r: dict) -> tuple[float, float]:
         h = r["conversations"]["history_ppl"]

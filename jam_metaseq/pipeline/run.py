@@ -96,7 +96,7 @@ def run_plan(plan: PlanSpec, options: RunOptions, *, source: str = "plan",
         from jam_metaseq.pipeline.report import chat_model
         from jam_metaseq.pipeline.stages.context import instruct_checkpoint, tokenizer_paths
 
-        chat = chat_model(results)
+        chat = chat_model(results, choice=plan.generate.model)
         if chat is not None:
             paths["chat"] = instruct_checkpoint(ctx, chat["key"])
             paths["image_tokenizer"] = tokenizer_paths(ctx)["image_tokenizer"]
