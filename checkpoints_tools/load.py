@@ -37,9 +37,11 @@ def _build_empty(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype) 
         model = build_model(cfg).to(dtype)
     if device.type == "meta":
         return model
-    model.to_empty(device=device)
     dec = getattr(model, "decoder", None)
-    if dec is not None and hasattr(dec, "output_projection") and hasattr(dec, "embed_tokens"):
+    tied = (dec is not None and hasattr(dec, "output_projection") and hasattr(dec, "embed_tokens")
+            and dec.output_projection.weight is dec.embed_tokens.weight)  # not an untied head (Llama-3)
+    model.to_empty(device=device)
+    if tied:
         dec.output_projection.weight = dec.embed_tokens.weight  # to_empty unties shared params
     return model
 

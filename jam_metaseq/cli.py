@@ -1,5 +1,6 @@
 """``jam``: the umbrella command. ``jam demo`` fuses two tiny random parents three ways (paper §2.1);
-``jam params`` counts JAM-Cross parameters for two parent presets, of the same or different sizes;
+``jam params`` counts JAM-Cross parameters for two parent presets (OPT / CM3leon or Llama-family:
+``--llm gemma_7b --img gemma_7b``), of the same or different sizes;
 ``jam run PLAN.yaml`` runs the whole pipeline declared in a plan; ``jam quickstart`` runs the
 built-in plan (the pipeline in miniature); ``jam chat CHECKPOINT`` talks to a model in the terminal
 and ``jam serve CHECKPOINT`` on a local web page (docs/CONVERSATIONS.md)."""
@@ -13,7 +14,7 @@ import torch
 
 from .errors import run_cli
 from .fusion import cross_tensor, merge_tensor, state_shapes, widen_tensor
-from .models import build_model, count_parameters, cross_of, preset, uniform_of, width_of
+from .models import PRESETS, build_model, count_parameters, cross_of, preset, uniform_of, width_of
 from .models.decoder import build_context
 from .vocab import tiny_manifest
 
@@ -104,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="fuse two tiny random parents three ways and print a table")
     p_demo.add_argument("--seed", type=int, default=0, help="random seed for the parents (default 0)")
     p_params = sub.add_parser("params", help="JAM-Cross parameter counts of two parent presets (meta device)")
-    p_params.add_argument("--llm", default="opt_6_7b", help="LLM parent preset (default %(default)s)")
-    p_params.add_argument("--img", default="opt_1_3b", help="image-decoder parent preset, any size (default %(default)s)")
+    names = ", ".join(sorted(PRESETS))
+    p_params.add_argument("--llm", default="opt_6_7b", choices=sorted(PRESETS), metavar="PRESET",
+                          help=f"LLM parent preset, one of {names} (default %(default)s)")
+    p_params.add_argument("--img", default="opt_1_3b", choices=sorted(PRESETS), metavar="PRESET",
+                          help="image-decoder parent preset, any size and the LLM's family (default %(default)s)")
     p_params.add_argument("--cross-every", default="1,2,4,0",
                           help="comma-separated cross_every values, counted on the shallower branch (default %(default)s)")
     sub.add_parser("run", help="the JAM pipeline declared in a plan (YAML): jam run PLAN.yaml", add_help=False)

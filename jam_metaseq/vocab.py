@@ -3,6 +3,8 @@
 One JSON manifest describes every id:
   [bos=0, pad=1, eos=2, unk=3]  fairseq/metaseq Dictionary specials
   [text_start, text_end)        text tokenizer ids, shifted by text_start
+                                (``text_specials``: an imported LLM's vocabulary kept as it is, its
+                                text ids from 0 and bos/pad/eos/unk among them; no fairseq specials)
   [image_start, image_end)      image codes (default 8192: a 32x32 VQ grid per image)
   break                         <break>, framing every image: <break> img_0 .. img_1023 <break>
   [sentinel_start, +num_sentinels)  CM3 sentinels <mask:0> ... <mask:K-1>
@@ -31,6 +33,7 @@ from jam_metaseq.errors import read_json
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 NUM_DICT_SPECIALS = 4
+SPECIAL_NAMES = ("bos", "pad", "eos", "unk")
 CONVERSATION_SYMBOLS = ("<user>", "<assistant>", "<eot>")
 NUM_CONVERSATION_TOKENS = len(CONVERSATION_SYMBOLS)
 MANIFEST_VERSION = 1
@@ -64,12 +67,28 @@ class VocabManifest:
     conversation_tokens: bool = False
     """Add ``<user>``, ``<assistant>`` and ``<eot>`` after ``<eoss>`` (multi-turn conversations;
     every earlier id keeps its place, so a checkpoint gains rows, ``jam_metaseq.vocab_rows``)."""
+    text_specials: tuple[int, int, int, int] | None = None
+    """An imported text LLM's vocabulary kept as it is (issue 28: a GGUF's tokenizer): the text ids
+    start at 0 and these ids of its own serve as (bos, pad, eos, unk), given as a mapping with those
+    keys or a tuple in that order. None: fairseq's four specials at 0..3, then the text ids (every
+    model trained here)."""
 
     def __post_init__(self) -> None:
         if self.text_size < 0 or self.image_codes < 0:
             raise ValueError("text_size and image_codes must be >= 0")
         if self.num_sentinels < 1:
             raise ValueError("num_sentinels must be >= 1 (<mask:0> is the CFG mask)")
+        if self.text_specials is not None:
+            sp = self.text_specials
+            if isinstance(sp, Mapping):
+                if set(sp) != set(SPECIAL_NAMES):
+                    raise ValueError(f"text_specials needs exactly {', '.join(SPECIAL_NAMES)}; got {sorted(sp)}")
+                sp = tuple(sp[k] for k in SPECIAL_NAMES)
+            if len(sp) != len(SPECIAL_NAMES) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.text_size for i in sp):
+                raise ValueError(f"text_specials {list(sp)}: four ids (bos, pad, eos, unk) of the text range "
+                                 f"[0, {self.text_size})")
+            object.__setattr__(self, "text_specials", tuple(sp))
         grid = tuple(int(g) for g in self.image_grid)
         object.__setattr__(self, "image_grid", grid)
         if grid[0] * grid[1] != self.image_tokens_per_image:
@@ -78,18 +97,29 @@ class VocabManifest:
             )
 
     # ---- ids -------------------------------------------------------------------------------
-    bos = BOS
-    pad = PAD
-    eos = EOS
-    unk = UNK
+    @property
+    def bos(self) -> int:
+        return BOS if self.text_specials is None else self.text_specials[0]
+
+    @property
+    def pad(self) -> int:
+        return PAD if self.text_specials is None else self.text_specials[1]
+
+    @property
+    def eos(self) -> int:
+        return EOS if self.text_specials is None else self.text_specials[2]
+
+    @property
+    def unk(self) -> int:
+        return UNK if self.text_specials is None else self.text_specials[3]
 
     @property
     def text_start(self) -> int:
-        return NUM_DICT_SPECIALS
+        return NUM_DICT_SPECIALS if self.text_specials is None else 0
 
     @property
     def text_end(self) -> int:
-        return NUM_DICT_SPECIALS + self.text_size
+        return self.text_start + self.text_size
 
     @property
     def image_start(self) -> int:
@@ -196,6 +226,9 @@ class VocabManifest:
     # ---- symbols (fairseq/metaseq Dictionary) ----------------------------------------------
     def symbols(self) -> list[str]:
         """One string per id, in id order, for building a host Dictionary."""
+        if self.text_specials is not None:  # a host Dictionary puts its own four specials at 0..3
+            raise ValueError("a vocabulary kept as an imported LLM's (text_specials) has no fairseq/metaseq "
+                             "Dictionary yet (issue 28 phase 2)")
         out = ["<s>", "<pad>", "</s>", "<unk>"]
         out += [f"<t{i}>" for i in range(self.text_size)]
         out += [f"<img{i}>" for i in range(self.image_codes)]
@@ -214,6 +247,10 @@ class VocabManifest:
         d["image_grid"] = list(self.image_grid)
         if not self.conversation_tokens:
             del d["conversation_tokens"]  # manifests without them stay byte-identical
+        if self.text_specials is None:
+            del d["text_specials"]  # likewise
+        else:
+            d["text_specials"] = dict(zip(SPECIAL_NAMES, self.text_specials))
         d["version"] = MANIFEST_VERSION
         d["ids"] = {
             "bos": self.bos, "pad": self.pad, "eos": self.eos, "unk": self.unk,

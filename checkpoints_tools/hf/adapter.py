@@ -75,9 +75,10 @@ class HFAdapter:
         return name in self.hf_tied or template(name)[0] in self._hf_templates
 
     def claims(self, names: Sequence[str]) -> bool:
-        """``names`` are this family's HF names (not metaseq's fused ones)."""
+        """``names`` are this family's HF names (not metaseq's fused ones, nor ours of another
+        family, e.g. a Llama block's ``fc_gate``, whose unprefixed names share OPT's markers)."""
         return any(n.startswith(self.markers) for n in names) and \
-            not any(n.endswith(f"{keys.QKV}.weight") for n in names)
+            not any(n.endswith(f"{keys.QKV}.weight") or n.endswith(f".{keys.FC_GATE}.weight") for n in names)
 
     def to_hf_items(self, name: str, tensor: torch.Tensor, *, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
         """One metaseq tensor -> its HF tensors, prefixed (a fused tensor split by rows, in the

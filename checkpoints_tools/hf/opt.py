@@ -31,11 +31,16 @@ def _layer_name(name: str) -> str | tuple[str, ...]:
     return _HF_LAYER + name
 
 
+_NOT_OPT = ("separate_qkv", "gated")
+"""Layer tensors of the Llama family's block (separate q/k/v, the MLP gate): not in OPT files, whose
+q/k/v are the fused projection's rows."""
+
 KEY_MAP: dict[str, Any] = {
     keys.VERSION: None,  # metaseq's constant buffer
     keys.EMBED: "decoder.embed_tokens.weight",
     keys.POSITIONS: "decoder.embed_positions.weight",
-    **{f"{keys.LAYERS}.{{}}.{e.name}": _layer_name(e.name) for e in keys.LAYER},
+    **{f"{keys.LAYERS}.{{}}.{e.name}": _layer_name(e.name) for e in keys.LAYER
+       if not set(e.needs) & set(_NOT_OPT)},
     keys.FINAL_NORM[0].name: "decoder.final_layer_norm.weight",
     keys.FINAL_NORM[1].name: "decoder.final_layer_norm.bias",
     keys.OUTPUT: None,  # lm_head.weight, the embedding
