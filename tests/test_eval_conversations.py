@@ -180,6 +180,35 @@ def test_prompt_following_draws_reads_and_scores(tiny_chat_model):
     assert 0.0 <= out["all"] <= out["colour"] <= 1.0 and out["shape_classifier_accuracy"] >= 0.9
 
 
+def test_caption_following_draws_each_prompt_after_its_caption():
+    """A model without conversation tokens (a variant after continued pretraining) is asked by the
+    picture's caption after ``<eos>``: one picture per prompt and seed, the codes those of the
+    engine's own answer to that caption (CFG on), each read and scored against the prompt's target."""
+    from jam_metaseq.eval.conversations import caption_following
+    from jam_metaseq.generation.config import GenerationConfig
+    from jam_metaseq.generation.engine import Engine
+    from jam_metaseq.image_tokenizer import VQGAN, ImageTokenizer
+    from jam_metaseq.image_tokenizer import preset as vq_preset
+
+    torch.manual_seed(0)
+    vq = ImageTokenizer(VQGAN(vq_preset("tiny")))
+    vocab = tiny_manifest(text_size=256, image_codes=vq.n_codes, image_grid=vq.grid)
+    model = build_model(preset("tiny", vocab_size=vocab.size, max_positions=512, init_std=0.3)).eval()
+    prompts = qd.drawing_prompts(2, size=32, seed=0, follow_up=False)
+    out = caption_following(model, prompts, vocab=vocab, text_tokenizer=BYTES, image_tokenizer=vq, seeds=(0, 1),
+                            batch_size=3)
+    assert out["n"] == 4 and all(p is not None and p.size == (32, 32) for p in out["pictures"])
+    t = prompts[1].target
+    caption = f"a {t.colour} {t.shape} on a {t.background} background"
+    ids = [vocab.eos] + [vocab.text_start + b for b in caption.encode()]
+    ref = Engine(model, vocab=vocab).generate([ids], seeds=[1], config=GenerationConfig(
+        max_new_tokens=vocab.image_tokens_per_image + 2, force_image_first=True, min_images=1, max_images=1))[0]
+    want = vq.decode_codes(np.asarray([ref.images[0].codes]))[0]
+    assert np.array_equal(np.asarray(out["pictures"][3]), np.asarray(want))
+    assert out == {**out, **score_pictures(out["pictures"], [p.target for p in prompts for _ in (0, 1)],
+                                           classifier=train_shape_classifier(size=32))}
+
+
 def test_evaluate_conversations_reads_files_as_the_instruct_data_were(tmp_path):
     """The evaluation stage's job on a checkpoint on disk: JSONL conversations (pictures as files
     beside the JSONL, in two folders), converted by their format and fitted, give ``history_ppl``'s

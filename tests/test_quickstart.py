@@ -351,6 +351,15 @@ def test_conversation_measurements_sit_beside_the_caption_ppl():
     assert rp.chat_model(res)["key"] == "cross2_paper/instruct+caption"
     assert rp.chat_model(res, choice="cross2_paper")["key"] == "cross2_paper/instruct+caption"  # by history PPL
     assert "Conversations:" in rp.render_tables(res)
+    assert res["tables"]["all"]["header"][-1] == "Caption"  # no drawing scores: no Drawn column
+    # every model that draws is scored beside its caption PPL (the all-models table's Drawn)
+    drawing = {"parent_img": {"all": 0.25, "n": 4}, f"{tag}/cross2_paper": {"all": 0.5, "n": 4}}
+    res = rp.build_results(plan=plan, evals=evals, parents={"llm": curve, "img": curve},
+                           pretrain={plan.budgets[0]: {"cross2_paper": curve}}, drawing=drawing)
+    table = res["tables"]["all"]
+    assert table["header"][-2:] == ["Caption", "Drawn"] and [r[-1] for r in table["rows"]] == [None, 0.25, 0.5]
+    assert [r[-2] for r in table["rows"]] == [r["caption_ppl"] for r in res["rows"]]
+    assert res["rows"][2]["drawn"] == drawing[f"{tag}/cross2_paper"] and "drawn" not in res["rows"][0]
 
 
 # ---- the CLI ------------------------------------------------------------------------------------------
@@ -385,6 +394,13 @@ def _check_artefacts(out: Path, variants: list[str], stdout: str) -> dict:
         if r["role"] == "jam":
             assert r["token_budget"] == res["rows"][-1]["token_budget"]  # same budget for all
             assert math.isfinite(r["start"]["text_ppl"])
+        if r["key"] != "parent_llm":  # every model that draws, scored beside its caption PPL (1 prompt x 2 seeds)
+            assert r["drawn"]["n"] == 2 and 0 <= r["drawn"]["all"] <= 1, r["key"]
+            sheet = out / "eval" / "drawing" / ("parent_img" if r["role"] == "parent" else
+                                                f"{budget_tag(res['budget'])}/{r['key']}") / "drawing-single.png"
+            assert sheet.read_bytes()[:4] == b"\x89PNG"
+    assert "parent_llm" not in {r["key"] for r in res["rows"] if "drawn" in r}
+    assert "Drawn" in stdout
     assert (out / "report" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Table 1" in stdout and "Table 2" in stdout
     html = (out / "generate" / "answers.html").read_text()

@@ -16,6 +16,11 @@ unconditional row); the picture is decoded and read off its pixels (``eval.drawi
 whose background, shape colour and shape match what was asked, and the share of answers the model
 closed with ``<eot>`` (it learned where its turn ends).
 
+``caption_following``: the same single-turn score for a model that was never tuned on
+conversations (the parents, every variant after continued pretraining), asked by the picture's
+caption as its caption documents are laid out, so every variant's drawing is scored beside its
+caption PPL (``evaluate_drawing``, one checkpoint, as ``jam run`` runs it).
+
 ``evaluate_conversations``: both for one checkpoint, as ``jam run``'s evaluation stage runs them
 (module-level, so a SLURM job can run it): the history PPL on conversation JSONL files (converted
 and fitted as the instruct data were), prompt-following on the given drawing prompts.
@@ -128,6 +133,55 @@ def prompt_following(model: nn.Module, prompts: Sequence[Any], *, vocab: VocabMa
     return out
 
 
+def caption_prompt(target: Any) -> str:
+    """The caption a model that was not tuned on conversations is prompted with to draw ``target``:
+    the generator's first caption template, the words its caption documents put before the picture."""
+    from jam_metaseq.quickstart_data import CAPTION_TEMPLATES
+
+    return CAPTION_TEMPLATES[0].format(colour=target.colour, shape=target.shape, background=target.background)
+
+
+def caption_following(model: nn.Module, prompts: Sequence[Any], *, vocab: VocabManifest, text_tokenizer: Any,
+                      image_tokenizer: Any, seeds: Sequence[int] = (0, 1, 2), config: Any = None,
+                      classifier: Any = None, batch_size: int = 16, decode: str = "eager") -> dict[str, Any]:
+    """``prompt_following`` single-turn for a model without conversation tokens (a parent, a variant
+    after continued pretraining): each prompt's picture asked for by its caption (``caption_prompt``,
+    after ``<eos>`` as every document starts) and drawn at once, as the caption documents lay it out
+    (``force_image_first``; CFG's unconditional row masks the caption, the single-prompt default).
+    The same scores as ``prompt_following`` (no ``ended_with_eot``: the answer is the picture)."""
+    from jam_metaseq.generation.config import GenerationConfig
+    from jam_metaseq.generation.engine import Engine
+
+    from .drawing import score_pictures, train_shape_classifier
+
+    if config is None:
+        config = GenerationConfig()
+    config = dataclasses.replace(config, max_new_tokens=vocab.image_tokens_per_image + 2, min_images=1,
+                                 max_images=1, force_image_first=True, end_id=None)
+    if classifier is None:
+        classifier = train_shape_classifier(size=getattr(image_tokenizer, "resolution", 32))
+    rows, targets, row_seeds = [], [], []
+    for prompt in prompts:
+        if prompt.target is None:
+            raise ValueError(f"a {prompt.kind} prompt whose answer draws no picture")
+        ids = [vocab.eos] + [vocab.text_start + i for i in text_tokenizer.encode(caption_prompt(prompt.target))]
+        for seed in seeds:
+            rows.append(ids)
+            targets.append(prompt.target)
+            row_seeds.append(seed)
+    engine = Engine(model, vocab=vocab, decode=decode)
+    pictures = []
+    for lo in range(0, len(rows), batch_size):
+        for answer in engine.generate(rows[lo:lo + batch_size], config=config, seeds=row_seeds[lo:lo + batch_size]):
+            drawn = [s for s in answer.images if s.complete]
+            pictures.append(image_tokenizer.decode_codes(np.asarray([drawn[0].codes]))[0] if drawn else None)
+    out = score_pictures(pictures, targets, classifier=classifier)
+    out["pictures"] = pictures
+    out["prompts"] = len(prompts)
+    out["seeds"] = list(seeds)
+    return out
+
+
 def _absolute_images(doc: Any, base: Path) -> Any:
     """``doc`` with every ``{"image": path}`` made absolute against ``base`` (files of several folders
     in one call)."""
@@ -203,3 +257,21 @@ def evaluate_conversations(*, checkpoint: str, conversations: Sequence[str], fmt
                 _picture_sheet(r["pictures"], Path(out_dir) / f"drawing-{name}.png", columns=len(seeds))
             out["prompt_following"][name] = {k: v for k, v in r.items() if k != "pictures"}
     return out
+
+
+def evaluate_drawing(*, checkpoint: str, prompts: Sequence[Any], image_tokenizer: str, seeds: Sequence[int] = (0, 1),
+                     config: Any = None, out_dir: str | None = None, device: str = "cpu") -> dict[str, Any]:
+    """``caption_following`` of one checkpoint on single-turn drawing ``prompts`` (``jam run``'s
+    evaluation stage, every variant and the image-text parent; module-level, so a SLURM job can run
+    it): the scores, the pictures written to ``out_dir/drawing-single.png`` (one row per prompt)."""
+    from checkpoints_tools.load import load_model
+    from jam_metaseq.data.tokenizers import load_text_tokenizer
+    from jam_metaseq.image_tokenizer import load_image_tokenizer
+
+    model, _, vocab = load_model(checkpoint, require_vocab=True, device=device)
+    r = caption_following(model, prompts, vocab=vocab, text_tokenizer=load_text_tokenizer(vocab.text_tokenizer),
+                          image_tokenizer=load_image_tokenizer(image_tokenizer, device=device), seeds=seeds,
+                          config=config)
+    if out_dir is not None:
+        _picture_sheet(r["pictures"], Path(out_dir) / "drawing-single.png", columns=len(seeds))
+    return {k: v for k, v in r.items() if k != "pictures"}

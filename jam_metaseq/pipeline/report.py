@@ -8,7 +8,8 @@ holds every variant's final text and caption PPL for every budget, the parents a
 ``instruct`` the instruction-tuned runs (Table 5), with the conversation measurements of those
 tuned on conversations (``conversations``: assistant-turn PPL of held-out follow-ups with and
 without their history, prompt-following accuracy single-turn and as a follow-up, the share of
-answers closed with ``<eot>``; docs/CONVERSATIONS.md). ``tables.txt`` prints the tables,
+answers closed with ``<eot>``; docs/CONVERSATIONS.md); with the built-in generator a row's ``drawn``
+is its single-turn prompt-following score (pictures drawn after a caption, read off their pixels). ``tables.txt`` prints the tables,
 ``curves.png`` the validation curves of the largest budget, ``sweep.png`` PPL against
 continued-pretraining tokens (one line per variant, parents as horizontal lines).
 
@@ -69,25 +70,29 @@ def _ppls(e: dict) -> dict:
 def build_results(*, plan: PlanSpec, evals: dict[str, dict], parents: dict[str, dict],
                   pretrain: dict[int, dict[str, dict]], instruct: dict[str, dict] | None = None,
                   data_tokens: dict[int, dict[str, int]] | None = None,
-                  conversations: dict[str, dict] | None = None) -> dict:
+                  conversations: dict[str, dict] | None = None, drawing: dict[str, dict] | None = None) -> dict:
     """The results document: one row per model (parents first), curves, the sweep, the tables.
     ``data_tokens``: budget -> source -> training tokens of that budget's continued pretraining
     (the sweep then says how many epochs of each source a budget is). ``conversations``: instruct
-    run -> ``eval.conversations.evaluate_conversations``'s result."""
+    run -> ``eval.conversations.evaluate_conversations``'s result. ``drawing``: ``parent_img`` and
+    ``<budget>/<variant>`` -> ``eval.conversations.evaluate_drawing``'s scores (a row's ``drawn``)."""
+    drawing = drawing or {}
     top = plan.budgets[-1]
     rows = []
     for r, label in PARENTS.items():
         e, m = evals[f"parent_{r}"], parents[r]
         rows.append({"key": f"parent_{r}", "model": label, "role": "parent", "params": e["params"], **_ppls(e),
                      "curve": m.get("curve", []), "updates": m.get("updates", 0),
-                     "token_budget": m.get("token_budget", 0), "given": bool(m.get("given"))})
+                     "token_budget": m.get("token_budget", 0), "given": bool(m.get("given")),
+                     **({"drawn": drawing[f"parent_{r}"]} if f"parent_{r}" in drawing else {})})
     tag = budget_tag(top)
     for key in plan.variants:
         v, e, s, m = VARIANTS[key], evals[f"{tag}/{key}"], evals[f"start/{key}"], pretrain[top][key]
         rows.append({"key": key, "model": v.label, "role": "jam", "family": v.family, "init": v.init,
                      "cross_every": v.cross_every if v.family == "jam_cross" else None, "params": e["params"],
                      **_ppls(e), "start": {"text_ppl": _ppls(s)["text_ppl"], "caption_ppl": _ppls(s)["caption_ppl"]},
-                     "curve": m["curve"], "updates": m["updates"], "token_budget": m["token_budget"]})
+                     "curve": m["curve"], "updates": m["updates"], "token_budget": m["token_budget"],
+                     **({"drawn": drawing[f"{tag}/{key}"]} if f"{tag}/{key}" in drawing else {})})
     by = {r["key"]: r for r in rows}
 
     def pick(keys: Sequence[str]) -> list[dict]:
@@ -162,13 +167,19 @@ def build_results(*, plan: PlanSpec, evals: dict[str, dict], parents: dict[str, 
                 f"{src} " + ", ".join(_fmt(e) for e in eps) for src, eps in sweep["epochs"].items()) + "."
         tables["sweep"] = {"title": "Budget sweep: validation PPL after continued pretraining on each budget (tokens)",
                            "header": header, "rows": srows, "note": note}
+    drawn = any("drawn" in r for r in rows)
     allrows = [[r["model"], _size(r["params"]), r.get("start", {}).get("text_ppl"), r["text_ppl"],
-                r.get("start", {}).get("caption_ppl"), r["caption_ppl"]] for r in rows]
+                r.get("start", {}).get("caption_ppl"), r["caption_ppl"]]
+               + ([(r.get("drawn") or {}).get("all")] if drawn else []) for r in rows]
     tables["all"] = {"title": "All models: validation PPL at the start of continued pretraining (fused) and after",
-                     "header": ["Model", "Size", "Text@start", "Text", "Caption@start", "Caption"], "rows": allrows,
+                     "header": ["Model", "Size", "Text@start", "Text", "Caption@start", "Caption"]
+                     + (["Drawn"] if drawn else []), "rows": allrows,
                      "note": f"Same budget for every JAM model: {top // tpu} updates x {plan.pretrain.batch_size} "
                              f"x {plan.data.tokens_per_sample} tokens = {top:,} tokens; parents are the reference "
-                             "rows (no continued pretraining)."}
+                             "rows (no continued pretraining)."
+                             + (" Drawn: share of the pictures drawn after a caption ('a red circle on a white "
+                                "background') whose background, colour and shape match it, read off their "
+                                "pixels (a miniature GenEval, docs/CONVERSATIONS.md)." if drawn else "")}
     results["tables"] = {k: tables[k] for k in TABLE_NAMES if k in tables}
     return results
 
