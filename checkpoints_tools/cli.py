@@ -1,4 +1,4 @@
-"""``jam-ckpt``: inspect, merge, widen, cross, reshard, convert and verify checkpoints (paper §2.1).
+"""``jam-ckpt``: inspect, merge, widen, cross, reshard, convert, extend-vocab, tokenizer and verify checkpoints (paper §2.1).
 
 Each subcommand parses and validates its flags, then calls one library function
 (``checkpoints_tools.ops`` / ``checkpoints_tools.load``). Progress bars go to stderr, results to
@@ -10,6 +10,7 @@ Examples:
   jam-ckpt cross --llm llm/ --img cm3leon/ --cross-every 2 --vocab vocab.json --mp 4 -o cross19b
   jam-ckpt reshard width26b --mp 2 --fsdp 8 -o width26b_mp2_fsdp8
   jam-ckpt convert facebook-opt-1.3b/ --to metaseq -o opt13b_metaseq
+  jam-ckpt extend-vocab cross19b --conversation-tokens -o cross19b_chat
   jam-ckpt convert SmolLM2-135M-Instruct.Q4_1.gguf --to metaseq -o smollm2
   jam-ckpt tokenizer SmolLM2-135M-Instruct.Q4_1.gguf -o smollm2_tok
   jam-ckpt widen --llm gemma-7b/ --img liquid-7b/ --vocab jam_vocab.json -o width_gemma
@@ -26,6 +27,7 @@ docs/FAMILIES.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -162,6 +164,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "save_pretrained's)")
     _add_output_flags(p, formats=("metaseq",))
 
+    p = sub.add_parser("extend-vocab", help="the rows a grown vocabulary adds (conversation tokens), "
+                       "set to the mean of the text rows; every old id unchanged")
+    p.add_argument("src", help="input checkpoint (any layout) with its vocabulary manifest (stored or vocab.json "
+                   "beside it; else --old-vocab)")
+    p.add_argument("--conversation-tokens", action="store_true",
+                   help="the new vocabulary is the checkpoint's own plus <user>, <assistant>, <eot> "
+                        "(instead of --vocab NEW.json)")
+    p.add_argument("--old-vocab", type=Path, metavar="JSON",
+                   help="the manifest the checkpoint was trained with, when it stores none")
+    p.add_argument("--init", choices=("text_mean",), default="text_mean",
+                   help="how added rows start: text_mean = the mean of the same tensor's text rows (its logit "
+                        "starts at the average text logit; docs/CONVERSATIONS.md)")
+    _add_output_flags(p)
+    for a in p._actions:
+        if a.dest == "vocab":
+            a.help = ("the new vocabulary manifest (it must extend the checkpoint's: the same ids plus the "
+                      "conversation tokens, e.g. jam-data vocab --conversation-tokens); stored as OUT/vocab.json")
+
     p = sub.add_parser("tokenizer", help="a GGUF file's tokenizer as OUT/tokenizer.json + OUT/vocab.json for jam-data")
     p.add_argument("src", help="a .gguf file whose metadata holds a byte-level BPE tokenizer")
     p.add_argument("-o", "--out", required=True, type=Path, metavar="DIR",
@@ -282,6 +302,12 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         heads=args.heads, init_seed_scheme=args.init_seed_scheme, img_heads=args.img_heads)
     elif args.cmd == "reshard":
         out = ops.reshard(args.src, opts=_opts(args, argv), heads=args.heads)
+    elif args.cmd == "extend-vocab":
+        if bool(args.vocab) == args.conversation_tokens:
+            raise ValueError("give the new vocabulary as --vocab NEW.json or --conversation-tokens (one of them)")
+        opts = _opts(args, argv)
+        out = ops.extend_vocab(args.src, opts=dataclasses.replace(opts, vocab=None), new_vocab=opts.vocab,
+                               old_vocab=args.old_vocab, rule=args.init, heads=args.heads)
     elif args.cmd == "convert":
         fmt = "hf" if args.to == "hf" else "metaseq"
         out = ops.reshard(args.src, opts=_opts(args, argv, fmt=fmt), heads=args.heads)

@@ -5,9 +5,11 @@ It is ``jam run`` on the built-in plan (``pipeline.spec.quickstart_plan``; ``jam
 flags applied): the generator's coloured-shape images with captions and templated text, a trained
 sentencepiece and VQ tokenizer, a tiny text LLM and a tiny image-caption model trained from the same
 initialisation through the fairseq host, the 11 JAM variants fused by ``jam-ckpt``, continued
-pretraining of each on the same token budget, evaluation, miniature Tables 1-4 and an HTML page
-with generated interleaved answers. The stages and the outputs are ``jam run``'s
-(``jam_metaseq.pipeline``).
+pretraining of each on the same token budget, the paper's JAM-Cross instruction-tuned on the
+generator's multi-turn conversations (docs/CONVERSATIONS.md), evaluation, miniature Tables 1-5
+with the tuned models' conversation measurements, an HTML page with generated interleaved answers,
+and the ``jam chat`` / ``jam serve`` commands that talk to the tuned model. The stages and the
+outputs are ``jam run``'s (``jam_metaseq.pipeline``).
 
 Library entry: ``run_quickstart(QuickstartConfig(...)) -> dict`` (``run_plan``'s result); CLI: ``main(argv)``.
 """
@@ -33,7 +35,8 @@ class QuickstartConfig:
     out: Path = Path("runs/quickstart")
     """Output directory (created)."""
     steps: float = 1.0
-    """Multiplier of every training stage's length (tokenizer, parents, continued pretraining)."""
+    """Multiplier of every training stage's length (tokenizer, parents, continued pretraining,
+    instruction tuning) and of the drawing prompts scored."""
     scale: int = 1
     """Multiplier of model width and data size."""
     device: str = "cpu"
@@ -77,12 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jam quickstart", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The JAM pipeline in miniature on data made on the fly: train a tiny text LLM and a tiny "
                     "image-caption model, fuse them as JAM-Uniform / JAM-Width / JAM-Cross with jam-ckpt, continue "
-                    "pretraining each through fairseq with the same token budget, evaluate, print miniature "
-                    "Tables 1-4, plot validation curves and write an HTML page with a generated interleaved answer. "
+                    "pretraining each through fairseq with the same token budget, tune the paper's JAM-Cross on "
+                    "multi-turn conversations, evaluate, print miniature Tables 1-5 and the conversation "
+                    "measurements, plot validation curves, write an HTML page with a generated interleaved answer "
+                    "and print the jam chat / jam serve commands for the tuned model. "
                     "This is `jam run` on the built-in plan (jam run --print-quickstart-plan).",
         epilog="Stages: " + ", ".join(STAGES) + ".\nVariants: " + ", ".join(VARIANTS) + ".\n"
                "Outputs: OUT/report/{results.json,tables.txt,curves.png}, OUT/generate/answers.html, "
-               "checkpoints in OUT/parents, OUT/fused, OUT/pretrain.\n"
+               "checkpoints in OUT/parents, OUT/fused, OUT/pretrain, OUT/instruct.\n"
                "A re-run skips every finished unit whose settings and inputs are unchanged.\n"
                "Your own data: jam quickstart --print-plan > plan.yaml, edit, then jam run plan.yaml.")
     ap.add_argument("--out", type=Path, default=Path("runs/quickstart"), metavar="DIR",

@@ -496,6 +496,25 @@ class VocabManifest:
     def load(cls, path: str | os.PathLike) -> "VocabManifest":
         return cls.from_dict(read_json(path, what="vocab manifest"), source=str(path))
 
+    # ---- growing a manifest --------------------------------------------------------------------
+    def layout_differences(self, old: "VocabManifest") -> list[str]:
+        """The fields, besides ``conversation_tokens`` and the informational ``text_tokenizer``, in
+        which this manifest and ``old`` differ (sorted); empty when every id below
+        ``old.num_used`` means the same in both."""
+        skip = ("conversation_tokens", "text_tokenizer")
+        return sorted(f.name for f in dataclasses.fields(self)
+                      if f.name not in skip and getattr(self, f.name) != getattr(old, f.name))
+
+    def extends(self, old: "VocabManifest") -> bool:
+        """This manifest is ``old``, or ``old`` with the conversation tokens added: every id of
+        ``old`` means the same here (a checkpoint of ``old`` takes this one through
+        ``jam_metaseq.vocab_rows``; data tokenized with ``old`` reads the same under it)."""
+        return not self.layout_differences(old) and (self.conversation_tokens or not old.conversation_tokens)
+
+    def with_conversation_tokens(self) -> "VocabManifest":
+        """This manifest with ``<user>``, ``<assistant>`` and ``<eot>`` (itself when it has them)."""
+        return self if self.conversation_tokens else dataclasses.replace(self, conversation_tokens=True)
+
     def check_embedding(self, num_rows: int, *, what: str = "checkpoint") -> None:
         """Stop when a model's embedding does not fit this manifest (``check_embedding``)."""
         check_embedding(self.size, num_rows, what=what)

@@ -92,6 +92,14 @@ def run_plan(plan: PlanSpec, options: RunOptions, *, source: str = "plan",
     paths = {"results": p.path("report") / "results.json", "tables": p.path("report") / "tables.txt",
              "curves": p.path("report") / "curves.png", "sweep": p.path("report") / "sweep.png",
              "html": p.path("generate") / "answers.html", "checkpoints": p.path("pretrain")}
+    if results:
+        from jam_metaseq.pipeline.report import chat_model
+        from jam_metaseq.pipeline.stages.context import instruct_checkpoint, tokenizer_paths
+
+        chat = chat_model(results, choice=plan.generate.model)
+        if chat is not None:
+            paths["chat"] = instruct_checkpoint(ctx, chat["key"])
+            paths["image_tokenizer"] = tokenizer_paths(ctx)["image_tokenizer"]
     if not options.dry_run:
         log(f"finished in {time.time() - t0:.0f} s ({len(p.ran)} units run, {len(p.skipped)} skipped)")
     return {"results": results, "paths": paths, "ran": p.ran, "skipped": p.skipped, "planned": p.planned,
@@ -213,6 +221,12 @@ def load_for_cli(path: Path, *, overrides: Sequence[str], budgets: str | None,
     return parse_plan(data, source=str(path), base_dir=base, lines=lines), str(path), lines
 
 
+def chat_commands(checkpoint: Path, image_tokenizer: Path) -> list[str]:
+    """The commands that talk to a tuned model (``jam chat``, ``jam serve``)."""
+    args = [str(checkpoint), "--image-tokenizer", str(image_tokenizer)]
+    return [shlex.join(["jam", "chat", *args]), shlex.join(["jam", "serve", *args, "--port", "8000"])]
+
+
 def print_outputs(out: dict) -> None:
     from jam_metaseq.pipeline.report import render_tables
 
@@ -221,9 +235,15 @@ def print_outputs(out: dict) -> None:
     g = out["results"].get("generation")
     if g:
         print(f"\ngenerated answers: {g.get('label')} ({g.get('images')} decoded images)")
-    for k, v in out["paths"].items():
+    paths = dict(out["paths"])
+    chat, vq = paths.pop("chat", None), paths.pop("image_tokenizer", None)
+    for k, v in paths.items():
         if Path(v).exists():
             print(f"{k:<12}{v}")
+    if chat is not None and Path(chat).exists():
+        print("\ntalk to the model tuned on conversations (docs/CONVERSATIONS.md):")
+        for cmd in chat_commands(chat, vq):
+            print(f"  {cmd}")
 
 
 def execute(plan: PlanSpec, options: RunOptions, *, source: str, lines: dict | None = None,
@@ -264,5 +284,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                    interrupted="finished units are kept: run the same command again to resume")
 
 
-__all__ = ["add_run_flags", "build_parser", "default_jobs", "execute", "main", "parse_budgets", "print_outputs",
+__all__ = ["add_run_flags", "build_parser", "chat_commands", "default_jobs", "execute", "main", "parse_budgets", "print_outputs",
            "render_dry_run", "run_plan", "threads_per_job"]
