@@ -1,0 +1,507 @@
+"""Class 2: containers that may disagree with themselves or explode (issue 27 §2).
+
+Each reader here bounds what a small file can make the program do, and names the file (and line)
+when it refuses, as a ``InputError`` (a ``JamError`` and ``ValueError``: one line, exit 2):
+
+- ``loads_json`` / ``read_json``: UTF-8 JSON nested at most ``MAX_DEPTH`` deep (Python's own parser
+  ends in ``RecursionError`` near 1000), no ``NaN`` / ``Infinity`` / ``1e999`` (not JSON; strict
+  readers refuse them), no lone surrogate (``"\\ud800"`` decodes but can never be written as UTF-8),
+  no integer of more digits than Python converts (``ValueError`` without a position).
+- ``loads_yaml`` / ``compose_yaml``: YAML (safe tags only) nested at most ``MAX_DEPTH`` deep whose
+  aliases expand to at most ``MAX_YAML_NODES`` nodes (ten lines of nested aliases expand to 10^9),
+  never recursive.
+- ``open_zip_member`` / ``read_zip_member`` / ``unique_zip_names``: a zip record inflated in chunks
+  with a cap (a 1.6 MB deflated record can inflate to 1.5 GB), and a zip whose records share a name
+  refused (a reader and a checker could each pick a different one).
+- ``load_rgb_image``: an image whose header claims more than ``MAX_IMAGE_PIXELS`` pixels is refused
+  before any pixel is decoded.
+- ``check_int_list``: integers checked as Python ints (type and range) before numpy sees them
+  (``np.asarray([2**63])`` raises ``OverflowError``).
+- ``FileSnapshot``: a file rewritten while it was streamed (size, mtime, ctime or inode changed).
+- ``dumps_json``: the JSON we write is JSON these readers read back (non-finite floats refused, or
+  written as ``null`` where the caller says a missing value is meant).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from jam_metaseq.errors import JamError
+
+MAX_DEPTH = 100
+"""Nesting bound of JSON and YAML inputs. Our formats nest at most ~6 deep (plans, manifests,
+documents, HF configs); Python's parsers and every recursive walk over the result stay far from the
+interpreter's recursion limit below 100."""
+MAX_YAML_NODES = 1_000_000
+"""Bound on the nodes a YAML document expands to, aliases followed (a plan has a few hundred)."""
+MAX_IMAGE_PIXELS = 8192 * 8192
+"""Bound on the pixels of an input image (64 megapixels, 192 MiB as RGB); the VQ tokenizers read
+256-512 pixel sides."""
+ZIP_CHUNK = 1 << 20
+"""Inflate zip records this many bytes at a time."""
+
+
+class InputError(JamError, ValueError):
+    """Structured input refused by a bound of this module; ``reason`` is a short category (for
+    ``--on-error skip`` reports), ``line`` the 1-based line where known."""
+
+    def __init__(self, message: str, *, reason: str, where: str | None = None, line: int | None = None) -> None:
+        self.reason = reason
+        self.detail = message
+        self.line = line
+        self.where = where
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+def _at(where: str | None, line: int | None) -> str | None:
+    """``file:line`` when both are known (a JSONL caller passes ``where`` with its own line)."""
+    if where is None or line is None:
+        return where
+    return f"{where}:{line}"
+
+
+# ---- JSON ----------------------------------------------------------------------------------------
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_CONSTANT = re.compile(rb"NaN|-?Infinity|[0-9.][eE]\+?[0-9]{3,}")
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+_LONG_DIGITS = re.compile(rb"[0-9]{4000,}")
+_OPEN, _CLOSE = (ord("["), ord("{")), (ord("]"), ord("}"))
+
+
+def _blank_strings(raw: bytes) -> bytes:
+    """``raw`` with every JSON string replaced by ``""``: brackets, constants and digits inside
+    strings no longer count. Strings hold no raw newline, so line numbers stay those of ``raw``."""
+    return _STRING.sub(b'""', raw)
+
+
+def _line_of(raw: bytes, pos: int) -> int:
+    return raw.count(b"\n", 0, pos) + 1
+
+
+def _too_deep_line(raw: bytes, max_depth: int) -> int | None:
+    """Line of the first bracket opened deeper than ``max_depth`` (strings ignored), else None."""
+    blank = _blank_strings(raw)
+    code = np.frombuffer(blank, dtype=np.uint8)
+    step = np.isin(code, _OPEN).astype(np.int32) - np.isin(code, _CLOSE).astype(np.int32)
+    over = np.flatnonzero(np.cumsum(step) > max_depth)
+    return _line_of(blank, int(over[0])) if over.size else None
+
+
+def _search_line(pattern: re.Pattern, raw: bytes) -> int | None:
+    blank = _blank_strings(raw)
+    m = pattern.search(blank)
+    return None if m is None else _line_of(blank, m.start())
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+def _finite_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v):
+        raise _NonFinite(s)
+    return v
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return False
+
+
+def loads_json(data: str | bytes, *, where: str | None = None, what: str = "input",
+               max_depth: int = MAX_DEPTH, allow_nan: bool = False) -> Any:
+    """Parse JSON text under this module's bounds; ``InputError`` (``where:line: what ...``) else.
+
+    ``where``: the file (or ``file:line`` of a JSONL line) for messages; the line inside the text is
+    appended when the text has several lines. ``allow_nan``: accept ``NaN`` / ``Infinity`` (files
+    written by older versions)."""
+    if isinstance(data, str):
+        try:
+            raw = data.encode("utf-8")
+        except UnicodeEncodeError:  # a str with lone surrogates already (decoded with surrogateescape)
+            raise InputError(f"{what} is not UTF-8 text", reason="bad_encoding", where=where) from None
+    else:
+        raw = bytes(data)
+    several = b"\n" in raw.strip()
+
+    def fail(msg: str, reason: str, line: int | None) -> InputError:
+        return InputError(f"{what} {msg}", reason=reason, where=_at(where, line if several else None), line=line)
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise fail(f"is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})", "bad_encoding",
+                   _line_of(raw, e.start)) from None
+    # Cheap bound first: fewer opening brackets than the limit cannot nest deeper than it.
+    if raw.count(b"[") + raw.count(b"{") > max_depth:
+        line = _too_deep_line(raw, max_depth)
+        if line is not None:
+            raise fail(f"is nested more than {max_depth} deep", "too_deep", line)
+    try:
+        obj = json.loads(text, parse_constant=None if allow_nan else _refuse_constant,
+                         parse_float=float if allow_nan else _finite_float)
+    except json.JSONDecodeError as e:
+        raise fail(f"is not valid JSON ({e.msg} at column {e.colno})", "bad_json", e.lineno) from None
+    except _NonFinite as e:
+        raise fail(f"holds the number {e}, which is not finite (not JSON)", "not_finite",
+                   _search_line(_CONSTANT, raw)) from None
+    except RecursionError:  # unreachable below the depth bound; the last line of defence
+        raise fail("is nested too deep for Python's parser", "too_deep", None) from None
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion ..."
+        raise fail(f"holds an integer too long to convert ({str(e).split(':')[0]})", "huge_int",
+                   _search_line(_LONG_DIGITS, raw)) from None
+    if b"\\u" in raw and (m := _LONE_SURROGATE.search(raw)) is not None and _has_lone_surrogate(obj):
+        raise fail(f"holds a lone surrogate {m.group().decode()} in a string (not encodable as UTF-8)",
+                   "lone_surrogate", _line_of(raw, m.start()))
+    return obj
+
+
+def read_json(path: str | os.PathLike, *, what: str, expect: type | None = dict,
+              max_depth: int = MAX_DEPTH, allow_nan: bool = False) -> Any:
+    """A JSON file whose top level must be an ``expect`` (an object by default; None = anything):
+    every way it can fail is a ``JamError`` naming the file (missing, a directory, unreadable, not
+    UTF-8, not JSON, over a bound of ``loads_json``, another type)."""
+    path = Path(path)
+    if path.is_dir():
+        raise JamError(f"{path}: is a directory, expected a {what} JSON file")
+    if not path.exists():
+        raise JamError(f"{path}: no such file ({what})")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise JamError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    obj = loads_json(raw, where=str(path), what=what, max_depth=max_depth, allow_nan=allow_nan)
+    if expect is not None and not isinstance(obj, expect):
+        want = {dict: "an object", list: "a list"}.get(expect, expect.__name__)
+        raise JamError(f"{path}: {what} must be {want} in JSON, got {type(obj).__name__}")
+    return obj
+
+
+def _strict(obj: Any, *, nan_as_null: bool, path: str) -> Any:
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        if nan_as_null:
+            return None
+        raise ValueError(f"{path or 'value'} is {obj}, which JSON cannot hold")
+    if isinstance(obj, dict):
+        return {k: _strict(v, nan_as_null=nan_as_null, path=f"{path}.{k}" if path else str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v, nan_as_null=nan_as_null, path=f"{path}[{i}]") for i, v in enumerate(obj)]
+    return obj
+
+
+def dumps_json(obj: Any, *, nan_as_null: bool = False, **kwargs: Any) -> str:
+    """``json.dumps`` that writes only strict JSON: a non-finite float is a ``ValueError`` naming its
+    key path, or ``null`` with ``nan_as_null`` (a metric that does not exist, e.g. ``image_ppl`` of a
+    text-only set)."""
+    return json.dumps(_strict(obj, nan_as_null=nan_as_null, path=""), allow_nan=False, **kwargs)
+
+
+# ---- YAML ----------------------------------------------------------------------------------------
+
+
+def _yaml():
+    import yaml
+
+    return yaml
+
+
+def _bounded_loader(text: str, *, where: str | None, max_depth: int):
+    yaml = _yaml()
+
+    class BoundedLoader(yaml.SafeLoader):
+        """SafeLoader whose composer stops at ``max_depth`` (it recurses once per level)."""
+
+        depth = 0
+
+        def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+            if self.check_event(yaml.MappingStartEvent, yaml.SequenceStartEvent):
+                self.depth += 1
+                if self.depth > max_depth:
+                    mark = self.peek_event().start_mark
+                    raise InputError(f"YAML is nested more than {max_depth} deep", reason="too_deep",
+                                     where=_at(where, mark.line + 1), line=mark.line + 1)
+                try:
+                    return super().compose_node(parent, index)
+                finally:
+                    self.depth -= 1
+            return super().compose_node(parent, index)
+
+    return BoundedLoader(text)
+
+
+def _check_expansion(root: Any, *, where: str | None, max_nodes: int, max_depth: int) -> None:
+    """What the node graph expands to, aliases followed: at most ``max_nodes`` nodes, ``max_depth``
+    levels, no cycle. Memoised per node, so a bomb is measured without being expanded."""
+    yaml = _yaml()
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    on_path: set[int] = set()
+
+    def fail(msg: str, node: Any, reason: str) -> InputError:
+        line = node.start_mark.line + 1
+        return InputError(msg, reason=reason, where=_at(where, line), line=line)
+
+    # iterative post-order walk: (node, children visited?)
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if isinstance(node, yaml.ScalarNode):
+            size[key], depth[key] = 1, 0
+            continue
+        children = ([c for kv in node.value for c in kv] if isinstance(node, yaml.MappingNode)
+                    else list(node.value))
+        if done:
+            on_path.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
+            if size[key] > max_nodes:
+                raise fail(f"YAML expands to more than {max_nodes} nodes (aliases of aliases?)", node,
+                           "too_many_nodes")
+            if depth[key] > max_depth:
+                raise fail(f"YAML expands to more than {max_depth} levels of nesting", node, "too_deep")
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            raise fail("YAML alias refers to a node that contains it (a recursive structure)", node, "recursive")
+        on_path.add(key)
+        stack.append((node, True))
+        for c in children:
+            if id(c) in on_path:
+                raise fail("YAML alias refers to a node that contains it (a recursive structure)", c, "recursive")
+            if id(c) not in size:
+                stack.append((c, False))
+
+
+def compose_yaml(text: str, *, where: str | None = None, max_depth: int = MAX_DEPTH,
+                 max_nodes: int = MAX_YAML_NODES) -> Any:
+    """The checked node graph of a YAML document (``yaml.Node``, with line marks; None when empty):
+    for readers that report positions."""
+    yaml = _yaml()
+    loader = _bounded_loader(text, where=where, max_depth=max_depth)
+    try:
+        node = loader.get_single_node()
+    except yaml.MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark is not None else None
+        raise InputError(f"not valid YAML ({e.problem or e})", reason="bad_yaml", where=_at(where, line),
+                         line=line) from None
+    except yaml.YAMLError as e:
+        raise InputError(f"not valid YAML ({e})", reason="bad_yaml", where=where) from None
+    finally:
+        loader.dispose()
+    if node is not None:
+        _check_expansion(node, where=where, max_nodes=max_nodes, max_depth=max_depth)
+    return node
+
+
+def loads_yaml(text: str, *, where: str | None = None, max_depth: int = MAX_DEPTH,
+               max_nodes: int = MAX_YAML_NODES) -> Any:
+    """``yaml.safe_load`` under this module's bounds (``compose_yaml``), then constructed."""
+    yaml = _yaml()
+    node = compose_yaml(text, where=where, max_depth=max_depth, max_nodes=max_nodes)
+    if node is None:
+        return None
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark is not None else None
+        raise InputError(f"not valid YAML ({e.problem or e})", reason="bad_yaml", where=_at(where, line),
+                         line=line) from None
+    except (yaml.YAMLError, ValueError) as e:  # e.g. a timestamp out of range
+        raise InputError(f"not valid YAML ({e})", reason="bad_yaml", where=where) from None
+    finally:
+        loader.dispose()
+
+
+# ---- zip records ---------------------------------------------------------------------------------
+
+
+def unique_zip_names(zf: zipfile.ZipFile, *, where: str) -> dict[str, zipfile.ZipInfo]:
+    """name -> record of a zip, refusing two records of one name (``zipfile`` and torch each pick
+    one of them, not necessarily the same)."""
+    out: dict[str, zipfile.ZipInfo] = {}
+    for info in zf.infolist():
+        if info.filename in out:
+            raise InputError(f"the zip holds two records named {info.filename!r}", reason="duplicate_record",
+                             where=where)
+        out[info.filename] = info
+    return out
+
+
+class _BoundedMember(io.RawIOBase):
+    """A zip record's inflated bytes, read in pieces, refusing more than ``max_bytes`` or more or
+    fewer than the size its header records."""
+
+    def __init__(self, raw: Any, *, name: str, expected: int, max_bytes: int, where: str) -> None:
+        super().__init__()
+        self._raw, self._name, self._expected, self._max, self._where = raw, name, expected, max_bytes, where
+        self._read = 0
+        if expected > max_bytes:
+            raise InputError(f"record {name!r} inflates to {expected} bytes, over the bound of {max_bytes}",
+                             reason="inflate_bound", where=where)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        want = min(len(b), self._max - self._read + 1)
+        data = self._raw.read(want)
+        self._read += len(data)
+        if self._read > self._max or self._read > self._expected:
+            raise InputError(f"record {self._name!r} inflates to more than its header's {self._expected} bytes"
+                             if self._read > self._expected else
+                             f"record {self._name!r} inflates to more than {self._max} bytes",
+                             reason="inflate_bound", where=self._where)
+        if not data and self._read != self._expected:
+            raise InputError(f"record {self._name!r} inflates to {self._read} bytes, its header says "
+                             f"{self._expected}", reason="inflate_bound", where=self._where)
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def open_zip_member(zf: zipfile.ZipFile, name: str, *, max_bytes: int, where: str) -> io.BufferedReader:
+    """A file object over one record's inflated bytes (for ``pickle.Unpickler``, ``np.load`` ...)
+    that never holds more than a chunk and refuses to inflate past ``max_bytes`` or past the size the
+    record's header states. The zip's names must be unique (``unique_zip_names``)."""
+    info = unique_zip_names(zf, where=where).get(name)
+    if info is None:
+        raise InputError(f"the zip has no record {name!r}", reason="missing_record", where=where)
+    member = _BoundedMember(zf.open(info), name=name, expected=info.file_size, max_bytes=max_bytes, where=where)
+    return io.BufferedReader(member, buffer_size=ZIP_CHUNK)
+
+
+def read_zip_member(zf: zipfile.ZipFile, name: str, *, max_bytes: int, where: str,
+                    chunk: int = ZIP_CHUNK) -> Iterator[bytes]:
+    """One record's inflated bytes in chunks of at most ``chunk`` (``open_zip_member``'s bounds)."""
+    with open_zip_member(zf, name, max_bytes=max_bytes, where=where) as f:
+        while True:
+            piece = f.read(chunk)
+            if not piece:
+                return
+            yield piece
+
+
+# ---- images --------------------------------------------------------------------------------------
+
+
+def load_rgb_image(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS, where: str | None = None):
+    """An image file decoded to an RGB ``PIL.Image``, its size checked from the header first.
+
+    ``InputError`` (reason ``image_missing``, ``image_unreadable`` or ``image_too_large``) naming the
+    file, for a missing file, a file PIL cannot read and a header claiming more than ``max_pixels``
+    pixels (checked before decoding; PIL's own ``DecompressionBombError`` is caught as well)."""
+    from PIL import Image
+
+    shown = where or str(path)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise InputError(f"image of {w}x{h} pixels, more than the {max_pixels} accepted",
+                                 reason="image_too_large", where=shown)
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise InputError("image file not found", reason="image_missing", where=shown) from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"image too large ({e})", reason="image_too_large", where=shown) from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three on corrupt files
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"cannot read image ({e})", reason="image_unreadable", where=shown) from None
+
+
+# ---- integers ------------------------------------------------------------------------------------
+
+
+def check_int_list(values: Any, *, lo: int, hi: int, what: str) -> np.ndarray:
+    """A JSON list of integers in ``[lo, hi)`` as int64; ``InputError`` naming ``what``, the first bad
+    value and its index. Types and range are checked on the Python ints, before numpy (a value above
+    2**63 would raise ``OverflowError`` there; ``True`` is not an integer here)."""
+    if not isinstance(values, list):
+        raise InputError(f"{what} must be a list of integers, got {type(values).__name__}", reason="bad_type")
+    for i, v in enumerate(values):
+        if type(v) is not int:
+            raise InputError(f"{what}[{i}] must be an integer, got {type(v).__name__}", reason="bad_type")
+    try:
+        arr = np.asarray(values, dtype=np.int64)
+        bad = np.flatnonzero((arr < lo) | (arr >= hi))
+        first = int(bad[0]) if bad.size else None
+    except OverflowError:
+        first = next(i for i, v in enumerate(values) if not lo <= v < hi)
+    if first is not None:
+        v = values[first]
+        shown = str(v) if abs(v) < 10**30 else f"{str(v)[:12]}... ({len(str(abs(v)))} digits)"
+        raise InputError(f"{what}[{first}] = {shown} is out of range [{lo}, {hi})", reason="int_range")
+    return arr
+
+
+# ---- files that change while read ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileSnapshot:
+    """What identifies a file's content without reading it: device, inode, size, mtime and ctime
+    (ctime changes on every write and cannot be set back by ``touch``)."""
+
+    path: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> "FileSnapshot":
+        st = os.stat(path)
+        return cls(str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def check_unchanged(self) -> None:
+        """``InputError`` when the file was replaced, rewritten or resized since the snapshot (an
+        output made from it would mix two versions)."""
+        try:
+            now = FileSnapshot.of(self.path)
+        except OSError as e:
+            raise InputError(f"disappeared while it was read ({e.strerror or e})", reason="changed",
+                             where=self.path) from None
+        if now != self:
+            what = [k for k in ("dev", "ino", "size", "mtime_ns", "ctime_ns") if getattr(now, k) != getattr(self, k)]
+            raise InputError(f"changed while it was read ({', '.join(what)} differ): nothing was written from it; "
+                             "run again once it is complete", reason="changed", where=self.path)
