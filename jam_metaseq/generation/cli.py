@@ -20,6 +20,8 @@ import sys
 import torch
 
 from jam_metaseq.errors import add_trust_pickle_flag, run_cli
+from jam_metaseq.inputs import (FINITE, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED,
+                                finite_float)
 
 from .engine import DECODE_MODES, GenerationConfig
 from .run import PROMPT_PREFIXES, PromptSpec, RetrievalOptions, generate_answers, read_prompts_jsonl
@@ -28,10 +30,6 @@ from .sampling import SamplingConfig
 # float64: a reference run whose tokens every decode mode and batch size reproduces (rounding of
 # float32 logits can tip a near-tied draw; see docs/TESTING.md).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def _threshold(s: str) -> float | None:
-    return None if s.lower() == "none" else float(s)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,22 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--prompt-prefix", default="eos", choices=sorted(PROMPT_PREFIXES),
                     help="token put before each text prompt (default eos: the document separator in training)")
     g = p.add_argument_group("decoding")
-    g.add_argument("--max-new-tokens", type=int, default=1280, help="generated tokens per answer, images included")
-    g.add_argument("--temperature", type=float, default=1.0, help="text temperature (0 = greedy); paper: 1")
-    g.add_argument("--top-p", type=float, default=0.9, help="text nucleus mass (1 = off); paper: 0.8-1")
-    g.add_argument("--top-k", type=int, default=0, help="text top-k (0 = off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty on seen text tokens (1 = off)")
-    g.add_argument("--image-temperature", type=float, help="image temperature (default: --temperature)")
-    g.add_argument("--image-top-p", type=float, help="image nucleus mass (default: --top-p)")
-    g.add_argument("--image-top-k", type=int, help="image top-k (default: --top-k)")
-    g.add_argument("--guidance-scale", type=float, default=3.5, help="CFG alpha of Eq. 6 for image tokens; paper: 3.5-4")
+    g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=1280, help="generated tokens per answer, images included")
+    g.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=1.0, help="text temperature (0 = greedy); paper: 1")
+    g.add_argument("--top-p", type=finite_float(0.0, 1.0, lo_open=True), default=0.9, help="text nucleus mass (1 = off); paper: 0.8-1")
+    g.add_argument("--top-k", type=NON_NEGATIVE_INT, default=0, help="text top-k (0 = off)")
+    g.add_argument("--repetition-penalty", type=POSITIVE_FLOAT, default=1.0, help="CTRL penalty on seen text tokens (1 = off)")
+    g.add_argument("--image-temperature", type=NON_NEGATIVE_FLOAT, help="image temperature (default: --temperature)")
+    g.add_argument("--image-top-p", type=finite_float(0.0, 1.0, lo_open=True), help="image nucleus mass (default: --top-p)")
+    g.add_argument("--image-top-k", type=NON_NEGATIVE_INT, help="image top-k (default: --top-k)")
+    g.add_argument("--guidance-scale", type=FINITE, default=3.5, help="CFG alpha of Eq. 6 for image tokens; paper: 3.5-4")
     g.add_argument("--no-guidance", action="store_true", help="no unconditional rows (half the compute, unguided images)")
     g.add_argument("--images", default="auto", choices=["auto", "force", "forbid"],
                    help="auto: the model decides; force: start with an image; forbid: text only")
-    g.add_argument("--max-images", type=int, default=3, help="images per answer")
-    g.add_argument("--min-images", type=int, default=0, help="forbid <eos> until this many images were written")
-    g.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i unless its JSONL line sets one")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (each pair of CFG rows counts once)")
+    g.add_argument("--max-images", type=NON_NEGATIVE_INT, default=3, help="images per answer")
+    g.add_argument("--min-images", type=NON_NEGATIVE_INT, default=0, help="forbid <eos> until this many images were written")
+    g.add_argument("--seed", type=SEED, default=0, help="prompt i uses seed + i unless its JSONL line sets one")
+    g.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="prompts decoded together (each pair of CFG rows counts once)")
     g.add_argument("--decode", default="auto", choices=("auto", *DECODE_MODES),
                    help="decode steps: eager (fastest on CPU), static (fixed shapes, few host syncs) or graph "
                    "(static steps replayed as CUDA graphs; falls back to static with a warning off CUDA; "
@@ -82,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--retrieve", metavar="BANK_DIR",
                    help="memory bank (jam-retrieval build): put the documents retrieved for each text prompt "
                    "before it; the prefix gets the context left by the prompt and --max-new-tokens")
-    r.add_argument("--retrieve-k", type=int, default=2, help="documents retrieved per prompt (default 2, as in the paper)")
-    r.add_argument("--retrieve-threshold", type=_threshold, default=0.9,
+    r.add_argument("--retrieve-k", type=POSITIVE_INT, default=2, help="documents retrieved per prompt (default 2, as in the paper)")
+    r.add_argument("--retrieve-threshold", type=finite_float(none_ok=True), default=0.9,
                    help="skip candidates scoring above this relevance (too close to the prompt), or 'none' "
                    "(default 0.9)")
     r.add_argument("--clip-checkpoint",

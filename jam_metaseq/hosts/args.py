@@ -22,6 +22,7 @@ import dataclasses
 from typing import Any
 
 from jam_metaseq.data.items import TaskOptions, parse_mixture
+from jam_metaseq.inputs.numbers import NON_NEGATIVE_FLOAT, RATE
 from jam_metaseq.models.config import (
     ARCH_CROSS, ARCH_UNIFORM, ARCH_WIDTH, CrossConfig, DecoderConfig, ModelConfig, config_from_dict,
     cross_of, preset, uniform_of, width_of,
@@ -86,8 +87,8 @@ def add_model_args(parser: argparse.ArgumentParser | Any) -> None:
     a("--decoder-attention-heads", type=int, metavar="H", help="attention heads of each parent")
     a("--max-target-positions", type=int, metavar="T", help="longest sequence (learned positions)")
     a("--activation-fn", choices=("relu", "gelu"), help="FFN activation")
-    a("--dropout", type=float, metavar="P", help="residual/embedding dropout")
-    a("--attention-dropout", type=float, metavar="P", help="attention-probability dropout")
+    a("--dropout", type=RATE, metavar="P", help="residual/embedding dropout")
+    a("--attention-dropout", type=RATE, metavar="P", help="attention-probability dropout")
     a("--disable-bias", action="store_true", default=None, help="no biases in projections (CM3leon)")
     a("--disable-affine-ln", action="store_true", default=None, help="LayerNorm without weight/bias (CM3leon)")
     a("--no-scale-embedding", action="store_true", default=None, help="do not scale embeddings by sqrt(E)")
@@ -245,7 +246,7 @@ def add_task_args(parser: Any) -> None:
     a("--mixture", default=None,
       help="training source weights NAME=W,NAME=W (token-balanced; default: all sources equally)")
     a("--cm3-mode", default="poisson", choices=("poisson", "fixed", "fim"), help="CM3 span-count rule")
-    a("--cm3-lambda", type=float, default=1.0, help="Poisson rate of the number of CM3 spans")
+    a("--cm3-lambda", type=NON_NEGATIVE_FLOAT, default=1.0, help="Poisson rate of the number of CM3 spans")
     a("--cm3-min-spans", type=int, default=0, help="lower clamp of the span count (0 allows plain LM)")
     a("--cm3-max-spans", type=int, default=None, help="upper clamp (default: the vocabulary's sentinels)")
     a("--cm3-cross-documents", action="store_true", help="let spans cross <eos> inside a packed block")
@@ -258,13 +259,13 @@ def add_task_args(parser: Any) -> None:
            "get neighbours from DATA/{split}/{source}.neighbours.npy (jam-retrieval neighbours BANK "
            "--dataset DATA/{split}/{source}); sources without one get no prefix")
     a("--retrieval-k", type=int, default=2, help="retrieved documents per item at most (default %(default)s)")
-    a("--retrieval-weight", type=float, default=0.0,
+    a("--retrieval-weight", type=NON_NEGATIVE_FLOAT, default=0.0,
       help="loss weight of retrieved prefix tokens (RA-CM3 used 0.1; default %(default)s)")
 
 
 def add_criterion_args(parser: Any) -> None:
     """The cm3 criterion flags."""
-    parser.add_argument("--sentinel-weight", type=float, default=1.0,
+    parser.add_argument("--sentinel-weight", type=NON_NEGATIVE_FLOAT, default=1.0,
                         help="loss weight of predicting CM3 sentinels (CM3 used 0; default %(default)s)")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 import os
 from typing import Any, Callable
 
@@ -53,12 +54,14 @@ def check_float(value: Any, *, name: str, lo: float | None = None, hi: float | N
 
 
 def check_int(value: Any, *, name: str, lo: int | None = None, hi: int | None = None) -> int:
-    """``value`` when it is an integer (not bool) in ``[lo, hi]``; else ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an int when it is an integer (Python or numpy, not bool) in ``[lo, hi]``; else
+    ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    if lo is not None and value < lo or hi is not None and value > hi:
-        raise ValueError(f"{name} = {value} is out of range (must be {_interval(lo, hi, False, False)})")
-    return value
+    v = int(value)
+    if lo is not None and v < lo or hi is not None and v > hi:
+        raise ValueError(f"{name} = {v} is out of range (must be {_interval(lo, hi, False, False)})")
+    return v
 
 
 def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
@@ -106,3 +109,9 @@ SEED = bounded_int(0, 2**63 - 1)
 THREADS = bounded_int(0, MAX_THREADS)
 """``--threads``: 0 = the library's default."""
 PORT = bounded_int(1, 65535)
+FINITE = finite_float()
+NON_NEGATIVE_FLOAT = finite_float(0.0)
+"""A rate or loss weight."""
+POSITIVE_FLOAT = finite_float(0.0, lo_open=True)
+RATE = finite_float(0.0, 1.0, hi_open=True)
+"""A dropout rate, in [0, 1)."""

@@ -13,7 +13,7 @@ when it refuses, as a ``InputError`` (a ``JamError`` and ``ValueError``: one lin
 - ``open_zip_member`` / ``read_zip_member`` / ``unique_zip_names``: a zip record inflated in chunks
   with a cap (a 1.6 MB deflated record can inflate to 1.5 GB), and a zip whose records share a name
   refused (a reader and a checker could each pick a different one).
-- ``load_rgb_image``: an image whose header claims more than ``MAX_IMAGE_PIXELS`` pixels is refused
+- ``load_image`` / ``load_rgb_image``: an image whose header claims more than ``MAX_IMAGE_PIXELS`` pixels is refused
   before any pixel is decoded.
 - ``check_int_list``: integers checked as Python ints (type and range) before numpy sees them
   (``np.asarray([2**63])`` raises ``OverflowError``).
@@ -138,9 +138,9 @@ def _has_lone_surrogate(obj: Any) -> bool:
     return False
 
 
-def loads_json(data: str | bytes, *, where: str | None = None, what: str = "input",
+def loads_json(data: str | bytes, *, where: str | None = None, what: str | None = None,
                max_depth: int = MAX_DEPTH, allow_nan: bool = False) -> Any:
-    """Parse JSON text under this module's bounds; ``InputError`` (``where:line: what ...``) else.
+    """Parse JSON text under this module's bounds; ``InputError`` (``where:line: what: problem``) else.
 
     ``where``: the file (or ``file:line`` of a JSONL line) for messages; the line inside the text is
     appended when the text has several lines. ``allow_nan``: accept ``NaN`` / ``Infinity`` (files
@@ -149,39 +149,39 @@ def loads_json(data: str | bytes, *, where: str | None = None, what: str = "inpu
         try:
             raw = data.encode("utf-8")
         except UnicodeEncodeError:  # a str with lone surrogates already (decoded with surrogateescape)
-            raise InputError(f"{what} is not UTF-8 text", reason="bad_encoding", where=where) from None
+            raise InputError(f"{what + ': ' if what else ''}not UTF-8 text", reason="bad_encoding", where=where) from None
     else:
         raw = bytes(data)
     several = b"\n" in raw.strip()
 
     def fail(msg: str, reason: str, line: int | None) -> InputError:
-        return InputError(f"{what} {msg}", reason=reason, where=_at(where, line if several else None), line=line)
+        return InputError(f"{what + ': ' if what else ''}{msg}", reason=reason, where=_at(where, line if several else None), line=line)
 
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise fail(f"is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})", "bad_encoding",
+        raise fail(f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})", "bad_encoding",
                    _line_of(raw, e.start)) from None
     # Cheap bound first: fewer opening brackets than the limit cannot nest deeper than it.
     if raw.count(b"[") + raw.count(b"{") > max_depth:
         line = _too_deep_line(raw, max_depth)
         if line is not None:
-            raise fail(f"is nested more than {max_depth} deep", "too_deep", line)
+            raise fail(f"nested more than {max_depth} deep", "too_deep", line)
     try:
         obj = json.loads(text, parse_constant=None if allow_nan else _refuse_constant,
                          parse_float=float if allow_nan else _finite_float)
     except json.JSONDecodeError as e:
-        raise fail(f"is not valid JSON ({e.msg} at column {e.colno})", "bad_json", e.lineno) from None
+        raise fail(f"bad JSON ({e.msg} at column {e.colno})", "bad_json", e.lineno) from None
     except _NonFinite as e:
-        raise fail(f"holds the number {e}, which is not finite (not JSON)", "not_finite",
+        raise fail(f"the number {e} is not finite (not JSON)", "not_finite",
                    _search_line(_CONSTANT, raw)) from None
     except RecursionError:  # unreachable below the depth bound; the last line of defence
-        raise fail("is nested too deep for Python's parser", "too_deep", None) from None
+        raise fail("nested too deep for Python's parser", "too_deep", None) from None
     except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion ..."
-        raise fail(f"holds an integer too long to convert ({str(e).split(':')[0]})", "huge_int",
+        raise fail(f"an integer too long to convert ({str(e).split(':')[0]})", "huge_int",
                    _search_line(_LONG_DIGITS, raw)) from None
     if b"\\u" in raw and (m := _LONE_SURROGATE.search(raw)) is not None and _has_lone_surrogate(obj):
-        raise fail(f"holds a lone surrogate {m.group().decode()} in a string (not encodable as UTF-8)",
+        raise fail(f"a lone surrogate {m.group().decode()} in a string (not encodable as UTF-8)",
                    "lone_surrogate", _line_of(raw, m.start()))
     return obj
 
@@ -422,12 +422,14 @@ def read_zip_member(zf: zipfile.ZipFile, name: str, *, max_bytes: int, where: st
 # ---- images --------------------------------------------------------------------------------------
 
 
-def load_rgb_image(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS, where: str | None = None):
-    """An image file decoded to an RGB ``PIL.Image``, its size checked from the header first.
+def load_image(path: str | os.PathLike, *, modes: tuple[str, ...] = ("RGB",), max_pixels: int = MAX_IMAGE_PIXELS,
+               where: str | None = None):
+    """An image file decoded to a ``PIL.Image`` (kept in its mode when it is one of ``modes``, else
+    converted to ``modes[0]``; the file is closed), its size checked from the header first.
 
     ``InputError`` (reason ``image_missing``, ``image_unreadable`` or ``image_too_large``) naming the
     file, for a missing file, a file PIL cannot read and a header claiming more than ``max_pixels``
-    pixels (checked before decoding; PIL's own ``DecompressionBombError`` is caught as well)."""
+    pixels (checked before any pixel is decoded; PIL's own ``DecompressionBombError`` is caught too)."""
     from PIL import Image
 
     shown = where or str(path)
@@ -437,15 +439,21 @@ def load_rgb_image(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXEL
             if w * h > max_pixels:
                 raise InputError(f"image of {w}x{h} pixels, more than the {max_pixels} accepted",
                                  reason="image_too_large", where=shown)
-            return im.convert("RGB")
+            im.load()
+            return im.copy() if im.mode in modes else im.convert(modes[0])
     except FileNotFoundError:
         raise InputError("image file not found", reason="image_missing", where=shown) from None
     except Image.DecompressionBombError as e:
         raise InputError(f"image too large ({e})", reason="image_too_large", where=shown) from None
+    except InputError:
+        raise
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three on corrupt files
-        if isinstance(e, InputError):
-            raise
         raise InputError(f"cannot read image ({e})", reason="image_unreadable", where=shown) from None
+
+
+def load_rgb_image(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS, where: str | None = None):
+    """``load_image`` converted to RGB."""
+    return load_image(path, modes=("RGB",), max_pixels=max_pixels, where=where)
 
 
 # ---- integers ------------------------------------------------------------------------------------
