@@ -188,7 +188,9 @@ def _shell(value: str | int, what: str = "a training-command word") -> str:
 
 
 def _shell_words(words: Sequence[str]) -> str:
-    return " ".join(_shell(w) for w in words)
+    # a word after a flag is named by it (the flag the user gave); the rest by position
+    return " ".join(_shell(w, f"the value of {words[i - 1]}" if i and words[i - 1].startswith("--") else
+                           f"word {i} of the training command") for i, w in enumerate(words))
 
 
 def sbatch_script(cfg: LaunchConfig, recipe: StageRecipe, *, name: str, command: Sequence[str]) -> str:

@@ -535,7 +535,8 @@ def test_sigterm_runs_the_cleanup_and_restores_the_handler():
 def test_describe_names_the_file_first():
     assert describe(FileNotFoundError(2, "No such file or directory", "/x/y.pt")) == "/x/y.pt: No such file or directory"
     assert describe(OSError(28, "No space left on device")) == "No space left on device"
-    assert describe(ValueError("x.json: bad\nsecond line")) == "x.json: bad"
+    # one line, nothing cut: a second line (or a newline in a file name) is escaped, not dropped
+    assert describe(ValueError("x.json: bad\nsecond line")) == "x.json: bad\\nsecond line"
 
 
 def test_missing_optional_extra_is_advice_not_a_bug(capsys):

@@ -10,6 +10,8 @@ value through:
 - ``"shell"``: one word of a shell command, returned quoted by ``shlex.quote`` (a single-quoted
   string in which bash expands nothing: ``$()``, backticks, ``;`` and newlines stay text). NUL is
   refused (no argv can hold it).
+
+Either way the value must be UTF-8 text (the script is written as UTF-8).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ def script_value(value: str | int, *, position: Literal["sbatch", "shell"], what
     text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
     if not isinstance(text, str):
         raise ScriptValueError(f"{what} must be a string, got {type(value).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 arrive from argv as lone surrogates
+        raise ScriptValueError(f"{what} {text!r} is not UTF-8 text, which the script is written in") from None
     if position == "sbatch":
         bad = next((c for c in text if not (c.isalnum() or c in DIRECTIVE_PUNCTUATION)), None)
         if not text or bad is not None:
