@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from jam_metaseq.inputs.fields import FieldError, int_field, str_field
-from jam_metaseq.inputs.structured import read_json
+from jam_metaseq.inputs import FieldError, int_field, read_json, str_field
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 NUM_DICT_SPECIALS = 4
@@ -56,8 +55,8 @@ def _check_fields(m: "VocabManifest", *, source: str) -> None:
         object.__setattr__(m, name, v)
     object.__setattr__(m, "image_grid", grid)
     if grid[0] * grid[1] != per_image:
-        raise FieldError(f"{source}: field 'image_grid' {list(grid)} does not hold "
-                         f"image_tokens_per_image={per_image}")
+        raise FieldError(f"{source}: field 'image_grid' {list(grid)} does not hold field "
+                         f"'image_tokens_per_image' {per_image} (rows x cols must equal it)")
     if m.size > MAX_VOCAB_SIZE:
         raise FieldError(f"{source}: the fields give {m.size} ids, more than {MAX_VOCAB_SIZE}")
 

@@ -46,7 +46,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from jam_metaseq.errors import JamError
-from jam_metaseq.inputs.structured import InputError, check_int_list, load_rgb_image, loads_json
+from jam_metaseq.inputs import InputError, check_int_list, load_rgb_image, loads_json
 from jam_metaseq.vocab import VocabManifest
 
 SEGMENT_KEYS = ("text", "image_tokens", "image")

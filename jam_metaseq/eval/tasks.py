@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from jam_metaseq.inputs.names import safe_component
+from jam_metaseq.inputs import safe_component
 
 # task name -> (file in the data folder, lm_eval config fields besides the data source)
 _ACC = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from jam_metaseq.inputs.numbers import check_float
+from jam_metaseq.inputs import check_float
 
 from .cfg import DEFAULT_ALPHA
 from .sampling import SamplingConfig

@@ -35,8 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
-from jam_metaseq.inputs.numbers import INT64_MAX, check_int
-from jam_metaseq.inputs.structured import InputError, check_int_list
+from jam_metaseq.inputs import INT64_MAX, InputError, check_int, check_int_list
 from jam_metaseq.vocab import VocabManifest
 
 from .answer import Answer

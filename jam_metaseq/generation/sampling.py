@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from jam_metaseq.inputs.numbers import check_float, check_int
+from jam_metaseq.inputs import check_float, check_int
 
 _MASK32 = 0xFFFFFFFF
 

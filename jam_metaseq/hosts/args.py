@@ -22,7 +22,7 @@ import dataclasses
 from typing import Any
 
 from jam_metaseq.data.items import TaskOptions, parse_mixture
-from jam_metaseq.inputs.numbers import NON_NEGATIVE_FLOAT, RATE
+from jam_metaseq.inputs import NON_NEGATIVE_FLOAT, RATE
 from jam_metaseq.models.config import (
     ARCH_CROSS, ARCH_UNIFORM, ARCH_WIDTH, CrossConfig, DecoderConfig, ModelConfig, config_from_dict,
     cross_of, preset, uniform_of, width_of,

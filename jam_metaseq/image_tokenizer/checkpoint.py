@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from jam_metaseq.errors import JamError
-from jam_metaseq.inputs.structured import loads_yaml
+from jam_metaseq.inputs import loads_yaml
 
 from .config import VQGANConfig
 from .model import VQGAN

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jam_metaseq.inputs.structured import load_image
+from jam_metaseq.inputs import load_image
 
 from . import checkpoint as ckpt_io
 from .config import VQGANConfig

@@ -5,10 +5,12 @@ it enters, by the module of its class; the rest of the code then trusts it:
 
 1. ``names``: a name taken from input becomes one safe path component (``safe_component``); an
    output directory resolves without a traceback (``resolve_output_dir``).
-2. ``structured``: bounded parsing of containers that may lie: JSON and YAML with a nesting bound
-   (and, in YAML, a bound on what aliases expand to), no lone surrogates, no non-finite numbers;
-   zip records inflated with a cap, in chunks; images bounded by their header's pixel count;
-   integers range-checked before they reach numpy or torch; a file that changed while it was read.
+2. ``structured`` (JSON, YAML, integers), ``archives`` (zip records), ``images``, ``files``:
+   bounded parsing of containers that may lie: JSON and YAML with a nesting bound (and, in YAML, a
+   bound on what aliases expand to), no lone surrogates, no non-finite numbers; zip records
+   inflated with a cap, in chunks; images bounded by their header's pixel count; integers
+   range-checked before they reach numpy or torch; a file that changed while it was read. Each
+   refuses with an ``InputError`` (``refusal``).
 3. ``fields``: manifest and config fields checked for type, sign and range where they are read;
    a flag that contradicts what the tensors prove is an error naming both values (``agree``).
 4. ``numbers``: every float option is finite and in range at parse time, every count bounded
@@ -27,9 +29,11 @@ from .names import MAX_COMPONENT_BYTES, resolve_output_dir, safe_component
 from .numbers import (FINITE, INT64_MAX, MAX_THREADS, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, PORT, POSITIVE_FLOAT,
                       POSITIVE_INT, RATE, SEED, THREADS, bounded_int, check_float, check_int, finite_float)
 from .scripts import ScriptValueError, script_value
-from .structured import (MAX_DEPTH, MAX_IMAGE_PIXELS, MAX_YAML_NODES, FileSnapshot, InputError, check_int_list,
-                         compose_yaml, dumps_json, load_image, load_rgb_image, loads_json, loads_yaml, open_zip_member,
-                         read_json, read_zip_member, unique_zip_names)
+from .archives import open_zip_member, read_zip_member, unique_zip_names
+from .files import FileSnapshot
+from .images import MAX_IMAGE_PIXELS, load_image, load_rgb_image
+from .refusal import InputError
+from .structured import MAX_DEPTH, MAX_YAML_NODES, check_int_list, compose_yaml, dumps_json, loads_json, loads_yaml, read_json
 
 __all__ = [
     "FieldError", "agree", "int_field", "str_field",

@@ -1,7 +1,9 @@
-"""Class 2: containers that may disagree with themselves or explode (issue 27 §2).
+"""Class 2: containers that may disagree with themselves or explode (issue 27 §2): structured text.
 
 Each reader here bounds what a small file can make the program do, and names the file (and line)
-when it refuses, as a ``InputError`` (a ``JamError`` and ``ValueError``: one line, exit 2):
+when it refuses, as an ``InputError`` (a ``JamError`` and ``ValueError``: one line, exit 2). The
+same class's zip records, images and files changed while read have their rooms beside this one
+(``archives.py``, ``images.py``, ``files.py``).
 
 - ``loads_json`` / ``read_json``: UTF-8 JSON nested at most ``MAX_DEPTH`` deep (Python's own parser
   ends in ``RecursionError`` near 1000), no ``NaN`` / ``Infinity`` / ``1e999`` (not JSON; strict
@@ -10,33 +12,26 @@ when it refuses, as a ``InputError`` (a ``JamError`` and ``ValueError``: one lin
 - ``loads_yaml`` / ``compose_yaml``: YAML (safe tags only) nested at most ``MAX_DEPTH`` deep whose
   aliases expand to at most ``MAX_YAML_NODES`` nodes (ten lines of nested aliases expand to 10^9),
   never recursive.
-- ``open_zip_member`` / ``read_zip_member`` / ``unique_zip_names``: a zip record inflated in chunks
-  with a cap (a 1.6 MB deflated record can inflate to 1.5 GB), and a zip whose records share a name
-  refused (a reader and a checker could each pick a different one).
-- ``load_image`` / ``load_rgb_image``: an image whose header claims more than ``MAX_IMAGE_PIXELS`` pixels is refused
-  before any pixel is decoded.
 - ``check_int_list``: integers checked as Python ints (type and range) before numpy sees them
   (``np.asarray([2**63])`` raises ``OverflowError``).
-- ``FileSnapshot``: a file rewritten while it was streamed (size, mtime, ctime or inode changed).
 - ``dumps_json``: the JSON we write is JSON these readers read back (non-finite floats refused, or
   written as ``null`` where the caller says a missing value is meant).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import re
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from jam_metaseq.errors import JamError
+
+from .refusal import InputError, at_line
 
 MAX_DEPTH = 100
 """Nesting bound of JSON and YAML inputs. Our formats nest at most ~6 deep (plans, manifests,
@@ -44,30 +39,6 @@ documents, HF configs); Python's parsers and every recursive walk over the resul
 interpreter's recursion limit below 100."""
 MAX_YAML_NODES = 1_000_000
 """Bound on the nodes a YAML document expands to, aliases followed (a plan has a few hundred)."""
-MAX_IMAGE_PIXELS = 8192 * 8192
-"""Bound on the pixels of an input image (64 megapixels, 192 MiB as RGB); the VQ tokenizers read
-256-512 pixel sides."""
-ZIP_CHUNK = 1 << 20
-"""Inflate zip records this many bytes at a time."""
-
-
-class InputError(JamError, ValueError):
-    """Structured input refused by a bound of this module; ``reason`` is a short category (for
-    ``--on-error skip`` reports), ``line`` the 1-based line where known."""
-
-    def __init__(self, message: str, *, reason: str, where: str | None = None, line: int | None = None) -> None:
-        self.reason = reason
-        self.detail = message
-        self.line = line
-        self.where = where
-        super().__init__(f"{where}: {message}" if where else message)
-
-
-def _at(where: str | None, line: int | None) -> str | None:
-    """``file:line`` when both are known (a JSONL caller passes ``where`` with its own line)."""
-    if where is None or line is None:
-        return where
-    return f"{where}:{line}"
 
 
 # ---- JSON ----------------------------------------------------------------------------------------
@@ -155,7 +126,7 @@ def loads_json(data: str | bytes, *, where: str | None = None, what: str | None 
     several = b"\n" in raw.strip()
 
     def fail(msg: str, reason: str, line: int | None) -> InputError:
-        return InputError(f"{what + ': ' if what else ''}{msg}", reason=reason, where=_at(where, line if several else None), line=line)
+        return InputError(f"{what + ': ' if what else ''}{msg}", reason=reason, where=at_line(where, line if several else None), line=line)
 
     try:
         text = raw.decode("utf-8")
@@ -251,7 +222,7 @@ def _bounded_loader(text: str, *, where: str | None, max_depth: int):
                 if self.depth > max_depth:
                     mark = self.peek_event().start_mark
                     raise InputError(f"YAML is nested more than {max_depth} deep", reason="too_deep",
-                                     where=_at(where, mark.line + 1), line=mark.line + 1)
+                                     where=at_line(where, mark.line + 1), line=mark.line + 1)
                 try:
                     return super().compose_node(parent, index)
                 finally:
@@ -271,7 +242,7 @@ def _check_expansion(root: Any, *, where: str | None, max_nodes: int, max_depth:
 
     def fail(msg: str, node: Any, reason: str) -> InputError:
         line = node.start_mark.line + 1
-        return InputError(msg, reason=reason, where=_at(where, line), line=line)
+        return InputError(msg, reason=reason, where=at_line(where, line), line=line)
 
     # iterative post-order walk: (node, children visited?)
     stack: list[tuple[Any, bool]] = [(root, False)]
@@ -316,7 +287,7 @@ def compose_yaml(text: str, *, where: str | None = None, max_depth: int = MAX_DE
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark is not None else None
-        raise InputError(f"not valid YAML ({e.problem or e})", reason="bad_yaml", where=_at(where, line),
+        raise InputError(f"not valid YAML ({e.problem or e})", reason="bad_yaml", where=at_line(where, line),
                          line=line) from None
     except yaml.YAMLError as e:
         raise InputError(f"not valid YAML ({e})", reason="bad_yaml", where=where) from None
@@ -339,121 +310,12 @@ def loads_yaml(text: str, *, where: str | None = None, max_depth: int = MAX_DEPT
         return loader.construct_document(node)
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark is not None else None
-        raise InputError(f"not valid YAML ({e.problem or e})", reason="bad_yaml", where=_at(where, line),
+        raise InputError(f"not valid YAML ({e.problem or e})", reason="bad_yaml", where=at_line(where, line),
                          line=line) from None
     except (yaml.YAMLError, ValueError) as e:  # e.g. a timestamp out of range
         raise InputError(f"not valid YAML ({e})", reason="bad_yaml", where=where) from None
     finally:
         loader.dispose()
-
-
-# ---- zip records ---------------------------------------------------------------------------------
-
-
-def unique_zip_names(zf: zipfile.ZipFile, *, where: str) -> dict[str, zipfile.ZipInfo]:
-    """name -> record of a zip, refusing two records of one name (``zipfile`` and torch each pick
-    one of them, not necessarily the same)."""
-    out: dict[str, zipfile.ZipInfo] = {}
-    for info in zf.infolist():
-        if info.filename in out:
-            raise InputError(f"the zip holds two records named {info.filename!r}", reason="duplicate_record",
-                             where=where)
-        out[info.filename] = info
-    return out
-
-
-class _BoundedMember(io.RawIOBase):
-    """A zip record's inflated bytes, read in pieces, refusing more than ``max_bytes`` or more or
-    fewer than the size its header records."""
-
-    def __init__(self, raw: Any, *, name: str, expected: int, max_bytes: int, where: str) -> None:
-        super().__init__()
-        self._raw, self._name, self._expected, self._max, self._where = raw, name, expected, max_bytes, where
-        self._read = 0
-        if expected > max_bytes:
-            raise InputError(f"record {name!r} inflates to {expected} bytes, over the bound of {max_bytes}",
-                             reason="inflate_bound", where=where)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        want = min(len(b), self._max - self._read + 1)
-        data = self._raw.read(want)
-        self._read += len(data)
-        if self._read > self._max or self._read > self._expected:
-            raise InputError(f"record {self._name!r} inflates to more than its header's {self._expected} bytes"
-                             if self._read > self._expected else
-                             f"record {self._name!r} inflates to more than {self._max} bytes",
-                             reason="inflate_bound", where=self._where)
-        if not data and self._read != self._expected:
-            raise InputError(f"record {self._name!r} inflates to {self._read} bytes, its header says "
-                             f"{self._expected}", reason="inflate_bound", where=self._where)
-        b[:len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
-def open_zip_member(zf: zipfile.ZipFile, name: str, *, max_bytes: int, where: str) -> io.BufferedReader:
-    """A file object over one record's inflated bytes (for ``pickle.Unpickler``, ``np.load`` ...)
-    that never holds more than a chunk and refuses to inflate past ``max_bytes`` or past the size the
-    record's header states. The zip's names must be unique (``unique_zip_names``)."""
-    info = unique_zip_names(zf, where=where).get(name)
-    if info is None:
-        raise InputError(f"the zip has no record {name!r}", reason="missing_record", where=where)
-    member = _BoundedMember(zf.open(info), name=name, expected=info.file_size, max_bytes=max_bytes, where=where)
-    return io.BufferedReader(member, buffer_size=ZIP_CHUNK)
-
-
-def read_zip_member(zf: zipfile.ZipFile, name: str, *, max_bytes: int, where: str,
-                    chunk: int = ZIP_CHUNK) -> Iterator[bytes]:
-    """One record's inflated bytes in chunks of at most ``chunk`` (``open_zip_member``'s bounds)."""
-    with open_zip_member(zf, name, max_bytes=max_bytes, where=where) as f:
-        while True:
-            piece = f.read(chunk)
-            if not piece:
-                return
-            yield piece
-
-
-# ---- images --------------------------------------------------------------------------------------
-
-
-def load_image(path: str | os.PathLike, *, modes: tuple[str, ...] = ("RGB",), max_pixels: int = MAX_IMAGE_PIXELS,
-               where: str | None = None):
-    """An image file decoded to a ``PIL.Image`` (kept in its mode when it is one of ``modes``, else
-    converted to ``modes[0]``; the file is closed), its size checked from the header first.
-
-    ``InputError`` (reason ``image_missing``, ``image_unreadable`` or ``image_too_large``) naming the
-    file, for a missing file, a file PIL cannot read and a header claiming more than ``max_pixels``
-    pixels (checked before any pixel is decoded; PIL's own ``DecompressionBombError`` is caught too)."""
-    from PIL import Image
-
-    shown = where or str(path)
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise InputError(f"image of {w}x{h} pixels, more than the {max_pixels} accepted",
-                                 reason="image_too_large", where=shown)
-            im.load()
-            return im.copy() if im.mode in modes else im.convert(modes[0])
-    except FileNotFoundError:
-        raise InputError("image file not found", reason="image_missing", where=shown) from None
-    except Image.DecompressionBombError as e:
-        raise InputError(f"image too large ({e})", reason="image_too_large", where=shown) from None
-    except InputError:
-        raise
-    except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three on corrupt files
-        raise InputError(f"cannot read image ({e})", reason="image_unreadable", where=shown) from None
-
-
-def load_rgb_image(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS, where: str | None = None):
-    """``load_image`` converted to RGB."""
-    return load_image(path, modes=("RGB",), max_pixels=max_pixels, where=where)
 
 
 # ---- integers ------------------------------------------------------------------------------------
@@ -479,37 +341,3 @@ def check_int_list(values: Any, *, lo: int, hi: int, what: str) -> np.ndarray:
         shown = str(v) if abs(v) < 10**30 else f"{str(v)[:12]}... ({len(str(abs(v)))} digits)"
         raise InputError(f"{what}[{first}] = {shown} is out of range [{lo}, {hi})", reason="int_range")
     return arr
-
-
-# ---- files that change while read ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FileSnapshot:
-    """What identifies a file's content without reading it: device, inode, size, mtime and ctime
-    (ctime changes on every write and cannot be set back by ``touch``)."""
-
-    path: str
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-
-    @classmethod
-    def of(cls, path: str | os.PathLike) -> "FileSnapshot":
-        st = os.stat(path)
-        return cls(str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-    def check_unchanged(self) -> None:
-        """``InputError`` when the file was replaced, rewritten or resized since the snapshot (an
-        output made from it would mix two versions)."""
-        try:
-            now = FileSnapshot.of(self.path)
-        except OSError as e:
-            raise InputError(f"disappeared while it was read ({e.strerror or e})", reason="changed",
-                             where=self.path) from None
-        if now != self:
-            what = [k for k in ("dev", "ino", "size", "mtime_ns", "ctime_ns") if getattr(now, k) != getattr(self, k)]
-            raise InputError(f"changed while it was read ({', '.join(what)} differ): nothing was written from it; "
-                             "run again once it is complete", reason="changed", where=self.path)

@@ -37,8 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from jam_metaseq.inputs.numbers import INT64_MAX
-from jam_metaseq.inputs.structured import InputError, check_int_list, load_rgb_image, read_json
+from jam_metaseq.inputs import INT64_MAX, InputError, check_int_list, load_rgb_image, read_json
 from jam_metaseq.retrieval.encoders import QueryParts
 from jam_metaseq.retrieval.index import IndexConfig, build_index, load_index, save_index
 from jam_metaseq.vocab import VocabManifest

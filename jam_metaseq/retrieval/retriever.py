@@ -34,8 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from jam_metaseq.inputs.numbers import check_float
-from jam_metaseq.inputs.structured import read_json
+from jam_metaseq.inputs import check_float, read_json
 from jam_metaseq.retrieval.bank import MemoryBank, content_hash
 from jam_metaseq.retrieval.index import search
 from jam_metaseq.retrieval.prefix import build_retrieval_prefix
