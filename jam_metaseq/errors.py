@@ -100,7 +100,8 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         where = exc.filename
         if where is not None:
-            cause = exc.strerror + (f" (-> {one_line(os.fsdecode(exc.filename2))})" if exc.filename2 is not None else "")
+            other = exc.filename2
+            cause = exc.strerror + (f" (-> {one_line(os.fsdecode(other))})" if other is not None else "")
             return f"{one_line(os.fsdecode(where))}: {cause}"
         return exc.strerror
     if isinstance(exc, UnicodeDecodeError):

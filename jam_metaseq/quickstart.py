@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from jam_metaseq.errors import run_cli
-from jam_metaseq.inputs import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, THREADS
+from jam_metaseq.inputs import FINITE, NON_NEGATIVE_INT, POSITIVE_INT, SEED, THREADS
 from jam_metaseq.pipeline.run import _csv, add_run_flags, execute, run_plan
 from jam_metaseq.pipeline.spec import VARIANTS, PlanSpec, quickstart_plan
 from jam_metaseq.pipeline.units import STAGES, RunOptions, set_log_prefix
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                "Your own data: jam quickstart --print-plan > plan.yaml, edit, then jam run plan.yaml.")
     ap.add_argument("--out", type=Path, default=Path("runs/quickstart"), metavar="DIR",
                     help="output directory (default: runs/quickstart)")
-    ap.add_argument("--steps", type=POSITIVE_FLOAT, default=1.0, metavar="X",
+    ap.add_argument("--steps", type=FINITE, default=1.0, metavar="X",
                     help="multiply the length of every training stage by X (default 1; 0.1 for a smoke test)")
     ap.add_argument("--scale", type=POSITIVE_INT, default=1, metavar="N",
                     help="multiply model width and data size by N (default 1; use with --device cuda)")

@@ -20,8 +20,8 @@ import sys
 import torch
 
 from jam_metaseq.errors import add_trust_pickle_flag, run_cli
-from jam_metaseq.inputs import (FINITE, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED,
-                                finite_float)
+from jam_metaseq.inputs import (FINITE, INT64, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT,
+                                SEED, finite_float)
 
 from .engine import DECODE_MODES, GenerationConfig
 from .run import PROMPT_PREFIXES, PromptSpec, RetrievalOptions, generate_answers, read_prompts_jsonl
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--retrieve", metavar="BANK_DIR",
                    help="memory bank (jam-retrieval build): put the documents retrieved for each text prompt "
                    "before it; the prefix gets the context left by the prompt and --max-new-tokens")
-    r.add_argument("--retrieve-k", type=POSITIVE_INT, default=2, help="documents retrieved per prompt (default 2, as in the paper)")
+    r.add_argument("--retrieve-k", type=INT64, default=2, help="documents retrieved per prompt (default 2, as in the paper)")
     r.add_argument("--retrieve-threshold", type=finite_float(none_ok=True), default=0.9,
                    help="skip candidates scoring above this relevance (too close to the prompt), or 'none' "
                    "(default 0.9)")

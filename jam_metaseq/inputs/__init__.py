@@ -26,22 +26,23 @@ from __future__ import annotations
 
 from .fields import FieldError, agree, int_field, str_field
 from .names import MAX_COMPONENT_BYTES, resolve_output_dir, safe_component
-from .numbers import (FINITE, INT64_MAX, MAX_THREADS, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, PORT, POSITIVE_FLOAT,
-                      POSITIVE_INT, RATE, SEED, THREADS, bounded_int, check_float, check_int, finite_float)
+from .numbers import (FINITE, INT64, INT64_MAX, MAX_THREADS, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, PORT,
+                      POSITIVE_FLOAT, POSITIVE_INT, RATE, SEED, THREADS, bounded_int, check_float, check_int,
+                      finite_float)
 from .scripts import ScriptValueError, script_value
 from .archives import open_zip_member, read_zip_member, unique_zip_names
 from .files import FileSnapshot
 from .images import MAX_IMAGE_PIXELS, load_image, load_rgb_image
 from .refusal import InputError
-from .structured import MAX_DEPTH, MAX_YAML_NODES, check_int_list, compose_yaml, dumps_json, loads_json, loads_yaml, read_json
+from .structured import (MAX_DEPTH, MAX_YAML_NODES, check_int_list, compose_yaml, dumps_json, loads_json, loads_yaml,
+                         read_json)
 
 __all__ = [
-    "FieldError", "agree", "int_field", "str_field",
-    "MAX_COMPONENT_BYTES", "resolve_output_dir", "safe_component",
-    "FINITE", "INT64_MAX", "MAX_THREADS", "NON_NEGATIVE_FLOAT", "NON_NEGATIVE_INT", "PORT", "POSITIVE_FLOAT",
-    "POSITIVE_INT", "RATE", "SEED", "THREADS", "bounded_int", "check_float", "check_int", "finite_float",
-    "ScriptValueError", "script_value",
-    "MAX_DEPTH", "MAX_IMAGE_PIXELS", "MAX_YAML_NODES", "FileSnapshot", "InputError", "check_int_list",
-    "compose_yaml", "dumps_json", "load_image", "load_rgb_image", "loads_json", "loads_yaml", "open_zip_member", "read_json",
+    "FieldError", "agree", "int_field", "str_field", "MAX_COMPONENT_BYTES", "resolve_output_dir",
+    "safe_component", "FINITE", "INT64", "INT64_MAX", "MAX_THREADS", "NON_NEGATIVE_FLOAT", "NON_NEGATIVE_INT",
+    "PORT", "POSITIVE_FLOAT", "POSITIVE_INT", "RATE", "SEED", "THREADS", "bounded_int", "check_float",
+    "check_int", "finite_float", "ScriptValueError", "script_value", "MAX_DEPTH", "MAX_IMAGE_PIXELS",
+    "MAX_YAML_NODES", "FileSnapshot", "InputError", "check_int_list", "compose_yaml", "dumps_json",
+    "load_image", "load_rgb_image", "loads_json", "loads_yaml", "open_zip_member", "read_json",
     "read_zip_member", "unique_zip_names",
 ]

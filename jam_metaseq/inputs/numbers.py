@@ -21,11 +21,14 @@ MAX_THREADS = max(256, 4 * (os.cpu_count() or 1))
 
 
 def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    def bound(op: str, v: float) -> str:
+        return f"{op} {v:g}" if isinstance(v, float) else f"{op} {v}"
+
     parts = []
     if lo is not None:
-        parts.append(f"{'>' if lo_open else '>='} {lo:g}" if isinstance(lo, float) else f"{'>' if lo_open else '>='} {lo}")
+        parts.append(bound(">" if lo_open else ">=", lo))
     if hi is not None:
-        parts.append(f"{'<' if hi_open else '<='} {hi:g}" if isinstance(hi, float) else f"{'<' if hi_open else '<='} {hi}")
+        parts.append(bound("<" if hi_open else "<=", hi))
     return " and ".join(parts)
 
 
@@ -102,6 +105,8 @@ def bounded_int(lo: int | None = None, hi: int | None = INT64_MAX) -> Callable[[
     return parse
 
 
+INT64 = bounded_int(-INT64_MAX - 1)
+"""Any integer torch and numpy hold (the option's own range is checked where its value is used)."""
 POSITIVE_INT = bounded_int(1)
 NON_NEGATIVE_INT = bounded_int(0)
 SEED = bounded_int(0, 2**63 - 1)

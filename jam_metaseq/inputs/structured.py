@@ -120,13 +120,15 @@ def loads_json(data: str | bytes, *, where: str | None = None, what: str | None 
         try:
             raw = data.encode("utf-8")
         except UnicodeEncodeError:  # a str with lone surrogates already (decoded with surrogateescape)
-            raise InputError(f"{what + ': ' if what else ''}not UTF-8 text", reason="bad_encoding", where=where) from None
+            raise InputError(f"{what + ': ' if what else ''}not UTF-8 text", reason="bad_encoding",
+                             where=where) from None
     else:
         raw = bytes(data)
     several = b"\n" in raw.strip()
 
     def fail(msg: str, reason: str, line: int | None) -> InputError:
-        return InputError(f"{what + ': ' if what else ''}{msg}", reason=reason, where=at_line(where, line if several else None), line=line)
+        return InputError(f"{what + ': ' if what else ''}{msg}", reason=reason,
+                          where=at_line(where, line if several else None), line=line)
 
     try:
         text = raw.decode("utf-8")
