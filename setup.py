@@ -18,6 +18,7 @@ CORE = [
     "pyyaml>=6",
     "isal>=1.6,<2",  # CRC-32 of jam-ckpt's .pt zip records at ~3x zlib's speed (falls back to zlib)
     "pydantic>=2.7,<3",  # the plan schema of `jam run` (field docstrings as descriptions)
+    "gguf>=0.19,<1",  # llama.cpp's own GGUF library: jam-ckpt reads GGUF checkpoints (types, dequantization)
 ]
 EXTRAS = {
     # fairscale: fairseq's --ddp-backend fully_sharded (the launchers' default on GPUs)
@@ -25,9 +26,13 @@ EXTRAS = {
     "retrieval": ["faiss-cpu==1.15.1", "open_clip_torch==3.3.0"],
     "launch": ["submitit>=1.5,<2"],
     "eval": ["lm_eval==0.4.13"],
+    # jam serve: the chat page (an ASGI app on Starlette, served by uvicorn)
+    "serve": ["starlette>=1.0,<2", "uvicorn>=0.30,<1"],
     "dev": [
         "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100",
         "transformers>=4.45,<6",  # HF OPT: the independent reference in parity tests and benchmarks
+        "accelerate>=1.0,<2",  # transformers' GGUF loading, the reference of tests/test_gguf_smollm2.py
+        "selenium>=4.20,<5",  # drives Debian's chromium + chromium-driver in the jam serve page test
     ],
 }
 EXTRAS["all"] = sorted({d for deps in EXTRAS.values() for d in deps})

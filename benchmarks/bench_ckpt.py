@@ -8,7 +8,7 @@ system, all threads) and peak RSS (``ru_maxrss``). In the same run we measure, f
   - ``base:H``: the same with the code of ``--baseline-tree`` (e.g. a checkout of main), for a
     before/after comparison within one run;
   - ``floor``: the op's I/O alone: read every byte of the parents' files and write as many bytes
-    as the op's output through jam-ckpt's write-behind (``writers.WriteBehind``), fsync. Issue 18's
+    as the op's output through jam-ckpt's write-behind (``io.hashed_file.WriteBehind``), fsync. Issue 18's
     target: every stream within 1.25x of it (``x floor``), cold and warm page cache;
   - ``copy``: the same with plain buffered writes (issue 4's baseline);
   - ``naive``: torch.load every parent file whole, fuse whole state dicts, torch.save.
@@ -63,7 +63,7 @@ def make_parent(out: Path, *, preset: str, seed: int, mp: int, dtype: str, layer
     import torch
 
     from checkpoints_tools.ops import expected_shapes
-    from checkpoints_tools.writers import OutputDir, OutputSpec
+    from checkpoints_tools.io import OutputDir, OutputSpec
 
     cfg = parent_config(preset, layers)
     shapes = expected_shapes(cfg)
@@ -88,7 +88,7 @@ def make_parent(out: Path, *, preset: str, seed: int, mp: int, dtype: str, layer
 def child_stream(op: str, llm: str, img: str, out: str, mp: int, image_vocab: tuple[int, int],
                  hash_sources: bool | str = True) -> None:
     from checkpoints_tools import ops
-    from checkpoints_tools.writers import OutputSpec
+    from checkpoints_tools.io import OutputSpec
 
     opts = ops.CommonOptions(spec=OutputSpec(out_dir=Path(out), mp=mp), progress=False, hash_sources=hash_sources)
     if op == "merge":
@@ -131,10 +131,10 @@ def child_naive(op: str, llm: str, img: str, out: str, image_vocab: tuple[int, i
 
 
 class _WriteBehind:
-    """A file written through jam-ckpt's write-behind window (``writers.WriteBehind``), no hashing."""
+    """A file written through jam-ckpt's write-behind window (``io.hashed_file.WriteBehind``), no hashing."""
 
     def __init__(self, f) -> None:
-        from checkpoints_tools.writers import WriteBehind
+        from checkpoints_tools.io.hashed_file import WriteBehind
 
         self.f, self.behind, self.pos = f, WriteBehind(f), 0
 
@@ -371,7 +371,7 @@ def main() -> None:
             _print_rows([row], base=base, parent_bytes=parent_bytes, header=len(rows) == 1)
         print("\nx floor: wall time / the floor's in the same repeat (median over repeats; the issue's target "
               "is <= 1.25x). floor: read every input byte and write the output's bytes through jam-ckpt's "
-              "write-behind (writers.WriteBehind), fsync; copy: the same with plain buffered writes. cpu s: "
+              "write-behind (io.hashed_file.WriteBehind), fsync; copy: the same with plain buffered writes. cpu s: "
               "user + system seconds of the process (all threads). RSS budget: 2 x largest tensor + 1 GiB.")
     finally:
         if args.scratch is None:

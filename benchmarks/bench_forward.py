@@ -1,8 +1,10 @@
 """Training-step throughput of the core models (paper §2.1): our metaseq-layout decoder, JAM-Width and
 JAM-Cross, each next to HF transformers' ``OPTForCausalLM`` (SDPA) of the same shape measured in the
-same run.
+same run; for a Llama-family shape (``llama_tiny``, ``gemma_2b`` ...) the HF rows are that family's
+class (``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``GemmaForCausalLM``, named ``hf_llama`` ...).
 
     python benchmarks/bench_forward.py                       # CPU: tiny and opt_125m shapes, fp32
+    python benchmarks/bench_forward.py --shapes llama_tiny,qwen2_0_5b --seq 64   # Llama family on CPU
     python benchmarks/bench_forward.py --device cuda --dtype bf16 --shapes opt_1_3b \
         --batch 8 --seq 2048 --optimizer                     # GPU: MFU of a full training step
 
@@ -73,6 +75,29 @@ def hf_opt(cfg: DecoderConfig) -> nn.Module:
     return OPTForCausalLM._from_config(hf_cfg, attn_implementation="sdpa")
 
 
+def hf_reference(cfg: DecoderConfig) -> nn.Module:
+    """The HF model computing ``cfg``'s function: OPT, or the Llama-family class ``hf_families`` names."""
+    if cfg.learned_positions:
+        return hf_opt(cfg)
+    from transformers import AutoConfig
+    import transformers
+
+    from jam_metaseq.models import hf_families
+
+    written = hf_families.hf_config(cfg)
+    hf_cfg = AutoConfig.for_model(written["model_type"]).from_dict(written)
+    return getattr(transformers, written["architectures"][0])._from_config(hf_cfg, attn_implementation="sdpa")
+
+
+def hf_row_name(kind: str, cfg: DecoderConfig) -> str:
+    """``hf_opt`` / ``hf_opt_wide`` rows are named after the shape's family (``hf_llama_wide`` ...)."""
+    if not kind.startswith("hf_opt") or cfg.learned_positions:
+        return kind
+    from jam_metaseq.models import hf_families
+
+    return kind.replace("opt", hf_families.family_for(cfg).model_type)
+
+
 def matmul_weights(model: nn.Module) -> int:
     """Weights used in matmuls: every ``nn.Linear`` once per use (a tied output projection counts)."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
@@ -80,7 +105,7 @@ def matmul_weights(model: nn.Module) -> int:
 
 def attention_modules(model: nn.Module) -> int:
     """Self- and cross-attention modules (each attends over the whole sequence once per step)."""
-    names = ("SelfAttention", "CrossAttention", "OPTAttention")
+    names = ("SelfAttention", "CrossAttention", "OPTAttention", "LlamaAttention", "Qwen2Attention", "GemmaAttention")
     return sum(type(m).__name__ in names for m in model.modules())
 
 
@@ -89,17 +114,18 @@ def flops_per_token(model: nn.Module, *, embed_dim: int, seq: int) -> float:
 
 
 def build(kind: str, parent: DecoderConfig, cross_every: int) -> tuple[nn.Module, int]:
-    """(model, hidden size of its attention) for one row kind."""
+    """(model, width of its attention, heads x head dim) for one row kind."""
+    attn = parent.heads * parent.head_dim
     if kind == "hf_opt":
-        return hf_opt(parent), parent.embed_dim
+        return hf_reference(parent), attn
     if kind == "decoder":
-        return build_model(parent), parent.embed_dim
+        return build_model(parent), attn
     if kind == "hf_opt_wide":
-        return hf_opt(width_of(parent)), 2 * parent.embed_dim
+        return hf_reference(width_of(parent)), 2 * attn
     if kind == "jam_width":
-        return build_model(width_of(parent)), 2 * parent.embed_dim
+        return build_model(width_of(parent)), 2 * attn
     if kind == "jam_cross":
-        return build_model(cross_of(parent, cross_every)), parent.embed_dim
+        return build_model(cross_of(parent, cross_every)), attn
     raise ValueError(f"unknown model kind {kind!r}")
 
 
@@ -168,8 +194,10 @@ def run_shape(shape: str, args, device: torch.device, dtype: torch.dtype, progre
         if kind not in args.models:
             continue
         baseline = {"decoder": "hf_opt", "jam_cross": "hf_opt", "jam_width": "hf_opt_wide"}.get(kind)
+        baseline = baseline and hf_row_name(baseline, parent)
         for every in args.cross_every if kind == "jam_cross" else [0]:
-            entries.append((f"jam_cross_{every}" if kind == "jam_cross" else kind, kind, every, baseline))
+            name = f"jam_cross_{every}" if kind == "jam_cross" else hf_row_name(kind, parent)
+            entries.append((name, kind, every, baseline))
     if device.type == "cpu":
         # Round-robin within two groups: parent-shaped rows, then the twice-as-wide ones.
         groups = [[e for e in entries if e[1] not in ("hf_opt_wide", "jam_width")],

@@ -39,6 +39,7 @@ def flops_per_token(model: torch.nn.Module, *, attentions: int, seq_len: int, em
 
 def build(kind: str, parent, *, cross_every: int, seq_len: int, batch: int) -> dict:
     """The host model, criterion, optimizer and one fixed batch for ``kind`` (decoder | jam_cross)."""
+    from jam_metaseq import flags as jam_flags
     from jam_metaseq.hosts import args as jam_args
     from jam_metaseq.hosts.fairseq import CM3Criterion, JamLanguageModel, dictionary_from_manifest
     from jam_metaseq.vocab import tiny_manifest
@@ -46,7 +47,7 @@ def build(kind: str, parent, *, cross_every: int, seq_len: int, batch: int) -> d
     vocab = tiny_manifest(text_size=parent.vocab_size - 48, image_codes=32) \
         if parent.vocab_size > 200 else tiny_manifest()
     family = "jam_cross" if kind == "jam_cross" else "jam_uniform"
-    ns = Namespace(**jam_args.args_from_config(parent))
+    ns = Namespace(**jam_flags.args_from_config(parent))
     jam_args.apply_arch_defaults(ns, family=family, size="tiny")  # fills nothing: all flags are set
     ns.cross_every = cross_every
     task = Namespace(vocab=vocab, target_dictionary=dictionary_from_manifest(vocab))

@@ -2,6 +2,14 @@
 
 Public API: ``load_model`` (any checkpoint -> core model), ``open_checkpoint`` (lazy consolidated
 view of any layout), the operations in ``ops`` and the ``jam-ckpt`` CLI (``cli.main``).
+
+Rooms, lowest first (imports point down): ``safe_load`` (the one pickle reader, mapped files),
+``layout`` (model-parallel split / join by the key schema), ``workspace`` (reused buffers),
+``kernels`` (the fusion math in chunks), ``hf`` (HF family adapters: key maps and configs);
+``io`` (writing: hashed durable files, torch-zip and safetensors streaming, FSDP shards, host
+metadata, the atomic output directory); ``readers`` (one file per format, config inference);
+``ops`` (one file per operation, the streaming driver, parent checks, provenance) and ``load``
+(``load_model``, ``inspect``, ``verify``); ``cli``.
 """
 
 from checkpoints_tools.load import inspect_checkpoint, load_model, verify_checkpoint

@@ -10,6 +10,8 @@ Examples:
   jam-ckpt cross --llm llm/ --img cm3leon/ --cross-every 2 --vocab vocab.json --mp 4 -o cross19b
   jam-ckpt reshard width26b --mp 2 --fsdp 8 -o width26b_mp2_fsdp8
   jam-ckpt convert facebook-opt-1.3b/ --to metaseq -o opt13b_metaseq
+  jam-ckpt convert SmolLM2-135M-Instruct.Q4_1.gguf --to metaseq -o smollm2
+  jam-ckpt tokenizer SmolLM2-135M-Instruct.Q4_1.gguf -o smollm2_tok
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from jam_metaseq.data.cli import add_layout_flags, layout_of
 from jam_metaseq.errors import add_trust_pickle_flag, run_cli
 from jam_metaseq.inputs import FINITE, NON_NEGATIVE_INT, POSITIVE_INT, SEED, THREADS  # issue 27: finite, bounded
 
@@ -52,7 +55,9 @@ def _add_output_flags(p: argparse.ArgumentParser, *, formats: Sequence[str] = ("
     p.add_argument("--mp", type=POSITIVE_INT, default=1, metavar="M",
                    help="target model-parallel size: files NAME-model_part-{r}.pt (default 1 = consolidated)")
     p.add_argument("--fsdp", type=NON_NEGATIVE_INT, default=0, metavar="W",
-                   help="write W FSDP shards per MP rank (-shard{j}, fairscale shard_metadata); 0 = unflattened")
+                   help="write W FSDP shards per MP rank (NAME-model_part-{r}-shard{j}.pt, fairscale's flat "
+                        "parameters and shard_metadata) for a fully-sharded run of MP x W processes with "
+                        "--use-sharded-state; 0 = unflattened")
     p.add_argument("--format", choices=formats, default=formats[0],
                    help="metaseq .pt files, or one consolidated safetensors file")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -90,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="architecture, parameter count, MP/FSDP layout, dtype, vocab")
-    p.add_argument("path", help="checkpoint file, directory, X.pt of MP parts, or HF OPT directory")
+    p.add_argument("path", help="checkpoint file, directory, X.pt of MP parts, HF OPT directory or llama .gguf file")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_input_flags(p)
 
@@ -134,11 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="input checkpoint (any layout)")
     _add_output_flags(p)
 
-    p = sub.add_parser("convert", help="HF OPT <-> metaseq")
-    p.add_argument("src", help="input: HF OPT directory (config.json + weights) or a metaseq checkpoint")
+    p = sub.add_parser("convert", help="HF OPT <-> metaseq; llama GGUF -> metaseq")
+    p.add_argument("src", help="input: HF OPT directory (config.json + weights), a llama .gguf file (dequantized "
+                               "to float32: F32/F16/BF16/Q8_0/Q4_0/Q4_1) or a metaseq checkpoint")
     p.add_argument("--to", choices=("metaseq", "hf"), required=True,
                    help="hf: OUT/config.json + OUT/model.safetensors with HF OPT names; metaseq: .pt files")
     _add_output_flags(p, formats=("metaseq",))
+
+    p = sub.add_parser("tokenizer", help="a GGUF file's tokenizer as OUT/tokenizer.json + OUT/vocab.json for jam-data")
+    p.add_argument("src", help="a .gguf file whose metadata holds a byte-level BPE tokenizer")
+    p.add_argument("-o", "--out", required=True, type=Path, metavar="DIR",
+                   help="output directory (created if missing): tokenizer.json (HF tokenizers; jam-data --tokenizer) "
+                        "and vocab.json (a vocabulary manifest keeping the file's text ids as they are, its bos, eos "
+                        "and pad among them, then the layout below; jam-data --vocab), each written atomically")
+    add_layout_flags(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/tokenizer.json or OUT/vocab.json")
 
     p = sub.add_parser("verify", help="check manifest hashes; forward pass on a few tokens if small")
     p.add_argument("path", help="a jam-ckpt output directory (or a file in one)")
@@ -153,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _opts(args: argparse.Namespace, argv: Sequence[str], *, fmt: str | None = None):
+    from checkpoints_tools.io import OutputSpec
     from checkpoints_tools.ops import CommonOptions
-    from checkpoints_tools.writers import OutputSpec
 
     if args.mp < 1:
         raise ValueError(f"--mp must be >= 1, got {args.mp}")
@@ -217,6 +232,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         else:
             _print_inspect(info)
         return 0
+    if args.cmd == "tokenizer":
+        from checkpoints_tools.gguf_tokenizer import write_tokenizer
+
+        print(json.dumps(write_tokenizer(args.src, args.out, layout=layout_of(args), overwrite=args.overwrite)))
+        return 0
     if args.cmd == "verify":
         rep = verify_checkpoint(args.path, forward=not args.no_forward, max_forward_params=args.max_forward_params,
                                 trust_pickle=args.trust_pickle, require_manifest=not args.no_manifest,
@@ -247,7 +267,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    writes = args.cmd not in ("inspect", "verify")
+    writes = args.cmd not in ("inspect", "verify", "tokenizer")
     return run_cli(f"jam-ckpt {args.cmd}", lambda: run(args, argv),
                    **({"interrupted": f"the temporary output was removed, {args.out} was not touched"}
                       if writes else {}))

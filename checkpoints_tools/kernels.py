@@ -8,7 +8,7 @@ tensor never exists in fp32 whole and nothing is allocated per tensor. What is l
 chunking, buffer reuse and threads:
 
 - Fresh big allocations cost more than the math itself: with the fixed 1 MiB mmap threshold
-  (``ops.bound_malloc``) every tensor-sized ``torch.empty`` is a new mapping whose pages fault in
+  (``ops.stream.bound_malloc``) every tensor-sized ``torch.empty`` is a new mapping whose pages fault in
   one by one (measured ~8x slower than a copy into a warm buffer). Chunk temporaries (fp32,
   ``CHUNK`` elements = 512 KiB) stay below that threshold and are recycled by malloc.
 - Blocks that are a parent's values unchanged (``width.is_copy``; JAM-Cross copies) are copied in

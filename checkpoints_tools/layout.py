@@ -6,7 +6,8 @@ N -> M exact.
 
 - ``replicated``: every rank holds the whole tensor (LayerNorms, positions, row-parallel biases).
 - ``vocab``: vocab-parallel embedding / output projection: rows split evenly (V % M == 0).
-- ``column``: column-parallel linear: output rows split (fc1, cross-attention q/k/v).
+- ``column``: column-parallel linear: output rows split (fc1, the gate, cross-attention q/k/v,
+  separate self-attention q/k/v: whole query heads, and whole k/v heads, per rank).
 - ``row``: row-parallel linear: input columns split, dim 1 (out_proj, fc2).
 - ``qkv``: the fused self-attention projection: rank r holds ``[K_r; V_r; Q_r]``, so joining N
   parts splits each in three and concatenates the K parts, then V, then Q (not the parts).
@@ -106,10 +107,11 @@ def full_shape(name: str, piece_shape: Sequence[int], parts: int) -> tuple[int, 
 
 
 def check_mp(*, heads: int, vocab_size: int, ffn_dim: int, embed_dim: int, parts: int,
-             what: str = "model") -> None:
-    """Stop when ``parts`` does not divide what model parallelism splits."""
-    for label, n in (("attention heads", heads), ("vocabulary rows", vocab_size),
-                     ("FFN dim", ffn_dim), ("embed dim", embed_dim)):
+             what: str = "model", kv_heads: int | None = None) -> None:
+    """Stop when ``parts`` does not divide what model parallelism splits (``kv_heads``: grouped
+    k/v heads, split whole per rank with their query heads)."""
+    for label, n in (("attention heads", heads), ("k/v heads (num_key_value_heads)", kv_heads or heads),
+                     ("vocabulary rows", vocab_size), ("FFN dim", ffn_dim), ("embed dim", embed_dim)):
         if n % parts:
             raise ValueError(f"{what}: model-parallel size {parts} does not divide its {label} ({n})")
 

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from checkpoints_tools.hf import OUTPUT_FORMATS
+from checkpoints_tools.io.hashed_file import sha256_file
 from checkpoints_tools.readers import Reader, arch_of, open_checkpoint
 from checkpoints_tools.safe_load import CheckpointError
-from checkpoints_tools.writers import sha256_file
-from jam_metaseq.errors import read_json
+from jam_metaseq.inputs import read_json
 from jam_metaseq.models import keys
 from jam_metaseq.models.config import CrossConfig, DecoderConfig, ModelConfig, config_from_dict
 from jam_metaseq.vocab import VocabManifest
@@ -36,9 +37,11 @@ def _build_empty(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype) 
         model = build_model(cfg).to(dtype)
     if device.type == "meta":
         return model
-    model.to_empty(device=device)
     dec = getattr(model, "decoder", None)
-    if dec is not None and hasattr(dec, "output_projection") and hasattr(dec, "embed_tokens"):
+    tied = (dec is not None and hasattr(dec, "output_projection") and hasattr(dec, "embed_tokens")
+            and dec.output_projection.weight is dec.embed_tokens.weight)  # not an untied head (Llama-3)
+    model.to_empty(device=device)
+    if tied:
         dec.output_projection.weight = dec.embed_tokens.weight  # to_empty unties shared params
     return model
 
@@ -57,20 +60,6 @@ def _key_map(reader: Reader, expected: list[str]) -> dict[str, str]:
             return mapped
     missing = [n for n in expected if n not in reader]
     raise CheckpointError(f"{reader.path}: checkpoint lacks {len(missing)} tensor(s) of the model, e.g. {missing[:3]}")
-
-
-def load_vocab_of(reader: Reader) -> VocabManifest | None:
-    """The checkpoint's vocabulary manifest: stored in it (``Reader.vocab_dict``), else a
-    ``vocab.json`` beside its file; None when there is none."""
-    d = reader.vocab_dict()
-    source = str(reader.path)
-    if d is None:
-        side = (reader.path if reader.path.is_dir() else reader.path.parent) / "vocab.json"
-        if side.is_file():
-            d, source = read_json(side, what="vocab manifest"), str(side)
-    if d is None:
-        return None
-    return VocabManifest.from_dict(d, source=source)
 
 
 def _given_config(config: ModelConfig | str | os.PathLike) -> ModelConfig:
@@ -101,7 +90,8 @@ def load_model(path: str | os.PathLike | Reader, *, config: ModelConfig | str | 
       checkpoint's own (``Reader.config``: the stored ``jam_config``, a trained checkpoint's task
       state or ``cfg["model"]``, the jam-ckpt manifest, a ``config.json`` of ours beside the
       file, else inferred from the shapes; ``heads`` when the shapes cannot tell).
-    - ``vocab``: a manifest or its JSON file that replaces the checkpoint's (``load_vocab_of``);
+    - ``vocab``: a manifest or its JSON file that replaces the checkpoint's (``Reader.vocab``:
+      stored in it, or a ``vocab.json`` beside it);
       the one used must match the embedding (a mismatch stops with both sizes);
       ``require_vocab``: finding none is an error naming the checkpoint.
     - ``dtype``: None keeps the stored parameter dtype; ``device``: where the weights go
@@ -116,10 +106,7 @@ def load_model(path: str | os.PathLike | Reader, *, config: ModelConfig | str | 
         path = Path(path)
         reader = open_checkpoint(path, trust_pickle=trust_pickle, replica_mismatch=replica_mismatch)
     cfg = _given_config(config) if config is not None else reader.config(**({"heads": heads} if heads else {}))
-    if vocab is None:
-        manifest = load_vocab_of(reader)
-    else:
-        manifest = vocab if isinstance(vocab, VocabManifest) else VocabManifest.load(vocab)
+    manifest = reader.vocab(vocab)
     if manifest is None and require_vocab:
         raise CheckpointError(f"{path}: no vocabulary manifest (none stored in the checkpoint, no vocab.json "
                               "beside it); pass --vocab")
@@ -165,7 +152,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False, h
         info["config_error"] = str(e)
     v = None
     try:
-        v = load_vocab_of(r)
+        v = r.vocab()
     except ValueError as e:
         info["vocab_error"] = str(e)
     info["vocab"] = None if v is None else {"size": v.size, "text": [v.text_start, v.text_end],
@@ -235,7 +222,7 @@ def verify_checkpoint(path: str | os.PathLike, *, forward: bool = True, max_forw
     else:
         report["manifest"] = None
     r = open_checkpoint(path, trust_pickle=trust_pickle, replica_mismatch=replica_mismatch)
-    if manifest is not None and manifest.get("tensors") and r.format != "hf_opt":
+    if manifest is not None and manifest.get("tensors") and r.format not in OUTPUT_FORMATS:  # HF: its own names
         want = manifest["tensors"]
         if set(want) != set(r.names()):
             odd = sorted(set(want) ^ set(r.names()))[:3]

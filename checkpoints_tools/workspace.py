@@ -1,7 +1,7 @@
 """Reusable named buffers for streaming checkpoint work (bounded, page-warm memory).
 
 A tensor-sized ``torch.empty`` per streamed tensor is costly: with a fixed 1 MiB mmap threshold
-(``ops.bound_malloc``, which keeps RSS from creeping) each one is a fresh mapping whose pages
+(``ops.stream.bound_malloc``, which keeps RSS from creeping) each one is a fresh mapping whose pages
 fault in one by one, several times slower than copying into memory already touched. Readers,
 kernels and writers instead take their per-role buffers from a ``Workspace``: one buffer per
 role, as large as the largest tensor of that role still to come, reused for every tensor.

@@ -1,7 +1,9 @@
 """``jam``: the umbrella command. ``jam demo`` fuses two tiny random parents three ways (paper §2.1);
-``jam params`` counts JAM-Cross parameters for two parent presets, of the same or different sizes;
+``jam params`` counts JAM-Cross parameters for two parent presets (OPT / CM3leon or Llama-family:
+``--llm gemma_7b --img gemma_7b``), of the same or different sizes;
 ``jam run PLAN.yaml`` runs the whole pipeline declared in a plan; ``jam quickstart`` runs the
-built-in plan (the pipeline in miniature)."""
+built-in plan (the pipeline in miniature); ``jam chat CHECKPOINT`` talks to a model in the terminal
+and ``jam serve CHECKPOINT`` on a local web page (docs/CONVERSATIONS.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from .errors import run_cli
 from .inputs import SEED
 from .fusion import cross_tensor, merge_tensor, state_shapes, widen_tensor
-from .models import build_model, count_parameters, cross_of, preset, uniform_of, width_of
+from .models import PRESETS, build_model, count_parameters, cross_of, preset, uniform_of, width_of
 from .models.decoder import build_context
 from .vocab import tiny_manifest
 
@@ -104,13 +106,28 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="fuse two tiny random parents three ways and print a table")
     p_demo.add_argument("--seed", type=SEED, default=0, help="random seed for the parents (default 0)")
     p_params = sub.add_parser("params", help="JAM-Cross parameter counts of two parent presets (meta device)")
-    p_params.add_argument("--llm", default="opt_6_7b", help="LLM parent preset (default %(default)s)")
-    p_params.add_argument("--img", default="opt_1_3b", help="image-decoder parent preset, any size (default %(default)s)")
+    names = ", ".join(sorted(PRESETS))
+    p_params.add_argument("--llm", default="opt_6_7b", choices=sorted(PRESETS), metavar="PRESET",
+                          help=f"LLM parent preset, one of {names} (default %(default)s)")
+    p_params.add_argument("--img", default="opt_1_3b", choices=sorted(PRESETS), metavar="PRESET",
+                          help="image-decoder parent preset, any size and the LLM's family (default %(default)s)")
     p_params.add_argument("--cross-every", default="1,2,4,0",
                           help="comma-separated cross_every values, counted on the shallower branch (default %(default)s)")
     sub.add_parser("run", help="the JAM pipeline declared in a plan (YAML): jam run PLAN.yaml", add_help=False)
     sub.add_parser("quickstart", help="the JAM pipeline in miniature: jam run on the built-in plan", add_help=False)
+    sub.add_parser("chat", help="talk to a model in the terminal, text and pictures: jam chat CHECKPOINT",
+                   add_help=False)
+    sub.add_parser("serve", help="talk to a model on a local web page: jam serve CHECKPOINT [--port N]",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.verb == "chat":
+        from .generation.chat_cli import main as chat_main
+
+        return chat_main(rest)
+    if args.verb == "serve":
+        from .serve.cli import main as serve_main
+
+        return serve_main(rest)
     if args.verb == "quickstart":
         from .quickstart import main as quickstart_main
 

@@ -111,14 +111,6 @@ def describe(exc: BaseException) -> str:
     return one_line(str(exc)) or type(exc).__name__
 
 
-def read_json(path: str | os.PathLike, *, what: str, expect: type = dict) -> Any:
-    """``jam_metaseq.inputs.read_json`` (bounded JSON), kept here for the callers in
-    ``checkpoints_tools`` and ``pipeline`` until they import it from there (issue 27 phase 2)."""
-    from jam_metaseq.inputs import read_json as bounded_read_json
-
-    return bounded_read_json(path, what=what, expect=expect)
-
-
 # ---- signals -----------------------------------------------------------------------------------
 
 

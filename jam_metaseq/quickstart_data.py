@@ -11,6 +11,13 @@ Two procedural sources stand in for the paper's two kinds of continued-pretraini
   documents are caption + image only: their perplexity is the miniature "MS-COCO PPL".
 - **instruction documents** (the LIMA / wikiHow role, optional): "draw a red circle on a white
   background." answered by a sentence, the picture and a follow-up sentence.
+- **conversations** (multi-turn instruction data, issue 25; ``{"turns": [...]}``, docs/CONVERSATIONS.md):
+  a first exchange (a drawing request answered with the picture, or a picture the user sends and
+  the assistant describes), then one or two follow-ups that only the history answers: "now make it
+  blue." (the same shape at the same place, in blue), "now put it on a black background.", "what
+  colour was the background?", "what shape did you draw?", "what colour is it now?". Held-out sets
+  are the same generator with another seed; ``drawing_prompts`` are the requests whose picture the
+  prompt-following score reads (``jam_metaseq.eval.drawing``), single-turn or as a follow-up.
 - **a text corpus** (the Wikipedia / CommonCrawl role): short documents of templated sentences on
   other topics (towns, trades, weather, animals, numbers) with consistent associations (a baker
   bakes bread, a fisher catches fish), so a language model can learn something in a few hundred
@@ -29,6 +36,9 @@ Public API::
     caption_document(*, caption, codes=None | image=None, follow_up=None) -> dict
     instruct_samples(n, *, size, seed) -> list[CaptionSample]   # prompt in .caption
     instruct_document(sample, *, image) -> dict          # {"prompt", "response": [text, image, text]}
+    conversation_samples(n, *, size, seed) -> list[ConversationSample]
+    conversation_document(sample, *, images) -> dict     # {"turns": [...]}, images as paths or codes
+    drawing_prompts(n, *, size, seed, follow_up) -> list[ConversationSample]  # ends with the request
     write_jsonl(path, docs)                              # atomic
 """
 
@@ -43,7 +53,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from jam_metaseq.image_tokenizer.synthetic import BACKGROUNDS, COLOURS, SHAPES, shape_samples
+from jam_metaseq.image_tokenizer.synthetic import BACKGROUNDS, COLOURS, SHAPES, make_shape_image, shape_samples
 
 # ---- the text corpus ---------------------------------------------------------------------------
 TOWNS = ("paris", "lisbon", "oslo", "cairo", "lima", "tokyo", "dublin", "quito")
@@ -179,6 +189,136 @@ def instruct_document(sample: CaptionSample, *, image: str) -> dict:
                          {"text": sample.follow_up}]}
 
 
+# ---- conversations (issue 25) -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Picture:
+    """A generated picture and what it shows (the prompt-following score's target)."""
+
+    image: Image.Image
+    shape: str
+    colour: str
+    background: str
+
+
+@dataclass(frozen=True)
+class ConversationSample:
+    """Turns of (role, parts); a part is a sentence (str) or a ``Picture``."""
+
+    turns: tuple[tuple[str, tuple], ...]
+    kind: str
+    """What the follow-ups ask: ``recolour``, ``background``, ``ask_background``, ``ask_shape``,
+    ``ask_colour`` (after ``describe`` when the user sent the first picture), joined by ``+``."""
+
+    @property
+    def pictures(self) -> list[Picture]:
+        return [p for _, parts in self.turns for p in parts if isinstance(p, Picture)]
+
+    @property
+    def target(self) -> Picture | None:
+        """The picture the last assistant turn draws (None when it answers in words)."""
+        last = [p for p in self.turns[-1][1] if isinstance(p, Picture)] if self.turns[-1][0] == "assistant" else []
+        return last[-1] if last else None
+
+
+FOLLOW_UPS = ("recolour", "background", "ask_background", "ask_shape", "ask_colour")
+"""The follow-up questions; the first two ask for a new picture, the rest for words."""
+
+
+def _picture(shape: str, colour: str, background: str, *, size: int, place: int) -> Picture:
+    """``place`` seeds the shape's position and scale, so a redrawn picture keeps them."""
+    img = make_shape_image(shape, colour, size=size, rng=np.random.default_rng(place), background=background)
+    return Picture(image=img, shape=shape, colour=colour, background=background)
+
+
+def _follow_up(kind: str, cur: Picture, rng: np.random.Generator, *, size: int, place: int
+               ) -> tuple[tuple[str, tuple], tuple[str, tuple], Picture]:
+    """(user turn, assistant turn, the picture the conversation is now about)."""
+    if kind == "recolour":
+        colour = _pick(rng, [c for c in COLOURS if c != cur.colour])
+        new = _picture(cur.shape, colour, cur.background, size=size, place=place)
+        return ("user", (f"now make it {colour}.",)), ("assistant", (f"here it is in {colour}.", new)), new
+    if kind == "background":
+        background = _pick(rng, [b for b in BACKGROUNDS if b != cur.background])
+        new = _picture(cur.shape, cur.colour, background, size=size, place=place)
+        return (("user", (f"now put it on a {background} background.",)),
+                ("assistant", (f"here it is on a {background} background.", new)), new)
+    if kind == "ask_background":
+        return ("user", ("what colour was the background?",)), ("assistant", (f"the background was {cur.background}.",)), cur
+    if kind == "ask_shape":
+        return ("user", ("what shape was it?",)), ("assistant", (f"it was a {cur.shape}.",)), cur
+    return ("user", (f"what colour is the {cur.shape} now?",)), ("assistant", (f"the {cur.shape} is {cur.colour}.",)), cur
+
+
+def _first_exchange(rng: np.random.Generator, *, size: int, place: int, describe: bool
+                    ) -> tuple[list[tuple[str, tuple]], Picture]:
+    shape, colour = _pick(rng, SHAPES), _pick(rng, list(COLOURS))
+    background = _pick(rng, list(BACKGROUNDS))
+    pic = _picture(shape, colour, background, size=size, place=place)
+    if describe:  # the user sends the picture
+        return [("user", (pic, "what is in this picture?")),
+                ("assistant", (f"a {colour} {shape} on a {background} background.",))], pic
+    tpl = INSTRUCT_TEMPLATES[int(rng.integers(len(INSTRUCT_TEMPLATES)))]
+    return [("user", (tpl.format(colour=colour, shape=shape, background=background),)),
+            ("assistant", (f"here is a {colour} {shape}.", pic))], pic
+
+
+def conversation_samples(n: int, *, size: int, seed: int, describe: float = 0.25, third: float = 0.5
+                         ) -> list[ConversationSample]:
+    """``n`` conversations: a first exchange (a ``describe`` fraction start with the user's picture),
+    one follow-up, and a second one for a ``third`` fraction. Same seed, same conversations."""
+    rng = np.random.default_rng([seed, 0xC0417])
+    out = []
+    for _ in range(n):
+        place = int(rng.integers(2**31))
+        turns, cur = _first_exchange(rng, size=size, place=place, describe=bool(rng.random() < describe))
+        kinds = ["describe"] if turns[0][1] and isinstance(turns[0][1][0], Picture) else []
+        for _ in range(1 + int(rng.random() < third)):
+            kind = _pick(rng, FOLLOW_UPS)
+            user, assistant, cur = _follow_up(kind, cur, rng, size=size, place=place)
+            turns += [user, assistant]
+            kinds.append(kind)
+        out.append(ConversationSample(turns=tuple(turns), kind="+".join(kinds)))
+    return out
+
+
+def drawing_prompts(n: int, *, size: int, seed: int, follow_up: bool) -> list[ConversationSample]:
+    """Requests whose answer is one picture, ending with the assistant's expected answer (its
+    ``target``): single-turn ("draw a red circle on a white background.") or, with ``follow_up``,
+    a first exchange and then "now make it blue." / "now put it on a black background."."""
+    rng = np.random.default_rng([seed, 0xD4A3])
+    out = []
+    for _ in range(n):
+        place = int(rng.integers(2**31))
+        turns, cur = _first_exchange(rng, size=size, place=place, describe=False)
+        kind = "single"
+        if follow_up:
+            kind = _pick(rng, FOLLOW_UPS[:2])
+            user, assistant, cur = _follow_up(kind, cur, rng, size=size, place=place)
+            turns += [user, assistant]
+        out.append(ConversationSample(turns=tuple(turns), kind=kind))
+    return out
+
+
+def conversation_document(sample: ConversationSample, *, images: Sequence[str | np.ndarray | Sequence[int]]) -> dict:
+    """The JSONL document ``{"turns": [...]}``; ``images``: one per ``sample.pictures``, in order,
+    as a file path (relative to the JSONL file's folder) or its codes."""
+    pictures = iter(images)
+    turns = []
+    for role, parts in sample.turns:
+        segs = []
+        for part in parts:
+            if isinstance(part, Picture):
+                ref = next(pictures)
+                segs.append({"image": ref} if isinstance(ref, str) else
+                            {"image_tokens": [int(c) for c in np.asarray(ref).reshape(-1)]})
+            else:
+                segs.append({"text": part})
+        turns.append({"role": role, "segments": segs})
+    if next(pictures, None) is not None:
+        raise ValueError(f"more images given than the {len(sample.pictures)} pictures of the conversation")
+    return {"turns": turns, "kind": sample.kind}
+
+
 def write_jsonl(path: str | os.PathLike, docs: Iterable[dict]) -> Path:
     """One JSON document per line, written atomically (temp file + rename)."""
     path = Path(path)
@@ -196,6 +336,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 __all__ = [
-    "CAPTION_TEMPLATES", "CaptionSample", "INSTRUCT_TEMPLATES", "caption_document", "caption_samples",
+    "CAPTION_TEMPLATES", "CaptionSample", "ConversationSample", "FOLLOW_UPS", "INSTRUCT_TEMPLATES", "Picture",
+    "caption_document", "caption_samples", "conversation_document", "conversation_samples", "drawing_prompts",
     "instruct_document", "instruct_samples", "read_jsonl", "text_documents", "write_jsonl",
 ]

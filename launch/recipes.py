@@ -43,6 +43,18 @@ class StageRecipe:
     """Ours: checkpoint (and validate) every N updates; 0 = only at epoch ends."""
     time_hours: int = 24
     """Ours: SLURM time limit (the paper: about a day for alignment, < 2 h for instruct)."""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """Adam's betas (OPT / CM3leon's)."""
+    adam_eps: float = 1e-8
+    """Adam's epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay."""
+    clip_norm: float = 1.0
+    """Gradient-norm clipping."""
+    end_lr: float | None = None
+    """Learning rate at the end of the schedule; None = ``decay_to_zero``'s rule (0, or ``lr``)."""
+    log_interval: int = 10
+    """Updates between training log lines."""
 
 
 STAGES: dict[str, StageRecipe] = {

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from jam_metaseq.errors import JamError
+from jam_metaseq.flags import FLAGS_BY_DEST
 from jam_metaseq.inputs import safe_component, script_value
 from launch.recipes import StageRecipe, stage
 
@@ -78,9 +79,12 @@ class LaunchConfig:
     time_hours: int | None = None
     """SLURM time limit in hours (default: the stage's)."""
     port: int = 29500
-    """``--distributed-port`` for the host's SLURM rendez-vous."""
+    """``--distributed-port`` for the host's SLURM rendez-vous (-1: none, one process outside SLURM)."""
+    ddp_backend: str = "fully_sharded"
+    """``--ddp-backend`` (``legacy_ddp`` where FSDP has no GPU process group: one CPU process)."""
     extra_args: list[str] = field(default_factory=list)
-    """Appended verbatim to the training command."""
+    """More flags for the training command; a flag the command already has takes this value instead
+    (``merge_flags``: each flag once)."""
 
     def __post_init__(self) -> None:
         if self.host not in HOSTS:
@@ -125,8 +129,38 @@ def _default_user_dir() -> str:
     return str(Path(__file__).resolve().parent.parent / "jam_metaseq")
 
 
+def _flag_groups(argv: Sequence[str]) -> list[list[str]]:
+    """``argv`` as groups: the words before the first flag, then each ``--flag`` with its values."""
+    groups: list[list[str]] = [[]]
+    for word in argv:
+        if word.startswith("--") and len(word) > 2:
+            groups.append([word])
+        else:
+            groups[-1].append(word)
+    return groups
+
+
+def merge_flags(command: Sequence[str], overrides: Sequence[str]) -> list[str]:
+    """``command`` with ``overrides`` merged in: an override's flag (with its values) replaces the
+    command's occurrence of that flag where it stands, a new flag is appended, so every flag appears
+    once and the override's value is the one the host reads (as it would, last, if repeated)."""
+    head, *groups = _flag_groups(command)
+    extra_head, *extra = _flag_groups(overrides)
+    by_flag: dict[str, list[str]] = {}
+    for g in extra:
+        by_flag[g[0]] = g  # the last of a flag given twice
+    out = list(head)
+    for g in groups:
+        out += by_flag.pop(g[0], g)
+    out += extra_head  # words before the overrides' first flag stay where appending put them
+    for g in by_flag.values():
+        out += g
+    return out
+
+
 def train_command(cfg: LaunchConfig, recipe: StageRecipe, *, cross_every: int | None = None) -> list[str]:
-    """The host's training command line for one job (argv, without ``srun``)."""
+    """The host's training command line for one job (argv, without ``srun``): the recipe's
+    settings, then ``cfg.extra_args`` merged in (``merge_flags``: each flag once)."""
     gpus = cfg.gpus or recipe.gpus
     max_tokens = cfg.max_tokens or cfg.tokens_per_sample
     freq = update_freq(batch_tokens=recipe.batch_tokens, gpus=gpus, max_tokens=max_tokens,
@@ -139,8 +173,9 @@ def train_command(cfg: LaunchConfig, recipe: StageRecipe, *, cross_every: int | 
            "--max-tokens", str(max_tokens),
            "--batch-size", str(max_tokens // cfg.tokens_per_sample),
            "--update-freq", str(freq),
-           "--optimizer", "adam", "--adam-betas", "(0.9, 0.95)", "--adam-eps", "1e-08",
-           "--weight-decay", "0.1", "--clip-norm", "1.0",
+           "--optimizer", "adam", "--adam-betas", f"({recipe.adam_betas[0]}, {recipe.adam_betas[1]})",
+           "--adam-eps", repr(recipe.adam_eps), "--weight-decay", repr(recipe.weight_decay),
+           "--clip-norm", repr(recipe.clip_norm),
            "--lr", repr(recipe.lr), "--lr-scheduler", "polynomial_decay",
            "--warmup-updates", str(recipe.warmup_updates)]
     if recipe.max_update:
@@ -148,7 +183,8 @@ def train_command(cfg: LaunchConfig, recipe: StageRecipe, *, cross_every: int | 
     else:
         # The scheduler needs a horizon; constant lr after warm-up makes its value irrelevant.
         cmd += ["--total-num-update", "1000000"]
-    cmd += ["--end-learning-rate", "0.0" if recipe.decay_to_zero else repr(recipe.lr)]
+    end_lr = recipe.end_lr if recipe.end_lr is not None else (0.0 if recipe.decay_to_zero else recipe.lr)
+    cmd += ["--end-learning-rate", repr(end_lr)]
     if recipe.max_epoch:
         cmd += ["--max-epoch", str(recipe.max_epoch)]
     cmd += ["--save-dir", cfg.save_dir, "--save-interval-updates", str(recipe.save_interval_updates)]
@@ -158,9 +194,9 @@ def train_command(cfg: LaunchConfig, recipe: StageRecipe, *, cross_every: int | 
     else:
         # the same setting under each host's name (fairseq kept the older one)
         cmd += ["--keep-last-updates" if cfg.host == "metaseq" else "--keep-interval-updates", "2"]
-    cmd += ["--ddp-backend", "fully_sharded", "--distributed-world-size", str(gpus),
+    cmd += ["--ddp-backend", cfg.ddp_backend, "--distributed-world-size", str(gpus),
             "--distributed-port", str(cfg.port), "--seed", str(cfg.seed),
-            "--log-format", "json", "--log-interval", "10"]
+            "--log-format", "json", "--log-interval", str(recipe.log_interval)]
     if cfg.precision == "bf16":
         # metaseq reads --bf16 as a modifier of --fp16 (mixed precision); fairseq takes it alone.
         cmd += ["--bf16", "--fp16"] if cfg.host == "metaseq" else ["--bf16"]
@@ -174,9 +210,8 @@ def train_command(cfg: LaunchConfig, recipe: StageRecipe, *, cross_every: int | 
     elif cfg.finetune_from_model:
         cmd += ["--finetune-from-model", cfg.finetune_from_model]
     if cross_every is not None:
-        cmd += ["--cross-every", str(cross_every)]
-    cmd += list(cfg.extra_args)
-    return cmd
+        cmd += [FLAGS_BY_DEST["cross_every"].option, str(cross_every)]
+    return merge_flags(cmd, cfg.extra_args)
 
 
 def _sbatch(value: str | int, what: str) -> str:

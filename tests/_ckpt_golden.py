@@ -106,7 +106,7 @@ def make_parents(tmp: Path) -> tuple[Path, Path]:
 
 def run_case(op: str, lay: str, pa: Path, pb: Path, out: Path, **extra: Any) -> Path:
     from checkpoints_tools import ops
-    from checkpoints_tools.writers import OutputSpec
+    from checkpoints_tools.io import OutputSpec
 
     opts = ops.CommonOptions(spec=OutputSpec(out_dir=out, **LAYOUTS[lay]), progress=False, hash_sources="none")
     kw = {**OPS[op], **extra}

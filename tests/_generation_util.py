@@ -20,11 +20,19 @@ PROMPTS = [
     [VOCAB.bos, T0 + 7, T0 + 7, T0 + 3, T0 + 30, T0 + 11],
 ]
 ARCHS = ["decoder", "width", "cross"]
+FAMILY_ARCHS = ["gemma", "llama_cross"]
+"""The Llama family (issue 23): Gemma's decoder (rotary, one k/v head, head width 16 > E / H) and
+JAM-Cross of two Llama parents (rotary per branch, grouped k/v heads, untied head)."""
 
 
 def tiny_config(arch: str, vocab=VOCAB):
-    """``arch`` in ARCHS over the tiny preset. init_std 0.3 instead of 0.02: logits far from
-    uniform, so guidance and seeds visibly matter."""
+    """``arch`` in ARCHS or FAMILY_ARCHS over a tiny preset. init_std 0.3 instead of 0.02: logits
+    far from uniform, so guidance and seeds visibly matter."""
+    if arch in FAMILY_ARCHS:
+        family = preset("gemma_tiny" if arch == "gemma" else "llama_tiny", vocab_size=vocab.size, max_positions=96,
+                        init_std=0.3, padding_idx=vocab.pad)
+        return family if arch == "gemma" else cross_of(
+            family, cross_every=1, image_vocab_start=vocab.image_start, image_vocab_end=vocab.image_end)
     parent = preset("tiny", vocab_size=vocab.size, max_positions=96, init_std=0.3)
     if arch == "decoder":
         return parent

@@ -210,14 +210,15 @@ def fresh_interpreter(code: str, *, pythonpath: str, cwd: str) -> subprocess.Com
 
 LIBRARY = ("import jam_metaseq, jam_metaseq.models, checkpoints_tools, checkpoints_tools.load, "
            "checkpoints_tools.cli, jam_metaseq.hosts.args, jam_metaseq.hosts.common, jam_metaseq.hosts.compat, "
-           "jam_metaseq.data.items")
+           "jam_metaseq.task.items")
 
 
-def library_leaves_host_alone(host: str, *, host_first: bool) -> str:
-    """Code that asserts: importing the library, before or after the host, changes nothing of the
-    host's (registries, checkpoint_utils, rank-to-rank broadcast), of ``sys.meta_path``,
-    ``sys.excepthook`` or torch's allow-list; prints UNTOUCHED."""
-    state = (
+def _host_state(host: str) -> str:
+    """Code defining ``state()``: what of ``host`` registration changes (registries,
+    checkpoint_utils, rank-to-rank broadcast, ``sys.meta_path``, ``sys.excepthook``, torch's
+    allow-list)."""
+    return (
+        "import sys, torch\n"
         "def state():\n"
         f"    from {host}.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY\n"
         f"    from {host}.tasks import TASK_REGISTRY\n"
@@ -228,25 +229,42 @@ def library_leaves_host_alone(host: str, *, host_first: bool) -> str:
         "            sorted(CRITERION_REGISTRY), cu._upgrade_state_dict, cu.load_checkpoint,\n"
         "            du._broadcast_object_slow, list(sys.meta_path), sys.excepthook,\n"
         "            len(torch.serialization.get_safe_globals())]\n")
-    code = "import sys, torch\n" + state
-    if host_first:
-        code += f"before = state()\n{LIBRARY}\n"
-    else:
-        code += ("baseline = [list(sys.meta_path), sys.excepthook, len(torch.serialization.get_safe_globals())]\n"
-                 f"{LIBRARY}\n"
-                 f"assert '{host}' not in sys.modules\n"
-                 "assert [list(sys.meta_path), sys.excepthook, len(torch.serialization.get_safe_globals())] == baseline\n"
-                 f"import {host}.models, {host}.checkpoint_utils, {host}.distributed.utils\n"
-                 "before = state()\n"
-                 "assert not any(a.startswith('jam_') for a in before[0]) and 'cm3_multimodal' not in before[2]\n"
-                 "assert not any(getattr(f, '_jam_wrapped', False) for f in before[4:7])\n"
-                 "assert not any(type(f).__module__.startswith('jam_metaseq') for f in sys.meta_path)\n"
-                 "assert not getattr(sys.excepthook, '_jam_one_line', False)\n"
-                 "from jam_metaseq.hosts.compat import safe_globals\n"
-                 "assert not set(safe_globals()) <= set(torch.serialization.get_safe_globals())\n")
-    return code + ("after = state()\n"
-                   "assert before == after, [i for i, (a, b) in enumerate(zip(before, after)) if a != b]\n"
-                   "print('UNTOUCHED')\n")
+
+
+def library_leaves_host_alone(host: str) -> str:
+    """Code that asserts: importing the library before the host imports no host and changes
+    nothing of the host's once it is imported (registries, checkpoint_utils, rank-to-rank
+    broadcast), of ``sys.meta_path``, ``sys.excepthook`` or torch's allow-list; prints UNTOUCHED."""
+    return _host_state(host) + (
+        "baseline = [list(sys.meta_path), sys.excepthook, len(torch.serialization.get_safe_globals())]\n"
+        f"{LIBRARY}\n"
+        f"assert '{host}' not in sys.modules\n"
+        "assert [list(sys.meta_path), sys.excepthook, len(torch.serialization.get_safe_globals())] == baseline\n"
+        f"import {host}.models, {host}.checkpoint_utils, {host}.distributed.utils\n"
+        "before = state()\n"
+        "assert not any(a.startswith('jam_') for a in before[0]) and 'cm3_multimodal' not in before[2]\n"
+        "assert not any(getattr(f, '_jam_wrapped', False) for f in before[4:7])\n"
+        "assert not any(type(f).__module__.startswith('jam_metaseq') for f in sys.meta_path)\n"
+        "assert not getattr(sys.excepthook, '_jam_one_line', False)\n"
+        "from jam_metaseq.hosts.compat import safe_globals\n"
+        "assert not set(safe_globals()) <= set(torch.serialization.get_safe_globals())\n"
+        "assert state() == before\n"
+        "print('UNTOUCHED')\n")
+
+
+def library_after_host_registers(host: str) -> str:
+    """Code that asserts: importing the package with the host already imported (what the host's
+    ``--user-dir`` import does) registers the archs, the task and the criterion and installs the
+    checkpoint shims, and importing the rest of the library changes nothing more; prints REGISTERED."""
+    return _host_state(host) + (
+        f"import {host}.models, {host}.checkpoint_utils, {host}.distributed.utils\n"
+        "import jam_metaseq\n"
+        "after = state()\n"
+        "assert 'jam_cross_tiny' in after[0] and 'cm3_multimodal' in after[2] and 'cm3' in after[3]\n"
+        "assert getattr(after[5], '_jam_wrapped', False)\n"
+        f"{LIBRARY}\n"
+        "assert state() == after\n"
+        "print('REGISTERED')\n")
 
 
 def user_dir_registers(host: str, user_dir: str, data: str) -> str:

@@ -135,3 +135,15 @@ def left_pad(rows: list[torch.Tensor], *, padding_idx: int) -> torch.Tensor:
 
 def with_cfg(cfg: DecoderConfig, **overrides) -> DecoderConfig:
     return dataclasses.replace(cfg, **overrides)
+
+
+def pre_norm_hidden(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A parent's hidden state entering its final norm: (B, T, E)."""
+    seen = []
+    h = model.decoder.layer_norm.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        h.remove()
+    return seen[0]

@@ -57,7 +57,7 @@ def make_parents(tmp: Path) -> tuple[Path, Path]:
 
 def _opts(out: Path, lay: str):
     from checkpoints_tools import ops
-    from checkpoints_tools.writers import OutputSpec
+    from checkpoints_tools.io import OutputSpec
 
     return ops.CommonOptions(spec=OutputSpec(out_dir=out, **LAYOUTS_OUT[lay]), progress=False,
                              hash_sources="none")

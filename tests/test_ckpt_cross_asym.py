@@ -16,9 +16,9 @@ import torch
 
 from _ckpt_util import save_metaseq, tiny_parent
 from checkpoints_tools import load_model
+from checkpoints_tools.io import OutputSpec
 from checkpoints_tools.ops import CommonOptions, cross, reshard
 from checkpoints_tools.safe_load import CheckpointError
-from checkpoints_tools.writers import OutputSpec
 from jam_metaseq.fusion import cross_tensor, state_shapes
 from jam_metaseq.models import build_model, keys
 from jam_metaseq.models.config import cross_of
@@ -124,10 +124,11 @@ def test_bad_pairs_are_refused_before_writing(tmp_path, parents):
 
 # ---- the fairseq host ------------------------------------------------------------------------------
 def _host_args(**flags) -> argparse.Namespace:
+    from jam_metaseq import flags as jam_flags
     from jam_metaseq.hosts import args as jam_args
 
     p = argparse.ArgumentParser()
-    jam_args.add_model_args(p)
+    jam_flags.add_model_args(p)
     ns = p.parse_args([])
     for k, v in flags.items():
         setattr(ns, k, v)
@@ -139,6 +140,7 @@ def test_host_flags_round_trip_and_strict_fairseq_load(tmp_path, parents):
     pytest.importorskip("fairseq")
     from fairseq.data import Dictionary  # noqa: F401
 
+    from jam_metaseq import flags as jam_flags
     from jam_metaseq.hosts import args as jam_args
     from jam_metaseq.hosts.fairseq import JamLanguageModel, dictionary_from_manifest
 
@@ -148,21 +150,21 @@ def test_host_flags_round_trip_and_strict_fairseq_load(tmp_path, parents):
     out = cross(pa, pb, opts=opts, cross_every=1, init="paper", seed=1)
     ns = _host_args(decoder_layers=4, cross_every=1, img_embed_dim=16, img_ffn_embed_dim=48, img_layers=3,
                     img_attention_heads=2)
-    cfg = jam_args.config_from_args(ns, vocab_size=VOCAB.size, image_range=(LO, HI))
+    cfg = jam_flags.config_from_args(ns, vocab_size=VOCAB.size, image_range=(LO, HI))
     assert cfg.img == cfg_b and cfg.llm == cfg_a
-    flags = jam_args.args_from_config(cfg)
+    flags = jam_flags.args_from_config(cfg)
     assert flags["img_layers"] == 3
-    words = jam_args.command_line_from_config(cfg)  # a training command carries the image branch's shape
+    words = jam_flags.command_line_from_config(cfg)  # a training command carries the image branch's shape
     assert words[words.index("--img-embed-dim") + 1] == "16" and words[words.index("--img-layers") + 1] == "3"
-    assert jam_args.config_from_args(argparse.Namespace(**flags), vocab_size=VOCAB.size,
+    assert jam_flags.config_from_args(argparse.Namespace(**flags), vocab_size=VOCAB.size,
                                      image_range=(LO, HI)).to_dict() == cfg.to_dict()
     # the symmetric model's flags stay as they were: no image-branch flags
-    sym = jam_args.config_from_args(_host_args(cross_every=1), vocab_size=VOCAB.size)
-    assert not any(k.startswith("img_") for k in jam_args.args_from_config(sym))
+    sym = jam_flags.config_from_args(_host_args(cross_every=1), vocab_size=VOCAB.size)
+    assert not any(k.startswith("img_") for k in jam_flags.args_from_config(sym))
     with pytest.raises(ValueError, match="--img-layers: the image-branch shape flags .* are JAM-Cross flags"):
         ns2 = _host_args(img_layers=3)
         ns2.jam_family = "jam_width"
-        jam_args.config_from_args(ns2, vocab_size=VOCAB.size)
+        jam_flags.config_from_args(ns2, vocab_size=VOCAB.size)
 
     task = argparse.Namespace(vocab=VOCAB, target_dictionary=dictionary_from_manifest(VOCAB))
     model = JamLanguageModel.build_model(ns, task)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from checkpoints_tools import load_model
+from checkpoints_tools.io import OutputSpec
 from checkpoints_tools.ops import CommonOptions, cross, merge, widen
 from checkpoints_tools.readers import open_checkpoint
 from checkpoints_tools.safe_load import CheckpointError
-from checkpoints_tools.writers import OutputSpec
 from jam_metaseq.fusion import cross_tensor, state_shapes, widen_tensor
 from jam_metaseq.models import build_model
 from jam_metaseq.models.config import cross_of, width_of

@@ -1,4 +1,4 @@
-"""HF OPT <-> metaseq conversion (checkpoints_tools.convert_hf): logits parity with
+"""HF OPT <-> metaseq conversion (checkpoints_tools.hf): logits parity with
 transformers' OPTForCausalLM, a negative control, and the HF -> metaseq -> HF round trip."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from checkpoints_tools import load_model
+from checkpoints_tools.io import OutputSpec
 from checkpoints_tools.ops import CommonOptions, reshard
 from checkpoints_tools.readers import open_checkpoint
 from checkpoints_tools.safe_load import CheckpointError
-from checkpoints_tools.writers import OutputSpec
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)
@@ -83,6 +83,20 @@ def test_hf_metaseq_hf_round_trip(tmp_path, hf_dir):
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_fsdp_shards_do_not_depend_on_the_reader_the_tensors_came_from(tmp_path, hf_dir):
+    """FSDP shards written straight from the HF reader equal, byte for byte, those written from
+    its metaseq conversion. pickle stores an object it has already written as a reference, so the
+    shards' shared-parameter names must not be the very string objects the tensor names are (the
+    HF reader's names are the key schema's constants)."""
+    d, _ = hf_dir
+    direct = reshard(d, opts=_opts(tmp_path / "direct", fsdp=2))
+    via = reshard(reshard(d, opts=_opts(tmp_path / "ms")), opts=_opts(tmp_path / "via", fsdp=2))
+    files = sorted(f.name for f in direct.glob("*.pt"))
+    assert files == ["checkpoint-model_part-0-shard0.pt", "checkpoint-model_part-0-shard1.pt"]
+    for name in files:
+        assert (direct / name).read_bytes() == (via / name).read_bytes(), name
 
 
 def test_post_layernorm_opt_is_refused(tmp_path):

@@ -15,8 +15,9 @@ import argparse
 import pytest
 import torch
 
+from checkpoints_tools.io import OutputSpec
+from checkpoints_tools.io.host_meta import START_CRITERION
 from checkpoints_tools.ops import CommonOptions, cross, merge
-from checkpoints_tools.writers import OutputSpec, START_CRITERION
 from jam_metaseq.vocab import tiny_manifest
 from _ckpt_util import save_metaseq, tiny_parent
 

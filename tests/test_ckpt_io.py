@@ -16,10 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from checkpoints_tools import layout
+from checkpoints_tools.io import OutputError, OutputSpec
+from checkpoints_tools.io.target import check_free_space
 from checkpoints_tools.ops import CommonOptions, reshard
 from checkpoints_tools.readers import open_checkpoint, read_safetensors_header
 from checkpoints_tools.safe_load import CheckpointError, UnsafePickleError, safe_torch_load
-from checkpoints_tools.writers import OutputError, OutputSpec, check_free_space
 from _ckpt_util import assert_state_equal, ref_mp_split, save_metaseq, tiny_parent
 
 torch.set_num_threads(1)
@@ -184,7 +185,7 @@ def test_consolidated_fsdp_consolidated_identical(tmp_path, parent):
     src = save_metaseq(tmp_path / "src", cfg, state)
     sh = reshard(src, opts=_opts(tmp_path / "fsdp", fsdp=3))
     files = sorted(p.name for p in sh.glob("*.pt"))
-    assert files == ["checkpoint-shard0.pt", "checkpoint-shard1.pt", "checkpoint-shard2.pt"]
+    assert files == [f"checkpoint-model_part-0-shard{j}.pt" for j in range(3)]  # metaseq: 3 processes
     shard0 = torch.load(sh / files[0], weights_only=False)
     md = shard0["shard_metadata"]
     assert md["param_metadata"][0]["fsdp_path"] == "" and md["buffer_names"] == ["decoder.version"]
@@ -370,19 +371,19 @@ def test_hf_index_without_a_weight_map_is_a_clear_error(tmp_path, kind):
        seed=st.integers(0, 2**16))
 def test_zip_crcs_written_beside_the_data_equal_torchs(tmp_path_factory, sizes, seed):
     """TorchStreamWriter runs torch's zip writer without its CRC and fills the CRCs itself
-    (writers.ZipCrcs): the file must be byte for byte what torch's writer writes with its own CRC
+    (zip_crc.ZipCrcs): the file must be byte for byte what torch's writer writes with its own CRC
     (descriptors, central directory, serialization id), for empty, tiny and multi-chunk records,
     and load with torch.load. Control: the same records without the fix-up differ."""
     import io
 
     from torch.serialization import _get_storage_alignment
 
-    from checkpoints_tools import writers
+    from checkpoints_tools.io import torch_zip
 
     d = tmp_path_factory.mktemp("zip")
     g = torch.Generator().manual_seed(seed)
     tensors = [torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8) for n in sizes]
-    w = writers.TorchStreamWriter(d / "ours.pt")
+    w = torch_zip.TorchStreamWriter(d / "ours.pt")
     obj = {f"t{i}": w.add(t) for i, t in enumerate(tensors)}
     sha, nbytes = w.finish(obj)
     ours = (d / "ours.pt").read_bytes()
@@ -393,8 +394,8 @@ def test_zip_crcs_written_beside_the_data_equal_torchs(tmp_path_factory, sizes, 
         for i, t in enumerate(tensors):
             z.write_record(f"data/{i}", t.untyped_storage(), t.numel())
         pkl = io.BytesIO()
-        writers._StubPickler(pkl, protocol=2).dump(
-            {f"t{i}": writers._TensorStub(writers._StorageStub(str(i), t.dtype, t.numel()), t.shape)
+        torch_zip._StubPickler(pkl, protocol=2).dump(
+            {f"t{i}": torch_zip._TensorStub(torch_zip._StorageStub(str(i), t.dtype, t.numel()), t.shape)
              for i, t in enumerate(tensors)})
         align = str(_get_storage_alignment())
         for name, payload in (("data.pkl", pkl.getvalue()), (".format_version", "1"), (".storage_alignment", align),
@@ -415,11 +416,12 @@ def test_zip_crcs_written_beside_the_data_equal_torchs(tmp_path_factory, sizes, 
 
 def test_zip_crcs_refuse_a_layout_they_do_not_know(tmp_path):
     """A write that is not torch's zip layout is an error of that file (never a wrong CRC)."""
-    from checkpoints_tools import writers
+    from checkpoints_tools.io.hashed_file import HashedFile
+    from checkpoints_tools.io.zip_crc import ZipCrcs
 
-    f = writers._HashedFile(tmp_path / "x.pt")
-    z = writers.ZipCrcs(f)
+    f = HashedFile(tmp_path / "x.pt")
+    z = ZipCrcs(f)
     z.write(b"not a zip header at all, 30 by")
-    with pytest.raises(writers.OutputError, match="unexpected zip layout from torch's writer"):
+    with pytest.raises(OutputError, match="unexpected zip layout from torch's writer"):
         f.check()
     f.discard()

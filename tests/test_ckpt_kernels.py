@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from checkpoints_tools import kernels
+from checkpoints_tools.io import OutputSpec
 from checkpoints_tools.ops import CommonOptions, expected_shapes, merge, reshard
 from checkpoints_tools.readers import open_checkpoint
 from checkpoints_tools.workspace import Workspace
-from checkpoints_tools.writers import OutputSpec
 from jam_metaseq.fusion import cross_tensor, merge_tensor, state_shapes, widen_tensor
 from jam_metaseq.models.config import cross_of, preset, uniform_of, width_of
 from _ckpt_util import assert_state_equal, save_metaseq, tiny_parent
@@ -127,10 +127,10 @@ def test_reused_buffers_do_not_leak_between_tensors(two, tmp_path, monkeypatch, 
     buffers, queued behind them) and the writer packs MP pieces into another buffer: every
     written tensor must still be its own (read back against the reference), whichever tensors
     count as small (``SMALL_TENSOR``: none, some, all of the tiny model's)."""
-    from checkpoints_tools import ops
+    from checkpoints_tools.ops import stream
 
-    monkeypatch.setattr(ops, "SMALL_TENSOR", small)
-    monkeypatch.setattr(ops, "SMALL_IN_FLIGHT", 4096)  # the small queue fills and drains
+    monkeypatch.setattr(stream, "SMALL_TENSOR", small)
+    monkeypatch.setattr(stream, "SMALL_IN_FLIGHT", 4096)  # the small queue fills and drains
     cfg, a, b = two
     pa = save_metaseq(tmp_path / "a", cfg, a, mp=2)
     pb = save_metaseq(tmp_path / "b", cfg, b)
@@ -151,7 +151,7 @@ def test_source_hashes_from_the_sources_manifest_only_when_unchanged(two, tmp_pa
     import json
     import os
 
-    from checkpoints_tools.writers import sha256_file
+    from checkpoints_tools.io import sha256_file
 
     cfg, a, _ = two
     src = reshard(save_metaseq(tmp_path / "p", cfg, a),
@@ -187,16 +187,16 @@ def test_source_hashing_is_paced_by_the_stream_and_correct(two, tmp_path, monkey
     import json
     import threading
 
-    from checkpoints_tools import ops
-    from checkpoints_tools.writers import sha256_file
+    from checkpoints_tools.io import sha256_file
+    from checkpoints_tools.ops import provenance, stream
 
     cfg, a, b = two
     pa = save_metaseq(tmp_path / "a", cfg, a, mp=2)
     pb = save_metaseq(tmp_path / "b", cfg, b)
     lead = 4096
-    monkeypatch.setattr(ops, "HASH_LEAD", lead)
+    monkeypatch.setattr(provenance, "HASH_LEAD", lead)
     ahead: list[float] = []  # at each read while the stream runs: read position - stream progress
-    real_wait = ops.SourceHash._wait_until_allowed
+    real_wait = provenance.SourceHash._wait_until_allowed
     go = threading.Event()
 
     def wait(self, pos, size):
@@ -206,10 +206,10 @@ def test_source_hashing_is_paced_by_the_stream_and_correct(two, tmp_path, monkey
         if not self._released.is_set():
             ahead.append(pos - self.reader.read_fraction() * size)
 
-    monkeypatch.setattr(ops.SourceHash, "_wait_until_allowed", wait)
-    real_hash = ops.SourceHash._hash_file
-    monkeypatch.setattr(ops.SourceHash, "_hash_file", lambda self, path: real_hash(self, path, chunk=1024))
-    real_stream_to = ops.stream_to
+    monkeypatch.setattr(provenance.SourceHash, "_wait_until_allowed", wait)
+    real_hash = provenance.SourceHash._hash_file
+    monkeypatch.setattr(provenance.SourceHash, "_hash_file", lambda self, path: real_hash(self, path, chunk=1024))
+    real_stream_to = stream.stream_to
 
     def stream_to(out, produce, **kw):
         def slow_produce(name, buf):  # a stream slower than the hash, as on a real disk
@@ -218,7 +218,7 @@ def test_source_hashing_is_paced_by_the_stream_and_correct(two, tmp_path, monkey
             return produce(name, buf)
         return real_stream_to(out, slow_produce, **kw)
 
-    monkeypatch.setattr(ops, "stream_to", stream_to)
+    monkeypatch.setattr(stream, "stream_to", stream_to)
     out = merge([pa, pb], opts=CommonOptions(spec=OutputSpec(out_dir=tmp_path / "m"), progress=False,
                                              hash_sources="full"))
     sources = json.loads((out / "manifest.json").read_text())["sources"]
@@ -239,12 +239,13 @@ def test_failed_stream_stops_the_source_hashing(two, tmp_path):
     import threading
 
     from checkpoints_tools import ops
+    from checkpoints_tools.io import OutputDir
 
     cfg, a, _ = two
     pa = save_metaseq(tmp_path / "a", cfg, a, mp=2)
     r = open_checkpoint(pa)
     src = ops.source_record("source", r, hash_sources="full")
-    out = ops.OutputDir(OutputSpec(out_dir=tmp_path / "o"), cfg=cfg, shapes=r.shapes())
+    out = OutputDir(OutputSpec(out_dir=tmp_path / "o"), cfg=cfg, shapes=r.shapes())
     calls = []
 
     def produce(name, buf):
@@ -270,22 +271,21 @@ def test_write_behind_windows_keep_outputs_exact(two, tmp_path, monkeypatch):
     sha256 (hashed as written) equals the file's."""
     import json
 
-    from checkpoints_tools import writers
-    from checkpoints_tools.writers import sha256_file
+    from checkpoints_tools.io import hashed_file, sha256_file
 
-    if writers._SYNC_FILE_RANGE is None:
+    if hashed_file._SYNC_FILE_RANGE is None:
         pytest.skip("sync_file_range is Linux-only")
-    monkeypatch.setattr(writers, "WRITE_BEHIND", 8192)
-    monkeypatch.setattr(writers, "_WRITE_CHUNK", 4096)
-    monkeypatch.setattr(writers, "_PARALLEL_HASH_BYTES", 4096)
+    monkeypatch.setattr(hashed_file, "WRITE_BEHIND", 8192)
+    monkeypatch.setattr(hashed_file, "WRITE_CHUNK", 4096)
+    monkeypatch.setattr(hashed_file, "PARALLEL_HASH_BYTES", 4096)
     flushed = []
-    real = writers._HashedFile.close
+    real = hashed_file.HashedFile.close
 
     def close(self):
         flushed.append((self.behind.flushed, self.nbytes))
         return real(self)
 
-    monkeypatch.setattr(writers._HashedFile, "close", close)
+    monkeypatch.setattr(hashed_file.HashedFile, "close", close)
     cfg, a, b = two
     pa = save_metaseq(tmp_path / "a", cfg, a)
     pb = save_metaseq(tmp_path / "b", cfg, b)
@@ -306,7 +306,7 @@ def test_read_ahead_prefetches_exactly_the_coming_tensors_bytes(two, tmp_path, m
     ahead than READ_AHEAD (plus the tensors being produced)."""
     import os
 
-    from checkpoints_tools import ops
+    from checkpoints_tools.ops import stream
 
     cfg, a, b = two
     pa = save_metaseq(tmp_path / "a", cfg, a, mp=2)
@@ -314,7 +314,7 @@ def test_read_ahead_prefetches_exactly_the_coming_tensors_bytes(two, tmp_path, m
     if fmt == "safetensors":
         pa = reshard(pa, opts=CommonOptions(spec=OutputSpec(out_dir=tmp_path / "sa", format="safetensors"),
                                             progress=False, hash_sources="none"))
-    monkeypatch.setattr(ops, "READ_AHEAD", 4096)
+    monkeypatch.setattr(stream, "READ_AHEAD", 4096)
     hints, events = [], []
     real_fadvise = os.posix_fadvise
 
@@ -324,14 +324,14 @@ def test_read_ahead_prefetches_exactly_the_coming_tensors_bytes(two, tmp_path, m
         return real_fadvise(fd, off, n, advice)
 
     monkeypatch.setattr(os, "posix_fadvise", fadvise)
-    real_prefetch = ops.ReadAhead.advance
+    real_prefetch = stream.ReadAhead.advance
 
     def advance(self, name):
         before = self.next
         real_prefetch(self, name)
         events.append((name, before, self.next, self.cum))
 
-    monkeypatch.setattr(ops.ReadAhead, "advance", advance)
+    monkeypatch.setattr(stream.ReadAhead, "advance", advance)
     merge([pa, pb], opts=CommonOptions(spec=OutputSpec(out_dir=tmp_path / "m"), progress=False, hash_sources="none"))
     assert hints and events
     def pieces(path: str) -> set[bytes]:  # the tensors stored in one file, as bytes

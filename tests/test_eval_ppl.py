@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from checkpoints_tools.load import load_model
 from jam_metaseq.eval.io import save_checkpoint
-from jam_metaseq.eval.ppl import perplexity, rolling_windows
+from jam_metaseq.eval.context import document_windows
+from jam_metaseq.eval.ppl import perplexity
 from jam_metaseq.models import build_model, cross_of, preset, width_of
 from jam_metaseq.vocab import VocabManifest, tiny_manifest
 
@@ -48,15 +49,16 @@ def random_docs(n: int, *, seed: int, lengths: tuple[int, int] = (3, 20)) -> lis
     return docs
 
 
-def reference_nll(model, seqs, *, max_len: int, stride: int | None = None, prefix: int = VOCAB.eos):
-    """Independent computation: one sequence at a time, full-window logits, F.cross_entropy."""
+def reference_nll(model, seqs, *, max_len: int, stride: int | None = None):
+    """Independent computation: one sequence at a time from position 0 (its first token context),
+    full-window logits, F.cross_entropy."""
     stride = stride or max_len
     nll, count = 0.0, 0
     per_class = {"text": [0.0, 0], "image": [0.0, 0], "other": [0.0, 0]}
     with torch.no_grad():
         for s in seqs:
-            x = torch.tensor([prefix, *map(int, s)])
-            n = len(s)
+            x = torch.tensor([*map(int, s)])
+            n = len(s) - 1  # targets
             for a in range(0, n, stride):
                 b = min(a + stride, n)
                 lo = max(0, b - max_len)
@@ -82,14 +84,14 @@ def test_hand_computed_constant_predictor():
     b = model.decoder.layer_norm.bias.detach().double().numpy()  # (D,)
     z = E @ b
     logp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))  # log-softmax by hand
-    seqs = [np.array([10, 20, 30]), np.array([70, 71, VOCAB.eos])]
+    seqs = [np.array([10, 20, 30]), np.array([69, 70, 71, VOCAB.eos])]
     r = perplexity(model, seqs, vocab=VOCAB, batch_size=2)
-    # targets: 10, 20, 30 (after the <eos> prefix) and 70, 71, <eos>
-    targets = [10, 20, 30, 70, 71, VOCAB.eos]
+    # targets: 20, 30 and 70, 71, <eos> (each document's first token is context)
+    targets = [20, 30, 70, 71, VOCAB.eos]
     expect = math.exp(-np.mean([logp[t] for t in targets]))
-    assert r["tokens"] == 6
+    assert r["tokens"] == 5
     assert r["ppl"] == pytest.approx(expect, rel=1e-5)
-    assert r["text"]["ppl"] == pytest.approx(math.exp(-np.mean([logp[t] for t in (10, 20, 30)])), rel=1e-5)
+    assert r["text"]["ppl"] == pytest.approx(math.exp(-np.mean([logp[t] for t in (20, 30)])), rel=1e-5)
     assert r["image"]["ppl"] == pytest.approx(math.exp(-np.mean([logp[70], logp[71]])), rel=1e-5)
     assert r["other"]["tokens"] == 1 and r["other"]["ppl"] == pytest.approx(math.exp(-logp[VOCAB.eos]), rel=1e-5)
 
@@ -110,7 +112,7 @@ def test_matches_per_sequence_cross_entropy_with_padding(batch_size):
     seqs = random_docs(7, seed=3)  # lengths differ: batches are right-padded
     r = perplexity(model, seqs, vocab=VOCAB, batch_size=batch_size)
     nll, count, per_class = reference_nll(model, seqs, max_len=32)
-    assert r["tokens"] == count == sum(len(s) for s in seqs)
+    assert r["tokens"] == count == sum(len(s) - 1 for s in seqs)
     assert r["nll"] == pytest.approx(nll, rel=1e-5)
     assert r["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     for cls, (n, c) in per_class.items():
@@ -130,37 +132,40 @@ def test_long_sequences_in_windows(max_len, stride):
 
 def test_window_rule_each_target_once():
     toks = list(range(10, 23))  # 13 tokens
-    ws = rolling_windows(toks, prefix=2, max_len=5, stride=4)
+    ws = document_windows(toks, max_len=5, stride=4)
     got = [t for w in ws for t in w.targets]
-    assert got == toks
+    assert got == toks[1:]  # every token but the first, once
     for w in ws:
         assert len(w.inputs) <= 5
-        x = [2, *toks]
         # the scored positions' next tokens are the targets
-        assert x[x.index(w.inputs[0]) + 1 : x.index(w.inputs[0]) + len(w.inputs) + 1][-len(w.targets):] == w.targets
-    assert ws[-1].inputs == [2, *toks][13 - 5 : 13]  # the last window reaches back to max_len
+        i = toks.index(w.inputs[0])
+        assert toks[i + 1 : i + len(w.inputs) + 1][-len(w.targets):] == w.targets
+    assert ws[0].inputs[0] == toks[0]  # nothing before the document
+    assert ws[-1].inputs == toks[12 - 5 : 12]  # the last window reaches back to max_len
+    # from a later token on (a continuation after its context): the same windows' tail
+    tail = document_windows(toks, max_len=5, first_target=9)
+    assert [t for w in tail for t in w.targets] == toks[9:] and tail[-1].inputs == toks[7:12]
     with pytest.raises(ValueError, match="stride"):
-        rolling_windows(toks, prefix=2, max_len=5, stride=6)
+        document_windows(toks, max_len=5, stride=6)
+    with pytest.raises(ValueError, match="first token has no context"):
+        document_windows(toks, max_len=5, first_target=0)
 
 
-def test_loss_mask_and_prefix():
+def test_loss_mask():
     model = tiny_model(seed=6)
     seqs = random_docs(3, seed=7)
-    masks = [np.arange(len(s)) >= 2 for s in seqs]  # drop each sequence's first two targets
+    masks = [np.arange(len(s)) >= 3 for s in seqs]  # drop tokens 1 and 2 (token 0 is never a target)
     r = perplexity(model, seqs, vocab=VOCAB, masks=masks)
     full = perplexity(model, seqs, vocab=VOCAB)
-    assert r["tokens"] == full["tokens"] - 6
+    assert full["tokens"] == sum(len(s) - 1 for s in seqs) and r["tokens"] == full["tokens"] - 6
     # reference: the masked targets' own losses, recomputed
     drop = 0.0
     with torch.no_grad():
         for s in seqs:
-            x = torch.tensor([VOCAB.eos, *map(int, s)])
+            x = torch.tensor([*map(int, s)])
             lp = F.log_softmax(model(x[None])[0].double(), -1)
             drop -= float(lp[0, x[1]] + lp[1, x[2]])
     assert r["nll"] == pytest.approx(full["nll"] - drop, rel=1e-5)
-    # without a prefix the first token is context only
-    nopre = perplexity(model, seqs, vocab=VOCAB, prefix=None)
-    assert nopre["tokens"] == full["tokens"] - len(seqs)
 
 
 @pytest.mark.parametrize("arch", ["width", "cross"])
@@ -238,12 +243,12 @@ def test_cli_ppl_jsonl_and_binarized(ckpt, tmp_path, capsys):
                       BYTES_VOCAB.eos]) for d in caption_docs]
     nll, count = 0.0, 0
     with torch.no_grad():
-        for s in seqs:
-            x = torch.tensor([BYTES_VOCAB.eos, *s.tolist()])
+        for s in seqs:  # each document alone from position 0: its first token is context
+            x = torch.tensor(s.tolist())
             nll += float(F.cross_entropy(model(x[None, :-1])[0], x[1:], reduction="sum"))
-            count += len(s)
+            count += len(s) - 1
     assert a["tokens"] == count and a["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
-    assert a["image"]["tokens"] == 4 * 4 and a["text"]["tokens"] == sum(len(d[0]["text"]) for d in caption_docs)
+    assert a["image"]["tokens"] == 4 * 4 and a["text"]["tokens"] == sum(len(d[0]["text"]) - 1 for d in caption_docs)
     printed = capsys.readouterr().out
     assert "coco.jsonl" in printed and f"{a['ppl']:.3f}" in printed
 
@@ -295,3 +300,49 @@ def test_cli_ppl_on_jam_ckpt_cross_output(tmp_path, capsys):
     seqs, _ = read_sequences(data, vocab=BYTES_VOCAB, text_tokenizer=ByteTokenizer())
     expect = perplexity(fused.eval(), seqs, vocab=BYTES_VOCAB)
     assert r["ppl"] == pytest.approx(expect["ppl"], rel=1e-5)
+
+
+# ---- the evaluation context is the training context ---------------------------------------------
+@pytest.mark.parametrize("break_mode", ["complete", "eos"])
+def test_a_document_is_scored_in_the_context_training_gives_it(tmp_path, break_mode):
+    """The evaluation rule (eval.context) against the real training task: documents binarized as
+    jam run binarizes them (blocks of T + 1 tokens), the task's training items (CM3Items, the code
+    both hosts train on, with no span drawn) and their batch (collate). Every document that starts
+    a block (with break_mode eos: every document) is scored on exactly its training row: the same
+    tokens before every target, the same targets, each counted by training. Putting anything
+    before a document (an <eos>, as jam-eval once did) or dropping its first token breaks this."""
+    from jam_metaseq.data.binarize import binarize, open_dataset
+    from jam_metaseq.task.items import CM3Items, TaskOptions, collate
+    from jam_metaseq.data.tokenizers import ByteTokenizer
+    from jam_metaseq.objectives.cm3 import CM3Config
+
+    T = 40
+    rng = np.random.default_rng(0)
+    docs = []
+    for i in range(12):
+        words = " ".join(["red", "square", "on", "grey", "picture", "of", "a"][j] for j in rng.integers(0, 7, 1 + i % 4))
+        docs.append([{"text": words}] + ([{"image_tokens": [int(c) for c in rng.integers(0, 16, 4)]}] if i % 3 else []))
+    jsonl = _write_jsonl(tmp_path / "docs.jsonl", docs)
+    prefix = tmp_path / "data" / "train" / "mix"
+    binarize(jsonl, out_prefix=prefix, vocab=BYTES_VOCAB, text_tokenizer=ByteTokenizer(), block_size=T + 1,
+             break_mode=break_mode, progress=False)
+    ds = open_dataset(prefix)
+    opts = TaskOptions(data=str(tmp_path / "data"), tokens_per_sample=T, seed=3,
+                       cm3=CM3Config(mode="fixed", min_spans=0, max_spans=0, num_spans=0))
+    items = CM3Items({"mix": ds}, vocab=BYTES_VOCAB, opts=opts, train=True, epoch=1)
+    batch = collate([items[i] for i in range(len(items))], pad=BYTES_VOCAB.pad)
+    src, tgt, w = batch["net_input"]["src_tokens"], batch["target"], batch["loss_weights"]
+    blocks = [ds[b]["tokens"].tolist() for b in range(len(ds))]
+    assert max(len(b) for b in blocks) <= T + 1 and (break_mode == "eos") == (len(blocks) == len(docs))
+    checked = set()
+    for r in range(src.shape[0]):
+        n = int(batch["net_input"]["src_lengths"][r])
+        row_in, row_tgt = src[r, :n].tolist(), tgt[r, :n].tolist()
+        b = blocks.index(row_in + row_tgt[-1:])  # the block this training row was made of
+        doc = blocks[b][: blocks[b].index(BYTES_VOCAB.eos) + 1]  # the document that starts it
+        (win,) = document_windows(doc, max_len=T)
+        k = len(win.targets)
+        assert win.inputs == row_in[:k] and win.targets == row_tgt[:k]
+        assert bool((w[r, :k] == 1).all())  # training counts every target the evaluation scores
+        checked.add(b)
+    assert checked == set(range(len(blocks)))  # one epoch: every block, so every block-starting document

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _generation_util import ARCHS, PROMPTS, T0, VOCAB, float64, one_thread, tiny_config  # noqa: F401
+from _generation_util import ARCHS, FAMILY_ARCHS, PROMPTS, T0, VOCAB, float64, one_thread, tiny_config  # noqa: F401
 from _model_util import randomize_
 from jam_metaseq.generation.engine import Engine, GenerationConfig
 from jam_metaseq.generation.sampling import SamplingConfig
@@ -67,7 +67,7 @@ GENERATION_CASES = {
 
 
 # ---- logits --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + FAMILY_ARCHS)
 @pytest.mark.parametrize("key_block", [0, 4, 256])
 def test_static_steps_give_the_eager_logits(arch, key_block):
     """Prefill of left-padded CFG rows, then one-token steps (some all-columns, some image-only)."""
@@ -283,7 +283,7 @@ def test_span_must_cover_the_chunk(model):
 
 
 # ---- CUDA ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=ARCHS + FAMILY_ARCHS)
 def cuda_model(request):
     torch.manual_seed(0)
     return build_model(tiny_config(request.param)).eval().cuda()

@@ -35,13 +35,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints_tools import writers
 from checkpoints_tools.cli import main
+from checkpoints_tools.io import OutputError, OutputSpec, hashed_file, output_dir
+from checkpoints_tools.io import target as output_target
+from checkpoints_tools.io.safetensors import SafetensorsStreamWriter
+from checkpoints_tools.io.target import check_output_target
+from checkpoints_tools.io.torch_zip import TorchStreamWriter
 from checkpoints_tools.load import verify_checkpoint
 from checkpoints_tools.ops import CommonOptions, merge, reshard
 from checkpoints_tools.readers import MetaseqReader, ReplicaMismatchWarning, open_checkpoint
 from checkpoints_tools.safe_load import CheckpointError
-from checkpoints_tools.writers import OutputError, OutputSpec, check_output_target
 from _ckpt_util import save_metaseq, tiny_parent
 
 torch.set_num_threads(1)
@@ -179,7 +182,7 @@ def test_overwrite_is_atomic_and_a_failed_swap_keeps_the_old_output(parents, tmp
     out = reshard(parents["a"], opts=_opts(tmp_path / "out"))
     old = _tree(out)
     if not exchange:
-        monkeypatch.setattr(writers, "rename_special", lambda src, dst, flags: False)
+        monkeypatch.setattr(output_target, "rename_special", lambda src, dst, flags: False)
     real_rmtree = shutil.rmtree
 
     def rmtree(path, *a, **k):  # whatever is removed, it is never OUT: OUT stays complete throughout
@@ -203,10 +206,10 @@ def test_overwrite_is_atomic_and_a_failed_swap_keeps_the_old_output(parents, tmp
                 raise KeyboardInterrupt
             return real_rename(src, dst)
 
-        monkeypatch.setattr(writers.os, "rename", rename)
+        monkeypatch.setattr(output_target.os, "rename", rename)
         with pytest.raises(KeyboardInterrupt):
             reshard(parents["a"], opts=_opts(out, overwrite=True))
-        monkeypatch.setattr(writers.os, "rename", real_rename)
+        monkeypatch.setattr(output_target.os, "rename", real_rename)
         assert _tree(out) == replaced
         assert _leftovers(tmp_path, "out") == []
     assert old != replaced
@@ -233,9 +236,9 @@ def test_a_directory_that_appears_while_writing_is_not_clobbered(parents, tmp_pa
 _DIE_DURING_REPLACE = """
 import json, os, signal, sys
 from pathlib import Path
-from checkpoints_tools import writers
+from checkpoints_tools.io import OutputSpec
+from checkpoints_tools.io import target as output_target
 from checkpoints_tools.ops import CommonOptions, reshard
-from checkpoints_tools.writers import OutputSpec
 src, out, mode, die_at = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 steps = []
 def die_after(fn):
@@ -247,11 +250,11 @@ def die_after(fn):
         return r
     return wrapped
 if mode == "aside":  # no RENAME_EXCHANGE: rename the old output aside, the new one in
-    writers.rename_special = lambda s, d, flags: False
-    writers.os.rename = die_after(os.rename)
+    output_target.rename_special = lambda s, d, flags: False
+    output_target.os.rename = die_after(os.rename)
 else:
-    writers.rename_special = die_after(writers.rename_special)
-writers._remove_tree = die_after(writers._remove_tree)
+    output_target.rename_special = die_after(output_target.rename_special)
+output_target.remove_tree = die_after(output_target.remove_tree)
 reshard(src, opts=CommonOptions(spec=OutputSpec(out_dir=out, overwrite=True, mp=2), progress=False,
                                 hash_sources="none"))
 """
@@ -288,10 +291,11 @@ def test_death_at_any_step_of_a_replace_leaves_a_complete_output(parents, tmp_pa
 _WRITE_UNTIL_FULL = """
 import contextlib, io, json, os, resource, shutil, signal, sys
 from pathlib import Path
-from checkpoints_tools import cli, writers
+from checkpoints_tools import cli
+from checkpoints_tools.io import output_dir
 jobs = json.loads(sys.argv[1])
 # The disk fills after the up-front free-space check (another writer, a growing log).
-writers.check_free_space = lambda out, need: None
+output_dir.check_free_space = lambda out, need: None
 if jobs[0].get("fsize"):
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 results = []
@@ -402,17 +406,17 @@ def test_any_abort_removes_the_temp_dir(parents, tmp_path, monkeypatch, fmt, whe
     if where == "reader":
         monkeypatch.setattr(MetaseqReader, "get_into", _interrupting(MetaseqReader.get_into, at, exc))
     elif where == "writer-thread":
-        cls = writers.SafetensorsStreamWriter if fmt == "safetensors" else writers.TorchStreamWriter
+        cls = SafetensorsStreamWriter if fmt == "safetensors" else TorchStreamWriter
         # TorchStreamWriter.add(t) / SafetensorsStreamWriter.add(name, t): run on a writer thread
         monkeypatch.setattr(cls, "add", _interrupting(cls.add, at, exc))
     elif where == "sources":  # between the output's checks and the stream (a temp dir used to exist by then)
-        from checkpoints_tools import ops
+        from checkpoints_tools.ops.provenance import SourceHash
 
-        monkeypatch.setattr(ops.SourceHash, "__init__", _interrupting(ops.SourceHash.__init__, at, exc))
+        monkeypatch.setattr(SourceHash, "__init__", _interrupting(SourceHash.__init__, at, exc))
     elif where == "manifest":
-        monkeypatch.setattr(writers, "write_json_fsync", _interrupting(writers.write_json_fsync, at, exc))
+        monkeypatch.setattr(output_dir, "write_json_fsync", _interrupting(output_dir.write_json_fsync, at, exc))
     else:
-        monkeypatch.setattr(writers._HashedFile, "close", _interrupting(writers._HashedFile.close, at, exc))
+        monkeypatch.setattr(hashed_file.HashedFile, "close", _interrupting(hashed_file.HashedFile.close, at, exc))
     with pytest.raises(exc, match="injected"):
         merge([parents["a"], parents["b"]], opts=_opts(out, format=fmt, mp=1 if fmt == "safetensors" else 2))
     assert not out.exists()
@@ -422,16 +426,16 @@ def test_any_abort_removes_the_temp_dir(parents, tmp_path, monkeypatch, fmt, whe
 _INTERRUPT_IN_ZIP_CALLBACK = """
 import sys
 from pathlib import Path
-from checkpoints_tools import writers
+from checkpoints_tools.io import OutputSpec
+from checkpoints_tools.io.hashed_file import WriteBehind
 from checkpoints_tools.ops import CommonOptions, reshard
-from checkpoints_tools.writers import OutputSpec
-real, n = writers.WriteBehind.wrote, [0]
-def wrote(self, total):  # runs inside _HashedFile.write, i.e. inside torch's zip writer callback
+real, n = WriteBehind.wrote, [0]
+def wrote(self, total):  # runs inside HashedFile.write, i.e. inside torch's zip writer callback
     n[0] += 1
     if n[0] == 5:
         raise KeyboardInterrupt("injected")
     return real(self, total)
-writers.WriteBehind.wrote = wrote
+WriteBehind.wrote = wrote
 out = Path(sys.argv[2])
 try:
     reshard(sys.argv[1], opts=CommonOptions(spec=OutputSpec(out_dir=out), progress=False, hash_sources="none"))
@@ -455,7 +459,7 @@ import os, signal, sys
 from pathlib import Path
 from checkpoints_tools.ops import CommonOptions, merge
 from checkpoints_tools.readers import MetaseqReader
-from checkpoints_tools.writers import OutputSpec
+from checkpoints_tools.io import OutputSpec
 
 def on_term(signum, frame):  # what every jam CLI's top-level handler does with SIGTERM
     raise KeyboardInterrupt("SIGTERM")
@@ -535,7 +539,7 @@ def test_stale_temp_dirs_of_dead_runs_are_swept(parents, tmp_path, capfd):
     dead.wait()
     host = socket.gethostname()
     me = os.getpid()
-    mine_start = writers._proc_start_time(me)
+    mine_start = output_target._proc_start_time(me)
     made = {
         "dead": f".out.tmp-{dead.pid}-12345-abcd1234@{host}",
         "reused-pid": f".out.tmp-{me}-{mine_start + 1}-abcd1234@{host}",  # our pid, another start: dead
@@ -774,7 +778,7 @@ def test_tensor_in_two_safetensors_files_is_refused(tmp_path):
 def test_torch_zip_storage_larger_than_its_record_is_refused(tmp_path):
     """torch.load(mmap=True) reads such a storage on into the next records (a wrong tensor)."""
     f = tmp_path / "lie.pt"
-    w = writers.TorchStreamWriter(f)
+    w = TorchStreamWriter(f)
     a = w.add(torch.arange(4, dtype=torch.float32))
     b = w.add(torch.full((4,), 7.0))
     a.storage.numel, a.shape = 8, (8,)  # the pickle claims 8 floats; the record holds 4

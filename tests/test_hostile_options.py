@@ -43,11 +43,13 @@ def _all_parsers() -> dict[str, argparse.ArgumentParser]:
     from jam_metaseq.data.cli import build_parser as data
     from jam_metaseq.eval.cli import build_parser as evaluate
     from jam_metaseq.generation.cli import build_parser as generate
-    from jam_metaseq.hosts.args import add_criterion_args, add_model_args, add_task_args
+    from jam_metaseq.flags import add_criterion_args, add_model_args, add_task_args
     from jam_metaseq.image_tokenizer.cli import build_parser as vq
     from jam_metaseq.pipeline.run import build_parser as run
     from jam_metaseq.quickstart import build_parser as quickstart
     from jam_metaseq.retrieval.cli import build_parser as retrieval
+    from jam_metaseq.generation.chat_cli import build_parser as chat
+    from jam_metaseq.serve.cli import build_parser as serve
     from launch.cli import build_parser as launch
 
     hosts = argparse.ArgumentParser()
@@ -55,7 +57,7 @@ def _all_parsers() -> dict[str, argparse.ArgumentParser]:
         add(hosts)
     return {"jam-ckpt": ckpt(), "jam-data": data(), "jam-eval": evaluate(), "jam-generate": generate(),
             "jam-vq": vq(), "jam-retrieval": retrieval(), "jam-launch": launch(), "jam quickstart": quickstart(),
-            "jam run": run(), "fairseq/metaseq-train --user-dir jam_metaseq": hosts}
+            "jam run": run(), "jam chat": chat(), "jam serve": serve(), "fairseq/metaseq-train --user-dir jam_metaseq": hosts}
 
 
 def _actions(parser: argparse.ArgumentParser, prefix: str):

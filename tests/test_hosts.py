@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from _hosts_util import (
-    LIBRARY, USER_DIR, VOCAB, fresh_interpreter, fused_checkpoint, installed_copy, library_leaves_host_alone,
-    make_data, user_dir_registers,
+    LIBRARY, USER_DIR, VOCAB, fresh_interpreter, fused_checkpoint, installed_copy, library_after_host_registers,
+    library_leaves_host_alone, make_data, user_dir_registers,
 )
+from jam_metaseq import flags as jam_flags
 from jam_metaseq.hosts import args as jam_args
-from jam_metaseq.data.items import (
+from jam_metaseq.task.items import (
     CM3Items, DataSetupError, TaskOptions, collate, find_sources, load_manifest, parse_mixture,
 )
 from jam_metaseq.hosts.compat import check_start_checkpoint
@@ -29,7 +30,7 @@ from jam_metaseq.objectives.cm3 import CM3Config, cm3_inverse
 def _filled(arch: str, **flags) -> argparse.Namespace:
     family, size = jam_args.arch_names()[arch]
     p = argparse.ArgumentParser()
-    jam_args.add_model_args(p)
+    jam_flags.add_model_args(p)
     ns = p.parse_args([])
     for k, v in flags.items():
         setattr(ns, k, v)
@@ -40,23 +41,23 @@ def _filled(arch: str, **flags) -> argparse.Namespace:
 # ---- flags <-> configs -------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", sorted(jam_args.arch_names()))
 def test_args_config_round_trip(arch):
-    cfg = jam_args.config_from_args(_filled(arch), vocab_size=VOCAB.size)
-    back = argparse.Namespace(**jam_args.args_from_config(cfg))
-    assert jam_args.config_from_args(back, vocab_size=VOCAB.size).to_dict() == cfg.to_dict()
+    cfg = jam_flags.config_from_args(_filled(arch), vocab_size=VOCAB.size)
+    back = argparse.Namespace(**jam_flags.args_from_config(cfg))
+    assert jam_flags.config_from_args(back, vocab_size=VOCAB.size).to_dict() == cfg.to_dict()
 
 
 def test_sized_archs_match_the_paper():
     c7 = PRESETS["cm3leon_7b"]
-    width = jam_args.config_from_args(_filled("jam_width_7b"), vocab_size=c7.vocab_size)
+    width = jam_flags.config_from_args(_filled("jam_width_7b"), vocab_size=c7.vocab_size)
     assert (width.embed_dim, width.layers, width.bias, width.affine_ln) == (8192, 32, False, False)
-    cross = jam_args.config_from_args(_filled("jam_cross_7b"), vocab_size=c7.vocab_size)
+    cross = jam_flags.config_from_args(_filled("jam_cross_7b"), vocab_size=c7.vocab_size)
     assert isinstance(cross, CrossConfig) and cross.cross_every == 2 and len(cross.cross_after) == 16
-    assert jam_args.config_from_args(_filled("jam_cross"), vocab_size=100).parent.embed_dim == 4096
-    none = jam_args.config_from_args(_filled("jam_cross_7b", cross_every=0), vocab_size=c7.vocab_size)
+    assert jam_flags.config_from_args(_filled("jam_cross"), vocab_size=100).parent.embed_dim == 4096
+    none = jam_flags.config_from_args(_filled("jam_cross_7b", cross_every=0), vocab_size=c7.vocab_size)
     assert none.cross_after == []  # Table 4 "no cross-attention"
     # flags given by the user win over the arch
     ns = _filled("jam_uniform_tiny", decoder_layers=3, disable_bias=True)
-    cfg = jam_args.config_from_args(ns, vocab_size=VOCAB.size)
+    cfg = jam_flags.config_from_args(ns, vocab_size=VOCAB.size)
     assert cfg.layers == 3 and cfg.bias is False and cfg.embed_dim == PRESETS["tiny"].embed_dim
     assert ns.decoder_learned_pos and ns.share_decoder_input_output_embed  # metaseq requires both
 
@@ -64,21 +65,21 @@ def test_sized_archs_match_the_paper():
 def test_cross_parameter_counts_follow_table_4():
     """Paper: 13B (no cross), 16B / 19B / 26B with a cross pair every 4 / 2 / 1 layers."""
     vocab = PRESETS["cm3leon_7b"].vocab_size
-    counts = {k: count_parameters(jam_args.config_from_args(_filled("jam_cross_7b", cross_every=k),
+    counts = {k: count_parameters(jam_flags.config_from_args(_filled("jam_cross_7b", cross_every=k),
                                                             vocab_size=vocab)) / 1e9 for k in (0, 4, 2, 1)}
     for k, paper in ((0, 13), (4, 16), (2, 19), (1, 26)):  # the paper's rounded sizes
         assert abs(counts[k] - paper) < 1.0, counts
 
 
 def test_stored_config_wins_and_vocab_must_match():
-    cfg = jam_args.config_from_args(_filled("jam_width_tiny"), vocab_size=VOCAB.size)
+    cfg = jam_flags.config_from_args(_filled("jam_width_tiny"), vocab_size=VOCAB.size)
     ns = _filled("jam_uniform_7b")
     ns.jam_config = cfg.to_dict()
-    assert jam_args.config_from_args(ns, vocab_size=VOCAB.size).to_dict() == cfg.to_dict()
-    with pytest.raises(ValueError, match="112 embedding rows but the dictionary has 120"):
-        jam_args.config_from_args(ns, vocab_size=120)
+    assert jam_flags.config_from_args(ns, vocab_size=VOCAB.size).to_dict() == cfg.to_dict()
+    with pytest.raises(ValueError, match="vocab manifest has 120 ids but the checkpoint's embedding has 112 rows"):
+        jam_flags.config_from_args(ns, vocab_size=120)
     with pytest.raises(ValueError, match="no JAM family"):
-        jam_args.config_from_args(argparse.Namespace(), vocab_size=VOCAB.size)
+        jam_flags.config_from_args(argparse.Namespace(), vocab_size=VOCAB.size)
 
 
 # ---- data items --------------------------------------------------------------------------------
@@ -157,12 +158,12 @@ def test_start_checkpoint_check(tmp_path):
     from jam_metaseq.vocab import tiny_manifest
 
     path = fused_checkpoint("jam_uniform", tmp_path, use_cli=False)
-    cfg = jam_args.config_from_args(_filled("jam_uniform_tiny"), vocab_size=VOCAB.size)
+    cfg = jam_flags.config_from_args(_filled("jam_uniform_tiny"), vocab_size=VOCAB.size)
     check_start_checkpoint(path, config=cfg, vocab=VOCAB)  # fits
     big = tiny_manifest(text_size=72)
     with pytest.raises(ValueError, match=f"vocab manifest has {big.size} ids but the checkpoint"):
         check_start_checkpoint(path, config=cfg, vocab=big)
-    wide = jam_args.config_from_args(_filled("jam_width_tiny"), vocab_size=VOCAB.size)
+    wide = jam_flags.config_from_args(_filled("jam_width_tiny"), vocab_size=VOCAB.size)
     with pytest.raises(ValueError, match="has shape .* but the model .* expects"):
         check_start_checkpoint(path, config=wide, vocab=VOCAB)
     with pytest.raises(ValueError, match="written for model-parallel size 1, the run uses --model-parallel-size 2"):
@@ -227,16 +228,23 @@ def test_fairseq_criterion_is_cm3_loss():
     assert 0 < float(sample_size) < float(ref.ntokens)  # weights < 1 did reach the loss
 
 
-# ---- registration happens when a host imports us as its --user-dir, and only then ---------------
-@pytest.mark.parametrize("host_first", [False, True], ids=["library-first", "host-first"])
-def test_importing_the_library_changes_no_host(host_first):
-    """Importing jam_metaseq, its models and the checkpoint tools from a notebook or a tool
-    registers nothing and patches nothing: no import hook, fairseq's registries, checkpoint_utils
-    and broadcast as shipped, whether fairseq was imported before or after."""
+# ---- registration happens when the package is imported with a host there (--user-dir) ------------
+def test_importing_the_library_first_changes_no_host():
+    """Importing jam_metaseq, its models and the checkpoint tools from a notebook or a tool, before
+    any host, imports no host and patches nothing: no import hook, fairseq's registries,
+    checkpoint_utils and broadcast as shipped once fairseq is imported afterwards."""
     pytest.importorskip("fairseq")
     root = str(Path(USER_DIR).parent)
-    assert "UNTOUCHED" in fresh_interpreter(library_leaves_host_alone("fairseq", host_first=host_first),
-                                 pythonpath=root, cwd=root).stdout
+    assert "UNTOUCHED" in fresh_interpreter(library_leaves_host_alone("fairseq"), pythonpath=root, cwd=root).stdout
+
+
+def test_importing_the_package_after_fairseq_registers_with_it():
+    """The package's import is the --user-dir entry point: with fairseq imported, it registers the
+    archs, task and criterion and installs the shims, once; the rest of the library adds nothing."""
+    pytest.importorskip("fairseq")
+    root = str(Path(USER_DIR).parent)
+    assert "REGISTERED" in fresh_interpreter(library_after_host_registers("fairseq"), pythonpath=root,
+                                             cwd=root).stdout
 
 
 @pytest.mark.parametrize("route", ["checkout", "installed"])

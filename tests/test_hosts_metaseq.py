@@ -35,16 +35,25 @@ def data(tmp_path_factory) -> Path:
     return make_data(tmp_path_factory.mktemp("msdata"), n_train=8, n_valid=4)
 
 
-@pytest.mark.parametrize("host_first", [False, True], ids=["library-first", "host-first"])
-def test_importing_the_library_changes_no_host(host_first):
-    """Importing jam_metaseq, its models and the checkpoint tools registers nothing with metaseq
-    and patches nothing (registries, checkpoint_utils, broadcast, import hooks), in either order."""
+def test_importing_the_library_first_changes_no_host():
+    """Importing jam_metaseq, its models and the checkpoint tools before metaseq imports no host
+    and patches nothing (registries, checkpoint_utils, broadcast, import hooks)."""
     _real_metaseq()
     from _hosts_util import USER_DIR, fresh_interpreter, library_leaves_host_alone
 
     root = str(Path(USER_DIR).parent)
-    assert "UNTOUCHED" in fresh_interpreter(library_leaves_host_alone("metaseq", host_first=host_first),
-                                            pythonpath=root, cwd=root).stdout
+    assert "UNTOUCHED" in fresh_interpreter(library_leaves_host_alone("metaseq"), pythonpath=root, cwd=root).stdout
+
+
+def test_importing_the_package_after_metaseq_registers_with_it():
+    """The package's import is the --user-dir entry point: with metaseq imported, it registers
+    the archs, task and criterion and installs the shims; the rest of the library adds nothing."""
+    _real_metaseq()
+    from _hosts_util import USER_DIR, fresh_interpreter, library_after_host_registers
+
+    root = str(Path(USER_DIR).parent)
+    assert "REGISTERED" in fresh_interpreter(library_after_host_registers("metaseq"), pythonpath=root,
+                                             cwd=root).stdout
 
 
 @pytest.mark.parametrize("route", ["checkout", "installed"])
@@ -83,11 +92,12 @@ def test_metaseq_model_keys_and_logits_match_the_core(tmp_path):
     """Defect 1: metaseq's BaseModel.__init__ takes the decoder (TypeError without it)."""
     _real_metaseq()
     from _hosts_util import VOCAB, fused_checkpoint
+    from jam_metaseq import flags as jam_flags
     from jam_metaseq.hosts import args as jam_args
     from jam_metaseq.hosts.metaseq import JamMetaseqModel, dictionary_from_manifest
 
     p = argparse.ArgumentParser()
-    jam_args.add_model_args(p)
+    jam_flags.add_model_args(p)
     ns = p.parse_args([])
     jam_args.apply_arch_defaults(ns, family="jam_cross", size="tiny")
     ns.cross_every = 1

@@ -252,20 +252,18 @@ def test_launch_command_is_metaseq_trains_flag_for_flag(stage):
 
 
 def test_launch_command_trains_with_tiny_sizes(data, fused, tmp_path):
-    """The alignment command as written, with only sizes, paths and the GPU flags swapped for a
-    CPU run (fully_sharded and bf16 need CUDA), trains 2 updates from jam-ckpt's output."""
+    """The alignment command as written, in one process: paths and sizes swapped, the GPU-only
+    flags swapped for CPU ones (``_launch_cpu.cpu_argv``, the swap the fully-sharded script runs
+    of ``test_hosts_metaseq_fsdp.py`` use), pytorch_ddp on one process; trains 2 updates from
+    jam-ckpt's output."""
+    from _launch_cpu import cpu_argv
+
     cmd = _dry_run_command("--stage", "alignment")
     paths = {"/data/jam": str(data), "/ck/jam": str(tmp_path / "run"), "/ck/fused/checkpoint.pt": str(fused[1])}
     values = {"--arch": "jam_cross_tiny", "--tokens-per-sample": "32", "--max-tokens": "128", "--batch-size": "4",
               "--update-freq": "2", "--max-update": "2", "--total-num-update": "2", "--ddp-backend": "pytorch_ddp",
               "--distributed-world-size": "1"}
-    argv: list[str] = []
-    for a in cmd[1:]:
-        if a in ("--bf16", "--fp16"):  # CUDA only
-            continue
-        argv.append(values[argv[-1]] if argv and argv[-1] in values else paths.get(a, a))
-    run_cli("metaseq-train", *argv, "--cross-every", "1", "--cpu", "--distributed-backend", "gloo",
-            "--num-workers", "0")
+    run_cli("metaseq-train", *cpu_argv([paths.get(a, a) for a in cmd[1:]], values=values), "--cross-every", "1")
     assert updates_of(tmp_path / "run" / "checkpoint_last.pt") == 2
 
 

@@ -125,3 +125,34 @@ def test_restore_is_skipped_on_resubmission():
 def test_every_stage_has_paper_numbers():
     assert STAGES["alignment"].max_update * STAGES["alignment"].batch_tokens == pytest.approx(50e9, rel=0.01)
     assert STAGES["instruct"].max_epoch == 15
+
+
+@pytest.mark.parametrize("host", ["fairseq", "metaseq"])
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_command_has_each_flag_once(capsys, host, stage):
+    """What `jam-launch --dry-run` prints can be read as it is: each flag once per command, also
+    when extra flags after -- override the recipe's (they take its place; the host reads the same
+    value it read when they were appended)."""
+    arch = "jam_cross_7b"
+    assert main(["--stage", stage, "--host", host, "--data", "/d", "--save-dir", "/s", "--arch", arch,
+                 "--restore-file", "/w.pt", "--dry-run", "--", "--weight-decay", "0.05", "--log-interval", "1",
+                 "--ddp-backend", "legacy_ddp", "--decoder-layers", "8", "--no-epoch-checkpoints"]) == 0
+    cmds = _commands(capsys.readouterr().out)
+    assert len(cmds) == (4 if stage == "ablation_cross" else 1)
+    for cmd in cmds:
+        flags = [w for w in cmd if w.startswith("--")]
+        assert len(flags) == len(set(flags)), sorted({f for f in flags if flags.count(f) > 1})
+        assert _flag(cmd, "--weight-decay") == "0.05" and _flag(cmd, "--log-interval") == "1"
+        assert _flag(cmd, "--ddp-backend") == "legacy_ddp" and _flag(cmd, "--decoder-layers") == "8"
+        assert cmd[-1] == "--no-epoch-checkpoints"
+
+
+def test_merge_flags_replaces_in_place_and_appends_new_flags():
+    from launch.slurm import merge_flags
+
+    cmd = ["fairseq-train", "/d", "--lr", "1e-3", "--bf16", "--adam-betas", "(0.9, 0.95)", "--seed", "1"]
+    out = merge_flags(cmd, ["--adam-betas", "(0.9, 0.98)", "--cpu", "--bf16", "--distributed-port", "-1",
+                            "--seed", "2", "--seed", "3"])
+    assert out == ["fairseq-train", "/d", "--lr", "1e-3", "--bf16", "--adam-betas", "(0.9, 0.98)", "--seed", "3",
+                   "--cpu", "--distributed-port", "-1"]
+    assert merge_flags(cmd, []) == cmd

@@ -1,6 +1,6 @@
 """Incremental decoding with the explicit ``KVCache`` equals the full forward pass,
 for the parent decoder, JAM-Width (a twice-as-wide ``DecoderLM``, §2.1.2) and JAM-Cross (§2.1.3,
-cross blocks every 1 / 2 / no layers), with and without left padding.
+cross blocks every 1 / 2 / no layers), OPT and Llama family, with and without left padding.
 """
 
 from __future__ import annotations
@@ -9,19 +9,24 @@ import pytest
 import torch
 
 from _model_util import left_pad, randomize_, random_tokens, tiny_cfg
-from jam_metaseq.models import DecoderLM, JamCrossLM, build_model, cross_of, width_of
+from jam_metaseq.models import DecoderLM, JamCrossLM, build_model, cross_of, preset, width_of
 
 ATOL = 1e-5
 
 
 def _models():
     parent = tiny_cfg(layers=3)
+    llama, gemma = preset("llama_tiny", layers=3), preset("gemma_tiny")
     return {
         "decoder": parent,
         "width": width_of(parent),
         "cross_every_1": cross_of(parent, 1),
         "cross_every_2": cross_of(parent, 2),
         "cross_every_0": cross_of(parent, 0),
+        # The Llama family (rotary positions per row, grouped k/v heads in the cache, Gemma's head width)
+        "llama": llama,
+        "gemma_width": width_of(gemma),
+        "llama_cross_every_2": cross_of(llama, 2),
     }
 
 

@@ -19,8 +19,9 @@ from jam_metaseq.models.config import cross_of, preset, uniform_of, width_of
 torch.set_num_threads(1)
 
 
-def _cfg(arch: str, *, layers: int, bias: bool, affine_ln: bool, cross_every: int = 1, init: str = "paper"):
-    parent = preset("tiny", layers=layers, bias=bias, affine_ln=affine_ln)
+def _cfg(arch: str, *, layers: int, bias: bool, affine_ln: bool, cross_every: int = 1, init: str = "paper",
+         family: str = "tiny"):
+    parent = preset(family, layers=layers, bias=bias, affine_ln=affine_ln)
     if arch == "decoder":
         return parent
     if arch == "uniform":
@@ -32,7 +33,8 @@ def _cfg(arch: str, *, layers: int, bias: bool, affine_ln: bool, cross_every: in
 
 configs = st.builds(_cfg, st.sampled_from(["decoder", "uniform", "width", "cross"]), layers=st.integers(1, 4),
                     bias=st.booleans(), affine_ln=st.booleans(), cross_every=st.integers(0, 4),
-                    init=st.sampled_from(["paper", "preserve"]))
+                    init=st.sampled_from(["paper", "preserve"]),
+                    family=st.sampled_from(["tiny", "llama_tiny", "qwen2_tiny", "gemma_tiny"]))
 
 
 @settings(max_examples=40, deadline=None)
@@ -111,8 +113,8 @@ def test_fresh_model_follows_the_init_rule_in_parameter_order(cfg, seed):
     for name, t in ref.named_parameters():
         if name.endswith("bias"):
             want[name] = torch.zeros(t.shape)
-        elif "layer_norm" in name:
-            want[name] = torch.ones(t.shape)
+        elif "layer_norm" in name:  # Gemma's norms scale by 1 + w: w starts at 0 (HF's init)
+            want[name] = torch.zeros(t.shape) if p.norm == "rmsnorm_plus_one" else torch.ones(t.shape)
         else:
             want[name] = torch.empty(t.shape).normal_(0.0, p.init_std)
         if getattr(cfg, "cross_init", None) == "preserve":
@@ -125,7 +127,8 @@ def test_fresh_model_follows_the_init_rule_in_parameter_order(cfg, seed):
     assert list(got) == list(want)
     for name, t in want.items():
         assert torch.equal(got[name].detach(), t), name
-    assert model.decoder.output_projection.weight is model.decoder.embed_tokens.weight
+    tied = getattr(cfg, "tied_output", p.tie_embeddings)
+    assert (model.decoder.output_projection.weight is model.decoder.embed_tokens.weight) == tied
     assert float(model.decoder.version) == 3.0
 
 
@@ -164,7 +167,7 @@ def test_cross_helpers():
 
 
 def test_fsdp_units_are_the_schema_blocks():
-    from checkpoints_tools.writers import fsdp_unit
+    from checkpoints_tools.io.fsdp import fsdp_unit
 
     assert fsdp_unit("decoder.x_attn_layers_cm3.12.cross_attn.q_proj.weight") == \
         ("decoder.x_attn_layers_cm3.12", "cross_attn.q_proj.weight")
@@ -176,8 +179,8 @@ def test_model_namespace_is_the_hosts_flags():
     """``cfg["model"]`` of a written checkpoint rebuilds the model through the host flags."""
     import argparse
 
-    from checkpoints_tools.writers import model_namespace
-    from jam_metaseq.hosts import args as host_args
+    from checkpoints_tools.io.host_meta import model_namespace
+    from jam_metaseq import flags as jam_flags
 
     for arch in ("decoder", "uniform", "width", "cross"):
         cfg = _cfg(arch, layers=2, bias=arch != "width", affine_ln=True, cross_every=2, init="preserve")
@@ -185,7 +188,7 @@ def test_model_namespace_is_the_hosts_flags():
         assert ns.arch == ("transformer_lm" if arch == "decoder" else f"jam_{arch}") and ns.model_parallel_size == 2
         assert (ns.jam_family is None) == (arch == "decoder")
         flags = argparse.Namespace(**{**vars(ns), "jam_config": None, "jam_family": ns.jam_family or "jam_uniform"})
-        back = host_args.config_from_args(flags, vocab_size=cfg.vocab_size, image_range=(64, 100))
+        back = jam_flags.config_from_args(flags, vocab_size=cfg.vocab_size, image_range=(64, 100))
         want = uniform_of(cfg) if arch == "decoder" else cfg
         assert back.to_dict() == want.to_dict()
 

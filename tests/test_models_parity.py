@@ -116,17 +116,18 @@ def _has_module(name: str) -> bool:
 
 
 @pytest.mark.skipif(
-    not _has_module("checkpoints_tools.convert_hf"), reason="checkpoints_tools/convert_hf.py not written yet"
+    not _has_module("checkpoints_tools.hf"), reason="checkpoints_tools/hf/ not written yet"
 )
 def test_production_converter_agrees_with_test_map(tmp_path):
     """Cross-check: the checkpoint helper's HF reader (a saved HF OPT, read with metaseq names) gives
     the same tensors as this file's key map, its config is ours, and its inverse gives HF's names."""
-    from checkpoints_tools import convert_hf, readers
+    from checkpoints_tools import readers
+    from checkpoints_tools.hf import ADAPTERS
 
     cfg = tiny_cfg(scale_embedding=False)
     hf = make_hf_opt(cfg, seed=7)
     hf.save_pretrained(tmp_path)
-    reader = readers.HFOptReader(tmp_path)
+    reader = readers.HFReader(tmp_path)
     expected = hf_to_metaseq(hf.state_dict(), layers=cfg.layers)
     got = dict(reader.items())
     assert set(got) == set(expected)
@@ -138,7 +139,7 @@ def test_production_converter_agrees_with_test_map(tmp_path):
         assert getattr(read_cfg, field) == getattr(cfg, field), field
     back = {}
     for k, v in expected.items():
-        back.update(dict(convert_hf.to_hf_items(k, v, cfg=cfg)))
+        back.update(dict(ADAPTERS["opt"].to_hf_items(k, v, cfg=cfg)))
     hf_sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     assert set(back) == set(hf_sd)
     assert all(torch.equal(back[k], hf_sd[k]) for k in hf_sd)

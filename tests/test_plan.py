@@ -144,7 +144,7 @@ def _spec_classes() -> list[type]:
 def test_every_plan_field_has_a_docstring():
     classes = _spec_classes()
     assert len(classes) >= 15
-    missing = [f"{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c) if not spec._doc(c, f.name)]
+    missing = [f"{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c) if not spec.yaml_io._doc(c, f.name)]
     assert missing == []
 
 
@@ -259,7 +259,7 @@ def test_parent_vocabulary_and_positions_are_checked(tmp_path, user, capsys):
     small = VocabManifest(text_size=128, image_codes=64, num_sentinels=4, image_tokens_per_image=64, image_grid=(8, 8))
     small.save(tmp_path / "small.json")
     err = _fails(tmp_path, _given_plan(user, data__vocab=str(tmp_path / "small.json")), capsys)
-    assert f"data.vocab: {small.size} tokens, but the llm parent's embedding has" in err
+    assert f"data.vocab: vocab manifest has {small.size} ids but the llm parent's embedding has" in err
     err = _fails(tmp_path, _given_plan(user, data__image_tokenizer__path=None), capsys)
     assert "data.image_tokenizer.path: a given parent needs the image tokenizer it was trained with" in err
 
@@ -327,7 +327,7 @@ def test_fairseq_accepts_every_flag_of_the_plan_commands(tmp_path, user, capsys)
         assert args.ddp_backend == "legacy_ddp" and args.keep_interval_updates == 2
         assert args.distributed_port == -1 and args.cpu
     pre = _fairseq_args(cmds[0])
-    # the plan's settings win over the launcher's defaults (argparse: the last value)
+    # the plan's settings are the recipe's (each flag once: tests/test_launch.py)
     assert pre.adam_betas == "(0.9, 0.95)" and pre.clip_norm == 0.5
     assert _fairseq_args(cmds[2]).adam_betas == "(0.9, 0.98)"
     assert pre.weight_decay == 0.01 and pre.end_learning_rate == 1e-5 and pre.warmup_updates == 1
@@ -349,7 +349,7 @@ def test_metaseq_commands_come_from_the_launcher(tmp_path, user, capsys):
     assert cmd[cmd.index("--model-parallel-size") + 1] == "1" and "--bf16" in cmd and "--fp16" in cmd
     assert cmd[cmd.index("--ddp-backend") + 1] == "fully_sharded" and "--cpu" not in cmd
     assert cmd[cmd.index("--distributed-world-size") + 1] == "2" and cmd[cmd.index("--max-tokens") + 1] == str(2 * TPS)
-    # exactly jam-launch's command for the same recipe, then the plan's own flags
+    # exactly jam-launch's command for the same recipe, then the plan's own flags, none of them twice
     p = load_plan(tmp_path / "dry.yaml")
     from jam_metaseq.pipeline.run import RunOptions, run_plan
 
@@ -361,8 +361,29 @@ def test_metaseq_commands_come_from_the_launcher(tmp_path, user, capsys):
                                       max_tokens=2 * TPS, precision="bf16", seed=job.seed, port=29500,
                                       user_dir=ours[ours.index("--user-dir") + 1]),
                          StageRecipe(name="plan", description="", lr=1e-3, warmup_updates=1, batch_tokens=4 * TPS,
-                                     gpus=2, max_update=2, save_interval_updates=1))
+                                     gpus=2, max_update=2, save_interval_updates=1, adam_betas=tuple(p.pretrain.betas),
+                                     weight_decay=p.pretrain.weight_decay, clip_norm=p.pretrain.clip_norm,
+                                     end_lr=p.pretrain.end_lr, log_interval=1))
     assert ours[:len(base)] == base
+    assert not {w for w in ours[len(base):] if w.startswith("--")} & {w for w in base if w.startswith("--")}
+
+
+def _flags_of(cmd: list[str]) -> list[str]:
+    return [w for w in cmd if w.startswith("--")]
+
+
+@pytest.mark.parametrize("host,where", [("fairseq", "local"), ("metaseq", "slurm")])
+def test_every_dry_run_command_has_each_flag_once(tmp_path, user, capsys, host, where):
+    """What `jam run --dry-run` prints can be read as it is: no flag twice in any training command
+    (the plan's settings are merged into the launcher's recipe, not appended to it)."""
+    plan = _given_plan(user, host=host, **({"device": "cuda", "run__where": "slurm", "run__slurm__gpus": 2}
+                                           if where == "slurm" else {}))
+    plan["parents"] = {"llm": {}, "img": {}, "train": {"budget_tokens": 2 * 8 * TPS}}  # parents trained too
+    cmds = [shlex.split(line) for line in _dry(tmp_path, plan, capsys).splitlines() if line.startswith("    ")]
+    assert len(cmds) == 5  # two parents, two budgets, one instruct run
+    for cmd in cmds:
+        flags = _flags_of(cmd)
+        assert len(flags) == len(set(flags)), sorted({f for f in flags if flags.count(f) > 1})
 
 
 # ---- the report -------------------------------------------------------------------------------------------
@@ -375,6 +396,7 @@ def _fake_eval(i: int) -> dict:
 
 def test_sweep_results_and_plot(tmp_path):
     from jam_metaseq.pipeline import report as rp
+    from jam_metaseq.pipeline.layout import budget_tag
 
     plan = quickstart_plan(variants=["uniform", "cross2_paper"])
     plan.pretrain.budget_tokens = [12800, 51200, 204800]
@@ -383,7 +405,7 @@ def test_sweep_results_and_plot(tmp_path):
     pretrain = {}
     for j, b in enumerate(plan.budgets):
         for k, key in enumerate(plan.variants):
-            evals[f"{rp.budget_label(b)}/{key}"] = _fake_eval(2 + 3 * k + j)
+            evals[f"{budget_tag(b)}/{key}"] = _fake_eval(2 + 3 * k + j)
             pretrain.setdefault(b, {})[key] = curve
     for key in plan.variants:
         evals[f"start/{key}"] = _fake_eval(9)

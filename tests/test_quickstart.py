@@ -22,6 +22,7 @@ from jam_metaseq import quickstart as qs
 from jam_metaseq import quickstart_data as qd
 from jam_metaseq.cli import main as jam_main
 from jam_metaseq.pipeline import report as rp
+from jam_metaseq.pipeline.layout import budget_tag
 from jam_metaseq.pipeline.spec import VARIANTS, ShapeSpec, quickstart_plan
 from jam_metaseq.pipeline.train import parse_log
 from jam_metaseq.pipeline.units import Pipeline, PipelineError, RunOptions
@@ -286,7 +287,7 @@ def _fake_evals(keys, tag):
 def test_results_tables_and_best_cross(tmp_path):
     keys = tuple(VARIANTS)
     plan = quickstart_plan()
-    tag = rp.budget_label(plan.budgets[0])
+    tag = budget_tag(plan.budgets[0])
     evals = _fake_evals(keys, tag)
     evals[f"{tag}/cross4_preserve"]["sets"]["text"]["valid"]["ppl"] = 2.0  # the best JAM-Cross by geometric mean
     evals[f"{tag}/uniform"]["sets"]["text"]["valid"]["ppl"] = 1.0  # better still, but not a JAM-Cross
@@ -355,7 +356,7 @@ def _check_artefacts(out: Path, variants: list[str], stdout: str) -> dict:
     for role in ("llm", "img"):
         assert (out / "parents" / role / "checkpoint_last.pt").is_file()
     for v in variants:
-        assert (out / "pretrain" / rp.budget_label(res["budget"]) / v / "checkpoint_last.pt").is_file()
+        assert (out / "pretrain" / budget_tag(res["budget"]) / v / "checkpoint_last.pt").is_file()
         assert len(list((out / "fused" / v / "ckpt").glob("*.pt"))) == 1
     return res
 

@@ -30,7 +30,7 @@ import torch
 
 from jam_metaseq.data.binarize import open_dataset
 from jam_metaseq.data.cli import main as data_main
-from jam_metaseq.data.items import CM3Items, DataSetupError, TaskOptions
+from jam_metaseq.task.items import CM3Items, DataSetupError, TaskOptions
 from jam_metaseq.objectives.cm3 import CM3Config
 from jam_metaseq.retrieval.bank import MemoryBank
 from jam_metaseq.retrieval.cli import main as retrieval_main

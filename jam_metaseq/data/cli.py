@@ -41,15 +41,39 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
                         "(jam_metaseq.image_tokenizer.load_image_tokenizer); omit when data holds image_tokens")
     add_trust_pickle_flag(p)
     p.add_argument("--format", choices=FORMATS, default="plain",
-                   help="input records: plain documents, LIMA records, or wikiHow articles (converted to "
-                        "prompt/response and fitted to --max-tokens)")
+                   help="input records: plain documents (conversations {\"turns\": [...]} included), LIMA "
+                        "records, wikiHow articles (converted to prompt/response, or LIMA to a conversation of "
+                        "all its turns when the vocabulary has conversation tokens), or conversations; all but "
+                        "plain are fitted to --max-tokens (conversations: oldest whole exchanges dropped, "
+                        "docs/CONVERSATIONS.md)")
     p.add_argument("--max-tokens", type=POSITIVE_INT, default=None,
                    help="longest document in tokens; longer ones are errors (lima/wikihow: fitted to it; "
                         "default 4096 there, unlimited for plain)")
     p.add_argument("--max-images", type=NON_NEGATIVE_INT, default=3, help="wikiHow: keep at most this many images")
     p.add_argument("--loss-on-prompt", action="store_true",
-                   help="instruction data: also train on the prompt (default: loss on the response only)")
+                   help="instruction data: also train on the prompt (default: loss on the response only; "
+                        "conversations: on the assistant's turns only)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def add_layout_flags(p: argparse.ArgumentParser) -> None:
+    """The vocabulary layout after the text ids (``VocabManifest``'s fields), for every command that
+    writes a manifest (``jam-data vocab``, ``jam-ckpt tokenizer``); ``layout_of`` reads them back."""
+    p.add_argument("--image-codes", type=int, default=8192, help="number of image codes (VQ codebook size)")
+    p.add_argument("--image-grid", type=int, nargs=2, default=(32, 32), metavar=("H", "W"),
+                   help="VQ grid of one image; tokens per image = H * W")
+    p.add_argument("--sentinels", type=int, default=16, help="number of CM3 sentinels <mask:i>")
+    p.add_argument("--pad-to-multiple", type=int, default=8, help="round the vocabulary size up to this")
+    p.add_argument("--conversation-tokens", action="store_true",
+                   help="add <user>, <assistant> and <eot> after <eoss> for multi-turn conversations "
+                        "(docs/CONVERSATIONS.md)")
+
+
+def layout_of(args: argparse.Namespace) -> dict[str, Any]:
+    """``VocabManifest`` keyword arguments from ``add_layout_flags``' flags."""
+    h, w = args.image_grid
+    return dict(image_codes=args.image_codes, num_sentinels=args.sentinels, pad_to_multiple=args.pad_to_multiple,
+                image_tokens_per_image=h * w, image_grid=(h, w), conversation_tokens=args.conversation_tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,11 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("vocab", help="write a vocabulary manifest sized for a text tokenizer")
     p.add_argument("--tokenizer", required=True, help="text tokenizer spec (see 'validate --help')")
-    p.add_argument("--image-codes", type=int, default=8192, help="number of image codes (VQ codebook size)")
-    p.add_argument("--image-grid", type=int, nargs=2, default=(32, 32), metavar=("H", "W"),
-                   help="VQ grid of one image; tokens per image = H * W")
-    p.add_argument("--sentinels", type=int, default=16, help="number of CM3 sentinels <mask:i>")
-    p.add_argument("--pad-to-multiple", type=int, default=8, help="round the vocabulary size up to this")
+    add_layout_flags(p)
     p.add_argument("--out", required=True, type=Path, help="output manifest path (written atomically)")
 
     p = sub.add_parser("validate", help="check JSONL documents and summarise them")
@@ -128,10 +148,7 @@ def cmd_vocab(args: argparse.Namespace) -> int:
     from jam_metaseq.data.tokenizers import load_text_tokenizer
 
     tok = load_text_tokenizer(args.tokenizer)
-    h, w = args.image_grid
-    vocab = VocabManifest(text_size=tok.vocab_size, image_codes=args.image_codes, num_sentinels=args.sentinels,
-                          pad_to_multiple=args.pad_to_multiple, image_tokens_per_image=h * w,
-                          image_grid=(h, w), text_tokenizer=tok.spec)
+    vocab = VocabManifest(text_size=tok.vocab_size, text_tokenizer=tok.spec, **layout_of(args))
     vocab.save(args.out)
     print(json.dumps(vocab.to_dict()["ids"]))
     return 0

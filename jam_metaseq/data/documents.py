@@ -1,11 +1,13 @@
 """Interleaved image-text documents: the JSONL format, its validation and serialisation
 (paper §3.1 "Tokenizers", §3.1.1 "Datasets"; CM3leon's sequence layout).
 
-One document per line, in one of three shapes::
+One document per line, in one of four shapes::
 
     [{"text": "A cat"}, {"image_tokens": [c0, ..., c1023]}, {"image": "cat.png"}, ...]
     {"segments": [...same segments...], ...any metadata keys...}
     {"prompt": "How to ...?" | [segments], "response": [segments]}      # instruction data
+    {"turns": [{"role": "user", "segments": [...]},                       # conversation
+               {"role": "assistant", "segments": [...]}, ...], ...any metadata keys...}
 
 ``image_tokens`` are VQ code indices in [0, vocab.image_codes) (exactly
 ``vocab.image_tokens_per_image`` of them); ``image`` is a file path (relative to the JSONL file's
@@ -16,6 +18,13 @@ Serialisation (``tokenize_document``): text -> tokenizer ids + ``vocab.text_star
 ``<break> img_0 .. img_{n-1} <break>`` with ids ``vocab.image_start + code``; the document ends
 with ``<eos>`` (the fairseq/metaseq document separator; no ``<s>`` is added). The loss mask is True
 everywhere except on the prompt of an instruction document when ``response_loss_only``.
+
+A conversation (docs/CONVERSATIONS.md; the vocabulary needs ``conversation_tokens``) alternates
+user and assistant turns, starting with the user; images may sit in either role. Each turn is
+``frame_turn``: ``<user>`` or ``<assistant>``, its segments as above, ``<eot>``; the closing
+``<eos>`` follows the last turn. With ``response_loss_only`` the loss falls on exactly the
+assistant's tokens: each assistant turn's segments and its ``<eot>`` (what a chat generates), never
+a user turn, a role token or the closing ``<eos>`` (what a chat feeds).
 
 Validation errors (``DocumentError``) name ``file:line`` and what is wrong: a line that is not
 UTF-8 (each line is decoded on its own), bad JSON, unknown segment shape, wrong number of image
@@ -28,7 +37,9 @@ Public API::
     tokenize_document(doc, *, vocab, text_tokenizer, image_tokenizer=None, base_dir=None,
                       response_loss_only=True, max_tokens=None) -> (tokens int64 (L,), loss_mask bool (L,))
     detokenize_document(tokens, *, vocab, text_tokenizer) -> list[segment]
+    detokenize_conversation(tokens, *, vocab, text_tokenizer) -> {"turns": [...]}
     validate_document(doc, *, vocab, base_dir=None) -> (prompt segments | None, segments)
+    conversation_turns(doc) -> [(role, segments)] | None;  frame_turn(role, content, *, vocab)
     iter_jsonl(path, *, on_error="fail"|"skip", vocab, text_tokenizer=None, image_tokenizer=None,
                max_tokens=None, response_loss_only=True, report=None, transform=None) -> DocRecord...
     parse_jsonl_line(raw bytes | str) -> JSON value (DocumentError: not UTF-8, bad JSON)
@@ -50,6 +61,8 @@ from jam_metaseq.inputs import InputError, check_int_list, load_rgb_image, loads
 from jam_metaseq.vocab import VocabManifest
 
 SEGMENT_KEYS = ("text", "image_tokens", "image")
+CONVERSATION_ROLES = ("user", "assistant")
+"""Turn roles, in the order they alternate (a conversation starts with the user)."""
 
 
 class DocumentError(JamError, ValueError):
@@ -121,10 +134,43 @@ class DataReport:
 
 
 # ---- schema ---------------------------------------------------------------------------------
+def conversation_turns(doc: Any) -> list[tuple[str, list]] | None:
+    """A conversation's ``[(role, segments)]`` (structure checked, segments not); None for any
+    other document shape."""
+    if not (isinstance(doc, dict) and "turns" in doc):
+        return None
+    turns = doc["turns"]
+    if not isinstance(turns, list) or not turns:
+        raise DocumentError("'turns' must be a non-empty list of turns", reason="bad_schema")
+    out = []
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict) or set(turn) != {"role", "segments"}:
+            keys = sorted(turn) if isinstance(turn, dict) else type(turn).__name__
+            raise DocumentError(f"turn {t}: expected exactly 'role' and 'segments', got {keys}", reason="bad_turn")
+        role, segments = turn["role"], turn["segments"]
+        want = CONVERSATION_ROLES[t % 2]
+        if role != want:
+            raise DocumentError(f"turn {t}: role {role!r}, expected {want!r} (turns alternate user, assistant, "
+                                "... starting with the user)", reason="bad_turn")
+        if not isinstance(segments, list) or not segments:
+            raise DocumentError(f"turn {t}: 'segments' must be a non-empty list", reason="bad_turn")
+        out.append((role, segments))
+    return out
+
+
+def frame_turn(role: str, content: Any, *, vocab: VocabManifest) -> np.ndarray:
+    """One turn's tokens: ``<role> content <eot>`` (content: the segments' ids, images framed)."""
+    return np.concatenate([[vocab.role_id(role)], np.asarray(content, dtype=np.int64), [vocab.eot]]).astype(np.int64)
+
+
 def document_parts(doc: Any) -> tuple[list[dict] | None, list[dict]]:
-    """Split a parsed document into (prompt segments or None, segments); raise on a bad shape."""
+    """Split a parsed document into (prompt segments or None, segments); raise on a bad shape.
+    A conversation gives (None, every turn's segments in order)."""
     if isinstance(doc, list):
         return None, doc
+    turns = conversation_turns(doc)
+    if turns is not None:
+        return None, [seg for _, segs in turns for seg in segs]
     if isinstance(doc, dict):
         if "response" in doc or "prompt" in doc:
             if "response" not in doc or "prompt" not in doc:
@@ -144,7 +190,7 @@ def document_parts(doc: Any) -> tuple[list[dict] | None, list[dict]]:
             if not isinstance(doc["segments"], list):
                 raise DocumentError("'segments' must be a list", reason="bad_schema")
             return None, doc["segments"]
-        raise DocumentError("a document object needs 'segments' or 'prompt'+'response'",
+        raise DocumentError("a document object needs 'segments', 'prompt'+'response' or 'turns'",
                             reason="bad_schema")
     raise DocumentError(f"a document must be a list of segments or an object, got {type(doc).__name__}",
                         reason="bad_schema")
@@ -182,12 +228,24 @@ def _check_segment(seg: Any, i: int, *, vocab: VocabManifest, base_dir: Path | N
 def validate_document(doc: Any, *, vocab: VocabManifest, base_dir: str | os.PathLike | None = None
                       ) -> tuple[list[dict] | None, list[dict]]:
     """Check a parsed document's structure (no tokenisation); return (prompt, segments)."""
-    prompt, segments = document_parts(doc)
     base = None if base_dir is None else Path(base_dir)
-    for i, seg in enumerate(prompt or []):
-        _check_segment(seg, i, vocab=vocab, base_dir=base)
-    for i, seg in enumerate(segments):
-        _check_segment(seg, i, vocab=vocab, base_dir=base)
+    turns = conversation_turns(doc)
+    if turns is not None:
+        if not vocab.conversation_tokens:
+            raise DocumentError("a conversation needs a vocabulary with conversation tokens "
+                                "(jam-data vocab --conversation-tokens)", reason="no_conversation_tokens")
+        for t, (_, segs) in enumerate(turns):
+            for i, seg in enumerate(segs):
+                try:
+                    _check_segment(seg, i, vocab=vocab, base_dir=base)
+                except DocumentError as e:
+                    raise DocumentError(f"turn {t} {e.detail}", reason=e.reason) from None
+    prompt, segments = document_parts(doc)
+    if turns is None:  # a conversation's segments were checked turn by turn
+        for i, seg in enumerate(prompt or []):
+            _check_segment(seg, i, vocab=vocab, base_dir=base)
+        for i, seg in enumerate(segments):
+            _check_segment(seg, i, vocab=vocab, base_dir=base)
     content = [s for s in (prompt or []) + segments if not ("text" in s and s["text"] == "")]
     if not content:
         raise DocumentError("empty document (no text and no image)", reason="empty")
@@ -268,15 +326,26 @@ def tokenize_document(
     kw = dict(vocab=vocab, text_tokenizer=text_tokenizer, image_tokenizer=image_tokenizer, base_dir=base)
     parts: list[np.ndarray] = []
     masks: list[np.ndarray] = []
-    if prompt:
-        for t in _segments_tokens(prompt, **kw):
+    turns = conversation_turns(doc)
+    if turns is not None:
+        seg_ids = iter(_segments_tokens(segments, **kw))  # every turn's images encoded in one batch
+        for role, segs in turns:
+            content = [next(seg_ids) for _ in segs]
+            t = frame_turn(role, np.concatenate(content), vocab=vocab)
+            trained = np.full(t.size, role == "assistant" or not response_loss_only, dtype=bool)
+            trained[0] = not response_loss_only  # the role token is fed, never generated
             parts.append(t)
-            masks.append(np.full(t.size, not response_loss_only, dtype=bool))
-    for t in _segments_tokens(segments, **kw):
-        parts.append(t)
-        masks.append(np.ones(t.size, dtype=bool))
+            masks.append(trained)
+    else:
+        if prompt:
+            for t in _segments_tokens(prompt, **kw):
+                parts.append(t)
+                masks.append(np.full(t.size, not response_loss_only, dtype=bool))
+        for t in _segments_tokens(segments, **kw):
+            parts.append(t)
+            masks.append(np.ones(t.size, dtype=bool))
     parts.append(np.array([vocab.eos], dtype=np.int64))
-    masks.append(np.ones(1, dtype=bool))
+    masks.append(np.full(1, turns is None or not response_loss_only, dtype=bool))
     tokens = np.concatenate(parts)
     loss_mask = np.concatenate(masks)
     if tokens.size <= 1:
@@ -313,6 +382,34 @@ def detokenize_document(tokens: np.ndarray, *, vocab: VocabManifest, text_tokeni
             out.append({"image_tokens": (codes - vocab.image_start).tolist()})
         prev = e + 1
     return out
+
+
+def detokenize_conversation(tokens: np.ndarray, *, vocab: VocabManifest, text_tokenizer: Any) -> dict:
+    """Token ids of a conversation -> ``{"turns": [...]}`` (inverse of ``tokenize_document`` up to
+    merging adjacent text): each ``<role> ... <eot>`` becomes a turn of ``detokenize_document``
+    segments (an empty turn: one empty text); ``<eos>``/``<s>``/``<pad>`` between turns are dropped;
+    a turn left open by the end of the tokens is kept (an answer being generated); anything else
+    outside a turn raises."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    roles = {vocab.user_id: "user", vocab.assistant_id: "assistant"}
+    turns: list[dict] = []
+    i, n = 0, tokens.size
+    while i < n:
+        t = int(tokens[i])
+        if t in (vocab.eos, vocab.bos, vocab.pad):
+            i += 1
+            continue
+        if t not in roles:
+            raise ValueError(f"id {t} at position {i} is outside a turn (expected <user> or <assistant>)")
+        ends = np.flatnonzero(tokens[i + 1:] == vocab.eot)
+        j = i + 1 + int(ends[0]) if ends.size else n
+        body = tokens[i + 1:j]
+        if np.isin(body, list(roles)).any():
+            raise ValueError(f"turn at position {i} holds a role token before its <eot>")
+        segments = detokenize_document(body, vocab=vocab, text_tokenizer=text_tokenizer)
+        turns.append({"role": roles[t], "segments": segments or [{"text": ""}]})
+        i = j + 1
+    return {"turns": turns}
 
 
 def parse_jsonl_line(raw: bytes | str) -> Any:

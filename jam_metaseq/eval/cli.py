@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("ppl", help="text / image-caption perplexity (Tables 2-5)",
                        description="Token-weighted perplexity of a checkpoint over local data files "
-                                   "(definition and window rule: jam_metaseq/eval/ppl.py).")
+                                   "(definition: jam_metaseq/eval/ppl.py). Each document is scored as training "
+                                   "presents a document that starts a block: alone, from position 0, its first "
+                                   "token as context (jam_metaseq/eval/context.py; the same rule as jam run).")
     q.add_argument("--checkpoint", required=True,
                    help="checkpoint file or folder (jam-ckpt output, or a .pt with 'model' + config)")
     q.add_argument("--data", required=True, nargs="+",
@@ -68,8 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="window length in tokens (default: the model's max_positions)")
     q.add_argument("--stride", type=POSITIVE_INT,
                    help="new targets per window, <= max-len (default: max-len, i.e. no overlap)")
-    q.add_argument("--prefix", default="eos", choices=("eos", "bos", "none"),
-                   help="token put before every sequence so its first token is predicted too (default eos)")
     q.add_argument("--use-loss-mask", action="store_true",
                    help="count only targets with loss mask True (instruction data: the response only)")
     q.add_argument("--limit", type=POSITIVE_INT, help="evaluate at most this many documents per file")
@@ -123,8 +123,7 @@ def _run_ppl(args: argparse.Namespace) -> int:
     results = evaluate_ppl_files(
         checkpoint=args.checkpoint, data=args.data, kind=args.kind, tokenizer=args.tokenizer,
         config=args.config, vocab=args.vocab, batch_size=args.batch_size, max_len=args.max_len,
-        stride=args.stride, prefix=None if args.prefix == "none" else args.prefix,
-        use_loss_mask=args.use_loss_mask, limit=args.limit, device=args.device, dtype=args.dtype,
+        stride=args.stride, use_loss_mask=args.use_loss_mask, limit=args.limit, device=args.device, dtype=args.dtype,
         trust_pickle=args.trust_pickle, progress=not args.no_progress)
     print(f"{'data':<40} {'kind':<8} {'docs':>6} {'tokens':>9} {'PPL':>10} {'text PPL':>10} {'image PPL':>10}")
     for path, r in results.items():

@@ -39,6 +39,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, vocab: VocabMa
     os.replace(tmp, path)
 
 
+def is_binarized(path: str | os.PathLike) -> bool:
+    """A binarized dataset's prefix (``PREFIX.json`` exists), not a JSONL file."""
+    return Path(f"{path}.json").is_file() and not str(path).endswith(".jsonl")
+
+
 def read_sequences(
     path: str | os.PathLike,
     *,
@@ -51,7 +56,7 @@ def read_sequences(
     p = Path(path)
     seqs: list[np.ndarray] = []
     masks: list[np.ndarray] = []
-    if Path(f"{p}.json").is_file() and not str(p).endswith(".jsonl"):
+    if is_binarized(p):
         from jam_metaseq.data.binarize import open_dataset
 
         try:

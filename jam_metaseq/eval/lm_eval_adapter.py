@@ -17,13 +17,15 @@ manifest's ``text_tokenizer``), ``config`` / ``vocab`` (JSON files overriding th
 ``model=``, ``manifest=`` and ``text_tokenizer=`` objects instead of paths.
 
 Scoring. Text is encoded with the parents' text tokenizer, ids shifted by ``vocab.text_start``
-(``jam_metaseq.data.tokenizers``), exactly as the training data were. Every context is scored the
-way the model saw documents in training: after ``<eos>``, the separator that precedes every document
-of the binarized stream (an empty context is ``<eos>`` alone). ``loglikelihood`` scores
-``log p(continuation | context)`` on ``(<eos> + context + continuation)[-(max_length + 1):][:-1]``
-(a context too long for the window loses its oldest tokens, the ``<eos>`` first);
-``is_greedy`` says whether every continuation token is the argmax. ``loglikelihood_rolling`` is
-``jam_metaseq.eval.ppl``'s rolling-window rule with stride = max_length and the ``<eos>`` prefix.
+(``jam_metaseq.data.tokenizers``), exactly as the training data were. ``context + continuation`` is
+a document scored by the evaluation rule (``jam_metaseq.eval.context.document_windows``, the rule of
+``jam-eval ppl`` and ``jam run``): alone, from position 0, nothing before it, as training presents a
+document that starts a block. ``loglikelihood`` sums ``log p`` of the continuation's tokens, each
+predicted from the last ``max_length`` tokens before it (a context too long for the window loses its
+oldest tokens); ``is_greedy`` says whether every scored token is the argmax. An empty context
+(lm_eval then passes its ``prefix_token_id``, which this model does not use): the continuation is
+the whole document, so its first token is context and is not scored. ``loglikelihood_rolling``
+scores a string's every token but the first, in windows of ``max_length`` (stride = max_length).
 ``generate_until`` is not provided (Table 1 needs none; use ``jam-generate`` for generation).
 """
 
@@ -37,7 +39,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 
 from jam_metaseq.errors import JamError
-from jam_metaseq.eval.ppl import Window, rolling_windows, score_windows
+from jam_metaseq.eval.context import document_windows
+from jam_metaseq.eval.ppl import score_windows
 from jam_metaseq.vocab import VocabManifest
 
 MODEL_NAME = "jam"
@@ -120,6 +123,8 @@ class JamLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
+        """What lm_eval puts as the context of an empty-context request; recognised and dropped
+        (the evaluation rule puts nothing before a document)."""
         return self.vocab.eos
 
     @property
@@ -140,27 +145,28 @@ class JamLM(TemplateLM):
     def tok_decode(self, tokens: list[int], **kwargs: Any) -> str:
         return self.text_tokenizer.decode([t - self.vocab.text_start for t in tokens if self.vocab.is_text(t)])
 
-    def _as_document(self, ctx_enc: list[int]) -> list[int]:
-        """``<eos> + context``: a context as the model saw documents in training (module docstring).
-        lm_eval already passes ``[<eos>]`` for an empty context; text ids are never ``<eos>``."""
-        ctx = list(ctx_enc)
-        return ctx if ctx[:1] == [self.prefix_token_id] else [self.prefix_token_id, *ctx]
-
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any
                               ) -> list[tuple[float, bool]]:
-        windows = []
-        for i, (_, ctx_enc, cont_enc) in enumerate(requests):
+        windows, owner = [], []
+        for i, (key, ctx_enc, cont_enc) in enumerate(requests):
             if len(cont_enc) > self.max_length:
                 raise ValueError(f"jam: continuation of {len(cont_enc)} tokens exceeds max_length {self.max_length}")
-            whole = self._as_document(ctx_enc) + list(cont_enc)
-            inputs = whole[-(self.max_length + 1):][:-1]  # (<= max_length,)
-            windows.append(Window(inputs=inputs, targets=list(cont_enc), seq=i))
+            ctx = [] if key is not None and key[0] == "" else list(ctx_enc)  # lm_eval's prefix for ""
+            doc = ctx + list(cont_enc)
+            ws = document_windows(doc, max_len=self.max_length, stride=self.max_length,
+                                  first_target=max(1, len(ctx)), seq=i)
+            windows.extend(ws)
+            owner.extend([i] * len(ws))
         scored = score_windows(self.model, windows, padding_idx=self.model.cfg.padding_idx,
                                batch_size=self.batch_size, device=self.device,
                                progress=not disable_tqdm, desc="loglikelihood")
+        sums, greedy_all = [0.0] * len(requests), [True] * len(requests)
+        for i, (lp, greedy) in zip(owner, scored):
+            sums[i] += float(lp.sum())
+            greedy_all[i] = greedy_all[i] and bool(greedy.all())
         out = []
-        for (key, _, _), (lp, greedy) in zip(requests, scored):
-            res = (float(lp.sum()), bool(greedy.all()))
+        for (key, _, _), lp_sum, greedy in zip(requests, sums, greedy_all):
+            res = (lp_sum, greedy)
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, res)
             out.append(res)
@@ -170,8 +176,7 @@ class JamLM(TemplateLM):
         windows = []
         for i, req in enumerate(requests):
             (string,) = req.args
-            windows.extend(rolling_windows(self.tok_encode(string), prefix=self.prefix_token_id,
-                                           max_len=self.max_length, seq=i))
+            windows.extend(document_windows(self.tok_encode(string), max_len=self.max_length, seq=i))
         scored = score_windows(self.model, windows, padding_idx=self.model.cfg.padding_idx,
                                batch_size=self.batch_size, device=self.device,
                                progress=not disable_tqdm, desc="loglikelihood_rolling")

@@ -4,13 +4,12 @@ Text perplexity ("Wikipedia PPL", Tables 3-4) and image-caption perplexity ("MS-
 Tables 2-5) are the same computation on different data; this module defines it once.
 
 What is averaged
-    Each sequence is scored on its own, left to right, exactly as serialised by
+    Each sequence is a document scored in the context the evaluation rule gives it
+    (``jam_metaseq.eval.context``, the one home of that rule: alone, from position 0, nothing
+    before it, its first token context, every later token a target), exactly as serialised by
     ``jam_metaseq.data.documents`` (text ids, ``<break> img_0 .. img_{n-1} <break>`` per image, a
-    final ``<eos>``). No CM3 masking is applied at evaluation time. A ``prefix`` token (default
-    ``<eos>``, the document separator the model saw before every document during packed training;
-    also what OPT/metaseq condition the first token on) is put in front, so every token of the
-    sequence, including the first, is a prediction target. A target is counted when its loss mask
-    is True (all True unless the caller passes masks, e.g. to score only the response of an
+    final ``<eos>``). No CM3 masking is applied at evaluation time. A target is counted when its loss
+    mask is True (all True unless the caller passes masks, e.g. to score only the response of an
     instruction document). Then
 
         NLL = - sum over counted targets of log p(x_t | x_<t)      (natural log)
@@ -21,17 +20,8 @@ What is averaged
     ``image`` (image codes) and ``other`` (``<eos>``, ``<break>``, sentinels ...), each with its own
     PPL; the overall PPL counts all three. For image-caption data the overall figure is the
     MS-COCO-style number (caption + image + framing tokens); the text and image splits are reported
-    alongside. Put the caption before the image in the document for text-to-image PPL.
-
-Windows for sequences longer than the context
-    Let ``x = [prefix] + tokens`` and number the targets ``t = 0 .. N-1`` (target t is ``x[t+1]``,
-    predicted from ``x[:t+1]``). Targets are cut into consecutive chunks of ``stride`` targets
-    (``stride <= max_len``, default ``max_len``). The chunk of targets ``[a, b)`` is scored with the
-    input window ``x[max(0, b - max_len) : b]``: the model sees at most ``max_len`` tokens, positions
-    restart at every window, and each target is predicted exactly once. With ``stride = max_len``
-    windows do not overlap (the last one reaches back to a full ``max_len`` of context); a smaller
-    stride gives every target at least ``max_len - stride`` tokens of context at a higher cost.
-    Sequences of at most ``max_len`` targets are one window, the whole sequence.
+    alongside. Put the caption before the image in the document for text-to-image PPL. Documents
+    longer than ``max_len`` are scored in rolling windows (``eval.context``).
 
 Batching: windows of all sequences are sorted by length and right-padded with ``padding_idx``
 (the model masks pad keys and counts positions over non-pad tokens, so padding changes nothing).
@@ -40,17 +30,16 @@ Log-probabilities are computed in fp32 whatever the model's dtype.
 Public API::
 
     perplexity(model, sequences, *, vocab, batch_size=8, max_len=None, stride=None,
-               prefix="eos", masks=None, progress=False) -> dict
+               masks=None, progress=False) -> dict
+    evaluate_ppl_files(*, checkpoint, data, ...) -> {file: perplexity dict}   (jam-eval ppl, jam run)
     score_windows(model, windows, *, padding_idx, batch_size, device=None, progress=False)
         -> list[(logprob (n,), greedy (n,))]     (the shared scoring kernel, also used by lm-eval)
-    rolling_windows(tokens, *, prefix, max_len, stride) -> list[Window]
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -58,44 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jam_metaseq.eval.context import Window, document_windows
 from jam_metaseq.vocab import VocabManifest
 
 TOKEN_CLASSES = ("text", "image", "other")
-
-
-@dataclass(frozen=True)
-class Window:
-    """One forward pass: ``inputs`` (L,) and the last ``num_scored`` positions' next-token targets."""
-
-    inputs: list[int]
-    """Input ids, at most ``max_len`` of them."""
-    targets: list[int]
-    """Targets of the scored positions (len = num_scored): ``targets[j]`` follows input position
-    ``len(inputs) - num_scored + j``."""
-    seq: int = 0
-    """Which sequence the window belongs to."""
-    start: int = 0
-    """Index (into the sequence's targets) of the first scored target."""
-
-    @property
-    def num_scored(self) -> int:
-        return len(self.targets)
-
-
-def rolling_windows(tokens: Sequence[int], *, prefix: int | None, max_len: int, stride: int | None = None,
-                    seq: int = 0) -> list[Window]:
-    """Cut one sequence into scoring windows (rule in the module docstring)."""
-    stride = max_len if stride is None else stride
-    if not 1 <= stride <= max_len:
-        raise ValueError(f"stride must be in [1, max_len={max_len}], got {stride}")
-    x = ([] if prefix is None else [int(prefix)]) + [int(t) for t in tokens]
-    n_targets = len(x) - 1
-    out = []
-    for a in range(0, max(n_targets, 0), stride):
-        b = min(a + stride, n_targets)
-        lo = max(0, b - max_len)
-        out.append(Window(inputs=x[lo:b], targets=x[a + 1 : b + 1], seq=seq, start=a))
-    return out
 
 
 @torch.no_grad()
@@ -168,14 +123,13 @@ def perplexity(
     batch_size: int = 8,
     max_len: int | None = None,
     stride: int | None = None,
-    prefix: str | int | None = "eos",
     masks: Iterable[Sequence[bool] | np.ndarray] | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Token-weighted perplexity of ``model`` over ``sequences`` (definition in the module docstring).
+    """Token-weighted perplexity of ``model`` over the documents ``sequences`` (definition in the
+    module docstring; context: ``eval.context.document_windows``).
 
-    ``prefix``: ``"eos"`` (default), ``"bos"``, an id, or None (then the first token is context only).
     ``masks``: optional per-sequence bool arrays aligned with the sequences; False = not counted.
     Returns ``{"ppl", "nll", "tokens", "mean_nll", "sequences", "windows", "max_len", "stride",
     "text": {...}, "image": {...}, "other": {...}}`` (each split has nll, tokens, mean_nll, ppl).
@@ -187,7 +141,6 @@ def perplexity(
         raise ValueError(f"max_len {max_len} exceeds the model's max_positions {limit}")
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
-    prefix_id = {"eos": vocab.eos, "bos": vocab.bos, None: None}.get(prefix, prefix)  # type: ignore[arg-type]
     seqs = [np.asarray(s.cpu() if isinstance(s, torch.Tensor) else s, dtype=np.int64).reshape(-1) for s in sequences]
     mask_list = None if masks is None else [np.asarray(m, dtype=bool).reshape(-1) for m in masks]
     if mask_list is not None and len(mask_list) != len(seqs):
@@ -199,7 +152,7 @@ def perplexity(
                              f"outside the vocabulary [0, {vocab.size})")
         if mask_list is not None and mask_list[j].size != s.size:
             raise ValueError(f"sequence {j}: mask has {mask_list[j].size} entries for {s.size} tokens")
-        windows.extend(rolling_windows(s.tolist(), prefix=prefix_id, max_len=max_len, stride=stride, seq=j))
+        windows.extend(document_windows(s.tolist(), max_len=max_len, stride=stride, seq=j))
     was_training = model.training
     model.eval()
     try:
@@ -213,8 +166,7 @@ def perplexity(
         tgt = np.asarray(w.targets, dtype=np.int64)
         keep = np.ones(tgt.size, dtype=bool)
         if mask_list is not None:
-            # target t of sequence j is token index t (with a prefix) or t + 1 (without one)
-            off = w.start + (0 if prefix_id is not None else 1)
+            off = w.start + 1  # target t of a document is its token t + 1
             keep = mask_list[w.seq][off : off + tgt.size]
         is_text = np.asarray(vocab.is_text(tgt), dtype=bool)
         is_image = np.asarray(vocab.is_image(tgt), dtype=bool)
@@ -226,7 +178,7 @@ def perplexity(
     total = sum(counts.values())
     out: dict[str, Any] = _summary(total_nll, total)
     out.update(sequences=len(seqs), windows=len(windows), max_len=max_len,
-               stride=max_len if stride is None else stride, prefix=prefix_id)
+               stride=max_len if stride is None else stride)
     for c in TOKEN_CLASSES:
         out[c] = _summary(sums[c], counts[c])
     return out
@@ -246,7 +198,6 @@ def evaluate_ppl_files(
     batch_size: int = 8,
     max_len: int | None = None,
     stride: int | None = None,
-    prefix: str | int | None = "eos",
     use_loss_mask: bool = False,
     limit: int | None = None,
     device: str = "cpu",
@@ -254,14 +205,18 @@ def evaluate_ppl_files(
     trust_pickle: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """``jam-eval ppl``: load a checkpoint, read each data file, return ``{file: perplexity dict}``.
+    """Load a checkpoint once, read each data file, return ``{file: perplexity dict}`` (each with
+    ``kind``, ``checkpoint``, ``arch`` and ``params`` added): ``jam-eval ppl`` and ``jam run``'s
+    evaluation stage (module-level, so a SLURM job can run it).
 
     ``kind``: ``text`` (Wikipedia-style: refuses documents with images), ``caption`` (MS-COCO-style:
     every document must hold an image), ``auto`` (no check). ``use_loss_mask``: count only targets
-    whose loss mask is True (instruction data: the response).
+    whose loss mask is True (instruction data: the response). The text tokenizer (``tokenizer``,
+    else the manifest's) is loaded only for JSONL files.
     """
     from checkpoints_tools.load import load_model
-    from jam_metaseq.eval.io import EvalInputError, read_sequences
+    from jam_metaseq.eval.io import EvalInputError, is_binarized, read_sequences
+    from jam_metaseq.models import count_parameters
 
     if kind not in PPL_KINDS:
         raise EvalInputError(f"kind must be one of {PPL_KINDS}, got {kind!r}")
@@ -269,7 +224,7 @@ def evaluate_ppl_files(
                                       dtype=getattr(torch, dtype), device=device, trust_pickle=trust_pickle)
     text_tok = None
     spec = tokenizer or manifest.text_tokenizer
-    if spec:
+    if spec and not all(is_binarized(path) for path in data):
         from jam_metaseq.data.tokenizers import load_text_tokenizer
 
         text_tok = load_text_tokenizer(spec)
@@ -285,9 +240,10 @@ def evaluate_ppl_files(
             if kind == "caption" and not has_image:
                 raise EvalInputError(f"{path}: document {j} holds no image but --kind caption was asked")
         r = perplexity(model, seqs, vocab=manifest, batch_size=batch_size, max_len=max_len, stride=stride,
-                       prefix=prefix, masks=masks if use_loss_mask else None, device=device, progress=progress)
+                       masks=masks if use_loss_mask else None, device=device, progress=progress)
         r["kind"] = kind
         r["checkpoint"] = str(checkpoint)
         r["arch"] = getattr(cfg, "arch", type(cfg).__name__)
+        r["params"] = count_parameters(cfg)
         results[str(path)] = r
     return results

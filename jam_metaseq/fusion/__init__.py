@@ -11,16 +11,10 @@ fp32 (accumulation in fp32); the caller casts to the output dtype.
 
 from __future__ import annotations
 
-import functools
-import json
-
-import torch
-
-from ..models import build_model
-from ..models.config import CrossConfig, DecoderConfig, ModelConfig, config_from_json, config_to_json
 from .cross import (
     DEFAULT_INIT_SEED_SCHEME, INIT_SEED_SCHEMES, cross_plan, cross_tensor, draw_normal, fresh_rule, fresh_tensor,
 )
+from .shapes import cross_state_shapes, decoder_state_shapes, state_shapes
 from .uniform import average_pair, merge_tensor
 from .width import WIDEN_INITS, block_value, widen_blocks, widen_matrix, widen_tensor, widened_shape
 
@@ -31,23 +25,3 @@ __all__ = [
     "cross_plan", "cross_state_shapes", "cross_tensor", "decoder_state_shapes", "draw_normal", "fresh_rule",
     "fresh_tensor", "merge_tensor", "state_shapes", "widen_blocks", "widen_matrix", "widen_tensor", "widened_shape",
 ]
-
-
-@functools.lru_cache(maxsize=32)
-def _shapes(cfg_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    with torch.device("meta"):
-        model = build_model(config_from_json(cfg_json))
-    return tuple((k, tuple(v.shape)) for k, v in model.state_dict(keep_vars=True).items())
-
-
-def state_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Ordered {state-dict key: shape} of the model ``cfg`` describes (built on the meta device)."""
-    return dict(_shapes(config_to_json(cfg)))
-
-
-def decoder_state_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
-    return state_shapes(cfg)
-
-
-def cross_state_shapes(cfg: CrossConfig) -> dict[str, tuple[int, ...]]:
-    return state_shapes(cfg)

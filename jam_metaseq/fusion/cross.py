@@ -4,7 +4,9 @@
 - ``decoder.embed_positions_{llm,cm3}`` <- each parent's ``decoder.embed_positions``.
 - shared ``decoder.embed_tokens`` / ``output_projection``: the LLM's rows, with the image-code rows
   [image_vocab_start, image_vocab_end) taken from the image parent ("text tokens from the LLM input
-  embedding, image tokens from the image-text model").
+  embedding, image tokens from the image-text model"). Parents whose output projections are
+  untied (``tie_embeddings=False``, Llama-3) give the embedding from their embeddings and the
+  (then untied) output projection from their output projections, by the same row rule.
 - ``decoder.layer_norm``: the parents' average (one final LayerNorm after the feature projection).
 - parents of different widths (``CrossConfig.image_parent``): each branch's input embedding
   ``decoder.embed_tokens_{llm,cm3}`` <- its parent's whole embedding; the untied output projection
@@ -44,6 +46,7 @@ import torch
 from ..models import keys
 from ..models.config import CrossConfig
 from ..models.decoder import eye_halves
+from .shapes import state_shapes
 from .uniform import average_pair
 
 Getter = Callable[[str], torch.Tensor]
@@ -99,13 +102,15 @@ def cross_plan(name: str, cfg: CrossConfig) -> list[Piece]:
                 f"{name}: image_vocab_start/end = {lo}/{hi} must lie in [0, {cfg.vocab_size}] "
                 "(set them from the vocab manifest's image range)"
             )
+        # The parents' output heads are their embeddings, unless they are untied (Llama-3).
+        source = keys.OUTPUT if name == keys.OUTPUT and not cfg.parent.tie_embeddings else keys.EMBED
         if shared:
-            return [Piece(_ALL, "copy", "llm", keys.EMBED), Piece(slice(lo, hi), "copy", "img", keys.EMBED)]
+            return [Piece(_ALL, "copy", "llm", source), Piece(slice(lo, hi), "copy", "img", source)]
         # Widths differ: the untied (V, W) output projection, W the wider width; text rows are
         # the LLM's, image rows the image parent's, each in its first E_parent columns, zeros after.
         W, a, b = cfg.output_dim, cfg.llm.embed_dim, cfg.img.embed_dim
-        plan = [Piece(_ALL, "copy", "llm", keys.EMBED, slice(0, a)), Piece(slice(lo, hi), "copy", "img", keys.EMBED,
-                                                                          slice(0, b))]
+        plan = [Piece(_ALL, "copy", "llm", source, slice(0, a)), Piece(slice(lo, hi), "copy", "img", source,
+                                                                       slice(0, b))]
         if a < W:
             plan.insert(1, Piece(_ALL, "zeros", cols=slice(a, W)))
         if b < W:
@@ -183,8 +188,6 @@ def fresh_tensor(name: str, shape: tuple[int, ...], *, cfg: CrossConfig, seed: i
 def cross_tensor(name: str, *, cfg: CrossConfig, llm: Getter, img: Getter, seed: int = 0,
                  scheme: str = DEFAULT_INIT_SEED_SCHEME) -> torch.Tensor:
     """The JAM-Cross tensor ``name`` built from the parents' tensors (fetched lazily by name), fp32."""
-    from . import state_shapes  # late import: the package imports this module
-
     plan = cross_plan(name, cfg)  # first: it names what is wrong with ``name`` or ``cfg``
     out = torch.empty(state_shapes(cfg)[name])
     for p in plan:

@@ -5,6 +5,10 @@ Every matrix W (out x in) becomes [[W_llm, X_llm], [W_img, X_img]] with X = the 
 widened per K/V/Q block so that the new heads are whole (heads 0..H-1 from the LLM, H..2H-1 from the
 image model, head dim kept). Token/position embeddings are concatenated on the hidden dim [llm | img];
 vectors (biases, affine LayerNorm) are concatenated [llm; img] (per K/V/Q block for the qkv bias).
+Llama-family parents need nothing else: their separate q/k/v/o, gate/up/down and untied head are
+plain matrices (so grouped k/v heads double with the query heads, whole, and each head keeps its
+rotary layout) and their RMSNorm weights vectors (docs/ARCHITECTURE.md, "JAM-Width for the Llama
+family").
 
 The rule is data: ``widen_blocks`` lists, for one tensor, which block of the widened tensor comes
 from which rows of the parents and how (``block_value``). ``widen_tensor`` fills a whole tensor

@@ -11,6 +11,9 @@ sampling (temperature, top-p, top-k, repetition penalty). Modules:
   advance, feed) over ``DecodeBuffers``
 - ``engine``: ``GenerationConfig``, ``Engine`` (setup_caches / prefill / decode_one_token /
   decode_n_tokens / generate); ``static``: the fixed-shape loop and its CUDA graphs
+- ``conversation``: ``Conversation``, a chat whose KV cache grows turn by turn (CFG's unconditional
+  row: the history with the current user turn's text masked); ``chat`` / ``chat_cli``: it behind the
+  text and image tokenizers, ``jam chat`` (docs/CONVERSATIONS.md)
 - ``answer``: ``Answer``, ``TextSegment``, ``ImageSegment``, ``split_segments``
 - ``render``: JSON lines, Markdown, HTML, PNGs through an image-tokenizer decoder
 - ``run`` / ``cli``: ``jam-generate``
@@ -18,11 +21,12 @@ sampling (temperature, top-p, top-k, repetition penalty). Modules:
 
 from .answer import Answer, ImageSegment, TextSegment, split_segments
 from .cfg import blend, unconditional_prompt
+from .conversation import Conversation
 from .engine import Engine, GenerationConfig
 from .sampling import SamplingConfig, sample
 from .state import MixedModalRules, MixedModalState
 
 __all__ = [
-    "Answer", "Engine", "GenerationConfig", "ImageSegment", "MixedModalRules", "MixedModalState",
+    "Answer", "Conversation", "Engine", "GenerationConfig", "ImageSegment", "MixedModalRules", "MixedModalState",
     "SamplingConfig", "TextSegment", "blend", "sample", "split_segments", "unconditional_prompt",
 ]

@@ -38,6 +38,8 @@ class GenerationConfig:
     """Row i of a call uses seed + i unless seeds are given explicitly."""
     check_done_every: int = 1
     """Steps between checks whether every row finished (a host sync on accelerators)."""
+    end_id: int | None = None
+    """The token that ends an answer (None: ``<eos>``; a conversation's turn ends with ``<eot>``)."""
 
     def __post_init__(self) -> None:
         check_float(self.guidance_scale, name="guidance_scale")  # NaN or inf would make every image id NaN

@@ -22,6 +22,7 @@ sampled from the conditional row alone.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import torch
@@ -130,25 +131,37 @@ class Engine:
         return None
 
     # ---- the loop ------------------------------------------------------------------------------
+    def rules(self, config: GenerationConfig) -> MixedModalRules:
+        """The state machine's ids and limits for ``config`` (its ``end_id`` ends an answer)."""
+        rules = MixedModalRules.from_vocab(
+            self.vocab, vocab_size=self.vocab_size, max_new_tokens=config.max_new_tokens,
+            max_images=config.max_images, min_images=config.min_images,
+            force_image_first=config.force_image_first,
+        )
+        return rules if config.end_id is None else dataclasses.replace(rules, eos=config.end_id)
+
     def decode_n_tokens(
         self, logits: torch.Tensor, *, state: MixedModalState, seeds: torch.Tensor, seen: torch.Tensor,
         config: GenerationConfig, num_steps: int,
         on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-        columns_of_first: tuple[int, int] | None = None,
+        columns_of_first: tuple[int, int] | None = None, should_stop: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
         """Up to ``num_steps`` tokens per prompt, starting from the prefill ``logits`` -> (B, steps);
-        ``columns_of_first``: the columns those logits hold (``logit_columns``)."""
+        ``columns_of_first``: the columns those logits hold (``logit_columns``). ``should_stop``:
+        asked after each reported step (a stop button); True ends the loop there, the tokens chosen
+        so far counted in ``state.generated``."""
         if self.static is not None:
             return self.static.decode(
                 logits, state=state, seeds=seeds, seen=seen, config=config, num_steps=num_steps,
                 image_columns=self.image_columns(), on_step=on_step, columns_of_first=columns_of_first,
+                should_stop=should_stop,
             )
         bufs = DecodeBuffers.wrap(state, seeds=seeds, seen=seen, rows=logits.shape[0], steps=num_steps, pad=self.pad)
         decode_step(bufs, forward=self.decode_one_token, columns=columns_of_first, config=config, logits=logits)
         for step in range(1, num_steps + 1):
             if on_step is not None:
                 on_step(bufs.out[:, step - 1], bufs.image_rows[:, step - 1])
-            if step == num_steps:
+            if step == num_steps or (should_stop is not None and should_stop()):
                 break
             if step % config.check_done_every == 0 and bool(state.done.all()):
                 break
@@ -184,11 +197,7 @@ class Engine:
                     "and at least one must be left to generate"
                 )
         limits = [min(config.max_new_tokens, self.max_positions - len(p)) for p in prompts]
-        rules = MixedModalRules.from_vocab(
-            self.vocab, vocab_size=self.vocab_size, max_new_tokens=config.max_new_tokens,
-            max_images=config.max_images, min_images=config.min_images,
-            force_image_first=config.force_image_first,
-        )
+        rules = self.rules(config)
         device = self.device
         rows = list(prompts)
         if config.guidance:

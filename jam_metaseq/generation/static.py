@@ -205,11 +205,12 @@ class StaticDecoder:
         self, logits: torch.Tensor, *, state: MixedModalState, seeds: torch.Tensor, seen: torch.Tensor,
         config: "GenerationConfig", num_steps: int, image_columns: tuple[int, int] | None,
         on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-        columns_of_first: tuple[int, int] | None = None,
+        columns_of_first: tuple[int, int] | None = None, should_stop: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
         """``Engine.decode_n_tokens`` with static steps: (B, num_steps) tokens from the prefill logits;
         ``image_columns``: the columns of image-only steps (``Engine.image_columns``). ``state`` and
-        ``seen`` end as the eager loop leaves them."""
+        ``seen`` end as the eager loop leaves them. ``should_stop`` is asked once per stretch of
+        steps, after they were reported."""
         if self.cache is None or num_steps > self.cache.max_len - self.cache.length + 1:
             raise ValueError("setup_caches and prefill before decoding, with room for every step")
         b = self._bind(state, seeds=seeds, seen=seen, rows=logits.shape[0])
@@ -229,6 +230,8 @@ class StaticDecoder:
                 for s in range(reported, step):
                     on_step(b.out[:, s], b.image_rows[:, s])
                 reported = step
+            if should_stop is not None and should_stop():
+                break
             planned = plan(
                 mode=mode, image_pos=image_pos, left=left, forced=[bool(f) for f in forced],
                 image_tokens=rules.image_tokens, image_columns=image_columns,

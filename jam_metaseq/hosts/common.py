@@ -4,8 +4,8 @@ base classes, signatures and registry calls; nothing here imports a host.
 
 Mixins go first in a host class, ``class X(CM3DatasetMixin, FairseqDataset)``, so their methods win
 over the base's placeholders and their ``super().__init__`` reaches the host base. The items, the
-batches and the task options are ``jam_metaseq.data.items``; flags are ``hosts.args``; what makes
-the hosts load our checkpoints is ``hosts.compat``.
+batches and the task options are ``jam_metaseq.task.items``; flags are ``jam_metaseq.flags`` (the
+arch functions' glue: ``hosts.args``); what makes the hosts load our checkpoints is ``hosts.compat``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from jam_metaseq import flags
 from jam_metaseq.data.binarize import open_dataset
-from jam_metaseq.data.items import CM3Items, collate, find_sources, load_manifest
+from jam_metaseq.task.items import CM3Items, collate, find_sources, load_manifest
 from jam_metaseq.hosts import args as jam_args
 from jam_metaseq.hosts import compat
 from jam_metaseq.models import build_model
@@ -45,7 +46,7 @@ def build_core(args: argparse.Namespace, task: Any, *, meta: bool = False) -> tu
     ``jam_metaseq.models.fresh_parameters``)."""
     vocab: VocabManifest = task.vocab
     dictionary = task.target_dictionary
-    cfg = jam_args.config_from_args(args, vocab_size=len(dictionary), padding_idx=dictionary.pad(),
+    cfg = flags.config_from_args(args, vocab_size=len(dictionary), padding_idx=dictionary.pad(),
                                     image_range=(vocab.image_start, vocab.image_end))
     vocab.check_embedding(cfg.vocab_size, what="model")
     args.jam_config = cfg.to_dict()
@@ -60,7 +61,20 @@ class JamModelMixin:
 
     @staticmethod
     def add_args(parser: Any) -> None:
-        jam_args.add_model_args(parser)
+        flags.add_model_args(parser)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, **kwargs: Any) -> Any:
+        """The host's own load, after refusing FSDP flat parameters with one line: a model that is
+        not fully sharded (``metaseq-validate``, a single-process run) given a fully-sharded run's
+        shard would otherwise fail on every key. (A fully-sharded run loads its shards through
+        fairscale, which does not call this.)"""
+        flat = next((k for k in state_dict if k.rsplit(".", 1)[-1].startswith("flat_param_")), None)
+        if flat is not None:
+            raise compat.StartCheckpointError(
+                f"the checkpoint holds FSDP flat parameters ({flat}) of a fully-sharded run, which load only into a "
+                "fully-sharded run (--ddp-backend fully_sharded --use-sharded-state) of its size: consolidate them "
+                "first with jam-ckpt convert SHARD_FILE --to metaseq -o DIR")
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)  # type: ignore[misc]
 
     def max_positions(self) -> int:
         return self.decoder.max_positions()  # type: ignore[attr-defined]
@@ -144,7 +158,7 @@ class CM3TaskMixin:
 
     @staticmethod
     def add_args(parser: Any) -> None:
-        jam_args.add_task_args(parser)
+        flags.add_task_args(parser)
 
     def __init__(self, args: argparse.Namespace, vocab: VocabManifest, dictionary: Any) -> None:
         super().__init__(args)  # type: ignore[call-arg]
@@ -202,7 +216,7 @@ class CM3CriterionMixin:
 
     @staticmethod
     def add_args(parser: Any) -> None:
-        jam_args.add_criterion_args(parser)
+        flags.add_criterion_args(parser)
 
     def token_nll(self, model: Any, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """-log p(target) per token (B, T) from the model's logits (B, T, V)."""
@@ -249,21 +263,22 @@ def register_with_host(host: str, *, model_class: type, task_class: type, criter
     compat.install_one_line_errors()
     compat.patch_host_upgrader(checkpoint_utils)
     compat.patch_host_load_checkpoint(checkpoint_utils)
+    compat.patch_host_unsharded_load(checkpoint_utils)
     try:
         compat.patch_host_broadcast(importlib.import_module(f"{host}.distributed.utils"))
     except ImportError:
         pass
-    for family in jam_args.FAMILIES:
+    for family in flags.FAMILIES:
         if family not in models.MODEL_REGISTRY:
             sub = type(f"{model_class.__name__}_{family}", (model_class,), {"__module__": model_class.__module__})
             models.register_model(family)(sub)
     for arch, (family, size) in jam_args.arch_names().items():
         if arch not in models.ARCH_MODEL_REGISTRY:
             models.register_model_architecture(family, arch)(arch_defaults(family, size))
-    if jam_args.TASK_NAME not in tasks.TASK_REGISTRY:
-        tasks.register_task(jam_args.TASK_NAME)(task_class)
-    if jam_args.CRITERION_NAME not in criterions.CRITERION_REGISTRY:
-        criterions.register_criterion(jam_args.CRITERION_NAME)(criterion_class)
+    if flags.TASK_NAME not in tasks.TASK_REGISTRY:
+        tasks.register_task(flags.TASK_NAME)(task_class)
+    if flags.CRITERION_NAME not in criterions.CRITERION_REGISTRY:
+        criterions.register_criterion(flags.CRITERION_NAME)(criterion_class)
     _REGISTERED.add(host)
 
 

@@ -7,6 +7,8 @@ on import.
 - ``patch_host_upgrader``: a fresh ``jam-ckpt`` file gets the neutral ``optimizer_history`` and
   ``extra_state`` entries the hosts' checkpoint upgraders index into.
 - ``patch_host_broadcast``: the hosts' rank-to-rank object broadcast unpickles on torch >= 2.6.
+- ``patch_host_unsharded_load`` (metaseq): an unsharded checkpoint loads on more than one
+  data-parallel rank.
 - ``patch_host_load_checkpoint`` -> ``check_trainer_start``: before the first update, the files a
   trainer starts from (the set of ``-model_part-r``) are opened by the checkpoint loader
   (``checkpoints_tools.load_model`` on the meta device) and checked against the model and
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from jam_metaseq.data.items import DataSetupError
+from jam_metaseq.task.items import DataSetupError
 from jam_metaseq.vocab import VocabManifest
 
 
@@ -56,7 +59,7 @@ def normalise_start_state(state: Any) -> Any:
     ``extra_state is None``) the neutral entries the hosts' checkpoint upgraders index into."""
     if isinstance(state, dict) and "model" in state:
         if not state.get("optimizer_history"):
-            from checkpoints_tools.writers import start_optimizer_history
+            from checkpoints_tools.io.host_meta import start_optimizer_history
 
             state["optimizer_history"] = start_optimizer_history()
         if state.get("extra_state") is None:
@@ -112,35 +115,74 @@ def patch_host_load_checkpoint(module: Any) -> None:
 
     def load_checkpoint(cfg: Any, trainer: Any, *args: Any, **kwargs: Any) -> Any:
         check_trainer_start(cfg, trainer)
+        init_fsdp_units(trainer.get_model())  # the FSDP root itself in a fully-sharded run
         return orig(cfg, trainer, *args, **kwargs)
 
     load_checkpoint._jam_wrapped = True  # type: ignore[attr-defined]
     module.load_checkpoint = load_checkpoint
 
 
+def patch_host_unsharded_load(module: Any) -> None:
+    """metaseq only: wrap ``module.get_paths_to_load`` (``checkpoint_utils``) once so that a file
+    written unsharded (``pytorch_ddp``, ``fully_sharded`` without ``--use-sharded-state``, a
+    ``jam-ckpt`` file without ``--fsdp``) is read whole at any data-parallel size.
+
+    metaseq's ``load_checkpoint_to_cpu`` compares the number of files it found (1) with the
+    data-parallel size and, when that is larger, takes the branch that splits FSDP shards
+    between ranks (``AssertionError`` on a name without ``-shard``): on more than one rank such a
+    run can neither resume from its own ``checkpoint_last`` nor start from a consolidated file."""
+    orig = getattr(module, "get_paths_to_load", None)
+    if orig is None or getattr(orig, "_jam_wrapped", False):
+        return
+
+    def get_paths_to_load(path: str, suffix: str = "rank-") -> tuple[list[str], int]:
+        paths, count = orig(path, suffix=suffix)
+        if count == 1 and len(paths) == 1 and not re.search(rf"{re.escape(suffix)}[0-9]+\.pt$", paths[0]):
+            count = max(1, int(module.distributed_utils.get_data_parallel_world_size()))
+        return paths, count
+
+    get_paths_to_load._jam_wrapped = True  # type: ignore[attr-defined]
+    module.get_paths_to_load = get_paths_to_load
+
+
+def init_fsdp_units(model: Any) -> None:
+    """Run the lazy initialisation of every FSDP unit of ``model`` (the root first: it marks the
+    others as inner units), as their first forward would. fairscale's ``load_local_state_dict``
+    (a fully-sharded run resuming from, or starting from, its ``-shard{j}`` files) frees the
+    gathered parameters of every unit afterwards, which fails on a unit that has not run yet
+    (``'FlatParameter' object has no attribute '_full_param_padded'``): with one unit per block
+    (``hosts.metaseq.shard_blocks``) that is every block before the first update."""
+    fsdp = sys.modules.get("fairscale.nn.data_parallel.fully_sharded_data_parallel")
+    if fsdp is None or not hasattr(model, "modules"):
+        return
+    units = [m for m in model.modules() if isinstance(m, fsdp.FullyShardedDataParallel)]
+    if len(units) > 1:
+        for unit in units:  # pre-order: the root before the blocks it holds
+            unit._lazy_init()
+
+
 def check_trainer_start(cfg: Any, trainer: Any) -> None:
-    """``check_start_checkpoint`` for the file this rank's trainer is about to load (its
-    ``-model_part-{r}`` at model-parallel size > 1; FSDP shards, flat, are not checked), then
-    agreed on by all ranks, so that no rank waits for one that stopped."""
+    """``check_start_checkpoint`` for the files this rank's trainer is about to load (its
+    ``-model_part-{m}`` at model-parallel size > 1; its ``-shard{d}`` in a fully-sharded run with
+    ``--use-sharded-state``, whose shard count must be the run's data-parallel size), then agreed
+    on by all ranks, so that no rank waits for one that stopped."""
     model, task = trainer.get_model(), trainer.task
     vocab = getattr(task, "vocab", None)
     suffix = trainer.checkpoint_suffix or ""
-    if not hasattr(model, "jam_config") or not isinstance(vocab, VocabManifest) or "-shard" in suffix:
+    if not hasattr(model, "jam_config") or not isinstance(vocab, VocabManifest):
         return
     mp = getattr(model, "model_parallel_size", 1)
+    shards = int(getattr(trainer, "data_parallel_world_size", 1) or 1) if "-shard" in suffix else 0
     error: StartCheckpointError | None = None
     path = start_checkpoint(restore_file=getattr(cfg, "restore_file", None),
                             finetune_from_model=getattr(cfg, "finetune_from_model", None),
                             save_dir=getattr(cfg, "save_dir", "checkpoints"), suffix=suffix)
     if path is not None:
-        whole = path.replace(f"{suffix}.pt", ".pt") if suffix else path
         try:
-            if mp > 1 and not Path(path).exists() and Path(whole).is_file():
-                raise StartCheckpointError(
-                    f"{path}: not found; {whole} is one consolidated file and --model-parallel-size {mp} "
-                    f"loads one -model_part-{{r}} file per rank: write them with jam-ckpt reshard {whole} "
-                    f"--mp {mp} -o DIR")
-            check_start_checkpoint(path, config=model.jam_config, vocab=vocab, model_parallel_size=mp)
+            if suffix and not Path(path).exists():
+                _explain_missing(path, suffix=suffix, model_parallel_size=mp, fsdp_shards=shards)
+            check_start_checkpoint(path, config=model.jam_config, vocab=vocab, model_parallel_size=mp,
+                                   fsdp_shards=shards)
         except StartCheckpointError as e:
             error = e
     dist = torch.distributed
@@ -152,6 +194,35 @@ def check_trainer_start(cfg: Any, trainer: Any) -> None:
                                          f"(their error is above)")
     if error is not None:
         raise error
+
+
+def _reshard_hint(path: str | Path, *, model_parallel_size: int, fsdp_shards: int) -> str:
+    fsdp = f" --fsdp {fsdp_shards}" if fsdp_shards else ""
+    return f"jam-ckpt reshard {path} --mp {model_parallel_size}{fsdp} -o DIR"
+
+
+def _explain_missing(path: str, *, suffix: str, model_parallel_size: int, fsdp_shards: int) -> None:
+    """``path`` (the start file with this rank's ``suffix``) does not exist: when the file without
+    the suffix does, say which layout the run loads and how to write it."""
+    whole = path.replace(f"{suffix}.pt", ".pt")
+    if not Path(whole).is_file():
+        return  # check_start_checkpoint reports the missing file
+    pattern = re.sub(r"shard[0-9]+", "shard{d}", re.sub(r"model_part-[0-9]+", "model_part-{m}", suffix))
+    per_rank = f"one {pattern} file per rank"
+    if fsdp_shards:
+        raise StartCheckpointError(
+            f"{path}: not found; {whole} is one whole file and this fully-sharded run (--use-sharded-state, "
+            f"data-parallel size {fsdp_shards}) loads {per_rank}: write them with "
+            f"{_reshard_hint(whole, model_parallel_size=model_parallel_size, fsdp_shards=fsdp_shards)}")
+    if model_parallel_size > 1:
+        raise StartCheckpointError(
+            f"{path}: not found; {whole} is one consolidated file and --model-parallel-size {model_parallel_size} "
+            f"loads {per_rank}: write them with "
+            f"{_reshard_hint(whole, model_parallel_size=model_parallel_size, fsdp_shards=0)}")
+    raise StartCheckpointError(
+        f"{path}: not found; metaseq names the start file of a run on several processes with {suffix}: start "
+        f"from the whole file with --finetune-from-model {whole}, or, fully sharded (--use-sharded-state), from "
+        f"the shards jam-ckpt reshard {whole} --fsdp N -o DIR writes for N data-parallel ranks")
 
 
 class StartCheckpointError(ValueError):
@@ -167,13 +238,15 @@ def _unsafe_hint(msg: str, path: str | Path) -> str:
 
 
 def check_start_checkpoint(path: str | Path, *, config: Any, vocab: VocabManifest,
-                           model_parallel_size: int = 1) -> None:
+                           model_parallel_size: int = 1, fsdp_shards: int = 0) -> None:
     """Stop before training when the starting weights cannot fit this model (``config``) and
     vocabulary: the checkpoint loader (``checkpoints_tools.load_model`` on the meta device: every
     name and shape checked, no tensor data read; pickles through ``safe_load``'s allow-list) over
-    the whole set of files the ranks load (``path`` is this rank's ``-model_part-{r}`` at
-    model-parallel size > 1), which must be split for ``model_parallel_size``. Errors become
-    ``StartCheckpointError`` with jam-ckpt's one-line message."""
+    the whole set of files the ranks load (``path`` is this rank's ``-model_part-{r}[-shard{d}]``
+    file), which must be split for ``model_parallel_size`` and, for a fully-sharded run loading
+    sharded state (``fsdp_shards`` = its data-parallel size; 0: the run loads unsharded files),
+    sharded into that many FSDP shards per part. Errors become ``StartCheckpointError`` with
+    jam-ckpt's one-line message."""
     from checkpoints_tools.load import load_model
     from checkpoints_tools.readers import open_checkpoint
     from checkpoints_tools.safe_load import CheckpointError, UnsafePickleError
@@ -193,11 +266,24 @@ def check_start_checkpoint(path: str | Path, *, config: Any, vocab: VocabManifes
         raise StartCheckpointError(_unsafe_hint(str(e).splitlines()[0], p)) from None
     except CheckpointError as e:
         raise StartCheckpointError(str(e).splitlines()[0]) from None
-    mp = reader.mp
-    if mp != model_parallel_size:
+    hint = _reshard_hint(path, model_parallel_size=model_parallel_size, fsdp_shards=fsdp_shards)
+    if reader.mp != model_parallel_size:
         raise StartCheckpointError(
-            f"{path}: written for model-parallel size {mp}, the run uses --model-parallel-size "
-            f"{model_parallel_size}: write its parts with jam-ckpt reshard {path} --mp {model_parallel_size} -o DIR")
+            f"{path}: written for model-parallel size {reader.mp}, the run uses --model-parallel-size "
+            f"{model_parallel_size}: write its parts with {hint}")
+    if fsdp_shards and not reader.fsdp:
+        raise StartCheckpointError(
+            f"{path}: holds whole (unsharded) tensors, but this fully-sharded run (--use-sharded-state) loads "
+            f"one FSDP shard per data-parallel rank ({fsdp_shards}): write them with {hint}")
+    if fsdp_shards and reader.fsdp != fsdp_shards:
+        raise StartCheckpointError(
+            f"{path}: written as {reader.fsdp} FSDP shard(s) per model part, but the run's data-parallel size is "
+            f"{fsdp_shards}: write {fsdp_shards} with {hint}")
+    if not fsdp_shards and reader.fsdp:
+        raise StartCheckpointError(
+            f"{path}: FSDP shards ({reader.fsdp} per model part) load only into a fully-sharded run with "
+            f"--ddp-backend fully_sharded --use-sharded-state at data-parallel size {reader.fsdp}; for this "
+            f"run, consolidate them: {_reshard_hint(path, model_parallel_size=model_parallel_size, fsdp_shards=0)}")
 
 
 def start_checkpoint(*, restore_file: str | None, finetune_from_model: str | None,

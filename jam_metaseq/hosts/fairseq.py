@@ -4,11 +4,11 @@
     fairseq-train DATA --user-dir .../jam_metaseq --task cm3_multimodal --criterion cm3 \
         --arch jam_cross_tiny --restore-file FUSED.pt --reset-optimizer --reset-dataloader ...
 
-trains a JAM model from ``jam-ckpt`` output. Thin by design: flags -> ``hosts.args`` -> config
-dataclass -> ``jam_metaseq.models.build_model``; the data, task, criterion and decoder logic
-live in ``hosts.common`` (mixins shared with the metaseq adapter), ``data.items`` and ``objectives.loss``.
-``register()`` is idempotent; ``jam_metaseq/__init__`` calls it when fairseq imports the package as
-its ``--user-dir``.
+trains a JAM model from ``jam-ckpt`` output. Thin by design: flags -> ``jam_metaseq.flags`` ->
+config dataclass -> ``jam_metaseq.models.build_model``; the data, task, criterion and decoder logic
+live in ``hosts.common`` (mixins shared with the metaseq adapter), ``task.items`` and
+``objectives.loss``. ``register()`` is idempotent; ``hosts.register_hosts`` calls it, from the
+package's ``__init__`` when fairseq imports the package as its ``--user-dir``.
 
 Checkpoints: the model's args (``cfg["model"]``, a Namespace fairseq pickles into every checkpoint)
 carry ``jam_config`` = ``cfg.to_dict()``, and the task state (``task_state``) carries ``jam_config``
@@ -71,7 +71,7 @@ class JamLanguageModel(JamModelMixin, FairseqLanguageModel):
 
 # ---- data / task -----------------------------------------------------------------------------
 class CM3FairseqDataset(CM3DatasetMixin, FairseqDataset):
-    """``data.items.CM3Items`` as a FairseqDataset (``hosts.common.CM3DatasetMixin``)."""
+    """``task.items.CM3Items`` as a FairseqDataset (``hosts.common.CM3DatasetMixin``)."""
 
     @property
     def can_reuse_epoch_itr_across_epochs(self) -> bool:

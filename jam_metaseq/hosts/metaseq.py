@@ -18,7 +18,7 @@ through the real ``metaseq-train`` / ``metaseq-validate`` on a CPU build of meta
   vocab-split logits. The core stays plain PyTorch.
 - Checkpoints load under torch >= 2.6 through the same allow-list as fairseq, and starting files
   are checked before training (``hosts.compat.check_trainer_start``).
-Data, items, task, criterion and decoder logic are shared with the fairseq adapter (``data.items``,
+Data, items, task, criterion and decoder logic are shared with the fairseq adapter (``task.items``,
 mixins in ``hosts.common``, loss math in ``objectives.loss``); this module keeps what metaseq does
 differently.
 """
@@ -168,6 +168,28 @@ def parallelize_tensor(core: nn.Module, cfg: Any, *, world_size: int, rank: int 
     return core
 
 
+def shard_blocks(core: nn.Module) -> nn.Module:
+    """One FSDP unit per block of the key schema (a decoder layer, a cross block: each
+    ``{container}.{i}`` of ``keys.CONTAINERS``), in place, when called inside metaseq's
+    ``fsdp_enable_wrap`` context (``metaseq-train --ddp-backend fully_sharded`` builds the model
+    there); elsewhere metaseq's ``fsdp_wrap`` returns each block unchanged.
+
+    A fully-sharded step then gathers one block's parameters at a time, as metaseq's own
+    transformer does with its layers, instead of the whole model at once; the rest (embeddings,
+    positions, the final LayerNorm, JAM-Cross's feature projection) is the root unit. These are
+    the units ``jam-ckpt --fsdp`` writes (``checkpoints_tools.io.fsdp.fsdp_unit``), so its shards
+    load into the run as they are (``docs/CHECKPOINTS.md``, FSDP shards)."""
+    from metaseq.distributed import fsdp_wrap
+
+    modules = dict(core.named_modules())
+    for name in keys.CONTAINERS:
+        container = modules.get(name)
+        if isinstance(container, nn.ModuleList):
+            for i in range(len(container)):
+                container[i] = fsdp_wrap(container[i])
+    return core
+
+
 def _check_bias(layout: Any, module: nn.Linear, name: str, *, rule: str) -> None:
     """A column-parallel layer splits its bias by its weight's rule (a row-parallel layer's whole
     bias is caught by the shape check in ``fill``)."""
@@ -247,6 +269,9 @@ class JamMetaseqModel(JamModelMixin, BaseModel):
                 parallelize_tensor(core, cfg, world_size=mp)
             else:
                 cfg, core = build_core(args, task)
+        # Order: tensor parallelism inside the blocks (above), then one FSDP unit per block around
+        # them; metaseq-train wraps the whole model (the root unit) after build_model returns.
+        shard_blocks(core)
         model = cls(JamMetaseqDecoder(task.target_dictionary, core), cfg, mp)
         task.on_model_built(model, args)
         return model
@@ -282,7 +307,7 @@ def _task_state() -> Any:
 
 # ---- data / task -----------------------------------------------------------------------------
 class CM3MetaseqDataset(CM3DatasetMixin, BaseDataset):
-    """``data.items.CM3Items`` as a metaseq BaseDataset (``hosts.common.CM3DatasetMixin``)."""
+    """``task.items.CM3Items`` as a metaseq BaseDataset (``hosts.common.CM3DatasetMixin``)."""
 
 
 class CM3MultimodalMetaseqTask(CM3TaskMixin, _TaskBase):

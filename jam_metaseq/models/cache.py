@@ -1,7 +1,9 @@
 """Explicit key/value cache for incremental decoding (house style: allocated in ``setup_caches``).
 
 One preallocated buffer per attention *slot* (a self-attention layer, or one direction of a JAM-Cross
-cross block), plus the per-row bookkeeping that metaseq's learned positions and left padding need.
+cross block), plus the per-row bookkeeping that positions (metaseq's learned ones or rotary ones:
+both count each row's real tokens) and left padding need. A grouped-query model stores its k/v
+heads, not its query heads (``heads`` = ``DecoderConfig.num_kv_heads``).
 
 Two ways to append: ``write`` (the dynamic path) returns the keys written so far, so shapes grow
 every step; ``write_at`` (static decode steps, ``decoder.build_static_context``) writes at the

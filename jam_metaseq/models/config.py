@@ -1,7 +1,11 @@
 """Typed configs for the parent decoder and the three JAM architectures (paper §2.1, §3.1).
 
 One dataclass per architecture, JSON-serialisable, stored in every checkpoint the tools write:
-- ``DecoderConfig``: metaseq's ``model_parallel_transformer_lm`` at MP=1 (OPT / CM3leon family).
+- ``DecoderConfig``: metaseq's ``model_parallel_transformer_lm`` at MP=1 (OPT / CM3leon family), and
+  the Llama family (Llama, Qwen2, Gemma) as named fields of the same block: ``norm``, ``positions``,
+  ``mlp``, ``kv_heads``, ``attn_head_dim``, ``qkv``, ``qkv_bias``, ``tie_embeddings`` ... (a family is
+  configuration plus a key map, not a fork). Every new field defaults to the OPT behaviour and is
+  left out of ``to_dict`` at its default, so an OPT config serialises byte for byte as before.
   JAM-Uniform has its parent's config; JAM-Width is a ``DecoderConfig`` twice as wide (``width_of``).
 - ``CrossConfig``: JAM-Cross, two parent-shaped branches with cross blocks (``cross_of``); the
   parents may differ in shape (width, FFN, depth, heads: ``image_parent``).
@@ -20,12 +24,25 @@ ARCH_WIDTH = "jam_width"
 ARCH_CROSS = "jam_cross"
 
 
+NORMS = ("layernorm", "rmsnorm", "rmsnorm_plus_one")
+POSITION_KINDS = ("learned", "rotary")
+MLPS = ("plain", "gated")
+QKV_LAYOUTS = ("fused", "separate")
+ACTIVATIONS = ("relu", "gelu", "silu", "gelu_tanh")
+ROPE_TYPES: dict[str, tuple[str, ...]] = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+"""Rotary scalings this decoder computes (``rope_scaling["rope_type"]``) and the parameters each
+needs (HF ``modeling_rope_utils``); ``default`` is no scaling (``rope_scaling`` None)."""
+
+
 @dataclass
 class DecoderConfig:
-    """A pre-LayerNorm decoder-only transformer with metaseq's state-dict layout."""
+    """A pre-norm decoder-only transformer with metaseq's state-dict layout (``models/keys.py``)."""
 
     vocab_size: int
-    """Rows of the (tied) token embedding, padded dictionary size included."""
+    """Rows of the token embedding (and of the output projection), padded dictionary size included."""
     embed_dim: int
     """Hidden size E."""
     ffn_dim: int
@@ -33,17 +50,19 @@ class DecoderConfig:
     layers: int
     """Number of decoder layers."""
     heads: int
-    """Attention heads; E must be divisible by it."""
+    """Attention (query) heads; E must be divisible by it unless ``attn_head_dim`` is set."""
     max_positions: int = 2048
     """Longest sequence; the learned position table has ``max_positions + padding_idx + 1`` rows."""
     padding_idx: int = 1
     """Pad id (fairseq Dictionary convention: bos=0, pad=1, eos=2, unk=3)."""
     bias: bool = True
-    """Biases in the attention and FFN projections (False = metaseq ``--disable-bias``)."""
+    """Biases in the attention output and FFN projections, and in q/k/v unless ``qkv_bias`` says
+    otherwise (False = metaseq ``--disable-bias``)."""
     affine_ln: bool = True
-    """LayerNorm with weight and bias (False = metaseq ``--disable-affine-ln``)."""
-    activation: Literal["relu", "gelu"] = "relu"
-    """FFN activation."""
+    """Norms with a learned weight (LayerNorm: and bias) (False = metaseq ``--disable-affine-ln``)."""
+    activation: Literal["relu", "gelu", "silu", "gelu_tanh"] = "relu"
+    """FFN activation (on the gate with ``mlp="gated"``); ``gelu`` is the exact erf form,
+    ``gelu_tanh`` its tanh approximation (HF ``gelu_pytorch_tanh``: Gemma)."""
     dropout: float = 0.0
     """Residual / embedding dropout."""
     attention_dropout: float = 0.0
@@ -51,21 +70,81 @@ class DecoderConfig:
     scale_embedding: bool = True
     """Multiply token embeddings by sqrt(E) (False = metaseq ``--no-scale-embedding``)."""
     ln_eps: float = 1e-5
-    """LayerNorm epsilon."""
+    """Norm epsilon (LayerNorm's, or RMSNorm's: HF ``rms_norm_eps``)."""
     arch: str = ARCH_DECODER
     """Which architecture this config describes: ``decoder``, ``jam_uniform`` or ``jam_width``."""
     init_std: float = 0.02
     """Std of the normal init for freshly initialised weights."""
+    # ---- the Llama family (issue 23). Each default is the OPT / metaseq decoder's behaviour, and
+    # ``to_dict`` leaves a field out while it has its default (``FAMILY_DEFAULTS``).
+    norm: Literal["layernorm", "rmsnorm", "rmsnorm_plus_one"] = "layernorm"
+    """Normalisation: ``layernorm`` (OPT), ``rmsnorm`` (Llama, Qwen2: w * x / rms(x)) or
+    ``rmsnorm_plus_one`` (Gemma: (1 + w) * x / rms(x), the stored weight starts at 0)."""
+    positions: Literal["learned", "rotary"] = "learned"
+    """``learned``: metaseq's position table added to the embedding; ``rotary``: RoPE on q and k in
+    every attention (HF half-split layout, ``rotate_half``), no position table."""
+    rope_theta: float = 10000.0
+    """Rotary base (HF ``rope_theta``)."""
+    rope_scaling: dict[str, Any] | None = None
+    """Rotary frequency scaling: None (HF ``default``), ``{"rope_type": "linear", "factor": f}`` or
+    ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}``; any other type is refused by name."""
+    mlp: Literal["plain", "gated"] = "plain"
+    """``plain``: fc2(act(fc1(x))) (OPT); ``gated``: fc2(act(fc_gate(x)) * fc1(x)) (Llama's
+    down(act(gate(x)) * up(x)))."""
+    kv_heads: int | None = None
+    """Key/value heads for grouped-query attention (HF ``num_key_value_heads``); None = ``heads``.
+    Query head h reads key/value head h // (heads / kv_heads)."""
+    attn_head_dim: int | None = None
+    """Width of one attention head when it is not E / heads (HF ``head_dim``; Gemma-7B: 256 with 16
+    heads and E = 3,072); None = E / heads. ``head_dim`` is the value in use."""
+    qkv: Literal["fused", "separate"] = "fused"
+    """``fused``: metaseq's one ``qkv_proj`` with rows [K; V; Q]; ``separate``: ``q_proj``, ``k_proj``,
+    ``v_proj`` (the HF layout; needed for grouped k/v heads or a head width other than E / heads)."""
+    qkv_bias: bool | None = None
+    """Biases on q/k/v when they differ from ``bias`` (Qwen2: True with ``bias`` False); None = ``bias``."""
+    tie_embeddings: bool = True
+    """The output projection is the token embedding (False: a matrix of its own, Llama-2/3, Qwen2-7B)."""
+    embed_scale_in_dtype: bool = False
+    """Round the sqrt(E) embedding factor to the model's dtype before the multiply (HF Gemma) rather
+    than multiply by it in full precision (metaseq). Equal in fp32."""
 
     def __post_init__(self) -> None:
-        if self.embed_dim % self.heads:
+        if self.attn_head_dim is None and self.embed_dim % self.heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by heads {self.heads}")
-        if self.activation not in ("relu", "gelu"):
-            raise ValueError(f"activation must be relu or gelu, got {self.activation!r}")
+        for name, allowed in (("activation", ACTIVATIONS), ("norm", NORMS), ("positions", POSITION_KINDS),
+                              ("mlp", MLPS), ("qkv", QKV_LAYOUTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.heads % self.num_kv_heads:
+            raise ValueError(f"kv_heads {self.kv_heads} does not divide heads {self.heads} (grouped-query "
+                             "attention needs whole groups)")
+        if self.qkv == "fused":
+            if self.num_kv_heads != self.heads or self.head_dim * self.heads != self.embed_dim:
+                raise ValueError(f"qkv='fused' ([K; V; Q] in one tensor) needs kv_heads == heads and "
+                                 f"heads x head_dim == embed_dim; this config has {self.num_kv_heads} k/v heads, "
+                                 f"{self.heads} x {self.head_dim} vs {self.embed_dim}: use qkv='separate'")
+            if self.qkv_bias is not None and self.qkv_bias != self.bias:
+                raise ValueError("qkv='fused' has one bias for q, k and v: qkv_bias must equal bias")
+        self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
 
     @property
     def head_dim(self) -> int:
-        return self.embed_dim // self.heads
+        """Width D of one attention head."""
+        return self.attn_head_dim if self.attn_head_dim is not None else self.embed_dim // self.heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads G (``heads`` without grouped-query attention)."""
+        return self.kv_heads if self.kv_heads is not None else self.heads
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
+    def learned_positions(self) -> bool:
+        return self.positions == "learned"
 
     @property
     def num_position_rows(self) -> int:
@@ -73,13 +152,55 @@ class DecoderConfig:
         return self.max_positions + self.padding_idx + 1
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "DecoderConfig", **dataclasses.asdict(self)}
+        d = dataclasses.asdict(self)
+        for name, default in FAMILY_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]  # an OPT config's dict (and the checkpoint bytes holding it) as before
+        return {"type": "DecoderConfig", **d}
 
 
-SHAPE_FIELDS = ("embed_dim", "ffn_dim", "layers", "heads")
+FAMILY_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(DecoderConfig)
+    if f.name in ("norm", "positions", "rope_theta", "rope_scaling", "mlp", "kv_heads", "attn_head_dim", "qkv",
+                  "qkv_bias", "tie_embeddings", "embed_scale_in_dtype")
+}
+"""The Llama-family fields and their (OPT) defaults: ``to_dict`` writes them only where they differ."""
+
+
+def normalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``rope_scaling`` in one spelling: None for no scaling, else ``rope_type`` plus exactly the
+    parameters that type needs, as numbers. Accepts HF's keys (``type`` for ``rope_type``; extra
+    keys such as ``rope_theta`` ignored); refuses other types by name."""
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope scaling type {kind!r} is not supported (default, {', '.join(ROPE_TYPES)})")
+    missing = [k for k in ROPE_TYPES[kind] if scaling.get(k) is None]
+    if missing:
+        raise ValueError(f"rope scaling {kind!r} needs {', '.join(missing)}")
+    out: dict[str, Any] = {"rope_type": kind}
+    for k in ROPE_TYPES[kind]:
+        out[k] = int(scaling[k]) if k == "original_max_position_embeddings" else float(scaling[k])
+    return out
+
+
+SHAPE_FIELDS = ("embed_dim", "ffn_dim", "layers", "heads", "kv_heads", "attn_head_dim")
 """The fields in which JAM-Cross's two parents may differ (``CrossConfig.image_parent``); every
-other ``DecoderConfig`` field (vocabulary, positions, padding, biases, LayerNorm kind, activation,
-embedding scale, dropout, init) is shared."""
+other ``DecoderConfig`` field (vocabulary, positions, padding, biases, norm kind, activation,
+embedding scale, dropout, init, the Llama-family fields) is shared. ``kv_heads`` and
+``attn_head_dim`` (grouped k/v heads, head width) are shape: Gemma-2B and Gemma-7B differ in both."""
+TENSOR_FIELDS = ("vocab_size", "max_positions", "bias", "affine_ln", "positions", "mlp", "qkv", "qkv_bias",
+                 "tie_embeddings")
+"""Besides ``SHAPE_FIELDS``, the fields a checkpoint's tensors show (embedding and position rows,
+biases, norm weights, the gate, separate or fused q/k/v, an untied head): the parents of every
+fusion agree in them, whatever their shapes."""
+FUNCTION_FIELDS = ("activation", "scale_embedding", "ln_eps", "padding_idx", "norm", "rope_theta", "rope_scaling",
+                   "embed_scale_in_dtype")
+"""Fields of the function, not of the tensors, that JAM-Cross's parents must share as well (its
+image branch takes the LLM's)."""
 
 
 def align_layer(i: int, *, shallow: int, deep: int) -> int:
@@ -177,6 +298,12 @@ class CrossConfig:
         return self.llm.embed_dim == self.img.embed_dim
 
     @property
+    def tied_output(self) -> bool:
+        """The output projection is the shared token embedding: one embedding (equal widths) and
+        parents whose heads are tied to their embeddings (OPT, Gemma; not Llama-3)."""
+        return self.shared_embedding and self.parent.tie_embeddings
+
+    @property
     def output_dim(self) -> int:
         """Width of the feature projection's output, the final LayerNorm and the output
         projection: the wider branch's (both branches' when equal)."""
@@ -257,13 +384,26 @@ def config_from_json(text: str) -> ModelConfig:
 
 
 def width_of(parent: DecoderConfig) -> DecoderConfig:
-    """JAM-Width (§2.1.2): hidden 2E, FFN 2F, heads 2H (head dim kept), same layers and vocab."""
+    """JAM-Width (§2.1.2): hidden 2E, FFN 2F, heads 2H and grouped k/v heads 2G (head dim kept,
+    so the query heads per k/v head too), same layers and vocab."""
     return dataclasses.replace(
         parent,
         embed_dim=2 * parent.embed_dim,
         ffn_dim=2 * parent.ffn_dim,
         heads=2 * parent.heads,
+        kv_heads=None if parent.kv_heads is None else 2 * parent.kv_heads,
         arch=ARCH_WIDTH,
+    )
+
+
+def parent_of_width(cfg: DecoderConfig) -> DecoderConfig:
+    """The inverse of ``width_of``: the shape of one parent of the JAM-Width model ``cfg``."""
+    if cfg.embed_dim % 2 or cfg.ffn_dim % 2 or cfg.heads % 2 or cfg.num_kv_heads % 2:
+        raise ValueError(f"not a JAM-Width shape: embed_dim {cfg.embed_dim}, ffn_dim {cfg.ffn_dim}, heads "
+                         f"{cfg.heads} and kv heads {cfg.num_kv_heads} must all be even")
+    return dataclasses.replace(
+        cfg, embed_dim=cfg.embed_dim // 2, ffn_dim=cfg.ffn_dim // 2, heads=cfg.heads // 2,
+        kv_heads=None if cfg.kv_heads is None else cfg.kv_heads // 2, arch=ARCH_DECODER,
     )
 
 
@@ -316,6 +456,38 @@ PRESETS: dict[str, DecoderConfig] = {
         max_positions=4096, bias=False, affine_ln=False, dropout=0.0, attention_dropout=0.0,
     ),
 }
+
+# The Llama family (issue 23): one block, named fields. The public shapes follow the models' HF
+# ``config.json``. ``padding_idx`` must be an id no text produces (it is masked as a key): Gemma's
+# pad (0), Qwen2's ``<|endoftext|>`` (its HF pad), for Llama-2 ``<unk>`` (0; byte fallback never
+# emits it) and for Llama-3 a reserved special token (128004); an imported parent's vocabulary
+# manifest names its own. Tiny presets for tests: width 32, 2 layers, grouped k/v heads, and for
+# Gemma a head width (16) independent of E / heads (8).
+_LLAMA = dict(norm="rmsnorm", positions="rotary", mlp="gated", activation="silu", qkv="separate", bias=False,
+              scale_embedding=False, ln_eps=1e-5, tie_embeddings=False)
+_QWEN2 = dict(_LLAMA, qkv_bias=True, ln_eps=1e-6, rope_theta=1e6)
+_GEMMA = dict(_LLAMA, norm="rmsnorm_plus_one", activation="gelu_tanh", scale_embedding=True,
+              embed_scale_in_dtype=True, ln_eps=1e-6, tie_embeddings=True)
+PRESETS.update({
+    "llama_tiny": DecoderConfig(vocab_size=128, embed_dim=32, ffn_dim=64, layers=2, heads=4, kv_heads=2,
+                                max_positions=64, **_LLAMA),
+    "qwen2_tiny": DecoderConfig(vocab_size=128, embed_dim=32, ffn_dim=64, layers=2, heads=4, kv_heads=2,
+                                max_positions=64, **dict(_QWEN2, tie_embeddings=True)),
+    "gemma_tiny": DecoderConfig(vocab_size=128, embed_dim=32, ffn_dim=64, layers=2, heads=4, kv_heads=1,
+                                attn_head_dim=16, max_positions=64, **_GEMMA),
+    "llama2_7b": DecoderConfig(vocab_size=32000, embed_dim=4096, ffn_dim=11008, layers=32, heads=32,
+                               max_positions=4096, padding_idx=0, **_LLAMA),
+    "llama3_8b": DecoderConfig(vocab_size=128256, embed_dim=4096, ffn_dim=14336, layers=32, heads=32, kv_heads=8,
+                               max_positions=8192, padding_idx=128004, **dict(_LLAMA, rope_theta=500000.0)),
+    "qwen2_0_5b": DecoderConfig(vocab_size=151936, embed_dim=896, ffn_dim=4864, layers=24, heads=14, kv_heads=2,
+                                max_positions=32768, padding_idx=151643, **dict(_QWEN2, tie_embeddings=True)),
+    "qwen2_7b": DecoderConfig(vocab_size=152064, embed_dim=3584, ffn_dim=18944, layers=28, heads=28, kv_heads=4,
+                              max_positions=32768, padding_idx=151643, **_QWEN2),
+    "gemma_2b": DecoderConfig(vocab_size=256000, embed_dim=2048, ffn_dim=16384, layers=18, heads=8, kv_heads=1,
+                              attn_head_dim=256, max_positions=8192, padding_idx=0, **_GEMMA),
+    "gemma_7b": DecoderConfig(vocab_size=256000, embed_dim=3072, ffn_dim=24576, layers=28, heads=16,
+                              attn_head_dim=256, max_positions=8192, padding_idx=0, **_GEMMA),
+})
 
 
 def preset(name: str, **overrides: Any) -> DecoderConfig:

@@ -16,6 +16,15 @@ says why). Cross-attention is causal: position t sees the other
 branch's positions <= t, so the model stays autoregressive. The final states are concatenated as
 ``cat([x_img, x_llm])``, projected by ``feature_projection`` (E x 2E, no bias), normalised by the
 final LayerNorm and scored with the shared output projection.
+
+Parents of the Llama family: each branch is its parent's block (RMSNorm, rotary positions, gated
+MLP, grouped k/v heads, ``DecoderConfig``'s named fields) and the branches hold no position
+tables. A cross block is built from its own branch's config: its norms, FFN kind, heads, k/v
+heads and head width are that branch's, and with rotary positions RoPE turns its queries and the
+other branch's keys by their common token positions (the streams are aligned token for token), so
+cross-attention sees relative positions as the branch's self-attention does. The final norm after
+the feature projection is the LLM's kind. Parents with untied output projections (Llama-3) give
+JAM-Cross an output projection of its own (``CrossConfig.tied_output``).
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from .cache import KVCache
 from .config import CrossConfig, DecoderConfig
 from .decoder import (
     Attention, AttentionContext, DecoderLayer, PreLNBlock, build_context, embed_input, fresh_buffer,
-    init_parameters_, layer_norm,
+    init_parameters_, make_norm, rotary_context,
 )
 
 
@@ -36,15 +45,17 @@ class CrossAttention(Attention):
     """Eq. 4-5: Q from this branch, K and V from the other branch (separate projections).
 
     Rectangular when the branches differ in width: ``k_proj`` / ``v_proj`` map the other
-    branch's width ``other_dim`` to this branch's; heads and head dim are this branch's."""
+    branch's width ``other_dim`` to this branch's heads; heads, k/v heads and head dim are this
+    branch's (q: (H D, E), k and v: (G D, E_other), out: (E, H D))."""
 
     def __init__(self, cfg: DecoderConfig, slot: int, *, other_dim: int | None = None) -> None:
         super().__init__(cfg, slot)
         E, O = cfg.embed_dim, other_dim or cfg.embed_dim
-        self.q_proj = nn.Linear(E, E, bias=cfg.bias)
-        self.k_proj = nn.Linear(O, E, bias=cfg.bias)
-        self.v_proj = nn.Linear(O, E, bias=cfg.bias)
-        self.out_proj = nn.Linear(E, E, bias=cfg.bias)
+        q_dim, kv_dim = cfg.heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(E, q_dim, bias=cfg.has_qkv_bias)
+        self.k_proj = nn.Linear(O, kv_dim, bias=cfg.has_qkv_bias)
+        self.v_proj = nn.Linear(O, kv_dim, bias=cfg.has_qkv_bias)
+        self.out_proj = nn.Linear(q_dim, E, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, other: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         return self.attend_and_project(self.q_proj(x), self.k_proj(other), self.v_proj(other), ctx)
@@ -58,7 +69,7 @@ class CrossBlock(PreLNBlock):
         super().__init__()
         self.cfg = cfg
         self.cross_attn = CrossAttention(cfg, slot, other_dim=other_dim)
-        self.cross_attn_layer_norm = layer_norm(cfg.embed_dim, cfg)
+        self.cross_attn_layer_norm = make_norm(cfg.embed_dim, cfg)
         self.add_ffn(cfg)
 
     def forward(self, x: torch.Tensor, other: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -79,8 +90,9 @@ class CrossDecoder(nn.Module):
         else:  # one input embedding per branch width; the output projection is its own tensor
             self.embed_tokens_llm = nn.Embedding(p.vocab_size, a.embed_dim, padding_idx=p.padding_idx)
             self.embed_tokens_cm3 = nn.Embedding(p.vocab_size, b.embed_dim, padding_idx=p.padding_idx)
-        self.embed_positions_llm = nn.Embedding(a.num_position_rows, a.embed_dim)
-        self.embed_positions_cm3 = nn.Embedding(b.num_position_rows, b.embed_dim)
+        if p.learned_positions:
+            self.embed_positions_llm = nn.Embedding(a.num_position_rows, a.embed_dim)
+            self.embed_positions_cm3 = nn.Embedding(b.num_position_rows, b.embed_dim)
         # Cache slots: LLM self-attn, image self-attn, then the cross blocks (LLM side, image side).
         La, Lb = a.layers, b.layers
         n_cross = len(cfg.cross_after)
@@ -91,9 +103,9 @@ class CrossDecoder(nn.Module):
         self.x_attn_layers_cm3 = nn.ModuleList(
             CrossBlock(b, slot=La + Lb + n_cross + j, other_dim=a.embed_dim) for j in range(n_cross))
         self.feature_projection = nn.Linear(b.embed_dim + a.embed_dim, W, bias=False)
-        self.layer_norm = layer_norm(W, p)
+        self.layer_norm = make_norm(W, p)
         self.output_projection = nn.Linear(W, p.vocab_size, bias=False)
-        if cfg.shared_embedding:
+        if cfg.tied_output:
             self.output_projection.weight = self.embed_tokens.weight
         self.embed_scale = a.embed_dim**0.5 if p.scale_embedding else 1.0
         self.embed_scale_img = b.embed_dim**0.5 if p.scale_embedding else 1.0
@@ -104,15 +116,16 @@ class CrossDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) -> (x_llm, x_img): one shared token lookup (or each branch's own, when the
         widths differ), each branch's own positions."""
+        pos_llm, pos_img = getattr(self, "embed_positions_llm", None), getattr(self, "embed_positions_cm3", None)
         if self.cfg.shared_embedding:
             x_llm, x_img = embed_input(
-                self, tokens, positions_tables=[self.embed_positions_llm, self.embed_positions_cm3],
+                self, tokens, positions_tables=[pos_llm, pos_img],
                 cfg=self.cfg.parent, cache=cache, check_positions=check_positions,
             )
             return x_llm, x_img
         out = []
-        for table, pos, scale in ((self.embed_tokens_llm, self.embed_positions_llm, self.embed_scale),
-                                  (self.embed_tokens_cm3, self.embed_positions_cm3, self.embed_scale_img)):
+        for table, pos, scale in ((self.embed_tokens_llm, pos_llm, self.embed_scale),
+                                  (self.embed_tokens_cm3, pos_img, self.embed_scale_img)):
             out += embed_input(self, tokens, positions_tables=[pos], cfg=self.cfg.parent, cache=cache,
                                check_positions=check_positions, token_table=table, scale=scale)
         return out[0], out[1]
@@ -132,10 +145,10 @@ class JamCrossLM(nn.Module):
         return self.cfg.llm.layers + self.cfg.img.layers + 2 * len(self.cfg.cross_after)
 
     def slot_shapes(self) -> list[tuple[int, int]]:
-        """(heads, head dim) of every cache slot: a branch's self-attention and the cross blocks
+        """(k/v heads, head dim) of every cache slot: a branch's self-attention and the cross blocks
         whose queries come from it have that branch's."""
         a, b, n = self.cfg.llm, self.cfg.img, len(self.cfg.cross_after)
-        sa, sb = (a.heads, a.head_dim), (b.heads, b.head_dim)
+        sa, sb = (a.num_kv_heads, a.head_dim), (b.num_kv_heads, b.head_dim)
         return [sa] * a.layers + [sb] * b.layers + [sa] * n + [sb] * n
 
     def setup_caches(
@@ -166,22 +179,26 @@ class JamCrossLM(nn.Module):
         pad_idx = self.cfg.parent.padding_idx
         ctx = build_context(tokens, padding_idx=pad_idx, cache=cache, span=span)
         x_llm, x_img = d.embed(tokens, cache, check_positions=span is None)
+        # Each branch's rotary tables (its own rope settings) on the shared mask and cache.
+        ctx_llm = rotary_context(ctx, tokens, cfg=self.cfg.llm, cache=cache, dtype=x_llm.dtype, check=span is None)
+        ctx_img = ctx_llm if self.cfg.symmetric else rotary_context(
+            ctx, tokens, cfg=self.cfg.img, cache=cache, dtype=x_img.dtype, check=False)
         done_llm = done_img = 0
         for c, (i, j) in enumerate(d.cross_pairs):
             for layer in d.layers_llm[done_llm:i + 1]:
-                x_llm = layer(x_llm, ctx)
+                x_llm = layer(x_llm, ctx_llm)
             for layer in d.layers_cm3[done_img:j + 1]:
-                x_img = layer(x_img, ctx)
+                x_img = layer(x_img, ctx_img)
             done_llm, done_img = i + 1, j + 1
             # Both directions read the other branch's output of the paired layer (Eq. 4).
             x_llm, x_img = (
-                d.x_attn_layers_llm[c](x_llm, x_img, ctx),
-                d.x_attn_layers_cm3[c](x_img, x_llm, ctx),
+                d.x_attn_layers_llm[c](x_llm, x_img, ctx_llm),
+                d.x_attn_layers_cm3[c](x_img, x_llm, ctx_img),
             )
         for layer in d.layers_llm[done_llm:]:
-            x_llm = layer(x_llm, ctx)
+            x_llm = layer(x_llm, ctx_llm)
         for layer in d.layers_cm3[done_img:]:
-            x_img = layer(x_img, ctx)
+            x_img = layer(x_img, ctx_img)
         if cache is not None:
             cache.advance(tokens.ne(pad_idx).sum(dim=1), tokens.shape[1])
         return x_llm, x_img

@@ -1,4 +1,5 @@
-"""The parent decoder: metaseq's ``model_parallel_transformer_lm`` at model-parallel size 1.
+"""The parent decoder: metaseq's ``model_parallel_transformer_lm`` at model-parallel size 1, and the
+same block with the Llama family's parts.
 
 OPT / CM3leon family (paper §3.1): pre-LayerNorm layers, learned positions offset by
 ``padding_idx + 1``, token embedding scaled by sqrt(E) unless ``scale_embedding=False``, output
@@ -6,6 +7,14 @@ projection tied to the token embedding. State-dict keys and shapes are exactly m
 ``qkv_proj`` stacks rows as [K; V; Q]), so the ``model`` dict of a metaseq checkpoint loads with
 ``strict=True``. JAM-Uniform (Eq. 1) and JAM-Width (Eq. 2-3) are this module with a parent-shaped
 or twice-as-wide ``DecoderConfig``.
+
+The Llama family (Llama, Qwen2, Gemma) is the same block with other values of the config's named
+fields, never another class: ``norm`` (RMSNorm, Gemma's (1 + w) form), ``positions="rotary"``
+(RoPE on q and k per head in HF's half-split layout: dims [0, D/2) pair with [D/2, D), so HF's
+q/k rows load unpermuted; positions count each row's real tokens, so left padding does not shift
+them), ``mlp="gated"``, grouped k/v heads (``kv_heads``; the KV cache stores k/v heads), a head
+width of its own (``attn_head_dim``), separate q/k/v, an untied output projection. Each reproduces
+HF's ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``GemmaForCausalLM`` (``tests/test_models_families.py``).
 
 Attention runs through ``torch.nn.functional.scaled_dot_product_attention``; tokens equal to
 ``padding_idx`` are masked as keys and get the padding position row, so left-padded batches give
@@ -19,6 +28,8 @@ the same shapes every step, asks the host nothing, and so can be captured in a C
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -30,6 +41,8 @@ from torch import nn
 from . import keys
 from .cache import KVCache
 from .config import CrossConfig, DecoderConfig, ModelConfig
+from .norms import make_norm
+from .rotary import apply_rotary, rotary_tables
 
 
 @dataclass
@@ -44,6 +57,9 @@ class AttentionContext:
     """Static steps only: (T,) device positions the chunk's keys/values are written at."""
     span: int = 0
     """Static steps only: cached keys [0, span) are attended (``mask`` hides those not yet valid)."""
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Rotary positions: (cos, sin), each (B, 1, T, D), for q and k of every attention (None:
+    learned positions). JAM-Cross gives each branch its own context with its branch's tables."""
 
 
 def build_context(
@@ -101,11 +117,11 @@ def build_static_context(
     return AttentionContext(mask=mask, is_causal=False, cache=cache, write_index=index, span=span)
 
 
-def metaseq_positions(
-    tokens: torch.Tensor, *, padding_idx: int, cache: KVCache | None, max_positions: int,
-    check: bool = True,
-) -> torch.Tensor:
-    """Position ids as metaseq counts them: over non-pad tokens, starting at padding_idx + 1.
+def real_token_counts(
+    tokens: torch.Tensor, *, padding_idx: int, cache: KVCache | None, max_positions: int, check: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nonpad, counts), both (B, T): whether each token is real, and how many real tokens each row
+    has up to and including it (the cache's earlier ones counted).
 
     ``check=False`` skips the length check (a host sync); static steps rely on the caller's budget."""
     nonpad = tokens.ne(padding_idx).long()  # (B, T)
@@ -116,25 +132,62 @@ def metaseq_positions(
         raise ValueError(
             f"sequence of {int(counts.max())} tokens is longer than max_positions={max_positions}"
         )
+    return nonpad, counts
+
+
+def metaseq_positions(
+    tokens: torch.Tensor, *, padding_idx: int, cache: KVCache | None, max_positions: int,
+    check: bool = True,
+) -> torch.Tensor:
+    """Position ids as metaseq counts them: over non-pad tokens, starting at padding_idx + 1."""
+    nonpad, counts = real_token_counts(tokens, padding_idx=padding_idx, cache=cache, max_positions=max_positions,
+                                       check=check)
     return counts * nonpad + padding_idx
 
 
-def layer_norm(dim: int, cfg: DecoderConfig) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, eps=cfg.ln_eps, elementwise_affine=cfg.affine_ln, bias=cfg.affine_ln)
+def rotary_positions(
+    tokens: torch.Tensor, *, padding_idx: int, cache: KVCache | None, max_positions: int, check: bool = True,
+) -> torch.Tensor:
+    """(B, T) rotary positions: each row's real tokens 0, 1, 2, ... (HF ``generate``'s
+    ``attention_mask.cumsum(-1) - 1``), so a left-padded row has the positions it has alone; pad
+    tokens get 0 (they are masked as keys, and nothing reads their outputs)."""
+    _, counts = real_token_counts(tokens, padding_idx=padding_idx, cache=cache, max_positions=max_positions,
+                                  check=check)
+    return (counts - 1).clamp_(min=0)
+
+
+ACTIVATION_FNS = {
+    "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+}
+"""``DecoderConfig.activation`` -> its function (``gelu_tanh`` = HF ``gelu_pytorch_tanh``)."""
 
 
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ctx: AttentionContext, slot: int,
     dropout_p: float,
 ) -> torch.Tensor:
-    """SDPA over (B, H, T, D) tensors, appending k/v to the cache slot first when decoding."""
+    """SDPA of (B, H, T, D) queries over (B, G, S, D) keys/values, G k/v heads (G divides H: query
+    head h reads k/v head h // (H / G)), appending k/v to the cache slot first when decoding."""
     if ctx.write_index is not None:
         k, v = ctx.cache.write_at(slot, k, v, index=ctx.write_index, span=ctx.span)
     elif ctx.cache is not None:
         k, v = ctx.cache.write(slot, k, v)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal, dropout_p=dropout_p
-    )
+    groups = q.shape[1] // k.shape[1]
+    if groups == 1:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal, dropout_p=dropout_p
+        )
+    if ctx.mask is None:  # SDPA's own grouped attention (flash kernels take it without copies)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=ctx.is_causal, dropout_p=dropout_p,
+                                              enable_gqa=True)
+    B, H, T, D = q.shape
+    if T == 1:  # a decode step: a group's H/G queries are the query axis of its one k/v head
+        out = F.scaled_dot_product_attention(q.view(B, k.shape[1], groups, D), k, v, attn_mask=ctx.mask,
+                                             dropout_p=dropout_p)  # the mask (B, 1, 1, S) fits each group
+        return out.view(B, H, 1, D)
+    # a mask with several queries: the masked kernels take no groups, so repeat k/v per query head
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal, dropout_p=dropout_p)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -148,62 +201,90 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """What self- and cross-attention share: heads, KV-cache slot, dropout, and SDPA then
-    ``out_proj`` (registered by the subclass after its input projections: metaseq's key order)."""
+    """What self- and cross-attention share: head width, KV-cache slot, dropout, rotary positions,
+    and SDPA then ``out_proj`` (registered by the subclass after its input projections: metaseq's
+    key order).
+
+    The numbers of query and k/v heads are read off the projections' widths (``head_dim`` is
+    fixed), so a tensor-parallel rank, whose column-parallel q/k/v hold whole heads, computes its
+    local heads with no bookkeeping; ``heads`` is the model's (a host checks its split with it)."""
 
     out_proj: nn.Linear
 
     def __init__(self, cfg: DecoderConfig, slot: int) -> None:
         super().__init__()
         self.heads = cfg.heads
+        self.head_dim = cfg.head_dim
         self.slot = slot
         self.dropout = cfg.attention_dropout
 
     def attend_and_project(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            ctx: AttentionContext) -> torch.Tensor:
-        """3 x (B, T, E) -> (B, T, E)."""
-        out = attend(
-            split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads),
-            ctx=ctx, slot=self.slot, dropout_p=self.dropout if self.training else 0.0,
-        )
+        """(B, T, H D), 2 x (B, T, G D) -> (B, T, E)."""
+        D = self.head_dim
+        q, k, v = split_heads(q, q.shape[-1] // D), split_heads(k, k.shape[-1] // D), split_heads(v, v.shape[-1] // D)
+        if ctx.rotary is not None:
+            cos, sin = ctx.rotary
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attend(q, k, v, ctx=ctx, slot=self.slot, dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(merge_heads(out))
 
 
 class SelfAttention(Attention):
-    """Fused-qkv self-attention; ``qkv_proj`` rows are [K; V; Q] as in metaseq."""
+    """Self-attention: fused ``qkv_proj`` with rows [K; V; Q] as in metaseq (``qkv="fused"``), or
+    separate ``q_proj`` (H D, E), ``k_proj`` / ``v_proj`` (G D, E) (``qkv="separate"``)."""
 
     def __init__(self, cfg: DecoderConfig, slot: int) -> None:
         super().__init__(cfg, slot)
         E = cfg.embed_dim
-        self.qkv_proj = nn.Linear(E, 3 * E, bias=cfg.bias)
-        self.out_proj = nn.Linear(E, E, bias=cfg.bias)
+        self.fused = cfg.qkv == "fused"
+        if self.fused:
+            self.qkv_proj = nn.Linear(E, 3 * E, bias=cfg.bias)
+        else:
+            q_dim, kv_dim = cfg.heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            self.q_proj = nn.Linear(E, q_dim, bias=cfg.has_qkv_bias)
+            self.k_proj = nn.Linear(E, kv_dim, bias=cfg.has_qkv_bias)
+            self.v_proj = nn.Linear(E, kv_dim, bias=cfg.has_qkv_bias)
+        self.out_proj = nn.Linear(cfg.heads * cfg.head_dim, E, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        k, v, q = self.qkv_proj(x).chunk(3, dim=-1)  # 3 x (B, T, E)
+        if self.fused:
+            k, v, q = self.qkv_proj(x).chunk(3, dim=-1)  # 3 x (B, T, E)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return self.attend_and_project(q, k, v, ctx)
 
 
 class PreLNBlock(nn.Module):
-    """What a decoder layer and a JAM-Cross cross block share: x + Attn(LN(x)), then x + FFN(LN(x)).
+    """What a decoder layer and a JAM-Cross cross block share: x + Attn(N(x)), then x + FFN(N(x)),
+    N the config's norm.
 
-    Subclasses register their attention and its LayerNorm, then call ``add_ffn`` (this keeps
+    Subclasses register their attention and its norm, then call ``add_ffn`` (this keeps
     metaseq's key names ``fc1``, ``fc2``, ``final_layer_norm`` on the layer itself).
     """
 
     cfg: DecoderConfig
 
     def add_ffn(self, cfg: DecoderConfig) -> None:
+        self.gated = cfg.mlp == "gated"
+        self.act = ACTIVATION_FNS[cfg.activation]
+        if self.gated:
+            self.fc_gate = nn.Linear(cfg.embed_dim, cfg.ffn_dim, bias=cfg.bias)
         self.fc1 = nn.Linear(cfg.embed_dim, cfg.ffn_dim, bias=cfg.bias)
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.embed_dim, bias=cfg.bias)
-        self.final_layer_norm = layer_norm(cfg.embed_dim, cfg)
+        self.final_layer_norm = make_norm(cfg.embed_dim, cfg)
+
+    def ffn(self, h: torch.Tensor) -> torch.Tensor:
+        """The FFN on normalised (B, T, E): fc2(act(fc1(h))), or gated fc2(act(fc_gate(h)) * fc1(h))."""
+        if self.gated:
+            return self.fc2(self.act(self.fc_gate(h)) * self.fc1(h))
+        return self.fc2(self.act(self.fc1(h)))
 
     def residual_and_ffn(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        """x + dropout(attn_out), then + fc2(act(fc1(LN(x)))) with dropout: (B, T, E) -> (B, T, E)."""
+        """x + dropout(attn_out), then + FFN(N(x)) with dropout: (B, T, E) -> (B, T, E)."""
         cfg = self.cfg
         x = x + F.dropout(attn_out, p=cfg.dropout, training=self.training)
-        h = self.fc1(self.final_layer_norm(x))
-        h = F.relu(h) if cfg.activation == "relu" else F.gelu(h)
-        return x + F.dropout(self.fc2(h), p=cfg.dropout, training=self.training)
+        return x + F.dropout(self.ffn(self.final_layer_norm(x)), p=cfg.dropout, training=self.training)
 
 
 class DecoderLayer(PreLNBlock):
@@ -213,7 +294,7 @@ class DecoderLayer(PreLNBlock):
         super().__init__()
         self.cfg = cfg
         self.self_attn = SelfAttention(cfg, slot)
-        self.self_attn_layer_norm = layer_norm(cfg.embed_dim, cfg)
+        self.self_attn_layer_norm = make_norm(cfg.embed_dim, cfg)
         self.add_ffn(cfg)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -231,7 +312,7 @@ def init_tensor_(key: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     with torch.no_grad():
         if rule == "ones":
             return t.fill_(1.0)
-        if key.endswith("bias"):
+        if key.endswith("bias") or keys.is_norm(key):  # vectors draw nothing (Gemma's norms: 0)
             return t.zero_()
         t.normal_(0.0, std)
         if rule == "zeros":
@@ -267,22 +348,25 @@ def init_parameters_(model: nn.Module, cfg: ModelConfig) -> None:
 
 
 class Decoder(nn.Module):
-    """The ``decoder.*`` submodule: embeddings, layers, final LayerNorm, tied output projection."""
+    """The ``decoder.*`` submodule: embeddings (learned positions only with ``positions="learned"``),
+    layers, final norm, output projection (tied to the embedding unless ``tie_embeddings=False``)."""
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.register_buffer("version", fresh_buffer(keys.VERSION))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.padding_idx)
-        self.embed_positions = nn.Embedding(cfg.num_position_rows, cfg.embed_dim)
+        if cfg.learned_positions:
+            self.embed_positions = nn.Embedding(cfg.num_position_rows, cfg.embed_dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg, slot=i) for i in range(cfg.layers))
-        self.layer_norm = layer_norm(cfg.embed_dim, cfg)
+        self.layer_norm = make_norm(cfg.embed_dim, cfg)
         self.output_projection = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
-        self.output_projection.weight = self.embed_tokens.weight
+        if cfg.tie_embeddings:
+            self.output_projection.weight = self.embed_tokens.weight
         self.embed_scale = math.sqrt(cfg.embed_dim) if cfg.scale_embedding else 1.0
 
     def embed(
-        self, tokens: torch.Tensor, positions_table: nn.Embedding, cache: KVCache | None, *,
+        self, tokens: torch.Tensor, positions_table: nn.Embedding | None, cache: KVCache | None, *,
         check_positions: bool = True,
     ) -> torch.Tensor:
         return embed_input(
@@ -291,22 +375,48 @@ class Decoder(nn.Module):
         )[0]
 
 
+@functools.lru_cache(maxsize=32)
+def scale_in_dtype(scale: float, dtype: torch.dtype) -> float:
+    """``scale`` rounded to fp32 and then to ``dtype`` (HF Gemma's normaliser: sqrt(3072) is 55.5 in
+    bf16), as a Python number: multiplying by it is HF's multiply by the rounded tensor."""
+    return float(torch.tensor(scale, dtype=torch.float32).to(dtype))
+
+
 def embed_input(
-    decoder: nn.Module, tokens: torch.Tensor, *, positions_tables: Sequence[nn.Embedding],
+    decoder: nn.Module, tokens: torch.Tensor, *, positions_tables: Sequence[nn.Embedding | None],
     cfg: DecoderConfig, cache: KVCache | None, check_positions: bool = True,
     token_table: nn.Embedding | None = None, scale: float | None = None,
 ) -> list[torch.Tensor]:
-    """scale * token embedding + each learned position table, then dropout: (B, T) -> [(B, T, E)].
+    """scale * token embedding + each learned position table (None: none, rotary positions), then
+    dropout: (B, T) -> [(B, T, E)].
 
     The token embedding (``decoder.embed_tokens`` unless ``token_table``) is looked up once and
-    shared (JAM-Cross has one position table per branch).
+    shared (JAM-Cross has one position table per branch). ``cfg.embed_scale_in_dtype``: the scale
+    is rounded to the embedding's dtype first (``scale_in_dtype``).
     """
     pos = metaseq_positions(
         tokens, padding_idx=cfg.padding_idx, cache=cache, max_positions=cfg.max_positions, check=check_positions
-    )
+    ) if cfg.learned_positions else None
     table = decoder.embed_tokens if token_table is None else token_table
-    tok = (decoder.embed_scale if scale is None else scale) * table(tokens)
-    return [F.dropout(tok + table(pos), p=cfg.dropout, training=decoder.training) for table in positions_tables]
+    factor = decoder.embed_scale if scale is None else scale
+    if cfg.embed_scale_in_dtype:
+        emb = table(tokens)
+        tok = emb * scale_in_dtype(factor, emb.dtype)
+    else:
+        tok = factor * table(tokens)
+    return [F.dropout(tok if t is None else tok + t(pos), p=cfg.dropout, training=decoder.training)
+            for t in positions_tables]
+
+
+def rotary_context(ctx: AttentionContext, tokens: torch.Tensor, *, cfg: DecoderConfig, cache: KVCache | None,
+                   dtype: torch.dtype, check: bool = True) -> AttentionContext:
+    """``ctx`` with the rotary tables of ``cfg``'s positions for the chunk ``tokens`` (B, T)
+    (``ctx`` itself for learned positions)."""
+    if cfg.learned_positions:
+        return ctx
+    pos = rotary_positions(tokens, padding_idx=cfg.padding_idx, cache=cache, max_positions=cfg.max_positions,
+                           check=check)
+    return dataclasses.replace(ctx, rotary=rotary_tables(pos, cfg=cfg, dtype=dtype))
 
 
 class DecoderLM(nn.Module):
@@ -328,7 +438,7 @@ class DecoderLM(nn.Module):
     ) -> KVCache:
         p = self.decoder.embed_tokens.weight
         return KVCache(
-            num_slots=self.num_attention_slots, batch_size=batch_size, heads=self.cfg.heads,
+            num_slots=self.num_attention_slots, batch_size=batch_size, heads=self.cfg.num_kv_heads,
             head_dim=self.cfg.head_dim, max_len=max_len, dtype=dtype or p.dtype, device=device or p.device,
         )
 
@@ -340,7 +450,8 @@ class DecoderLM(nn.Module):
         ``span``: a static step over the first ``span`` cache positions (``build_static_context``)."""
         d = self.decoder
         ctx = build_context(tokens, padding_idx=self.cfg.padding_idx, cache=cache, span=span)
-        x = d.embed(tokens, d.embed_positions, cache, check_positions=span is None)
+        x = d.embed(tokens, getattr(d, "embed_positions", None), cache, check_positions=span is None)
+        ctx = rotary_context(ctx, tokens, cfg=self.cfg, cache=cache, dtype=x.dtype, check=span is None)
         for layer in d.layers:
             x = layer(x, ctx)
         if cache is not None:

@@ -19,13 +19,22 @@ prototype. A model is top-level tensors plus *containers* of repeated blocks, wh
   blocks, one per direction after every ``cross_every``-th layer), ``FEATURE_PROJECTION``, the
   final LayerNorm and the tied output projection.
 
-Biases exist only with ``cfg.bias``, LayerNorm weights and biases only with ``cfg.affine_ln``.
+Biases exist only with ``cfg.bias`` (q/k/v: ``cfg.has_qkv_bias``), norm weights only with
+``cfg.affine_ln`` and norm biases only for an affine LayerNorm (``Entry.needs``). The Llama family
+(``DecoderConfig.qkv="separate"`` / ``mlp="gated"`` / ``positions="rotary"``) has separate
+``self_attn.{q,k,v}_proj`` instead of ``qkv_proj`` (``Q_PROJ`` says why), a gate ``fc_gate`` beside
+``fc1``/``fc2``, RMSNorms under the ``*layer_norm`` names and no position table; with
+``tie_embeddings=False`` the output projection is its own tensor. HF's names for them:
+``jam_metaseq/models/hf_families.py``.
 
 Model-parallel rules (Megatron, as metaseq splits): ``replicated`` (every rank holds it),
 ``vocab`` (rows split: vocab-parallel embedding and output projection), ``column`` (output rows
 split), ``row`` (input columns split, dim 1; the output is all-reduced, so its bias is whole), and
 ``qkv`` (the fused [K; V; Q] projection: rank r holds [K_r; V_r; Q_r]). ``checkpoints_tools.layout``
-applies them.
+applies them. The Llama family's tensors: separate q/k/v and the gate ``column`` (q by query heads,
+k/v by k/v heads, so M ranks need M | kv_heads: ``layout.check_mp(kv_heads=...)``), down (``fc2``)
+and o ``row``, RMSNorm weights ``replicated``, an untied output projection ``vocab``. Fresh
+init (``init_rule``): norm weights 1 (Gemma's 0), biases 0, matrices N(0, init_std).
 """
 
 from __future__ import annotations
@@ -41,56 +50,90 @@ RULES: tuple[Rule, ...] = ("replicated", "vocab", "column", "row", "qkv")
 @dataclass(frozen=True)
 class Entry:
     """One tensor: its key (top level) or its name inside a block, its model-parallel rule, and
-    the config flag it needs (``bias`` / ``affine_ln``; None: always present)."""
+    the config properties it needs (``NEEDS``; all must hold; empty: always present)."""
 
     name: str
     rule: Rule = "replicated"
-    needs: str | None = None
+    needs: tuple[str, ...] = ()
 
 
-def _linear(name: str, rule: Rule, bias_rule: Rule) -> tuple[Entry, Entry]:
-    return Entry(f"{name}.weight", rule), Entry(f"{name}.bias", bias_rule, "bias")
+NEEDS = {
+    "bias": lambda c: c.bias,
+    "qkv_bias": lambda c: c.has_qkv_bias,
+    "affine_ln": lambda c: c.affine_ln,
+    "norm_bias": lambda c: c.affine_ln and c.norm == "layernorm",
+    "fused_qkv": lambda c: c.qkv == "fused",
+    "separate_qkv": lambda c: c.qkv == "separate",
+    "gated": lambda c: c.mlp == "gated",
+    "learned_positions": lambda c: c.learned_positions,
+}
+"""What an ``Entry.needs`` may name: a property of a ``DecoderConfig`` (the block's branch)."""
+
+
+def _linear(name: str, rule: Rule, bias_rule: Rule, *, needs: tuple[str, ...] = (),
+            bias: str = "bias") -> tuple[Entry, Entry]:
+    return Entry(f"{name}.weight", rule, needs), Entry(f"{name}.bias", bias_rule, (*needs, bias))
 
 
 def _norm(name: str) -> tuple[Entry, Entry]:
-    return Entry(f"{name}.weight", needs="affine_ln"), Entry(f"{name}.bias", needs="affine_ln")
+    """A norm's weight (LayerNorm or RMSNorm, when affine) and bias (affine LayerNorm only)."""
+    return Entry(f"{name}.weight", needs=("affine_ln",)), Entry(f"{name}.bias", needs=("norm_bias",))
 
 
 # ---- blocks (names inside one block; the models register them in this order) --------------------
 QKV = "self_attn.qkv_proj"
 """The fused self-attention projection, (3E, E) rows in [K; V; Q] order (metaseq's)."""
-FC1, FC2 = "fc1", "fc2"
-"""The FFN's (F, E) and (E, F) projections, in decoder layers and cross blocks alike."""
+Q_PROJ, K_PROJ, V_PROJ = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
+"""Separate self-attention projections (``qkv="separate"``, the Llama family; OPT's older
+model-parallel files): q (H D, E), k and v (G D, E) with G grouped k/v heads.
+
+Why separate and not fused for the Llama family: with grouped k/v heads the three blocks have
+different heights (H D vs G D), so [K; V; Q] is no longer three equal thirds and the ``qkv`` split
+(each third cut in M) would need the group sizes; kept apart, each is a plain ``column`` tensor
+whose M row blocks are whole heads, and rank r's query heads [rH/M, (r+1)H/M) read exactly its
+k/v heads [rG/M, (r+1)G/M) (query head h reads k/v head h // (H/G)), so a rank needs no other
+rank's keys. It is also the HF layout, tensor for tensor: reading or writing a 7B HF checkpoint
+streams one tensor at a time with no concatenation, and JAM-Width widens each as a plain matrix."""
+FC_GATE, FC1, FC2 = "fc_gate", "fc1", "fc2"
+"""The FFN's (F, E) and (E, F) projections, in decoder layers and cross blocks alike; a gated
+MLP (``mlp="gated"``) adds ``fc_gate`` (F, E): fc2(act(fc_gate(x)) * fc1(x)), i.e. HF's
+gate_proj = ``fc_gate``, up_proj = ``fc1``, down_proj = ``fc2``. Up and down keep metaseq's
+names and so every rule that holds for them (column / row split, Eq. 2-3 widening, the
+``preserve`` zeros of a cross block's fc2); the gate is split and widened like fc1."""
+
+_FFN: tuple[Entry, ...] = (
+    *_linear(FC_GATE, "column", "column", needs=("gated",)),
+    *_linear(FC1, "column", "column"),
+    *_linear(FC2, "row", "replicated"),
+    *_norm("final_layer_norm"),
+)
 
 LAYER: tuple[Entry, ...] = (
-    *_linear(QKV, "qkv", "qkv"),
+    *_linear(QKV, "qkv", "qkv", needs=("fused_qkv",)),
+    *_linear(Q_PROJ, "column", "column", needs=("separate_qkv",), bias="qkv_bias"),
+    *_linear(K_PROJ, "column", "column", needs=("separate_qkv",), bias="qkv_bias"),
+    *_linear(V_PROJ, "column", "column", needs=("separate_qkv",), bias="qkv_bias"),
     *_linear("self_attn.out_proj", "row", "replicated"),
     *_norm("self_attn_layer_norm"),
-    *_linear(FC1, "column", "column"),
-    *_linear(FC2, "row", "replicated"),
-    *_norm("final_layer_norm"),
+    *_FFN,
 )
-"""A decoder layer: fused self-attention, its LayerNorm, the FFN and its LayerNorm."""
+"""A decoder layer: self-attention (fused [K; V; Q] or separate q/k/v), its norm, the FFN (gated
+or not) and its norm. The norms keep metaseq's ``*layer_norm`` names whatever their kind."""
 
 CROSS: tuple[Entry, ...] = (
-    *_linear("cross_attn.q_proj", "column", "column"),
-    *_linear("cross_attn.k_proj", "column", "column"),
-    *_linear("cross_attn.v_proj", "column", "column"),
+    *_linear("cross_attn.q_proj", "column", "column", bias="qkv_bias"),
+    *_linear("cross_attn.k_proj", "column", "column", bias="qkv_bias"),
+    *_linear("cross_attn.v_proj", "column", "column", bias="qkv_bias"),
     *_linear("cross_attn.out_proj", "row", "replicated"),
     *_norm("cross_attn_layer_norm"),
-    *_linear(FC1, "column", "column"),
-    *_linear(FC2, "row", "replicated"),
-    *_norm("final_layer_norm"),
+    *_FFN,
 )
-"""A JAM-Cross cross block: cross-attention (separate q/k/v), its LayerNorm, its own FFN."""
+"""A JAM-Cross cross block: cross-attention (separate q/k/v, the branch's heads, k/v heads and
+head width), its norm, its own FFN (the branch's kind)."""
 
-LEGACY_LAYER: tuple[Entry, ...] = (
-    *_linear("self_attn.q_proj", "column", "column"),
-    *_linear("self_attn.k_proj", "column", "column"),
-    *_linear("self_attn.v_proj", "column", "column"),
-)
-"""Unfused self-attention of older metaseq checkpoints (OPT's model-parallel parts): no model
-here has them, but resharding such files splits them."""
+LEGACY_LAYER: tuple[Entry, ...] = LAYER[2:8]
+"""Unfused self-attention (``Q_PROJ``, ``K_PROJ``, ``V_PROJ``): also OPT's older metaseq
+model-parallel parts, which resharding splits by the same rule."""
 
 CROSS_PRESERVE_ZEROS = ("cross_attn.out_proj.weight", "cross_attn.out_proj.bias", f"{FC2}.weight", f"{FC2}.bias")
 """``cross_init="preserve"``: the cross-block tensors that start at zero, so a block starts as the
@@ -112,6 +155,7 @@ CONTAINERS = (LAYERS, *BRANCH_LAYERS.values(), *CROSS_LAYERS.values())
 VERSION = "decoder.version"
 VERSION_VALUE = 3.0
 """The value of metaseq's ``decoder.version`` buffer."""
+_VERSION_LEAF = VERSION.rsplit(".", 1)[1]
 EMBED = "decoder.embed_tokens.weight"
 POSITIONS = "decoder.embed_positions.weight"
 BRANCH_POSITIONS = {side: f"decoder.embed_positions_{KEY_SUFFIX[side]}.weight" for side in BRANCHES}
@@ -121,14 +165,16 @@ BRANCH_EMBED = {side: f"decoder.embed_tokens_{KEY_SUFFIX[side]}.weight" for side
 FINAL_NORM = _norm("decoder.layer_norm")
 OUTPUT = "decoder.output_projection.weight"
 TIED = (EMBED, OUTPUT)
-"""(embedding, output projection): the same tensor in every model here."""
+"""(embedding, output projection): one tensor unless the config unties them
+(``tie_embeddings=False``: Llama-2/3, Qwen2-7B) or JAM-Cross's branches differ in width."""
 FEATURE_PROJECTION = "decoder.feature_projection.weight"
 """JAM-Cross: (E, 2E) on ``cat([x_img, x_llm])`` (asymmetric: (W, E_img + E_llm), W the output
 width); small next to the branches, so replicated."""
 
 TOP: dict[str, Entry] = {e.name: e for e in (
-    Entry(VERSION), Entry(EMBED, "vocab"), *(Entry(e, "vocab") for e in BRANCH_EMBED.values()), Entry(POSITIONS),
-    *(Entry(p) for p in BRANCH_POSITIONS.values()),
+    Entry(VERSION), Entry(EMBED, "vocab"), *(Entry(e, "vocab") for e in BRANCH_EMBED.values()),
+    Entry(POSITIONS, needs=("learned_positions",)),
+    *(Entry(p, needs=("learned_positions",)) for p in BRANCH_POSITIONS.values()),
     Entry(FEATURE_PROJECTION), *FINAL_NORM, Entry(OUTPUT, "vocab"),
 )}
 """Every top-level tensor of any model here."""
@@ -163,21 +209,20 @@ def structure(cfg) -> list[Item]:
         p, n = cfg.parent, len(cfg.cross_after)
         if not cfg.shared_embedding:  # branches of different widths: one input embedding each
             embed = [TOP[BRANCH_EMBED[s]] for s in BRANCHES]
-        body: list[Item] = [TOP[BRANCH_POSITIONS[s]] for s in BRANCHES]
-        body += [Block(BRANCH_LAYERS[s], LAYER, cfg.branch(s).layers) for s in BRANCHES]
-        body += [Block(CROSS_LAYERS[s], CROSS, n) for s in BRANCHES]
-        body += [TOP[FEATURE_PROJECTION]]
+        body: list[tuple[Item, object]] = [(TOP[BRANCH_POSITIONS[s]], cfg.branch(s)) for s in BRANCHES]
+        body += [(Block(BRANCH_LAYERS[s], LAYER, cfg.branch(s).layers), cfg.branch(s)) for s in BRANCHES]
+        body += [(Block(CROSS_LAYERS[s], CROSS, n), cfg.branch(s)) for s in BRANCHES]
+        body += [(TOP[FEATURE_PROJECTION], p)]
     else:
         p = cfg
-        body = [TOP[POSITIONS], Block(LAYERS, LAYER, p.layers)]
-    items = [TOP[VERSION], *embed, *body, *FINAL_NORM, TOP[OUTPUT]]
-    have = {"bias": p.bias, "affine_ln": p.affine_ln}
+        body = [(TOP[POSITIONS], p), (Block(LAYERS, LAYER, p.layers), p)]
+    items = [(TOP[VERSION], p), *((e, p) for e in embed), *body, *((e, p) for e in FINAL_NORM), (TOP[OUTPUT], p)]
 
-    def kept(e: Entry) -> bool:
-        return e.needs is None or have[e.needs]
+    def kept(e: Entry, c) -> bool:  # c: the DecoderConfig of the branch holding e
+        return all(NEEDS[n](c) for n in e.needs)
 
-    return [Block(i.container, tuple(e for e in i.entries if kept(e)), i.count) if isinstance(i, Block) else i
-            for i in items if isinstance(i, Block) or kept(i)]
+    return [Block(i.container, tuple(e for e in i.entries if kept(e, c)), i.count) if isinstance(i, Block) else i
+            for i, c in items if isinstance(i, Block) or kept(i, c)]
 
 
 def templates(cfg) -> list[tuple[str, Rule]]:
@@ -208,6 +253,12 @@ def block_of(key: str) -> tuple[str, int, str] | None:
     """``(container, index, name in the block)`` of a block's key; None for a top-level key."""
     m = _BLOCK_KEY.match(key)
     return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def is_version(key: str) -> bool:
+    """A version counter (``VERSION``, or any ``*.version`` buffer a host left): the one tensor of a
+    checkpoint that is not a floating-point parameter."""
+    return key == _VERSION_LEAF or key.endswith("." + _VERSION_LEAF)
 
 
 def rule_for(key: str) -> Rule:
@@ -243,19 +294,39 @@ def block_indices(keys: Iterable[str], container: str) -> set[int]:
     return {b[1] for b in map(block_of, keys) if b is not None and b[0] == container}
 
 
+def is_norm(key: str) -> bool:
+    """A normalisation's tensor (LayerNorm or RMSNorm: the ``*layer_norm`` names)."""
+    return "layer_norm" in key
+
+
+def config_of(key: str, cfg):
+    """The ``DecoderConfig`` that shapes tensor ``key`` of the model ``cfg``: a JAM-Cross image-side
+    block's or position table's is the image branch's, every other key's the parent's (LLM)."""
+    from .config import CrossConfig
+
+    if not isinstance(cfg, CrossConfig):
+        return cfg
+    b = block_of(key)
+    img = (BRANCH_LAYERS["img"], CROSS_LAYERS["img"])
+    if (b is not None and b[0] in img) or key in (BRANCH_POSITIONS["img"], BRANCH_EMBED["img"]):
+        return cfg.img
+    return cfg.parent
+
+
 Init = Literal["normal", "zeros", "ones", "eye_halves"]
 
 
 def init_rule(key: str, cfg) -> Init:
     """How a fresh tensor ``key`` of the model ``cfg`` starts: ``zeros`` (biases), ``ones``
-    (LayerNorm weights), ``normal`` (N(0, init_std): matrices and embeddings); with JAM-Cross's
+    (norm weights; ``zeros`` for Gemma's ``rmsnorm_plus_one``, whose scale is 1 + w), ``normal``
+    (N(0, init_std): matrices and embeddings); with JAM-Cross's
     ``cross_init="preserve"`` the cross blocks' ``CROSS_PRESERVE_ZEROS`` are ``zeros`` and the
     feature projection is ``eye_halves``, [I/2, I/2] (asymmetric: [P_img/2, P_llm/2], P_s the
     (W, E_s) rectangular identity), so the new parts start as the identity."""
     if key.endswith("bias"):
         return "zeros"
-    if "layer_norm" in key:
-        return "ones"
+    if is_norm(key):
+        return "zeros" if config_of(key, cfg).norm == "rmsnorm_plus_one" else "ones"
     if getattr(cfg, "cross_init", None) == "preserve" and is_cross_new(key):
         if key == FEATURE_PROJECTION:
             return "eye_halves"

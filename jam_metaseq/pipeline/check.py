@@ -26,7 +26,7 @@ class _Problems:
         self.items: list[str] = []
 
     def add(self, loc: tuple, msg: str) -> None:
-        from jam_metaseq.pipeline.spec import _where, field_name
+        from jam_metaseq.pipeline.spec.schema import _where, field_name
 
         self.items.append(f"{_where(loc, self.lines)}{field_name(loc)}: {msg}")
 
@@ -105,9 +105,7 @@ def _parent_configs(plan: PlanSpec, probs: _Problems) -> dict[str, Any]:
             continue
         vocab = None
         try:
-            from checkpoints_tools.load import load_vocab_of
-
-            vocab = load_vocab_of(r)
+            vocab = r.vocab()
         except ValueError:
             pass
         out[role] = (cfg, vocab)
@@ -180,18 +178,17 @@ def check_plan(plan: PlanSpec, *, source: str = "plan", lines: Mapping[tuple, in
                 from jam_metaseq.vocab import VocabManifest
 
                 try:
-                    v = VocabManifest.load(d.vocab)
-                    if v.size != cfg.vocab_size:
-                        probs.add(("data", "vocab"), f"{v.size} tokens, but the {role} parent's embedding has "
-                                                     f"{cfg.vocab_size} rows")
+                    VocabManifest.load(d.vocab).check_embedding(cfg.vocab_size, what=f"{role} parent")
                 except (ValueError, OSError) as e:
                     probs.add(("data", "vocab"), str(e).splitlines()[0])
             elif vocab is None and d.text_tokenizer.path is None:
                 probs.add(("data", "vocab"), f"the {role} parent carries no vocabulary: give data.vocab (or "
                                              "data.text_tokenizer.path) from its training")
-            elif vocab is not None and vocab.size != cfg.vocab_size:
-                probs.add(("parents", role, "checkpoint"), f"its vocabulary has {vocab.size} tokens but its embedding "
-                                                           f"{cfg.vocab_size} rows")
+            elif vocab is not None:
+                try:
+                    vocab.check_embedding(cfg.vocab_size, what=f"{role} parent")
+                except ValueError as e:
+                    probs.add(("parents", role, "checkpoint"), str(e))
         if d.text_tokenizer.path is None and d.vocab is None and not all(v is not None for _, v in given.values()):
             probs.add(("data", "text_tokenizer", "path"), "a given parent needs the tokenizer it was trained with "
                                                           "(a trained tokenizer would not match its embedding)")

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from jam_metaseq.pipeline.layout import budget_tag
 from jam_metaseq.pipeline.spec import PAPER_CROSS, PARENTS, VARIANTS, PlanSpec, plan_dict
 
 TABLE_NAMES = ("table1", "table2", "table3", "table4", "table5", "sweep", "all")
@@ -62,12 +63,6 @@ def _ppls(e: dict) -> dict:
             "caption_text_ppl": c["text_ppl"], "sets": e["sets"]}
 
 
-def budget_label(tokens: int) -> str:
-    from jam_metaseq.pipeline.stages import budget_tag
-
-    return budget_tag(tokens)
-
-
 def build_results(*, plan: PlanSpec, evals: dict[str, dict], parents: dict[str, dict],
                   pretrain: dict[int, dict[str, dict]], instruct: dict[str, dict] | None = None,
                   data_tokens: dict[int, dict[str, int]] | None = None) -> dict:
@@ -81,7 +76,7 @@ def build_results(*, plan: PlanSpec, evals: dict[str, dict], parents: dict[str, 
         rows.append({"key": f"parent_{r}", "model": label, "role": "parent", "params": e["params"], **_ppls(e),
                      "curve": m.get("curve", []), "updates": m.get("updates", 0),
                      "token_budget": m.get("token_budget", 0), "given": bool(m.get("given"))})
-    tag = budget_label(top)
+    tag = budget_tag(top)
     for key in plan.variants:
         v, e, s, m = VARIANTS[key], evals[f"{tag}/{key}"], evals[f"start/{key}"], pretrain[top][key]
         rows.append({"key": key, "model": v.label, "role": "jam", "family": v.family, "init": v.init,
@@ -136,7 +131,7 @@ def build_results(*, plan: PlanSpec, evals: dict[str, dict], parents: dict[str, 
                          for r in PARENTS},
              "variants": {}}
     for key in plan.variants:
-        pts = [evals[f"{budget_label(b)}/{key}"] for b in plan.budgets]
+        pts = [evals[f"{budget_tag(b)}/{key}"] for b in plan.budgets]
         sweep["variants"][key] = {"model": VARIANTS[key].label,
                                   "text_ppl": [_ppls(e)["text_ppl"] for e in pts],
                                   "caption_ppl": [_ppls(e)["caption_ppl"] for e in pts]}
@@ -146,8 +141,8 @@ def build_results(*, plan: PlanSpec, evals: dict[str, dict], parents: dict[str, 
                                  if data_tokens[b].get(src) else None for b in plan.budgets] for src in w}
     results["sweep"] = sweep
     if len(plan.budgets) > 1:
-        header = ["Model"] + [f"{budget_label(b)} text" for b in plan.budgets] + \
-            [f"{budget_label(b)} caption" for b in plan.budgets]
+        header = ["Model"] + [f"{budget_tag(b)} text" for b in plan.budgets] + \
+            [f"{budget_tag(b)} caption" for b in plan.budgets]
         srows = [[p["model"]] + [p["text_ppl"]] * len(plan.budgets) + [p["caption_ppl"]] * len(plan.budgets)
                  for p in sweep["parents"].values()]
         srows += [[s["model"], *s["text_ppl"], *s["caption_ppl"]] for s in sweep["variants"].values()]
@@ -241,7 +236,7 @@ def plot_sweep(results: dict, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(budgets)
-        ax.set_xticklabels([budget_label(b) for b in budgets])
+        ax.set_xticklabels([budget_tag(b) for b in budgets])
         ax.minorticks_off()
         ax.set_xlabel("continued-pretraining tokens per variant")
         ax.set_ylabel("validation PPL (final)")

@@ -56,8 +56,8 @@ def run_plan(plan: PlanSpec, options: RunOptions, *, source: str = "plan",
              lines: dict | None = None) -> dict:
     """Check, then run (or resume) every stage of ``plan``; returns ``{"results", "paths", "ran",
     "skipped", "planned", "jobs"}`` (``--dry-run``: nothing run, ``planned`` lists the units)."""
-    from jam_metaseq.pipeline import stages as st
     from jam_metaseq.pipeline.check import check_plan
+    from jam_metaseq.pipeline.stages import PIPELINE, Context
 
     learnt = check_plan(plan, source=source, lines=lines or {}, executables=not options.dry_run)
     jobs = default_jobs(plan)
@@ -69,8 +69,8 @@ def run_plan(plan: PlanSpec, options: RunOptions, *, source: str = "plan",
     if not options.dry_run:
         options.out.mkdir(parents=True, exist_ok=True)
     p = Pipeline(options, jobs=jobs)
-    ctx = st.Context(p=p, plan=plan, placement=placement_for(plan, options, jobs), progress=options.progress,
-                     given=learnt.get("parents", {}))
+    ctx = Context(p=p, plan=plan, placement=placement_for(plan, options, jobs), progress=options.progress,
+                  given=learnt.get("parents", {}))
     t0 = time.time()
     # Stages after the last selected one are not run; earlier unselected ones must be finished.
     last = max(STAGES.index(s) for s in options.stages)
@@ -78,32 +78,17 @@ def run_plan(plan: PlanSpec, options: RunOptions, *, source: str = "plan",
     def wanted(stage: str) -> bool:
         return STAGES.index(stage) <= last
 
-    src = st.stage_data(ctx)
-    if wanted("tokenizers"):
-        toks = st.stage_tokenizers(ctx, src)
-    if wanted("binarize"):
-        ctx.markers["bin"] = st.stage_binarize(ctx, src, toks)
-    if wanted("parents"):
-        st.stage_parents(ctx, ctx.markers["bin"])
-    if wanted("fuse"):
-        st.stage_fuse(ctx)
-    if wanted("pretrain"):
-        st.stage_pretrain(ctx)
-    if wanted("instruct") and plan.data.has_instruct:
-        st.stage_instruct(ctx)
-    if wanted("eval"):
-        st.stage_eval(ctx, src)
+    for stage, run in PIPELINE:
+        if wanted(stage):
+            run(ctx)
     results: dict[str, Any] = {}
-    if wanted("report"):
-        st.stage_report(ctx)
-        if not options.dry_run:
-            from jam_metaseq.pipeline.units import read_json
+    if wanted("report") and not options.dry_run:
+        from jam_metaseq.pipeline.units import read_json
 
-            results = read_json(p.path("report") / "results.json")
-    if wanted("generate"):
-        gen = st.stage_generate(ctx)
-        if gen is not None and not options.dry_run:
-            results["generation"] = {k: gen.get(k) for k in ("model", "label", "answers", "images")}
+        results = read_json(p.path("report") / "results.json")
+    gen = ctx.markers.get("generate")
+    if wanted("generate") and gen is not None and not options.dry_run:
+        results["generation"] = {k: gen.get(k) for k in ("model", "label", "answers", "images")}
     paths = {"results": p.path("report") / "results.json", "tables": p.path("report") / "tables.txt",
              "curves": p.path("report") / "curves.png", "sweep": p.path("report") / "sweep.png",
              "html": p.path("generate") / "answers.html", "checkpoints": p.path("pretrain")}

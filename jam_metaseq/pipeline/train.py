@@ -1,11 +1,11 @@
 """Training runs of ``jam run``: the host's command line and where it runs (paper §3.1 Training).
 
 The command is built by ``launch.slurm.train_command`` (the code behind ``jam-launch``) from a
-``StageRecipe`` made of the plan's optimisation settings, so a plan's runs on this machine, on
-SLURM and through ``jam-launch`` use the same flags; the plan's own settings (model shape, Adam
-betas, weight decay, end learning rate, mixture, validation points) follow as extra flags (the
-hosts' argparse keeps the last value of a repeated flag). Placement adds what differs between a
-local process and a SLURM job:
+``StageRecipe`` made of the plan's optimisation settings (learning rate, warm-up, Adam betas,
+weight decay, clipping, end learning rate, log interval), so a plan's runs on this machine, on
+SLURM and through ``jam-launch`` use the same flags; the model flags (``jam_metaseq.flags``) and
+the plan's other settings (mixture, validation points) are merged in, each flag once. Placement
+adds what differs between a local process and a SLURM job:
 
 - ``LocalPlacement``: one process on this machine (``--cpu`` on a CPU; the plain DDP backend and
   no SLURM rendez-vous on one device), its output streamed into ``train.log`` and a progress bar;
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from jam_metaseq.pipeline.spec import OptimSpec, PlanSpec, ShapeSpec, SlurmSpec
+from jam_metaseq.pipeline.spec import OptimSpec, PlanSpec, SlurmSpec
 from jam_metaseq.pipeline.units import PipelineError, bar, log, repo_paths
 
 
@@ -47,7 +47,7 @@ class TrainJob:
     arch: str
     """Registered arch (``jam_uniform_tiny`` ...: the size fills nothing the model flags give)."""
     model_flags: list[str]
-    """Shape flags (``--decoder-embed-dim`` ...), and ``--cross-every`` / ``--cross-init``."""
+    """Model flags (``flags.command_line_from_config``: the shape, and JAM-Cross's settings)."""
     optim: OptimSpec
     """Optimisation settings."""
     updates: int
@@ -62,19 +62,6 @@ class TrainJob:
     """Training source weights (None = every source equally)."""
     instruction: bool = False
     """Loss only on the tokens the data's mask keeps (instruct tuning)."""
-
-
-def shape_flags(shape: ShapeSpec, *, tokens_per_sample: int) -> list[str]:
-    """The host flags of one parent's shape (``hosts.args``: flags describe one parent)."""
-    flags = ["--decoder-embed-dim", str(shape.embed_dim), "--decoder-ffn-embed-dim", str(shape.ffn_dim),
-             "--decoder-layers", str(shape.layers), "--decoder-attention-heads", str(shape.heads),
-             "--max-target-positions", str(tokens_per_sample), "--activation-fn", shape.activation,
-             "--dropout", "0", "--attention-dropout", "0"]
-    if not shape.bias:
-        flags.append("--disable-bias")
-    if not shape.affine_ln:
-        flags.append("--disable-affine-ln")
-    return flags
 
 
 def warmup_updates(optim: OptimSpec, updates: int) -> int:
@@ -99,34 +86,32 @@ def host_command(job: TrainJob, *, plan: PlanSpec, gpus: int, slurm: SlurmSpec |
     every = curve_interval(o, job.updates)
     recipe = StageRecipe(name="plan", description=job.desc, lr=o.lr, warmup_updates=warmup_updates(o, job.updates),
                          batch_tokens=o.batch_size * job.tokens_per_sample, gpus=replicas, max_update=job.updates,
-                         save_interval_updates=every, time_hours=slurm.time_hours if slurm else 24)
+                         save_interval_updates=every, time_hours=slurm.time_hours if slurm else 24,
+                         adam_betas=(o.betas[0], o.betas[1]), weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+                         end_lr=o.end_lr, log_interval=max(1, min(10, job.updates // 20)))
     pkg, _ = repo_paths()
     extra = [*job.model_flags,
-             "--adam-betas", f"({o.betas[0]}, {o.betas[1]})", "--weight-decay", repr(o.weight_decay),
-             "--clip-norm", repr(o.clip_norm), "--end-learning-rate", repr(o.end_lr),
              "--validate-interval-updates", str(every), "--validate-interval", "1000000",
              "--save-interval", "1000000", "--no-epoch-checkpoints", "--num-workers", "0",
-             "--batch-size-valid", str(max(1, o.batch_size // replicas)),
-             "--log-interval", str(max(1, min(10, job.updates // 20)))]
+             "--batch-size-valid", str(max(1, o.batch_size // replicas))]
     if job.mixture:
         extra += ["--mixture", ",".join(f"{k}={v:g}" for k, v in job.mixture.items())]
     if job.instruction:
         extra.append("--instruction")
     if gpus == 0:
         extra.append("--cpu")
-    if slurm is None:
-        # one process on this machine: no SLURM rendez-vous, even inside an allocation
-        extra += ["--distributed-port", "-1"]
-    if plan.host == "fairseq" and (slurm is None or gpus == 0):
-        # the plain DDP backend: fairscale's FSDP needs a GPU process group
-        extra += ["--ddp-backend", "legacy_ddp"]
     cfg = LaunchConfig(
         stage="plan", host=plan.host, data=str(job.data), save_dir=str(job.save_dir), arch=job.arch,
         restore_file=str(job.restore) if job.restore is not None else None, user_dir=str(pkg), gpus=replicas,
         gpus_per_node=slurm.gpus_per_node if slurm else max(1, replicas), tokens_per_sample=job.tokens_per_sample,
         max_tokens=max_tokens, precision=plan.precision, seed=job.seed,
         partition=slurm.partition if slurm else None, account=slurm.account if slurm else None,
-        cpus_per_task=slurm.cpus_per_task if slurm else 1, port=slurm.port if slurm else 29500, extra_args=extra)
+        cpus_per_task=slurm.cpus_per_task if slurm else 1,
+        # one process on this machine: no SLURM rendez-vous, even inside an allocation
+        port=slurm.port if slurm else -1,
+        # the plain DDP backend where fairscale's FSDP has no GPU process group
+        ddp_backend="legacy_ddp" if plan.host == "fairseq" and (slurm is None or gpus == 0) else "fully_sharded",
+        extra_args=extra)
     try:
         return train_command(cfg, recipe)
     except ValueError as e:
@@ -376,5 +361,5 @@ def train(job: TrainJob, *, plan: PlanSpec, placement: Any) -> dict:
 
 
 __all__ = ["LocalPlacement", "SubmititPlacement", "TrainJob", "curve_interval", "host_command", "parse_log",
-           "read_curve", "resolve_executable", "run_logged", "shape_flags", "subprocess_env", "train",
+           "read_curve", "resolve_executable", "run_logged", "subprocess_env", "train",
            "warmup_updates"]

@@ -1,25 +1,14 @@
-"""The plan of ``jam run PLAN.yaml``: what to train, fuse, evaluate and report (paper §2-3), as typed
-dataclasses with one docstring per field.
+"""The schema of a ``jam run`` plan (paper §2-3): what to train, fuse, evaluate and report, as typed
+dataclasses with one docstring per field, and its structural validation (pydantic: unknown fields,
+types, ranges, cross-field rules) in ``parse_plan``, every error naming its field
+(``data.text.train[0]``) and, when the plan came from a file, its line.
 
 A plan names the data (the user's JSONL files or the built-in generator), the tokenizers (given or
 trained), the two parents (checkpoints in any layout ``jam-ckpt`` reads, or trained from the data
-with a shape), the JAM variants, the continued-pretraining budget in tokens (one value or a sweep),
-the optimisation settings, the evaluation sets, the host trainer, the device and where to run.
-
-This module holds the schema and its structural validation (pydantic: unknown fields, types,
-ranges, cross-field rules), YAML in and out (``load_plan``, ``plan_yaml``: commented YAML built from
-the field docstrings, which ``load_plan`` reads back to the same plan) and the built-in plan of
-``jam quickstart`` (``quickstart_plan``). Checks that look at files and checkpoints live in
-``pipeline.check``. Every error names its field (``data.text.train[0]``) and, when the plan came
-from a file, its line.
-
-Public API::
-
-    load_plan(path, *, overrides=()) -> PlanSpec      # PlanError naming field and line
-    parse_plan(mapping, *, source, base_dir, lines) -> PlanSpec
-    plan_yaml(plan) -> str                            # commented; load_plan(it) == plan
-    quickstart_plan(*, steps=1.0, scale=1, ...) -> PlanSpec
-    VARIANTS, Variant, PARENTS, PAPER_CROSS
+with a shape), the JAM variants (``spec.variants``), the continued-pretraining budget in tokens
+(one value or a sweep), the optimisation settings, the evaluation sets, the host trainer, the
+device and where to run. Reading and writing YAML is ``spec.yaml_io``; checks that look at files and
+checkpoints are ``pipeline.check``.
 """
 
 from __future__ import annotations
@@ -28,13 +17,13 @@ import dataclasses
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence, Union
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
-import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from jam_metaseq.errors import JamError
+from jam_metaseq.pipeline.spec.variants import PAPER_CROSS, VARIANTS
 
 
 class PlanError(JamError, ValueError):
@@ -50,41 +39,6 @@ class PlanError(JamError, ValueError):
         super().__init__(msg + " (nothing was run)")
 
 
-# ---- variants --------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """One JAM model built from the two parents."""
-
-    key: str
-    """Short name used for folders and ``variants``."""
-    label: str
-    """Row name in the tables."""
-    family: str
-    """fairseq/metaseq arch family: ``jam_uniform``, ``jam_width`` or ``jam_cross``."""
-    init: str = ""
-    """``copy``/``average`` (width), ``paper``/``preserve`` (cross)."""
-    cross_every: int = 0
-    """JAM-Cross: a cross-block pair after every k-th layer (0 = none)."""
-
-
-def _variants() -> dict[str, Variant]:
-    out = {"uniform": Variant("uniform", "JAM-Uniform", "jam_uniform"),
-           "width_copy": Variant("width_copy", "JAM-Width (copy)", "jam_width", "copy"),
-           "width_average": Variant("width_average", "JAM-Width (average)", "jam_width", "average")}
-    for init in ("paper", "preserve"):
-        for every in (1, 2, 4, 0):
-            key = f"cross{every}_{init}"
-            label = f"JAM-Cross ({'every ' + str(every) if every else 'no x-attn'}, {init})"
-            out[key] = Variant(key, label, "jam_cross", init, every)
-    return out
-
-
-VARIANTS: dict[str, Variant] = _variants()
-"""Every JAM variant of the paper's Tables 1-4 (§2.1): uniform, width copy/average, cross every 1/2/4/none
-with ``paper`` or ``preserve`` initialisation."""
-PARENTS = {"llm": "LLM parent (text)", "img": "Image-text parent"}
-PAPER_CROSS = "cross2_paper"
-"""The JAM-Cross row of Tables 1-2: a cross block every 2 layers, as the paper's 19B model."""
 SOURCES = ("text", "caption", "instruct")
 """Names of the data sources (binarized as ``DATA/{split}/{source}``; mixture keys)."""
 
@@ -579,32 +533,7 @@ class PlanSpec:
 _ADAPTER = TypeAdapter(PlanSpec)
 
 
-# ---- loading ---------------------------------------------------------------------------------
-def _yaml_lines(text: str) -> dict[tuple, int]:
-    """Field path (keys and list indices) -> 1-based line of its value in the YAML text."""
-    out: dict[tuple, int] = {}
-
-    def walk(node: Any, path: tuple) -> None:
-        out[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = k.value
-                out[path + (key,)] = k.start_mark.line + 1
-                walk(v, path + (key,))
-                out[path + (key,)] = k.start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                walk(v, path + (i,))
-
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return out
-    if root is not None:
-        walk(root, ())
-    return out
-
-
+# ---- validation ------------------------------------------------------------------------------
 def field_name(loc: Iterable[Any]) -> str:
     """``("data", "text", "train", 0)`` -> ``data.text.train[0]``."""
     out = ""
@@ -697,152 +626,9 @@ def resolve_paths(obj: Any, base: Path) -> None:
             setattr(obj, f.name, fix(v))
 
 
-def apply_override(data: dict, assignment: str) -> None:
-    """``a.b.c=VALUE`` (VALUE read as YAML) into the nested mapping ``data`` (in place)."""
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key.strip():
-        raise PlanError([f"--set {assignment!r}: expected FIELD=VALUE (e.g. pretrain.lr=3e-3)"], source="--set")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise PlanError([f"--set {key}: value is not YAML ({e})"], source="--set") from None
-    parts = key.strip().split(".")
-    node = data
-    for p in parts[:-1]:
-        if not isinstance(node.get(p), dict):
-            node[p] = {}
-        node = node[p]
-    node[parts[-1]] = value
-
-
-def read_plan_file(path: str | Path) -> tuple[Any, dict[tuple, int]]:
-    """A plan file's parsed YAML (``{}`` when empty) and the line of every field."""
-    path = Path(path)
-    if path.is_dir():
-        raise PlanError(["is a directory, expected a plan YAML file"], source=str(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PlanError(["no such file"], source=str(path)) from None
-    except UnicodeDecodeError as e:
-        raise PlanError([f"not UTF-8 text (byte offset {e.start})"], source=str(path)) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise PlanError([f"{where}not valid YAML ({problem})"], source=str(path)) from None
-    return ({} if data is None else data), _yaml_lines(text)
-
-
-def load_plan(path: str | Path, *, overrides: Sequence[str] = ()) -> PlanSpec:
-    """Read, validate and resolve a plan file (YAML); ``overrides``: ``FIELD=VALUE`` assignments."""
-    data, lines = read_plan_file(path)
-    if isinstance(data, dict):
-        for o in overrides:
-            apply_override(data, o)
-    return parse_plan(data, source=str(path), base_dir=Path(path).resolve().parent, lines=lines)
-
-
-# ---- writing ---------------------------------------------------------------------------------
-def plan_dict(plan: Any) -> Any:
-    """The plan as plain YAML/JSON values (paths as strings, tuples as lists)."""
-    if dataclasses.is_dataclass(plan):
-        return {f.name: plan_dict(getattr(plan, f.name)) for f in dataclasses.fields(plan)}
-    if isinstance(plan, Path):
-        return str(plan)
-    if isinstance(plan, (list, tuple)):
-        return [plan_dict(x) for x in plan]
-    if isinstance(plan, dict):
-        return {k: plan_dict(v) for k, v in plan.items()}
-    return plan
-
-
-def _doc(cls: type, name: str) -> str:
-    """A field's docstring (inherited fields: from the class that declares it)."""
-    for klass in cls.__mro__:
-        info = getattr(klass, "__pydantic_fields__", {}).get(name)
-        text = (getattr(info, "description", None) or "").strip()
-        if text and name in getattr(klass, "__annotations__", {}):
-            return " ".join(text.split())
-    return ""
-
-
-def _scalar(v: Any) -> str:
-    return yaml.safe_dump(v, default_flow_style=True, width=10_000, sort_keys=False).strip() \
-        .removesuffix("...").strip()
-
-
-def plan_yaml(plan: PlanSpec, *, header: str = "") -> str:
-    """The plan as YAML, each field under its docstring as a comment (``load_plan`` reads it back)."""
-    import textwrap
-
-    out = [f"# {line}".rstrip() for line in header.splitlines()] if header else []
-
-    def emit(obj: Any, indent: int) -> None:
-        pad = "  " * indent
-        for f in dataclasses.fields(obj):
-            v = getattr(obj, f.name)
-            doc = _doc(type(obj), f.name)
-            if doc:
-                out.extend(textwrap.wrap(doc, width=max(40, 100 - len(pad)), initial_indent=pad + "# ",
-                                         subsequent_indent=pad + "# "))
-            if dataclasses.is_dataclass(v):
-                out.append(f"{pad}{f.name}:")
-                emit(v, indent + 1)
-            else:
-                out.append(f"{pad}{f.name}: {_scalar(plan_dict(v))}")
-
-    emit(plan, 0)
-    return "\n".join(out) + "\n"
-
-
-# ---- the built-in plan (jam quickstart) --------------------------------------------------------
-QUICKSTART_UPDATES = {"parents": 500, "pretrain": 150}
-"""Updates of each training stage of the built-in plan at ``--steps 1`` (batch 8 x 160 tokens)."""
-
-
-def quickstart_plan(*, steps: float = 1.0, scale: int = 1, device: str = "cpu", seed: int = 0,
-                    variants: Sequence[str] | None = None, prompts: Sequence[str] | None = None,
-                    jobs: int = 0, threads: int = 0) -> PlanSpec:
-    """The built-in plan of ``jam quickstart``: the generator's data, a trained text and image
-    tokenizer, two parents trained from the same initialisation, every variant. ``steps``
-    multiplies every training stage's length; ``scale`` the model width and the data."""
-    if scale < 1:
-        raise ValueError(f"--scale must be >= 1, got {scale}")
-    if not steps > 0:
-        raise ValueError(f"--steps must be > 0, got {steps}")
-
-    def n(x: int, lo: int = 2) -> int:
-        return max(lo, int(round(x * steps)))
-
-    g = GeneratorSpec()
-    shape = ShapeSpec()
-    batch = 8 * (2 if scale > 1 else 1)
-    tokens_per_update = batch * 160
-    data = DataSpec(
-        builtin=GeneratorSpec(train_texts=g.train_texts * scale, valid_texts=g.valid_texts * scale,
-                              train_images=g.train_images * scale, valid_images=g.valid_images * scale),
-        image_tokenizer=ImageTokenizerSpec(steps=n(600)), tokens_per_sample=160)
-    plan = PlanSpec(
-        data=data, out=Path("runs/quickstart"), seed=seed, device=device,
-        model=ShapeSpec(embed_dim=shape.embed_dim * scale, ffn_dim=shape.ffn_dim * scale, layers=shape.layers,
-                        heads=shape.heads * scale),
-        parents=ParentsSpec(train=ParentTrainSpec(
-            batch_size=batch, budget_tokens=n(QUICKSTART_UPDATES["parents"]) * tokens_per_update)),
-        variants=list(variants) if variants is not None else list(VARIANTS),
-        pretrain=PretrainSpec(batch_size=batch,
-                              budget_tokens=[n(QUICKSTART_UPDATES["pretrain"]) * tokens_per_update]),
-        generate=GenerateSpec(**({"prompts": list(prompts)} if prompts is not None else {})),
-        run=RunSpec(jobs=jobs, threads=threads))
-    return plan
-
-
 __all__ = [
     "DataSpec", "EvalSpec", "Files", "GenerateSpec", "GeneratorSpec", "ImageTokenizerSpec", "InstructFiles",
-    "InstructSpec", "OptimSpec", "PAPER_CROSS", "PARENTS", "ParentSpec", "ParentTrainSpec", "ParentsSpec",
-    "PlanError", "PlanSpec", "PretrainSpec", "RunSpec", "SOURCES", "ShapeSpec", "SlurmSpec", "TextTokenizerSpec",
-    "VARIANTS", "Variant", "apply_override", "field_name", "load_plan", "parse_plan", "plan_dict", "plan_yaml",
-    "quickstart_plan", "read_plan_file", "resolve_paths",
+    "InstructSpec", "OptimSpec", "ParentSpec", "ParentTrainSpec", "ParentsSpec", "PlanError", "PlanSpec",
+    "PretrainSpec", "RunSpec", "SOURCES", "ShapeSpec", "SlurmSpec", "TextTokenizerSpec", "field_name", "parse_plan",
+    "resolve_paths",
 ]

@@ -44,7 +44,7 @@ import torch
 from jam_metaseq.data.binarize import TokenBlockDataset, open_dataset
 from jam_metaseq.data.mixture import MixtureStream
 from jam_metaseq.objectives.cm3 import CM3Config, cm3_transform, item_rng
-from jam_metaseq.vocab import VocabManifest
+from jam_metaseq.vocab import FILE_NAME, VocabManifest, find_vocab
 
 logger = logging.getLogger(__name__)
 
@@ -126,13 +126,19 @@ def load_manifest(data: str | Path, *, train_subset: str = "train") -> VocabMani
     root = Path(data)
     if not root.is_dir():
         raise DataSetupError(f"cm3_multimodal: data directory not found: {root}")
-    if (root / "vocab.json").is_file():
-        return VocabManifest.load(root / "vocab.json")
-    splits = [train_subset] + sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != train_subset)
-    for split in splits:
-        if (root / split).is_dir():
-            for prefix in find_sources(root, split).values():
-                return open_dataset(prefix).vocab
+
+    def first_source() -> VocabManifest | None:
+        splits = [train_subset] + sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != train_subset)
+        for split in splits:
+            if (root / split).is_dir():
+                for prefix in find_sources(root, split).values():
+                    return open_dataset(prefix).vocab
+        return None
+
+    given = root / FILE_NAME  # the data directory's own manifest
+    found = find_vocab(given=given if given.is_file() else None, stored=first_source)
+    if found is not None:
+        return found
     raise DataSetupError(f"cm3_multimodal: {root} has neither vocab.json nor a split directory with sources")
 
 

@@ -1,0 +1,90 @@
+"""JAM-Cross (paper §2.1.3, ``jam-ckpt cross``): both parents as branches, with cross-attention
+blocks every ``cross_every`` layers, streamed through ``kernels.cross_into``
+(``jam_metaseq.fusion.cross``'s plan). The parents may differ in ``SHAPE_FIELDS`` (asymmetric
+JAM-Cross, ``CrossConfig.image_parent``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from checkpoints_tools import kernels
+from checkpoints_tools.io.output_dir import OutputDir
+from checkpoints_tools.ops import stream
+from checkpoints_tools.ops.options import CommonOptions, manifest_extra
+from checkpoints_tools.ops.parents import (
+    common_dtype, expected_shapes, input_paths, open_parents, output_vocab, parents_vocab,
+)
+from checkpoints_tools.ops.provenance import source_record
+from checkpoints_tools.ops.stream import ReadAhead, float_dtypes, skipped_tied
+from checkpoints_tools.readers import Reader
+from checkpoints_tools.safe_load import CheckpointError
+from checkpoints_tools.workspace import Workspace
+from jam_metaseq.fusion.cross import DEFAULT_INIT_SEED_SCHEME, INIT_SEED_SCHEMES, cross_plan
+from jam_metaseq.models.config import FUNCTION_FIELDS, SHAPE_FIELDS, cross_of
+
+
+def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions, cross_every: int = 2,
+          init: str = "paper", seed: int = 0, image_vocab: tuple[int, int] | None = None,
+          heads: int | None = None, init_seed_scheme: str = DEFAULT_INIT_SEED_SCHEME,
+          img_heads: int | None = None) -> Path:
+    """JAM-Cross (§2.1.3): both parents as branches, cross blocks every ``cross_every`` layers.
+    ``init_seed_scheme``: how the normal init of new weights is seeded (``jam_metaseq.fusion.cross``:
+    ``per-block`` draws in parallel; ``per-tensor`` reproduces outputs written before the scheme
+    was recorded); recorded in the manifest's parameters.
+
+    The parents may differ in width, FFN, depth and heads (asymmetric JAM-Cross,
+    ``CrossConfig.image_parent``): the image branch takes the image parent's shape, everything
+    else (``TENSOR_FIELDS``: vocabulary, positions, biases, LayerNorm kind; ``FUNCTION_FIELDS``:
+    activation, embedding scale, LayerNorm eps, padding) is the LLM's and must agree. ``img_heads``: the image parent's heads when its checkpoint does not
+    record them (default ``heads``)."""
+    if init_seed_scheme not in INIT_SEED_SCHEMES:
+        raise CheckpointError(f"init seed scheme must be one of {INIT_SEED_SCHEMES}, got {init_seed_scheme!r}")
+    readers, cfgs = open_parents([llm, img], ["llm", "img"], opts=opts, heads=heads, role_heads={"img": img_heads},
+                                 shapes_may_differ=True)
+    parent = cfgs[0]
+    image_parent = dataclasses.replace(parent, **{f: getattr(cfgs[1], f) for f in SHAPE_FIELDS})
+    for f in FUNCTION_FIELDS:
+        if getattr(cfgs[1], f) != getattr(parent, f):
+            raise CheckpointError(f"{readers[1].path}: img parent has {f}={getattr(cfgs[1], f)!r}, llm parent "
+                                  f"({readers[0].path}) has {getattr(parent, f)!r}; JAM-Cross parents share it")
+    if image_vocab is None:
+        v = parents_vocab(opts.vocab, readers)
+        image_vocab = None if v is None else (v.image_start, v.image_end)
+    if image_vocab is None:
+        raise CheckpointError("cross needs the image-code range: pass --vocab MANIFEST or --image-vocab START END")
+    lo, hi = image_vocab
+    if not 0 <= lo < hi <= parent.vocab_size:
+        raise CheckpointError(f"image vocab range [{lo}, {hi}) does not fit the {parent.vocab_size}-row embedding")
+    cfg = cross_of(parent, cross_every, cross_init=init, image_vocab_start=lo, image_vocab_end=hi,
+                   image_parent=image_parent)
+    shapes = expected_shapes(cfg)
+    dtype = common_dtype(readers, opts.spec.dtype)
+    vocab = output_vocab(opts.vocab, cfg=cfg, sources=readers)
+    out = OutputDir(dataclasses.replace(opts.spec, dtype=dtype), cfg=cfg, shapes=shapes, vocab=vocab,
+                    inputs=input_paths(readers))
+    a, b = readers
+    ws = Workspace()
+
+    def cross_sources(name: str) -> list[tuple[Reader, str]]:
+        return [({"llm": a, "img": b}[p.role], p.source) for p in cross_plan(name, cfg) if p.kind == "copy"]
+
+    ahead = ReadAhead([n for n in shapes if n not in skipped_tied(out, True)], cross_sources)
+
+    def produce(name: str, buf: torch.Tensor) -> torch.Tensor:
+        # The output projection is the embedding by construction: written as its alias (tied=True).
+        ahead.advance(name)
+        return kernels.cross_into(name, buf, cfg=cfg, llm=a, img=b, seed=seed, ws=ws, scheme=init_seed_scheme)
+
+    sources = [source_record(role, r, hash_sources=opts.hash_sources) for role, r in zip(("llm", "img"), readers)]
+    asym = {} if cfg.symmetric else {"cross_pairs": [list(p) for p in cfg.cross_pairs]}
+    return stream.stream_to(out, produce, produced_dtypes=float_dtypes(shapes, torch.float32), desc="cross",
+                            progress=opts.progress, threads=opts.threads,
+                            manifest_extra=manifest_extra(opts, "cross", sources, cross_every=cross_every, init=init,
+                                                          seed=seed, init_seed_scheme=init_seed_scheme,
+                                                          image_vocab=[lo, hi], **asym),
+                            tied=cfg.shared_embedding)

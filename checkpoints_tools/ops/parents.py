@@ -1,0 +1,157 @@
+"""The parents of an operation: opened, their configs read, and every check that can fail on
+shapes and layouts run before the first byte is written (the tensors each parent must hold, what
+two parents may differ in, one dtype); the vocabulary an output stores.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from checkpoints_tools.ops.options import CommonOptions
+from checkpoints_tools.readers import Reader, open_checkpoint
+from checkpoints_tools.safe_load import CheckpointError
+from jam_metaseq.models.config import SHAPE_FIELDS, TENSOR_FIELDS, CrossConfig, DecoderConfig, ModelConfig
+from jam_metaseq.vocab import VocabManifest, find_vocab
+
+_INIT_FNS: set[Any] | None = None
+
+
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Parameter init as a no-op while a model is built on the meta device: random fills of meta
+    tensors go through torch's Python refs, whose first use imports ``torch._dynamo`` (~2 s of a
+    jam-ckpt run); the shapes do not depend on them."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _INIT_FNS:
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
+@functools.lru_cache(maxsize=32)
+def _shapes(cfg_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    global _INIT_FNS
+    from jam_metaseq.models import build_model, config_from_json
+
+    if _INIT_FNS is None:
+        _INIT_FNS = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.random_}
+        _INIT_FNS |= {getattr(torch.nn.init, n) for n in dir(torch.nn.init)
+                      if n.endswith("_") and not n.startswith("_")}
+    with torch.device("meta"), _SkipInit():
+        model = build_model(config_from_json(cfg_json))
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict(keep_vars=True).items())
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Ordered {state-dict key: shape} of the model ``cfg`` (= ``jam_metaseq.fusion.state_shapes``,
+    built on the meta device without parameter init; cached by config)."""
+    from jam_metaseq.models import config_to_json
+
+    return dict(_shapes(config_to_json(cfg)))
+
+
+def check_parent_tensors(reader: Reader, cfg: DecoderConfig, *, role: str) -> None:
+    """The parent holds exactly the tensors (names, shapes) of a decoder shaped ``cfg``."""
+    want = expected_shapes(cfg)
+    have = reader.shapes()
+    where = reader.files[0] if reader.files else reader.path
+    for n, s in want.items():
+        if n not in have:
+            raise CheckpointError(f"{where}: {role} parent has no tensor {n}")
+        if tuple(have[n]) != tuple(s):
+            raise CheckpointError(f"{where}: {role} parent tensor {n} has shape {tuple(have[n])}, expected {tuple(s)}")
+    extra = [n for n in have if n not in want]
+    if extra:
+        raise CheckpointError(f"{where}: {role} parent has unexpected tensor(s) {extra[:3]}")
+
+
+def check_same_parents(readers: Sequence[Reader], cfgs: Sequence[DecoderConfig], roles: Sequence[str], *,
+                       shapes_may_differ: bool = False) -> None:
+    """Parents must agree in ``SHAPE_FIELDS`` (width, FFN, depth, heads), ``TENSOR_FIELDS``
+    (vocab, positions, biases, LayerNorm kind) and every tensor shape; with ``shapes_may_differ``
+    (asymmetric JAM-Cross) in ``TENSOR_FIELDS`` only (each parent's tensors are then checked
+    against its own config)."""
+    a = cfgs[0]
+    for r, c, role in zip(readers[1:], cfgs[1:], roles[1:]):
+        for fld in (*SHAPE_FIELDS, *TENSOR_FIELDS):
+            if shapes_may_differ and fld in SHAPE_FIELDS:
+                continue
+            if getattr(c, fld) != getattr(a, fld):
+                raise CheckpointError(
+                    f"{r.files[0] if r.files else r.path}: {role} parent has {fld}={getattr(c, fld)}, "
+                    f"{roles[0]} parent ({readers[0].path}) has {getattr(a, fld)}")
+        if shapes_may_differ:
+            continue
+        sa, sb = readers[0].shapes(), r.shapes()
+        for n in sa:
+            if n not in sb:
+                raise CheckpointError(f"{r.path}: {role} parent has no tensor {n} ({roles[0]} parent has it)")
+            if tuple(sa[n]) != tuple(sb[n]):
+                raise CheckpointError(f"{r.path}: {role} parent tensor {n} has shape {tuple(sb[n])}, "
+                                      f"{roles[0]} parent has {tuple(sa[n])}")
+        for n in sb:
+            if n not in sa:
+                raise CheckpointError(f"{r.path}: {role} parent has extra tensor {n}")
+
+
+def common_dtype(readers: Sequence[Reader], dtype: torch.dtype | None) -> torch.dtype:
+    """The output dtype: ``dtype`` if given, else the parents' one dtype (mixed = error)."""
+    dts = [r.param_dtype for r in readers]  # raises on mixed dtypes inside one checkpoint
+    if dtype is not None:
+        return dtype
+    if len(set(dts)) > 1:
+        desc = ", ".join(f"{r.path}: {d}" for r, d in zip(readers, dts))
+        raise CheckpointError(f"parents have different dtypes ({desc}); choose one with --dtype")
+    return dts[0]
+
+
+def input_paths(readers: Sequence[Reader]) -> list[Path]:
+    """Every path the readers read (files and the paths they were opened by): the output
+    must not be or contain one of them."""
+    return [p for r in readers for p in (r.path, *r.files)]
+
+
+def open_parents(paths: Sequence[str | os.PathLike], roles: Sequence[str], *, opts: CommonOptions,
+                 heads: int | None, role_heads: Mapping[str, int | None] | None = None,
+                 shapes_may_differ: bool = False) -> tuple[list[Reader], list[DecoderConfig]]:
+    """The parents (``roles``: how messages name them) opened and checked: plain decoders
+    (``heads``, or ``role_heads[role]``, where a checkpoint does not record them) that agree
+    (``check_same_parents``) and hold exactly their config's tensors."""
+    readers = [open_checkpoint(p, trust_pickle=opts.trust_pickle, replica_mismatch=opts.replica_mismatch)
+               for p in paths]
+    cfgs = []
+    for r, role in zip(readers, roles):
+        h = (role_heads or {}).get(role) or heads
+        c = r.config(**({"heads": h} if h else {}))
+        if isinstance(c, CrossConfig):
+            raise CheckpointError(f"{r.path}: {role} parent is a JAM-Cross model; parents must be decoders")
+        cfgs.append(c)
+    check_same_parents(readers, cfgs, roles, shapes_may_differ=shapes_may_differ)
+    for r, c, role in zip(readers, cfgs, roles):
+        check_parent_tensors(r, c, role=role)
+    return readers, cfgs
+
+
+def parents_vocab(given: str | os.PathLike | None, readers: Sequence[Reader]) -> VocabManifest | None:
+    """The vocabulary of an operation: ``given`` (``--vocab``), else the first parent's own
+    (``Reader.vocab``: stored in it, or a ``vocab.json`` beside it); None if there is none."""
+    if given is not None:
+        return find_vocab(given=given)
+    return next((v for v in (r.vocab() for r in readers) if v is not None), None)
+
+
+def output_vocab(given: str | os.PathLike | None, *, cfg: ModelConfig,
+                 sources: Sequence[Reader] = ()) -> dict[str, Any] | None:
+    """The vocabulary manifest an output stores (``parents_vocab``); a given one must fit the
+    output's embedding."""
+    v = parents_vocab(given, sources)
+    if v is not None and given is not None:
+        try:
+            v.check_embedding(cfg.vocab_size, what="output model")
+        except ValueError as e:
+            raise CheckpointError(f"{given}: {e}") from None
+    return None if v is None else v.to_dict()

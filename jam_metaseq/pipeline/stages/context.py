@@ -1,0 +1,123 @@
+"""What every stage of ``jam run`` shares: the ``Context`` (the pipeline, the plan, where runs go,
+the markers of finished stages), the data stage's ``Sources``, and where each stage's outputs lie
+(the paths later stages read). Folder names: ``pipeline.layout``."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jam_metaseq.pipeline.layout import budget_tag
+from jam_metaseq.pipeline.spec import PlanSpec
+from jam_metaseq.pipeline.train import TrainJob, train
+from jam_metaseq.pipeline.units import Pipeline
+
+
+KINDS = ("text", "caption")
+"""Evaluation kinds: text-only documents and image-caption documents."""
+
+
+@dataclass
+class Context:
+    """What every stage needs: the pipeline, the plan, where runs go."""
+
+    p: Pipeline
+    plan: PlanSpec
+    placement: Any
+    """``train.LocalPlacement`` or ``train.SubmititPlacement``."""
+    progress: bool = True
+    markers: dict[str, Any] = field(default_factory=dict)
+    """Stage results shared between stages (``data``, ``tokenizers``, ...)."""
+    jobs: dict[str, TrainJob] = field(default_factory=dict)
+    """Training jobs by unit (what ``--dry-run`` prints)."""
+    given: dict[str, Any] = field(default_factory=dict)
+    """Given parents: role -> (config, vocabulary or None), from ``check_plan``."""
+    sources: Sources | None = None
+    """The data stage's files (``stages.data``)."""
+
+    @property
+    def dry(self) -> bool:
+        return self.p.options.dry_run
+
+    def path(self, rel: str) -> Path:
+        return self.p.path(rel)
+
+    def tmp(self, rel: str) -> Path:
+        """Where a unit is built before it is renamed into place (``Pipeline.unit``)."""
+        final = self.path(rel)
+        return final.with_name(f".{final.name}.tmp")
+
+    def train(self, rel: str, job: TrainJob) -> tuple[TrainJob, Any]:
+        """Register ``job`` (built in unit ``rel``) and return it with a build function running it."""
+        self.jobs[rel] = job
+
+        def build(tmp: Path) -> dict:
+            assert tmp == job.save_dir, (tmp, job.save_dir)
+            info = train(job, plan=self.plan, placement=self.placement)
+            shutil.copy(tokenizer_paths(self)["vocab"], tmp / "vocab.json")
+            return info
+
+        return job, build
+
+
+@dataclass
+class Sources:
+    """The JSONL files of every source and split, after the data stage."""
+
+    files: dict[str, dict[str, list[Path]]]
+    """split -> source -> files (sources: text, caption, instruct)."""
+    grown: dict[int, dict[str, list[Path]]]
+    """budget -> source -> the training files of that budget's continued pretraining (the generator's
+    growth); budgets not listed use ``files["train"]``."""
+    eval_sets: dict[str, dict[str, list[Path]]]
+    """kind (text / caption) -> set name -> files."""
+    run: str
+    """Run id of the data unit."""
+    grown_runs: dict[int, str] = field(default_factory=dict)
+
+
+def fingerprint(paths: list[Path]) -> list[list]:
+    """(path, size, mtime) of each file: a unit keyed by it re-runs when a file changes."""
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append([str(p), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def tokenizer_paths(ctx: Context) -> dict[str, Path]:
+    """The manifest and image tokenizer of the run (after the tokenizers stage)."""
+    m = ctx.markers["tokenizers"]
+    image = m.get("image_tokenizer")
+    return {"vocab": ctx.path("tokenizers") / "vocab.json",
+            "image_tokenizer": Path(image) if image else ctx.path("tokenizers") / "vq"}
+
+
+def eval_prefix(ctx: Context, src: Sources, kind: str, name: str) -> Path:
+    """The binarized prefix of an evaluation set (the validation split's when it is the same files)."""
+    if src.eval_sets[kind][name] == src.files["valid"][kind]:
+        return ctx.path("bin") / kind / "valid" / kind
+    return ctx.path("bin") / "eval" / kind / name
+
+
+def pretrain_data(ctx: Context, budget: int) -> Path:
+    grown = ctx.markers["bin"].get(budget)
+    return ctx.path(f"bin-{budget_tag(budget)}" if grown is not None else "bin") / "mixed"
+
+
+def parent_checkpoint(ctx: Context, role: str) -> Path:
+    spec = getattr(ctx.plan.parents, role)
+    return Path(spec.checkpoint) if not spec.trained else ctx.path(f"parents/{role}") / "checkpoint_last.pt"
+
+
+def fused_checkpoint(ctx: Context, key: str) -> Path:
+    return ctx.path(f"fused/{key}") / ctx.markers["fused"][key].get("checkpoint", "ckpt/checkpoint.pt")
+
+
+def pretrained_checkpoint(ctx: Context, budget: int, key: str) -> Path:
+    return ctx.path(f"pretrain/{budget_tag(budget)}/{key}") / "checkpoint_last.pt"
+
+
+__all__ = ["Context", "KINDS", "Sources", "eval_prefix", "fingerprint", "fused_checkpoint", "parent_checkpoint", "pretrain_data", "pretrained_checkpoint", "tokenizer_paths"]
