@@ -84,6 +84,10 @@ def _add_output_flags(p: argparse.ArgumentParser, *, formats: Sequence[str] = ("
     p.add_argument("--threads", type=THREADS, default=1, metavar="N",
                    help="torch threads for the per-tensor math (default 1: the work is memory-bound and "
                         "more threads only wait on each other on a busy machine; 0 = torch's default)")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="write tensors holding NaN or inf (listed in manifest.json as non_finite_tensors); by "
+                        "default such a tensor (a NaN in an input, an overflow of --dtype fp16) stops the output "
+                        "and nothing is written")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_read_flags(p)
 
@@ -179,7 +183,8 @@ def _opts(args: argparse.Namespace, argv: Sequence[str], *, fmt: str | None = No
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
     spec = OutputSpec(out_dir=args.out, format=fmt or args.format, mp=args.mp, fsdp=args.fsdp,
                       dtype=DTYPES[args.dtype] if args.dtype else None, name=args.name,
-                      overwrite=args.overwrite or args.overwrite_any_dir, overwrite_any_dir=args.overwrite_any_dir)
+                      overwrite=args.overwrite or args.overwrite_any_dir, overwrite_any_dir=args.overwrite_any_dir,
+                      allow_non_finite=args.allow_non_finite)
     return CommonOptions(spec=spec, vocab=str(args.vocab) if args.vocab else None,
                          hash_sources="none" if args.no_hash_sources else args.hash_sources,
                          progress=not args.quiet,

@@ -8,7 +8,6 @@ metaseq's constant.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -19,9 +18,11 @@ import torch
 from checkpoints_tools.hf import HFAdapter, adapter_for_config, adapter_for_names
 from checkpoints_tools.io.safetensors import read_safetensors_index
 from checkpoints_tools.readers.base import Reader, TensorInfo
+from checkpoints_tools.readers.infer import check_config
 from checkpoints_tools.readers.metaseq import MetaseqReader
 from checkpoints_tools.readers.safetensors import SafetensorsReader
 from checkpoints_tools.safe_load import CheckpointError
+from jam_metaseq.inputs import read_json
 from jam_metaseq.models import keys
 from jam_metaseq.models.config import ModelConfig
 
@@ -51,7 +52,7 @@ class HFReader(Reader):
         else:
             raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
         source = str(path / "config.json")
-        hf = json.loads((path / "config.json").read_text())
+        hf = read_json(path / "config.json", what="HF config")
         self._init(raw, path, hf, source, adapter_for_config(hf, source=source))
 
     @classmethod
@@ -60,7 +61,7 @@ class HFReader(Reader):
         from a ``config.json`` beside it if there is one."""
         self = cls.__new__(cls)
         cfg_file = (path if path.is_dir() else path.parent) / "config.json"
-        hf = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+        hf = read_json(cfg_file, what="HF config") if cfg_file.is_file() else None
         self._init(raw, path, hf, str(cfg_file), adapter)
         return self
 
@@ -121,8 +122,8 @@ class HFReader(Reader):
             raise CheckpointError(f"{path}: HF tensor(s) with no metaseq equivalent: {unknown[:3]}")
 
     def config(self, **overrides: Any) -> ModelConfig:
-        if self._hf_cfg is not None:
-            return self._hf_cfg
+        if self._hf_cfg is not None:  # what the tensors prove wins over config.json (issue 27 §3)
+            return check_config(self._hf_cfg, self, overrides=overrides, claimed_by="config.json")
         return super().config(**overrides)
 
     def tied(self, a: str, b: str) -> bool:
