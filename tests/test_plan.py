@@ -294,10 +294,10 @@ def test_images_as_codes_need_no_image_tokenizer_and_dry_run_refuses_what_the_ru
     docs = [qd.caption_document(caption=f"a shape number {i}", codes=np.arange(grid) % 7) for i in range(8)]
     codes = qd.write_jsonl(tmp_path / "codes.jsonl", docs)
     plan = _given_plan(user, data__caption__train=[str(codes)], data__caption__valid=str(codes),
-                       data__image_tokenizer__path=None, data__instruct=None, instruct=None,
+                       data__image_tokenizer__path=None, data__instruct=None,
                        eval__caption={"codes": str(codes)}, generate__prompts=[])
     no_vocab = _given_plan(user, data__caption__train=[str(codes)], data__caption__valid=str(codes),
-                           data__image_tokenizer__path=None, data__vocab=None, data__instruct=None, instruct=None,
+                           data__image_tokenizer__path=None, data__vocab=None, data__instruct=None,
                            eval__caption={"codes": str(codes)}, generate__prompts=[])
     err = _fails(tmp_path, no_vocab, capsys, "--dry-run")
     assert "data.image_tokenizer.path" in err and "give data.vocab" in err, err
