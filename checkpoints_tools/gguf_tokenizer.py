@@ -15,9 +15,10 @@ the split applied before the merges (``tokenizer.ggml.pre``). ``tokenizer_from_g
 - control tokens (``<|im_end|>``) as special added tokens, user-defined ones as plain added tokens:
   matched whole in text, as llama.cpp and transformers match them.
 
-The manifest (``vocab_manifest``) keeps the text ids as they are (``VocabManifest.text_specials``:
-the file's bos, eos and unknown ids; pad by ``readers.gguf.padding_rule``, the id the model masks),
-with image codes, sentinels and the rest after them as ``jam-data vocab`` lays them out.
+The manifest (``vocab_manifest``) keeps the text ids as they are (``VocabManifest.after_text``, an
+explicit-ids manifest: the file's bos, eos and unknown ids; pad by ``readers.gguf.padding_rule``, the
+id the model masks), with image codes, sentinels and the rest after them as ``jam-data vocab`` lays
+them out.
 """
 
 from __future__ import annotations
@@ -117,11 +118,11 @@ def text_specials(header: GGUFHeader) -> dict[str, int]:
 
 def vocab_manifest(header: GGUFHeader, *, layout: Mapping[str, Any], text_tokenizer: str | None) -> VocabManifest:
     """The vocabulary of models in this file's tokenizer plus image codes: its text ids as they are
-    (``text_specials``), then ``layout`` (``jam_metaseq.data.cli.layout_of``)."""
+    (``VocabManifest.after_text``), then ``layout`` (``jam_metaseq.data.cli.layout_of``)."""
     tokens = _field(header, "tokenizer.ggml.tokens", list)
     try:
-        return VocabManifest(text_size=len(tokens), text_tokenizer=text_tokenizer, text_specials=text_specials(header),
-                             **layout)
+        return VocabManifest.after_text(len(tokens), specials=text_specials(header), text_tokenizer=text_tokenizer,
+                                        **layout)
     except ValueError as e:
         raise CheckpointError(f"{header.path}: {e}") from None
 
@@ -155,5 +156,5 @@ def write_tokenizer(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     manifest.save(targets[1])
     return {"tokenizer": str(targets[0]), "vocab": str(targets[1]), "text_size": manifest.text_size,
             "pre_tokenizer": header.metadata.get("tokenizer.ggml.pre", "gpt-2"),
-            "specials": dict(zip(SPECIAL_NAMES, manifest.text_specials)), "ids": manifest.to_dict()["ids"],
+            "specials": {k: getattr(manifest, k) for k in SPECIAL_NAMES}, "ids": manifest.to_dict()["ids"],
             "chat_template": bool(header.metadata.get("tokenizer.chat_template"))}

@@ -5,7 +5,7 @@ transformers' GGUF tokenizer is ``tests/test_gguf_smollm2.py``.
 A byte-level BPE trained here with ``tokenizers`` and stored in a GGUF's metadata (tokens,
 merges, token types; ``gpt-2`` pre-tokenizer) comes back encoding every text to the same ids, its
 control tokens matched whole; ``smollm`` isolates each numeral first. The manifest keeps the text
-ids as they are (``VocabManifest.text_specials``), and ``jam-data binarize`` takes both files.
+ids as they are (``VocabManifest.after_text``), and ``jam-data binarize`` takes both files.
 What the file cannot describe (a sentencepiece model, an unknown pre-tokenizer, duplicate tokens,
 merges of tokens it does not have) is refused in one line naming the key.
 """
@@ -124,18 +124,18 @@ def test_refused_in_one_line(tmp_path, trained, case):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_manifest_text_specials():
-    v = VocabManifest(text_size=100, image_codes=8, image_tokens_per_image=4, image_grid=(2, 2), num_sentinels=2,
-                      text_specials={"bos": 1, "pad": 0, "eos": 2, "unk": 0})
-    assert (v.text_start, v.text_end, v.image_start, v.break_id) == (0, 100, 100, 108)
-    assert v.is_text(2) and not v.is_text(100)
+def test_manifest_after_text():
+    v = VocabManifest.after_text(100, specials={"bos": 1, "pad": 0, "eos": 2, "unk": 0}, image_codes=8,
+                                 image_tokens_per_image=4, image_grid=(2, 2), num_sentinels=2)
+    assert (v.text_start, v.text_end, v.image_start, v.break_id, v.sentinel_start, v.eoss, v.size) == \
+        (0, 100, 100, 108, 109, 111, 112)
+    assert (v.bos, v.pad, v.eos, v.unk) == (1, 0, 2, 0)
+    assert v.is_text(3) and not v.is_text(100)
     d = v.to_dict()
-    assert d["text_specials"] == {"bos": 1, "pad": 0, "eos": 2, "unk": 0} and d["ids"]["text"] == [0, 100]
+    assert d["layout"] == "explicit" and d["ids"]["text"] == [0, 100] and d["ids"]["bos"] == 1
     assert VocabManifest.from_dict(json.loads(json.dumps(d))) == v
-    assert "text_specials" not in tiny_manifest().to_dict()  # manifests without it are unchanged
+    assert "layout" not in tiny_manifest().to_dict()  # our own manifests are unchanged
     assert tiny_manifest().text_start == 4 and tiny_manifest().bos == 0
-    for bad in ({"bos": 1, "eos": 2}, (1, 0, 2, 100)):
-        with pytest.raises(ValueError, match="text_specials"):
-            VocabManifest(text_size=100, text_specials=bad)
-    with pytest.raises(ValueError, match="no fairseq/metaseq Dictionary"):
-        v.symbols()
+    for bad, msg in (({"bos": 1, "eos": 2}, "name no pad, unk"), ({"bos": 1, "pad": 0, "eos": 100, "unk": 0}, "eos=100")):
+        with pytest.raises(ValueError, match=msg):
+            VocabManifest.after_text(100, specials=bad)

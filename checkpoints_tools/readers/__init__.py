@@ -10,8 +10,8 @@ model saved as a plain ``.safetensors`` or ``.bin``) through that family's key m
   stores, or one inferred from its shapes and host args.
 - one file per format: ``metaseq.py`` (``.pt``: consolidated or model-parallel parts, joined as
   read; ``pt_files.py`` groups the files, ``fsdp.py`` indexes FSDP shards), ``safetensors.py``,
-  ``hf.py`` (HF directories of any family in ``checkpoints_tools.hf``), ``gguf.py`` (llama.cpp's
-  GGUF files of the llama architecture, dequantized on read).
+  ``hf.py`` (HF directories of any family in ``jam_metaseq.models.hf_families``), ``gguf.py``
+  (llama.cpp's GGUF files of the llama architecture, dequantized on read).
 
 Adding a format is one file here (its ``Reader``, ``claims(path)`` and an ``open`` function) and one
 entry in ``FORMATS``. Nothing in a file is trusted: headers, zip records and pickles are

@@ -6,7 +6,7 @@ tensor's bytes come straight from the memory-mapped file and are dequantized on 
 the types read exactly: ``SUPPORTED_TYPES``. Any other type (``Q5_K``, ``IQ2_XS``, ...) and any
 architecture but ``llama`` are refused by name when the file is opened.
 
-The llama architecture is HF's Llama (``jam_metaseq/models/hf_families.py``) stored in llama.cpp's
+The llama architecture is HF's Llama (``jam_metaseq/models/hf_families/llama.py``) stored in llama.cpp's
 spelling, so the map is GGUF -> HF, then HF -> ours through the family key map:
 
 - names: ``KEY_MAP`` (GGUF template -> HF template, ``{}`` the block index; the same pairs as the

@@ -14,6 +14,7 @@ from jam_metaseq import flags as jam_flags
 from jam_metaseq.errors import JamError
 from jam_metaseq.inputs import agree, read_json
 from jam_metaseq.models import keys
+from jam_metaseq.models.config import CHECKPOINT_KEY as CONFIG_KEY
 from jam_metaseq.models.config import (
     ARCH_CROSS, CrossConfig, DecoderConfig, ModelConfig, config_from_dict,
 )
@@ -45,14 +46,15 @@ def resolve_config(reader: "Reader", **overrides: Any) -> ModelConfig:
     """``reader``'s model config: stored (its ``jam_config``, a trained checkpoint's task state, the
     jam-ckpt manifest beside it, ``cfg["model"].jam_config``, a ``config.json`` of ours beside it),
     else inferred from its shapes and host args (``infer_config``)."""
-    d = reader.meta.get("jam_config")
-    task_state = reader.meta.get("task_state")
-    if d is None and isinstance(task_state, dict):
-        d = task_state.get("jam_config")
-    if d is None and reader.path.is_dir() and (reader.path / "manifest.json").is_file():
-        d = read_json(reader.path / "manifest.json", what="jam-ckpt manifest", allow_nan=True).get("config")
-    if d is not None:
-        return check_config(config_from_dict(d), reader, overrides=overrides, claimed_by="its stored config")
+    stored = stored_config(reader)
+    if stored is not None:
+        return check_config(stored, reader, overrides=overrides, claimed_by="its stored config")
+    ns = _host_args(reader)
+    return check_config(infer_config(reader.shapes(), ns, source=str(reader.path), **overrides), reader,
+                        overrides=overrides, claimed_by="its recorded model args")
+
+
+def _host_args(reader: "Reader") -> Namespace | None:
     ns = None
     cfg_dict = reader.meta.get("cfg")
     if isinstance(cfg_dict, dict):
@@ -61,15 +63,25 @@ def resolve_config(reader: "Reader", **overrides: Any) -> ModelConfig:
         ns = reader.meta.get("args")
     if isinstance(ns, dict):
         ns = Namespace(**ns)
-    stored = getattr(ns, "jam_config", None) if ns is not None else None
+    return ns
+
+
+def stored_config(reader: "Reader") -> ModelConfig | None:
+    """The config ``reader``'s checkpoint stores (see ``resolve_config``), None if it stores none."""
+    d = reader.meta.get(CONFIG_KEY)
+    task_state = reader.meta.get("task_state")
+    if d is None and isinstance(task_state, dict):
+        d = task_state.get(CONFIG_KEY)
+    if d is None and reader.path.is_dir() and (reader.path / "manifest.json").is_file():
+        d = read_json(reader.path / "manifest.json", what="jam-ckpt manifest", allow_nan=True).get("config")
+    if d is not None:
+        return config_from_dict(d)
+    ns = _host_args(reader)
+    stored = getattr(ns, CONFIG_KEY, None) if ns is not None else None
     if stored:
-        return check_config(config_from_dict(dict(stored)), reader, overrides=overrides,
-                            claimed_by="its stored config")
+        return config_from_dict(dict(stored))
     beside = _config_beside(reader)
-    if beside is not None:
-        return check_config(config_from_dict(beside), reader, overrides=overrides, claimed_by="config.json beside it")
-    return check_config(infer_config(reader.shapes(), ns, source=str(reader.path), **overrides), reader,
-                        overrides=overrides, claimed_by="its recorded model args")
+    return None if beside is None else config_from_dict(beside)
 
 
 def check_config(cfg: ModelConfig, reader: "Reader", *, overrides: Mapping[str, Any], claimed_by: str) -> ModelConfig:

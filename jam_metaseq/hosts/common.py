@@ -26,14 +26,22 @@ from jam_metaseq.hosts import args as jam_args
 from jam_metaseq.hosts import compat
 from jam_metaseq.models import build_model
 from jam_metaseq.objectives.loss import per_token_nll, reduce_token_nll, token_weights
+from jam_metaseq.models.config import CHECKPOINT_KEY as CONFIG_KEY
 from jam_metaseq.vocab import VocabManifest
 
 
 def host_dictionary(dictionary_class: type, vocab: VocabManifest) -> Any:
-    """A host ``Dictionary`` whose ids are the manifest's (its specials 0-3, then every symbol)."""
+    """A host ``Dictionary`` whose ids are the manifest's: its specials 0-3, then every symbol; an
+    imported parent's manifest (explicit ids) puts its specials where its tokenizer has them."""
     d = dictionary_class()
-    for sym in vocab.symbols()[4:]:
-        d.add_symbol(sym, n=1)
+    if vocab.explicit_ids is None:
+        for sym in vocab.symbols()[4:]:
+            d.add_symbol(sym, n=1)
+    else:  # fairseq/metaseq Dictionaries number their specials 0-3 when built; set them instead
+        syms = vocab.symbols()
+        d.symbols, d.count = list(syms), [1] * len(syms)
+        d.indices = {sym: i for i, sym in reversed(list(enumerate(syms)))}
+        d.bos_index, d.pad_index, d.eos_index, d.unk_index = vocab.bos, vocab.pad, vocab.eos, vocab.unk
     if len(d) != vocab.size or d.pad() != vocab.pad or d.eos() != vocab.eos or d.bos() != vocab.bos:
         raise ValueError(f"{dictionary_class.__module__} Dictionary has {len(d)} symbols, the manifest {vocab.size}")
     return d
@@ -190,7 +198,7 @@ class CM3TaskMixin:
     def on_model_built(self, model: Any, args: argparse.Namespace) -> None:
         """Record the config in the task state (the starting weights are checked when a trainer
         loads them: ``compat.patch_host_load_checkpoint``)."""
-        self.state.merge_state_dict({"jam_config": model.jam_config.to_dict()})  # type: ignore[attr-defined]
+        self.state.merge_state_dict({CONFIG_KEY: model.jam_config.to_dict()})  # type: ignore[attr-defined]
 
     def max_positions(self) -> int:
         return self.opts.tokens_per_sample
