@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from jam_metaseq.errors import run_cli
+from jam_metaseq.inputs import FINITE, NON_NEGATIVE_INT, POSITIVE_INT, SEED, THREADS
 from jam_metaseq.pipeline.run import _csv, add_run_flags, execute, run_plan
 from jam_metaseq.pipeline.spec import VARIANTS, PlanSpec, quickstart_plan
 from jam_metaseq.pipeline.units import STAGES, RunOptions, set_log_prefix
@@ -92,17 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
                "Your own data: jam quickstart --print-plan > plan.yaml, edit, then jam run plan.yaml.")
     ap.add_argument("--out", type=Path, default=Path("runs/quickstart"), metavar="DIR",
                     help="output directory (default: runs/quickstart)")
-    ap.add_argument("--steps", type=float, default=1.0, metavar="X",
+    ap.add_argument("--steps", type=FINITE, default=1.0, metavar="X",
                     help="multiply the length of every training stage by X (default 1; 0.1 for a smoke test)")
-    ap.add_argument("--scale", type=int, default=1, metavar="N",
+    ap.add_argument("--scale", type=POSITIVE_INT, default=1, metavar="N",
                     help="multiply model width and data size by N (default 1; use with --device cuda)")
     ap.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda or cuda:N")
-    ap.add_argument("--seed", type=int, default=0, help="seed of data, initialisations, training and sampling (default 0)")
+    ap.add_argument("--seed", type=SEED, default=0, help="seed of data, initialisations, training and sampling (default 0)")
     ap.add_argument("--variants", type=_csv(tuple(VARIANTS), "variant"), default=tuple(VARIANTS), metavar="V[,V...]",
                     help="JAM variants to build and train (default: all 11)")
-    ap.add_argument("--jobs", type=int, default=0, metavar="J",
+    ap.add_argument("--jobs", type=NON_NEGATIVE_INT, default=0, metavar="J",
                     help="training runs at once (default 0 = 2 on a CPU with >= 2 cores, 1 on an accelerator)")
-    ap.add_argument("--threads", type=int, default=0, metavar="T",
+    ap.add_argument("--threads", type=THREADS, default=0, metavar="T",
                     help="CPU threads per process (default 0 = the cores divided among --jobs)")
     ap.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                     help="prompt of a generated answer (repeatable; default: two shape captions)")
@@ -111,8 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.jobs < 0 or args.threads < 0:
-        raise ValueError(f"--{'jobs' if args.jobs < 0 else 'threads'} must be >= 0")
     cfg = QuickstartConfig(out=args.out, steps=args.steps, scale=args.scale, device=args.device, seed=args.seed,
                            stages=args.stages, variants=args.variants, force=args.force, threads=args.threads,
                            jobs=args.jobs, progress=not args.no_progress, dry_run=args.dry_run,

@@ -301,6 +301,34 @@ def test_host_and_placement_rules(tmp_path, user, capsys):
     assert "pretrain.batch_size: 4 sequences do not divide over run.slurm.gpus = 3" in err
 
 
+def test_images_as_codes_need_no_image_tokenizer_and_dry_run_refuses_what_the_run_would(tmp_path, user, capsys):
+    """Issue 27: caption data whose images are already VQ codes (``image_tokens``) with a given
+    vocabulary manifest trains without an image tokenizer (none to train, none to encode with);
+    without the manifest the codes belong to, ``--dry-run`` refuses it as the run would."""
+    from jam_metaseq.vocab import VocabManifest
+
+    grid = VocabManifest.load(user["vocab"]).image_tokens_per_image
+    docs = [qd.caption_document(caption=f"a shape number {i}", codes=np.arange(grid) % 7) for i in range(8)]
+    codes = qd.write_jsonl(tmp_path / "codes.jsonl", docs)
+    plan = _given_plan(user, data__caption__train=[str(codes)], data__caption__valid=str(codes),
+                       data__image_tokenizer__path=None, data__instruct=None,
+                       eval__caption={"codes": str(codes)}, generate__prompts=[])
+    no_vocab = _given_plan(user, data__caption__train=[str(codes)], data__caption__valid=str(codes),
+                           data__image_tokenizer__path=None, data__vocab=None, data__instruct=None,
+                           eval__caption={"codes": str(codes)}, generate__prompts=[])
+    err = _fails(tmp_path, no_vocab, capsys, "--dry-run")
+    assert "data.image_tokenizer.path" in err and "give data.vocab" in err, err
+    path = _write_plan(tmp_path / "codes.yaml", plan)
+    out = tmp_path / "run"
+    rc = jam_main(["run", str(path), "--out", str(out), "--no-progress", "--stages", "data,tokenizers,binarize"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-3000:]
+    assert "no image tokenizer" in captured.err
+    assert not (out / "tokenizers" / "vq").exists()
+    assert VocabManifest.load(out / "tokenizers" / "vocab.json").image_codes == VocabManifest.load(user["vocab"]).image_codes
+    assert list(out.rglob("*.tokens.bin")) or list(out.rglob("*.bin"))
+
+
 # ---- training commands -------------------------------------------------------------------------------
 def _dry(tmp_path: Path, plan: dict, capsys) -> str:
     path = _write_plan(tmp_path / "dry.yaml", plan)

@@ -37,7 +37,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from jam_metaseq.data.documents import DataReport, iter_jsonl
-from jam_metaseq.errors import read_json
+from jam_metaseq.inputs import read_json
 from jam_metaseq.data.packing import BREAK_MODES, pack_offsets
 from jam_metaseq.vocab import VocabManifest
 

@@ -17,15 +17,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 from jam_metaseq.errors import run_cli
+from jam_metaseq.inputs import INT64, finite_float
 
 from .options import DTYPES, add_options, generation_config
 from .run import PROMPT_PREFIXES, PromptSpec, RetrievalOptions, generate_answers, read_prompts_jsonl
-
-
-def _threshold(s: str) -> float | None:
-    return None if s.lower() == "none" else float(s)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--retrieve", metavar="BANK_DIR",
                    help="memory bank (jam-retrieval build): put the documents retrieved for each text prompt "
                    "before it; the prefix gets the context left by the prompt and --max-new-tokens")
-    r.add_argument("--retrieve-k", type=int, default=2, help="documents retrieved per prompt (default 2, as in the paper)")
-    r.add_argument("--retrieve-threshold", type=_threshold, default=0.9,
+    r.add_argument("--retrieve-k", type=INT64, default=2, help="documents retrieved per prompt (default 2, as in the paper)")
+    r.add_argument("--retrieve-threshold", type=finite_float(none_ok=True), default=0.9,
                    help="skip candidates scoring above this relevance (too close to the prompt), or 'none' "
                    "(default 0.9)")
     r.add_argument("--clip-checkpoint",

@@ -18,10 +18,15 @@ from typing import Any
 import torch
 
 from jam_metaseq.errors import add_trust_pickle_flag
+from jam_metaseq.inputs import (FINITE, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED,
+                                finite_float)
 
 from .config import GenerationConfig
 from .engine import DECODE_MODES
 from .sampling import SamplingConfig
+
+UNIT_MASS = finite_float(0.0, 1.0, lo_open=True)
+"""A nucleus mass: in (0, 1]."""
 
 TOOLS = ("generate", "chat")
 """``generate``: jam-generate; ``chat``: jam chat and jam serve."""
@@ -57,32 +62,32 @@ OPTIONS: tuple[Option, ...] = (
     Option("--dtype", "model", "weights and activations dtype (default: float32; float64 for reference runs)",
            {"default": "float32", "choices": sorted(DTYPES)}),
     Option("--max-new-tokens", "decoding", "generated tokens per answer, images included (lowered to what the "
-           "model's context leaves)", {"type": int, "default": 1280}),
+           "model's context leaves)", {"type": POSITIVE_INT, "default": 1280}),
     Option("--temperature", "decoding", "text temperature (0 = greedy), and image temperature unless "
-           "--image-temperature; paper: 1", {"type": float, "default": 1.0}),
+           "--image-temperature; paper: 1", {"type": NON_NEGATIVE_FLOAT, "default": 1.0}),
     Option("--top-p", "decoding", "text nucleus mass (1 = off), and image unless --image-top-p; paper: 0.8-1",
-           {"type": float, "default": 0.9}),
-    Option("--top-k", "decoding", "text top-k (0 = off), and image unless --image-top-k", {"type": int, "default": 0}),
+           {"type": UNIT_MASS, "default": 0.9}),
+    Option("--top-k", "decoding", "text top-k (0 = off), and image unless --image-top-k", {"type": NON_NEGATIVE_INT, "default": 0}),
     Option("--repetition-penalty", "decoding", "CTRL penalty on text tokens seen in the prompt and the answer "
-           "(1 = off; never on image tokens)", {"type": float, "default": 1.0}),
-    Option("--image-temperature", "decoding", "image temperature (default: --temperature)", {"type": float}),
-    Option("--image-top-p", "decoding", "image nucleus mass (default: --top-p)", {"type": float}),
-    Option("--image-top-k", "decoding", "image top-k (default: --top-k)", {"type": int}),
+           "(1 = off; never on image tokens)", {"type": POSITIVE_FLOAT, "default": 1.0}),
+    Option("--image-temperature", "decoding", "image temperature (default: --temperature)", {"type": NON_NEGATIVE_FLOAT}),
+    Option("--image-top-p", "decoding", "image nucleus mass (default: --top-p)", {"type": UNIT_MASS}),
+    Option("--image-top-k", "decoding", "image top-k (default: --top-k)", {"type": NON_NEGATIVE_INT}),
     Option("--guidance-scale", "decoding", "CFG alpha of Eq. 6 for image tokens; paper: 3.5-4",
-           {"type": float, "default": 3.5},
+           {"type": FINITE, "default": 3.5},
            help_by_tool={"chat": "CFG alpha of Eq. 6 for image tokens (paper: 3.5-4); the unconditional row is the "
                                  "conversation with the current message's text masked (docs/CONVERSATIONS.md)"}),
     Option("--no-guidance", "decoding", "no unconditional rows (half the compute, unguided images)",
            {"action": "store_true"}),
     Option("--images", "decoding", "auto: the model decides; force: start with an image; forbid: text only",
            {"default": "auto", "choices": ["auto", "force", "forbid"]}, tools=("generate",)),
-    Option("--max-images", "decoding", "images per answer", {"type": int, "default": 3}),
+    Option("--max-images", "decoding", "images per answer", {"type": NON_NEGATIVE_INT, "default": 3}),
     Option("--min-images", "decoding", "the answer may not end (<eos>, or <eot> in a chat) until this many images "
-           "were written", {"type": int, "default": 0}),
+           "were written", {"type": NON_NEGATIVE_INT, "default": 0}),
     Option("--seed", "decoding", "answer k samples with seed + k (jam-generate: prompt k, unless its JSONL line "
-           "sets a seed; a chat: its k-th answer)", {"type": int, "default": 0}),
+           "sets a seed; a chat: its k-th answer)", {"type": SEED, "default": 0}),
     Option("--batch-size", "decoding", "prompts decoded together (each pair of CFG rows counts once)",
-           {"type": int, "default": 8}, tools=("generate",)),
+           {"type": POSITIVE_INT, "default": 8}, tools=("generate",)),
     Option("--decode", "decoding", "decode steps: eager (fastest on CPU), static (fixed shapes, few host syncs) or "
            "graph (static steps replayed as CUDA graphs; falls back to static with a warning off CUDA; measured "
            "19-24x HF generate on an H200); auto = graph on CUDA, eager elsewhere. Same seeds give the same "

@@ -35,11 +35,12 @@ from typing import Any, Sequence
 
 import torch
 
+from jam_metaseq.inputs import INT64_MAX, InputError, check_int, check_int_list
 from jam_metaseq.vocab import VocabManifest
 
 from .answer import Answer
 from .engine import Engine, GenerationConfig
-from .render import attach_text, save_images, to_html, to_jsonl, to_markdown, write_atomic
+from .render import attach_text, write_answer_set
 
 PROMPT_PREFIXES = {"auto": "auto", "eos": "eos", "bos": "bos", "none": None, "turn": "turn"}
 """What comes before each text prompt (``--prompt-prefix``): ``eos`` (the document separator),
@@ -114,11 +115,20 @@ def read_prompts_jsonl(path: str | Path) -> list[PromptSpec]:
         text, ids = d.get("prompt"), d.get("prompt_ids")
         if text is not None and not isinstance(text, str):
             raise ValueError(f"{where}: 'prompt' must be a string")
-        if ids is not None and not (isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids)):
-            raise ValueError(f"{where}: 'prompt_ids' must be a non-empty list of integers")
+        if ids is not None:
+            if not (isinstance(ids, list) and ids):
+                raise ValueError(f"{where}: 'prompt_ids' must be a non-empty list of integers")
+            try:  # Python ints checked before torch sees them (2**63 would overflow); the vocabulary's
+                # range is the engine's check
+                ids = check_int_list(ids, lo=0, hi=INT64_MAX, what="prompt_ids").tolist()
+            except InputError as e:
+                raise ValueError(f"{where}: {e.detail}") from None
         seed = d.get("seed")
-        if seed is not None and not isinstance(seed, int):
-            raise ValueError(f"{where}: 'seed' must be an integer")
+        if seed is not None:
+            try:
+                seed = check_int(seed, name="'seed'", lo=0, hi=INT64_MAX)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
         specs.append(PromptSpec(text=text, ids=ids, seed=seed, source=where))
     if not specs:
         raise ValueError(f"{path}: no prompts")
@@ -322,10 +332,5 @@ def generate_answers(
     if tok is not None:
         attach_text(answers, tokenizer=tok)
     if out_dir is not None:
-        out = Path(out_dir)
-        if decoder is not None:
-            save_images(answers, image_decoder=decoder, out_dir=out)
-        write_atomic(out / "answers.jsonl", to_jsonl(answers))
-        write_atomic(out / "answers.md", to_markdown(answers))
-        write_atomic(out / "answers.html", to_html(answers))
+        write_answer_set(answers, out_dir=out_dir, image_decoder=decoder)
     return answers

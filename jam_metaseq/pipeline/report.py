@@ -302,11 +302,14 @@ def best_model(results: dict, *, choice: str = "auto") -> dict:
     jam = [r for r in results["rows"] if r["role"] == "jam"]
     if choice != "auto":
         return next(r for r in jam if r["key"] == choice)
+    def ppl(v: float | None) -> float:  # results.json holds null for a metric that does not exist
+        return math.inf if v is None or not math.isfinite(v) else v
+
     if results.get("instruct"):
-        best = min(results["instruct"], key=lambda r: r["caption_ppl"])
+        best = min(results["instruct"], key=lambda r: ppl(r["caption_ppl"]))
         return {**best, "model": f"{VARIANTS[best['variant']].label}, instruct ({best['key']})", "instruct": True}
     pool = [r for r in jam if r.get("family") == "jam_cross"] or jam
-    return min(pool, key=lambda r: math.log(r["text_ppl"]) + math.log(r["caption_ppl"]))
+    return min(pool, key=lambda r: math.log(ppl(r["text_ppl"])) + math.log(ppl(r["caption_ppl"])))
 
 
 def chat_model(results: dict, *, choice: str = "auto") -> dict | None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from jam_metaseq.errors import run_cli
+from jam_metaseq.inputs import resolve_output_dir
 from jam_metaseq.pipeline.spec import (
     VARIANTS, PlanError, PlanSpec, apply_override, parse_plan, plan_dict, plan_yaml, quickstart_plan,
 )
@@ -272,6 +273,7 @@ def _run(args: argparse.Namespace) -> int:
     plan, source, lines = load_for_cli(args.plan, overrides=args.overrides, budgets=args.budgets,
                                        variants=args.variants)
     out_dir = args.out or plan.out or Path("runs") / args.plan.stem
+    resolve_output_dir(out_dir, what="output directory (--out / the plan's out)")  # a symlink loop: one line
     options = RunOptions(out=out_dir, stages=args.stages, force=args.force, progress=not args.no_progress,
                          dry_run=args.dry_run)
     return execute(plan, options, source=source, lines=lines, print_plan=args.print_plan)

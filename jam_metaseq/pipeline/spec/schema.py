@@ -23,6 +23,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_vali
 from pydantic.dataclasses import dataclass
 
 from jam_metaseq.errors import JamError
+from jam_metaseq.inputs import safe_component
 from jam_metaseq.pipeline.spec.variants import PAPER_CROSS, VARIANTS
 
 
@@ -45,7 +46,8 @@ CONVERSATION_FORMATS = ("conversation", "lima")
 conversation tokens, ``data.instruct.make_transform``)."""
 """Names of the data sources (binarized as ``DATA/{split}/{source}``; mixture keys)."""
 
-_CFG = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+_CFG = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
+"""Every plan class: unknown fields refused, and no float field takes NaN or inf (issue 27 §4)."""
 
 
 def _listify(v: Any) -> Any:
@@ -391,6 +393,11 @@ class EvalSpec:
     @classmethod
     def _wrap(cls, v: Any) -> Any:
         if isinstance(v, Mapping):
+            for k in v:  # issue 27 §1: a set's name becomes a folder (bin/eval/KIND/NAME)
+                try:
+                    safe_component(k, what="set name")
+                except JamError as e:
+                    raise ValueError(str(e)) from None
             return {k: _listify(x) for k, x in v.items()}
         return v
 

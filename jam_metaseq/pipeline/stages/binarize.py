@@ -51,7 +51,7 @@ def _tools(ctx: Context) -> dict:
     paths = tokenizer_paths(ctx)
     vocab = VocabManifest.load(paths["vocab"])
     return {"vocab": vocab, "text": load_text_tokenizer(vocab.text_tokenizer),
-            "image": load_image_tokenizer(paths["image_tokenizer"], device="cpu")}
+            "image": load_image_tokenizer(paths["image_tokenizer"], device="cpu") if paths["image_tokenizer"] else None}
 
 
 def _instruct_transform(ctx: Context, tools: dict) -> Any:

@@ -88,12 +88,14 @@ def fingerprint(paths: list[Path]) -> list[list]:
     return out
 
 
-def tokenizer_paths(ctx: Context) -> dict[str, Path]:
-    """The manifest and image tokenizer of the run (after the tokenizers stage)."""
+def tokenizer_paths(ctx: Context) -> dict[str, Path | None]:
+    """The manifest and image tokenizer of the run (after the tokenizers stage); the image tokenizer
+    is None when the data's images are VQ codes and none was given (nothing to encode or draw)."""
     m = ctx.markers["tokenizers"]
     image = m.get("image_tokenizer")
     return {"vocab": ctx.path("tokenizers") / "vocab.json",
-            "image_tokenizer": Path(image) if image else ctx.path("tokenizers") / "vq"}
+            "image_tokenizer": None if m.get("no_image_tokenizer") else
+            Path(image) if image else ctx.path("tokenizers") / "vq"}
 
 
 def instruct_vocab(ctx: Context, base: Any) -> Any:

@@ -61,13 +61,17 @@ def stage_generate(ctx: Context) -> dict | None:
             if n + vocab.image_tokens_per_image + 2 > positions:
                 log(f"generate: no room for an image after {text!r}: {n} prompt tokens + "
                     f"{vocab.image_tokens_per_image + 2} image tokens > the model's {positions} positions")
+        if paths["image_tokenizer"] is None:
+            log("generate: no image tokenizer (the data's images were VQ codes): pictures are not drawn, each "
+                "image stays VQ codes in answers.jsonl; give data.image_tokenizer.path to draw them")
         sampling = SamplingConfig(temperature=g.temperature, top_p=g.top_p)
         gen = GenerationConfig(max_new_tokens=vocab.image_tokens_per_image + g.max_text_tokens, min_images=1,
                                max_images=1, guidance_scale=g.guidance_scale, seed=plan.seed, text=sampling,
                                image=sampling)
         answers = ctx.placement.call(
             generate_answers_job, checkpoint=ckpt, prompts=[PromptSpec(text=t) for t in g.prompts], config=gen,
-            vocab_path=vocab_path, image_tokenizer=str(paths["image_tokenizer"]), out_dir=tmp,
+            vocab_path=vocab_path,
+            image_tokenizer=str(paths["image_tokenizer"]) if paths["image_tokenizer"] else None, out_dir=tmp,
             device=plan.device, progress=ctx.progress, desc="generate")
         return {"model": choice, "label": label, "answers": len(answers),
                 "images": sum(1 for a in answers for s in a.images if getattr(s, "png", None))}

@@ -24,7 +24,7 @@ def stage_report(ctx: Context) -> dict:
                                    pretrain=ctx.markers["pretrain"], instruct=ctx.markers.get("instruct"),
                                    data_tokens=data_tokens, conversations=ctx.markers.get("conversations"),
                                    drawing=ctx.markers.get("drawing"))
-        write_json(tmp / "results.json", results)
+        write_json(tmp / "results.json", results, nan_as_null=True)  # strict JSON: null, not NaN
         (tmp / "tables.txt").write_text(rp.render_tables(results) + "\n")
         rp.plot_curves(results, tmp / "curves.png")
         if len(ctx.plan.budgets) > 1:
