@@ -233,6 +233,12 @@ def test_heads_must_agree_with_the_checkpoint(parents, heads):
             r.config(heads=heads)
 
 
+def test_img_heads_that_contradict_the_image_parent_are_named(parents, tmp_path, capsys):
+    assert ckpt(["cross", "--llm", str(parents["a"]), "--img", str(parents["b"]), "--img-heads", "8", "-o",
+                 str(tmp_path / "o"), "--quiet"]) == 2
+    assert _one_line(capsys).startswith("jam-ckpt cross: error: --img-heads says 8 attention heads, but ")
+
+
 @pytest.fixture(scope="module")
 def hf_dir(parents, tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
