@@ -1,4 +1,4 @@
-"""The three fusions for Llama-family parents (issue 23, item 4).
+"""The three fusions for Llama-family parents (issue 23, item 4), and Chameleon parents (issue 24).
 
 JAM-Width (Eq. 2-3) on separate q/k/v with grouped k/v heads, the gated MLP and RMSNorm, by hand
 on a tiny case and as a model: each wide query head is one parent's head (its rotary layout and
@@ -91,7 +91,7 @@ def _attention_heads(model: DecoderLM, x: torch.Tensor, tokens: torch.Tensor) ->
     return seen[0]
 
 
-@pytest.mark.parametrize("family", ["llama_tiny", "gemma_tiny"])
+@pytest.mark.parametrize("family", ["llama_tiny", "gemma_tiny", "chameleon_tiny"])
 def test_wide_query_heads_are_the_parents_heads(family):
     """Eq. 2 (copy) on [a | b]: q, k and v of the wide heads [0, H) are the LLM's projections of
     a + b, those of [H, 2H) the image parent's; k/v head groups stay with their parent's query heads
@@ -180,6 +180,8 @@ CROSS_CASES = {
     "gemma": (preset("gemma_tiny", layers=3), preset("gemma_tiny", layers=3)),
     # two sizes: the image parent narrower (16), shallower, with one k/v head of width 8
     "llama_asymmetric": (LLAMA, preset("llama_tiny", embed_dim=16, ffn_dim=48, heads=2, kv_heads=1, layers=2)),
+    # Chameleon's blocks (per-head q/k norms, the 30B model's swin norms) in both branches
+    "chameleon_swin": (preset("chameleon_tiny", layers=3, swin_norm=True),) * 2,
 }
 
 

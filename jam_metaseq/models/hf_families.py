@@ -245,6 +245,9 @@ def family_for(cfg: DecoderConfig) -> Family:
         if getattr(cfg, name) not in ok:
             raise ValueError(f"no HF Llama-family class computes this model ({name}={getattr(cfg, name)!r}); "
                              "an OPT-family model converts through convert_hf")
+    if cfg.qk_norm != "none" or cfg.swin_norm:
+        raise ValueError(f"no HF Llama-family class computes this model (qk_norm={cfg.qk_norm!r}, "
+                         f"swin_norm={cfg.swin_norm}): a Chameleon model converts through hf_chameleon")
     if cfg.norm == "rmsnorm_plus_one":
         return FAMILIES["gemma"]
     if cfg.has_qkv_bias and not cfg.bias:
