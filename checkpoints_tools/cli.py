@@ -1,4 +1,4 @@
-"""``jam-ckpt``: inspect, merge, widen, cross, reshard, convert and verify checkpoints (paper §2.1).
+"""``jam-ckpt``: inspect, merge, widen, cross, reshard, convert, transplant and verify checkpoints (paper §2.1).
 
 Each subcommand parses and validates its flags, then calls one library function
 (``checkpoints_tools.ops`` / ``checkpoints_tools.load``). Progress bars go to stderr, results to
@@ -10,6 +10,7 @@ Examples:
   jam-ckpt cross --llm llm/ --img cm3leon/ --cross-every 2 --vocab vocab.json --mp 4 -o cross19b
   jam-ckpt reshard width26b --mp 2 --fsdp 8 -o width26b_mp2_fsdp8
   jam-ckpt convert facebook-opt-1.3b/ --to metaseq -o opt13b_metaseq
+  jam-ckpt transplant --model llm/ --to-tokenizer img_tokenizer.json -o llm_in_img_tokens
 """
 
 from __future__ import annotations
@@ -141,6 +142,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: OUT/config.json + OUT/model.safetensors with HF OPT names; metaseq: .pt files")
     _add_output_flags(p, formats=("metaseq",))
 
+    from jam_metaseq.vocab_transplant import DEFAULT_RULE, RULES
+
+    p = sub.add_parser(
+        "transplant", help="re-express a model's embedding and output rows in another text tokenizer",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Re-express a model's vocabulary rows (token embedding, output projection) in another text "
+                    "tokenizer; every other tensor is copied bit for bit. Per id of the new tokenizer: an id whose "
+                    "string (its bytes, or a special token's name) exists in the old tokenizer copies that id's "
+                    "rows; any other id is cut into the fewest pieces of the old tokenizer that spell its bytes "
+                    "and its row is built from theirs by --rule; an id no pieces spell gets the mean of the old "
+                    "text rows. Non-text ids (specials, image codes, <break>, sentinels, <eoss>, conversation "
+                    "tokens) keep their rows. The output's vocab.json is the input's with the new text range; "
+                    "manifest.json records the rule and the share of ids copied exactly. --vocab names the "
+                    "INPUT's manifest when its checkpoint has none (docs/FAMILIES.md, \"Chameleon and different "
+                    "tokenizers\").")
+    p.add_argument("--model", required=True, help="the model to transplant (a decoder, any layout)")
+    p.add_argument("--to-tokenizer", required=True, metavar="T",
+                   help="the new text tokenizer: a tokenizers .json (byte-level BPE or Metaspace) or a "
+                        "sentencepiece .model (or spm:/bpe: spec, or 'bytes')")
+    p.add_argument("--from-tokenizer", metavar="T",
+                   help="the model's text tokenizer (default: the one its vocabulary manifest names)")
+    p.add_argument("--rule", choices=tuple(RULES), default=DEFAULT_RULE,
+                   help="how a composed row is built: " + "; ".join(f"{k} = {v}" for k, v in RULES.items())
+                        + f" (default {DEFAULT_RULE}: measured best here, docs/FAMILIES.md)")
+    _add_output_flags(p)
+
     p = sub.add_parser("verify", help="check manifest hashes; forward pass on a few tokens if small")
     p.add_argument("path", help="a jam-ckpt output directory (or a file in one)")
     p.add_argument("--no-manifest", action="store_true",
@@ -236,6 +263,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         heads=args.heads, init_seed_scheme=args.init_seed_scheme, img_heads=args.img_heads)
     elif args.cmd == "reshard":
         out = ops.reshard(args.src, opts=_opts(args, argv), heads=args.heads)
+    elif args.cmd == "transplant":
+        out = ops.transplant(args.model, to_tokenizer=args.to_tokenizer, from_tokenizer=args.from_tokenizer,
+                             opts=_opts(args, argv), rule=args.rule, heads=args.heads)
     elif args.cmd == "convert":
         fmt = "hf_opt" if args.to == "hf" else "metaseq"
         out = ops.reshard(args.src, opts=_opts(args, argv, fmt=fmt), heads=args.heads)
