@@ -7,10 +7,12 @@ The rule, per id of the new tokenizer (``plan_text``):
 1. **copied**: an id whose string exists in the old tokenizer (the same bytes, or the same special
    token name) takes that id's rows unchanged;
 2. **composed**: any other id's bytes are cut into the old tokenizer's pieces, the fewest pieces
-   that spell them (ties: the longest first piece), and its row is built from those pieces' rows:
-   ``mean`` (the default) = their mean, FVT (Gee et al., 2022, "Fast Vocabulary Transfer"), which
-   is mergekit tokensurgeon's ``subword`` method; ``mean_norm`` = that mean rescaled to the pieces'
-   mean norm;
+   that spell them (ties: the longest first piece), and its row is built from those pieces' rows by
+   the rule: ``weighted`` (the default) = a weighted mean, input rows weighing the k-th of n pieces
+   k and output rows n + 1 - k (mergekit tokensurgeon's ``subword`` / ``weighted_mean`` idea: what
+   the model has just read is the last piece, what it is about to write begins with the first); a
+   tied tensor, being both, takes the plain mean; ``mean`` = the plain mean, FVT (Gee et al., 2022,
+   "Fast Vocabulary Transfer");
 3. **fallback**: an id no pieces spell (a special token the old tokenizer lacks, a byte it cannot
    write) gets the mean of the old text rows (``vocab_rows``' ``text_mean``, Hewitt 2021).
 
@@ -18,10 +20,10 @@ FOCUS (Dobler & de Melo, 2023) and WECHSEL (Minixhofer et al., 2022) weight the 
 by similarity in auxiliary fastText / bilingual embeddings; tokensurgeon's default interpolates
 from a donor model's embedding of the same vocabulary. Both need a second model of the new
 tokenizer, which a JAM user fusing two parents does not have for the text side; the pieces are
-available for every id. ``mean`` and ``mean_norm`` were measured against each other and against a
-random-row control on a model trained here (docs/FAMILIES.md, "Chameleon and different tokenizers";
-``benchmarks/bench_transplant.py``); ``mean`` is the default. ``random`` is that control (each
-composed or fallback row drawn from a diagonal Gaussian fitted to the old text rows): not for use.
+available for every id. The rules were measured on a model trained here, in bits per byte, against
+random composed rows and against the pieces' first / last row alone (tokensurgeon's
+``first_last``, which is worse on real text: every new token sharing a first piece gets its full
+logit): docs/FAMILIES.md, "Chameleon and different tokenizers"; ``benchmarks/bench_transplant.py``.
 
 Pieces are found on bytes (``TextTokenizer.token_bytes``), so any two of our tokenizer kinds
 (byte-level BPE JSON, sentencepiece, Metaspace JSON, bytes) transplant into each other: a ``▁`` and
@@ -38,8 +40,8 @@ Public API::
 
     plan_text(old_tokens, new_tokens) -> TextPlan                # token_bytes() of each tokenizer
     plan_rows(text, *, old, new) -> RowPlan                      # old / new VocabManifest
-    transplant_rows(tensor (old.size, E), plan, *, rule="mean", seed=0) -> (new.size, E)
-    transplant_state_dict(state, plan, *, rule="mean", seed=0) -> dict
+    transplant_rows(tensor (old.size, E), plan, *, rule="weighted", role="tied") -> (new.size, E)
+    transplant_state_dict(state, plan, *, rule="weighted") -> dict   # roles from the keys
     transplanted_vocab(old, *, text_size, text_tokenizer) -> VocabManifest
     transplant_record(plan, *, rule) -> dict                     # what the manifest records
 """
@@ -57,12 +59,14 @@ from jam_metaseq.vocab import VocabManifest
 from jam_metaseq.vocab_rows import ROW_INIT_RULES
 
 RULES = {
-    "mean": "the mean of the old tokenizer's pieces' rows (FVT)",
-    "first_last": "input rows: the last piece's row; output rows: the first piece's (a tied tensor: the mean)",
+    "weighted": "a weighted mean of the old tokenizer's pieces' rows: input rows weigh the k-th of n pieces k, "
+                "output rows n + 1 - k (the last piece read, the first piece written, count most; a tied tensor: "
+                "the plain mean)",
+    "mean": "the plain mean of the old tokenizer's pieces' rows (FVT)",
 }
 """``rule`` -> how a composed row is built (copied rows are copied and fallback rows are the mean of
 the old text rows under every rule)."""
-DEFAULT_RULE = "mean"
+DEFAULT_RULE = "weighted"
 _CHUNK = 4096
 """New rows composed per step: bounds the temporaries to ~ chunk x pieces x E floats."""
 
@@ -181,7 +185,7 @@ def role_of(key: str, *, tied: bool) -> str:
 
 def transplant_rows(tensor: torch.Tensor, plan: RowPlan, *, rule: str = DEFAULT_RULE, role: str = "tied") -> torch.Tensor:
     """(old.size, E) vocabulary rows -> (new.size, E) by ``plan`` and ``rule`` (``RULES``), composed in
-    fp32 and cast back to the tensor's dtype; ``role`` (``ROLES``) matters to ``first_last`` only."""
+    fp32 and cast back to the tensor's dtype; ``role`` (``ROLES``) matters to ``weighted`` only."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
     if rule not in RULES:
@@ -200,14 +204,17 @@ def transplant_rows(tensor: torch.Tensor, plan: RowPlan, *, rule: str = DEFAULT_
         rows = torch.tensor([r for r, _ in chunk])
         flat = torch.tensor([old.text_start + i for _, p in chunk for i in p])
         owner = torch.repeat_interleave(torch.arange(len(chunk)), torch.tensor([len(p) for _, p in chunk]))
-        if rule == "first_last" and role != "tied":
-            pick = [p[-1] if role == "input" else p[0] for _, p in chunk]
-            out[rows] = tensor[torch.tensor(pick) + old.text_start]
-            continue
-        gathered = tensor[flat].float()  # (pieces, E)
-        count = torch.bincount(owner, minlength=len(chunk)).float()[:, None]
-        mean = torch.zeros(len(chunk), E).index_add_(0, owner, gathered) / count
-        out[rows] = mean.to(tensor.dtype)
+        n = torch.tensor([len(p) for _, p in chunk])
+        k = torch.cat([torch.arange(1, len(p) + 1) for _, p in chunk])  # 1-based place of each piece
+        if rule == "weighted" and role == "input":
+            w = k.float()
+        elif rule == "weighted" and role == "output":
+            w = (n[owner] + 1 - k).float()
+        else:
+            w = torch.ones(len(flat))
+        total = torch.zeros(len(chunk)).index_add_(0, owner, w)[:, None]
+        rows_sum = torch.zeros(len(chunk), E).index_add_(0, owner, tensor[flat].float() * w[:, None])
+        out[rows] = (rows_sum / total).to(tensor.dtype)
     return out
 
 

@@ -53,8 +53,9 @@ def _vocabs(old_text: int, new_text: int) -> tuple[VocabManifest, VocabManifest]
 
 def test_rows_by_hand():
     """Specials and every id after the text range keep their rows (shifted by the change in text
-    size); copied rows are copied; composed rows are the pieces' mean (``mean``) or, per role, the
-    last / first piece (``first_last``); fallback and filler rows are the mean of the old text rows."""
+    size); copied rows are copied; composed rows are the pieces' mean (``mean``) or, per role, their
+    mean weighted toward the last piece (input) / the first (output) (``weighted``); fallback and
+    filler rows are the mean of the old text rows."""
     old, new = _vocabs(len(OLD), len(NEW))
     plan = plan_rows(plan_text(OLD, NEW), old=old, new=new)
     t = torch.arange(old.size, dtype=torch.float32)[:, None] * torch.tensor([[1.0, -1.0]])  # row i = (i, -i)
@@ -69,10 +70,12 @@ def test_rows_by_hand():
     assert torch.equal(out[new.text_end:new.num_used], t[old.text_end:old.num_used])
     assert new.eot == old.eot + shift and torch.equal(out[new.eot], t[old.eot])
     assert torch.equal(out[new.num_used:], text_mean.expand(new.size - new.num_used, 2))
-    first_last = {r: transplant_rows(t, plan, rule="first_last", role=r) for r in ("input", "output", "tied")}
-    assert torch.equal(first_last["input"][new.text_start + 3], t[s + 3])  # " cab" read as its last piece "ab"
-    assert torch.equal(first_last["output"][new.text_start + 3], t[s + 4])  # ... written as its first " c"
-    assert torch.equal(first_last["tied"], out)
+    weighted = {r: transplant_rows(t, plan, rule="weighted", role=r) for r in ("input", "output", "tied")}
+    c, ab = t[s + 4], t[s + 3]  # " cab" = " c" + "ab"
+    torch.testing.assert_close(weighted["input"][new.text_start + 3], (1 * c + 2 * ab) / 3, rtol=0, atol=1e-6)
+    torch.testing.assert_close(weighted["output"][new.text_start + 3], (2 * c + 1 * ab) / 3, rtol=0, atol=1e-6)
+    assert torch.equal(weighted["tied"], out)
+    assert torch.equal(weighted["input"][new.text_start + 0], out[new.text_start + 0])  # copied: any rule
     rec = transplant_record(plan, rule="mean")
     assert (rec["copied"], rec["composed"], rec["fallback"], rec["copied_share"]) == (3, 3, 2, 0.375)
 
@@ -82,13 +85,15 @@ def test_state_dict_keeps_ties_and_roles():
     plan = plan_rows(plan_text(OLD, NEW), old=old, new=new)
     for cfg in (preset("tiny", vocab_size=old.size), preset("llama_tiny", vocab_size=old.size)):
         state = build_model(cfg).state_dict()
-        out = transplant_state_dict(state, plan, rule="first_last")
+        out = transplant_state_dict(state, plan, rule="weighted")
         assert (out[keys.OUTPUT] is out[keys.EMBED]) == cfg.tie_embeddings
         for k, v in state.items():
             if keys.rule_for(k) != "vocab":
                 assert out[k] is v
         role = role_of(keys.OUTPUT, tied=cfg.tie_embeddings)
-        assert torch.equal(out[keys.OUTPUT], transplant_rows(state[keys.OUTPUT], plan, rule="first_last", role=role))
+        assert torch.equal(out[keys.OUTPUT], transplant_rows(state[keys.OUTPUT], plan, rule="weighted", role=role))
+        assert torch.equal(out[keys.EMBED], transplant_rows(state[keys.EMBED], plan, rule="weighted",
+                                                            role=role_of(keys.EMBED, tied=cfg.tie_embeddings)))
         build_model(cfg.__class__(**{**cfg.__dict__, "vocab_size": new.size})).load_state_dict(out, strict=True)
 
 
@@ -150,7 +155,7 @@ def parent(tmp_path_factory, tokenizers):
     return out, vocab
 
 
-@pytest.mark.parametrize("name,extra", [("tiny", []), ("tiny", ["--mp", "2", "--rule", "first_last"])])
+@pytest.mark.parametrize("name,extra", [("tiny", []), ("tiny", ["--mp", "2", "--rule", "mean"])])
 def test_transplant_end_to_end(parent, tokenizers, tmp_path, capsys, name, extra):
     """The output loads with the new manifest; its vocabulary tensors are the library's transplant and
     every other tensor the parent's, bit for bit; manifest.json records the rule and the copied share."""
@@ -164,7 +169,7 @@ def test_transplant_end_to_end(parent, tokenizers, tmp_path, capsys, name, extra
     assert rc == 0, capsys.readouterr().err
     got, cfg, new = load_model(tmp_path / "out")
     assert new.text_size == spm.vocab_size and new.text_tokenizer == spm.spec and cfg.vocab_size == new.size
-    rule = "first_last" if "first_last" in extra else "mean"
+    rule = "mean" if "mean" in extra else "weighted"
     plan = plan_rows(plan_text(tokenizers["bpe"].token_bytes(), spm.token_bytes()), old=vocab, new=new)
     want = transplant_state_dict(model.state_dict(), plan, rule=rule)
     for k, v in got.state_dict().items():
@@ -192,19 +197,19 @@ def test_transplant_errors_are_one_line(parent, tokenizers, tmp_path, capsys):
 # ---- measured, not assumed -----------------------------------------------------------------------
 def test_transplanted_model_is_much_closer_to_the_original_than_random_rows(tmp_path):
     """A 1-layer LM trained for a few seconds on the quickstart's text with a byte-level BPE (A),
-    transplanted to a sentencepiece BPE (B) trained on the same text: in bits per byte on held-out
-    text, both rules close more than half of the gap between random composed rows and the original,
-    and the transplant as a whole nearly all of the gap to random text rows (no transplant)."""
+    transplanted to a sentencepiece BPE (B) trained on the same text, scored in bits per byte on
+    held-out text: at least 2x closer to the original than to the random-row baseline (every text
+    row random, of the old rows' scale); where rows are composed, better than random rows there, and
+    the default rule (``weighted``) better than the plain mean. Full-size figures: docs/FAMILIES.md."""
     out = tmp_path / "res.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_transplant.py"), "--corpus", "quickstart",
                     "--docs", "200", "--vocab-a", "400", "--vocab-b", "300", "--width", "32", "--layers", "1",
-                    "--heads", "2", "--block", "64", "--batch", "16", "--steps", "300", "--json", str(out)],
+                    "--heads", "2", "--block", "64", "--batch", "16", "--steps", "200", "--json", str(out)],
                    check=True, env=env, capture_output=True, timeout=600)
     res = json.loads(out.read_text())
     bpb, closed = res["bits_per_byte"], res["gap_closed"]
     assert 0.2 < res["transplant"]["copied_share"] < 0.95 and res["transplant"]["held_out_composed_token_share"] > 0.05
-    for rule in ("mean (B)", "first_last (B)"):
-        assert closed[rule] > 0.5, (rule, res)
-    none = bpb["random text rows"] - bpb["original (A)"]
-    assert bpb["mean (B)"] - bpb["original (A)"] < 0.25 * none, res
+    original, baseline, transplanted = bpb["original (A)"], bpb["random text rows"], bpb["weighted (B)"]
+    assert transplanted - original < 0.5 * (baseline - transplanted), res
+    assert closed["weighted (B)"] > closed["mean (B)"] > 0.1, res
