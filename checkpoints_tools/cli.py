@@ -11,6 +11,17 @@ Examples:
   jam-ckpt reshard width26b --mp 2 --fsdp 8 -o width26b_mp2_fsdp8
   jam-ckpt convert facebook-opt-1.3b/ --to metaseq -o opt13b_metaseq
   jam-ckpt transplant --model llm/ --to-tokenizer img_tokenizer.json -o llm_in_img_tokens
+  jam-ckpt convert SmolLM2-135M-Instruct.Q4_1.gguf --to metaseq -o smollm2
+  jam-ckpt tokenizer SmolLM2-135M-Instruct.Q4_1.gguf -o smollm2_tok
+  jam-ckpt widen --llm gemma-7b/ --img liquid-7b/ --vocab jam_vocab.json -o width_gemma
+  jam-ckpt convert width_gemma --to hf -o width_gemma_hf   # a plain GemmaForCausalLM, twice as wide
+
+Inputs: jam-ckpt outputs, metaseq/fairseq checkpoints (consolidated, model-parallel parts, FSDP
+shards), safetensors files, Hugging Face directories of OPTForCausalLM, LlamaForCausalLM,
+Qwen2ForCausalLM and GemmaForCausalLM (config.json + model.safetensors or a sharded set with its
+index) and llama.cpp GGUF files of the llama architecture, read tensor by tensor. An HF Llama names
+no padding id: give the parent's vocabulary manifest (--vocab, or vocab.json beside it;
+docs/FAMILIES.md).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from typing import Sequence
 
 import torch
 
+from jam_metaseq.data.cli import add_layout_flags, layout_of
 from jam_metaseq.errors import add_trust_pickle_flag, run_cli
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -92,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="architecture, parameter count, MP/FSDP layout, dtype, vocab")
-    p.add_argument("path", help="checkpoint file, directory, X.pt of MP parts, or HF OPT directory")
+    p.add_argument("path", help="checkpoint file, directory, X.pt of MP parts, an HF directory (OPT, Llama, "
+                                "Qwen2, Gemma) or a llama .gguf file")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_input_flags(p)
 
@@ -136,10 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="input checkpoint (any layout)")
     _add_output_flags(p)
 
-    p = sub.add_parser("convert", help="HF OPT <-> metaseq")
-    p.add_argument("src", help="input: HF OPT directory (config.json + weights) or a metaseq checkpoint")
+    p = sub.add_parser("convert", help="Hugging Face <-> metaseq (OPT, Llama, Qwen2, Gemma); llama GGUF -> metaseq")
+    p.add_argument("src", help="input: an HF directory (config.json + weights), a llama .gguf file (dequantized "
+                               "to float32: F32/F16/BF16/Q8_0/Q4_0/Q4_1), a metaseq checkpoint or a jam-ckpt output")
     p.add_argument("--to", choices=("metaseq", "hf"), required=True,
-                   help="hf: OUT/config.json + OUT/model.safetensors with HF OPT names; metaseq: .pt files")
+                   help="hf: the model's own HF family layout (OUT/config.json + OUT/model.safetensors, or "
+                        "model-0000i-of-0000n.safetensors shards with model.safetensors.index.json), loadable by "
+                        "transformers' AutoModelForCausalLM with no custom code: a parent, or a JAM-Uniform / "
+                        "JAM-Width model of a family's parents (a plain, wider model of that family). JAM-Cross has "
+                        "no HF class: it is written in our layout only (--to metaseq). metaseq: .pt files")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="--to hf: bytes per safetensors shard at most, e.g. 5GB, 500MB, 2GiB (default 5GB, "
+                        "save_pretrained's)")
     _add_output_flags(p, formats=("metaseq",))
 
     from jam_metaseq.vocab_transplant import DEFAULT_RULE, RULES
@@ -167,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a composed row is built: " + "; ".join(f"{k} = {v}" for k, v in RULES.items())
                         + f" (default {DEFAULT_RULE}: measured best here, docs/FAMILIES.md)")
     _add_output_flags(p)
+    p = sub.add_parser("tokenizer", help="a GGUF file's tokenizer as OUT/tokenizer.json + OUT/vocab.json for jam-data")
+    p.add_argument("src", help="a .gguf file whose metadata holds a byte-level BPE tokenizer")
+    p.add_argument("-o", "--out", required=True, type=Path, metavar="DIR",
+                   help="output directory (created if missing): tokenizer.json (HF tokenizers; jam-data --tokenizer) "
+                        "and vocab.json (a vocabulary manifest keeping the file's text ids as they are, its bos, eos "
+                        "and pad among them, then the layout below; jam-data --vocab), each written atomically")
+    add_layout_flags(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/tokenizer.json or OUT/vocab.json")
 
     p = sub.add_parser("verify", help="check manifest hashes; forward pass on a few tokens if small")
     p.add_argument("path", help="a jam-ckpt output directory (or a file in one)")
@@ -190,9 +219,13 @@ def _opts(args: argparse.Namespace, argv: Sequence[str], *, fmt: str | None = No
         raise ValueError(f"--fsdp must be >= 0, got {args.fsdp}")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    from checkpoints_tools.io.hf_dir import DEFAULT_MAX_SHARD_SIZE, parse_size
+
+    shard = getattr(args, "max_shard_size", None)
     spec = OutputSpec(out_dir=args.out, format=fmt or args.format, mp=args.mp, fsdp=args.fsdp,
                       dtype=DTYPES[args.dtype] if args.dtype else None, name=args.name,
-                      overwrite=args.overwrite or args.overwrite_any_dir, overwrite_any_dir=args.overwrite_any_dir)
+                      overwrite=args.overwrite or args.overwrite_any_dir, overwrite_any_dir=args.overwrite_any_dir,
+                      max_shard_size=parse_size(shard) if shard else DEFAULT_MAX_SHARD_SIZE)
     return CommonOptions(spec=spec, vocab=str(args.vocab) if args.vocab else None,
                          hash_sources="none" if args.no_hash_sources else args.hash_sources,
                          progress=not args.quiet,
@@ -218,6 +251,13 @@ def _print_inspect(info: dict) -> None:
         rows.insert(3, ("shape", f"layers={c['layers']} embed={c['embed_dim']} ffn={c['ffn_dim']} heads={c['heads']} "
                                  f"vocab={c['vocab_size']} positions={c['max_positions']}"
                                  + (f" cross_every={cfg['cross_every']}" if "cross_every" in cfg else "")))
+        if c.get("positions") == "rotary" or c.get("norm", "layernorm") != "layernorm":  # a Llama-family block
+            from jam_metaseq.models.config import config_from_dict
+
+            p = config_from_dict(c)
+            rows.insert(4, ("block", f"norm={p.norm} positions={p.positions} mlp={p.mlp} activation={p.activation} "
+                                     f"kv_heads={p.num_kv_heads} head_dim={p.head_dim} "
+                                     f"tied_head={p.tie_embeddings} rope_theta={p.rope_theta:g}"))
         if cfg.get("image_parent"):
             from jam_metaseq.models.config import config_from_dict
 
@@ -245,6 +285,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         else:
             _print_inspect(info)
         return 0
+    if args.cmd == "tokenizer":
+        from checkpoints_tools.gguf_tokenizer import write_tokenizer
+
+        print(json.dumps(write_tokenizer(args.src, args.out, layout=layout_of(args), overwrite=args.overwrite)))
+        return 0
     if args.cmd == "verify":
         rep = verify_checkpoint(args.path, forward=not args.no_forward, max_forward_params=args.max_forward_params,
                                 trust_pickle=args.trust_pickle, require_manifest=not args.no_manifest,
@@ -267,7 +312,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         out = ops.transplant(args.model, to_tokenizer=args.to_tokenizer, from_tokenizer=args.from_tokenizer,
                              opts=_opts(args, argv), rule=args.rule, heads=args.heads)
     elif args.cmd == "convert":
-        fmt = "hf_opt" if args.to == "hf" else "metaseq"
+        fmt = "hf" if args.to == "hf" else "metaseq"
         out = ops.reshard(args.src, opts=_opts(args, argv, fmt=fmt), heads=args.heads)
     else:  # pragma: no cover - argparse guards this
         raise ValueError(f"unknown command {args.cmd}")
@@ -278,7 +323,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    writes = args.cmd not in ("inspect", "verify")
+    writes = args.cmd not in ("inspect", "verify", "tokenizer")
     return run_cli(f"jam-ckpt {args.cmd}", lambda: run(args, argv),
                    **({"interrupted": f"the temporary output was removed, {args.out} was not touched"}
                       if writes else {}))

@@ -3,7 +3,7 @@
 ``load_model`` is the one checkpoint loader of the project: the generator, the evaluator, the
 lm-eval adapter, ``jam run`` / the quickstart and the hosts' starting-checkpoint check all call it.
 It accepts a ``jam-ckpt`` output directory (any layout), a single file, model-parallel parts or
-FSDP shards, an HF OPT directory, or a fairseq/metaseq-trained checkpoint (whose ``cfg["model"]``
+FSDP shards, an HF directory (OPT, Llama, Qwen2, Gemma), or a fairseq/metaseq-trained checkpoint (whose ``cfg["model"]``
 carries ``jam_config``), finds the config and vocabulary manifest in or beside it (or takes
 given ones), and returns ``(model, cfg, vocab)`` with the weights loaded ``strict=True``.
 """
@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from checkpoints_tools.hf import OUTPUT_FORMATS
 from checkpoints_tools.io.hashed_file import sha256_file
 from checkpoints_tools.readers import Reader, arch_of, open_checkpoint
 from checkpoints_tools.safe_load import CheckpointError
@@ -39,7 +38,8 @@ def _build_empty(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype) 
         return model
     model.to_empty(device=device)
     dec = getattr(model, "decoder", None)
-    if dec is not None and hasattr(dec, "output_projection") and hasattr(dec, "embed_tokens"):
+    tied = cfg.tied_output if isinstance(cfg, CrossConfig) else cfg.tie_embeddings
+    if tied and dec is not None and hasattr(dec, "output_projection") and hasattr(dec, "embed_tokens"):
         dec.output_projection.weight = dec.embed_tokens.weight  # to_empty unties shared params
     return model
 
@@ -80,8 +80,8 @@ def load_model(path: str | os.PathLike | Reader, *, config: ModelConfig | str | 
     quickstart and the hosts' starting-checkpoint check.
 
     - ``path``: anything ``open_checkpoint`` reads (a jam-ckpt output directory in any layout, a
-      single ``.pt`` / ``.safetensors`` file, model-parallel parts, FSDP shards, an HF OPT
-      directory, a fairseq/metaseq-trained checkpoint), or a ``Reader`` already open. Pickles are read by
+      single ``.pt`` / ``.safetensors`` file, model-parallel parts, FSDP shards, an HF directory
+      of a family in ``jam_metaseq.models.hf_families``, a fairseq/metaseq-trained checkpoint), or a ``Reader`` already open. Pickles are read by
       ``safe_load.safe_torch_load`` only; ``trust_pickle`` is the ``--trust-pickle`` flag
       (``jam_metaseq.errors.add_trust_pickle_flag``).
     - ``config``: a ``ModelConfig`` or a JSON file of ``config_to_json`` that replaces the
@@ -103,8 +103,11 @@ def load_model(path: str | os.PathLike | Reader, *, config: ModelConfig | str | 
     else:
         path = Path(path)
         reader = open_checkpoint(path, trust_pickle=trust_pickle, replica_mismatch=replica_mismatch)
-    cfg = _given_config(config) if config is not None else reader.config(**({"heads": heads} if heads else {}))
     manifest = reader.vocab(vocab)
+    over: dict[str, Any] = {"heads": heads} if heads else {}
+    if manifest is not None:
+        over["padding_idx"] = manifest.pad  # the vocabulary's pad (an HF Llama names none)
+    cfg = _given_config(config) if config is not None else reader.config(**over)
     if manifest is None and require_vocab:
         raise CheckpointError(f"{path}: no vocabulary manifest (none stored in the checkpoint, no vocab.json "
                               "beside it); pass --vocab")
@@ -220,7 +223,7 @@ def verify_checkpoint(path: str | os.PathLike, *, forward: bool = True, max_forw
     else:
         report["manifest"] = None
     r = open_checkpoint(path, trust_pickle=trust_pickle, replica_mismatch=replica_mismatch)
-    if manifest is not None and manifest.get("tensors") and r.format not in OUTPUT_FORMATS:  # HF: its own names
+    if manifest is not None and manifest.get("tensors") and not r.format.startswith("hf_"):  # HF: its own names
         want = manifest["tensors"]
         if set(want) != set(r.names()):
             odd = sorted(set(want) ^ set(r.names()))[:3]

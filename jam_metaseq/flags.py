@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from jam_metaseq.models.config import (
-    ARCH_CROSS, ARCH_UNIFORM, ARCH_WIDTH, CrossConfig, DecoderConfig, ModelConfig, config_from_dict, cross_of,
-    uniform_of, width_of,
+    ACTIVATIONS, ARCH_CROSS, ARCH_UNIFORM, ARCH_WIDTH, MLPS, NORMS, POSITION_KINDS, QKV_LAYOUTS, CrossConfig,
+    DecoderConfig, ModelConfig, config_from_dict, cross_of, normalize_rope_scaling, parent_of_width, uniform_of,
+    width_of,
 )
 from jam_metaseq.vocab import check_embedding
 
@@ -88,6 +90,20 @@ class Flag:
         return (not bool(flag_value)) if self.negated else flag_value
 
 
+def json_object(text: str) -> dict[str, Any]:
+    """argparse type of a flag whose value is a JSON object (``--rope-scaling``)."""
+    try:
+        value = json.loads(text) if isinstance(text, str) else text
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    try:
+        return normalize_rope_scaling(value) or {"rope_type": "default"}
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 # In the order checkpoints store them (``args_from_config``): changing the order changes the
 # bytes of every checkpoint ``jam-ckpt`` writes. ``dest`` strings are literals (interned), like the
 # config's field names, which keeps those bytes as they are.
@@ -100,12 +116,44 @@ MODEL_FLAGS: tuple[Flag, ...] = (
     Flag("decoder_output_dim", "embed_dim", "parent", int, echo=True),
     Flag("max_target_positions", "max_positions", "parent", int, "longest sequence (learned positions)", "T"),
     Flag("tokens_per_sample", "max_positions", "parent", int, echo=True),
-    Flag("activation_fn", "activation", "parent", str, "FFN activation", choices=("relu", "gelu")),
+    Flag("activation_fn", "activation", "parent", str,
+         "FFN activation (on the gate of a gated MLP); gelu_tanh is HF's gelu_pytorch_tanh (Gemma)",
+         choices=ACTIVATIONS),
     Flag("dropout", "dropout", "parent", float, "residual/embedding dropout", "P"),
     Flag("attention_dropout", "attention_dropout", "parent", float, "attention-probability dropout", "P"),
     Flag("disable_bias", "bias", "parent", help="no biases in projections (CM3leon)", negated=True),
     Flag("disable_affine_ln", "affine_ln", "parent", help="LayerNorm without weight/bias (CM3leon)", negated=True),
     Flag("no_scale_embedding", "scale_embedding", "parent", help="do not scale embeddings by sqrt(E)", negated=True),
+    # The Llama family (Llama, Qwen2, Gemma: issue 23). Stored only when not at the OPT default
+    # (when_set), so OPT/CM3leon checkpoints keep their bytes; a family's arch (jam_cross_gemma_7b,
+    # jam_width_llama_tiny ...) fills them from its preset, a starting checkpoint's stored config must agree.
+    Flag("decoder_norm", "norm", "parent", str, "normalisation: layernorm (OPT), rmsnorm (Llama, Qwen2) or "
+         "rmsnorm_plus_one (Gemma: (1 + w) * x / rms(x))", choices=NORMS, when_set=True),
+    Flag("ln_eps", "ln_eps", "parent", float, "norm epsilon (HF rms_norm_eps)", "EPS", when_set=True),
+    Flag("decoder_positions", "positions", "parent", str,
+         "learned: metaseq's position table; rotary: RoPE on q and k (HF's half-split layout)",
+         choices=POSITION_KINDS, when_set=True),
+    Flag("rope_theta", "rope_theta", "parent", float, "rotary base (HF rope_theta)", "THETA", when_set=True),
+    Flag("rope_scaling", "rope_scaling", "parent", json_object,
+         "rotary frequency scaling as JSON: {\"rope_type\": \"linear\", \"factor\": F} or {\"rope_type\": "
+         "\"llama3\", \"factor\", \"low_freq_factor\", \"high_freq_factor\", \"original_max_position_embeddings\"}",
+         "JSON", when_set=True),
+    Flag("decoder_mlp", "mlp", "parent", str, "plain: fc2(act(fc1(x))); gated: fc2(act(fc_gate(x)) * fc1(x)) (Llama)",
+         choices=MLPS, when_set=True),
+    Flag("decoder_kv_heads", "kv_heads", "parent", int,
+         "key/value heads of grouped-query attention (HF num_key_value_heads; default: the attention heads)", "G",
+         when_set=True),
+    Flag("decoder_head_dim", "attn_head_dim", "parent", int,
+         "width of one attention head when it is not E / heads (HF head_dim; Gemma-7B: 256)", "D", when_set=True),
+    Flag("decoder_qkv", "qkv", "parent", str,
+         "fused: metaseq's one qkv_proj ([K; V; Q]); separate: q_proj, k_proj, v_proj (the Llama family)",
+         choices=QKV_LAYOUTS, when_set=True),
+    Flag("qkv_bias", "qkv_bias", "parent", help="biases on q/k/v even with --disable-bias (Qwen2)", when_set=True),
+    Flag("untie_embeddings", "tie_embeddings", "parent",
+         help="an output projection of its own, not the token embedding (Llama-2/3, Qwen2-7B)", negated=True,
+         when_set=True),
+    Flag("embed_scale_in_dtype", "embed_scale_in_dtype", "parent",
+         help="round the sqrt(E) embedding factor to the model's dtype first (HF Gemma)", when_set=True),
     Flag("decoder_learned_pos", "learned_positions", "always",
          help="learned positions (always on; accepted for metaseq compatibility)"),
     Flag("share_decoder_input_output_embed", "tied_embeddings", "always",
@@ -124,6 +172,10 @@ MODEL_FLAGS: tuple[Flag, ...] = (
     Flag("img_layers", "layers", "image", int,
          "JAM-Cross: layers of the image branch (cross pairs aligned by proportional depth)", "L"),
     Flag("img_attention_heads", "heads", "image", int, "JAM-Cross: attention heads of the image branch", "H"),
+    Flag("img_kv_heads", "kv_heads", "image", int, "JAM-Cross: key/value heads of the image branch", "G",
+         when_set=True),
+    Flag("img_head_dim", "attn_head_dim", "image", int, "JAM-Cross: attention head width of the image branch",
+         "D", when_set=True),
 )
 
 FLAGS_BY_DEST: dict[str, Flag] = {f.dest: f for f in MODEL_FLAGS}
@@ -137,6 +189,11 @@ FLAG_OF: dict[str, dict[str, str]] = {s: {f.field: f.dest for f in MODEL_FLAGS i
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(DecoderConfig)
                              if f.default is not dataclasses.MISSING}
 """``DecoderConfig``'s field defaults (what a ``when_set`` flag left out means)."""
+
+
+def field_default(field: str) -> Any:
+    """``DecoderConfig``'s default of ``field`` (what a ``when_set`` flag left unset means)."""
+    return _DEFAULTS.get(field)
 
 
 def rows(scope: str, *, echo: bool = False) -> tuple[Flag, ...]:
@@ -223,12 +280,11 @@ def host_arch(cfg: ModelConfig) -> str:
 
 
 def _one_parent(cfg: ModelConfig) -> DecoderConfig:
-    """The parent shape whose flags rebuild ``cfg`` (JAM-Width: the inverse of ``width_of``)."""
+    """The parent shape whose flags rebuild ``cfg`` (JAM-Width: ``parent_of_width``, k/v heads halved too)."""
     if isinstance(cfg, CrossConfig):
         return cfg.parent
     if host_arch(cfg) == ARCH_WIDTH:
-        return dataclasses.replace(cfg, embed_dim=cfg.embed_dim // 2, ffn_dim=cfg.ffn_dim // 2,
-                                   heads=cfg.heads // 2)
+        return parent_of_width(cfg)
     return cfg
 
 
@@ -271,7 +327,7 @@ def command_line_from_config(cfg: ModelConfig) -> list[str]:
         if f.type is None:
             words += [f.option] if value else []
         else:
-            words += [f.option, str(value)]
+            words += [f.option, json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)]
     return words
 
 
@@ -335,6 +391,7 @@ def saved_cfg_groups(*, seed: int = 1) -> dict[str, Any]:
 __all__ = [
     "CRITERION_NAME", "FAMILIES", "FIELD_OF", "FLAGS_BY_DEST", "FLAG_OF", "Flag", "MODEL_FLAGS", "SCOPES",
     "TASK_NAME", "add_criterion_args", "add_model_args", "add_task_args", "args_from_config",
-    "command_line_from_config", "config_from_args", "cross_args", "host_arch", "rows", "saved_cfg_groups",
+    "command_line_from_config", "config_from_args", "cross_args", "field_default", "host_arch", "json_object",
+    "rows", "saved_cfg_groups",
     "saved_fields",
 ]

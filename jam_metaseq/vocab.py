@@ -14,6 +14,18 @@ One JSON manifest describes every id:
 
 ``<mask:0>`` doubles as the classifier-free-guidance ``<mask>``: the unconditional context is
 the CM3 infilling input whose condition was cut out (paper §3.1, Decoding Strategies).
+
+That layout is ours (parents trained with this project). An imported parent (an HF Llama, Qwen2 or
+Gemma: issue 23) keeps its tokenizer's ids, so its manifest names every id explicitly
+(``explicit_ids``, ``TokenIds``; ``"layout": "explicit"`` in the JSON): bos/pad/eos/unk where its
+tokenizer put them, the text range (tokenizer ids, unshifted: ``text_start`` is usually 0), the
+image codes' range, and which of its reserved ids serve as ``<break>``, the CM3 sentinels (one
+consecutive run) and ``<eoss>`` (Gemma's ``<unused*>``, Llama-3's ``<|reserved_special_token_*|>``,
+Qwen2's embedding rows beyond its tokenizer). Where a parent's embedding lacks rows the manifest
+uses (Gemma next to Liquid's image codes), ``extends`` names them and ``jam-ckpt`` adds them by a
+``jam_metaseq.vocab_rows`` rule as it reads the parent (docs/FAMILIES.md). Every consumer reads ids
+through this class, so both layouts work everywhere; a later layout (Chameleon, issue 24: an image
+code -> id map, image begin/end ids) is another validated field of the same manifest.
 """
 
 from __future__ import annotations
@@ -31,9 +43,13 @@ from jam_metaseq.errors import read_json
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 NUM_DICT_SPECIALS = 4
+SPECIAL_NAMES = ("bos", "pad", "eos", "unk")
+"""The four specials every vocabulary names (fairseq's order: ids 0..3 in our layout)."""
 CONVERSATION_SYMBOLS = ("<user>", "<assistant>", "<eot>")
 NUM_CONVERSATION_TOKENS = len(CONVERSATION_SYMBOLS)
 MANIFEST_VERSION = 1
+LAYOUT_EXPLICIT = "explicit"
+"""``"layout"`` of a manifest whose ids are given (``TokenIds``), not derived from the sizes."""
 FILE_NAME = "vocab.json"
 """A manifest beside a checkpoint (in its directory) or at the top of a data directory."""
 CHECKPOINT_KEY = "jam_vocab"
@@ -41,6 +57,119 @@ CHECKPOINT_KEY = "jam_vocab"
 ``__metadata__`` entry (JSON) of a safetensors file."""
 TASK_STATE_KEY = "vocab_manifest"
 """Where a host-trained checkpoint stores it: ``task_state[TASK_STATE_KEY]`` (the task's state)."""
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """The ids of an imported parent's vocabulary, where its tokenizer put them (``VocabManifest.explicit_ids``)."""
+
+    size: int
+    """Rows of the embedding (every id is below it)."""
+    bos: int
+    pad: int
+    """The id masked as padding (``DecoderConfig.padding_idx``): one no text produces (Llama-2's
+    ``<unk>``, Llama-3's ``<|reserved_special_token_2|>``, Gemma's ``<pad>``, Qwen2's ``<|endoftext|>``)."""
+    eos: int
+    unk: int
+    text: tuple[int, int]
+    """[start, end): the text tokenizer's ids, unshifted (the specials and reserved ids above may
+    lie inside; ``is_text`` leaves them out)."""
+    image: tuple[int, int]
+    """[start, end): the image codes (code c is id start + c); empty (start == end) for a text-only parent."""
+    break_id: int
+    """``<break>``, framing every image."""
+    sentinels: tuple[int, int]
+    """[start, end): the CM3 sentinels ``<mask:0>`` ... (one consecutive run of reserved ids)."""
+    eoss: int
+    """``<eoss>``, closing each moved span."""
+    extends: tuple[int, int] | None = None
+    """[start, size): rows a parent's embedding of ``start`` rows lacks; ``jam-ckpt`` adds them as it
+    reads that parent, each by the ``vocab_rows`` rule ``extend_init``. None: every parent has ``size`` rows."""
+    extend_init: str = "text_mean"
+    """The ``jam_metaseq.vocab_rows.ROW_INIT_RULES`` rule of the ``extends`` rows."""
+
+    def __post_init__(self) -> None:
+        for name in ("text", "image", "sentinels", "extends"):
+            v = getattr(self, name)
+            if v is None and name == "extends":
+                continue
+            if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) for x in v)):
+                raise ValueError(f"ids.{name} must be [start, end] integers, got {v!r}")
+            object.__setattr__(self, name, (int(v[0]), int(v[1])))
+        for name in ("size", "bos", "pad", "eos", "unk", "break_id", "eoss"):
+            if not _is_int(getattr(self, name)):
+                raise ValueError(f"ids.{_JSON_NAME.get(name, name)} must be an integer, got {getattr(self, name)!r}")
+        n = self.size
+        if n < 1:
+            raise ValueError(f"ids.size must be >= 1, got {n}")
+        for name in ("bos", "pad", "eos", "unk", "break_id", "eoss"):
+            if not 0 <= getattr(self, name) < n:
+                raise ValueError(f"ids.{_JSON_NAME.get(name, name)} {getattr(self, name)} is not an id below size {n}")
+        for name in ("text", "image", "sentinels"):
+            a, b = getattr(self, name)
+            if not 0 <= a <= b <= n:
+                raise ValueError(f"ids.{name} [{a}, {b}) does not fit the {n} ids")
+        if self.sentinels[0] == self.sentinels[1]:
+            raise ValueError("ids.sentinels is empty: the CM3 objective needs at least one sentinel (<mask:0>, "
+                             "also the CFG mask)")
+        if self.pad in (self.bos, self.eos):
+            raise ValueError(f"ids.pad {self.pad} is also bos or eos: padding is masked, they are not")
+        named = {"break": self.break_id, "eoss": self.eoss, "bos": self.bos, "pad": self.pad, "eos": self.eos}
+        for what, i in named.items():
+            if self.image[0] <= i < self.image[1]:
+                raise ValueError(f"ids.{what} {i} is inside the image range {list(self.image)}")
+            if self.sentinels[0] <= i < self.sentinels[1]:
+                raise ValueError(f"ids.{what} {i} is inside the sentinel range {list(self.sentinels)}")
+        if self.break_id == self.eoss:
+            raise ValueError(f"ids.break and ids.eoss are both {self.eoss}")
+        if max(self.image[0], self.sentinels[0]) < min(self.image[1], self.sentinels[1]):
+            raise ValueError(f"ids.sentinels {list(self.sentinels)} overlap the image range {list(self.image)}")
+        if self.extends is not None and not 0 < self.extends[0] < self.extends[1] == n:
+            raise ValueError(f"ids.extends {list(self.extends)} must be [rows of the smaller embedding, size={n}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"bos": self.bos, "pad": self.pad, "eos": self.eos, "unk": self.unk,
+                             "break": self.break_id, "eoss": self.eoss, "mask": self.sentinels[0],
+                             "text": list(self.text), "image": list(self.image),
+                             "sentinels": list(self.sentinels), "size": self.size}
+        if self.extends is not None:
+            d["extends"] = {"rows": list(self.extends), "init": self.extend_init}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str) -> "TokenIds":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{source}: an explicit vocab manifest needs an 'ids' object")
+        d = dict(d)
+        mask = d.pop("mask", None)
+        ext = d.pop("extends", None)
+        want = ("bos", "pad", "eos", "unk", "break", "eoss", "text", "image", "sentinels", "size")
+        missing = [k for k in want if k not in d]
+        if missing:
+            raise ValueError(f"{source}: ids has no {', '.join(missing)} (an explicit manifest names every id)")
+        extra = sorted(set(d) - set(want))
+        if extra:
+            raise ValueError(f"{source}: unknown ids fields {extra}")
+        kw: dict[str, Any] = {_FIELD_NAME.get(k, k): v for k, v in d.items()}
+        if ext is not None:
+            if not isinstance(ext, Mapping) or "rows" not in ext or set(ext) - {"rows", "init"}:
+                raise ValueError(f"{source}: ids.extends must be {{\"rows\": [start, size], \"init\": RULE}}")
+            kw["extends"], kw["extend_init"] = ext["rows"], ext.get("init", "text_mean")
+        try:
+            ids = cls(**kw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: bad explicit vocab manifest ({e})") from None
+        if mask is not None and mask != ids.sentinels[0]:
+            raise ValueError(f"{source}: ids.mask {mask} must be the first sentinel {ids.sentinels[0]}")
+        return ids
+
+
+_FIELD_NAME = {"break": "break_id"}
+_JSON_NAME = {"break_id": "break"}
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -64,8 +193,24 @@ class VocabManifest:
     conversation_tokens: bool = False
     """Add ``<user>``, ``<assistant>`` and ``<eot>`` after ``<eoss>`` (multi-turn conversations;
     every earlier id keeps its place, so a checkpoint gains rows, ``jam_metaseq.vocab_rows``)."""
+    explicit_ids: TokenIds | None = None
+    """An imported parent's ids, where its tokenizer put them (module docstring); None: our layout,
+    every id derived from the sizes above. ``text_size``, ``image_codes`` and ``num_sentinels``
+    then equal its ranges' lengths (``imported`` fills them)."""
 
     def __post_init__(self) -> None:
+        x = self.explicit_ids
+        if x is not None:
+            if isinstance(x, Mapping):
+                x = TokenIds.from_dict(x, source="explicit_ids")
+                object.__setattr__(self, "explicit_ids", x)
+            got = (self.text_size, self.image_codes, self.num_sentinels)
+            want = (x.text[1] - x.text[0], x.image[1] - x.image[0], x.sentinels[1] - x.sentinels[0])
+            if got != want:
+                raise ValueError(f"text_size, image_codes, num_sentinels {got} differ from the explicit ids' ranges "
+                                 f"{want}")
+            if self.conversation_tokens:
+                raise ValueError("conversation tokens of an explicit (imported) vocabulary are not supported yet")
         if self.text_size < 0 or self.image_codes < 0:
             raise ValueError("text_size and image_codes must be >= 0")
         if self.num_sentinels < 1:
@@ -77,23 +222,67 @@ class VocabManifest:
                 f"image_grid {grid} does not hold image_tokens_per_image={self.image_tokens_per_image}"
             )
 
+    @classmethod
+    def imported(cls, ids: TokenIds, **fields: Any) -> "VocabManifest":
+        """The manifest of an imported parent whose ids are ``ids`` (``fields``: ``image_grid``,
+        ``image_tokens_per_image``, ``text_tokenizer``); the sizes follow from its ranges."""
+        return cls(text_size=ids.text[1] - ids.text[0], image_codes=ids.image[1] - ids.image[0],
+                   num_sentinels=ids.sentinels[1] - ids.sentinels[0], explicit_ids=ids, **fields)
+
+    @classmethod
+    def after_text(cls, text_size: int, *, specials: Mapping[str, int], image_codes: int = 8192,
+                   num_sentinels: int = 16, pad_to_multiple: int = 8, conversation_tokens: bool = False,
+                   **fields: Any) -> "VocabManifest":
+        """An imported text LLM's ids kept as they are ([0, text_size), its own ``specials`` bos, pad,
+        eos and unk among them), then our layout after them: image codes, ``<break>``, sentinels,
+        ``<eoss>`` and filler rows up to ``pad_to_multiple`` (a GGUF's tokenizer,
+        ``checkpoints_tools/gguf_tokenizer.py``). An explicit-ids manifest like any imported parent's."""
+        if conversation_tokens:
+            raise ValueError("conversation tokens of an explicit (imported) vocabulary are not supported yet")
+        missing = [k for k in SPECIAL_NAMES if k not in specials]
+        if missing:
+            raise ValueError(f"the text specials name no {', '.join(missing)}")
+        for k in SPECIAL_NAMES:
+            if not (_is_int(specials[k]) and 0 <= specials[k] < text_size):
+                raise ValueError(f"the text special {k}={specials[k]!r} is not an id of the {text_size} text ids")
+        if not (_is_int(pad_to_multiple) and pad_to_multiple >= 1):
+            raise ValueError(f"pad_to_multiple must be an integer >= 1, got {pad_to_multiple!r}")
+        img = (text_size, text_size + image_codes)
+        sent = (img[1] + 1, img[1] + 1 + num_sentinels)
+        used = sent[1] + 1
+        size = -(-used // pad_to_multiple) * pad_to_multiple
+        ids = TokenIds(size=size, bos=specials["bos"], pad=specials["pad"], eos=specials["eos"], unk=specials["unk"],
+                       text=(0, text_size), image=img, break_id=img[1], sentinels=sent, eoss=sent[1])
+        return cls.imported(ids, pad_to_multiple=pad_to_multiple, **fields)
+
     # ---- ids -------------------------------------------------------------------------------
-    bos = BOS
-    pad = PAD
-    eos = EOS
-    unk = UNK
+    @property
+    def bos(self) -> int:
+        return BOS if self.explicit_ids is None else self.explicit_ids.bos
+
+    @property
+    def pad(self) -> int:
+        return PAD if self.explicit_ids is None else self.explicit_ids.pad
+
+    @property
+    def eos(self) -> int:
+        return EOS if self.explicit_ids is None else self.explicit_ids.eos
+
+    @property
+    def unk(self) -> int:
+        return UNK if self.explicit_ids is None else self.explicit_ids.unk
 
     @property
     def text_start(self) -> int:
-        return NUM_DICT_SPECIALS
+        return NUM_DICT_SPECIALS if self.explicit_ids is None else self.explicit_ids.text[0]
 
     @property
     def text_end(self) -> int:
-        return NUM_DICT_SPECIALS + self.text_size
+        return self.text_start + self.text_size
 
     @property
     def image_start(self) -> int:
-        return self.text_end
+        return self.text_end if self.explicit_ids is None else self.explicit_ids.image[0]
 
     @property
     def image_end(self) -> int:
@@ -101,11 +290,11 @@ class VocabManifest:
 
     @property
     def break_id(self) -> int:
-        return self.image_end
+        return self.image_end if self.explicit_ids is None else self.explicit_ids.break_id
 
     @property
     def sentinel_start(self) -> int:
-        return self.break_id + 1
+        return self.break_id + 1 if self.explicit_ids is None else self.explicit_ids.sentinels[0]
 
     @property
     def sentinel_end(self) -> int:
@@ -118,7 +307,7 @@ class VocabManifest:
 
     @property
     def eoss(self) -> int:
-        return self.sentinel_end
+        return self.sentinel_end if self.explicit_ids is None else self.explicit_ids.eoss
 
     @property
     def user_id(self) -> int:
@@ -151,10 +340,14 @@ class VocabManifest:
 
     @property
     def num_used(self) -> int:
+        if self.explicit_ids is not None:
+            return self.explicit_ids.size  # every row is an id of the parent's tokenizer or named here
         return self.eoss + 1 + (NUM_CONVERSATION_TOKENS if self.conversation_tokens else 0)
 
     @property
     def size(self) -> int:
+        if self.explicit_ids is not None:
+            return self.explicit_ids.size
         m = self.pad_to_multiple
         return ((self.num_used + m - 1) // m) * m
 
@@ -180,7 +373,13 @@ class VocabManifest:
         return (ids >= self.image_start) & (ids < self.image_end)
 
     def is_text(self, ids: Any) -> Any:
-        return (ids >= self.text_start) & (ids < self.text_end)
+        inside = (ids >= self.text_start) & (ids < self.text_end)
+        if self.explicit_ids is None:
+            return inside
+        x = self.explicit_ids  # the text range of an imported tokenizer holds its specials and reserved ids
+        for i in (x.bos, x.pad, x.eos, x.unk, x.break_id, x.eoss):
+            inside = inside & (ids != i)
+        return inside & ((ids < x.sentinels[0]) | (ids >= x.sentinels[1]))
 
     def is_sentinel(self, ids: Any) -> Any:
         return (ids >= self.sentinel_start) & (ids < self.sentinel_end)
@@ -196,6 +395,8 @@ class VocabManifest:
     # ---- symbols (fairseq/metaseq Dictionary) ----------------------------------------------
     def symbols(self) -> list[str]:
         """One string per id, in id order, for building a host Dictionary."""
+        if self.explicit_ids is not None:
+            return self._explicit_symbols()
         out = ["<s>", "<pad>", "</s>", "<unk>"]
         out += [f"<t{i}>" for i in range(self.text_size)]
         out += [f"<img{i}>" for i in range(self.image_codes)]
@@ -208,12 +409,31 @@ class VocabManifest:
         assert len(out) == self.size
         return out
 
+    def _explicit_symbols(self) -> list[str]:
+        x = self.explicit_ids
+        out = [f"<t{i - self.text_start}>" if self.text_start <= i < self.text_end else f"<row{i}>"
+               for i in range(x.size)]
+        for c in range(self.image_codes):
+            out[self.image_start + c] = f"<img{c}>"
+        for k in range(self.num_sentinels):
+            out[self.sentinel_start + k] = f"<mask:{k}>"
+        out[x.break_id], out[x.eoss] = "<break>", "<eoss>"
+        for i, sym in ((x.unk, "<unk>"), (x.eos, "</s>"), (x.pad, "<pad>"), (x.bos, "<s>")):
+            out[i] = sym  # pad wins over unk where a tokenizer has one id for both (Llama-2's <unk>)
+        return out
+
     # ---- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["image_grid"] = list(self.image_grid)
         if not self.conversation_tokens:
             del d["conversation_tokens"]  # manifests without them stay byte-identical
+        del d["explicit_ids"]
+        if self.explicit_ids is not None:  # the ids below are the manifest, not a summary of it
+            d["layout"] = LAYOUT_EXPLICIT
+            d["version"] = MANIFEST_VERSION
+            d["ids"] = self.explicit_ids.to_dict()
+            return d
         d["version"] = MANIFEST_VERSION
         d["ids"] = {
             "bos": self.bos, "pad": self.pad, "eos": self.eos, "unk": self.unk,
@@ -238,6 +458,19 @@ class VocabManifest:
         ids = d.pop("ids", None)
         if ids is not None and not isinstance(ids, dict):
             raise ValueError(f"{source}: vocab manifest 'ids' must be an object, got {type(ids).__name__}")
+        layout = d.pop("layout", None)
+        if layout not in (None, LAYOUT_EXPLICIT):
+            raise ValueError(f"{source}: vocab manifest layout {layout!r}; expected {LAYOUT_EXPLICIT!r} or none")
+        if "explicit_ids" in d:
+            raise ValueError(f"{source}: unknown vocab manifest fields ['explicit_ids'] (write \"layout\": "
+                             f"\"{LAYOUT_EXPLICIT}\" and the ids under \"ids\")")
+        if layout == LAYOUT_EXPLICIT:
+            d["explicit_ids"] = TokenIds.from_dict(ids, source=source)
+            x = d["explicit_ids"]
+            d.setdefault("text_size", x.text[1] - x.text[0])
+            d.setdefault("image_codes", x.image[1] - x.image[0])
+            d.setdefault("num_sentinels", x.sentinels[1] - x.sentinels[0])
+            ids = None
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:

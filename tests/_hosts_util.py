@@ -64,10 +64,11 @@ def make_data(root: Path, *, n_train: int = 48, n_valid: int = 8, block_size: in
     return root
 
 
-def tiny_parent_cfg(vocab: VocabManifest = VOCAB):
+def tiny_parent_cfg(vocab: VocabManifest = VOCAB, size: str = "tiny"):
+    """A tiny parent of the preset ``size`` (``tiny``: OPT's block; ``llama_tiny``, ``gemma_tiny`` ...)."""
     from jam_metaseq.models.config import preset
 
-    return preset("tiny", vocab_size=vocab.size)
+    return preset(size, vocab_size=vocab.size)
 
 
 def _save(state: dict, path: Path) -> None:
@@ -76,15 +77,15 @@ def _save(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def make_parents(root: Path, vocab: VocabManifest = VOCAB) -> tuple[Path, Path]:
-    """Two tiny random parents in metaseq layout (different seeds)."""
+def make_parents(root: Path, vocab: VocabManifest = VOCAB, size: str = "tiny") -> tuple[Path, Path]:
+    """Two tiny random parents (preset ``size``) in metaseq layout (different seeds)."""
     from jam_metaseq.models import build_model
 
     root.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, seed in (("llm", 11), ("img", 22)):
         torch.manual_seed(seed)
-        cfg = tiny_parent_cfg(vocab)
+        cfg = tiny_parent_cfg(vocab, size)
         model = build_model(cfg)
         p = root / f"{name}.pt"
         _save({"model": model.state_dict(), "jam_config": cfg.to_dict(),
@@ -134,6 +135,19 @@ def jam_ckpt_fuse(family: str, *, llm: Path, img: Path, out: Path, cross_every: 
     if res.returncode != 0:
         raise AssertionError(f"jam-ckpt failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr[-3000:]}")
     return out / "checkpoint.pt"
+
+
+def hf_parents(root: Path, case: str, vocab: VocabManifest = VOCAB) -> tuple[Path, Path]:
+    """Two tiny random HF parents of the family ``case`` (``_hf_util``: ``llama``, ``gemma`` ...),
+    saved with ``save_pretrained``, embeddings sized for ``vocab`` (pad id 1, the tiny manifest's)."""
+    from _hf_util import hf_model
+
+    out = []
+    for name, seed in (("llm", 11), ("img", 22)):
+        d = root / f"{case}_{name}"
+        hf_model(case, seed=seed, vocab_size=vocab.size, pad_token_id=vocab.pad).save_pretrained(d)
+        out.append(d)
+    return out[0], out[1]
 
 
 # ---- running the hosts' CLIs -----------------------------------------------------------------------

@@ -28,7 +28,8 @@ def two_parents(tmp_path_factory):
 def test_every_flag_is_documented():
     ap = build_parser()
     sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"inspect", "merge", "widen", "cross", "reshard", "convert", "transplant", "verify"}
+    assert set(sub.choices) == {"inspect", "merge", "widen", "cross", "reshard", "convert", "transplant", "tokenizer",
+                                "verify"}
     for name, p in sub.choices.items():
         for act in p._actions:
             if not isinstance(act, argparse._HelpAction):

@@ -1,4 +1,4 @@
-"""HF OPT <-> metaseq conversion (checkpoints_tools.hf): logits parity with
+"""HF OPT <-> metaseq conversion (jam_metaseq.models.hf_families): logits parity with
 transformers' OPTForCausalLM, a negative control, and the HF -> metaseq -> HF round trip."""
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ import dataclasses
 import pytest
 
 from jam_metaseq import flags
-from jam_metaseq.models.config import CrossConfig, DecoderConfig, cross_of, preset, uniform_of, width_of
+from jam_metaseq.models.config import (
+    CrossConfig, DecoderConfig, cross_of, parent_of_width, preset, uniform_of, width_of,
+)
 
 PARENT = preset("tiny", vocab_size=100, bias=False, activation="gelu", scale_embedding=False, dropout=0.1)
 SMALL_IMG = dataclasses.replace(PARENT, embed_dim=16, ffn_dim=48, layers=3, heads=2)
@@ -19,7 +21,16 @@ CONFIGS = {
     "width": width_of(PARENT),
     "cross": cross_of(PARENT, 1, cross_init="preserve", image_vocab_start=40, image_vocab_end=90),
     "cross_asym": cross_of(PARENT, 2, image_vocab_start=40, image_vocab_end=90, image_parent=SMALL_IMG),
+    # the Llama family (issue 23): every family field through its own flag
+    "llama_width": width_of(preset("llama_tiny", vocab_size=100, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32})),
+    "qwen2_uniform": uniform_of(preset("qwen2_tiny", vocab_size=100)),
+    "gemma_cross_asym": cross_of(preset("gemma_tiny", vocab_size=100), 1, image_vocab_start=40, image_vocab_end=90,
+                                 image_parent=preset("gemma_tiny", vocab_size=100, embed_dim=16, heads=2,
+                                                     attn_head_dim=8, layers=3)),
 }
+FAMILY = ("llama_width", "qwen2_uniform", "gemma_cross_asym")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,10 +67,10 @@ def test_command_line_rebuilds_the_config(name):
     assert len(opts) == len(set(opts))
     ns = _parser().parse_args(words)
     apply_arch_defaults(ns, family=flags.args_from_config(cfg)["jam_family"], size="tiny")
-    back = flags.config_from_args(ns, vocab_size=100, image_range=(40, 90))
+    back = flags.config_from_args(ns, vocab_size=100, image_range=(40, 90), padding_idx=cfg.padding_idx)
     want = uniform_of(cfg) if name == "decoder" else cfg
     assert back.to_dict() == want.to_dict()
-    assert any(w.startswith("--img-") for w in words) == (name == "cross_asym")
+    assert any(w.startswith("--img-") for w in words) == name.endswith("cross_asym")
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -69,16 +80,22 @@ def test_saved_fields_infer_the_config_from_saved_args(name):
     cfg = CONFIGS[name]
     saved = flags.args_from_config(cfg)
     parent = cfg.parent if isinstance(cfg, CrossConfig) else (
-        dataclasses.replace(PARENT, arch=cfg.arch) if name == "width" else cfg)
+        parent_of_width(cfg) if "width" in name else cfg)
     got = flags.saved_fields(saved, "parent")
-    assert got == {f: getattr(parent, f) for f in got} and len(got) == len(flags.rows("parent"))
+    assert got == {f: getattr(parent, f) for f in got}
+    assert set(got) == {f.field for f in flags.rows("parent")
+                        if not (f.when_set and getattr(parent, f.field) == flags.field_default(f.field))}
+    if name not in FAMILY:  # an OPT config stores none of the family fields
+        assert len(got) == len([f for f in flags.rows("parent") if not f.when_set])
     assert flags.saved_fields(argparse.Namespace(**saved), "parent") == got  # a Namespace reads the same
     cross = flags.saved_fields(saved, "cross")
     image = flags.saved_fields(saved, "image")
     if isinstance(cfg, CrossConfig):
         assert cross == {"cross_every": cfg.cross_every, "cross_init": cfg.cross_init,
                          "image_vocab_start": 40, "image_vocab_end": 90}
-        assert image == ({} if cfg.symmetric else {"embed_dim": 16, "ffn_dim": 48, "layers": 3, "heads": 2})
+        img = {f: getattr(cfg.img, f) for f in ("embed_dim", "ffn_dim", "layers", "heads", "kv_heads", "attn_head_dim")
+               if getattr(cfg.img, f) is not None}
+        assert image == ({} if cfg.symmetric else img)
     else:
         assert cross == image == {}
     assert flags.FLAG_OF["parent"]["heads"] == "decoder_attention_heads"

@@ -53,3 +53,40 @@ def test_eager_static_and_graph_modes_give_the_same_tokens(model64):
         assert got == eager, (decode, key_block)
     other = [a.ids for a in _engine(model64, "static").generate(PROMPTS, config=cfg, seeds=[1, 2, 3])]
     assert other != eager  # control: the seeds matter
+
+
+def test_jam_generate_on_an_imported_hf_llama(tmp_path, capsys):
+    """``jam-generate`` on an HF ``LlamaForCausalLM`` imported by ``jam-ckpt convert`` with its
+    vocabulary manifest (explicit ids: its own specials, reserved ids as <break> and sentinels, an
+    image range), through ``load_model``: eager, static and graph (CPU: static) give the same tokens."""
+    import json
+
+    pytest.importorskip("transformers")
+    from _hf_util import hf_model
+    from checkpoints_tools.cli import main as jam_ckpt
+    from jam_metaseq.generation.answer import Answer
+    from jam_metaseq.generation.cli import main as jam_generate
+    from jam_metaseq.vocab import TokenIds, VocabManifest
+
+    ids = TokenIds(size=320, bos=0, pad=1, eos=2, unk=3, break_id=4, sentinels=(5, 7), eoss=7, text=(8, 264),
+                   image=(264, 296))
+    VocabManifest.imported(ids, image_grid=(2, 2), image_tokens_per_image=4).save(tmp_path / "vocab.json")
+    hf_model("llama", seed=3, vocab_size=320, pad_token_id=None, max_position_embeddings=128).save_pretrained(
+        tmp_path / "hf")
+    assert jam_ckpt(["convert", str(tmp_path / "hf"), "--to", "metaseq", "--vocab", str(tmp_path / "vocab.json"),
+                     "-o", str(tmp_path / "ours"), "--quiet", "--no-hash-sources"]) == 0
+    capsys.readouterr()  # jam-ckpt's output path
+    by_mode = {}
+    for decode in ("eager", "static", "graph"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rc = jam_generate(["--checkpoint", str(tmp_path / "ours"), "--tokenizer", "bytes", "--prompt", "a red cube",
+                               "--max-new-tokens", "16", "--min-images", "1", "--no-progress", "--decode", decode,
+                               "--dtype", "float64"])
+        out = capsys.readouterr()
+        assert rc == 0, out.err
+        by_mode[decode] = out.out
+    assert by_mode["static"] == by_mode["graph"] == by_mode["eager"]
+    answer = Answer.from_dict(json.loads(by_mode["eager"].splitlines()[0]))
+    assert answer.prompt_ids[1:] == [8 + b for b in b"a red cube"]  # the manifest's text ids
+    assert answer.images and answer.images[0].complete

@@ -101,6 +101,28 @@ def test_e2e_train_resume_validate(family, data, tmp_path):
     _e2e(family, data, tmp_path)
 
 
+def test_e2e_gemma_width_from_hf_parents(data, tmp_path):
+    """Issue 23: a Llama-family model (Gemma's block: (1 + w) RMSNorm, tanh-GELU gate, one k/v head
+    of width 16, rotary) trains through fairseq-train from jam-ckpt's JAM-Width of two HF
+    ``GemmaForCausalLM`` directories (the arch ``jam_width_gemma_tiny`` names the family), and its
+    checkpoint loads back as that model."""
+    from _hosts_util import hf_parents, jam_ckpt_fuse
+    from checkpoints_tools import load_model
+    from jam_metaseq.models.config import preset, width_of
+
+    llm, img = hf_parents(tmp_path / "hf", "gemma")
+    start = jam_ckpt_fuse("jam_width", llm=llm, img=img, out=tmp_path / "width")
+    save = tmp_path / "run"
+    res = run_cli("fairseq-train", str(data), *COMMON, *TRAIN, "--arch", "jam_width_gemma_tiny", "--batch-size", "4",
+                  "--max-tokens", "256", "--max-update", "6", "--save-dir", str(save), "--restore-file", str(start),
+                  *RESETS)
+    curve = losses(res.stdout + res.stderr)
+    assert sorted(curve) == list(range(1, 7)) and all(math.isfinite(v) for v in curve.values()), curve
+    model, cfg, _ = load_model(save / "checkpoint_last.pt")
+    assert cfg == width_of(preset("gemma_tiny", vocab_size=VOCAB.size))
+    assert (cfg.num_kv_heads, cfg.head_dim, cfg.norm) == (2, 16, "rmsnorm_plus_one")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,6 +20,9 @@ import torch
 pytestmark = pytest.mark.metaseq
 
 FAMILIES = ("jam_uniform", "jam_width", "jam_cross")
+CASES = (*FAMILIES, "jam_width@llama_tiny", "jam_cross@llama_tiny")
+"""The tensor-parallel cases: each JAM family of OPT-block parents, and of Llama-block parents
+(grouped k/v heads, gated MLP, RMSNorm, rotary, untied head; JAM-Uniform's plan is the parents')."""
 
 
 def _real_metaseq():
@@ -137,14 +140,15 @@ def test_task_has_its_own_state(data):
     assert one.state_dict()["jam_config"] == model.jam_config.to_dict()
 
 
-def metaseq_args(data: Path, family: str, *, mp: int, extra: tuple[str, ...] = ()) -> argparse.Namespace:
+def metaseq_args(data: Path, family: str, *, mp: int, extra: tuple[str, ...] = (), size: str = "tiny"
+                 ) -> argparse.Namespace:
     """``metaseq-train``'s own parser on a tiny run's flags (the registry, not --user-dir)."""
     from jam_metaseq.hosts import register_hosts
 
     register_hosts(import_hosts=True)
     from metaseq import options
 
-    argv = [str(data), "--task", "cm3_multimodal", "--criterion", "cm3", "--arch", f"{family}_tiny",
+    argv = [str(data), "--task", "cm3_multimodal", "--criterion", "cm3", "--arch", f"{family}_{size}",
             "--tokens-per-sample", "32", "--seed", "1", "--cpu", "--model-parallel-size", str(mp)]
     if family == "jam_cross":
         argv += ["--cross-every", "1"]
@@ -152,12 +156,14 @@ def metaseq_args(data: Path, family: str, *, mp: int, extra: tuple[str, ...] = (
     return options.parse_args_and_arch(options.get_training_parser(), input_args=argv)
 
 
-def tp_result(data: Path, family: str, *, mp: int, start: str | None) -> dict:
+def tp_result(data: Path, case: str, *, mp: int, start: str | None) -> dict:
     """Build task/model/criterion as metaseq-train does; this rank's state dict, loss and grads on
-    four validation items; then the loss after loading ``start`` (this rank's file of it)."""
+    four validation items; then the loss after loading ``start`` (this rank's file of it).
+    ``case``: a JAM family, or ``{family}@{size}`` (parents of the preset ``size``)."""
     from metaseq import tasks
 
-    args = metaseq_args(data, family, mp=mp)
+    family, _, size = case.partition("@")
+    args = metaseq_args(data, family, mp=mp, size=size or "tiny")
     task = tasks.setup_task(args)
     model = task.build_model(args)
     criterion = task.build_criterion(args)
@@ -209,28 +215,34 @@ def tp_runs(data, tmp_path_factory) -> Path:
     from checkpoints_tools.cli import main as jam_ckpt
 
     root = tmp_path_factory.mktemp("tp")
-    llm, img = make_parents(root / "parents")
+    parents = {size: make_parents(root / f"parents-{size}", size=size) for size in ("tiny", "llama_tiny")}
     vocab = root / "vocab.json"
     VOCAB.save(vocab)
-    verbs = {"jam_uniform": ["merge", str(llm), str(img)],
-             "jam_width": ["widen", "--llm", str(llm), "--img", str(img), "--init", "copy"],
-             "jam_cross": ["cross", "--llm", str(llm), "--img", str(img), "--cross-every", "1"]}
+
+    def verbs(family: str, llm: Path, img: Path) -> list[str]:
+        return {"jam_uniform": ["merge", str(llm), str(img)],
+                "jam_width": ["widen", "--llm", str(llm), "--img", str(img), "--init", "copy"],
+                "jam_cross": ["cross", "--llm", str(llm), "--img", str(img), "--cross-every", "1"]}[family]
+
     starts = {}
-    for family in FAMILIES:
+    for case in CASES:
+        family, _, size = case.partition("@")
         for m in (1, 2):
-            out = root / f"{family}-mp{m}"
-            assert jam_ckpt([*verbs[family], "--vocab", str(vocab), "-o", str(out), "--mp", str(m),
-                             "--quiet"]) == 0
-        torch.save(tp_result(data, family, mp=1, start=str(root / f"{family}-mp1" / "checkpoint.pt")),
-                   root / f"{family}-ref.pt")
-        starts[family] = str(root / f"{family}-mp2" / "checkpoint.pt")
+            out = root / f"{case}-mp{m}"
+            assert jam_ckpt([*verbs(family, *parents[size or "tiny"]), "--vocab", str(vocab), "-o", str(out),
+                             "--mp", str(m), "--quiet"]) == 0
+        torch.save(tp_result(data, case, mp=1, start=str(root / f"{case}-mp1" / "checkpoint.pt")),
+                   root / f"{case}-ref.pt")
+        starts[case] = str(root / f"{case}-mp2" / "checkpoint.pt")
     mp.spawn(_tp_worker, args=(2, _free_port(), str(data), starts, str(root)), nprocs=2)
     return root
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", CASES)
 def test_tensor_parallel_ranks_are_the_jam_ckpt_parts(family, tp_runs):
-    """Item 4 (one plan) and defects 3-5 at --model-parallel-size 2, on metaseq's megatron layers:
+    """Item 4 (one plan) and defects 3-5 at --model-parallel-size 2, on metaseq's megatron layers
+    (and issue 23's split rules on Llama-shaped parents: q/k/v, gate/up column, grouped k/v heads
+    whole per rank, o/down row, RMSNorm replicated, the untied head column-parallel):
     rank r's state dict has exactly the keys and shapes of jam-ckpt's ``-model_part-r`` file
     (defect 5: the tied output projection's key), its tensors are ``layout.split`` of the same
     model built at size 1 (defect 4: initialised; defect 3: float32, not megatron's default half),

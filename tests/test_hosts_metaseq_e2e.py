@@ -206,6 +206,38 @@ def test_validate_reads_a_jam_ckpt_output(data, fused):
     assert_ppl(validate(data, fused[1]), trained=False)
 
 
+# ---- the Llama family (issue 23) ------------------------------------------------------------------
+def test_llama_cross_from_hf_parents_logs_the_same_losses_at_mp_1_and_2(data, tmp_path):
+    """Two HF ``LlamaForCausalLM`` directories -> jam-ckpt cross --mp 1 / --mp 2 -> metaseq-train
+    --arch jam_cross_llama_tiny at that size: grouped k/v heads (2 of 4) split whole per rank,
+    gate/up column-parallel, down row-parallel, the untied head column-parallel next to its
+    embedding, RMSNorm replicated; the size-2 run logs the size-1 losses."""
+    from _hosts_util import hf_parents
+
+    llm, img = hf_parents(tmp_path / "hf", "llama")
+    curves = {}
+    for mp in (1, 2):
+        start = jam_ckpt_fuse("jam_cross", llm=llm, img=img, out=tmp_path / f"cross-mp{mp}", mp=mp)
+        res = train(data, tmp_path / f"run{mp}", "--arch", "jam_cross_llama_tiny", "--cross-every", "1",
+                    "--max-update", "3", "--finetune-from-model", str(start), mp=mp)
+        curves[mp] = train_losses(res.stdout)
+    assert sorted(curves[1]) == sorted(curves[2]) == [1, 2, 3]
+    for u in curves[1]:
+        assert curves[2][u] == pytest.approx(curves[1][u], abs=TOL), (u, curves[2][u], curves[1][u])
+
+
+def test_a_model_parallel_size_that_splits_a_kv_head_stops_with_one_line(data, tmp_path):
+    """Gemma's tiny parent has one k/v head: two model-parallel ranks cannot each hold whole ones."""
+    res = train(data, tmp_path / "run", "--arch", "jam_cross_gemma_tiny", "--cross-every", "1", "--max-update", "1",
+                mp=2, check=False)
+    assert res.returncode != 0 and "train_inner" not in res.stdout
+    lines = [re.sub(r"^\[rank\d+\]: ", "", line) for line in res.stderr.splitlines()]
+    errors = [line for line in lines if line.startswith("metaseq-train: error: ")]
+    assert errors and "model-parallel size 2 does not divide its k/v heads (num_key_value_heads) (1)" in errors[0], \
+        res.stderr[-3000:]
+    assert "ModelSetupError" not in res.stderr  # no traceback of ours
+
+
 # ---- jam-launch --host metaseq ---------------------------------------------------------------------
 def _dry_run_command(*flags: str) -> list[str]:
     res = run_cli("jam-launch", "--host", "metaseq", "--data", "/data/jam", "--save-dir", "/ck/jam",

@@ -1,6 +1,6 @@
 """Chameleon (issue 24) against its reference implementation: HF ``transformers``'
 ``ChameleonForConditionalGeneration`` with tiny random configs built here (one with grouped k/v heads,
-one with the 30B model's ``swin_norm`` and biases), mapped through ``jam_metaseq.models.hf_chameleon``
+one with the 30B model's ``swin_norm`` and biases), mapped through ``jam_metaseq.models.hf_families`` (``chameleon.py``)
 and ``jam_metaseq.image_tokenizer.hf_vqvae``.
 
 Our logits equal HF's (fp32 round-off) unpadded, left-padded and decoded through the KV cache; HF ->
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from _model_util import left_pad, random_tokens
-from jam_metaseq.models import build_model, count_parameters, hf_chameleon, keys, preset
+from jam_metaseq.models import build_model, count_parameters, hf_families, keys, preset
+from jam_metaseq.models.hf_families import chameleon as hf_chameleon
 from jam_metaseq.models.config import DecoderConfig, config_from_json, config_to_json
 from jam_metaseq.models.decoder import build_context, rotary_context
 
@@ -62,7 +63,7 @@ def hf_model(case: str, *, seed: int = 0):
 def ours_from(hf) -> tuple[torch.nn.Module, DecoderConfig]:
     cfg = hf_chameleon.config_from_hf(hf.config.to_dict())
     model = build_model(cfg).eval()
-    model.load_state_dict(hf_chameleon.from_hf_state(hf.state_dict(), cfg), strict=True)
+    model.load_state_dict(hf_families.from_hf_state(hf.state_dict(), cfg), strict=True)
     return model, cfg
 
 
@@ -126,7 +127,7 @@ def test_hf_to_ours_to_hf_is_bit_identical(pair):
 
     case, hf, ours, cfg = pair
     hf_state = hf.state_dict()
-    back = hf_chameleon.to_hf_state(ours.state_dict(), cfg)
+    back = hf_families.to_hf_state(ours.state_dict(), cfg)
     decoder = {k: v for k, v in VQGAN(hf_vqvae.config_from_hf(VQ)).state_dict().items() if k.startswith("decoder.")}
     vq = hf_vqvae.vqgan_from_hf(hf.config.vq_config.to_dict(), hf_state, decoder_state=decoder)
     back.update(hf_vqvae.to_hf_state(vq.state_dict()))
@@ -142,7 +143,7 @@ def test_written_config_loads_in_transformers_and_computes_the_same(pair):
     config = transformers.ChameleonConfig.from_dict(written)
     assert hf_chameleon.config_from_hf(config.to_dict()) == cfg
     reloaded = transformers.ChameleonForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
-    missing, unexpected = reloaded.load_state_dict(hf_chameleon.to_hf_state(ours.state_dict(), cfg), strict=False)
+    missing, unexpected = reloaded.load_state_dict(hf_families.to_hf_state(ours.state_dict(), cfg), strict=False)
     assert not unexpected and all(k.startswith(hf_chameleon.VQ_PREFIX) for k in missing)
     tokens = random_tokens(2, 12, low=0, high=V, seed=2)
     torch.testing.assert_close(_hf_logits(reloaded, tokens)[..., _TEXT], ours(tokens).detach()[..., _TEXT],
@@ -276,12 +277,14 @@ def test_swin_norm_ignored_breaks_parity():
 
 # ---- configs and counts --------------------------------------------------------------------------
 def test_configs_no_chameleon_class_computes_are_refused_by_name():
-    from jam_metaseq.models import hf_families
-
-    with pytest.raises(ValueError, match="qk_norm='none'"):
+    with pytest.raises(ValueError, match="qk_norm='layernorm_per_head'; this model has qk_norm='none'"):
         hf_chameleon.hf_config(preset("llama_tiny"), vocabulary_map=VOCABULARY_MAP)
-    with pytest.raises(ValueError, match="converts through hf_chameleon"):
-        hf_families.hf_config(preset("chameleon_tiny"))  # a Llama file would lose the q/k norms
+    with pytest.raises(ValueError, match="qk_norm='none'; this model has qk_norm='layernorm_per_head'"):
+        hf_families.FAMILIES["llama"].check(preset("chameleon_tiny"))  # a Llama file would lose the q/k norms
+    with pytest.raises(ValueError, match="is a chameleon model, not llama"):
+        hf_families.hf_config(preset("chameleon_tiny"), family="llama")
+    assert hf_families.family_for(preset("chameleon_tiny")) is hf_chameleon.FAMILY
+    assert hf_families.family_by_names(list(hf_model("chameleon").state_dict())) is hf_chameleon.FAMILY
     with pytest.raises(ValueError, match="model_type 'llama' is not 'chameleon'"):
         hf_chameleon.config_from_hf({**CASES["chameleon"], "model_type": "llama"})
     with pytest.raises(ValueError, match="hidden_act 'gelu_new'"):

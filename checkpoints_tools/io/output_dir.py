@@ -1,7 +1,8 @@
 """One model written atomically: ``OutputDir`` takes consolidated tensors one at a time, casts and
 splits them into model-parallel pieces (``layout``), and writes each rank's piece on that rank's
 writer thread into its file(s): metaseq ``.pt`` (plain, or FSDP shards), one safetensors file,
-or an HF directory (``hf_{model_type}``, e.g. ``hf_opt``: ``checkpoints_tools.hf``). Everything goes into a temp directory next to the target,
+or an HF directory (``hf``: the model's family layout, sharded with an index, ``io/hf_dir.py``).
+Everything goes into a temp directory next to the target,
 ``manifest.json`` (sizes, sha256s, tensors) last, then one rename (``target``); on any error or
 interrupt the temp directory is removed and no output appears.
 
@@ -29,10 +30,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from checkpoints_tools import layout
-from checkpoints_tools.hf import OUTPUT_FORMATS
 from checkpoints_tools.io.errors import OutputError, write_error
 from checkpoints_tools.io.fsdp import FsdpRank, Unit, fsdp_unit
 from checkpoints_tools.io.hashed_file import fsync_dir, write_json_fsync
+from checkpoints_tools.io.hf_dir import DEFAULT_MAX_SHARD_SIZE, FORMATS as HF_FORMATS, HFDirWriter, check_hf_layout
 from checkpoints_tools.io.host_meta import checkpoint_meta
 from checkpoints_tools.io.safetensors import SafetensorsStreamWriter
 from checkpoints_tools.io.target import (
@@ -55,8 +56,8 @@ class OutputSpec:
     out_dir: Path
     """Final directory (must not exist unless ``overwrite``)."""
     format: str = "metaseq"
-    """``metaseq`` (.pt files), ``safetensors`` (one consolidated file) or ``hf_{model_type}``
-    (an HF directory, e.g. ``hf_opt``)."""
+    """``metaseq`` (.pt files), ``safetensors`` (one consolidated file) or ``hf`` (an HF directory
+    of the model's family; ``hf_{model_type}``: that family, e.g. ``hf_opt``)."""
     mp: int = 1
     """Target model-parallel size."""
     fsdp: int = 0
@@ -69,6 +70,8 @@ class OutputSpec:
     """Replace an existing jam-ckpt output directory (one with manifest.json), atomically."""
     overwrite_any_dir: bool = False
     """Replace an existing directory even if it is not a jam-ckpt output (implies ``overwrite``)."""
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    """HF outputs: bytes per safetensors shard at most (more than one shard: with the index)."""
 
     def file_names(self) -> list[list[str]]:
         """[rank][shard] -> file name: metaseq's names for a run of ``mp`` x ``fsdp`` processes,
@@ -114,10 +117,12 @@ class OutputDir:
     def __init__(self, spec: OutputSpec, *, cfg: ModelConfig, shapes: Mapping[str, Sequence[int]],
                  vocab: Mapping[str, Any] | None = None, check_space: bool = True,
                  inputs: Sequence[Path] = ()) -> None:
-        if spec.format not in ("metaseq", "safetensors", *OUTPUT_FORMATS):
+        if spec.format not in ("metaseq", "safetensors", *HF_FORMATS):
             raise OutputError(f"unknown output format {spec.format!r}")
-        if (spec.format == "safetensors" or spec.format in OUTPUT_FORMATS) and (spec.mp != 1 or spec.fsdp):
+        if spec.format == "safetensors" and (spec.mp != 1 or spec.fsdp):
             raise OutputError(f"{spec.format} output is consolidated: use --mp 1 without --fsdp")
+        self._family = check_hf_layout(spec.format, cfg, mp=spec.mp, fsdp=spec.fsdp) \
+            if spec.format in HF_FORMATS else None
         if spec.mp < 1 or spec.fsdp < 0:
             raise OutputError(f"bad layout mp={spec.mp} fsdp={spec.fsdp}")
         out = Path(spec.out_dir)
@@ -130,8 +135,11 @@ class OutputDir:
                 if isinstance(cfg, CrossConfig) else [("", cfg)]
             for label, parent in branches:
                 layout.check_mp(heads=parent.heads, vocab_size=parent.vocab_size, ffn_dim=parent.ffn_dim,
-                                embed_dim=parent.embed_dim, parts=spec.mp, what=f"target {out}{label}")
+                                embed_dim=parent.embed_dim, parts=spec.mp, what=f"target {out}{label}",
+                                kv_heads=parent.num_kv_heads)
         self.spec, self.cfg, self.vocab = spec, cfg, vocab
+        self._model_ties = cfg.tied_output if isinstance(cfg, CrossConfig) else cfg.tie_embeddings
+        """The model's output projection is its embedding (False: Llama-2/3's own head)."""
         self.shapes = collections.OrderedDict((k, tuple(int(s) for s in v)) for k, v in shapes.items())
         self.out = out
         self.inputs = list(inputs)
@@ -144,6 +152,7 @@ class OutputDir:
         self.tensor_meta: dict[str, dict[str, Any]] = {}
         names = spec.file_names()
         self._st: SafetensorsStreamWriter | None = None
+        self._hf: HFDirWriter | None = None
         self._pt: list[list[TorchStreamWriter]] = []
         self._fsdp: list[FsdpRank] = []
         self._plain: list[dict[str, Any]] = []
@@ -180,13 +189,10 @@ class OutputDir:
         return self.out / name
 
     def _open_files(self) -> None:
-        if self.spec.format in OUTPUT_FORMATS:
-            adapter = OUTPUT_FORMATS[self.spec.format]
-            self._hf_config = adapter.hf_config(self.cfg, dtype=self.spec.dtype or next(iter(self._dtypes.values())))
-            plan = [(n, s, self._dtypes[keys.EMBED])
-                    for n, s in adapter.hf_shapes(self.shapes, cfg=self.cfg).items()]
-            self._st = SafetensorsStreamWriter(self.tmp / "model.safetensors", plan, {"format": "pt"},
-                                               shown=self._shown("model.safetensors"))
+        if self._family is not None:
+            self._hf = HFDirWriter(self.tmp, family=self._family, cfg=self.cfg, shapes=self.shapes,
+                                   dtype=self._dtypes[keys.EMBED], max_shard_size=self.spec.max_shard_size,
+                                   shown=self._shown)
             return
         if self.spec.format == "safetensors":
             md = {"format": "pt", "jam_config": json.dumps(self.cfg.to_dict())}
@@ -204,7 +210,8 @@ class OutputDir:
             buffers = [n for n in self.shapes if keys.is_version(n)]
             # Copies of the names: pickle writes an object it has written before as a reference, so
             # the bytes would depend on whether the tensor names are these very string objects.
-            shared = [tuple(n.encode().decode() for n in TIED)] if all(t in self.shapes for t in TIED) else []
+            shared = [tuple(n.encode().decode() for n in TIED)] \
+                if self._model_ties and all(t in self.shapes for t in TIED) else []
             for r in range(self.spec.mp):
                 units: dict[str, Unit] = {}
                 for n in self.shapes:
@@ -224,9 +231,9 @@ class OutputDir:
     def aliases_tied(self) -> bool:
         """The files store the output projection as the embedding itself: ``.pt`` layouts alias its
         storage (as ``torch.save`` does), safetensors stores it once and names the alias in
-        ``__metadata__`` (``__metadata__[OUTPUT] = EMBED``); HF OPT files have no output projection (``lm_head``
-        is tied by the config)."""
-        return all(t in self.shapes for t in TIED) and self.shapes[TIED[0]] == self.shapes[TIED[1]]
+        ``__metadata__`` (``__metadata__[OUTPUT] = EMBED``); HF files have no output projection when tied
+        (``lm_head`` is tied by the config)."""
+        return self._model_ties and all(t in self.shapes for t in TIED) and self.shapes[TIED[0]] == self.shapes[TIED[1]]
 
     def expect_tied(self) -> None:
         """The caller will write the output projection with ``add_tied`` (its sources are tied):
@@ -250,8 +257,8 @@ class OutputDir:
             raise OutputError(f"tensor {name} written twice")
         self._done.add(name)
         self.tensor_meta[name] = dict(self.tensor_meta[TIED[0]])
-        if self.spec.fsdp or self._st is not None:  # FSDP: shared_param_info; safetensors: in the header
-            return []
+        if self.spec.fsdp or self._st is not None or self._hf is not None:
+            return []  # FSDP: shared_param_info; safetensors: in the header; HF: the config's tie
 
         def alias(r: int) -> None:
             self._plain[r][name] = self._tied_stub[r]
@@ -261,7 +268,7 @@ class OutputDir:
     @property
     def writer_count(self) -> int:
         """How many files can be written in parallel (one per output MP rank; 1 for safetensors)."""
-        return 1 if self._st is not None or self.spec.format != "metaseq" else self.spec.mp
+        return self.spec.mp if self.spec.format == "metaseq" else 1
 
     def _pieces(self, name: str, t: torch.Tensor) -> list[Any]:
         """The MP pieces of ``t``: tensors (views where possible; with FSDP the pieces are kept
@@ -301,10 +308,9 @@ class OutputDir:
         return t
 
     def _write_single(self, name: str, t: torch.Tensor) -> None:
-        """safetensors / HF outputs: one file, tensors in plan order."""
-        if self.spec.format in OUTPUT_FORMATS:
-            for hn, ht in OUTPUT_FORMATS[self.spec.format].to_hf_items(name, t, cfg=self.cfg):
-                self._st.add(hn, ht)
+        """safetensors / HF outputs: tensors in plan order (HF: each into its shard)."""
+        if self._hf is not None:
+            self._hf.add(name, t)
         else:
             self._st.add(name, t)
 
@@ -319,7 +325,7 @@ class OutputDir:
             piece = torch.cat(piece, dim=0, out=buf)
         elif not piece.is_contiguous():  # a column block (row-parallel linear)
             piece = self._rank_ws[r].get("piece", piece.shape, piece.dtype).copy_(piece)
-        if name in TIED and all(x in self.shapes for x in TIED) and not self._expect_tied:
+        if name in TIED and self._model_ties and all(x in self.shapes for x in TIED) and not self._expect_tied:
             sha = hashlib.sha256(piece.contiguous().view(-1).view(torch.uint8).numpy().data).hexdigest()
             if name == TIED[0]:
                 self._tied_sha[r] = sha
@@ -353,7 +359,7 @@ class OutputDir:
         if self._error is not None:
             raise self._error
         t = self._prepare(name, tensor, slot)
-        if self._st is not None:
+        if self._st is not None or self._hf is not None:
             return [_submit(pools[0] if pools else None, self._guarded, self._write_single, name, t)]
         return [_submit(pools[r] if pools else None, self._guarded, self._write_rank, r, name, piece)
                 for r, piece in enumerate(self._pieces(name, t))]
@@ -396,6 +402,11 @@ class OutputDir:
         if self._st is not None:
             sha, nb = self._st.finish()
             files[self._st.path.name] = {"sha256": sha, "bytes": nb}
+        elif self._hf is not None:
+            files.update({f: {"sha256": sha, "bytes": nb} for f, (sha, nb) in self._hf.finish().items()})
+            for f, data in self._hf.small_files().items():
+                self._write_small(f, lambda path, data=data: path.write_bytes(data))
+                files[f] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         else:
             meta = checkpoint_meta(self.cfg, mp=self.spec.mp, fsdp=self.spec.fsdp, vocab=self.vocab)
             for r, rank in enumerate(self._pt):
@@ -408,10 +419,6 @@ class OutputDir:
                         obj["model"] = self._plain[r]
                     sha, nb = w.finish(obj)
                     files[w.path.name] = {"sha256": sha, "bytes": nb}
-        if self.spec.format in OUTPUT_FORMATS:
-            data = (json.dumps(self._hf_config, indent=2) + "\n").encode()
-            self._write_small("config.json", lambda path: path.write_bytes(data))
-            files["config.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         if self.vocab:
             data = (json.dumps(dict(self.vocab), indent=2) + "\n").encode()
             self._write_small("vocab.json", lambda path: path.write_bytes(data))
@@ -457,6 +464,8 @@ class OutputDir:
                 w.abort()
         if self._st is not None:
             self._st.abort()
+        if self._hf is not None:
+            self._hf.abort()
         if self.tmp is not None:
             remove_tree(self.tmp)
             self.tmp = None

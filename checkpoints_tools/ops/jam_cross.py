@@ -25,7 +25,7 @@ from checkpoints_tools.readers import Reader
 from checkpoints_tools.safe_load import CheckpointError
 from checkpoints_tools.workspace import Workspace
 from jam_metaseq.fusion.cross import DEFAULT_INIT_SEED_SCHEME, INIT_SEED_SCHEMES, cross_plan
-from jam_metaseq.models.config import FUNCTION_FIELDS, SHAPE_FIELDS, cross_of
+from jam_metaseq.models.config import SHAPE_FIELDS, cross_of
 
 
 def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions, cross_every: int = 2,
@@ -48,10 +48,6 @@ def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
                                  shapes_may_differ=True)
     parent = cfgs[0]
     image_parent = dataclasses.replace(parent, **{f: getattr(cfgs[1], f) for f in SHAPE_FIELDS})
-    for f in FUNCTION_FIELDS:
-        if getattr(cfgs[1], f) != getattr(parent, f):
-            raise CheckpointError(f"{readers[1].path}: img parent has {f}={getattr(cfgs[1], f)!r}, llm parent "
-                                  f"({readers[0].path}) has {getattr(parent, f)!r}; JAM-Cross parents share it")
     if image_vocab is None:
         v = parents_vocab(opts.vocab, readers)
         image_vocab = None if v is None else (v.image_start, v.image_end)

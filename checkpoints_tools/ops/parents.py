@@ -14,8 +14,11 @@ import torch
 
 from checkpoints_tools.ops.options import CommonOptions
 from checkpoints_tools.readers import Reader, open_checkpoint
+from checkpoints_tools.readers.vocab_rows import extend_rows
 from checkpoints_tools.safe_load import CheckpointError
-from jam_metaseq.models.config import SHAPE_FIELDS, TENSOR_FIELDS, CrossConfig, DecoderConfig, ModelConfig
+from jam_metaseq.models.config import (
+    FUNCTION_FIELDS, SHAPE_FIELDS, TENSOR_FIELDS, CrossConfig, DecoderConfig, ModelConfig,
+)
 from jam_metaseq.vocab import VocabManifest, find_vocab
 
 _INIT_FNS: set[Any] | None = None
@@ -69,21 +72,39 @@ def check_parent_tensors(reader: Reader, cfg: DecoderConfig, *, role: str) -> No
         raise CheckpointError(f"{where}: {role} parent has unexpected tensor(s) {extra[:3]}")
 
 
+def _instead(fld: str, *, shapes_may_differ: bool) -> str:
+    """What to do when two parents differ in ``fld``: the fusion that takes them, or why none does."""
+    if fld in SHAPE_FIELDS and not shapes_may_differ:
+        return "; parents of different sizes fuse with JAM-Cross (jam-ckpt cross), whose branches keep their shapes"
+    if fld == "vocab_size":
+        return ("; give both parents one vocabulary: a manifest whose ids.extends adds the smaller embedding's missing "
+                "rows (--vocab; docs/FAMILIES.md)")
+    if fld == "padding_idx":
+        return "; name one pad id for both (--vocab MANIFEST)"
+    if shapes_may_differ:
+        return f"; JAM-Cross parents share it (both branches compute with the LLM's {fld}), as every JAM fusion's do"
+    return (f"; no JAM fusion takes parents that differ in {fld} (JAM-Uniform and JAM-Width mix their weights, "
+            "JAM-Cross's branches compute with one model's settings)")
+
+
 def check_same_parents(readers: Sequence[Reader], cfgs: Sequence[DecoderConfig], roles: Sequence[str], *,
                        shapes_may_differ: bool = False) -> None:
     """Parents must agree in ``SHAPE_FIELDS`` (width, FFN, depth, heads), ``TENSOR_FIELDS``
-    (vocab, positions, biases, LayerNorm kind) and every tensor shape; with ``shapes_may_differ``
-    (asymmetric JAM-Cross) in ``TENSOR_FIELDS`` only (each parent's tensors are then checked
-    against its own config)."""
+    (vocab, positions, biases, norm kind), ``FUNCTION_FIELDS`` (activation, norm, rotary settings,
+    embedding scale, padding) and every tensor shape; with ``shapes_may_differ`` (asymmetric
+    JAM-Cross) in ``TENSOR_FIELDS`` and ``FUNCTION_FIELDS`` only (each parent's tensors are then
+    checked against its own config). Each refusal names the field and the fusion that would take
+    the parents, if any."""
     a = cfgs[0]
     for r, c, role in zip(readers[1:], cfgs[1:], roles[1:]):
-        for fld in (*SHAPE_FIELDS, *TENSOR_FIELDS):
-            if shapes_may_differ and fld in SHAPE_FIELDS:
-                continue
-            if getattr(c, fld) != getattr(a, fld):
-                raise CheckpointError(
-                    f"{r.files[0] if r.files else r.path}: {role} parent has {fld}={getattr(c, fld)}, "
-                    f"{roles[0]} parent ({readers[0].path}) has {getattr(a, fld)}")
+        differ = [f for f in (*SHAPE_FIELDS, *TENSOR_FIELDS, *FUNCTION_FIELDS)
+                  if getattr(c, f) != getattr(a, f) and not (shapes_may_differ and f in SHAPE_FIELDS)]
+        if differ:  # the one to name: a difference no fusion takes first, then the vocabulary, then the size
+            fld = min(differ, key=lambda f: (f in SHAPE_FIELDS, f in ("vocab_size", "padding_idx")))
+            raise CheckpointError(
+                f"{r.files[0] if r.files else r.path}: {role} parent has {fld}={getattr(c, fld)!r}, "
+                f"{roles[0]} parent ({readers[0].path}) has {getattr(a, fld)!r}"
+                f"{_instead(fld, shapes_may_differ=shapes_may_differ)}")
         if shapes_may_differ:
             continue
         sa, sb = readers[0].shapes(), r.shapes()
@@ -115,18 +136,30 @@ def input_paths(readers: Sequence[Reader]) -> list[Path]:
     return [p for r in readers for p in (r.path, *r.files)]
 
 
+def config_overrides(vocab: VocabManifest | None, heads: int | None) -> dict[str, Any]:
+    """What ``Reader.config`` is told besides the checkpoint: the heads (``--heads``) and the
+    padding id of the vocabulary in use (an HF Llama names none)."""
+    out: dict[str, Any] = {"heads": heads} if heads else {}
+    if vocab is not None:
+        out["padding_idx"] = vocab.pad
+    return out
+
+
 def open_parents(paths: Sequence[str | os.PathLike], roles: Sequence[str], *, opts: CommonOptions,
                  heads: int | None, role_heads: Mapping[str, int | None] | None = None,
                  shapes_may_differ: bool = False) -> tuple[list[Reader], list[DecoderConfig]]:
     """The parents (``roles``: how messages name them) opened and checked: plain decoders
     (``heads``, or ``role_heads[role]``, where a checkpoint does not record them) that agree
-    (``check_same_parents``) and hold exactly their config's tensors."""
-    readers = [open_checkpoint(p, trust_pickle=opts.trust_pickle, replica_mismatch=opts.replica_mismatch)
-               for p in paths]
+    (``check_same_parents``) and hold exactly their config's tensors. The vocabulary in use
+    (``--vocab``, else the first parent's own) gives the padding id and the rows it adds."""
+    raw = [open_checkpoint(p, trust_pickle=opts.trust_pickle, replica_mismatch=opts.replica_mismatch)
+           for p in paths]
+    vocab = parents_vocab(opts.vocab, raw)
+    readers = [extend_rows(r, vocab) for r in raw]
     cfgs = []
     for r, role in zip(readers, roles):
         h = (role_heads or {}).get(role) or heads
-        c = r.config(**({"heads": h} if h else {}))
+        c = r.config(**config_overrides(vocab, h))
         if isinstance(c, CrossConfig):
             raise CheckpointError(f"{r.path}: {role} parent is a JAM-Cross model; parents must be decoders")
         cfgs.append(c)

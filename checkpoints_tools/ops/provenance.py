@@ -50,6 +50,9 @@ class SourceHash:
         self._cancelled = False
         self._record = {"role": role, "path": str(reader.path), "format": reader.format, "mp": reader.mp,
                         "fsdp": reader.fsdp, "files": {}}
+        rows = getattr(reader, "record", None)
+        if rows is not None:  # a parent read with the rows its vocabulary manifest adds
+            self._record["vocab_rows"] = rows()
         self._threads: dict[str, threading.Thread] = {}
         self._results: dict[str, str | BaseException] = {}
         known: dict[Path, tuple[dict[str, Any], int]] = {}

@@ -11,16 +11,19 @@ from pathlib import Path
 from checkpoints_tools.io.output_dir import OutputDir
 from checkpoints_tools.ops import stream
 from checkpoints_tools.ops.options import CommonOptions, manifest_extra
-from checkpoints_tools.ops.parents import input_paths, output_vocab
+from checkpoints_tools.ops.parents import config_overrides, input_paths, output_vocab, parents_vocab
 from checkpoints_tools.ops.provenance import source_record
 from checkpoints_tools.readers import open_checkpoint
+from checkpoints_tools.readers.vocab_rows import extend_rows
 from jam_metaseq.models.keys import TIED
 
 
 def reshard(src: str | os.PathLike, *, opts: CommonOptions, heads: int | None = None) -> Path:
     """Any layout -> any layout (MP N->M, FSDP in/out, consolidated <-> sharded, .pt <-> safetensors)."""
     r = open_checkpoint(src, trust_pickle=opts.trust_pickle, replica_mismatch=opts.replica_mismatch)
-    cfg = r.config(**({"heads": heads} if heads else {}))
+    given = parents_vocab(opts.vocab, [r])
+    r = extend_rows(r, given)
+    cfg = r.config(**config_overrides(given, heads))
     shapes = r.shapes()
     dtype_in = r.param_dtype
     vocab = output_vocab(opts.vocab, cfg=cfg, sources=[r])

@@ -10,7 +10,8 @@ model saved as a plain ``.safetensors`` or ``.bin``) through that family's key m
   stores, or one inferred from its shapes and host args.
 - one file per format: ``metaseq.py`` (``.pt``: consolidated or model-parallel parts, joined as
   read; ``pt_files.py`` groups the files, ``fsdp.py`` indexes FSDP shards), ``safetensors.py``,
-  ``hf.py`` (HF directories of any family in ``checkpoints_tools.hf``).
+  ``hf.py`` (HF directories of any family in ``jam_metaseq.models.hf_families``), ``gguf.py``
+  (llama.cpp's GGUF files of the llama architecture, dequantized on read).
 
 Adding a format is one file here (its ``Reader``, ``claims(path)`` and an ``open`` function) and one
 entry in ``FORMATS``. Nothing in a file is trusted: headers, zip records and pickles are
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from checkpoints_tools.readers import hf, metaseq, safetensors
+from checkpoints_tools.readers import gguf, hf, metaseq, safetensors
 from checkpoints_tools.readers.base import (
     REPLICA_MISMATCH, Reader, ReplicaMismatchWarning, TensorInfo, check_parameter_dtype,
 )
@@ -44,11 +45,14 @@ class Format:
     name: str
     claims: Callable[[Path], bool]
     open: Callable[..., Reader]
+    views: bool = True
+    """False: the reader gives metaseq names itself, so ``VIEWS`` are not asked (a GGUF file's)."""
 
 
 FORMATS: tuple[Format, ...] = (
     Format("hf", hf.claims, hf.open_hf_dir),
     Format("safetensors", safetensors.claims, safetensors.open_safetensors),
+    Format("gguf", gguf.claims, gguf.open_gguf, views=False),
     Format("metaseq", metaseq.claims, metaseq.open_pt),
 )
 """Asked in this order; the first that claims a path opens it (``metaseq`` claims any file path)."""
@@ -67,7 +71,7 @@ def open_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False,
     if fmt is None:
         raise CheckpointError(f"{path}: no .pt or .safetensors checkpoint in this directory")
     reader = fmt.open(path, trust_pickle=trust_pickle, replica_mismatch=replica_mismatch)
-    for view in VIEWS:
+    for view in VIEWS if fmt.views else ():
         reader = view(reader, path)
     return reader
 

@@ -163,9 +163,10 @@ class Reader:
         return next(iter(seen), torch.float32)
 
     def num_params(self) -> int:
-        """Parameters (the tied output projection and version buffers not counted)."""
+        """Parameters (version buffers and an output projection tied to the embedding not counted)."""
+        tied = self.tied(*keys.TIED)
         return sum(i.numel for n, i in self._infos.items()
-                   if not keys.is_version(n) and n != keys.OUTPUT)
+                   if not keys.is_version(n) and not (n == keys.OUTPUT and tied))
 
     def config(self, **overrides: Any) -> ModelConfig:
         """The model config: stored ``jam_config`` (or a trained checkpoint's task state, the jam-ckpt

@@ -1,9 +1,10 @@
-"""HF transformers checkpoints seen with metaseq names, through their family's adapter
-(``checkpoints_tools/hf``): an HF directory (``config.json`` + ``model.safetensors`` /
-``pytorch_model.bin``, single or indexed), or a bare state dict with HF names in a file of
-another format (``view``). Tensors the key map fuses (OPT's q/k/v into metaseq's ``qkv_proj``)
-are concatenated on read; a tied output projection is the embedding; the version buffer is
-metaseq's constant.
+"""HF transformers checkpoints seen with our names, through their family's key map
+(``jam_metaseq.models.hf_families``: OPT, Llama, Qwen2, Gemma, Chameleon's decoder): an HF directory (``config.json`` +
+``model.safetensors`` / ``pytorch_model.bin``, single or sharded with an index), or a bare state dict
+with HF names in a file of another format (``view``). Tensor by tensor, each read straight into the
+caller's buffer (a 7B parent is never whole in memory); tensors the key map fuses (OPT's q/k/v into
+metaseq's ``qkv_proj``) are read into their rows; a tied output projection is the embedding; the
+version buffer is our constant.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from checkpoints_tools.hf import HFAdapter, adapter_for_config, adapter_for_names
 from checkpoints_tools.io.safetensors import read_safetensors_index
 from checkpoints_tools.readers.base import Reader, TensorInfo
 from checkpoints_tools.readers.metaseq import MetaseqReader
 from checkpoints_tools.readers.safetensors import SafetensorsReader
 from checkpoints_tools.safe_load import CheckpointError
+from jam_metaseq.errors import read_json
 from jam_metaseq.models import keys
 from jam_metaseq.models.config import ModelConfig
+from jam_metaseq.models.hf_families import HF_OUTPUT, HFFamily, family_by_names, family_of, template
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -31,7 +33,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 class HFReader(Reader):
-    """An HF checkpoint of one family (``adapter``) seen with metaseq names."""
+    """An HF checkpoint of one family (``family``, ``jam_metaseq.models.hf_families``) seen with our names."""
 
     def __init__(self, path: str | os.PathLike, *, trust_pickle: bool = False) -> None:
         path = Path(path)
@@ -51,91 +53,126 @@ class HFReader(Reader):
         else:
             raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
         source = str(path / "config.json")
-        hf = json.loads((path / "config.json").read_text())
-        self._init(raw, path, hf, source, adapter_for_config(hf, source=source))
+        hf = read_json(path / "config.json", what="HF config")
+        self._init(raw, path, hf, source, _family_of(hf, source))
 
     @classmethod
-    def from_reader(cls, raw: Reader, *, path: Path, adapter: HFAdapter) -> "HFReader":
-        """``raw`` (a state dict with ``adapter``'s HF names) seen with metaseq names; its config
-        from a ``config.json`` beside it if there is one."""
+    def from_reader(cls, raw: Reader, *, path: Path, family: HFFamily) -> "HFReader":
+        """``raw`` (a state dict with ``family``'s HF names) seen with our names; its config from a
+        ``config.json`` beside it if there is one (whose ``model_type`` then names the family)."""
         self = cls.__new__(cls)
         cfg_file = (path if path.is_dir() else path.parent) / "config.json"
-        hf = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
-        self._init(raw, path, hf, str(cfg_file), adapter)
+        hf = read_json(cfg_file, what="HF config") if cfg_file.is_file() else None
+        if hf is not None:
+            family = _family_of(hf, str(cfg_file))
+        self._init(raw, path, hf, str(cfg_file), family)
         return self
 
-    def _init(self, raw: Reader, path: Path, hf: Mapping[str, Any] | None, source: str, adapter: HFAdapter) -> None:
-        a = adapter
-        self.raw, self.path, self.format, self.adapter = raw, path, f"hf_{a.model_type}", a
+    def _init(self, raw: Reader, path: Path, hf: Mapping[str, Any] | None, source: str, family: HFFamily) -> None:
+        fam = family
+        self.raw, self.path, self.format, self.family = raw, path, f"hf_{fam.model_type}", fam
         self.mp, self.fsdp, self.files = 1, 0, list(raw.files)
         self.meta = dict(raw.meta)
         self.hf_config = dict(hf) if hf else None
-        names = raw.names()
-        self.prefix = a.prefix if any(n.startswith(a.prefix + a.root) for n in names) else ""
-        self._hf_cfg = a.config_from_hf(hf, source=source) if hf else None
-        self._map: dict[str, Any] = {}  # metaseq name -> HF name, or the HF names it concatenates
+        self._source = source
+        names = [n for n in raw.names() if not fam.is_other_part(n)]  # Chameleon's VQ model: hf_vqvae's
+        bare = not any(n.startswith(fam.prefix) for n in names)  # a base model's state dict (no "model.")
+        tied = fam.ties(hf) if hf else HF_OUTPUT not in names
+        self._tied_output = tied
+
+        def stored(h: str) -> str:
+            return h.removeprefix(fam.prefix) if bare else h
+
+        self._map: dict[str, Any] = {}  # our name -> HF name, or the HF names whose rows it concatenates
         self._versions: set[str] = set()
-        p = self.prefix
         head, blocks, tail = [], [], []  # the key map's top-level keys before and after its blocks
-        for k, v in a.key_map.items():
-            (blocks if "{}" in k else tail if blocks else head).append((k, v))
-        layers = sorted({int(n[len(p) + len(a.layers) + 1:].split(".")[0]) for n in names
-                         if n.startswith(f"{p}{a.layers}.")})
-        # metaseq order: embeddings, then per layer, then final LN, then output projection.
+        for k in fam.key_map:
+            (blocks if "{}" in k else tail if blocks else head).append(k)
+        layers = sorted({int(i) for n in names for _, i in [template(n)] if i is not None and fam.is_hf_name(n)})
+        # our order: embeddings, then per layer, then the final norm, then the output projection.
         ordered: OrderedDict[str, TensorInfo] = OrderedDict()
 
-        def place(name: str, hf_name: Any, i: int | None = None) -> None:
-            if isinstance(hf_name, tuple):  # rows of several HF tensors, concatenated
-                parts = [p + t.format(i) for t in hf_name]
-                if all(x in raw for x in parts):
-                    infos = [raw.info(x) for x in parts]
-                    self._map[name] = parts
-                    ordered[name] = TensorInfo((sum(x.shape[0] for x in infos), *infos[0].shape[1:]), infos[0].dtype)
-            elif hf_name is not None:
-                src = p + (hf_name.format(i) if i is not None else hf_name)
-                if src in raw:
-                    self._map[name] = src
-                    ordered[name] = raw.info(src)
-            elif name in a.tied:  # stored as another tensor (the output projection: the embedding)
-                ordered[name] = ordered[a.tied[name]]
-                self._map[name] = self._map[a.tied[name]]
-            elif keys.is_version(name):  # metaseq's constant buffer (dtype: the embedding's, below)
+        def place(name: str) -> None:
+            if name == keys.OUTPUT and tied:  # stored as the embedding
+                if keys.EMBED in ordered:
+                    ordered[name] = ordered[keys.EMBED]
+                    self._map[name] = self._map[keys.EMBED]
+                return
+            if keys.is_version(name):  # our constant buffer (dtype: the embedding's, below)
                 ordered[name] = TensorInfo((1,), torch.float32)
                 self._versions.add(name)
+                return
+            srcs = [stored(h) for h in fam.hf_names(name, tied=tied)]
+            if not srcs or not all(s in raw for s in srcs):
+                return
+            if len(srcs) == 1:
+                self._map[name] = srcs[0]
+                ordered[name] = raw.info(srcs[0])
+            else:  # rows of several HF tensors, concatenated
+                infos = [raw.info(s) for s in srcs]
+                self._map[name] = srcs
+                ordered[name] = TensorInfo((sum(x.shape[0] for x in infos), *infos[0].shape[1:]), infos[0].dtype)
 
-        for k, v in head:
-            place(k, v)
+        for k in head:
+            place(k)
         for i in layers:
-            for tpl, v in blocks:
-                place(tpl.format(i), v, i)
+            for tpl in blocks:
+                place(tpl.format(i))
         emb = ordered.get(keys.EMBED)
         if emb is None:
-            raise CheckpointError(f"{path}: no {p}{a.key_map[keys.EMBED]}: not an {a.display} checkpoint")
-        for k, v in tail:
-            place(k, v)
+            raise CheckpointError(f"{path}: no {stored(fam.key_map[keys.EMBED])}: not an HF {fam.display} checkpoint")
+        for k in tail:
+            place(k)
         for k in self._versions:
             ordered[k] = TensorInfo((1,), emb.dtype)
         self._infos = ordered
-        unknown = [n for n in names if not a.is_hf_name(n[len(p):] if n.startswith(p) else n)]
+        unknown = [n for n in names if not fam.is_hf_name(n)]
         if unknown:
-            raise CheckpointError(f"{path}: HF tensor(s) with no metaseq equivalent: {unknown[:3]}")
+            raise CheckpointError(f"{path}: HF tensor(s) with no counterpart in our {fam.display} layout: {unknown[:3]}")
 
     def config(self, **overrides: Any) -> ModelConfig:
-        if self._hf_cfg is not None:
-            return self._hf_cfg
-        return super().config(**overrides)
+        """The model of its ``config.json`` (``family.config_from_hf``). HF Llama names no padding
+        id: ``overrides["padding_idx"]`` (the vocabulary in use), else the checkpoint's own
+        vocabulary manifest (``vocab``) names it."""
+        if self.hf_config is None:
+            return super().config(**overrides)
+        pad = overrides.get("padding_idx")
+        if pad is None and self.hf_config.get("pad_token_id") is None:
+            v = self.vocab()
+            pad = None if v is None else v.pad
+        try:
+            return self.family.config_from_hf(self.hf_config, source=self._source, padding_idx=pad)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
 
     def tied(self, a: str, b: str) -> bool:
         return a in self._map and self._map.get(a) == self._map.get(b)  # e.g. lm_head = embed_tokens
 
-    def get(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        info = self.info(name)
+    def prefetch(self, name: str) -> None:
+        src = self._map.get(name)
+        for s in src if isinstance(src, list) else [] if src is None else [src]:
+            self.raw.prefetch(s)
+
+    def get_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        self._start_read(name, out)
         if name in self._versions:
-            return torch.tensor([keys.VERSION_VALUE], dtype=dtype or info.dtype)
+            return out.fill_(keys.VERSION_VALUE)
         src = self._map[name]
-        if isinstance(src, list):
-            return torch.cat([self.raw.get(s, dtype=dtype) for s in src], dim=0)
-        return self.raw.get(src, dtype=dtype)
+        if isinstance(src, list):  # rows of several HF tensors, each read into its rows of ``out``
+            row = 0
+            for s in src:
+                n = self.raw.info(s).shape[0]
+                self.raw.get_into(s, out[row:row + n])
+                row += n
+            return out
+        return self.raw.get_into(src, out)
+
+
+def _family_of(hf: Mapping[str, Any], source: str) -> HFFamily:
+    try:
+        return family_of(hf, source=source)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 class MultiReader(Reader):
@@ -166,6 +203,8 @@ def open_hf_dir(path: Path, *, trust_pickle: bool = False, **_: object) -> HFRea
 
 
 def view(reader: Reader, path: Path) -> Reader:
-    """``reader`` seen with metaseq names if its tensors have an HF family's names, else itself."""
-    adapter = adapter_for_names(reader.names())
-    return reader if adapter is None else HFReader.from_reader(reader, path=path, adapter=adapter)
+    """``reader`` seen with our names if its tensors have an HF family's names, else itself."""
+    if isinstance(reader, HFReader):
+        return reader
+    family = family_by_names(reader.names())
+    return reader if family is None else HFReader.from_reader(reader, path=path, family=family)

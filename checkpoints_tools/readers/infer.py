@@ -44,15 +44,14 @@ def resolve_config(reader: "Reader", **overrides: Any) -> ModelConfig:
     """``reader``'s model config: stored (its ``jam_config``, a trained checkpoint's task state, the
     jam-ckpt manifest beside it, ``cfg["model"].jam_config``, a ``config.json`` of ours beside it),
     else inferred from its shapes and host args (``infer_config``)."""
-    d = reader.meta.get("jam_config")
-    task_state = reader.meta.get("task_state")
-    if d is None and isinstance(task_state, dict):
-        d = task_state.get("jam_config")
-    if d is None and reader.path.is_dir() and (reader.path / "manifest.json").is_file():
-        d = json.loads((reader.path / "manifest.json").read_text()).get("config")
-    if d is not None:
-        cfg = config_from_dict(d)
-        return cfg
+    stored = stored_config(reader)
+    if stored is not None:
+        return stored
+    ns = _host_args(reader)
+    return infer_config(reader.shapes(), ns, source=str(reader.path), **overrides)
+
+
+def _host_args(reader: "Reader") -> Namespace | None:
     ns = None
     cfg_dict = reader.meta.get("cfg")
     if isinstance(cfg_dict, dict):
@@ -61,13 +60,25 @@ def resolve_config(reader: "Reader", **overrides: Any) -> ModelConfig:
         ns = reader.meta.get("args")
     if isinstance(ns, dict):
         ns = Namespace(**ns)
+    return ns
+
+
+def stored_config(reader: "Reader") -> ModelConfig | None:
+    """The config ``reader``'s checkpoint stores (see ``resolve_config``), None if it stores none."""
+    d = reader.meta.get("jam_config")
+    task_state = reader.meta.get("task_state")
+    if d is None and isinstance(task_state, dict):
+        d = task_state.get("jam_config")
+    if d is None and reader.path.is_dir() and (reader.path / "manifest.json").is_file():
+        d = json.loads((reader.path / "manifest.json").read_text()).get("config")
+    if d is not None:
+        return config_from_dict(d)
+    ns = _host_args(reader)
     stored = getattr(ns, "jam_config", None) if ns is not None else None
     if stored:
         return config_from_dict(dict(stored))
     beside = _config_beside(reader)
-    if beside is not None:
-        return config_from_dict(beside)
-    return infer_config(reader.shapes(), ns, source=str(reader.path), **overrides)
+    return None if beside is None else config_from_dict(beside)
 
 
 def _config_beside(reader: "Reader") -> dict[str, Any] | None:

@@ -55,13 +55,9 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="jam-data", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("vocab", help="write a vocabulary manifest sized for a text tokenizer")
-    p.add_argument("--tokenizer", required=True, help="text tokenizer spec (see 'validate --help')")
+def add_layout_flags(p: argparse.ArgumentParser) -> None:
+    """The vocabulary layout after the text ids (``VocabManifest``'s fields), for every command that
+    writes a manifest (``jam-data vocab``, ``jam-ckpt tokenizer``); ``layout_of`` reads them back."""
     p.add_argument("--image-codes", type=int, default=8192, help="number of image codes (VQ codebook size)")
     p.add_argument("--image-grid", type=int, nargs=2, default=(32, 32), metavar=("H", "W"),
                    help="VQ grid of one image; tokens per image = H * W")
@@ -70,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conversation-tokens", action="store_true",
                    help="add <user>, <assistant> and <eot> after <eoss> for multi-turn conversations "
                         "(docs/CONVERSATIONS.md)")
+
+
+def layout_of(args: argparse.Namespace) -> dict[str, Any]:
+    """``VocabManifest`` keyword arguments from ``add_layout_flags``' flags."""
+    h, w = args.image_grid
+    return dict(image_codes=args.image_codes, num_sentinels=args.sentinels, pad_to_multiple=args.pad_to_multiple,
+                image_tokens_per_image=h * w, image_grid=(h, w), conversation_tokens=args.conversation_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="jam-data", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("vocab", help="write a vocabulary manifest sized for a text tokenizer")
+    p.add_argument("--tokenizer", required=True, help="text tokenizer spec (see 'validate --help')")
+    add_layout_flags(p)
     p.add_argument("--out", required=True, type=Path, help="output manifest path (written atomically)")
 
     p = sub.add_parser("validate", help="check JSONL documents and summarise them")
@@ -134,11 +147,7 @@ def cmd_vocab(args: argparse.Namespace) -> int:
     from jam_metaseq.data.tokenizers import load_text_tokenizer
 
     tok = load_text_tokenizer(args.tokenizer)
-    h, w = args.image_grid
-    vocab = VocabManifest(text_size=tok.vocab_size, image_codes=args.image_codes, num_sentinels=args.sentinels,
-                          pad_to_multiple=args.pad_to_multiple, image_tokens_per_image=h * w,
-                          image_grid=(h, w), text_tokenizer=tok.spec,
-                          conversation_tokens=args.conversation_tokens)
+    vocab = VocabManifest(text_size=tok.vocab_size, text_tokenizer=tok.spec, **layout_of(args))
     vocab.save(args.out)
     print(json.dumps(vocab.to_dict()["ids"]))
     return 0

@@ -2,9 +2,11 @@
 function fills in, and the task's options from parsed flags (paper §2.1, §3.1).
 
 The flags themselves, and every map between flags and configs, are ``jam_metaseq.flags`` (one
-row per flag, host-free). Here: ``arch_names`` (``jam_cross``, ``jam_cross_{tiny,1_3b,7b}`` ...),
-``apply_arch_defaults`` (a sized arch fills every flag the user did not give from its parent
-preset; the bare family name is the 7B size) and ``task_options_from_args``.
+row per flag, host-free). Here: ``arch_names`` (``jam_cross``, ``jam_cross_{tiny,1_3b,7b}`` ...,
+and per model family ``jam_cross_{llama,qwen2,gemma}_tiny``, ``jam_width_gemma_7b``, ``jam_cross_llama3_8b``
+...: the JAM architecture and its parents' preset, family fields included), ``apply_arch_defaults``
+(a sized arch fills every flag the user did not give from its parent preset; the bare family name
+is the 7B size) and ``task_options_from_args``.
 
 The resulting config is stored on the args as ``args.jam_config`` (``cfg.to_dict()``): hosts pickle
 their model args into every checkpoint (``cfg["model"]``), so a checkpoint carries its config.
@@ -21,8 +23,11 @@ from jam_metaseq.models.config import preset
 from jam_metaseq.objectives.cm3 import CM3Config
 from jam_metaseq.vocab import VocabManifest, check_embedding
 
-SIZES = {"tiny": "tiny", "1_3b": "opt_1_3b", "7b": "cm3leon_7b"}
-"""Arch size suffix -> parent preset (``7b`` = the paper's CM3leon-shaped 7B parents)."""
+SIZES = {"tiny": "tiny", "1_3b": "opt_1_3b", "7b": "cm3leon_7b",
+         **{p: p for p in ("llama_tiny", "qwen2_tiny", "gemma_tiny", "llama2_7b", "llama3_8b", "qwen2_0_5b",
+                           "qwen2_7b", "gemma_2b", "gemma_7b")}}
+"""Arch size suffix -> parent preset (``7b`` = the paper's CM3leon-shaped 7B parents; the Llama
+family's presets by their own names: ``--arch jam_cross_gemma_7b`` is JAM-Cross of two Gemma-7B)."""
 DEFAULT_SIZE = "7b"
 
 
@@ -46,8 +51,9 @@ def apply_arch_defaults(args: argparse.Namespace, *, family: str, size: str) -> 
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
     parent = preset(SIZES[size])
     for f in flags.rows("parent"):
-        if getattr(args, f.dest, None) is None:
-            setattr(args, f.dest, f.to_value(getattr(parent, f.field)))
+        value = getattr(parent, f.field)
+        if getattr(args, f.dest, None) is None and not (f.when_set and value == flags.field_default(f.field)):
+            setattr(args, f.dest, f.to_value(value))
     for f in flags.rows("always"):
         if f.cli:
             setattr(args, f.dest, True)

@@ -30,10 +30,17 @@ from jam_metaseq.vocab import VocabManifest
 
 
 def host_dictionary(dictionary_class: type, vocab: VocabManifest) -> Any:
-    """A host ``Dictionary`` whose ids are the manifest's (its specials 0-3, then every symbol)."""
+    """A host ``Dictionary`` whose ids are the manifest's: its specials 0-3, then every symbol; an
+    imported parent's manifest (explicit ids) puts its specials where its tokenizer has them."""
     d = dictionary_class()
-    for sym in vocab.symbols()[4:]:
-        d.add_symbol(sym, n=1)
+    if vocab.explicit_ids is None:
+        for sym in vocab.symbols()[4:]:
+            d.add_symbol(sym, n=1)
+    else:  # fairseq/metaseq Dictionaries number their specials 0-3 when built; set them instead
+        syms = vocab.symbols()
+        d.symbols, d.count = list(syms), [1] * len(syms)
+        d.indices = {sym: i for i, sym in reversed(list(enumerate(syms)))}
+        d.bos_index, d.pad_index, d.eos_index, d.unk_index = vocab.bos, vocab.pad, vocab.eos, vocab.unk
     if len(d) != vocab.size or d.pad() != vocab.pad or d.eos() != vocab.eos or d.bos() != vocab.bos:
         raise ValueError(f"{dictionary_class.__module__} Dictionary has {len(d)} symbols, the manifest {vocab.size}")
     return d

@@ -230,6 +230,11 @@ class StartCheckpointError(ValueError):
     The host CLIs print it as one line (``install_one_line_errors``)."""
 
 
+class ModelSetupError(ValueError):
+    """A model the run cannot build as asked (e.g. a model-parallel size that splits a k/v head);
+    raised while the model is built, printed as one line like ``StartCheckpointError``."""
+
+
 def _unsafe_hint(msg: str, path: str | Path) -> str:
     """jam-ckpt's message for a refused global, with the way out a host run has (no --trust-pickle)."""
     head = msg.split("; pass --trust-pickle", 1)[0]
@@ -249,6 +254,7 @@ def check_start_checkpoint(path: str | Path, *, config: Any, vocab: VocabManifes
     jam-ckpt's one-line message."""
     from checkpoints_tools.load import load_model
     from checkpoints_tools.readers import open_checkpoint
+    from checkpoints_tools.readers.infer import stored_config
     from checkpoints_tools.safe_load import CheckpointError, UnsafePickleError
 
     allow_checkpoint_globals()
@@ -262,6 +268,7 @@ def check_start_checkpoint(path: str | Path, *, config: Any, vocab: VocabManifes
     try:
         reader = open_checkpoint(p)
         load_model(reader, config=config, vocab=vocab, device="meta")
+        check_same_function(p, stored_config(reader), config)
     except UnsafePickleError as e:
         raise StartCheckpointError(_unsafe_hint(str(e).splitlines()[0], p)) from None
     except CheckpointError as e:
@@ -286,6 +293,24 @@ def check_start_checkpoint(path: str | Path, *, config: Any, vocab: VocabManifes
             f"run, consolidate them: {_reshard_hint(path, model_parallel_size=model_parallel_size, fsdp_shards=0)}")
 
 
+def check_same_function(path: Path, stored: Any, config: Any) -> None:
+    """The starting checkpoint's stored config (None: it stores none) and the run's model compute
+    the same function: equal in every ``FUNCTION_FIELDS`` field (norm kind, rotary settings,
+    activation, embedding scale, padding), per branch. Names and shapes (``load_model``) cannot
+    tell a Gemma checkpoint (``rmsnorm_plus_one``) trained as a Llama one (``rmsnorm``)."""
+    from jam_metaseq.models.config import FUNCTION_FIELDS, CrossConfig
+
+    if stored is None:
+        return
+    pairs = [(stored, config)] if not isinstance(stored, CrossConfig) else [(stored.llm, getattr(config, "llm", config))]
+    for have, want in pairs:
+        for f in FUNCTION_FIELDS:
+            if getattr(have, f) != getattr(want, f, getattr(have, f)):
+                raise StartCheckpointError(
+                    f"{path}: stored with {f}={getattr(have, f)!r}, but the run builds {f}={getattr(want, f)!r}: "
+                    "give the arch of the checkpoint's family (e.g. --arch jam_cross_gemma_7b) or its flags")
+
+
 def start_checkpoint(*, restore_file: str | None, finetune_from_model: str | None,
                      save_dir: str, suffix: str = "") -> str | None:
     """The file a host will load the starting weights from (None: fresh or resuming its own run),
@@ -305,7 +330,7 @@ def start_checkpoint(*, restore_file: str | None, finetune_from_model: str | Non
     return None
 
 
-_ONE_LINE_ERRORS: tuple[type[BaseException], ...] = (DataSetupError, StartCheckpointError)
+_ONE_LINE_ERRORS: tuple[type[BaseException], ...] = (DataSetupError, StartCheckpointError, ModelSetupError)
 
 
 def install_one_line_errors() -> None:

@@ -44,6 +44,7 @@ try:
 except ImportError:
     from metaseq import metrics  # type: ignore[no-redef]
 
+from jam_metaseq.hosts import compat
 from jam_metaseq.hosts.common import (
     CM3CriterionMixin, CM3DatasetMixin, CM3TaskMixin, CoreDecoderMixin, JamModelMixin, build_core,
     host_dictionary, reduce_cm3_metrics, register_with_host,
@@ -82,6 +83,7 @@ def parallelize_tensor(core: nn.Module, cfg: Any, *, world_size: int, rank: int 
 
     if world_size <= 1:
         raise ValueError("parallelize_tensor splits a model over 2 or more ranks")
+    check_model_parallel(cfg, world_size)
     if not all(t.is_meta for t in core.parameters()):
         raise ValueError("parallelize_tensor builds a model from scratch: pass it built on the meta device")
     rank = mpu.get_tensor_model_parallel_rank() if rank is None else rank
@@ -125,9 +127,10 @@ def parallelize_tensor(core: nn.Module, cfg: Any, *, world_size: int, rank: int 
                                                   **kw), name)
             embedding = new
         elif isinstance(module, nn.Linear) and rule == "vocab" and key == keys.OUTPUT \
-                and f"{parent_name}.embed_tokens" not in modules:
-            # asymmetric JAM-Cross of two widths: an output projection of its own, its vocab rows
-            # split like a column-parallel layer's outputs (local logits, as the tied one gives)
+                and getattr(modules.get(f"{parent_name}.embed_tokens"), "weight", None) is not module.weight:
+            # an output projection of its own (an untied Llama-2/3 head next to its embedding, or
+            # asymmetric JAM-Cross of two widths): its vocab rows split like a column-parallel
+            # layer's outputs (local logits, as the tied one gives)
             new = fill(column_cls(module.in_features, module.out_features, bias=False, gather_output=False, **kw),
                        name)
         elif isinstance(module, nn.Linear) and rule == "vocab":
@@ -166,6 +169,23 @@ def parallelize_tensor(core: nn.Module, cfg: Any, *, world_size: int, rank: int 
                 raise ValueError(f"{name}: {attn.heads} heads do not split over model-parallel size {world_size}")
             attn.heads //= world_size
     return core
+
+
+def check_model_parallel(cfg: Any, world_size: int) -> None:
+    """Stop with one line (``hosts.compat.ModelSetupError``) when ``world_size`` ranks cannot split
+    the model ``cfg``: heads, grouped k/v heads (``num_key_value_heads % mp``), FFN, width and
+    vocabulary of each branch (``checkpoints_tools.layout.check_mp``, the rule jam-ckpt writes by)."""
+    from checkpoints_tools import layout
+    from jam_metaseq.models.config import CrossConfig
+
+    branches = [("", cfg)] if not isinstance(cfg, CrossConfig) else \
+        [("", cfg.llm)] if cfg.symmetric else [(" (LLM branch)", cfg.llm), (" (image branch)", cfg.img)]
+    for label, c in branches:
+        try:
+            layout.check_mp(heads=c.heads, kv_heads=c.num_kv_heads, vocab_size=c.vocab_size, ffn_dim=c.ffn_dim,
+                            embed_dim=c.embed_dim, parts=world_size, what=f"--model-parallel-size: the model{label}")
+        except ValueError as e:
+            raise compat.ModelSetupError(str(e)) from None
 
 
 def shard_blocks(core: nn.Module) -> nn.Module:

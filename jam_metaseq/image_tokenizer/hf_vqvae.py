@@ -33,8 +33,7 @@ from .checkpoint import check_state_dict
 from .config import VQGANConfig
 from .model import VQGAN
 
-PREFIX = "model.vqmodel."
-"""Where the image tokenizer's tensors sit in an HF Chameleon state dict."""
+from jam_metaseq.models.hf_families.chameleon import VQ_PREFIX as PREFIX  # noqa: E402  (one home: the family's)
 _FIELDS = (  # (ours, HF ChameleonVQVAEConfig)
     ("resolution", "resolution"), ("base_channels", "base_channels"), ("channel_multipliers", "channel_multiplier"),
     ("num_res_blocks", "num_res_blocks"), ("attn_resolutions", "attn_resolutions"), ("z_channels", "latent_channels"),

@@ -66,3 +66,26 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+# ---- the other rotary row order ------------------------------------------------------------------
+# Meta's original Llama checkpoints and llama.cpp's GGUF files rotate dims (2i, 2i + 1) of a head
+# together (interleaved); this decoder and HF rotate (i, i + D/2) (half-split). The same model is
+# stored either way by reordering the q and k projections' rows within each head (their bias too):
+# interleaved row 2i + j is half-split row i + j * D/2. llama.cpp's converter applies
+# ``half_split_to_interleaved`` to HF's q/k (its ``permute``); reading a GGUF applies the inverse.
+
+def interleaved_to_half_split(rows: torch.Tensor, *, heads: int) -> torch.Tensor:
+    """(heads * D, ...) q or k rows (weight or bias) in the interleaved order -> the half-split one."""
+    d = rows.shape[0] // heads
+    if heads < 1 or d * heads != rows.shape[0] or d % 2:
+        raise ValueError(f"{rows.shape[0]} rows are not {heads} heads of an even width")
+    return rows.reshape(heads, d // 2, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+def half_split_to_interleaved(rows: torch.Tensor, *, heads: int) -> torch.Tensor:
+    """The inverse of ``interleaved_to_half_split``."""
+    d = rows.shape[0] // heads
+    if heads < 1 or d * heads != rows.shape[0] or d % 2:
+        raise ValueError(f"{rows.shape[0]} rows are not {heads} heads of an even width")
+    return rows.reshape(heads, 2, d // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)

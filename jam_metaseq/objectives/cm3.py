@@ -176,7 +176,7 @@ def cm3_transform(
     tokens = np.asarray(tokens, dtype=np.int64)
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
-    if ((tokens >= vocab.sentinel_start) & (tokens <= vocab.eoss)).any():
+    if (vocab.is_sentinel(tokens) | (tokens == vocab.eoss)).any():
         raise ValueError("input already holds CM3 sentinel or <eoss> tokens")
     weights = None
     if return_loss_weights:

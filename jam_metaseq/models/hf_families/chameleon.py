@@ -1,0 +1,118 @@
+"""HF ``ChameleonForConditionalGeneration``'s decoder <-> ours (issue 24): Chameleon-7B/30B, Anole-7B,
+Lumina-mGPT.
+
+Chameleon's decoder is the Llama block (``llama.py``) plus per-head query/key LayerNorms and, for the
+30B model, norms after the sublayers, which ``DecoderConfig`` has as ``qk_norm`` and ``swin_norm``.
+So this family is Llama's key map plus four tensors per layer and Llama's config translation plus
+three fields; only the difference is written here.
+
+Layout facts (checked against ``transformers`` on random weights, ``tests/test_models_chameleon.py``):
+
+- ``model.layers.{i}.self_attn.q_norm.{weight,bias}`` (H, D) and ``k_norm`` (G, D) are our
+  ``self_attn.q_norm`` / ``self_attn.k_norm`` as they are (``keys.Q_NORM`` says how they split).
+  HF's ``ChameleonLayerNorm`` normalises each head's D features (eps 1e-5, not ``rms_norm_eps``)
+  and then applies that head's weight and bias; HF's converter permuted the rows of Meta's
+  weights to the half-split rotary order together with q/k, so they load unpermuted.
+- ``swin_norm``: ``input_layernorm`` / ``post_attention_layernorm`` are applied to the attention /
+  MLP output; the tensors keep the names (our ``self_attn_layer_norm`` / ``final_layer_norm``).
+- The head width is always E / H (no ``head_dim`` in the config), the output projection is never
+  tied (``lm_head.weight`` is in every file).
+- ``model.vqmodel.*`` is the image tokenizer (``ChameleonVQVAE``, encoder only: transformers'
+  converter drops the VQ decoder): not a decoder tensor (``HFFamily.other_parts``), read by
+  ``jam_metaseq.image_tokenizer.hf_vqvae``.
+- HF's forward sets the logits of every image-code id (``vocabulary_map``'s ``IMGIMG*`` entries) to
+  the dtype's minimum (the released Chameleon-7B does not draw images); ours are the decoder's
+  logits, and which ids may be drawn is decoding's business (the vocabulary manifest's image map).
+- ``vocabulary_map`` (token string -> id, all 65,536 entries) is vocabulary, not model: the
+  vocabulary manifest carries what it says (``jam_metaseq.vocab.chameleon_manifest``); ``hf_config``
+  writes the one it is given (transformers needs one to build the model; an empty one is a model
+  that masks no image ids).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import torch
+
+from .. import keys
+from ..config import DecoderConfig
+from . import llama
+from .base import HFFamily, check_one_of
+
+MODEL_TYPE = "chameleon"
+ARCHITECTURE = "ChameleonForConditionalGeneration"
+VQ_PREFIX = "model.vqmodel."
+"""The image tokenizer's tensors in an HF Chameleon file (``image_tokenizer.hf_vqvae``)."""
+
+_QK = {f"{keys.LAYERS}.{{}}.{ours}.{kind}": f"model.layers.{{}}.{ours}.{kind}"
+       for ours in (keys.Q_NORM, keys.K_NORM) for kind in ("weight", "bias")}
+KEY_MAP: dict[str, str | None] = {}
+for _k, _v in llama.KEY_MAP.items():  # the q/k norms after o_proj, as in ``keys.LAYER``
+    KEY_MAP[_k] = _v
+    if _k == f"{keys.LAYERS}.{{}}.self_attn.out_proj.bias":
+        KEY_MAP.update(_QK)
+"""Llama's key map plus the per-head q/k norms (HF's names under our prefix)."""
+
+DEFAULTS: dict[str, Any] = {
+    "vocab_size": 65536, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 4096, "initializer_range": 0.02,
+    "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_theta": 10000.0, "attention_bias": False,
+    "attention_dropout": 0.0, "mlp_bias": False, "swin_norm": False,
+}
+"""``ChameleonConfig``'s defaults for the keys a ``config.json`` may leave out."""
+_LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+               "pad_token_id", "tie_word_embeddings", "rope_parameters", "rope_theta", "rope_scaling",
+               "attention_bias", "attention_dropout", "mlp_bias")
+"""The keys a Chameleon ``config.json`` shares with Llama's, with Llama's meaning."""
+
+
+def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json",
+                   padding_idx: int | None = None) -> DecoderConfig:
+    """An HF Chameleon ``config.json`` -> ``DecoderConfig`` (``padding_idx``: as in
+    ``llama.config_from_hf``)."""
+    if hf.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not {MODEL_TYPE!r}")
+    d = {**DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+    if d.get("head_dim") not in (None, int(d["hidden_size"]) // int(d["num_attention_heads"])):
+        raise ValueError(f"{source}: head_dim {d['head_dim']} is not hidden_size / num_attention_heads "
+                         "(HF Chameleon has no head width of its own)")
+    as_llama = {"model_type": "llama", **{k: d[k] for k in _LLAMA_KEYS if k in d}}
+    cfg = llama.config_from_hf(as_llama, sp=llama.SPELLING, source=source, padding_idx=padding_idx)
+    return dataclasses.replace(cfg, qk_norm="layernorm_per_head", swin_norm=bool(d["swin_norm"]))
+
+
+def check(cfg: DecoderConfig) -> None:
+    """``ValueError`` naming the field when HF's Chameleon class does not compute ``cfg``."""
+    what = f"HF {ARCHITECTURE}"
+    check_one_of(cfg, what, qk_norm=("layernorm_per_head",), tie_embeddings=(False,))
+    if cfg.head_dim * cfg.heads != cfg.embed_dim:
+        raise ValueError(f"{what}'s head width is embed_dim / heads; this model has {cfg.heads} heads of "
+                         f"{cfg.head_dim} with embed_dim {cfg.embed_dim}")
+    llama.check(dataclasses.replace(cfg, qk_norm="none", swin_norm=False), sp=llama.SPELLING)
+
+
+def hf_config(cfg: DecoderConfig, *, dtype: torch.dtype | None = None, vocabulary_map: Mapping[str, int] | None = None,
+              vq_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``DecoderConfig`` -> a Chameleon ``config.json`` (inverse of ``config_from_hf``).
+    ``vocabulary_map``: token string -> id (``ChameleonModel`` reads its ``<image>`` and ``IMGIMG*``
+    entries; default empty); ``vq_config``: the image tokenizer's (``image_tokenizer.hf_vqvae.hf_vq_config``;
+    None: transformers' default)."""
+    check(cfg)
+    base = llama.hf_config(dataclasses.replace(cfg, qk_norm="none", swin_norm=False), sp=llama.SPELLING, dtype=dtype)
+    out = {k: v for k, v in base.items() if k != "head_dim"}
+    out.update(architectures=[ARCHITECTURE], model_type=MODEL_TYPE, swin_norm=cfg.swin_norm, model_parallel_size=1,
+               vocabulary_map=dict(vocabulary_map or {}))
+    if vq_config is not None:
+        out["vq_config"] = dict(vq_config)
+    return out
+
+
+FAMILY = HFFamily(
+    model_type=MODEL_TYPE, architecture=ARCHITECTURE, display="Chameleon", key_map=KEY_MAP, prefix="model.",
+    markers=("model.layers.0.self_attn.q_norm", "layers.0.self_attn.q_norm"),
+    config_from_hf=config_from_hf, hf_config=hf_config, check=check, ties=lambda hf: False,
+    hf_only=llama.HF_ONLY, other_parts=(VQ_PREFIX,),
+)
