@@ -18,8 +18,9 @@ Examples:
 
 Inputs: jam-ckpt outputs, metaseq/fairseq checkpoints (consolidated, model-parallel parts, FSDP
 shards), safetensors files, Hugging Face directories of OPTForCausalLM, LlamaForCausalLM,
-Qwen2ForCausalLM and GemmaForCausalLM (config.json + model.safetensors or a sharded set with its
-index) and llama.cpp GGUF files of the llama architecture, read tensor by tensor. An HF Llama names
+Qwen2ForCausalLM, GemmaForCausalLM and ChameleonForConditionalGeneration (its decoder; its VQ model
+is read by jam_metaseq.image_tokenizer.hf_vqvae) (config.json + model.safetensors or a sharded set
+with its index) and llama.cpp GGUF files of the llama architecture, read tensor by tensor. An HF Llama names
 no padding id: give the parent's vocabulary manifest (--vocab, or vocab.json beside it;
 docs/FAMILIES.md).
 """

@@ -155,10 +155,11 @@ def transplanted_vocab(old: VocabManifest, *, text_size: int, text_tokenizer: st
 def plan_rows(text: TextPlan, *, old: VocabManifest, new: VocabManifest) -> RowPlan:
     """Rows of ``new`` from rows of ``old``: the four specials and every id after the text range
     copied (shifted by the change in text size), text ids by ``text``, filler rows left to the rule."""
-    for v in (old, new):  # (getattr: the field arrives with issue 28's GGUF import)
-        if getattr(v, "text_specials", None) is not None:
-            raise ValueError("a vocabulary whose bos/pad/eos/unk are ids of its text tokenizer (text_specials) "
-                             "does not transplant yet: its specials would change with the tokenizer")
+    for v in (old, new):
+        if v.explicit_ids is not None:
+            raise ValueError("an explicit-ids vocabulary (an imported parent's: its bos/pad/eos/unk and reserved "
+                             "ids are ids of its text tokenizer) does not transplant yet: those ids would change "
+                             "with the tokenizer")
     same = [f.name for f in dataclasses.fields(old) if f.name not in ("text_size", "text_tokenizer")
             and getattr(old, f.name) != getattr(new, f.name)]
     if same:

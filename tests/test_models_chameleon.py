@@ -275,6 +275,39 @@ def test_swin_norm_ignored_breaks_parity():
     assert _diff(hf, pre) > 100 * ATOL
 
 
+# ---- jam-ckpt --------------------------------------------------------------------------------------
+def test_jam_ckpt_reads_an_hf_chameleon_directory_and_writes_it_back(tmp_path):
+    """A Chameleon HF directory (sharded, with its index; the VQ model in the same files) is read by
+    ``jam-ckpt`` like the other families: ``inspect`` counts the decoder only, the model read computes
+    HF's logits, ``convert --to metaseq`` at MP 2 and back ``--to hf`` gives the decoder's tensors bit
+    for bit in a directory ``transformers`` loads as ``ChameleonForConditionalGeneration``."""
+    from checkpoints_tools import load_model
+    from checkpoints_tools.cli import main as jam_ckpt
+    from checkpoints_tools.load import inspect_checkpoint
+    from checkpoints_tools.readers import open_checkpoint
+
+    hf = hf_model("chameleon")
+    hf.save_pretrained(tmp_path / "cham", max_shard_size="100KB")
+    assert (tmp_path / "cham" / "model.safetensors.index.json").is_file()
+    model, cfg, _ = load_model(tmp_path / "cham")
+    assert cfg == preset("chameleon_tiny")
+    tokens = random_tokens(2, 12, low=0, high=V, seed=4)
+    torch.testing.assert_close(model(tokens).detach()[..., _TEXT], _hf_logits(hf, tokens)[..., _TEXT], atol=ATOL, rtol=0)
+    info = inspect_checkpoint(tmp_path / "cham")
+    assert info["format"] == "hf_chameleon"
+    assert info["parameters"] == sum(p.numel() for n, p in hf.named_parameters() if not n.startswith("model.vqmodel."))
+    flags = ["--quiet", "--no-hash-sources"]
+    assert jam_ckpt(["convert", str(tmp_path / "cham"), "--to", "metaseq", "--mp", "2", "-o", str(tmp_path / "ms"),
+                     *flags]) == 0
+    assert open_checkpoint(tmp_path / "ms").mp == 2
+    assert jam_ckpt(["convert", str(tmp_path / "ms"), "--to", "hf", "-o", str(tmp_path / "back"), *flags]) == 0
+    again = transformers.ChameleonForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    a, b = hf.state_dict(), again.state_dict()
+    decoder = [k for k in a if not k.startswith(hf_chameleon.VQ_PREFIX)]
+    assert decoder and all(torch.equal(a[k], b[k]) for k in decoder)
+    assert hf_chameleon.config_from_hf(again.config.to_dict()) == cfg
+
+
 # ---- configs and counts --------------------------------------------------------------------------
 def test_configs_no_chameleon_class_computes_are_refused_by_name():
     with pytest.raises(ValueError, match="qk_norm='layernorm_per_head'; this model has qk_norm='none'"):
