@@ -31,9 +31,11 @@ transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)
 ATOL = 1e-5
 V = 128
-IMAGE_IDS = {"IMGIMGAZ": 120, "IMGIMGBZ": 121, "IMGIMGBAZ": 122, "IMGIMGCZ": 123}
-"""A tiny ``vocabulary_map``: four image codes (0, 1, 10, 2: BPE id order is not code order)."""
-VOCABULARY_MAP = {"<image>": 5, "<racm3:break>": 6, "<eoss>": 7, **IMAGE_IDS}
+IMAGE_IDS = {"IMGIMGAZ": 120, "IMGIMGBZ": 121, "IMGIMGDZ": 122, "IMGIMGCZ": 123}
+"""A tiny ``vocabulary_map``: four image codes (0, 1, 3, 2: BPE id order is not code order)."""
+VOCABULARY_MAP = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<image>": 5, "<racm3:break>": 6, "<eoss>": 7,
+                  **IMAGE_IDS, **{f"<reserved{8800 + k:05d}>": 100 + k for k in range(17)}}
+"""... and the specials, image frame and 17 reserved ids the vocabulary manifest reads from it."""
 VQ = dict(embed_dim=8, num_embeddings=64, latent_channels=32, resolution=16, base_channels=32,
           channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[8])
 """A tiny ChameleonVQVAE: 16 px -> 8 x 8 codes of 64, attention at side 8, GroupNorm(32)."""
@@ -293,6 +295,9 @@ def test_jam_ckpt_reads_an_hf_chameleon_directory_and_writes_it_back(tmp_path):
     assert cfg == preset("chameleon_tiny")
     tokens = random_tokens(2, 12, low=0, high=V, seed=4)
     torch.testing.assert_close(model(tokens).detach()[..., _TEXT], _hf_logits(hf, tokens)[..., _TEXT], atol=ATOL, rtol=0)
+    vocab = open_checkpoint(tmp_path / "cham").vocab()  # stated by the config's vocabulary_map
+    assert vocab.explicit_ids.image_map == (120, 121, 123, 122) and (vocab.boi, vocab.eoi) == (6, 7)
+    assert vocab.image_grid == (8, 8) and list(vocab.sentinel_range) == list(range(100, 116))
     info = inspect_checkpoint(tmp_path / "cham")
     assert info["format"] == "hf_chameleon"
     assert info["parameters"] == sum(p.numel() for n, p in hf.named_parameters() if not n.startswith("model.vqmodel."))

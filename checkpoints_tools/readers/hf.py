@@ -145,6 +145,17 @@ class HFReader(Reader):
         except ValueError as e:
             raise CheckpointError(str(e)) from None
 
+    def vocab(self, given: Any = None) -> Any:
+        """As ``Reader.vocab``; else the manifest the family's ``config.json`` states (Chameleon's
+        ``vocabulary_map``: ``HFFamily.vocab_from_hf``)."""
+        v = super().vocab(given)
+        if v is None and self.hf_config is not None and self.family.vocab_from_hf is not None:
+            try:
+                v = self.family.vocab_from_hf(self.hf_config, source=self._source)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+        return v
+
     def tied(self, a: str, b: str) -> bool:
         return a in self._map and self._map.get(a) == self._map.get(b)  # e.g. lm_head = embed_tokens
 

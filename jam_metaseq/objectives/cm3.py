@@ -69,7 +69,7 @@ def _num_spans(
 
 
 def _barrier_mask(tokens: np.ndarray, *, vocab: VocabManifest, cross_documents: bool) -> np.ndarray:
-    barrier = (tokens == vocab.break_id) | (tokens == vocab.pad)
+    barrier = vocab.is_frame(tokens) | (tokens == vocab.pad)
     if not cross_documents:
         barrier |= (tokens == vocab.eos) | (tokens == vocab.bos)
     return barrier

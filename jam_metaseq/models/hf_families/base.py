@@ -73,6 +73,10 @@ class HFFamily:
     """Name prefixes of another component the same files carry (Chameleon's VQ model,
     ``model.vqmodel.``): not decoder tensors, left out when the decoder is read; their own reader
     (``image_tokenizer.hf_vqvae``) takes them."""
+    vocab_from_hf: Callable[..., Any] | None = None
+    """``(config.json dict, *, source) -> VocabManifest`` where the family's config states its
+    vocabulary (Chameleon's ``vocabulary_map``): the manifest a reader gives when none is beside
+    the files. None: the files state none (a ``vocab.json`` or ``--vocab`` names it)."""
     _from_hf: dict = field(init=False, repr=False, compare=False)
     _hf_templates: frozenset = field(init=False, repr=False, compare=False)
 

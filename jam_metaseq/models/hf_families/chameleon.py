@@ -110,9 +110,71 @@ def hf_config(cfg: DecoderConfig, *, dtype: torch.dtype | None = None, vocabular
     return out
 
 
+
+# ---- vocabulary ----------------------------------------------------------------------------------
+IMAGE_PREFIX = "IMGIMG"
+"""``vocabulary_map`` entries of image codes: ``IMGIMG`` + the code's digits as letters A-J + one char."""
+SPECIAL_NAMES = {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>", "boi": "<racm3:break>",
+                 "eoi": "<eoss>"}
+"""The entries naming Chameleon's specials and image frame (Meta's ``VocabInfo``, HF's processor)."""
+
+
+def image_code_of(name: str) -> int:
+    """An ``IMGIMG*`` entry's VQ code (``IMGIMGBAZ`` = 10: A-J are digits 0-9; the last char is
+    dropped), as Meta's ``VocabTranslation`` and HF's ``ChameleonImageVocabularyMapping`` read it."""
+    digits = "".join(str(ord(c) - ord("A")) if "A" <= c <= "J" else c for c in name[len(IMAGE_PREFIX):-1])
+    if not digits.isdigit():
+        raise ValueError(f"vocabulary_map entry {name!r} is not an image code (IMGIMG + letters A-J + one char)")
+    return int(digits)
+
+
+def manifest_from_hf(hf: Mapping[str, Any], *, first_sentinel: str = "<reserved08800>", num_sentinels: int = 16,
+                     image_grid: tuple[int, int] | None = None, text_tokenizer: str | None = None,
+                     source: str = "config.json"):
+    """The vocabulary manifest of a Chameleon parent, read from its ``config.json``'s
+    ``vocabulary_map`` (never hard-coded ids): every id kept as its tokenizer has it, the image codes
+    as an explicit code -> id map, ``<racm3:break>`` opening an image (our ``<break>``) and
+    ``<eoss>`` closing it (``eoi``), and ``num_sentinels`` consecutive reserved ids from
+    ``first_sentinel`` as the CM3 sentinels followed by one more as CM3's end-of-span (Chameleon's
+    own ``<eoss>`` is its end-of-image). ``image_grid``: default the VQ model's (``vq_config``:
+    resolution / 2^(levels - 1) per side; 32 x 32 for the released files). Errors name the missing entry."""
+    from ...vocab import TokenIds, VocabManifest
+
+    vm = hf.get("vocabulary_map")
+    if not isinstance(vm, Mapping) or not vm:
+        raise ValueError(f"{source}: no vocabulary_map (a Chameleon config.json carries its tokenizer's token -> id)")
+
+    def id_of(name: str) -> int:
+        if name not in vm:
+            raise ValueError(f"{source}: vocabulary_map has no {name!r}")
+        return int(vm[name])
+
+    codes = {image_code_of(n): int(i) for n, i in vm.items() if n.startswith(IMAGE_PREFIX)}
+    if sorted(codes) != list(range(len(codes))) or not codes:
+        raise ValueError(f"{source}: vocabulary_map's {len(codes)} {IMAGE_PREFIX} entries are not codes 0 .. n-1")
+    ids = {k: id_of(v) for k, v in SPECIAL_NAMES.items()}
+    by_id = {int(i): n for n, i in vm.items()}
+    s0 = id_of(first_sentinel)
+    run = [by_id.get(s0 + k) for k in range(num_sentinels + 1)]
+    if any(n is None or not n.startswith("<reserved") for n in run):
+        bad = next(s0 + k for k, n in enumerate(run) if n is None or not n.startswith("<reserved"))
+        raise ValueError(f"{source}: id {bad} ({by_id.get(bad)!r}) after {first_sentinel} is not a reserved token: "
+                         f"the {num_sentinels} CM3 sentinels and end-of-span need consecutive reserved ids")
+    size = int(hf.get("vocab_size") or len(vm))
+    if image_grid is None:
+        vq = hf.get("vq_config") or {}
+        side = int(vq.get("resolution", 512)) // 2 ** (len(vq.get("channel_multiplier", [1, 1, 2, 2, 4])) - 1)
+        image_grid = (side, side)
+    tok = TokenIds(size=size, bos=ids["bos"], pad=ids["pad"], eos=ids["eos"], unk=ids["unk"], text=(0, size),
+                   image=(0, 0), image_map=tuple(codes[c] for c in range(len(codes))), break_id=ids["boi"],
+                   eoi=ids["eoi"], sentinels=(s0, s0 + num_sentinels), eoss=s0 + num_sentinels)
+    return VocabManifest.imported(tok, image_tokens_per_image=image_grid[0] * image_grid[1], image_grid=image_grid,
+                                  text_tokenizer=text_tokenizer)
+
+
 FAMILY = HFFamily(
     model_type=MODEL_TYPE, architecture=ARCHITECTURE, display="Chameleon", key_map=KEY_MAP, prefix="model.",
     markers=("model.layers.0.self_attn.q_norm", "layers.0.self_attn.q_norm"),
     config_from_hf=config_from_hf, hf_config=hf_config, check=check, ties=lambda hf: False,
-    hf_only=llama.HF_ONLY, other_parts=(VQ_PREFIX,),
+    hf_only=llama.HF_ONLY, other_parts=(VQ_PREFIX,), vocab_from_hf=manifest_from_hf,
 )
