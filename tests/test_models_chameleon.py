@@ -49,11 +49,11 @@ CASES = {  # written from HF's own parameter names (the independent side of the 
 }
 
 
-def hf_model(case: str, *, seed: int = 0):
-    """``ChameleonForConditionalGeneration`` (SDPA) of ``case``, every weight random (norm scales near
-    1, and the per-head q/k norm weights different per head)."""
+def hf_model(case: str, *, seed: int = 0, **over):
+    """``ChameleonForConditionalGeneration`` (SDPA) of ``case`` (``over``: config changes), every
+    weight random (norm scales near 1, and the per-head q/k norm weights different per head)."""
     model = transformers.ChameleonForConditionalGeneration._from_config(
-        transformers.ChameleonConfig(**CASES[case]), attn_implementation="sdpa")
+        transformers.ChameleonConfig(**{**CASES[case], **over}), attn_implementation="sdpa")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -311,6 +311,50 @@ def test_jam_ckpt_reads_an_hf_chameleon_directory_and_writes_it_back(tmp_path):
     decoder = [k for k in a if not k.startswith(hf_chameleon.VQ_PREFIX)]
     assert decoder and all(torch.equal(a[k], b[k]) for k in decoder)
     assert hf_chameleon.config_from_hf(again.config.to_dict()) == cfg
+
+
+
+def test_jam_generate_writes_chameleon_format_answers_and_decodes_them_with_the_parents_vq_model(tmp_path, capsys):
+    """Item 5: an HF Chameleon directory -> ``jam-ckpt convert`` (the manifest read from its
+    ``vocabulary_map``) -> ``jam-generate --images force`` with CFG: the answer opens an image with
+    ``<racm3:break>``, draws exactly tokens-per-image ids of the image map, closes it with the
+    forced ``<eoss>``; the parent's VQ model (HF's encoder, a decoder beside it as Meta ships
+    ``vqgan.ckpt``) decodes it into ``answers.html``. Eager and static decoding agree."""
+    import json
+
+    from checkpoints_tools.cli import main as jam_ckpt
+    from jam_metaseq.generation.answer import Answer
+    from jam_metaseq.generation.cli import main as jam_generate
+    from jam_metaseq.image_tokenizer import VQGAN, hf_vqvae, save_taming_checkpoint
+
+    vq_cfg = {**VQ, "num_embeddings": len(IMAGE_IDS)}  # the codebook the vocabulary's image codes index
+    hf = hf_model("chameleon", max_position_embeddings=160, vq_config=vq_cfg)
+    hf.save_pretrained(tmp_path / "cham")
+    assert jam_ckpt(["convert", str(tmp_path / "cham"), "--to", "metaseq", "-o", str(tmp_path / "ours"), "--quiet",
+                     "--no-hash-sources"]) == 0
+    decoder = {k: v for k, v in VQGAN(hf_vqvae.config_from_hf(vq_cfg)).state_dict().items() if k.startswith("decoder.")}
+    vq = hf_vqvae.vqgan_from_hf(hf.config.vq_config.to_dict(), hf.state_dict(), decoder_state=decoder)
+    (tmp_path / "vq").mkdir()
+    save_taming_checkpoint(vq, ckpt_path=tmp_path / "vq" / "vqgan.ckpt", yaml_path=tmp_path / "vq" / "vqgan.yaml")
+    capsys.readouterr()
+    runs = {}
+    for decode in ("eager", "static"):
+        out = tmp_path / f"answers_{decode}"
+        rc = jam_generate(["--checkpoint", str(tmp_path / "ours"), "--tokenizer", "bytes", "--prompt", "A RED CUBE",
+                           "--images", "force", "--max-images", "1", "--max-new-tokens", "70", "--guidance-scale", "3",
+                           "--image-tokenizer", str(tmp_path / "vq"), "--out", str(out), "--no-progress",
+                           "--decode", decode, "--dtype", "float64"])
+        assert rc == 0, capsys.readouterr().err
+        runs[decode] = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    assert runs["eager"] == runs["static"]
+    answer = Answer.from_dict(runs["eager"][0])
+    n = 64  # the VQ model's 8 x 8 grid
+    assert answer.ids[0] == VOCABULARY_MAP["<racm3:break>"] and answer.ids[n + 1] == VOCABULARY_MAP["<eoss>"]
+    assert set(answer.ids[1:n + 1]) <= set(IMAGE_IDS.values())
+    assert answer.images[0].complete and len(sum(answer.images[0].codes, [])) == n
+    html = (tmp_path / "answers_eager" / "answers.html").read_text()
+    pngs = sorted((tmp_path / "answers_eager" / "images").glob("*.png"))
+    assert pngs and pngs[0].name in html
 
 
 # ---- configs and counts --------------------------------------------------------------------------
