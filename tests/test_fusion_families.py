@@ -11,6 +11,8 @@ untied output heads. ``jam params`` counts ``gemma_7b`` x ``gemma_7b`` and ``lla
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -182,6 +184,10 @@ CROSS_CASES = {
     "llama_asymmetric": (LLAMA, preset("llama_tiny", embed_dim=16, ffn_dim=48, heads=2, kv_heads=1, layers=2)),
     # Chameleon's blocks (per-head q/k norms, the 30B model's swin norms) in both branches
     "chameleon_swin": (preset("chameleon_tiny", layers=3, swin_norm=True),) * 2,
+    # two families (issue 24): a Llama branch beside a Chameleon branch (q/k norms), same size and narrower
+    "llama_beside_chameleon": (LLAMA, dataclasses.replace(LLAMA, qk_norm="layernorm_per_head")),
+    "llama_beside_small_chameleon_swin": (LLAMA, dataclasses.replace(
+        LLAMA, qk_norm="layernorm_per_head", swin_norm=True, embed_dim=16, ffn_dim=48, heads=2, kv_heads=1, layers=2)),
 }
 
 
@@ -224,6 +230,20 @@ def test_preserve_of_identical_untied_parents_is_the_parent():
 def test_parents_of_two_families_are_refused_by_field():
     with pytest.raises(ValueError, match="must share bias: the LLM has False"):
         cross_of(preset("llama_tiny"), 1, image_parent=preset("tiny"))
+
+
+def test_each_branch_keeps_its_own_block():
+    """A Chameleon image branch has its per-head q/k norms (and swin norms), the Llama branch none;
+    the cross blocks are plain pre-norm blocks of their branch's shape on both sides."""
+    a, b = CROSS_CASES["llama_beside_small_chameleon_swin"]
+    cfg = cross_of(a, 1, image_parent=b)
+    assert not cfg.symmetric and cfg.img.qk_norm == "layernorm_per_head" and cfg.llm.qk_norm == "none"
+    names = keys.state_keys(cfg)
+    assert any(n.startswith("decoder.layers_cm3.0.self_attn.q_norm") for n in names)
+    assert not any(n.startswith(("decoder.layers_llm.", "decoder.x_attn_layers")) and "q_norm" in n for n in names)
+    model = JamCrossLM(cfg)
+    assert model.decoder.layers_cm3[0].swin and not model.decoder.layers_llm[0].swin
+    assert set(model.state_dict()) == set(names)
 
 
 # ---- parameter counts -----------------------------------------------------------------------------

@@ -357,6 +357,57 @@ def test_jam_generate_writes_chameleon_format_answers_and_decodes_them_with_the_
     assert pngs and pngs[0].name in html
 
 
+
+def _llama_partner(d, *, hidden: int = 48, layers: int = 3):
+    """A tiny random HF Llama beside the Chameleon case (its vocabulary, pad, eps and rotary; another
+    width and depth, no q/k norms), saved to ``d``."""
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   pad_token_id=1, rms_norm_eps=1e-5, rope_theta=10000.0)
+    model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if "norm" in name else 0.0))
+    model.save_pretrained(d)
+    return d
+
+
+def test_jam_ckpt_crosses_a_llama_with_a_chameleon_and_uniform_width_refuse_naming_jam_cross(tmp_path, capsys):
+    """Item 4: ``jam-ckpt cross --llm LLAMA --img CHAMELEON`` (wider, deeper Llama; the Chameleon
+    branch keeps its q/k norms) with ``preserve``: each branch of the output computes its parent
+    (the hidden state entering its final norm). ``merge`` and ``widen`` of the same parents stop with
+    one line naming the block field and JAM-Cross."""
+    from _model_util import pre_norm_hidden
+    from checkpoints_tools import load_model
+    from checkpoints_tools.cli import main as jam_ckpt
+
+    llama = _llama_partner(tmp_path / "llama")
+    hf_model("chameleon").save_pretrained(tmp_path / "cham")
+    flags = ["--quiet", "--no-hash-sources"]
+    assert jam_ckpt(["cross", "--llm", str(llama), "--img", str(tmp_path / "cham"), "--cross-every", "1", "--init",
+                     "preserve", "-o", str(tmp_path / "cross"), *flags]) == 0
+    fused, cfg, _ = load_model(tmp_path / "cross")
+    assert (cfg.llm.qk_norm, cfg.img.qk_norm, cfg.llm.embed_dim, cfg.img.embed_dim) == ("none", "layernorm_per_head",
+                                                                                          48, 32)
+    assert (cfg.image_vocab_start, cfg.image_vocab_end) == (120, 124)  # the Chameleon manifest's image ids
+    llm, _, _ = load_model(llama)
+    img, _, _ = load_model(tmp_path / "cham")
+    tokens = random_tokens(2, 10, low=8, high=120, seed=3)
+    with torch.no_grad():
+        x_llm, x_img = fused.branch_features(tokens)
+    torch.testing.assert_close(x_llm, pre_norm_hidden(llm, tokens), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_img, pre_norm_hidden(img, tokens), atol=1e-5, rtol=0)
+    same_size = _llama_partner(tmp_path / "llama32", hidden=32, layers=2)
+    capsys.readouterr()
+    for verb in (["merge", str(same_size), str(tmp_path / "cham")],
+                 ["widen", "--llm", str(same_size), "--img", str(tmp_path / "cham")]):
+        assert jam_ckpt([*verb, "-o", str(tmp_path / verb[0]), *flags]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "qk_norm" in err[0] and "JAM-Cross" in err[0], err
+        assert not (tmp_path / verb[0]).exists()
+
+
 # ---- configs and counts --------------------------------------------------------------------------
 def test_configs_no_chameleon_class_computes_are_refused_by_name():
     with pytest.raises(ValueError, match="qk_norm='layernorm_per_head'; this model has qk_norm='none'"):

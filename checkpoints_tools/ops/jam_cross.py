@@ -25,7 +25,7 @@ from checkpoints_tools.readers import Reader
 from checkpoints_tools.safe_load import CheckpointError
 from checkpoints_tools.workspace import Workspace
 from jam_metaseq.fusion.cross import DEFAULT_INIT_SEED_SCHEME, INIT_SEED_SCHEMES, cross_plan
-from jam_metaseq.models.config import SHAPE_FIELDS, cross_of
+from jam_metaseq.models.config import BRANCH_FIELDS, SHAPE_FIELDS, cross_of
 
 
 def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions, cross_every: int = 2,
@@ -38,7 +38,8 @@ def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
     was recorded); recorded in the manifest's parameters.
 
     The parents may differ in width, FFN, depth and heads (asymmetric JAM-Cross,
-    ``CrossConfig.image_parent``): the image branch takes the image parent's shape, everything
+    ``CrossConfig.image_parent``) and in their block type (``BRANCH_FIELDS``: a Chameleon image
+    parent's q/k norms beside a Llama LLM): the image branch takes the image parent's, everything
     else (``TENSOR_FIELDS``: vocabulary, positions, biases, LayerNorm kind; ``FUNCTION_FIELDS``:
     activation, embedding scale, LayerNorm eps, padding) is the LLM's and must agree. ``img_heads``: the image parent's heads when its checkpoint does not
     record them (default ``heads``)."""
@@ -47,7 +48,7 @@ def cross(llm: str | os.PathLike, img: str | os.PathLike, *, opts: CommonOptions
     readers, cfgs = open_parents([llm, img], ["llm", "img"], opts=opts, heads=heads, role_heads={"img": img_heads},
                                  shapes_may_differ=True)
     parent = cfgs[0]
-    image_parent = dataclasses.replace(parent, **{f: getattr(cfgs[1], f) for f in SHAPE_FIELDS})
+    image_parent = dataclasses.replace(parent, **{f: getattr(cfgs[1], f) for f in (*SHAPE_FIELDS, *BRANCH_FIELDS)})
     if image_vocab is None:
         v = parents_vocab(opts.vocab, readers)
         image_vocab = None if v is None else (v.image_start, v.image_end)

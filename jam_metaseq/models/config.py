@@ -202,6 +202,11 @@ SHAPE_FIELDS = ("embed_dim", "ffn_dim", "layers", "heads", "kv_heads", "attn_hea
 other ``DecoderConfig`` field (vocabulary, positions, padding, biases, norm kind, activation,
 embedding scale, dropout, init, the Llama-family fields) is shared. ``kv_heads`` and
 ``attn_head_dim`` (grouped k/v heads, head width) are shape: Gemma-2B and Gemma-7B differ in both."""
+BRANCH_FIELDS = ("qk_norm", "swin_norm")
+"""The block type a JAM-Cross branch keeps from its own parent besides its shape (issue 24: a
+Llama-2 branch without q/k norms beside a Chameleon branch with them): each branch computes its
+own block, so its parents may differ in these; JAM-Uniform and JAM-Width mix one block's weights
+and refuse parents that differ in them (naming JAM-Cross)."""
 TENSOR_FIELDS = ("vocab_size", "max_positions", "bias", "affine_ln", "positions", "mlp", "qkv", "qkv_bias",
                  "tie_embeddings", "qk_norm")
 """Besides ``SHAPE_FIELDS``, the fields a checkpoint's tensors show (embedding and position rows,
@@ -227,7 +232,8 @@ class CrossConfig:
 
     Symmetric (``image_parent`` None, the paper's case): both branches are shaped like ``parent``.
     Asymmetric (the paper's stated future work): the image branch is shaped like ``image_parent``,
-    which may differ from ``parent`` in ``SHAPE_FIELDS`` (width, FFN, depth, heads) only.
+    which may differ from ``parent`` in ``SHAPE_FIELDS`` (width, FFN, depth, heads) and in its block
+    type ``BRANCH_FIELDS`` (Chameleon's q/k norms beside a Llama branch) only.
 
     - Cross blocks are rectangular (Eq. 4): the block of side s takes its query from its own
       width E_s and projects keys and values from the other branch's width E_o to E_s (``k_proj``,
@@ -272,18 +278,18 @@ class CrossConfig:
         if self.image_parent is not None:
             a, b = self.parent, self.image_parent
             for f in dataclasses.fields(DecoderConfig):
-                if f.name not in SHAPE_FIELDS and f.name != "arch" and getattr(a, f.name) != getattr(b, f.name):
+                if f.name not in (*SHAPE_FIELDS, *BRANCH_FIELDS, "arch") and getattr(a, f.name) != getattr(b, f.name):
                     raise ValueError(f"the parents of JAM-Cross must share {f.name}: the LLM has "
                                      f"{getattr(a, f.name)!r}, the image parent {getattr(b, f.name)!r} "
-                                     f"(they may differ only in {', '.join(SHAPE_FIELDS)})")
-            if all(getattr(a, f) == getattr(b, f) for f in SHAPE_FIELDS):
+                                     f"(they may differ only in {', '.join((*SHAPE_FIELDS, *BRANCH_FIELDS))})")
+            if all(getattr(a, f) == getattr(b, f) for f in (*SHAPE_FIELDS, *BRANCH_FIELDS)):
                 self.image_parent = None  # one shape: the symmetric model, whatever the spelling
             else:
                 self.image_parent = dataclasses.replace(b, arch=ARCH_DECODER)
 
     @property
     def symmetric(self) -> bool:
-        """Both branches have the LLM's shape (the paper's JAM-Cross)."""
+        """Both branches have the LLM's shape and block (the paper's JAM-Cross)."""
         return self.image_parent is None
 
     @property
