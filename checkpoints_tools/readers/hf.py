@@ -149,7 +149,7 @@ class HFReader(Reader):
         """As ``Reader.vocab``; else the manifest the family's ``config.json`` states (Chameleon's
         ``vocabulary_map``: ``HFFamily.vocab_from_hf``)."""
         v = super().vocab(given)
-        if v is None and self.hf_config is not None and self.family.vocab_from_hf is not None:
+        if v is None and self.hf_config and self.hf_config.get("vocabulary_map") and self.family.vocab_from_hf:
             try:
                 v = self.family.vocab_from_hf(self.hf_config, source=self._source)
             except ValueError as e:
