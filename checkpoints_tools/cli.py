@@ -37,6 +37,7 @@ import torch
 
 from jam_metaseq.data.cli import add_layout_flags, layout_of
 from jam_metaseq.errors import add_trust_pickle_flag, run_cli
+from jam_metaseq.vocab import find_vocab
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -185,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "sentencepiece .model (or spm:/bpe: spec, or 'bytes')")
     p.add_argument("--from-tokenizer", metavar="T",
                    help="the model's text tokenizer (default: the one its vocabulary manifest names)")
+    p.add_argument("--to-vocab", metavar="MANIFEST",
+                   help="the new vocabulary manifest whole (e.g. a Chameleon image parent's: jam-ckpt inspect shows "
+                        "it, explicit ids): text ids from T as above, bos/pad/eos/unk, image begin/end, <eoss>, "
+                        "sentinels and image codes from the model's ids of the same role, every other row the "
+                        "mean of its text rows (default: the model's manifest with T's text range)")
     p.add_argument("--rule", choices=tuple(RULES), default=DEFAULT_RULE,
                    help="how a composed row is built: " + "; ".join(f"{k} = {v}" for k, v in RULES.items())
                         + f" (default {DEFAULT_RULE}: measured best here, docs/FAMILIES.md)")
@@ -311,7 +317,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         out = ops.reshard(args.src, opts=_opts(args, argv), heads=args.heads)
     elif args.cmd == "transplant":
         out = ops.transplant(args.model, to_tokenizer=args.to_tokenizer, from_tokenizer=args.from_tokenizer,
-                             opts=_opts(args, argv), rule=args.rule, heads=args.heads)
+                             opts=_opts(args, argv), rule=args.rule, heads=args.heads,
+                             to_vocab=None if args.to_vocab is None else find_vocab(given=args.to_vocab))
     elif args.cmd == "convert":
         fmt = "hf" if args.to == "hf" else "metaseq"
         out = ops.reshard(args.src, opts=_opts(args, argv, fmt=fmt), heads=args.heads)

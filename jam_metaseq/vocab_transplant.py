@@ -154,12 +154,12 @@ def transplanted_vocab(old: VocabManifest, *, text_size: int, text_tokenizer: st
 
 def plan_rows(text: TextPlan, *, old: VocabManifest, new: VocabManifest) -> RowPlan:
     """Rows of ``new`` from rows of ``old``: the four specials and every id after the text range
-    copied (shifted by the change in text size), text ids by ``text``, filler rows left to the rule."""
-    for v in (old, new):
-        if v.explicit_ids is not None:
-            raise ValueError("an explicit-ids vocabulary (an imported parent's: its bos/pad/eos/unk and reserved "
-                             "ids are ids of its text tokenizer) does not transplant yet: those ids would change "
-                             "with the tokenizer")
+    copied (shifted by the change in text size), text ids by ``text``, filler rows left to the rule.
+    Where either manifest has explicit ids (an imported parent: a Llama LLM moved into a Chameleon
+    image parent's vocabulary), ``new`` is the target's own manifest and rows follow roles
+    (``plan_rows_by_role``)."""
+    if old.explicit_ids is not None or new.explicit_ids is not None:
+        return plan_rows_by_role(text, old=old, new=new)
     same = [f.name for f in dataclasses.fields(old) if f.name not in ("text_size", "text_tokenizer")
             and getattr(old, f.name) != getattr(new, f.name)]
     if same:
@@ -174,6 +174,30 @@ def plan_rows(text: TextPlan, *, old: VocabManifest, new: VocabManifest) -> RowP
     source[new.text_start:new.text_end] = torch.where(src >= 0, src + old.text_start, src)
     after = new.num_used - new.text_end  # image codes, <break>, sentinels, <eoss>, conversation tokens
     source[new.text_end:new.num_used] = torch.arange(old.text_end, old.text_end + after)
+    return RowPlan(text=text, old=old, new=new, source=source)
+
+
+def plan_rows_by_role(text: TextPlan, *, old: VocabManifest, new: VocabManifest) -> RowPlan:
+    """Rows of ``new`` (any manifest, e.g. a Chameleon parent's) from ``old`` (any): each text id of
+    ``new`` (``is_text``) by ``text``; bos / pad / eos / unk, ``<break>`` (image begin), the image end,
+    ``<eoss>``, the sentinels and the image codes (code c to code c) from ``old``'s ids of the same
+    role where ``old`` has as many; every other row (an image code a text LLM lacks, a reserved id)
+    is left to the fallback (the mean of ``old``'s text rows)."""
+    if (text.old_size, len(text.source)) != (old.text_size, new.text_size):
+        raise ValueError(f"the tokenizers have {text.old_size} and {len(text.source)} ids, the manifests' text "
+                         f"ranges {old.text_size} and {new.text_size}")
+    source = torch.full((new.size,), -1, dtype=torch.long)
+    ids = torch.arange(new.text_start, new.text_end)
+    is_text = torch.as_tensor(new.is_text(ids), dtype=torch.bool)
+    src = torch.tensor(text.source, dtype=torch.long)
+    source[ids[is_text]] = torch.where(src >= 0, src + old.text_start, src)[is_text]
+    for name in ("bos", "pad", "eos", "unk", "boi", "eoi", "eoss"):
+        source[getattr(new, name)] = getattr(old, name)
+    if old.num_sentinels == new.num_sentinels:
+        source[new.sentinel_start:new.sentinel_end] = torch.arange(old.sentinel_start, old.sentinel_end)
+    if old.image_codes == new.image_codes and new.image_codes:
+        codes = torch.arange(new.image_codes)
+        source[torch.as_tensor(new.image_id(codes))] = torch.as_tensor(old.image_id(codes))
     return RowPlan(text=text, old=old, new=new, source=source)
 
 
@@ -203,7 +227,8 @@ def transplant_rows(tensor: torch.Tensor, plan: RowPlan, *, rule: str = DEFAULT_
     copy = plan.source >= 0
     out[copy] = tensor[plan.source[copy]]
     out[~copy] = ROW_INIT_RULES["text_mean"](tensor, old)
-    pieces = [(new.text_start + j, p) for j, p in enumerate(plan.text.pieces) if p]
+    pieces = [(new.text_start + j, p) for j, p in enumerate(plan.text.pieces)
+              if p and plan.source[new.text_start + j] < 0]  # (a row of a role is copied, not composed)
     for s in range(0, len(pieces), _CHUNK):
         chunk = pieces[s:s + _CHUNK]
         rows = torch.tensor([r for r, _ in chunk])

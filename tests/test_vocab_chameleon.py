@@ -150,3 +150,32 @@ def test_decoding_opens_with_begin_draws_image_ids_only_and_forces_end():
     segs = split_segments(script, vocab=CHAM)
     assert isinstance(segs[0], TextSegment) and isinstance(segs[1], ImageSegment)
     assert segs[1].codes == [[1, 2], [3, 0]] and segs[1].complete
+
+
+def test_a_text_llm_transplants_into_the_chameleon_vocabulary_by_role():
+    """A Llama-like LLM (its text ids, then our layout: ``after_text``) re-expressed in the Chameleon
+    vocabulary: text ids copied where the bytes match, composed from pieces where not; specials,
+    image begin/end, ``<eoss>``, sentinels and image codes (code c to code c) from the ids of the same
+    role; the reserved ids nobody uses get the mean of the text rows."""
+    from jam_metaseq.vocab_transplant import plan_rows, plan_text, transplant_rows
+
+    old = VocabManifest.after_text(40, specials={"bos": 0, "pad": 1, "eos": 2, "unk": 3}, image_codes=N_CODES,
+                                   num_sentinels=4)
+    letters = [bytes([c]) for c in range(ord("a"), ord("a") + 26)]
+    old_tokens = ["<s>", "<pad>", "</s>", "<unk>", *letters, *(letters[i] + letters[i + 1] for i in range(10))]
+    by_id = {i: n for n, i in vocabulary_map().items()}
+    new_tokens = [by_id[i] if i < 41 else (letters[i % 26] if i % 2 else letters[i % 26] * 3) for i in range(V)]
+    plan = plan_rows(plan_text(old_tokens, new_tokens), old=old, new=CHAM)
+    src = plan.source
+    assert [int(src[getattr(CHAM, n)]) for n in ("bos", "pad", "eos", "unk")] == [0, 1, 2, 3]
+    assert (int(src[CHAM.boi]), int(src[CHAM.eoi]), int(src[CHAM.eoss])) == (old.break_id, old.break_id, old.eoss)
+    assert src[CHAM.sentinel_start:CHAM.sentinel_end].tolist() == list(old.sentinel_range)
+    assert [int(src[CHAM.image_id(c)]) for c in range(N_CODES)] == [old.image_id(c) for c in range(N_CODES)]
+    assert int(src[43]) == old_tokens.index(letters[43 % 26])  # copied: the same bytes
+    assert int(src[42]) == -1 and plan.text.pieces[42]  # composed: b"qqq" from pieces
+    rows = torch.randn(old.size, 6)
+    out = transplant_rows(rows, plan, rule="mean")
+    assert torch.equal(out[CHAM.eoss], rows[old.eoss]) and torch.equal(out[CHAM.image_id(3)], rows[old.image_id(3)])
+    text_mean = rows[old.text_start:old.text_end].mean(0)  # vocab_rows.text_mean: the text range
+    torch.testing.assert_close(out[30], text_mean)  # <reserved00026>: nobody's role
+    torch.testing.assert_close(out[42], rows[list(plan.text.pieces[42])].mean(0))  # old text ids are its rows

@@ -22,17 +22,19 @@ from checkpoints_tools.safe_load import CheckpointError
 from jam_metaseq.data.tokenizers import load_text_tokenizer
 from jam_metaseq.models import keys
 from jam_metaseq.models.config import CrossConfig
+from jam_metaseq.vocab import VocabManifest
 from jam_metaseq.vocab_transplant import (
     DEFAULT_RULE, plan_rows, plan_text, role_of, transplant_record, transplant_rows, transplanted_vocab,
 )
 
 
 def transplant(src: str | os.PathLike, *, to_tokenizer: str, opts: CommonOptions, from_tokenizer: str | None = None,
-               rule: str = DEFAULT_RULE, heads: int | None = None) -> Path:
+               rule: str = DEFAULT_RULE, heads: int | None = None, to_vocab: VocabManifest | None = None) -> Path:
     """``src`` (a decoder with a vocabulary manifest: its own, or ``opts.vocab``) with its text ids
     those of ``to_tokenizer``; the old tokenizer is ``from_tokenizer`` or the one its manifest names.
-    The output's manifest is the old one with the new text range; ``manifest.json`` records the rule
-    and the share of ids copied exactly."""
+    The output's manifest is ``to_vocab`` (another model's whole vocabulary, e.g. a Chameleon image
+    parent's: rows by role, ``plan_rows_by_role``), else the old one with the new text range;
+    ``manifest.json`` records the rule and the share of ids copied exactly."""
     r = open_checkpoint(src, trust_pickle=opts.trust_pickle, replica_mismatch=opts.replica_mismatch)
     cfg = r.config(**({"heads": heads} if heads else {}))
     if isinstance(cfg, CrossConfig):
@@ -45,7 +47,7 @@ def transplant(src: str | os.PathLike, *, to_tokenizer: str, opts: CommonOptions
         old.check_embedding(cfg.vocab_size, what=str(r.path))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    if cfg.padding_idx >= old.text_start:
+    if to_vocab is None and old.explicit_ids is None and cfg.padding_idx >= old.text_start:
         raise CheckpointError(f"{r.path}: padding_idx {cfg.padding_idx} is a text id; only manifests whose pad is "
                               f"among the first {old.text_start} ids transplant")
     source_tok = from_tokenizer or old.text_tokenizer
@@ -56,10 +58,16 @@ def transplant(src: str | os.PathLike, *, to_tokenizer: str, opts: CommonOptions
     if old_tok.vocab_size != old.text_size:
         raise CheckpointError(f"{source_tok}: {old_tok.vocab_size} ids, but the manifest of {r.path} has "
                               f"text_size {old.text_size}: not the model's tokenizer")
-    new = transplanted_vocab(old, text_size=new_tok.vocab_size, text_tokenizer=new_tok.spec)
-    plan = plan_rows(plan_text(old_tok.token_bytes(), new_tok.token_bytes()), old=old, new=new)
+    new = to_vocab or transplanted_vocab(old, text_size=new_tok.vocab_size, text_tokenizer=new_tok.spec)
+    if new_tok.vocab_size != new.text_size:
+        raise CheckpointError(f"{to_tokenizer}: {new_tok.vocab_size} ids, but the new vocabulary has text_size "
+                              f"{new.text_size}: not its tokenizer")
+    try:
+        plan = plan_rows(plan_text(old_tok.token_bytes(), new_tok.token_bytes()), old=old, new=new)
+    except ValueError as e:
+        raise CheckpointError(f"{r.path}: {e}") from None
     record = transplant_record(plan, rule=rule)
-    new_cfg = dataclasses.replace(cfg, vocab_size=new.size)
+    new_cfg = dataclasses.replace(cfg, vocab_size=new.size, padding_idx=new.pad)
     shapes = expected_shapes(new_cfg)
     out = OutputDir(dataclasses.replace(opts.spec, dtype=opts.spec.dtype or r.param_dtype), cfg=new_cfg,
                     shapes=shapes, vocab=new.to_dict(), inputs=input_paths([r]))
