@@ -213,3 +213,35 @@ def test_transplanted_model_is_much_closer_to_the_original_than_random_rows(tmp_
     original, baseline, transplanted = bpb["original (A)"], bpb["random text rows"], bpb["weighted (B)"]
     assert transplanted - original < 0.5 * (baseline - transplanted), res
     assert closed["weighted (B)"] > closed["mean (B)"] > 0.1, res
+
+
+def test_cross_transplants_the_llm_when_the_tokenizers_differ(tokenizers, tmp_path, capsys):
+    """Issue 24 item 4: ``jam-ckpt cross`` of an LLM whose manifest names one text tokenizer and an
+    image parent whose manifest names another says so, transplants the LLM into the image parent's
+    vocabulary, and fuses: the output's vocabulary is the image parent's, the shared embedding's
+    text rows the LLM's transplanted rows (copied ids: the LLM's rows of the same bytes), and the
+    temporary transplant is gone."""
+    from checkpoints_tools.load import load_model
+    from jam_metaseq.eval.io import save_checkpoint
+
+    bpe, spm = tokenizers["bpe"], tokenizers["spm"]
+    common = dict(image_codes=8, image_grid=(2, 4), image_tokens_per_image=8, num_sentinels=2)
+    va = VocabManifest(text_size=bpe.vocab_size, text_tokenizer=bpe.spec, **common)
+    vb = VocabManifest(text_size=spm.vocab_size, text_tokenizer=spm.spec, **common)
+    torch.manual_seed(0)
+    llm, img = build_model(preset("llama_tiny", vocab_size=va.size)), build_model(preset("llama_tiny", vocab_size=vb.size))
+    save_checkpoint(tmp_path / "llm.pt", llm, vocab=va)
+    save_checkpoint(tmp_path / "img.pt", img, vocab=vb)
+    rc = main(["cross", "--llm", str(tmp_path / "llm.pt"), "--img", str(tmp_path / "img.pt"), "--cross-every", "1",
+               "-o", str(tmp_path / "cross"), "--quiet", "--no-hash-sources"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "tokenizers differ" in err and "transplanted into the image parent's vocabulary" in err
+    fused, cfg, vocab = load_model(tmp_path / "cross")
+    assert vocab == vb and cfg.parent.vocab_size == vb.size
+    plan = plan_rows(plan_text(bpe.token_bytes(), spm.token_bytes()), old=va, new=vb)
+    copied = [i for i in vb.text_range if plan.source[i] >= 0]
+    emb, old = fused.decoder.embed_tokens.weight.detach(), llm.decoder.embed_tokens.weight.detach()
+    assert copied and all(torch.equal(emb[i], old[plan.source[i]]) for i in copied)
+    assert not any(p.name.endswith("transplant-tmp") for p in tmp_path.iterdir())
+    assert json.loads((tmp_path / "cross" / "manifest.json").read_text())["parameters"]["llm_transplanted"]

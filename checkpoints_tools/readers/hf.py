@@ -151,7 +151,9 @@ class HFReader(Reader):
         v = super().vocab(given)
         if v is None and self.hf_config and self.hf_config.get("vocabulary_map") and self.family.vocab_from_hf:
             try:
-                v = self.family.vocab_from_hf(self.hf_config, source=self._source)
+                tok = self.path / "tokenizer.json"  # an HF directory's text tokenizer, if it has one
+                v = self.family.vocab_from_hf(self.hf_config, source=self._source,
+                                              text_tokenizer=str(tok) if tok.is_file() else None)
             except ValueError as e:
                 raise CheckpointError(str(e)) from None
         return v

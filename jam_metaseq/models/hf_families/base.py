@@ -74,7 +74,7 @@ class HFFamily:
     ``model.vqmodel.``): not decoder tensors, left out when the decoder is read; their own reader
     (``image_tokenizer.hf_vqvae``) takes them."""
     vocab_from_hf: Callable[..., Any] | None = None
-    """``(config.json dict, *, source) -> VocabManifest`` where the family's config states its
+    """``(config.json dict, *, source, text_tokenizer) -> VocabManifest`` where the family's config states its
     vocabulary (Chameleon's ``vocabulary_map``): the manifest a reader gives when none is beside
     the files. None: the files state none (a ``vocab.json`` or ``--vocab`` names it)."""
     _from_hf: dict = field(init=False, repr=False, compare=False)
