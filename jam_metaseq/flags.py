@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from jam_metaseq.models.config import (
-    ACTIVATIONS, ARCH_CROSS, ARCH_UNIFORM, ARCH_WIDTH, MLPS, NORMS, POSITION_KINDS, QK_NORMS, QKV_LAYOUTS, CrossConfig,
-    DecoderConfig, ModelConfig, config_from_dict, cross_of, normalize_rope_scaling, parent_of_width, uniform_of,
-    width_of,
+    ACTIVATIONS, ARCH_CROSS, ARCH_UNIFORM, ARCH_WIDTH, CHECKPOINT_KEY, MLPS, NORMS, POSITION_KINDS, QK_NORMS,
+    QKV_LAYOUTS, CrossConfig, DecoderConfig, ModelConfig, config_from_dict, cross_of, normalize_rope_scaling,
+    parent_of_width, uniform_of, width_of,
 )
 from jam_metaseq.vocab import check_embedding
 
@@ -251,7 +251,7 @@ def config_from_args(args: argparse.Namespace, *, vocab_size: int, padding_idx: 
     A stored ``args.jam_config`` (a checkpoint's own args) wins over the flags: it is what the
     weights were trained with.
     """
-    stored = getattr(args, "jam_config", None)
+    stored = getattr(args, CHECKPOINT_KEY, None)
     if stored:
         cfg = config_from_dict(dict(stored))
         check_embedding(vocab_size, cfg.vocab_size, what="checkpoint")  # the dictionary: the manifest's ids

@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int,
                    help="tokens per GPU per step, a multiple of --tokens-per-sample (default: one sequence)")
     p.add_argument("--model-parallel-size", type=int, default=1, help="tensor parallelism (metaseq only)")
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="training precision")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
+                   help="training precision (default: bf16, the paper's; fp16 for --host fairseq, whose fully "
+                        "sharded training refuses bf16)")
     p.add_argument("--seed", type=int, default=1, help="host seed (default %(default)s)")
     p.add_argument("--cross-every", type=int,
                    help="JAM-Cross: a cross block every K layers (0 = none); for ablation_cross runs only K")

@@ -63,8 +63,9 @@ class LaunchConfig:
     """Tokens per GPU per forward/backward (default: ``tokens_per_sample``, one sequence)."""
     model_parallel_size: int = 1
     """Tensor-parallel degree (metaseq only)."""
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """Training precision."""
+    precision: Literal["bf16", "fp16", "fp32"] | None = None
+    """Training precision (default ``default_precision``: bf16, the paper's, except fp16 for fairseq's
+    fully sharded training, which refuses ``--bf16``)."""
     seed: int = 1
     """Seed for the host (the CM3 transform derives its own from (seed, epoch, index))."""
     cross_every: int | None = None
@@ -92,8 +93,20 @@ class LaunchConfig:
             raise ValueError("give restore_file or finetune_from_model, not both")
         if self.model_parallel_size > 1 and self.host != "metaseq":
             raise ValueError("model_parallel_size > 1 needs --host metaseq (fairseq has no tensor parallelism here)")
+        if self.precision is None:
+            object.__setattr__(self, "precision", default_precision(self.host, self.ddp_backend))
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        if self.precision == "bf16" and self.host == "fairseq" and self.ddp_backend == "fully_sharded":
+            raise ValueError("fairseq's fully sharded training refuses --bf16 (its trainer: 'FullyShardedDataParallel "
+                             "is not compatible with --bf16'): use --precision fp16, --host metaseq, or --ddp-backend "
+                             "legacy_ddp")
+
+
+def default_precision(host: str, ddp_backend: str) -> str:
+    """bf16 (the paper trains in bf16), except fp16 where fairseq shards fully: its trainer refuses bf16
+    with FSDP."""
+    return "fp16" if host == "fairseq" and ddp_backend == "fully_sharded" else "bf16"
 
 
 @dataclass(frozen=True)

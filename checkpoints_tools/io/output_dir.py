@@ -43,6 +43,7 @@ from checkpoints_tools.io.target import (
 from checkpoints_tools.io.torch_zip import TorchStreamWriter
 from checkpoints_tools.workspace import Workspace
 from jam_metaseq.models import keys
+from jam_metaseq.models.config import CHECKPOINT_KEY as CONFIG_KEY
 from jam_metaseq.models.config import CrossConfig, ModelConfig
 from jam_metaseq.vocab import CHECKPOINT_KEY as VOCAB_KEY
 
@@ -195,7 +196,7 @@ class OutputDir:
                                    shown=self._shown)
             return
         if self.spec.format == "safetensors":
-            md = {"format": "pt", "jam_config": json.dumps(self.cfg.to_dict())}
+            md = {"format": "pt", CONFIG_KEY: json.dumps(self.cfg.to_dict())}
             if self.vocab:
                 md[VOCAB_KEY] = json.dumps(dict(self.vocab))
             if self._expect_tied:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from checkpoints_tools.safe_load import CheckpointError
 from jam_metaseq import flags as jam_flags
 from jam_metaseq.models import keys
+from jam_metaseq.models.config import CHECKPOINT_KEY as CONFIG_KEY
 from jam_metaseq.models.config import (
     ARCH_CROSS, CrossConfig, DecoderConfig, ModelConfig, config_from_dict,
 )
@@ -65,16 +66,16 @@ def _host_args(reader: "Reader") -> Namespace | None:
 
 def stored_config(reader: "Reader") -> ModelConfig | None:
     """The config ``reader``'s checkpoint stores (see ``resolve_config``), None if it stores none."""
-    d = reader.meta.get("jam_config")
+    d = reader.meta.get(CONFIG_KEY)
     task_state = reader.meta.get("task_state")
     if d is None and isinstance(task_state, dict):
-        d = task_state.get("jam_config")
+        d = task_state.get(CONFIG_KEY)
     if d is None and reader.path.is_dir() and (reader.path / "manifest.json").is_file():
         d = json.loads((reader.path / "manifest.json").read_text()).get("config")
     if d is not None:
         return config_from_dict(d)
     ns = _host_args(reader)
-    stored = getattr(ns, "jam_config", None) if ns is not None else None
+    stored = getattr(ns, CONFIG_KEY, None) if ns is not None else None
     if stored:
         return config_from_dict(dict(stored))
     beside = _config_beside(reader)

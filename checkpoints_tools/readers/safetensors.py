@@ -17,10 +17,11 @@ import torch
 from checkpoints_tools.io.safetensors import read_safetensors_header, read_safetensors_index
 from checkpoints_tools.readers.base import Reader, TensorInfo, check_parameter_dtype
 from checkpoints_tools.safe_load import CheckpointError
+from jam_metaseq.models.config import CHECKPOINT_KEY as CONFIG_KEY
 from checkpoints_tools.workspace import Workspace
 from jam_metaseq.vocab import CHECKPOINT_KEY as VOCAB_KEY
 
-_JSON_METADATA = ("jam_config", VOCAB_KEY)
+_JSON_METADATA = (CONFIG_KEY, VOCAB_KEY)
 """``__metadata__`` entries holding JSON (jam-ckpt's): the config and the vocabulary manifest."""
 
 

@@ -377,6 +377,12 @@ class CrossConfig:
 ModelConfig = Union[DecoderConfig, CrossConfig]
 
 
+CHECKPOINT_KEY = "jam_config"
+"""Where a checkpoint stores its model's config (as ``to_dict()``): a top-level entry of a ``.pt``
+(beside ``jam_metaseq.vocab.CHECKPOINT_KEY``), an ``__metadata__`` entry (JSON) of a safetensors
+file, ``task_state[CHECKPOINT_KEY]`` of a host-trained checkpoint."""
+
+
 def config_from_dict(d: dict[str, Any]) -> ModelConfig:
     """Inverse of ``to_dict`` (also accepts a dict without ``type``: a ``DecoderConfig``)."""
     d = dict(d)

@@ -10,12 +10,15 @@ field (and its line in the plan file). Checkpoints are opened lazily: no tensor 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
 from jam_metaseq.pipeline.spec import PARENTS, OptimSpec, PlanError, PlanSpec, ShapeSpec
 
-SHAPE_FIELDS = ("embed_dim", "ffn_dim", "layers", "heads", "activation", "bias", "affine_ln")
+SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(ShapeSpec))
+"""What a plan's ``model`` / ``image_model`` says (``ShapeSpec``'s fields, which are ``DecoderConfig``'s
+of the same names): a given parent checkpoint must match it there."""
 DOCS_CHECKED = 20
 """Documents of each JSONL file parsed up front (binarization checks the rest, naming file:line)."""
 
