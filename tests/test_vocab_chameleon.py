@@ -179,3 +179,15 @@ def test_a_text_llm_transplants_into_the_chameleon_vocabulary_by_role():
     text_mean = rows[old.text_start:old.text_end].mean(0)  # vocab_rows.text_mean: the text range
     torch.testing.assert_close(out[30], text_mean)  # <reserved00026>: nobody's role
     torch.testing.assert_close(out[42], rows[list(plan.text.pieces[42])].mean(0))  # old text ids are its rows
+
+
+def test_the_llama2_manifest_of_the_anole_recipe_is_valid():
+    """docs/FAMILIES.md's Llama-2 manifest (the Llama-2-7B + Anole-7B recipe) reads as the ids it
+    describes: Llama-2's 32,000 ids as they are, its <unk> as pad, the rows it lacks added."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "FAMILIES.md").read_text()
+    block = text.split("cat > llama-2-7b/vocab.json <<'JSON'", 1)[1].split("JSON", 1)[0]
+    v = VocabManifest.from_dict(json.loads(block), source="docs/FAMILIES.md")
+    assert (v.bos, v.eos, v.pad, v.unk, v.text_size, v.size) == (1, 2, 0, 0, 32000, 40216)
+    assert v.explicit_ids.extends == (32000, 40216) and (v.image_codes, v.num_sentinels) == (8192, 16)
