@@ -311,6 +311,11 @@ def test_jam_ckpt_reads_an_hf_chameleon_directory_and_writes_it_back(tmp_path):
     decoder = [k for k in a if not k.startswith(hf_chameleon.VQ_PREFIX)]
     assert decoder and all(torch.equal(a[k], b[k]) for k in decoder)
     assert hf_chameleon.config_from_hf(again.config.to_dict()) == cfg
+    # the vocabulary stated again (from the manifest): transformers masks the same image ids, so the
+    # whole logits, masked columns included, are the original's
+    assert {k: v for k, v in again.config.vocabulary_map.items() if k.startswith("IMGIMG")} == IMAGE_IDS
+    torch.testing.assert_close(_hf_logits(again, tokens), _hf_logits(hf, tokens), atol=ATOL, rtol=0)
+    assert open_checkpoint(tmp_path / "back").vocab() == vocab
 
 
 

@@ -191,3 +191,15 @@ def test_the_llama2_manifest_of_the_anole_recipe_is_valid():
     v = VocabManifest.from_dict(json.loads(block), source="docs/FAMILIES.md")
     assert (v.bos, v.eos, v.pad, v.unk, v.text_size, v.size) == (1, 2, 0, 0, 32000, 40216)
     assert v.explicit_ids.extends == (32000, 40216) and (v.image_codes, v.num_sentinels) == (8192, 16)
+
+
+def test_the_manifest_is_stated_back_as_a_vocabulary_map():
+    """``vocab_to_hf`` (what ``convert --to hf`` writes) states the manifest in the config's own
+    terms: read back, it is the same manifest, and it names the image codes as transformers does."""
+    vm = chameleon.vocab_to_hf(CHAM)["vocabulary_map"]
+    assert {k: v for k, v in vm.items() if k.startswith("IMGIMG")} == \
+        {k: v for k, v in vocabulary_map().items() if k.startswith("IMGIMG")}
+    again = chameleon.manifest_from_hf({**HF_CONFIG, "vocabulary_map": vm}, first_sentinel="<reserved00016>",
+                                       num_sentinels=4)
+    assert again == CHAM
+    assert chameleon.vocab_to_hf(VocabManifest(text_size=10)) == {}  # not a Chameleon-format manifest

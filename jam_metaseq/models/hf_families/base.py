@@ -77,6 +77,9 @@ class HFFamily:
     """``(config.json dict, *, source, text_tokenizer) -> VocabManifest`` where the family's config states its
     vocabulary (Chameleon's ``vocabulary_map``): the manifest a reader gives when none is beside
     the files. None: the files state none (a ``vocab.json`` or ``--vocab`` names it)."""
+    vocab_to_hf: Callable[[Any], dict] | None = None
+    """``VocabManifest -> config.json entries`` stating it (Chameleon's ``vocabulary_map``), the
+    inverse of ``vocab_from_hf`` for what ``transformers`` reads; None: the files state none."""
     _from_hf: dict = field(init=False, repr=False, compare=False)
     _hf_templates: frozenset = field(init=False, repr=False, compare=False)
 

@@ -24,9 +24,9 @@ Layout facts (checked against ``transformers`` on random weights, ``tests/test_m
   the dtype's minimum (the released Chameleon-7B does not draw images); ours are the decoder's
   logits, and which ids may be drawn is decoding's business (the vocabulary manifest's image map).
 - ``vocabulary_map`` (token string -> id, all 65,536 entries) is vocabulary, not model: the
-  vocabulary manifest carries what it says (``jam_metaseq.vocab.chameleon_manifest``); ``hf_config``
-  writes the one it is given (transformers needs one to build the model; an empty one is a model
-  that masks no image ids).
+  vocabulary manifest carries what it says (``manifest_from_hf``, below); writing, ``vocab_to_hf``
+  states a manifest back as the entries transformers reads (``hf_config`` alone writes the map it is
+  given, default empty: a model that masks no image ids).
 """
 
 from __future__ import annotations
@@ -172,9 +172,31 @@ def manifest_from_hf(hf: Mapping[str, Any], *, first_sentinel: str = "<reserved0
                                   text_tokenizer=text_tokenizer)
 
 
+
+def image_code_name(code: int) -> str:
+    """The ``vocabulary_map`` entry of VQ code ``code`` (inverse of ``image_code_of``): ``IMGIMG``,
+    the digits as letters A-J, ``Z``."""
+    return IMAGE_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def vocab_to_hf(vocab) -> dict[str, Any]:
+    """``config.json`` entries stating a Chameleon-format manifest (an image closed by its own id):
+    a ``vocabulary_map`` with the entries ``transformers`` and ``manifest_from_hf`` read (the image
+    codes, the specials, the image frame, the sentinels and ``<eoss>`` as ``<reserved{id - 4}>``,
+    the released files' naming); the text pieces' names are the tokenizer's, not the manifest's.
+    {} for any other manifest."""
+    x = vocab.explicit_ids
+    if x is None or x.eoi is None:
+        return {}
+    vm = {image_code_name(c): int(vocab.image_id(c)) for c in range(vocab.image_codes)}
+    vm.update({n: getattr(vocab, k) for k, n in SPECIAL_NAMES.items()})
+    vm.update({f"<reserved{i - 4:05d}>": i for i in (*vocab.sentinel_range, vocab.eoss)})
+    return {"vocabulary_map": vm}
+
+
 FAMILY = HFFamily(
     model_type=MODEL_TYPE, architecture=ARCHITECTURE, display="Chameleon", key_map=KEY_MAP, prefix="model.",
     markers=("model.layers.0.self_attn.q_norm", "layers.0.self_attn.q_norm"),
     config_from_hf=config_from_hf, hf_config=hf_config, check=check, ties=lambda hf: False,
-    hf_only=llama.HF_ONLY, other_parts=(VQ_PREFIX,), vocab_from_hf=manifest_from_hf,
+    hf_only=llama.HF_ONLY, other_parts=(VQ_PREFIX,), vocab_from_hf=manifest_from_hf, vocab_to_hf=vocab_to_hf,
 )
