@@ -32,6 +32,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from jam_metaseq.inputs import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, RATE  # issue 27 §4: finite, in range at parse time
 from jam_metaseq.models.config import (
     ACTIVATIONS, ARCH_CROSS, ARCH_UNIFORM, ARCH_WIDTH, CHECKPOINT_KEY, MLPS, NORMS, POSITION_KINDS, QK_NORMS,
     QKV_LAYOUTS, CrossConfig, DecoderConfig, ModelConfig, config_from_dict, cross_of, normalize_rope_scaling,
@@ -119,8 +120,8 @@ MODEL_FLAGS: tuple[Flag, ...] = (
     Flag("activation_fn", "activation", "parent", str,
          "FFN activation (on the gate of a gated MLP); gelu_tanh is HF's gelu_pytorch_tanh (Gemma)",
          choices=ACTIVATIONS),
-    Flag("dropout", "dropout", "parent", float, "residual/embedding dropout", "P"),
-    Flag("attention_dropout", "attention_dropout", "parent", float, "attention-probability dropout", "P"),
+    Flag("dropout", "dropout", "parent", RATE, "residual/embedding dropout", "P"),
+    Flag("attention_dropout", "attention_dropout", "parent", RATE, "attention-probability dropout", "P"),
     Flag("disable_bias", "bias", "parent", help="no biases in projections (CM3leon)", negated=True),
     Flag("disable_affine_ln", "affine_ln", "parent", help="LayerNorm without weight/bias (CM3leon)", negated=True),
     Flag("no_scale_embedding", "scale_embedding", "parent", help="do not scale embeddings by sqrt(E)", negated=True),
@@ -129,11 +130,11 @@ MODEL_FLAGS: tuple[Flag, ...] = (
     # jam_width_llama_tiny ...) fills them from its preset, a starting checkpoint's stored config must agree.
     Flag("decoder_norm", "norm", "parent", str, "normalisation: layernorm (OPT), rmsnorm (Llama, Qwen2) or "
          "rmsnorm_plus_one (Gemma: (1 + w) * x / rms(x))", choices=NORMS, when_set=True),
-    Flag("ln_eps", "ln_eps", "parent", float, "norm epsilon (HF rms_norm_eps)", "EPS", when_set=True),
+    Flag("ln_eps", "ln_eps", "parent", POSITIVE_FLOAT, "norm epsilon (HF rms_norm_eps)", "EPS", when_set=True),
     Flag("decoder_positions", "positions", "parent", str,
          "learned: metaseq's position table; rotary: RoPE on q and k (HF's half-split layout)",
          choices=POSITION_KINDS, when_set=True),
-    Flag("rope_theta", "rope_theta", "parent", float, "rotary base (HF rope_theta)", "THETA", when_set=True),
+    Flag("rope_theta", "rope_theta", "parent", POSITIVE_FLOAT, "rotary base (HF rope_theta)", "THETA", when_set=True),
     Flag("rope_scaling", "rope_scaling", "parent", json_object,
          "rotary frequency scaling as JSON: {\"rope_type\": \"linear\", \"factor\": F} or {\"rope_type\": "
          "\"llama3\", \"factor\", \"low_freq_factor\", \"high_freq_factor\", \"original_max_position_embeddings\"}",
@@ -357,7 +358,7 @@ def add_task_args(parser: Any) -> None:
     a("--mixture", default=None,
       help="training source weights NAME=W,NAME=W (token-balanced; default: all sources equally)")
     a("--cm3-mode", default="poisson", choices=("poisson", "fixed", "fim"), help="CM3 span-count rule")
-    a("--cm3-lambda", type=float, default=1.0, help="Poisson rate of the number of CM3 spans")
+    a("--cm3-lambda", type=NON_NEGATIVE_FLOAT, default=1.0, help="Poisson rate of the number of CM3 spans")
     a("--cm3-min-spans", type=int, default=0, help="lower clamp of the span count (0 allows plain LM)")
     a("--cm3-max-spans", type=int, default=None, help="upper clamp (default: the vocabulary's sentinels)")
     a("--cm3-cross-documents", action="store_true", help="let spans cross <eos> inside a packed block")
@@ -370,13 +371,13 @@ def add_task_args(parser: Any) -> None:
            "get neighbours from DATA/{split}/{source}.neighbours.npy (jam-retrieval neighbours BANK "
            "--dataset DATA/{split}/{source}); sources without one get no prefix")
     a("--retrieval-k", type=int, default=2, help="retrieved documents per item at most (default %(default)s)")
-    a("--retrieval-weight", type=float, default=0.0,
+    a("--retrieval-weight", type=NON_NEGATIVE_FLOAT, default=0.0,
       help="loss weight of retrieved prefix tokens (RA-CM3 used 0.1; default %(default)s)")
 
 
 def add_criterion_args(parser: Any) -> None:
     """The cm3 criterion flags."""
-    parser.add_argument("--sentinel-weight", type=float, default=1.0,
+    parser.add_argument("--sentinel-weight", type=NON_NEGATIVE_FLOAT, default=1.0,
                         help="loss weight of predicting CM3 sentinels (CM3 used 0; default %(default)s)")
 
 

@@ -46,7 +46,7 @@ from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 
-from jam_metaseq.errors import read_json
+from jam_metaseq.inputs import FieldError, int_field, read_json, str_field
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 NUM_DICT_SPECIALS = 4
@@ -64,6 +64,38 @@ CHECKPOINT_KEY = "jam_vocab"
 ``__metadata__`` entry (JSON) of a safetensors file."""
 TASK_STATE_KEY = "vocab_manifest"
 """Where a host-trained checkpoint stores it: ``task_state[TASK_STATE_KEY]`` (the task's state)."""
+MAX_VOCAB_SIZE = 2**31 - 1
+"""Bound of a manifest's total size (embedding rows are indexed by int32 on every host)."""
+MAX_SENTINELS = 2**16
+MAX_PAD_MULTIPLE = 2**16
+
+
+def _check_fields(m: "VocabManifest", *, source: str) -> None:
+    """Every field's type, sign and range (issue 27 §3: a manifest is checked where it is read);
+    ``FieldError`` naming ``source`` and the field. Normalises ``image_grid`` to a tuple of ints."""
+    text_size = int_field(m.text_size, name="text_size", source=source, lo=0, hi=MAX_VOCAB_SIZE)
+    image_codes = int_field(m.image_codes, name="image_codes", source=source, lo=0, hi=MAX_VOCAB_SIZE)
+    sentinels = int_field(m.num_sentinels, name="num_sentinels", source=source, lo=1, hi=MAX_SENTINELS)
+    pad = int_field(m.pad_to_multiple, name="pad_to_multiple", source=source, lo=1, hi=MAX_PAD_MULTIPLE)
+    per_image = int_field(m.image_tokens_per_image, name="image_tokens_per_image", source=source, lo=1,
+                          hi=MAX_VOCAB_SIZE)
+    grid = m.image_grid
+    if not isinstance(grid, (list, tuple)) or len(grid) != 2:
+        raise FieldError(f"{source}: field 'image_grid' must be [rows, cols], got {grid!r}")
+    grid = tuple(int_field(g, name=f"image_grid[{i}]", source=source, lo=1, hi=MAX_VOCAB_SIZE)
+                 for i, g in enumerate(grid))
+    str_field(m.text_tokenizer, name="text_tokenizer", source=source, optional=True)
+    if not isinstance(m.conversation_tokens, bool):
+        raise FieldError(f"{source}: field 'conversation_tokens' must be true or false, got {m.conversation_tokens!r}")
+    for name, v in (("text_size", text_size), ("image_codes", image_codes), ("num_sentinels", sentinels),
+                    ("pad_to_multiple", pad), ("image_tokens_per_image", per_image)):
+        object.__setattr__(m, name, v)
+    object.__setattr__(m, "image_grid", grid)
+    if grid[0] * grid[1] != per_image:
+        raise FieldError(f"{source}: field 'image_grid' {list(grid)} does not hold field "
+                         f"'image_tokens_per_image' {per_image} (rows x cols must equal it)")
+    if m.size > MAX_VOCAB_SIZE:
+        raise FieldError(f"{source}: the fields give {m.size} ids, more than {MAX_VOCAB_SIZE}")
 
 
 @dataclass(frozen=True)
@@ -250,16 +282,7 @@ class VocabManifest:
                                  f"{want}")
             if self.conversation_tokens:
                 raise ValueError("conversation tokens of an explicit (imported) vocabulary are not supported yet")
-        if self.text_size < 0 or self.image_codes < 0:
-            raise ValueError("text_size and image_codes must be >= 0")
-        if self.num_sentinels < 1:
-            raise ValueError("num_sentinels must be >= 1 (<mask:0> is the CFG mask)")
-        grid = tuple(int(g) for g in self.image_grid)
-        object.__setattr__(self, "image_grid", grid)
-        if grid[0] * grid[1] != self.image_tokens_per_image:
-            raise ValueError(
-                f"image_grid {grid} does not hold image_tokens_per_image={self.image_tokens_per_image}"
-            )
+        _check_fields(self, source="vocab manifest")  # num_sentinels >= 1: <mask:0> is the CFG mask
 
     @classmethod
     def imported(cls, ids: TokenIds, **fields: Any) -> "VocabManifest":
@@ -525,14 +548,14 @@ class VocabManifest:
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "<dict>") -> "VocabManifest":
         if not isinstance(d, dict):
-            raise ValueError(f"{source}: a vocab manifest must be an object, got {type(d).__name__}")
+            raise FieldError(f"{source}: a vocab manifest must be an object, got {type(d).__name__}")
         d = dict(d)
         version = d.pop("version", MANIFEST_VERSION)
-        if version != MANIFEST_VERSION:
-            raise ValueError(f"{source}: vocab manifest version {version}, expected {MANIFEST_VERSION}")
+        if version != MANIFEST_VERSION or isinstance(version, bool):
+            raise FieldError(f"{source}: vocab manifest version {version!r}, expected {MANIFEST_VERSION}")
         ids = d.pop("ids", None)
         if ids is not None and not isinstance(ids, dict):
-            raise ValueError(f"{source}: vocab manifest 'ids' must be an object, got {type(ids).__name__}")
+            raise FieldError(f"{source}: vocab manifest 'ids' must be an object, got {type(ids).__name__}")
         layout = d.pop("layout", None)
         if layout not in (None, LAYOUT_EXPLICIT):
             raise ValueError(f"{source}: vocab manifest layout {layout!r}; expected {LAYOUT_EXPLICIT!r} or none")
@@ -549,15 +572,17 @@ class VocabManifest:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
-            raise ValueError(f"{source}: unknown vocab manifest fields {sorted(unknown)}")
+            raise FieldError(f"{source}: unknown vocab manifest fields {sorted(unknown)}")
         if "text_size" not in d:
-            raise ValueError(f"{source}: vocab manifest has no 'text_size'")
-        try:
-            m = cls(**d)
-        except (TypeError, ValueError) as e:  # a field of the wrong type or value
-            raise ValueError(f"{source}: bad vocab manifest ({e})") from None
-        if ids is not None and ids.get("size", m.size) != m.size:
-            raise ValueError(f"{source}: manifest says size {ids['size']} but its fields give {m.size}")
+            raise FieldError(f"{source}: vocab manifest has no 'text_size'")
+        m = cls.__new__(cls)  # fields checked with the file's name before __init__ checks them again
+        for f in dataclasses.fields(cls):
+            object.__setattr__(m, f.name, d.get(f.name, f.default))
+        _check_fields(m, source=source)
+        m = cls(**{f.name: getattr(m, f.name) for f in dataclasses.fields(cls)})
+        for key, want in m.to_dict()["ids"].items():  # the recorded ids must be the ones the fields give
+            if ids is not None and key in ids and ids[key] != want:
+                raise FieldError(f"{source}: field 'ids.{key}' is {ids[key]!r} but the manifest's fields give {want}")
         return m
 
     def save(self, path: str | os.PathLike) -> None:
@@ -570,6 +595,25 @@ class VocabManifest:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VocabManifest":
         return cls.from_dict(read_json(path, what="vocab manifest"), source=str(path))
+
+    # ---- growing a manifest --------------------------------------------------------------------
+    def layout_differences(self, old: "VocabManifest") -> list[str]:
+        """The fields, besides ``conversation_tokens`` and the informational ``text_tokenizer``, in
+        which this manifest and ``old`` differ (sorted); empty when every id below
+        ``old.num_used`` means the same in both."""
+        skip = ("conversation_tokens", "text_tokenizer")
+        return sorted(f.name for f in dataclasses.fields(self)
+                      if f.name not in skip and getattr(self, f.name) != getattr(old, f.name))
+
+    def extends(self, old: "VocabManifest") -> bool:
+        """This manifest is ``old``, or ``old`` with the conversation tokens added: every id of
+        ``old`` means the same here (a checkpoint of ``old`` takes this one through
+        ``jam_metaseq.vocab_rows``; data tokenized with ``old`` reads the same under it)."""
+        return not self.layout_differences(old) and (self.conversation_tokens or not old.conversation_tokens)
+
+    def with_conversation_tokens(self) -> "VocabManifest":
+        """This manifest with ``<user>``, ``<assistant>`` and ``<eot>`` (itself when it has them)."""
+        return self if self.conversation_tokens else dataclasses.replace(self, conversation_tokens=True)
 
     def check_embedding(self, num_rows: int, *, what: str = "checkpoint") -> None:
         """Stop when a model's embedding does not fit this manifest (``check_embedding``)."""

@@ -9,7 +9,6 @@ version buffer is our constant.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -19,10 +18,11 @@ import torch
 
 from checkpoints_tools.io.safetensors import read_safetensors_index
 from checkpoints_tools.readers.base import Reader, TensorInfo
+from checkpoints_tools.readers.infer import check_config
 from checkpoints_tools.readers.metaseq import MetaseqReader
 from checkpoints_tools.readers.safetensors import SafetensorsReader
 from checkpoints_tools.safe_load import CheckpointError
-from jam_metaseq.errors import read_json
+from jam_metaseq.inputs import read_json
 from jam_metaseq.models import keys
 from jam_metaseq.models.config import ModelConfig
 from jam_metaseq.models.hf_families import HF_OUTPUT, HFFamily, family_by_names, family_of, template
@@ -141,9 +141,10 @@ class HFReader(Reader):
             v = self.vocab()
             pad = None if v is None else v.pad
         try:
-            return self.family.config_from_hf(self.hf_config, source=self._source, padding_idx=pad)
+            cfg = self.family.config_from_hf(self.hf_config, source=self._source, padding_idx=pad)
         except ValueError as e:
             raise CheckpointError(str(e)) from None
+        return check_config(cfg, self, overrides=overrides, claimed_by="config.json")  # the tensors win (issue 27 §3)
 
     def vocab(self, given: Any = None) -> Any:
         """As ``Reader.vocab``; else the manifest the family's ``config.json`` states (Chameleon's

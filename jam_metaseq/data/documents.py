@@ -48,7 +48,6 @@ Public API::
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from jam_metaseq.errors import JamError
+from jam_metaseq.inputs import InputError, check_int_list, load_rgb_image, loads_json
 from jam_metaseq.vocab import VocabManifest
 
 SEGMENT_KEYS = ("text", "image_tokens", "image")
@@ -214,12 +214,10 @@ def _check_segment(seg: Any, i: int, *, vocab: VocabManifest, base_dir: Path | N
             raise DocumentError(
                 f"segment {i}: {len(value)} image tokens, expected {vocab.image_tokens_per_image}",
                 reason="image_token_count")
-        codes = np.asarray(value, dtype=np.int64)
-        bad = np.flatnonzero((codes < 0) | (codes >= vocab.image_codes))
-        if bad.size:
-            raise DocumentError(
-                f"segment {i}: image code {int(codes[bad[0]])} at index {int(bad[0])} out of range "
-                f"[0, {vocab.image_codes})", reason="image_code_range")
+        try:  # range-checked as Python ints: a code above 2**63 is out of range, not an OverflowError
+            check_int_list(value, lo=0, hi=vocab.image_codes, what=f"segment {i}: image code")
+        except InputError as e:
+            raise DocumentError(e.detail, reason="image_code_range") from None
     else:
         if not isinstance(value, str) or not value:
             raise DocumentError(f"segment {i}: 'image' must be a file path", reason="bad_segment")
@@ -267,18 +265,13 @@ def _segments_tokens(
         if image_tokenizer is None:
             raise DocumentError("'image' segment but no image tokenizer is configured "
                                 "(pre-tokenise to 'image_tokens' or pass one)", reason="no_image_tokenizer")
-        from PIL import Image
-
         images = []
         for p in paths:
             full = Path(p) if base_dir is None else base_dir / p
-            try:
-                with Image.open(full) as im:
-                    images.append(im.convert("RGB"))
-            except FileNotFoundError:
-                raise DocumentError(f"image file not found: {full}", reason="image_missing") from None
-            except OSError as e:
-                raise DocumentError(f"cannot read image {full}: {e}", reason="image_unreadable") from None
+            try:  # the pixel count is bounded from the header, before decoding
+                images.append(load_rgb_image(full))
+            except InputError as e:
+                raise DocumentError(f"{e.detail}: {full}", reason=e.reason) from None
         codes = np.asarray(image_tokenizer.encode_images(images), dtype=np.int64)
         codes = codes.reshape(len(images), -1)  # (N, h*w)
         if codes.shape[1] != vocab.image_tokens_per_image:
@@ -436,7 +429,9 @@ def parse_jsonl_line(raw: bytes | str) -> Any:
     """One JSONL line (bytes as read in binary mode, or text) -> its JSON value.
 
     Decoding happens here, per line, so a line that is not UTF-8 is one bad line
-    (``reason="bad_encoding"``) that ``on_error="skip"`` can skip, not the end of the file."""
+    (``reason="bad_encoding"``) that ``on_error="skip"`` can skip, not the end of the file; the
+    bounds of ``jam_metaseq.inputs.loads_json`` (nesting depth, non-finite numbers, lone surrogates,
+    integers too long to convert) are bad lines of their own reasons in the same way."""
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
@@ -444,9 +439,9 @@ def parse_jsonl_line(raw: bytes | str) -> Any:
             raise DocumentError(f"not UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1} of the line)",
                                 reason="bad_encoding") from None
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DocumentError(f"bad JSON ({e.msg} at column {e.colno})", reason="bad_json") from None
+        return loads_json(raw)
+    except InputError as e:  # bad JSON, nested too deep, NaN, a lone surrogate, a 5000-digit integer
+        raise DocumentError(e.detail, reason=e.reason) from None
 
 
 @dataclass

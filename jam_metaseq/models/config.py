@@ -119,6 +119,12 @@ class DecoderConfig:
     x + N(Attn(x)), then x + N(FFN(x)), instead of the pre-norm x + Attn(N(x)), x + FFN(N(x))."""
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "embed_dim", "ffn_dim", "heads", "max_positions"):  # issue 27 §3: counts
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 0:
+            raise ValueError(f"layers must be a non-negative integer, got {self.layers!r}")
         if self.attn_head_dim is None and self.embed_dim % self.heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by heads {self.heads}")
         for name, allowed in (("activation", ACTIVATIONS), ("norm", NORMS), ("positions", POSITION_KINDS),
