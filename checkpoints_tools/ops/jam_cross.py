@@ -73,6 +73,15 @@ def _transplanted_llm(llm: str | os.PathLike, img: str | os.PathLike, *, opts: C
     vl, vi = rl.vocab(), (ri.vocab(opts.vocab) if opts.vocab else ri.vocab())
     if vl is None or vi is None or vl.text_tokenizer == vi.text_tokenizer or not vi.text_tokenizer:
         return None
+    try:  # two spellings of one tokenizer (a relative and an absolute path) are one tokenizer
+        from jam_metaseq.data.tokenizers import load_text_tokenizer
+
+        if load_text_tokenizer(vl.text_tokenizer).token_bytes() == load_text_tokenizer(vi.text_tokenizer).token_bytes():
+            return None
+    except (OSError, ValueError) as e:
+        print(f"cross: the parents' manifests name different text tokenizers ({vl.text_tokenizer} vs "
+              f"{vi.text_tokenizer}) but one does not load ({e}); fusing without a transplant", file=sys.stderr)
+        return None
     out = opts.spec.out_dir
     tmp = out.parent / f".{out.name}.transplant-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
