@@ -1,4 +1,5 @@
-"""``jam-ckpt``: inspect, merge, widen, cross, reshard, convert, extend-vocab, tokenizer and verify checkpoints (paper §2.1).
+"""``jam-ckpt``: inspect, merge, widen, cross, reshard, convert, transplant, extend-vocab, tokenizer and verify
+checkpoints (paper §2.1).
 
 Each subcommand parses and validates its flags, then calls one library function
 (``checkpoints_tools.ops`` / ``checkpoints_tools.load``). Progress bars go to stderr, results to
@@ -10,6 +11,7 @@ Examples:
   jam-ckpt cross --llm llm/ --img cm3leon/ --cross-every 2 --vocab vocab.json --mp 4 -o cross19b
   jam-ckpt reshard width26b --mp 2 --fsdp 8 -o width26b_mp2_fsdp8
   jam-ckpt convert facebook-opt-1.3b/ --to metaseq -o opt13b_metaseq
+  jam-ckpt transplant --model llm/ --to-tokenizer img_tokenizer.json -o llm_in_img_tokens
   jam-ckpt extend-vocab cross19b --conversation-tokens -o cross19b_chat
   jam-ckpt convert SmolLM2-135M-Instruct.Q4_1.gguf --to metaseq -o smollm2
   jam-ckpt tokenizer SmolLM2-135M-Instruct.Q4_1.gguf -o smollm2_tok
@@ -18,8 +20,9 @@ Examples:
 
 Inputs: jam-ckpt outputs, metaseq/fairseq checkpoints (consolidated, model-parallel parts, FSDP
 shards), safetensors files, Hugging Face directories of OPTForCausalLM, LlamaForCausalLM,
-Qwen2ForCausalLM and GemmaForCausalLM (config.json + model.safetensors or a sharded set with its
-index) and llama.cpp GGUF files of the llama architecture, read tensor by tensor. An HF Llama names
+Qwen2ForCausalLM, GemmaForCausalLM and ChameleonForConditionalGeneration (its decoder; its VQ model
+is read by jam_metaseq.image_tokenizer.hf_vqvae) (config.json + model.safetensors or a sharded set
+with its index) and llama.cpp GGUF files of the llama architecture, read tensor by tensor. An HF Llama names
 no padding id: give the parent's vocabulary manifest (--vocab, or vocab.json beside it;
 docs/FAMILIES.md).
 """
@@ -38,6 +41,7 @@ import torch
 from jam_metaseq.data.cli import add_layout_flags, layout_of
 from jam_metaseq.errors import add_trust_pickle_flag, run_cli
 from jam_metaseq.inputs import FINITE, NON_NEGATIVE_INT, POSITIVE_INT, SEED, THREADS  # issue 27: finite, bounded
+from jam_metaseq.vocab import find_vocab
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -168,6 +172,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--to hf: bytes per safetensors shard at most, e.g. 5GB, 500MB, 2GiB (default 5GB, "
                         "save_pretrained's)")
     _add_output_flags(p, formats=("metaseq",))
+
+    from jam_metaseq.vocab_transplant import DEFAULT_RULE, RULES
+
+    p = sub.add_parser(
+        "transplant", help="re-express a model's embedding and output rows in another text tokenizer",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Re-express a model's vocabulary rows (token embedding, output projection) in another text "
+                    "tokenizer; every other tensor is copied bit for bit. Per id of the new tokenizer: an id whose "
+                    "string (its bytes, or a special token's name) exists in the old tokenizer copies that id's "
+                    "rows; any other id is cut into the fewest pieces of the old tokenizer that spell its bytes "
+                    "and its row is built from theirs by --rule; an id no pieces spell gets the mean of the old "
+                    "text rows. Non-text ids (specials, image codes, <break>, sentinels, <eoss>, conversation "
+                    "tokens) keep their rows. The output's vocab.json is the input's with the new text range; "
+                    "manifest.json records the rule and the share of ids copied exactly. --vocab names the "
+                    "INPUT's manifest when its checkpoint has none (docs/FAMILIES.md, \"Chameleon and different "
+                    "tokenizers\").")
+    p.add_argument("--model", required=True, help="the model to transplant (a decoder, any layout)")
+    p.add_argument("--to-tokenizer", required=True, metavar="T",
+                   help="the new text tokenizer: a tokenizers .json (byte-level BPE or Metaspace) or a "
+                        "sentencepiece .model (or spm:/bpe: spec, or 'bytes')")
+    p.add_argument("--from-tokenizer", metavar="T",
+                   help="the model's text tokenizer (default: the one its vocabulary manifest names)")
+    p.add_argument("--to-vocab", metavar="MANIFEST",
+                   help="the new vocabulary manifest whole (e.g. a Chameleon image parent's: jam-ckpt inspect shows "
+                        "it, explicit ids): text ids from T as above, bos/pad/eos/unk, image begin/end, <eoss>, "
+                        "sentinels and image codes from the model's ids of the same role, every other row the "
+                        "mean of its text rows (default: the model's manifest with T's text range)")
+    p.add_argument("--rule", choices=tuple(RULES), default=DEFAULT_RULE,
+                   help="how a composed row is built: " + "; ".join(f"{k} = {v}" for k, v in RULES.items())
+                        + f" (default {DEFAULT_RULE}: measured best here, docs/FAMILIES.md)")
+    _add_output_flags(p)
 
     p = sub.add_parser("extend-vocab", help="the rows a grown vocabulary adds (conversation tokens), "
                        "set to the mean of the text rows; every old id unchanged")
@@ -308,6 +343,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         heads=args.heads, init_seed_scheme=args.init_seed_scheme, img_heads=args.img_heads)
     elif args.cmd == "reshard":
         out = ops.reshard(args.src, opts=_opts(args, argv), heads=args.heads)
+    elif args.cmd == "transplant":
+        out = ops.transplant(args.model, to_tokenizer=args.to_tokenizer, from_tokenizer=args.from_tokenizer,
+                             opts=_opts(args, argv), rule=args.rule, heads=args.heads,
+                             to_vocab=None if args.to_vocab is None else find_vocab(given=args.to_vocab))
     elif args.cmd == "extend-vocab":
         if bool(args.vocab) == args.conversation_tokens:
             raise ValueError("give the new vocabulary as --vocab NEW.json or --conversation-tokens (one of them)")

@@ -34,9 +34,9 @@ from typing import Any, Mapping
 
 from jam_metaseq.inputs import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, RATE  # issue 27 §4: finite, in range at parse time
 from jam_metaseq.models.config import (
-    ACTIVATIONS, ARCH_CROSS, ARCH_UNIFORM, ARCH_WIDTH, CHECKPOINT_KEY, MLPS, NORMS, POSITION_KINDS, QKV_LAYOUTS,
-    CrossConfig, DecoderConfig, ModelConfig, config_from_dict, cross_of, normalize_rope_scaling, parent_of_width,
-    uniform_of, width_of,
+    ACTIVATIONS, ARCH_CROSS, ARCH_UNIFORM, ARCH_WIDTH, CHECKPOINT_KEY, MLPS, NORMS, POSITION_KINDS, QK_NORMS,
+    QKV_LAYOUTS, CrossConfig, DecoderConfig, ModelConfig, config_from_dict, cross_of, normalize_rope_scaling,
+    parent_of_width, uniform_of, width_of,
 )
 from jam_metaseq.vocab import check_embedding
 
@@ -155,6 +155,12 @@ MODEL_FLAGS: tuple[Flag, ...] = (
          when_set=True),
     Flag("embed_scale_in_dtype", "embed_scale_in_dtype", "parent",
          help="round the sqrt(E) embedding factor to the model's dtype first (HF Gemma)", when_set=True),
+    # Chameleon's block (issue 24): per-head q/k LayerNorms, and the 30B model's norms after the sublayers.
+    Flag("decoder_qk_norm", "qk_norm", "parent", str,
+         "per-head query/key norm after the projections: none, or layernorm_per_head (Chameleon)",
+         choices=QK_NORMS, when_set=True),
+    Flag("decoder_swin_norm", "swin_norm", "parent",
+         help="norms after attention and FFN, inside the residual (Chameleon-30B)", when_set=True),
     Flag("decoder_learned_pos", "learned_positions", "always",
          help="learned positions (always on; accepted for metaseq compatibility)"),
     Flag("share_decoder_input_output_embed", "tied_embeddings", "always",
@@ -177,6 +183,11 @@ MODEL_FLAGS: tuple[Flag, ...] = (
          when_set=True),
     Flag("img_head_dim", "attn_head_dim", "image", int, "JAM-Cross: attention head width of the image branch",
          "D", when_set=True),
+    Flag("img_qk_norm", "qk_norm", "image", str,
+         "JAM-Cross between parents of two families: the image branch's q/k norm (a Chameleon image parent "
+         "beside a Llama LLM: layernorm_per_head)", choices=QK_NORMS, when_set=True),
+    Flag("img_swin_norm", "swin_norm", "image", help="JAM-Cross: the image branch has Chameleon-30B's swin norms",
+         when_set=True),
 )
 
 FLAGS_BY_DEST: dict[str, Flag] = {f.dest: f for f in MODEL_FLAGS}

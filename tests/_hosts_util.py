@@ -178,6 +178,22 @@ def hf_parents(root: Path, case: str, vocab: VocabManifest = VOCAB) -> tuple[Pat
     return out[0], out[1]
 
 
+def llama_chameleon_parents(root: Path, vocab: VocabManifest = VOCAB) -> tuple[Path, Path]:
+    """An HF Llama LLM (``_hf_util``'s ``llama`` case) and an HF Chameleon image parent of the same
+    shape and settings (per-head q/k norms its only difference: issue 24's JAM-Cross across
+    families), random, saved with ``save_pretrained``, embeddings sized for ``vocab``."""
+    import transformers
+    from _hf_util import CASES, hf_model, randomize_hf
+
+    llm, img = root / "llama_llm", root / "chameleon_img"
+    hf_model("llama", seed=11, vocab_size=vocab.size, pad_token_id=vocab.pad).save_pretrained(llm)
+    config = transformers.ChameleonConfig(**{**CASES["llama"][1], "vocab_size": vocab.size, "pad_token_id": vocab.pad,
+                                             "vocabulary_map": {}})
+    cham = transformers.ChameleonForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    randomize_hf(cham, seed=22, plus_one=False).save_pretrained(img)
+    return llm, img
+
+
 # ---- running the hosts' CLIs -----------------------------------------------------------------------
 def cli_env() -> dict[str, str]:
     """Environment of a host CLI subprocess: one thread, no GPU, our checkout importable."""

@@ -28,7 +28,7 @@ def two_parents(tmp_path_factory):
 def test_every_flag_is_documented():
     ap = build_parser()
     sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"inspect", "merge", "widen", "cross", "reshard", "convert", "extend-vocab",
+    assert set(sub.choices) == {"inspect", "merge", "widen", "cross", "reshard", "convert", "transplant", "extend-vocab",
                                 "tokenizer", "verify"}
     for name, p in sub.choices.items():
         for act in p._actions:

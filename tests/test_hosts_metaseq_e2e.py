@@ -227,6 +227,26 @@ def test_llama_cross_from_hf_parents_logs_the_same_losses_at_mp_1_and_2(data, tm
         assert curves[2][u] == pytest.approx(curves[1][u], abs=TOL), (u, curves[2][u], curves[1][u])
 
 
+def test_llama_beside_chameleon_cross_logs_the_same_losses_at_mp_1_and_2(data, tmp_path):
+    """JAM-Cross across families (issue 24): an HF Llama LLM and an HF Chameleon image parent (its
+    per-head q/k norms in the image branch only) -> jam-ckpt cross --mp 1 / --mp 2 -> metaseq-train
+    --arch jam_cross_llama_tiny --img-qk-norm layernorm_per_head: the q/k norms split by heads with
+    their projections' rows; the size-2 run logs the size-1 losses."""
+    from _hosts_util import llama_chameleon_parents
+
+    llm, img = llama_chameleon_parents(tmp_path / "hf")
+    curves = {}
+    for mp in (1, 2):
+        start = jam_ckpt_fuse("jam_cross", llm=llm, img=img, out=tmp_path / f"cross-mp{mp}", mp=mp)
+        res = train(data, tmp_path / f"run{mp}", "--arch", "jam_cross_llama_tiny", "--cross-every", "1",
+                    "--img-qk-norm", "layernorm_per_head", "--max-update", "3", "--finetune-from-model", str(start),
+                    mp=mp)
+        curves[mp] = train_losses(res.stdout)
+    assert sorted(curves[1]) == sorted(curves[2]) == [1, 2, 3]
+    for u in curves[1]:
+        assert curves[2][u] == pytest.approx(curves[1][u], abs=TOL), (u, curves[2][u], curves[1][u])
+
+
 def test_a_model_parallel_size_that_splits_a_kv_head_stops_with_one_line(data, tmp_path):
     """Gemma's tiny parent has one k/v head: two model-parallel ranks cannot each hold whole ones."""
     res = train(data, tmp_path / "run", "--arch", "jam_cross_gemma_tiny", "--cross-every", "1", "--max-update", "1",

@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("jam_metaseq.errors", "jam_metaseq.inputs", "jam_metaseq.vocab"),
     # the core: architectures, fusion math, objectives, the flag table, the data format and packing
     ("jam_metaseq.models", "jam_metaseq.fusion", "jam_metaseq.objectives", "jam_metaseq.flags", "jam_metaseq.data",
-     "jam_metaseq.vocab_rows"),
+     "jam_metaseq.vocab_rows", "jam_metaseq.vocab_transplant"),
     # checkpoint readers, writers and operations, above the core
     ("checkpoints_tools",),
     # what reads checkpoints: the image tokenizer, then retrieval (which encodes images), then the

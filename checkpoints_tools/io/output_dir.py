@@ -209,7 +209,7 @@ class OutputDir:
         if self._family is not None:
             self._hf = HFDirWriter(self.tmp, family=self._family, cfg=self.cfg, shapes=self.shapes,
                                    dtype=self._dtypes[keys.EMBED], max_shard_size=self.spec.max_shard_size,
-                                   shown=self._shown)
+                                   shown=self._shown, vocab=self.vocab)
             return
         if self.spec.format == "safetensors":
             md = {"format": "pt", CONFIG_KEY: json.dumps(self.cfg.to_dict())}

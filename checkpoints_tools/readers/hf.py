@@ -1,5 +1,5 @@
 """HF transformers checkpoints seen with our names, through their family's key map
-(``jam_metaseq.models.hf_families``: OPT, Llama, Qwen2, Gemma): an HF directory (``config.json`` +
+(``jam_metaseq.models.hf_families``: OPT, Llama, Qwen2, Gemma, Chameleon's decoder): an HF directory (``config.json`` +
 ``model.safetensors`` / ``pytorch_model.bin``, single or sharded with an index), or a bare state dict
 with HF names in a file of another format (``view``). Tensor by tensor, each read straight into the
 caller's buffer (a 7B parent is never whole in memory); tensors the key map fuses (OPT's q/k/v into
@@ -75,7 +75,7 @@ class HFReader(Reader):
         self.meta = dict(raw.meta)
         self.hf_config = dict(hf) if hf else None
         self._source = source
-        names = raw.names()
+        names = [n for n in raw.names() if not fam.is_other_part(n)]  # Chameleon's VQ model: hf_vqvae's
         bare = not any(n.startswith(fam.prefix) for n in names)  # a base model's state dict (no "model.")
         tied = fam.ties(hf) if hf else HF_OUTPUT not in names
         self._tied_output = tied
@@ -145,6 +145,19 @@ class HFReader(Reader):
         except ValueError as e:
             raise CheckpointError(str(e)) from None
         return check_config(cfg, self, overrides=overrides, claimed_by="config.json")  # the tensors win (issue 27 §3)
+
+    def vocab(self, given: Any = None) -> Any:
+        """As ``Reader.vocab``; else the manifest the family's ``config.json`` states (Chameleon's
+        ``vocabulary_map``: ``HFFamily.vocab_from_hf``)."""
+        v = super().vocab(given)
+        if v is None and self.hf_config and self.hf_config.get("vocabulary_map") and self.family.vocab_from_hf:
+            try:
+                tok = self.path / "tokenizer.json"  # an HF directory's text tokenizer, if it has one
+                v = self.family.vocab_from_hf(self.hf_config, source=self._source,
+                                              text_tokenizer=str(tok) if tok.is_file() else None)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+        return v
 
     def tied(self, a: str, b: str) -> bool:
         return a in self._map and self._map.get(a) == self._map.get(b)  # e.g. lm_head = embed_tokens

@@ -207,7 +207,7 @@ def dataset_stats(prefix: str, *, chunk: int = 1 << 22, progress: bool = True) -
         counts["text_tokens"] += n_text
         counts["image_tokens"] += n_img
         counts["special_tokens"] += t.size - n_text - n_img
-        counts["breaks"] += int((t == v.break_id).sum())
+        counts["breaks"] += int(v.is_frame(t).sum())
         counts["eos"] += int((t == v.eos).sum())
         counts["loss_tokens"] += int(np.count_nonzero(mask[s:s + chunk])) if mask is not None else t.size
     return {

@@ -110,7 +110,8 @@ class DataReport:
         self.text_tokens += n_text
         self.image_tokens += n_img
         self.special_tokens += int(tokens.size) - n_text - n_img
-        self.images += int((tokens == vocab.break_id).sum()) // 2
+        self.images += int((tokens == vocab.eoi).sum()) if vocab.eoi != vocab.boi else \
+            int((tokens == vocab.boi).sum()) // 2
 
     def add_error(self, err: DocumentError, *, keep: int = 20) -> None:
         self.skipped[err.reason] += 1
@@ -282,7 +283,7 @@ def _segments_tokens(
                                 reason="image_code_range")
         encoded = list(codes)
     out = []
-    brk = np.array([vocab.break_id], dtype=np.int64)
+    boi, eoi = np.array([vocab.boi], dtype=np.int64), np.array([vocab.eoi], dtype=np.int64)
     k = 0
     for seg in segments:
         if "text" in seg:
@@ -298,7 +299,7 @@ def _segments_tokens(
             else:
                 codes = encoded[k]
                 k += 1
-            out.append(np.concatenate([brk, codes + vocab.image_start, brk]))
+            out.append(np.concatenate([boi, vocab.image_id(codes), eoi]))
     return out
 
 
@@ -363,12 +364,9 @@ def detokenize_document(tokens: np.ndarray, *, vocab: VocabManifest, text_tokeni
     """
     tokens = np.asarray(tokens, dtype=np.int64)
     tokens = tokens[~np.isin(tokens, [vocab.eos, vocab.bos, vocab.pad])]
-    brk = np.flatnonzero(tokens == vocab.break_id)
-    if brk.size % 2:
-        raise ValueError(f"unclosed image: {brk.size} <break> tokens")
     out: list[dict] = []
     prev = 0
-    for s, e in list(zip(brk[0::2], brk[1::2])) + [(tokens.size, tokens.size)]:
+    for s, e in image_frames(tokens, vocab=vocab) + [(tokens.size, tokens.size)]:
         text = tokens[prev:s]
         if text.size:
             if not vocab.is_text(text).all():
@@ -379,9 +377,24 @@ def detokenize_document(tokens: np.ndarray, *, vocab: VocabManifest, text_tokeni
             codes = tokens[s + 1:e]
             if not vocab.is_image(codes).all():
                 raise ValueError("non-image id between <break> tokens")
-            out.append({"image_tokens": (codes - vocab.image_start).tolist()})
+            out.append({"image_tokens": vocab.image_code(codes).tolist()})
         prev = e + 1
     return out
+
+
+def image_frames(tokens: np.ndarray, *, vocab: VocabManifest) -> list[tuple[int, int]]:
+    """(position of ``boi``, position of ``eoi``) of each image in ``tokens``: pairs of ``<break>``
+    in our layout, each begin before its end where they differ (Chameleon); an unclosed image raises."""
+    if vocab.boi == vocab.eoi:
+        brk = np.flatnonzero(tokens == vocab.boi)
+        if brk.size % 2:
+            raise ValueError(f"unclosed image: {brk.size} <break> tokens")
+        return list(zip(brk[0::2].tolist(), brk[1::2].tolist()))
+    s, e = np.flatnonzero(tokens == vocab.boi), np.flatnonzero(tokens == vocab.eoi)
+    if s.size != e.size or not ((s < e).all() and (e[:-1] < s[1:]).all()):
+        raise ValueError(f"unclosed image: {s.size} image-begin ({vocab.boi}) and {e.size} image-end ({vocab.eoi}) "
+                         "tokens out of order")
+    return list(zip(s.tolist(), e.tolist()))
 
 
 def detokenize_conversation(tokens: np.ndarray, *, vocab: VocabManifest, text_tokenizer: Any) -> dict:

@@ -73,7 +73,7 @@ def _num_spans(
 
 
 def _barrier_mask(tokens: np.ndarray, *, vocab: VocabManifest, cross_documents: bool) -> np.ndarray:
-    barrier = (tokens == vocab.break_id) | (tokens == vocab.pad)
+    barrier = vocab.is_frame(tokens) | (tokens == vocab.pad)
     if vocab.conversation_tokens:  # a span stays inside one turn's content
         barrier |= (tokens == vocab.user_id) | (tokens == vocab.assistant_id) | (tokens == vocab.eot)
     if not cross_documents:
