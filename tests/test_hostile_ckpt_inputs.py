@@ -5,7 +5,8 @@ generator-based test per class and the issue's instances as regressions.
 1. names        -> ``OutputSpec`` (``--name``), ``OutputDir`` (``-o``), manifest / index file names
 2. containers   -> ``safe_load.check_torch_zip`` (duplicate records, bounded ``data.pkl``),
                    ``OutputDir.commit`` (an input changed while streamed), plan YAML
-3. settings     -> ``readers.infer.check_config`` (``--heads``, config.json, GGUF metadata vs tensors)
+3. settings     -> ``readers.infer.check_config`` (``--heads``, config.json, GGUF metadata vs tensors),
+                   ``readers.hf.read_hf_config`` (an HF config's sizes are positive integers)
 4. numbers      -> ``OutputDir._check_finite`` (``--allow-non-finite``), strict ``manifest.json``,
                    ``results.json`` (null for a missing metric)
 
@@ -232,6 +233,12 @@ def test_heads_must_agree_with_the_checkpoint(parents, heads):
             r.config(heads=heads)
 
 
+def test_img_heads_that_contradict_the_image_parent_are_named(parents, tmp_path, capsys):
+    assert ckpt(["cross", "--llm", str(parents["a"]), "--img", str(parents["b"]), "--img-heads", "8", "-o",
+                 str(tmp_path / "o"), "--quiet"]) == 2
+    assert _one_line(capsys).startswith("jam-ckpt cross: error: --img-heads says 8 attention heads, but ")
+
+
 @pytest.fixture(scope="module")
 def hf_dir(parents, tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
@@ -263,6 +270,22 @@ def test_an_hf_config_that_contradicts_its_tensors_is_refused_before_any_work(hf
         return
     with pytest.raises(JamError, match=f"config.json says {value} .*, but .* has {true}"):
         open_checkpoint(d).config()
+
+
+@FAST
+@given(key=st.sampled_from(["num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "head_dim"]),
+       value=st.one_of(st.integers(-3, 3), st.floats(-3, 3), st.text(max_size=3), st.none(), st.booleans(),
+                       st.lists(st.integers(), max_size=2)))
+def test_an_hf_config_size_is_a_positive_integer_where_it_is_read(tmp_path_factory, key, value):
+    from checkpoints_tools.readers.hf import read_hf_config
+
+    p = tmp_path_factory.mktemp("cfg") / "config.json"
+    p.write_text(json.dumps({"model_type": "opt", key: value}))
+    if (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (value is None and key == "head_dim"):
+        assert read_hf_config(p)[key] == value
+    else:
+        with pytest.raises(JamError, match=f"config.json: field '{key}' must be"):
+            read_hf_config(p)
 
 
 def test_ten_to_the_nine_layers_is_one_line_before_any_work(hf_dir, tmp_path, capsys):
@@ -336,3 +359,10 @@ def test_results_json_writes_null_for_a_missing_metric(tmp_path):
     back = _strict((tmp_path / "results.json").read_text())
     assert back["image_ppl"] is None and back["rows"][0]["caption_ppl"] is None
     assert best_model(back)["key"] == "b" and math.isnan(rows[0]["caption_ppl"])
+
+
+def test_without_an_image_tokenizer_the_chat_commands_name_none():
+    from jam_metaseq.pipeline.run import chat_commands
+
+    assert all("--image-tokenizer" not in c for c in chat_commands(Path("ckpt"), None))
+    assert all("--image-tokenizer vq" in c for c in chat_commands(Path("ckpt"), Path("vq")))

@@ -163,8 +163,12 @@ def open_parents(paths: Sequence[str | os.PathLike], roles: Sequence[str], *, op
     readers = [extend_rows(r, vocab) for r in raw]
     cfgs = []
     for r, role in zip(readers, roles):
-        h = (role_heads or {}).get(role) or heads
-        c = r.config(**config_overrides(vocab, h))
+        own = (role_heads or {}).get(role)
+        h = own or heads
+        over = config_overrides(vocab, h)
+        if own:  # a disagreement names the flag the user gave (--img-heads), check_config
+            over["heads_flag"] = "--img-heads"
+        c = r.config(**over)
         if isinstance(c, CrossConfig):
             raise CheckpointError(f"{r.path}: {role} parent is a JAM-Cross model; parents must be decoders")
         cfgs.append(c)

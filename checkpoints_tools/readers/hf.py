@@ -22,7 +22,7 @@ from checkpoints_tools.readers.infer import check_config
 from checkpoints_tools.readers.metaseq import MetaseqReader
 from checkpoints_tools.readers.safetensors import SafetensorsReader
 from checkpoints_tools.safe_load import CheckpointError
-from jam_metaseq.inputs import read_json
+from jam_metaseq.inputs import int_field, read_json
 from jam_metaseq.models import keys
 from jam_metaseq.models.config import ModelConfig
 from jam_metaseq.models.hf_families import HF_OUTPUT, HFFamily, family_by_names, family_of, template
@@ -53,7 +53,7 @@ class HFReader(Reader):
         else:
             raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
         source = str(path / "config.json")
-        hf = read_json(path / "config.json", what="HF config")
+        hf = read_hf_config(path / "config.json")
         self._init(raw, path, hf, source, _family_of(hf, source))
 
     @classmethod
@@ -62,7 +62,7 @@ class HFReader(Reader):
         ``config.json`` beside it if there is one (whose ``model_type`` then names the family)."""
         self = cls.__new__(cls)
         cfg_file = (path if path.is_dir() else path.parent) / "config.json"
-        hf = read_json(cfg_file, what="HF config") if cfg_file.is_file() else None
+        hf = read_hf_config(cfg_file) if cfg_file.is_file() else None
         if hf is not None:
             family = _family_of(hf, str(cfg_file))
         self._init(raw, path, hf, str(cfg_file), family)
@@ -180,6 +180,23 @@ class HFReader(Reader):
                 row += n
             return out
         return self.raw.get_into(src, out)
+
+
+HF_COUNTS = ("num_hidden_layers", "hidden_size", "intermediate_size", "ffn_dim", "num_attention_heads",
+             "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim", "word_embed_proj_dim")
+"""The sizes an HF ``config.json`` may hold, each a positive integer where given (``head_dim`` and
+``num_key_value_heads`` may be null: the family's default)."""
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    """An HF ``config.json`` (bounded JSON) whose sizes are positive integers (issue 27 §3: a field
+    is checked where it is read, naming the file and the field; ``2.5`` layers is not a count).
+    Whether they agree with the tensors is ``readers.infer.check_config``'s question."""
+    hf = read_json(path, what="HF config")
+    for key in HF_COUNTS:
+        if key in hf and not (hf[key] is None and key in ("head_dim", "num_key_value_heads")):
+            int_field(hf[key], name=key, source=str(path), lo=1)
+    return hf
 
 
 def _family_of(hf: Mapping[str, Any], source: str) -> HFFamily:

@@ -88,7 +88,7 @@ def check_config(cfg: ModelConfig, reader: "Reader", *, overrides: Mapping[str, 
     """What the tensors prove wins (issue 27 §3; ``jam_metaseq.inputs.agree``): ``cfg`` (a stored
     or recorded config, the HF ``config.json``, the GGUF metadata) must have the layers and the
     embedding its tensors have, and ``--heads`` / ``--img-heads`` must equal the heads the
-    checkpoint records. Checked from the tensor names and shapes alone, before any work: a config
+    checkpoint records (``overrides["heads_flag"]``: the flag that gave ``heads``, for the message). Checked from the tensor names and shapes alone, before any work: a config
     claiming 10^9 layers is one line, not a model built layer by layer."""
     source = str(reader.path)
     shapes = reader.shapes()
@@ -106,7 +106,7 @@ def check_config(cfg: ModelConfig, reader: "Reader", *, overrides: Mapping[str, 
               proven_by=f"{source}'s {keys.EMBED}")
     heads = {"heads": (cfg.llm if isinstance(cfg, CrossConfig) else cfg).heads,
              "img_heads": (cfg.img if isinstance(cfg, CrossConfig) else cfg).heads}
-    for name, flag in (("heads", "--heads"), ("img_heads", "--img-heads")):
+    for name, flag in (("heads", overrides.get("heads_flag") or "--heads"), ("img_heads", "--img-heads")):
         agree(what="attention heads", given=overrides.get(name), given_by=flag, proven=heads[name],
               proven_by=f"{source} ({claimed_by})")
     return cfg

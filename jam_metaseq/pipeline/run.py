@@ -222,9 +222,10 @@ def load_for_cli(path: Path, *, overrides: Sequence[str], budgets: str | None,
     return parse_plan(data, source=str(path), base_dir=base, lines=lines), str(path), lines
 
 
-def chat_commands(checkpoint: Path, image_tokenizer: Path) -> list[str]:
-    """The commands that talk to a tuned model (``jam chat``, ``jam serve``)."""
-    args = [str(checkpoint), "--image-tokenizer", str(image_tokenizer)]
+def chat_commands(checkpoint: Path, image_tokenizer: Path | None) -> list[str]:
+    """The commands that talk to a tuned model (``jam chat``, ``jam serve``; without an image
+    tokenizer, when the data's images were VQ codes, pictures stay code grids)."""
+    args = [str(checkpoint)] + (["--image-tokenizer", str(image_tokenizer)] if image_tokenizer else [])
     return [shlex.join(["jam", "chat", *args]), shlex.join(["jam", "serve", *args, "--port", "8000"])]
 
 

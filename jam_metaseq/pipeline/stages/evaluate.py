@@ -117,6 +117,13 @@ def evaluate_drawing_job(**kw: Any) -> dict:
     return evaluate_drawing(**kw)
 
 
+def _image_tokenizer(ctx: Context) -> str | None:
+    """The run's image tokenizer for a job's arguments; None when the data's images were VQ codes
+    and none was given (issue 27: nothing to encode, no picture to draw)."""
+    path = tokenizer_paths(ctx)["image_tokenizer"]
+    return None if path is None else str(path)
+
+
 def stage_drawing(ctx: Context) -> dict[str, dict]:
     """Single-turn prompt-following of the image-text parent and of every variant after continued
     pretraining on the largest budget (unit ``eval/drawing/<name>``), each asked by the picture's
@@ -136,7 +143,7 @@ def stage_drawing(ctx: Context) -> dict[str, dict]:
         def build(tmp: Path, name: str = name, ckpt: Path = ckpt) -> dict:
             r = ctx.placement.call(
                 evaluate_drawing_job, checkpoint=str(ckpt), prompts=prompts, seeds=seeds, config=drawing_config(ctx),
-                image_tokenizer=str(tokenizer_paths(ctx)["image_tokenizer"]), out_dir=str(tmp), device=plan.device,
+                image_tokenizer=_image_tokenizer(ctx), out_dir=str(tmp), device=plan.device,
                 desc=f"drawing {name}")
             write_json(tmp / "result.json", r)
             return {"result": r}
@@ -174,7 +181,7 @@ def stage_conversations(ctx: Context, src: Sources) -> dict[str, dict]:
             r = ctx.placement.call(
                 evaluate_conversations_job, checkpoint=str(instruct_checkpoint(ctx, name)), conversations=valid,
                 fmt=plan.data.instruct_format, max_tokens=plan.data.tokens_per_sample,
-                image_tokenizer=str(tokenizer_paths(ctx)["image_tokenizer"]), drawing=drawing, seeds=seeds,
+                image_tokenizer=_image_tokenizer(ctx), drawing=drawing, seeds=seeds,
                 config=config, out_dir=str(tmp), batch_size=plan.eval.batch_size, device=plan.device,
                 desc=f"conversations {name}")
             write_json(tmp / "result.json", r)
