@@ -73,6 +73,7 @@ def make_parent(out: Path, *, preset: str, seed: int, mp: int, dtype: str, layer
 
     from checkpoints_tools.ops import expected_shapes
     from checkpoints_tools.io import OutputDir, OutputSpec
+    from jam_metaseq.models import keys
 
     cfg = parent_config(preset, layers)
     shapes = expected_shapes(cfg)
@@ -82,13 +83,13 @@ def make_parent(out: Path, *, preset: str, seed: int, mp: int, dtype: str, layer
     g = torch.Generator().manual_seed(seed)
     emb = None
     for n, s in shapes.items():
-        if n == "decoder.version":
-            t = torch.tensor([3.0])
-        elif n == "decoder.output_projection.weight":
+        if keys.is_version(n):
+            t = torch.tensor([keys.VERSION_VALUE])
+        elif n == keys.OUTPUT and cfg.tie_embeddings:
             t = emb
         else:
             t = (torch.randn(s, generator=g) * 0.02).to(dt)
-        if n == "decoder.embed_tokens.weight":
+        if n == keys.EMBED:
             emb = t
         od.add(n, t)
     od.commit(manifest_extra={})
@@ -151,12 +152,13 @@ def child_naive(op: str, llm: str, img: str, out: str, image_vocab: tuple[int, i
 
     from checkpoints_tools import layout
     from jam_metaseq.fusion import cross_tensor, merge_tensor, state_shapes, widen_tensor
+    from jam_metaseq.models.config import CHECKPOINT_KEY as CONFIG_KEY
     from jam_metaseq.models.config import config_from_dict, cross_of, uniform_of, width_of
 
     def load_whole(d: str) -> tuple[dict, object]:
         files = sorted(Path(d).glob("*.pt"))
         objs = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
-        cfg = config_from_dict(objs[0]["jam_config"])
+        cfg = config_from_dict(objs[0][CONFIG_KEY])
         sd = {k: layout.join(k, [o["model"][k] for o in objs]) for k in objs[0]["model"]}
         return sd, cfg
 
@@ -174,7 +176,7 @@ def child_naive(op: str, llm: str, img: str, out: str, image_vocab: tuple[int, i
         outsd = {k: cross_tensor(k, cfg=tcfg, llm=a.__getitem__, img=b.__getitem__, seed=0).to(dt)
                  for k in state_shapes(tcfg)}
     Path(out).mkdir(parents=True)
-    torch.save({"model": outsd, "jam_config": tcfg.to_dict()}, Path(out) / "checkpoint.pt")
+    torch.save({"model": outsd, CONFIG_KEY: tcfg.to_dict()}, Path(out) / "checkpoint.pt")
 
 
 class _WriteBehind:

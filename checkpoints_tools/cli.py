@@ -1,4 +1,5 @@
-"""``jam-ckpt``: inspect, merge, widen, cross, reshard, convert and verify checkpoints (paper §2.1).
+"""``jam-ckpt``: inspect, merge, widen, cross, reshard, convert, transplant, extend-vocab, tokenizer and verify
+checkpoints (paper §2.1).
 
 Each subcommand parses and validates its flags, then calls one library function
 (``checkpoints_tools.ops`` / ``checkpoints_tools.load``). Progress bars go to stderr, results to
@@ -10,6 +11,8 @@ Examples:
   jam-ckpt cross --llm llm/ --img cm3leon/ --cross-every 2 --vocab vocab.json --mp 4 -o cross19b
   jam-ckpt reshard width26b --mp 2 --fsdp 8 -o width26b_mp2_fsdp8
   jam-ckpt convert facebook-opt-1.3b/ --to metaseq -o opt13b_metaseq
+  jam-ckpt transplant --model llm/ --to-tokenizer img_tokenizer.json -o llm_in_img_tokens
+  jam-ckpt extend-vocab cross19b --conversation-tokens -o cross19b_chat
   jam-ckpt convert SmolLM2-135M-Instruct.Q4_1.gguf --to metaseq -o smollm2
   jam-ckpt tokenizer SmolLM2-135M-Instruct.Q4_1.gguf -o smollm2_tok
   jam-ckpt widen --llm gemma-7b/ --img liquid-7b/ --vocab jam_vocab.json -o width_gemma
@@ -17,8 +20,9 @@ Examples:
 
 Inputs: jam-ckpt outputs, metaseq/fairseq checkpoints (consolidated, model-parallel parts, FSDP
 shards), safetensors files, Hugging Face directories of OPTForCausalLM, LlamaForCausalLM,
-Qwen2ForCausalLM and GemmaForCausalLM (config.json + model.safetensors or a sharded set with its
-index) and llama.cpp GGUF files of the llama architecture, read tensor by tensor. An HF Llama names
+Qwen2ForCausalLM, GemmaForCausalLM and ChameleonForConditionalGeneration (its decoder; its VQ model
+is read by jam_metaseq.image_tokenizer.hf_vqvae) (config.json + model.safetensors or a sharded set
+with its index) and llama.cpp GGUF files of the llama architecture, read tensor by tensor. An HF Llama names
 no padding id: give the parent's vocabulary manifest (--vocab, or vocab.json beside it;
 docs/FAMILIES.md).
 """
@@ -26,6 +30,7 @@ docs/FAMILIES.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -35,6 +40,8 @@ import torch
 
 from jam_metaseq.data.cli import add_layout_flags, layout_of
 from jam_metaseq.errors import add_trust_pickle_flag, run_cli
+from jam_metaseq.inputs import FINITE, NON_NEGATIVE_INT, POSITIVE_INT, SEED, THREADS  # issue 27: finite, bounded
+from jam_metaseq.vocab import find_vocab
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -42,7 +49,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 
 def _add_input_flags(p: argparse.ArgumentParser) -> None:
     add_trust_pickle_flag(p)
-    p.add_argument("--heads", type=int, metavar="H",
+    p.add_argument("--heads", type=POSITIVE_INT, metavar="H",
                    help="attention heads of the input when the checkpoint does not record them")
 
 
@@ -60,9 +67,9 @@ def _add_output_flags(p: argparse.ArgumentParser, *, formats: Sequence[str] = ("
                    help="output directory (created atomically: written to a temp dir .DIR.tmp-PID-... next to "
                         "it, then renamed; a temp dir left by a run that died is removed by the next run). Never "
                         "/, $HOME, the working directory or their parents, nor a directory holding an input")
-    p.add_argument("--mp", type=int, default=1, metavar="M",
+    p.add_argument("--mp", type=POSITIVE_INT, default=1, metavar="M",
                    help="target model-parallel size: files NAME-model_part-{r}.pt (default 1 = consolidated)")
-    p.add_argument("--fsdp", type=int, default=0, metavar="W",
+    p.add_argument("--fsdp", type=NON_NEGATIVE_INT, default=0, metavar="W",
                    help="write W FSDP shards per MP rank (NAME-model_part-{r}-shard{j}.pt, fairscale's flat "
                         "parameters and shard_metadata) for a fully-sharded run of MP x W processes with "
                         "--use-sharded-state; 0 = unflattened")
@@ -89,9 +96,13 @@ def _add_output_flags(p: argparse.ArgumentParser, *, formats: Sequence[str] = ("
                         "per input file, kept at most 512 MiB ahead of the conversion's reads of it, so each "
                         "byte comes from the disk once); none = sizes only (default: auto)")
     p.add_argument("--no-hash-sources", action="store_true", help="same as --hash-sources none")
-    p.add_argument("--threads", type=int, default=1, metavar="N",
+    p.add_argument("--threads", type=THREADS, default=1, metavar="N",
                    help="torch threads for the per-tensor math (default 1: the work is memory-bound and "
                         "more threads only wait on each other on a busy machine; 0 = torch's default)")
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="write tensors holding NaN or inf (listed in manifest.json as non_finite_tensors); by "
+                        "default such a tensor (a NaN in an input, an overflow of --dtype fp16) stops the output "
+                        "and nothing is written")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_read_flags(p)
 
@@ -110,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="JAM-Uniform (Eq. 1): weighted average of n parents of one shape")
     p.add_argument("parents", nargs="+", help="two or more parent checkpoints (any layout)")
-    p.add_argument("--weights", type=float, nargs="+", metavar="W",
+    p.add_argument("--weights", type=FINITE, nargs="+", metavar="W",
                    help="one weight per parent (default 1/n each; Eq. 1 uses 0.5, 0.5)")
     _add_output_flags(p)
 
@@ -124,22 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cross", help="JAM-Cross (§2.1.3): both parents as branches + cross-attention blocks")
     p.add_argument("--llm", required=True, help="text LLM parent")
     p.add_argument("--img", required=True, help="image-text (CM3leon) parent")
-    p.add_argument("--cross-every", type=int, default=2, metavar="N",
+    p.add_argument("--cross-every", type=NON_NEGATIVE_INT, default=2, metavar="N",
                    help="a cross-block pair after layers 0, N, 2N, ... (paper Table 4; 0 = none; default 2)")
     p.add_argument("--init", choices=("paper", "preserve"), default="paper",
                    help="new weights: paper = normal init; preserve = cross blocks start as identities "
                         "(each branch reproduces its parent)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the new weights (per tensor name)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the new weights (per tensor name)")
     p.add_argument("--init-seed-scheme", choices=("per-block", "per-tensor"), default="per-block",
                    help="how the normal draws of new weights are seeded (recorded in manifest.json as "
                         "init_seed_scheme): per-block = each block of 2^18 elements of a tensor from its own "
                         "generator seeded by (seed, name, block), drawn on two threads; per-tensor = one "
                         "generator per tensor seeded by (seed, name), the scheme of outputs whose manifest "
                         "records no init_seed_scheme: pass it to reproduce those (default: per-block)")
-    p.add_argument("--image-vocab", type=int, nargs=2, metavar=("START", "END"),
+    p.add_argument("--image-vocab", type=NON_NEGATIVE_INT, nargs=2, metavar=("START", "END"),
                    help="embedding rows [START, END) taken from the image parent (default: the vocab "
                         "manifest's image range)")
-    p.add_argument("--img-heads", type=int, metavar="H",
+    p.add_argument("--img-heads", type=POSITIVE_INT, metavar="H",
                    help="attention heads of the image parent when its checkpoint does not record them and "
                         "differ from --heads (parents of different sizes)")
     _add_output_flags(p)
@@ -162,6 +173,55 @@ def build_parser() -> argparse.ArgumentParser:
                         "save_pretrained's)")
     _add_output_flags(p, formats=("metaseq",))
 
+    from jam_metaseq.vocab_transplant import DEFAULT_RULE, RULES
+
+    p = sub.add_parser(
+        "transplant", help="re-express a model's embedding and output rows in another text tokenizer",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Re-express a model's vocabulary rows (token embedding, output projection) in another text "
+                    "tokenizer; every other tensor is copied bit for bit. Per id of the new tokenizer: an id whose "
+                    "string (its bytes, or a special token's name) exists in the old tokenizer copies that id's "
+                    "rows; any other id is cut into the fewest pieces of the old tokenizer that spell its bytes "
+                    "and its row is built from theirs by --rule; an id no pieces spell gets the mean of the old "
+                    "text rows. Non-text ids (specials, image codes, <break>, sentinels, <eoss>, conversation "
+                    "tokens) keep their rows. The output's vocab.json is the input's with the new text range; "
+                    "manifest.json records the rule and the share of ids copied exactly. --vocab names the "
+                    "INPUT's manifest when its checkpoint has none (docs/FAMILIES.md, \"Chameleon and different "
+                    "tokenizers\").")
+    p.add_argument("--model", required=True, help="the model to transplant (a decoder, any layout)")
+    p.add_argument("--to-tokenizer", required=True, metavar="T",
+                   help="the new text tokenizer: a tokenizers .json (byte-level BPE or Metaspace) or a "
+                        "sentencepiece .model (or spm:/bpe: spec, or 'bytes')")
+    p.add_argument("--from-tokenizer", metavar="T",
+                   help="the model's text tokenizer (default: the one its vocabulary manifest names)")
+    p.add_argument("--to-vocab", metavar="MANIFEST",
+                   help="the new vocabulary manifest whole (e.g. a Chameleon image parent's: jam-ckpt inspect shows "
+                        "it, explicit ids): text ids from T as above, bos/pad/eos/unk, image begin/end, <eoss>, "
+                        "sentinels and image codes from the model's ids of the same role, every other row the "
+                        "mean of its text rows (default: the model's manifest with T's text range)")
+    p.add_argument("--rule", choices=tuple(RULES), default=DEFAULT_RULE,
+                   help="how a composed row is built: " + "; ".join(f"{k} = {v}" for k, v in RULES.items())
+                        + f" (default {DEFAULT_RULE}: measured best here, docs/FAMILIES.md)")
+    _add_output_flags(p)
+
+    p = sub.add_parser("extend-vocab", help="the rows a grown vocabulary adds (conversation tokens), "
+                       "set to the mean of the text rows; every old id unchanged")
+    p.add_argument("src", help="input checkpoint (any layout) with its vocabulary manifest (stored or vocab.json "
+                   "beside it; else --old-vocab)")
+    p.add_argument("--conversation-tokens", action="store_true",
+                   help="the new vocabulary is the checkpoint's own plus <user>, <assistant>, <eot> "
+                        "(instead of --vocab NEW.json)")
+    p.add_argument("--old-vocab", type=Path, metavar="JSON",
+                   help="the manifest the checkpoint was trained with, when it stores none")
+    p.add_argument("--init", choices=("text_mean",), default="text_mean",
+                   help="how added rows start: text_mean = the mean of the same tensor's text rows (its logit "
+                        "starts at the average text logit; docs/CONVERSATIONS.md)")
+    _add_output_flags(p)
+    for a in p._actions:
+        if a.dest == "vocab":
+            a.help = ("the new vocabulary manifest (it must extend the checkpoint's: the same ids plus the "
+                      "conversation tokens, e.g. jam-data vocab --conversation-tokens); stored as OUT/vocab.json")
+
     p = sub.add_parser("tokenizer", help="a GGUF file's tokenizer as OUT/tokenizer.json + OUT/vocab.json for jam-data")
     p.add_argument("src", help="a .gguf file whose metadata holds a byte-level BPE tokenizer")
     p.add_argument("-o", "--out", required=True, type=Path, metavar="DIR",
@@ -177,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check a checkpoint that is not a jam-ckpt output (no manifest.json): its structure "
                         "and the forward pass only, no hashes. Without it a missing manifest.json is an error")
     p.add_argument("--no-forward", action="store_true", help="skip the forward pass")
-    p.add_argument("--max-forward-params", type=int, default=50_000_000, metavar="N",
+    p.add_argument("--max-forward-params", type=NON_NEGATIVE_INT, default=50_000_000, metavar="N",
                    help="run the forward pass only below this many parameters (default 50M)")
     _add_read_flags(p)
     return ap
@@ -199,7 +259,8 @@ def _opts(args: argparse.Namespace, argv: Sequence[str], *, fmt: str | None = No
     spec = OutputSpec(out_dir=args.out, format=fmt or args.format, mp=args.mp, fsdp=args.fsdp,
                       dtype=DTYPES[args.dtype] if args.dtype else None, name=args.name,
                       overwrite=args.overwrite or args.overwrite_any_dir, overwrite_any_dir=args.overwrite_any_dir,
-                      max_shard_size=parse_size(shard) if shard else DEFAULT_MAX_SHARD_SIZE)
+                      max_shard_size=parse_size(shard) if shard else DEFAULT_MAX_SHARD_SIZE,
+                      allow_non_finite=args.allow_non_finite)
     return CommonOptions(spec=spec, vocab=str(args.vocab) if args.vocab else None,
                          hash_sources="none" if args.no_hash_sources else args.hash_sources,
                          progress=not args.quiet,
@@ -282,6 +343,16 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         heads=args.heads, init_seed_scheme=args.init_seed_scheme, img_heads=args.img_heads)
     elif args.cmd == "reshard":
         out = ops.reshard(args.src, opts=_opts(args, argv), heads=args.heads)
+    elif args.cmd == "transplant":
+        out = ops.transplant(args.model, to_tokenizer=args.to_tokenizer, from_tokenizer=args.from_tokenizer,
+                             opts=_opts(args, argv), rule=args.rule, heads=args.heads,
+                             to_vocab=None if args.to_vocab is None else find_vocab(given=args.to_vocab))
+    elif args.cmd == "extend-vocab":
+        if bool(args.vocab) == args.conversation_tokens:
+            raise ValueError("give the new vocabulary as --vocab NEW.json or --conversation-tokens (one of them)")
+        opts = _opts(args, argv)
+        out = ops.extend_vocab(args.src, opts=dataclasses.replace(opts, vocab=None), new_vocab=opts.vocab,
+                               old_vocab=args.old_vocab, rule=args.init, heads=args.heads)
     elif args.cmd == "convert":
         fmt = "hf" if args.to == "hf" else "metaseq"
         out = ops.reshard(args.src, opts=_opts(args, argv, fmt=fmt), heads=args.heads)

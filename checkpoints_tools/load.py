@@ -21,7 +21,8 @@ from torch import nn
 from checkpoints_tools.io.hashed_file import sha256_file
 from checkpoints_tools.readers import Reader, arch_of, open_checkpoint
 from checkpoints_tools.safe_load import CheckpointError
-from jam_metaseq.errors import read_json
+from jam_metaseq.errors import JamError
+from jam_metaseq.inputs import InputError, loads_json, read_json, safe_component
 from jam_metaseq.models import keys
 from jam_metaseq.models.config import CrossConfig, DecoderConfig, ModelConfig, config_from_dict
 from jam_metaseq.vocab import VocabManifest
@@ -170,14 +171,18 @@ def read_manifest(path: Path) -> dict[str, Any]:
     ``files`` maps plain file names (in the manifest's directory) to their ``bytes`` and
     ``sha256``. Errors name the manifest."""
     try:
-        m = json.loads(path.read_text())
+        m = loads_json(path.read_bytes(), where=str(path), allow_nan=True)  # older outputs may hold NaN
+    except InputError as e:
+        raise CheckpointError(f"{path}: corrupt manifest ({e.detail})") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: corrupt manifest ({e})") from None
     if not isinstance(m, dict) or not isinstance(m.get("files"), dict) or not m["files"]:
         raise CheckpointError(f"{path}: corrupt manifest (no \"files\" table)")
     for name, rec in m["files"].items():
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise CheckpointError(f"{path}: corrupt manifest (file name {name!r} is not a plain file name)")
+        try:
+            safe_component(name, what="file name")
+        except JamError as e:
+            raise CheckpointError(f"{path}: corrupt manifest ({e}: not a plain file name)") from None
         if not (isinstance(rec, dict) and isinstance(rec.get("bytes"), int) and not isinstance(rec["bytes"], bool)
                 and isinstance(rec.get("sha256"), str) and len(rec["sha256"]) == 64):
             raise CheckpointError(f"{path}: corrupt manifest (entry of {name} needs \"bytes\" and a sha256)")

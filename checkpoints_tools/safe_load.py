@@ -17,7 +17,6 @@ import collections
 import contextlib
 import ctypes
 import ctypes.util
-import io
 import mmap as _mmap
 import os
 import pickle
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from jam_metaseq.errors import JamError
+from jam_metaseq.inputs import InputError, open_zip_member, unique_zip_names
 
 
 class CheckpointError(JamError, ValueError):
@@ -57,6 +57,11 @@ def _numpy_globals() -> list[Any]:
 
 ALLOWED_GLOBALS: list[Any] = [argparse.Namespace, *_numpy_globals()]
 """What metaseq/fairseq checkpoints contain besides tensors, dicts, lists and scalars."""
+
+
+MAX_PICKLE_BYTES = 256 << 20
+"""Bound of a checkpoint's inflated ``data.pkl`` (the pickle holds names, shapes and small state:
+a 26B model's is a few MB; a deflate bomb's 1.5 GB is refused before torch inflates it whole)."""
 
 
 def _is_zip(path: Path) -> bool:
@@ -227,15 +232,18 @@ def check_torch_zip(path: Path) -> None:
     whole file; ``jam-ckpt verify`` checks them against the manifest's sha256.)"""
     try:
         with zipfile.ZipFile(path) as zf:
-            infos = {i.filename: i for i in zf.infolist()}
+            # issue 27 §2: two records of one name would let torch read one and this check the
+            # other; data.pkl is unpickled from a bounded stream, never inflated whole
+            infos = unique_zip_names(zf, where=str(path))
             pkls = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pkls) != 1:
                 raise CheckpointError(f"{path}: not a torch zip checkpoint ({len(pkls)} data.pkl records)")
             prefix = pkls[0][: -len("data.pkl")]
-            scan = _ScanUnpickler(io.BytesIO(zf.read(pkls[0])))
-            obj = scan.load()
+            with open_zip_member(zf, pkls[0], max_bytes=MAX_PICKLE_BYTES, where=str(path)) as pkl:
+                scan = _ScanUnpickler(pkl)
+                obj = scan.load()
             dir_start = zf.start_dir
-    except CheckpointError:
+    except (CheckpointError, InputError):
         raise
     except Exception as e:  # noqa: BLE001 - zipfile and pickle raise many types on a corrupt file
         first = str(e).splitlines()[0] if str(e) else type(e).__name__

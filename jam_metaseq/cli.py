@@ -13,6 +13,7 @@ import sys
 import torch
 
 from .errors import run_cli
+from .inputs import SEED
 from .fusion import cross_tensor, merge_tensor, state_shapes, widen_tensor
 from .models import PRESETS, build_model, count_parameters, cross_of, preset, uniform_of, width_of
 from .models.decoder import build_context
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jam", description=__doc__)
     sub = parser.add_subparsers(dest="verb", required=True)
     p_demo = sub.add_parser("demo", help="fuse two tiny random parents three ways and print a table")
-    p_demo.add_argument("--seed", type=int, default=0, help="random seed for the parents (default 0)")
+    p_demo.add_argument("--seed", type=SEED, default=0, help="random seed for the parents (default 0)")
     p_params = sub.add_parser("params", help="JAM-Cross parameter counts of two parent presets (meta device)")
     names = ", ".join(sorted(PRESETS))
     p_params.add_argument("--llm", default="opt_6_7b", choices=sorted(PRESETS), metavar="PRESET",

@@ -18,13 +18,14 @@ library's signal for a bad value, its message naming the file), ``OSError`` (rep
 ``<filename>: <strerror>``), ``pickle.UnpicklingError``, running out of memory, and a missing
 optional extra (``OPTIONAL_MODULES``: the line says what to ``pip install``). ``TypeError``,
 ``KeyError``, ``AttributeError``, ``IndexError``, ``RuntimeError`` are bugs: input is validated
-before it can cause one (``read_json`` for JSON files, ``safe_torch_load`` for checkpoints).
+before it can cause one (``jam_metaseq.inputs`` for names, JSON, YAML, images, numbers and script
+values; ``safe_torch_load`` for checkpoints). Messages are one line whatever they hold: control
+characters are escaped (``one_line``), never cut.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import platform
@@ -83,45 +84,31 @@ def missing_extra(exc: BaseException) -> str | None:
     return None
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in range(32)} | {0x7F: "\\x7f", 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character escaped (a newline as ``\\n``, ESC as ``\\x1b``): a
+    file name holding a newline or a terminal escape stays visible and whole in a one-line message,
+    and cannot end the line or rewrite the terminal."""
+    return text.strip().translate(_CONTROL)
+
+
 def describe(exc: BaseException) -> str:
-    """One line for an expected error: the file first when the exception knows it."""
+    """One line for an expected error: the file first when the exception knows it. Nothing is cut:
+    control characters (a newline in a file name, a library's multi-line message) are escaped."""
     if isinstance(exc, OSError) and exc.strerror:
         where = exc.filename
         if where is not None:
-            cause = exc.strerror + (f" (-> {exc.filename2})" if exc.filename2 is not None else "")
-            return f"{os.fsdecode(where)}: {cause}"
+            other = exc.filename2
+            cause = exc.strerror + (f" (-> {one_line(os.fsdecode(other))})" if other is not None else "")
+            return f"{one_line(os.fsdecode(where))}: {cause}"
         return exc.strerror
     if isinstance(exc, UnicodeDecodeError):
         return (f"not valid {exc.encoding}: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}")
     if isinstance(exc, _out_of_memory_types()) and not str(exc):
         return "out of memory"
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[0].strip() if lines else type(exc).__name__
-
-
-def read_json(path: str | os.PathLike, *, what: str, expect: type = dict) -> Any:
-    """A JSON file whose top level must be an ``expect`` (an object by default): every way it can
-    fail is a ``JamError`` naming the file (missing, a directory, unreadable, not UTF-8, not JSON,
-    another type)."""
-    path = Path(path)
-    if path.is_dir():
-        raise JamError(f"{path}: is a directory, expected a {what} JSON file")
-    if not path.exists():
-        raise JamError(f"{path}: no such file ({what})")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise JamError(f"{path}: cannot read {what} ({e.strerror or e})") from None
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise JamError(f"{path}: {what} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise JamError(f"{path}:{e.lineno}: {what} is not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, expect):
-        want = {dict: "an object", list: "a list"}.get(expect, expect.__name__)
-        raise JamError(f"{path}: {what} must be {want} in JSON, got {type(obj).__name__}")
-    return obj
+    return one_line(str(exc)) or type(exc).__name__
 
 
 # ---- signals -----------------------------------------------------------------------------------

@@ -32,10 +32,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from jam_metaseq.inputs import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, RATE  # issue 27 §4: finite, in range at parse time
 from jam_metaseq.models.config import (
-    ACTIVATIONS, ARCH_CROSS, ARCH_UNIFORM, ARCH_WIDTH, MLPS, NORMS, POSITION_KINDS, QKV_LAYOUTS, CrossConfig,
-    DecoderConfig, ModelConfig, config_from_dict, cross_of, normalize_rope_scaling, parent_of_width, uniform_of,
-    width_of,
+    ACTIVATIONS, ARCH_CROSS, ARCH_UNIFORM, ARCH_WIDTH, CHECKPOINT_KEY, MLPS, NORMS, POSITION_KINDS, QK_NORMS,
+    QKV_LAYOUTS, CrossConfig, DecoderConfig, ModelConfig, config_from_dict, cross_of, normalize_rope_scaling,
+    parent_of_width, uniform_of, width_of,
 )
 from jam_metaseq.vocab import check_embedding
 
@@ -119,8 +120,8 @@ MODEL_FLAGS: tuple[Flag, ...] = (
     Flag("activation_fn", "activation", "parent", str,
          "FFN activation (on the gate of a gated MLP); gelu_tanh is HF's gelu_pytorch_tanh (Gemma)",
          choices=ACTIVATIONS),
-    Flag("dropout", "dropout", "parent", float, "residual/embedding dropout", "P"),
-    Flag("attention_dropout", "attention_dropout", "parent", float, "attention-probability dropout", "P"),
+    Flag("dropout", "dropout", "parent", RATE, "residual/embedding dropout", "P"),
+    Flag("attention_dropout", "attention_dropout", "parent", RATE, "attention-probability dropout", "P"),
     Flag("disable_bias", "bias", "parent", help="no biases in projections (CM3leon)", negated=True),
     Flag("disable_affine_ln", "affine_ln", "parent", help="LayerNorm without weight/bias (CM3leon)", negated=True),
     Flag("no_scale_embedding", "scale_embedding", "parent", help="do not scale embeddings by sqrt(E)", negated=True),
@@ -129,11 +130,11 @@ MODEL_FLAGS: tuple[Flag, ...] = (
     # jam_width_llama_tiny ...) fills them from its preset, a starting checkpoint's stored config must agree.
     Flag("decoder_norm", "norm", "parent", str, "normalisation: layernorm (OPT), rmsnorm (Llama, Qwen2) or "
          "rmsnorm_plus_one (Gemma: (1 + w) * x / rms(x))", choices=NORMS, when_set=True),
-    Flag("ln_eps", "ln_eps", "parent", float, "norm epsilon (HF rms_norm_eps)", "EPS", when_set=True),
+    Flag("ln_eps", "ln_eps", "parent", POSITIVE_FLOAT, "norm epsilon (HF rms_norm_eps)", "EPS", when_set=True),
     Flag("decoder_positions", "positions", "parent", str,
          "learned: metaseq's position table; rotary: RoPE on q and k (HF's half-split layout)",
          choices=POSITION_KINDS, when_set=True),
-    Flag("rope_theta", "rope_theta", "parent", float, "rotary base (HF rope_theta)", "THETA", when_set=True),
+    Flag("rope_theta", "rope_theta", "parent", POSITIVE_FLOAT, "rotary base (HF rope_theta)", "THETA", when_set=True),
     Flag("rope_scaling", "rope_scaling", "parent", json_object,
          "rotary frequency scaling as JSON: {\"rope_type\": \"linear\", \"factor\": F} or {\"rope_type\": "
          "\"llama3\", \"factor\", \"low_freq_factor\", \"high_freq_factor\", \"original_max_position_embeddings\"}",
@@ -154,6 +155,12 @@ MODEL_FLAGS: tuple[Flag, ...] = (
          when_set=True),
     Flag("embed_scale_in_dtype", "embed_scale_in_dtype", "parent",
          help="round the sqrt(E) embedding factor to the model's dtype first (HF Gemma)", when_set=True),
+    # Chameleon's block (issue 24): per-head q/k LayerNorms, and the 30B model's norms after the sublayers.
+    Flag("decoder_qk_norm", "qk_norm", "parent", str,
+         "per-head query/key norm after the projections: none, or layernorm_per_head (Chameleon)",
+         choices=QK_NORMS, when_set=True),
+    Flag("decoder_swin_norm", "swin_norm", "parent",
+         help="norms after attention and FFN, inside the residual (Chameleon-30B)", when_set=True),
     Flag("decoder_learned_pos", "learned_positions", "always",
          help="learned positions (always on; accepted for metaseq compatibility)"),
     Flag("share_decoder_input_output_embed", "tied_embeddings", "always",
@@ -176,6 +183,11 @@ MODEL_FLAGS: tuple[Flag, ...] = (
          when_set=True),
     Flag("img_head_dim", "attn_head_dim", "image", int, "JAM-Cross: attention head width of the image branch",
          "D", when_set=True),
+    Flag("img_qk_norm", "qk_norm", "image", str,
+         "JAM-Cross between parents of two families: the image branch's q/k norm (a Chameleon image parent "
+         "beside a Llama LLM: layernorm_per_head)", choices=QK_NORMS, when_set=True),
+    Flag("img_swin_norm", "swin_norm", "image", help="JAM-Cross: the image branch has Chameleon-30B's swin norms",
+         when_set=True),
 )
 
 FLAGS_BY_DEST: dict[str, Flag] = {f.dest: f for f in MODEL_FLAGS}
@@ -240,7 +252,7 @@ def config_from_args(args: argparse.Namespace, *, vocab_size: int, padding_idx: 
     A stored ``args.jam_config`` (a checkpoint's own args) wins over the flags: it is what the
     weights were trained with.
     """
-    stored = getattr(args, "jam_config", None)
+    stored = getattr(args, CHECKPOINT_KEY, None)
     if stored:
         cfg = config_from_dict(dict(stored))
         check_embedding(vocab_size, cfg.vocab_size, what="checkpoint")  # the dictionary: the manifest's ids
@@ -346,7 +358,7 @@ def add_task_args(parser: Any) -> None:
     a("--mixture", default=None,
       help="training source weights NAME=W,NAME=W (token-balanced; default: all sources equally)")
     a("--cm3-mode", default="poisson", choices=("poisson", "fixed", "fim"), help="CM3 span-count rule")
-    a("--cm3-lambda", type=float, default=1.0, help="Poisson rate of the number of CM3 spans")
+    a("--cm3-lambda", type=NON_NEGATIVE_FLOAT, default=1.0, help="Poisson rate of the number of CM3 spans")
     a("--cm3-min-spans", type=int, default=0, help="lower clamp of the span count (0 allows plain LM)")
     a("--cm3-max-spans", type=int, default=None, help="upper clamp (default: the vocabulary's sentinels)")
     a("--cm3-cross-documents", action="store_true", help="let spans cross <eos> inside a packed block")
@@ -359,13 +371,13 @@ def add_task_args(parser: Any) -> None:
            "get neighbours from DATA/{split}/{source}.neighbours.npy (jam-retrieval neighbours BANK "
            "--dataset DATA/{split}/{source}); sources without one get no prefix")
     a("--retrieval-k", type=int, default=2, help="retrieved documents per item at most (default %(default)s)")
-    a("--retrieval-weight", type=float, default=0.0,
+    a("--retrieval-weight", type=NON_NEGATIVE_FLOAT, default=0.0,
       help="loss weight of retrieved prefix tokens (RA-CM3 used 0.1; default %(default)s)")
 
 
 def add_criterion_args(parser: Any) -> None:
     """The cm3 criterion flags."""
-    parser.add_argument("--sentinel-weight", type=float, default=1.0,
+    parser.add_argument("--sentinel-weight", type=NON_NEGATIVE_FLOAT, default=1.0,
                         help="loss weight of predicting CM3 sentinels (CM3 used 0; default %(default)s)")
 
 

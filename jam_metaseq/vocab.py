@@ -24,8 +24,15 @@ consecutive run) and ``<eoss>`` (Gemma's ``<unused*>``, Llama-3's ``<|reserved_s
 Qwen2's embedding rows beyond its tokenizer). Where a parent's embedding lacks rows the manifest
 uses (Gemma next to Liquid's image codes), ``extends`` names them and ``jam-ckpt`` adds them by a
 ``jam_metaseq.vocab_rows`` rule as it reads the parent (docs/FAMILIES.md). Every consumer reads ids
-through this class, so both layouts work everywhere; a later layout (Chameleon, issue 24: an image
-code -> id map, image begin/end ids) is another validated field of the same manifest.
+through this class, so both layouts work everywhere.
+
+A Chameleon-family parent (Chameleon, Anole, Lumina-mGPT: issue 24) is such an imported parent with
+two more facts its ``config.json``'s ``vocabulary_map`` states (``hf_families.chameleon.manifest_from_hf``):
+its image codes are not in code order (``TokenIds.image_map``: code c is id ``image_map[c]``, a
+permutation of one run of ids), and an image is framed by two different ids, begin (``<break>``'s
+place: ``boi``) and end (``eoi``, Chameleon's ``<eoss>``, which is not our CM3 end-of-span). Consumers
+ask ``image_id`` / ``image_code`` / ``is_image`` and ``boi`` / ``eoi``, never ``image_start + code``
+or ``break_id`` for an image's frame.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 
-from jam_metaseq.errors import read_json
+from jam_metaseq.inputs import FieldError, int_field, read_json, str_field
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 NUM_DICT_SPECIALS = 4
@@ -57,6 +64,38 @@ CHECKPOINT_KEY = "jam_vocab"
 ``__metadata__`` entry (JSON) of a safetensors file."""
 TASK_STATE_KEY = "vocab_manifest"
 """Where a host-trained checkpoint stores it: ``task_state[TASK_STATE_KEY]`` (the task's state)."""
+MAX_VOCAB_SIZE = 2**31 - 1
+"""Bound of a manifest's total size (embedding rows are indexed by int32 on every host)."""
+MAX_SENTINELS = 2**16
+MAX_PAD_MULTIPLE = 2**16
+
+
+def _check_fields(m: "VocabManifest", *, source: str) -> None:
+    """Every field's type, sign and range (issue 27 §3: a manifest is checked where it is read);
+    ``FieldError`` naming ``source`` and the field. Normalises ``image_grid`` to a tuple of ints."""
+    text_size = int_field(m.text_size, name="text_size", source=source, lo=0, hi=MAX_VOCAB_SIZE)
+    image_codes = int_field(m.image_codes, name="image_codes", source=source, lo=0, hi=MAX_VOCAB_SIZE)
+    sentinels = int_field(m.num_sentinels, name="num_sentinels", source=source, lo=1, hi=MAX_SENTINELS)
+    pad = int_field(m.pad_to_multiple, name="pad_to_multiple", source=source, lo=1, hi=MAX_PAD_MULTIPLE)
+    per_image = int_field(m.image_tokens_per_image, name="image_tokens_per_image", source=source, lo=1,
+                          hi=MAX_VOCAB_SIZE)
+    grid = m.image_grid
+    if not isinstance(grid, (list, tuple)) or len(grid) != 2:
+        raise FieldError(f"{source}: field 'image_grid' must be [rows, cols], got {grid!r}")
+    grid = tuple(int_field(g, name=f"image_grid[{i}]", source=source, lo=1, hi=MAX_VOCAB_SIZE)
+                 for i, g in enumerate(grid))
+    str_field(m.text_tokenizer, name="text_tokenizer", source=source, optional=True)
+    if not isinstance(m.conversation_tokens, bool):
+        raise FieldError(f"{source}: field 'conversation_tokens' must be true or false, got {m.conversation_tokens!r}")
+    for name, v in (("text_size", text_size), ("image_codes", image_codes), ("num_sentinels", sentinels),
+                    ("pad_to_multiple", pad), ("image_tokens_per_image", per_image)):
+        object.__setattr__(m, name, v)
+    object.__setattr__(m, "image_grid", grid)
+    if grid[0] * grid[1] != per_image:
+        raise FieldError(f"{source}: field 'image_grid' {list(grid)} does not hold field "
+                         f"'image_tokens_per_image' {per_image} (rows x cols must equal it)")
+    if m.size > MAX_VOCAB_SIZE:
+        raise FieldError(f"{source}: the fields give {m.size} ids, more than {MAX_VOCAB_SIZE}")
 
 
 @dataclass(frozen=True)
@@ -75,9 +114,10 @@ class TokenIds:
     """[start, end): the text tokenizer's ids, unshifted (the specials and reserved ids above may
     lie inside; ``is_text`` leaves them out)."""
     image: tuple[int, int]
-    """[start, end): the image codes (code c is id start + c); empty (start == end) for a text-only parent."""
+    """[start, end): the image codes (code c is id start + c, unless ``image_map``); empty (start == end)
+    for a text-only parent."""
     break_id: int
-    """``<break>``, framing every image."""
+    """``<break>``, framing every image (opening it where ``eoi`` closes it)."""
     sentinels: tuple[int, int]
     """[start, end): the CM3 sentinels ``<mask:0>`` ... (one consecutive run of reserved ids)."""
     eoss: int
@@ -87,8 +127,26 @@ class TokenIds:
     reads that parent, each by the ``vocab_rows`` rule ``extend_init``. None: every parent has ``size`` rows."""
     extend_init: str = "text_mean"
     """The ``jam_metaseq.vocab_rows.ROW_INIT_RULES`` rule of the ``extends`` rows."""
+    image_map: tuple[int, ...] | None = None
+    """Code c -> id ``image_map[c]`` (Chameleon's ``IMGIMG*`` entries: not in code order); a
+    permutation of the ids of ``image``, which it then spans (every range consumer, the decoding
+    mask and JAM-Cross's image rows, stays right). None: code c is id ``image[0] + c``."""
+    eoi: int | None = None
+    """The id closing an image when it is not ``<break>`` (Chameleon: its ``<eoss>``, 8196, after
+    ``<racm3:break>``, 8197, opened it). None: ``<break>`` on both sides, our layout."""
 
     def __post_init__(self) -> None:
+        if self.image_map is not None:
+            m = self.image_map
+            if not (isinstance(m, (list, tuple)) and m and all(_is_int(x) for x in m)):
+                raise ValueError("ids.image_map must be a non-empty list of integer ids (code c -> id image_map[c])")
+            m = tuple(int(x) for x in m)
+            lo = min(m)
+            if sorted(m) != list(range(lo, lo + len(m))):
+                raise ValueError(f"ids.image_map must be a permutation of one run of ids; its {len(m)} ids span "
+                                 f"[{lo}, {max(m) + 1}) with gaps or repeats")
+            object.__setattr__(self, "image_map", m)
+            object.__setattr__(self, "image", (lo, lo + len(m)))
         for name in ("text", "image", "sentinels", "extends"):
             v = getattr(self, name)
             if v is None and name == "extends":
@@ -96,13 +154,13 @@ class TokenIds:
             if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) for x in v)):
                 raise ValueError(f"ids.{name} must be [start, end] integers, got {v!r}")
             object.__setattr__(self, name, (int(v[0]), int(v[1])))
-        for name in ("size", "bos", "pad", "eos", "unk", "break_id", "eoss"):
+        for name in ("size", "bos", "pad", "eos", "unk", "break_id", "eoss", *(("eoi",) if self.eoi is not None else ())):
             if not _is_int(getattr(self, name)):
                 raise ValueError(f"ids.{_JSON_NAME.get(name, name)} must be an integer, got {getattr(self, name)!r}")
         n = self.size
         if n < 1:
             raise ValueError(f"ids.size must be >= 1, got {n}")
-        for name in ("bos", "pad", "eos", "unk", "break_id", "eoss"):
+        for name in ("bos", "pad", "eos", "unk", "break_id", "eoss", *(("eoi",) if self.eoi is not None else ())):
             if not 0 <= getattr(self, name) < n:
                 raise ValueError(f"ids.{_JSON_NAME.get(name, name)} {getattr(self, name)} is not an id below size {n}")
         for name in ("text", "image", "sentinels"):
@@ -115,6 +173,10 @@ class TokenIds:
         if self.pad in (self.bos, self.eos):
             raise ValueError(f"ids.pad {self.pad} is also bos or eos: padding is masked, they are not")
         named = {"break": self.break_id, "eoss": self.eoss, "bos": self.bos, "pad": self.pad, "eos": self.eos}
+        if self.eoi is not None:
+            named["eoi"] = self.eoi
+            if self.eoi in (self.break_id, self.eoss):
+                raise ValueError(f"ids.eoi {self.eoi} is also break or eoss (leave eoi out when <break> closes images)")
         for what, i in named.items():
             if self.image[0] <= i < self.image[1]:
                 raise ValueError(f"ids.{what} {i} is inside the image range {list(self.image)}")
@@ -132,6 +194,11 @@ class TokenIds:
                              "break": self.break_id, "eoss": self.eoss, "mask": self.sentinels[0],
                              "text": list(self.text), "image": list(self.image),
                              "sentinels": list(self.sentinels), "size": self.size}
+        if self.eoi is not None:
+            d["eoi"] = self.eoi
+        if self.image_map is not None:  # the map replaces the range (which it spans)
+            del d["image"]
+            d["image_map"] = list(self.image_map)
         if self.extends is not None:
             d["extends"] = {"rows": list(self.extends), "init": self.extend_init}
         return d
@@ -143,11 +210,15 @@ class TokenIds:
         d = dict(d)
         mask = d.pop("mask", None)
         ext = d.pop("extends", None)
+        if "image_map" in d:
+            if "image" in d:
+                raise ValueError(f"{source}: ids has both image and image_map (the map replaces the range)")
+            d["image"] = [0, 0]  # spanned by the map (TokenIds.__post_init__)
         want = ("bos", "pad", "eos", "unk", "break", "eoss", "text", "image", "sentinels", "size")
         missing = [k for k in want if k not in d]
         if missing:
             raise ValueError(f"{source}: ids has no {', '.join(missing)} (an explicit manifest names every id)")
-        extra = sorted(set(d) - set(want))
+        extra = sorted(set(d) - set(want) - {"image_map", "eoi"})
         if extra:
             raise ValueError(f"{source}: unknown ids fields {extra}")
         kw: dict[str, Any] = {_FIELD_NAME.get(k, k): v for k, v in d.items()}
@@ -211,16 +282,7 @@ class VocabManifest:
                                  f"{want}")
             if self.conversation_tokens:
                 raise ValueError("conversation tokens of an explicit (imported) vocabulary are not supported yet")
-        if self.text_size < 0 or self.image_codes < 0:
-            raise ValueError("text_size and image_codes must be >= 0")
-        if self.num_sentinels < 1:
-            raise ValueError("num_sentinels must be >= 1 (<mask:0> is the CFG mask)")
-        grid = tuple(int(g) for g in self.image_grid)
-        object.__setattr__(self, "image_grid", grid)
-        if grid[0] * grid[1] != self.image_tokens_per_image:
-            raise ValueError(
-                f"image_grid {grid} does not hold image_tokens_per_image={self.image_tokens_per_image}"
-            )
+        _check_fields(self, source="vocab manifest")  # num_sentinels >= 1: <mask:0> is the CFG mask
 
     @classmethod
     def imported(cls, ids: TokenIds, **fields: Any) -> "VocabManifest":
@@ -291,6 +353,21 @@ class VocabManifest:
     @property
     def break_id(self) -> int:
         return self.image_end if self.explicit_ids is None else self.explicit_ids.break_id
+
+    @property
+    def boi(self) -> int:
+        """The id opening an image (``<break>``; Chameleon's ``<racm3:break>``)."""
+        return self.break_id
+
+    @property
+    def eoi(self) -> int:
+        """The id closing an image (``<break>`` in our layout; Chameleon's ``<eoss>``: ``TokenIds.eoi``)."""
+        x = self.explicit_ids
+        return self.break_id if x is None or x.eoi is None else x.eoi
+
+    def is_frame(self, ids: Any) -> Any:
+        """``boi`` or ``eoi``: an image's frame (CM3 spans never cross one)."""
+        return (ids == self.boi) | (ids == self.eoi)
 
     @property
     def sentinel_start(self) -> int:
@@ -377,20 +454,39 @@ class VocabManifest:
         if self.explicit_ids is None:
             return inside
         x = self.explicit_ids  # the text range of an imported tokenizer holds its specials and reserved ids
-        for i in (x.bos, x.pad, x.eos, x.unk, x.break_id, x.eoss):
+        for i in (x.bos, x.pad, x.eos, x.unk, x.break_id, x.eoss, *(() if x.eoi is None else (x.eoi,))):
             inside = inside & (ids != i)
-        return inside & ((ids < x.sentinels[0]) | (ids >= x.sentinels[1]))
+        inside = inside & ((ids < x.sentinels[0]) | (ids >= x.sentinels[1]))
+        if x.image[0] < x.image[1] and x.text[0] < x.image[1] and x.image[0] < x.text[1]:
+            inside = inside & ~self.is_image(ids)  # Chameleon's codes sit among its BPE ids
+        return inside
 
     def is_sentinel(self, ids: Any) -> Any:
         return (ids >= self.sentinel_start) & (ids < self.sentinel_end)
 
     def image_code(self, ids: Any) -> Any:
-        """Vocabulary id -> VQ code index (0 .. image_codes-1)."""
-        return ids - self.image_start
+        """Vocabulary id -> VQ code index (0 .. image_codes-1); ints, numpy or torch arrays."""
+        m = self._image_tables()
+        return ids - self.image_start if m is None else _lookup(m[1], ids - self.image_start)
 
     def image_id(self, codes: Any) -> Any:
-        """VQ code index -> vocabulary id."""
-        return codes + self.image_start
+        """VQ code index -> vocabulary id; ints, numpy or torch arrays."""
+        m = self._image_tables()
+        return codes + self.image_start if m is None else _lookup(m[0], codes)
+
+    def _image_tables(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(code -> id, id - image_start -> code) of an ``image_map``; None: code c is id start + c."""
+        x = self.explicit_ids
+        if x is None or x.image_map is None:
+            return None
+        got = self.__dict__.get("_tables")
+        if got is None:
+            ids = np.asarray(x.image_map, dtype=np.int64)
+            codes = np.empty_like(ids)
+            codes[ids - x.image[0]] = np.arange(len(ids))
+            got = (ids, codes)
+            object.__setattr__(self, "_tables", got)
+        return got
 
     # ---- symbols (fairseq/metaseq Dictionary) ----------------------------------------------
     def symbols(self) -> list[str]:
@@ -414,10 +510,12 @@ class VocabManifest:
         out = [f"<t{i - self.text_start}>" if self.text_start <= i < self.text_end else f"<row{i}>"
                for i in range(x.size)]
         for c in range(self.image_codes):
-            out[self.image_start + c] = f"<img{c}>"
+            out[int(self.image_id(c))] = f"<img{c}>"
         for k in range(self.num_sentinels):
             out[self.sentinel_start + k] = f"<mask:{k}>"
         out[x.break_id], out[x.eoss] = "<break>", "<eoss>"
+        if x.eoi is not None:
+            out[x.eoi] = "<eoi>"
         for i, sym in ((x.unk, "<unk>"), (x.eos, "</s>"), (x.pad, "<pad>"), (x.bos, "<s>")):
             out[i] = sym  # pad wins over unk where a tokenizer has one id for both (Llama-2's <unk>)
         return out
@@ -450,14 +548,14 @@ class VocabManifest:
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "<dict>") -> "VocabManifest":
         if not isinstance(d, dict):
-            raise ValueError(f"{source}: a vocab manifest must be an object, got {type(d).__name__}")
+            raise FieldError(f"{source}: a vocab manifest must be an object, got {type(d).__name__}")
         d = dict(d)
         version = d.pop("version", MANIFEST_VERSION)
-        if version != MANIFEST_VERSION:
-            raise ValueError(f"{source}: vocab manifest version {version}, expected {MANIFEST_VERSION}")
+        if version != MANIFEST_VERSION or isinstance(version, bool):
+            raise FieldError(f"{source}: vocab manifest version {version!r}, expected {MANIFEST_VERSION}")
         ids = d.pop("ids", None)
         if ids is not None and not isinstance(ids, dict):
-            raise ValueError(f"{source}: vocab manifest 'ids' must be an object, got {type(ids).__name__}")
+            raise FieldError(f"{source}: vocab manifest 'ids' must be an object, got {type(ids).__name__}")
         layout = d.pop("layout", None)
         if layout not in (None, LAYOUT_EXPLICIT):
             raise ValueError(f"{source}: vocab manifest layout {layout!r}; expected {LAYOUT_EXPLICIT!r} or none")
@@ -474,15 +572,17 @@ class VocabManifest:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
-            raise ValueError(f"{source}: unknown vocab manifest fields {sorted(unknown)}")
+            raise FieldError(f"{source}: unknown vocab manifest fields {sorted(unknown)}")
         if "text_size" not in d:
-            raise ValueError(f"{source}: vocab manifest has no 'text_size'")
-        try:
-            m = cls(**d)
-        except (TypeError, ValueError) as e:  # a field of the wrong type or value
-            raise ValueError(f"{source}: bad vocab manifest ({e})") from None
-        if ids is not None and ids.get("size", m.size) != m.size:
-            raise ValueError(f"{source}: manifest says size {ids['size']} but its fields give {m.size}")
+            raise FieldError(f"{source}: vocab manifest has no 'text_size'")
+        m = cls.__new__(cls)  # fields checked with the file's name before __init__ checks them again
+        for f in dataclasses.fields(cls):
+            object.__setattr__(m, f.name, d.get(f.name, f.default))
+        _check_fields(m, source=source)
+        m = cls(**{f.name: getattr(m, f.name) for f in dataclasses.fields(cls)})
+        for key, want in m.to_dict()["ids"].items():  # the recorded ids must be the ones the fields give
+            if ids is not None and key in ids and ids[key] != want:
+                raise FieldError(f"{source}: field 'ids.{key}' is {ids[key]!r} but the manifest's fields give {want}")
         return m
 
     def save(self, path: str | os.PathLike) -> None:
@@ -495,6 +595,25 @@ class VocabManifest:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VocabManifest":
         return cls.from_dict(read_json(path, what="vocab manifest"), source=str(path))
+
+    # ---- growing a manifest --------------------------------------------------------------------
+    def layout_differences(self, old: "VocabManifest") -> list[str]:
+        """The fields, besides ``conversation_tokens`` and the informational ``text_tokenizer``, in
+        which this manifest and ``old`` differ (sorted); empty when every id below
+        ``old.num_used`` means the same in both."""
+        skip = ("conversation_tokens", "text_tokenizer")
+        return sorted(f.name for f in dataclasses.fields(self)
+                      if f.name not in skip and getattr(self, f.name) != getattr(old, f.name))
+
+    def extends(self, old: "VocabManifest") -> bool:
+        """This manifest is ``old``, or ``old`` with the conversation tokens added: every id of
+        ``old`` means the same here (a checkpoint of ``old`` takes this one through
+        ``jam_metaseq.vocab_rows``; data tokenized with ``old`` reads the same under it)."""
+        return not self.layout_differences(old) and (self.conversation_tokens or not old.conversation_tokens)
+
+    def with_conversation_tokens(self) -> "VocabManifest":
+        """This manifest with ``<user>``, ``<assistant>`` and ``<eot>`` (itself when it has them)."""
+        return self if self.conversation_tokens else dataclasses.replace(self, conversation_tokens=True)
 
     def check_embedding(self, num_rows: int, *, what: str = "checkpoint") -> None:
         """Stop when a model's embedding does not fit this manifest (``check_embedding``)."""
@@ -550,6 +669,17 @@ def tiny_manifest(text_size: int = 64, image_codes: int = 32, image_grid: tuple[
         image_tokens_per_image=image_grid[0] * image_grid[1], image_grid=image_grid,
         conversation_tokens=conversation_tokens,
     )
+
+
+def _lookup(table: np.ndarray, i: Any) -> Any:
+    """``table[i]`` for an int, a numpy array or a torch tensor ``i`` (the result of ``i``'s kind)."""
+    if isinstance(i, np.ndarray):
+        return table[i]
+    if hasattr(i, "device") and hasattr(i, "dim"):  # a torch tensor (torch is not imported here)
+        import torch
+
+        return torch.as_tensor(table, device=i.device)[i]
+    return int(table[int(i)])
 
 
 def as_array(ids: Any) -> np.ndarray:

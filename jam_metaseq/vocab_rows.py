@@ -15,8 +15,9 @@ output row its logit is the average text logit, so a new token starts with about
 an average word instead of a random one (Hewitt, 2021, "Initializing new word embeddings for
 pretrained language models"). One rule for every vocab tensor, so a tied projection stays tied.
 
-``jam-ckpt`` applies it to a checkpoint through ``extend_state_dict`` and writes ``rows_record``
-into its manifest (phase 2 of issue 25 wires the verb).
+``jam-ckpt extend-vocab`` (``checkpoints_tools/ops/extend_vocab.py``) applies ``extend_rows`` to a
+checkpoint on disk tensor by tensor and writes ``rows_record`` into its ``manifest.json``; ``jam
+run``'s instruct stage uses it when a model must learn the conversation tokens.
 
 Public API::
 
@@ -28,7 +29,6 @@ Public API::
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Mapping
 
 import torch
@@ -54,16 +54,11 @@ def added_ids(old: VocabManifest, new: VocabManifest) -> range:
 
     ``new`` must extend ``old``: the same fields but ``conversation_tokens`` (and the informational
     ``text_tokenizer``), so every id below ``old.num_used`` means the same in both."""
-    def core(v: VocabManifest) -> dict:
-        return {f.name: getattr(v, f.name) for f in dataclasses.fields(v)
-                if f.name not in ("conversation_tokens", "text_tokenizer")}
-
-    a, b = core(old), core(new)
-    if a != b:
-        diff = sorted(k for k in a if a[k] != b[k])
+    diff = new.layout_differences(old)
+    if diff:
         raise ValueError(f"the new vocabulary does not extend the old one: {', '.join(diff)} differ "
                          "(only conversation tokens may be added)")
-    if old.conversation_tokens and not new.conversation_tokens:
+    if not new.extends(old):
         raise ValueError("the new vocabulary drops the conversation tokens of the old one")
     return range(old.num_used, new.size)
 

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from jam_metaseq.errors import run_cli
+from jam_metaseq.inputs import NON_NEGATIVE_INT, PORT, POSITIVE_INT, SEED
 from launch.recipes import STAGES
 from launch.slurm import HOSTS, LaunchConfig, plan, render, submit
 
@@ -30,21 +31,23 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--restore-file", help="starting weights (jam-ckpt output), loaded with all --reset-* flags")
     start.add_argument("--finetune-from-model", help="starting weights through the host's --finetune-from-model")
     p.add_argument("--user-dir", help="jam_metaseq package path for --user-dir (default: this checkout's)")
-    p.add_argument("--gpus", type=int, help="total GPUs (default: the paper's: alignment 256, instruct 64)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default %(default)s)")
-    p.add_argument("--tokens-per-sample", type=int, default=4096, help="sequence length (default %(default)s)")
-    p.add_argument("--max-tokens", type=int,
+    p.add_argument("--gpus", type=POSITIVE_INT, help="total GPUs (default: the paper's: alignment 256, instruct 64)")
+    p.add_argument("--gpus-per-node", type=POSITIVE_INT, default=8, help="GPUs per node (default %(default)s)")
+    p.add_argument("--tokens-per-sample", type=POSITIVE_INT, default=4096, help="sequence length (default %(default)s)")
+    p.add_argument("--max-tokens", type=POSITIVE_INT,
                    help="tokens per GPU per step, a multiple of --tokens-per-sample (default: one sequence)")
-    p.add_argument("--model-parallel-size", type=int, default=1, help="tensor parallelism (metaseq only)")
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="training precision")
-    p.add_argument("--seed", type=int, default=1, help="host seed (default %(default)s)")
-    p.add_argument("--cross-every", type=int,
+    p.add_argument("--model-parallel-size", type=POSITIVE_INT, default=1, help="tensor parallelism (metaseq only)")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
+                   help="training precision (default: bf16, the paper's; fp16 for --host fairseq, whose fully "
+                        "sharded training refuses bf16)")
+    p.add_argument("--seed", type=SEED, default=1, help="host seed (default %(default)s)")
+    p.add_argument("--cross-every", type=NON_NEGATIVE_INT,
                    help="JAM-Cross: a cross block every K layers (0 = none); for ablation_cross runs only K")
     p.add_argument("--partition", help="SLURM partition")
     p.add_argument("--account", help="SLURM account")
-    p.add_argument("--cpus-per-task", type=int, default=10, help="CPU cores per GPU task (default %(default)s)")
-    p.add_argument("--time-hours", type=int, help="SLURM time limit in hours (default: the stage's)")
-    p.add_argument("--port", type=int, default=29500, help="--distributed-port (default %(default)s)")
+    p.add_argument("--cpus-per-task", type=POSITIVE_INT, default=10, help="CPU cores per GPU task (default %(default)s)")
+    p.add_argument("--time-hours", type=POSITIVE_INT, help="SLURM time limit in hours (default: the stage's)")
+    p.add_argument("--port", type=PORT, default=29500, help="--distributed-port (default %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="print commands and sbatch scripts, submit nothing")
     p.add_argument("extra", nargs=argparse.REMAINDER,
                    help="after --: extra flags appended verbatim to the training command")

@@ -23,6 +23,7 @@ from typing import Literal, Sequence
 
 from jam_metaseq.errors import JamError
 from jam_metaseq.flags import FLAGS_BY_DEST
+from jam_metaseq.inputs import safe_component, script_value
 from launch.recipes import StageRecipe, stage
 
 HOSTS = ("fairseq", "metaseq")
@@ -63,8 +64,9 @@ class LaunchConfig:
     """Tokens per GPU per forward/backward (default: ``tokens_per_sample``, one sequence)."""
     model_parallel_size: int = 1
     """Tensor-parallel degree (metaseq only)."""
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """Training precision."""
+    precision: Literal["bf16", "fp16", "fp32"] | None = None
+    """Training precision (default ``default_precision``: bf16, the paper's, except fp16 for fairseq's
+    fully sharded training, which refuses ``--bf16``)."""
     seed: int = 1
     """Seed for the host (the CM3 transform derives its own from (seed, epoch, index))."""
     cross_every: int | None = None
@@ -92,8 +94,20 @@ class LaunchConfig:
             raise ValueError("give restore_file or finetune_from_model, not both")
         if self.model_parallel_size > 1 and self.host != "metaseq":
             raise ValueError("model_parallel_size > 1 needs --host metaseq (fairseq has no tensor parallelism here)")
+        if self.precision is None:
+            object.__setattr__(self, "precision", default_precision(self.host, self.ddp_backend))
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        if self.precision == "bf16" and self.host == "fairseq" and self.ddp_backend == "fully_sharded":
+            raise ValueError("fairseq's fully sharded training refuses --bf16 (its trainer: 'FullyShardedDataParallel "
+                             "is not compatible with --bf16'): use --precision fp16, --host metaseq, or --ddp-backend "
+                             "legacy_ddp")
+
+
+def default_precision(host: str, ddp_backend: str) -> str:
+    """bf16 (the paper trains in bf16), except fp16 where fairseq shards fully: its trainer refuses bf16
+    with FSDP."""
+    return "fp16" if host == "fairseq" and ddp_backend == "fully_sharded" else "bf16"
 
 
 @dataclass(frozen=True)
@@ -213,8 +227,24 @@ def train_command(cfg: LaunchConfig, recipe: StageRecipe, *, cross_every: int | 
     return merge_flags(cmd, cfg.extra_args)
 
 
+def _sbatch(value: str | int, what: str) -> str:
+    return script_value(value, position="sbatch", what=what)
+
+
+def _shell(value: str | int, what: str = "a training-command word") -> str:
+    return script_value(value, position="shell", what=what)
+
+
+def _shell_words(words: Sequence[str]) -> str:
+    # a word after a flag is named by it (the flag the user gave); the rest by position
+    return " ".join(_shell(w, f"the value of {words[i - 1]}" if i and words[i - 1].startswith("--") else
+                           f"word {i} of the training command") for i, w in enumerate(words))
+
+
 def sbatch_script(cfg: LaunchConfig, recipe: StageRecipe, *, name: str, command: Sequence[str]) -> str:
-    """An sbatch script running ``command`` as one task per GPU."""
+    """An sbatch script running ``command`` as one task per GPU. Every value goes through
+    ``script_value`` for its position (issue 27 §5): ``#SBATCH`` values are one plain word, shell
+    words are quoted, so no flag's value can become a line of the script."""
     gpus = cfg.gpus or recipe.gpus
     if gpus % cfg.gpus_per_node and gpus > cfg.gpus_per_node:
         raise ValueError(f"gpus {gpus} is not a multiple of gpus_per_node {cfg.gpus_per_node}")
@@ -223,23 +253,24 @@ def sbatch_script(cfg: LaunchConfig, recipe: StageRecipe, *, name: str, command:
     lines = [
         "#!/bin/bash",
         f"# jam-launch: stage {recipe.name} ({recipe.description}), host {cfg.host}",
-        f"#SBATCH --job-name={name}",
-        f"#SBATCH --nodes={nodes}",
-        f"#SBATCH --ntasks-per-node={per_node}",
-        f"#SBATCH --gpus-per-node={per_node}",
-        f"#SBATCH --cpus-per-task={cfg.cpus_per_task}",
+        f"#SBATCH --job-name={_sbatch(name, 'the job name (from --stage and --arch)')}",
+        f"#SBATCH --nodes={_sbatch(nodes, '--gpus')}",
+        f"#SBATCH --ntasks-per-node={_sbatch(per_node, '--gpus-per-node')}",
+        f"#SBATCH --gpus-per-node={_sbatch(per_node, '--gpus-per-node')}",
+        f"#SBATCH --cpus-per-task={_sbatch(cfg.cpus_per_task, '--cpus-per-task')}",
         "#SBATCH --mem=0",
-        f"#SBATCH --time={cfg.time_hours or recipe.time_hours}:00:00",
-        f"#SBATCH --output={cfg.save_dir}/slurm-%j.out",
+        f"#SBATCH --time={_sbatch(cfg.time_hours or recipe.time_hours, '--time-hours')}:00:00",
+        f"#SBATCH --output={_sbatch(cfg.save_dir, '--save-dir')}/slurm-%j.out",
         "#SBATCH --open-mode=append",
     ]
     if cfg.partition:
-        lines.append(f"#SBATCH --partition={cfg.partition}")
+        lines.append(f"#SBATCH --partition={_sbatch(cfg.partition, '--partition')}")
     if cfg.account:
-        lines.append(f"#SBATCH --account={cfg.account}")
+        lines.append(f"#SBATCH --account={_sbatch(cfg.account, '--account')}")
+    save = _shell(cfg.save_dir, "--save-dir")
     lines += [
         "set -euo pipefail",
-        f"mkdir -p {shlex.quote(cfg.save_dir)}",
+        f"mkdir -p {save}",
         "export OMP_NUM_THREADS=1",
     ]
     command = list(command)
@@ -249,14 +280,13 @@ def sbatch_script(cfg: LaunchConfig, recipe: StageRecipe, *, name: str, command:
         i = command.index("--restore-file")
         start = command[i:i + 6]
         rest = command[:i] + command[i + 6:]
-        save = shlex.quote(cfg.save_dir)
         lines += [
             f'if compgen -G {save}"/checkpoint_last*.pt" > /dev/null; then START=(); '
-            f"else START=({shlex.join(start)}); fi",
-            "srun --label " + shlex.join(rest) + ' "${START[@]}"',
+            f"else START=({_shell_words(start)}); fi",
+            "srun --label " + _shell_words(rest) + ' "${START[@]}"',
         ]
     else:
-        lines.append("srun --label " + shlex.join(command))
+        lines.append("srun --label " + _shell_words(command))
     lines.append("")
     return "\n".join(lines)
 
@@ -281,7 +311,8 @@ def plan(cfg: LaunchConfig) -> list[Job]:
     for cross_every in sweep:
         tag = "" if cross_every is None else (
             "-nocross" if cross_every == 0 else f"-cross{cross_every}")
-        name = f"jam-{recipe.name}-{cfg.arch}{tag}"
+        # a file name (SAVE_DIR/slurm/NAME.sbatch) and, for the sweep, a directory under SAVE_DIR
+        name = safe_component(f"jam-{recipe.name}-{cfg.arch}{tag}", what="the job name (from --stage and --arch)")
         job_cfg = cfg if cross_every is None else dataclasses.replace(
             cfg, save_dir=str(Path(cfg.save_dir) / name.removeprefix("jam-")))
         command = train_command(job_cfg, recipe, cross_every=cross_every)

@@ -64,6 +64,34 @@ def make_data(root: Path, *, n_train: int = 48, n_valid: int = 8, block_size: in
     return root
 
 
+def make_conversation_data(root: Path, *, base: Path, n_train: int = 24, n_valid: int = 4,
+                           block_size: int = 33) -> Path:
+    """An instruct data directory as ``jam run`` makes it for conversations: ``instruct`` (short
+    conversations, a picture in some user turns) binarized with ``VOCAB`` plus the conversation
+    tokens (``DATA/vocab.json``), beside ``base``'s caption data binarized with ``VOCAB`` alone."""
+    vocab = VOCAB.with_conversation_tokens()
+    root.mkdir(parents=True, exist_ok=True)
+    vocab.save(root / "vocab.json")
+    rng = np.random.default_rng(3)
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        (root / split).mkdir(exist_ok=True)
+        for f in (base / split).glob("caption.*"):
+            os.symlink(f, root / split / f.name)
+        docs = []
+        for _ in range(n):
+            k, j = (int(x) for x in rng.integers(len(WORDS), size=2))
+            first = [{"text": "what"}] + ([{"image_tokens": [4 * k % VOCAB.image_codes] * 4}] if k % 2 else [])
+            docs.append({"turns": [{"role": "user", "segments": first},
+                                   {"role": "assistant", "segments": [{"text": WORDS[k].split()[0]}]},
+                                   {"role": "user", "segments": [{"text": "and"}]},
+                                   {"role": "assistant", "segments": [{"text": WORDS[j].split()[1]}]}]})
+        jsonl = root / f"{split}.instruct.jsonl"
+        jsonl.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        binarize(jsonl, out_prefix=root / split / "instruct", vocab=vocab, text_tokenizer=CharTokenizer(),
+                 block_size=block_size, progress=False)
+    return root
+
+
 def tiny_parent_cfg(vocab: VocabManifest = VOCAB, size: str = "tiny"):
     """A tiny parent of the preset ``size`` (``tiny``: OPT's block; ``llama_tiny``, ``gemma_tiny`` ...)."""
     from jam_metaseq.models.config import preset
@@ -148,6 +176,22 @@ def hf_parents(root: Path, case: str, vocab: VocabManifest = VOCAB) -> tuple[Pat
         hf_model(case, seed=seed, vocab_size=vocab.size, pad_token_id=vocab.pad).save_pretrained(d)
         out.append(d)
     return out[0], out[1]
+
+
+def llama_chameleon_parents(root: Path, vocab: VocabManifest = VOCAB) -> tuple[Path, Path]:
+    """An HF Llama LLM (``_hf_util``'s ``llama`` case) and an HF Chameleon image parent of the same
+    shape and settings (per-head q/k norms its only difference: issue 24's JAM-Cross across
+    families), random, saved with ``save_pretrained``, embeddings sized for ``vocab``."""
+    import transformers
+    from _hf_util import CASES, hf_model, randomize_hf
+
+    llm, img = root / "llama_llm", root / "chameleon_img"
+    hf_model("llama", seed=11, vocab_size=vocab.size, pad_token_id=vocab.pad).save_pretrained(llm)
+    config = transformers.ChameleonConfig(**{**CASES["llama"][1], "vocab_size": vocab.size, "pad_token_id": vocab.pad,
+                                             "vocabulary_map": {}})
+    cham = transformers.ChameleonForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    randomize_hf(cham, seed=22, plus_one=False).save_pretrained(img)
+    return llm, img
 
 
 # ---- running the hosts' CLIs -----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """``jam chat`` in the terminal (issue 25 item 3): turns typed on stdin stream back, pictures are
 saved as PNG files with their paths printed, /image sends one, /new starts over; a model without
-conversation tokens is refused in one line."""
+conversation tokens is refused in one line. Its model and decoding flags, and ``jam serve``'s, are
+``jam-generate``'s rows of one table."""
 
 from __future__ import annotations
 
@@ -51,3 +52,39 @@ def test_chat_refuses_a_model_without_conversation_tokens(tmp_path, capsys):
     rc = jam_main(["chat", str(tmp_path / "ckpt.pt"), "--tokenizer", "bytes"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "no conversation tokens" in err[0] and "ckpt.pt" in err[0]
+
+
+def test_one_table_of_decoding_flags():
+    """``jam-generate``, ``jam chat`` and ``jam serve`` take their model and decoding flags from
+    ``generation.options.OPTIONS``: each flag declared once, offered by the commands its row names,
+    with one default; the same flags give the same ``GenerationConfig`` in every command."""
+    from jam_metaseq.generation import options
+    from jam_metaseq.generation.chat_cli import build_parser as chat_parser
+    from jam_metaseq.generation.cli import build_parser as generate_parser
+    from jam_metaseq.serve.cli import build_parser as serve_parser
+
+    table = {o.option: o for o in options.OPTIONS}
+    assert len(table) == len(options.OPTIONS)
+
+    def flags(parser):
+        return {s: a for a in parser._actions for s in a.option_strings if s.startswith("--")}
+
+    parsers = {"generate": flags(generate_parser()), "chat": flags(chat_parser()), "serve": flags(serve_parser())}
+    for name, row in table.items():
+        for command, found in parsers.items():
+            tool = "generate" if command == "generate" else "chat"
+            assert (name in found) == (tool in row.tools), (command, name)
+            if name in found:
+                want = row.kwargs.get("default", False if row.kwargs.get("action") == "store_true" else None)
+                assert found[name].default == want and found[name].help, (command, name)
+    # what each command adds is its own: no decoding flag outside the table
+    assert set(parsers["chat"]) - set(table) == {"--help", "--trust-pickle", "--out"}
+    assert set(parsers["serve"]) - set(table) == {"--help", "--trust-pickle", "--host", "--port", "--max-conversations",
+                                                  "--max-generating", "--max-upload-mb"}
+    argv = ["--temperature", "0.5", "--top-k", "3", "--repetition-penalty", "1.2", "--guidance-scale", "2",
+            "--max-new-tokens", "9", "--seed", "4", "--min-images", "1"]
+    a = generate_parser().parse_args(["--checkpoint", "x.pt", *argv])
+    b = chat_parser().parse_args(["x.pt", *argv])
+    assert options.generation_config(a) == options.generation_config(b)
+    c = options.generation_config(b)
+    assert (c.image.temperature, c.image.top_k, c.text.repetition_penalty, c.min_images) == (0.5, 3, 1.2, 1)

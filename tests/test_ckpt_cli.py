@@ -28,7 +28,8 @@ def two_parents(tmp_path_factory):
 def test_every_flag_is_documented():
     ap = build_parser()
     sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"inspect", "merge", "widen", "cross", "reshard", "convert", "tokenizer", "verify"}
+    assert set(sub.choices) == {"inspect", "merge", "widen", "cross", "reshard", "convert", "transplant", "extend-vocab",
+                                "tokenizer", "verify"}
     for name, p in sub.choices.items():
         for act in p._actions:
             if not isinstance(act, argparse._HelpAction):
@@ -93,3 +94,79 @@ def test_widen_reshard_convert(two_parents, tmp_path, capsys):
     assert main(["convert", str(r), "--to", "hf", "-o", str(tmp_path / "hf")]) == 2
     assert "scale" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+# ---- extend-vocab (issue 25: the rows of the conversation tokens) ---------------------------------
+def _logits(path, tokens):
+    from checkpoints_tools.load import load_model
+
+    model, _, vocab = load_model(path)
+    with torch.no_grad():
+        return model.eval()(tokens), vocab, model
+
+
+def test_extend_vocab_keeps_every_old_id_and_starts_new_rows_at_the_text_mean(two_parents, tmp_path, capsys):
+    """The LLM parent (2 model-parallel parts, no stored manifest) extended by the CLI: the same
+    tensors as ``vocab_rows.extend_state_dict`` on the parent's state (the independent reference),
+    the same function on every old id, a tied projection still tied, the rows in the manifest;
+    then a JAM-Cross output (its manifest stored) extended with --conversation-tokens into
+    safetensors, unchanged on old ids too."""
+    from checkpoints_tools.load import load_model
+    from checkpoints_tools.readers import open_checkpoint
+    from jam_metaseq.vocab import VocabManifest
+    from jam_metaseq.vocab_rows import extend_state_dict
+
+    d, llm, img, vocab_path = two_parents
+    old = VocabManifest.load(vocab_path)
+    new = old.with_conversation_tokens()
+    new.save(tmp_path / "new.json")
+    out = tmp_path / "chat"
+    assert main(["extend-vocab", str(llm), "--old-vocab", str(vocab_path), "--vocab", str(tmp_path / "new.json"),
+                 "--mp", "2", "-o", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    src = open_checkpoint(llm)
+    want = extend_state_dict(dict(src.items()), old=old, new=new)
+    got = open_checkpoint(out)
+    assert got.shapes()["decoder.embed_tokens.weight"] == (new.size, 32) and new.size == old.size + 8
+    for name, t in want.items():
+        assert torch.equal(got.get(name), t), name
+    assert got.tied("decoder.embed_tokens.weight", "decoder.output_projection.weight")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["operation"] == "extend-vocab" and m["vocab_rows"]["rows"] == [old.num_used, new.size]
+    assert m["vocab_rows"]["tokens"]["<eot>"] == new.eot and m["parameters"]["init"] == "text_mean"
+    tokens = torch.randint(old.text_start, old.text_end, (2, 7))
+    ref, _, _ = load_model(llm, vocab=str(vocab_path))
+    b, v, _ = _logits(out, tokens)
+    with torch.no_grad():
+        a = ref.eval()(tokens)
+    assert v == new
+    torch.testing.assert_close(b[..., :old.num_used], a[..., :old.num_used])
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 0
+    # a JAM-Cross output carries its manifest: --conversation-tokens adds the three tokens to it
+    x = tmp_path / "x"
+    assert main(["cross", "--llm", str(llm), "--img", str(img), "--vocab", str(vocab_path), "-o", str(x),
+                 "--quiet"]) == 0
+    xc = tmp_path / "xc"
+    assert main(["extend-vocab", str(x), "--conversation-tokens", "--format", "safetensors", "-o", str(xc),
+                 "--quiet"]) == 0, capsys.readouterr().err
+    a, _, _ = _logits(x, tokens)
+    b, v, model = _logits(xc, tokens)
+    assert v == new and model.cfg.vocab_size == new.size and model.cfg.image_vocab_end == old.image_end
+    torch.testing.assert_close(b[..., :old.num_used], a[..., :old.num_used])
+
+
+def test_extend_vocab_refusals_are_one_line(two_parents, tmp_path, capsys):
+    d, llm, _, vocab_path = two_parents
+    cases = [
+        (["--old-vocab", str(vocab_path)], "--vocab NEW.json or --conversation-tokens"),
+        (["--conversation-tokens"], "no vocabulary manifest"),
+        (["--old-vocab", str(vocab_path), "--vocab", str(tmp_path / "moved.json")], "does not extend"),
+        (["--old-vocab", str(tmp_path / "new.json"), "--conversation-tokens"], "nothing to add"),
+    ]
+    tiny_manifest(text_size=59, image_codes=56).with_conversation_tokens().save(tmp_path / "moved.json")
+    tiny_manifest(text_size=56, image_codes=56, conversation_tokens=True).save(tmp_path / "new.json")  # 128 ids
+    for flags, msg in cases:
+        assert main(["extend-vocab", str(llm), *flags, "-o", str(tmp_path / "o"), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and msg in err, err
+        assert not (tmp_path / "o").exists()

@@ -243,3 +243,75 @@ def test_draw_spans_are_disjoint_and_barrier_free(tokens, seed, n):
         assert np.all(spans[1:, 0] > spans[:-1, 1])  # disjoint and not touching
         for s, e in spans:
             assert not np.isin(tokens[s:e], [BRK, EOS, PAD, V.bos]).any()
+
+
+# ---- conversations: spans stay inside one turn -----------------------------------------------------
+VC = tiny_manifest(text_size=64, image_codes=32, image_grid=(2, 2), num_sentinels=16, conversation_tokens=True)
+TURN_TOKENS = [VC.user_id, VC.assistant_id, VC.eot]
+
+
+@st.composite
+def conversations(draw):
+    """A conversation as the data lays it out (``<user> ... <eot> <assistant> ... <eot> ... <eos>``,
+    turn contents of text runs and framed images) and its loss mask (assistant contents and their
+    ``<eot>``), maybe followed by another document."""
+    toks, mask = [], []
+    for k in range(draw(st.integers(1, 6))):
+        role = VC.assistant_id if k % 2 else VC.user_id
+        content = []
+        for _ in range(draw(st.integers(1, 3))):
+            if draw(st.booleans()):
+                content += draw(st.lists(st.integers(VC.text_start, VC.text_end - 1), min_size=1, max_size=8))
+            else:
+                content += [VC.break_id] + [VC.image_start + draw(st.integers(0, 31)) for _ in range(4)] + [VC.break_id]
+        toks += [role, *content, VC.eot]
+        mask += [False] + [bool(k % 2)] * (len(content) + 1)
+    toks.append(VC.eos)
+    mask.append(False)
+    if draw(st.booleans()):
+        toks += draw(st.lists(st.integers(VC.text_start, VC.text_end - 1), min_size=1, max_size=8))
+        mask += [True] * (len(toks) - len(mask))
+    return np.array(toks, dtype=np.int64), np.array(mask)
+
+
+@settings(max_examples=200, deadline=None)
+@given(conv=conversations(), seed=st.integers(0, 2**32 - 1), spans=st.integers(1, 8))
+def test_spans_never_move_a_turn_boundary(conv, seed, spans):
+    """With conversation tokens, no span holds or crosses ``<user>``, ``<assistant>`` or ``<eot>``:
+    the turn skeleton stays in place and in order, every ``<mask:i>`` sits inside one turn's
+    content, and each moved span carries one loss weight (all user: 0, all assistant: 1)."""
+    tokens, mask = conv
+    out, w = cm3_transform(tokens, np.random.default_rng(seed), vocab=VC, mode="fixed", min_spans=spans,
+                           max_spans=16, num_spans=spans, return_loss_weights=True, loss_mask=mask)
+    assert np.array_equal(cm3_inverse(out, vocab=VC), tokens)
+    n = int(VC.is_sentinel(out).sum()) // 2
+    sent = np.flatnonzero(VC.is_sentinel(out))
+    prefix_end = sent[n] if n else out.size
+    prefix = out[:prefix_end]
+    assert prefix[np.isin(prefix, TURN_TOKENS)].tolist() == tokens[np.isin(tokens, TURN_TOKENS)].tolist()
+    for p in sent[:n]:  # inside a turn: the last turn token before it opens a turn, the next one closes it
+        before = prefix[:p][np.isin(prefix[:p], TURN_TOKENS)]
+        after = prefix[p + 1:][np.isin(prefix[p + 1:], TURN_TOKENS)]
+        if before.size and before[-1] in (VC.user_id, VC.assistant_id):
+            assert after.size and after[0] == VC.eot
+    eoss = np.flatnonzero(out == VC.eoss)
+    for i in range(n):
+        span, weights = out[sent[n + i] + 1:eoss[i]], w[sent[n + i] + 1:eoss[i] + 1]
+        assert not np.isin(span, TURN_TOKENS + [VC.break_id, VC.eos]).any()
+        assert np.unique(weights).size == 1  # one turn's tokens: all user or all assistant
+
+
+def test_a_span_is_cut_at_the_end_of_a_turn():
+    """Hand case: a span that starts in an assistant's answer stops before its ``<eot>``, whatever
+    end was drawn (200 draws)."""
+    x, y, z = (VC.text_start + i for i in range(3))
+    tokens = T(VC.user_id, x, VC.eot, VC.assistant_id, y, z, VC.eot, VC.user_id, x, VC.eot, VC.eos)
+    spans = draw_spans(tokens, np.random.default_rng(0), 8, vocab=VC)
+    for s, e in spans:
+        assert not np.isin(tokens[s:e], TURN_TOKENS).any()
+    # every maskable position is in some draw; the span starting at y never reaches the <eot> at 6
+    starts = {}
+    for seed in range(200):
+        for s, e in draw_spans(tokens, np.random.default_rng(seed), 2, vocab=VC):
+            starts[int(s)] = max(starts.get(int(s), 0), int(e))
+    assert starts[4] <= 6 and starts[5] <= 6

@@ -4,6 +4,7 @@ turns only), the fit rule for long conversations and LIMA with all its turns."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -311,3 +312,21 @@ def test_jam_data_vocab_and_binarize_conversations(tmp_path, capsys):
     assert first["tokens"].size == 9  # the first exchange was dropped: <user>hi<eot><assistant>yo<eot><eos>
     assert first["loss_mask"].tolist() == [False] * 5 + [True] * 3 + [False]
     assert second["loss_mask"].sum() == 2  # "y" and its <eot>
+
+
+def test_data_of_a_manifest_reads_under_it_with_conversation_tokens(tmp_path):
+    """The instruct stage trains on caption data binarized before its manifest gained the
+    conversation tokens: that manifest plus the tokens reads it (every id means the same); any
+    other manifest is refused."""
+    from jam_metaseq.data.binarize import binarize, open_dataset
+
+    (tmp_path / "t.jsonl").write_text(json.dumps({"segments": [{"text": "a red circle"}]}) + "\n")
+    binarize([tmp_path / "t.jsonl"], out_prefix=tmp_path / "ds", vocab=V_OLD, text_tokenizer=BYTES,
+             block_size=64, progress=False)
+    assert V_OLD.with_conversation_tokens() == V and V.with_conversation_tokens() is V
+    assert V.extends(V_OLD) and V_OLD.extends(V_OLD) and not V_OLD.extends(V)
+    assert open_dataset(tmp_path / "ds", vocab=V).vocab == V_OLD
+    for other in (tiny_manifest(text_size=255, image_codes=32, image_grid=(2, 2), num_sentinels=4),
+                  dataclasses.replace(V, text_tokenizer="spm:other.model")):
+        with pytest.raises(ValueError, match="binarized with a vocabulary"):
+            open_dataset(tmp_path / "ds", vocab=other)

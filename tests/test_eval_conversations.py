@@ -178,3 +178,72 @@ def test_prompt_following_draws_reads_and_scores(tiny_chat_model):
     assert out["n"] == 4 and len(out["pictures"]) == 4
     assert all(p is not None and p.size == (32, 32) for p in out["pictures"])  # one picture per answer
     assert 0.0 <= out["all"] <= out["colour"] <= 1.0 and out["shape_classifier_accuracy"] >= 0.9
+
+
+def test_caption_following_draws_each_prompt_after_its_caption():
+    """A model without conversation tokens (a variant after continued pretraining) is asked by the
+    picture's caption after ``<eos>``: one picture per prompt and seed, the codes those of the
+    engine's own answer to that caption (CFG on), each read and scored against the prompt's target."""
+    from jam_metaseq.eval.conversations import caption_following
+    from jam_metaseq.generation.config import GenerationConfig
+    from jam_metaseq.generation.engine import Engine
+    from jam_metaseq.image_tokenizer import VQGAN, ImageTokenizer
+    from jam_metaseq.image_tokenizer import preset as vq_preset
+
+    torch.manual_seed(0)
+    vq = ImageTokenizer(VQGAN(vq_preset("tiny")))
+    vocab = tiny_manifest(text_size=256, image_codes=vq.n_codes, image_grid=vq.grid)
+    model = build_model(preset("tiny", vocab_size=vocab.size, max_positions=512, init_std=0.3)).eval()
+    prompts = qd.drawing_prompts(2, size=32, seed=0, follow_up=False)
+    out = caption_following(model, prompts, vocab=vocab, text_tokenizer=BYTES, image_tokenizer=vq, seeds=(0, 1),
+                            batch_size=3)
+    assert out["n"] == 4 and all(p is not None and p.size == (32, 32) for p in out["pictures"])
+    t = prompts[1].target
+    caption = f"a {t.colour} {t.shape} on a {t.background} background"
+    ids = [vocab.eos] + [vocab.text_start + b for b in caption.encode()]
+    ref = Engine(model, vocab=vocab).generate([ids], seeds=[1], config=GenerationConfig(
+        max_new_tokens=vocab.image_tokens_per_image + 2, force_image_first=True, min_images=1, max_images=1))[0]
+    want = vq.decode_codes(np.asarray([ref.images[0].codes]))[0]
+    assert np.array_equal(np.asarray(out["pictures"][3]), np.asarray(want))
+    assert out == {**out, **score_pictures(out["pictures"], [p.target for p in prompts for _ in (0, 1)],
+                                           classifier=train_shape_classifier(size=32))}
+
+
+def test_evaluate_conversations_reads_files_as_the_instruct_data_were(tmp_path):
+    """The evaluation stage's job on a checkpoint on disk: JSONL conversations (pictures as files
+    beside the JSONL, in two folders), converted by their format and fitted, give ``history_ppl``'s
+    figures; drawing prompts give their scores and a picture sheet; files without any follow-up
+    exchange give no history figure instead of an error."""
+    from _chat_util import write_chat_checkpoint
+    from checkpoints_tools.load import load_model
+    from jam_metaseq.eval.conversations import evaluate_conversations
+    from jam_metaseq.image_tokenizer import load_image_tokenizer
+
+    paths = write_chat_checkpoint(tmp_path / "model")
+    model, _, vocab = load_model(paths["checkpoint"])
+    samples = qd.conversation_samples(4, size=32, seed=5)
+    files, docs = [], []
+    for k, part in enumerate((samples[:2], samples[2:])):
+        d = tmp_path / f"set{k}"
+        (d / "img").mkdir(parents=True)
+        rows = []
+        for i, s in enumerate(part):
+            rels = [f"img/{i}-{j}.png" for j in range(len(s.pictures))]
+            for rel, p in zip(rels, s.pictures):
+                p.image.save(d / rel)
+            rows.append(qd.conversation_document(s, images=rels))
+            docs.append(qd.conversation_document(s, images=[str(d / r) for r in rels]))
+        files.append(str(qd.write_jsonl(d / "valid.jsonl", rows)))
+    prompts = {"single": qd.drawing_prompts(1, size=32, seed=0, follow_up=False)}
+    out = evaluate_conversations(checkpoint=str(paths["checkpoint"]), conversations=files, max_tokens=512,
+                                 image_tokenizer=str(paths["vq"]), drawing=prompts, seeds=(0,), out_dir=str(tmp_path))
+    ref = history_ppl(model, docs, vocab=vocab, text_tokenizer=BYTES,
+                      image_tokenizer=load_image_tokenizer(paths["vq"], device="cpu"))
+    h = out["history_ppl"]
+    assert h["exchanges"] == ref["exchanges"] and h["with_history"] == pytest.approx(ref["with_history"]["ppl"])
+    assert h["without_history"] == pytest.approx(ref["without_history"]["ppl"])
+    assert out["prompt_following"]["single"]["n"] == 1 and (tmp_path / "drawing-single.png").is_file()
+    single = tmp_path / "single.jsonl"
+    qd.write_jsonl(single, [{"turns": d["turns"][:2]} for d in docs])
+    out = evaluate_conversations(checkpoint=str(paths["checkpoint"]), conversations=[str(single)], max_tokens=512)
+    assert out == {"history_ppl": None}

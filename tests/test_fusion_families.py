@@ -1,4 +1,4 @@
-"""The three fusions for Llama-family parents (issue 23, item 4).
+"""The three fusions for Llama-family parents (issue 23, item 4), and Chameleon parents (issue 24).
 
 JAM-Width (Eq. 2-3) on separate q/k/v with grouped k/v heads, the gated MLP and RMSNorm, by hand
 on a tiny case and as a model: each wide query head is one parent's head (its rotary layout and
@@ -10,6 +10,8 @@ untied output heads. ``jam params`` counts ``gemma_7b`` x ``gemma_7b`` and ``lla
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -91,7 +93,7 @@ def _attention_heads(model: DecoderLM, x: torch.Tensor, tokens: torch.Tensor) ->
     return seen[0]
 
 
-@pytest.mark.parametrize("family", ["llama_tiny", "gemma_tiny"])
+@pytest.mark.parametrize("family", ["llama_tiny", "gemma_tiny", "chameleon_tiny"])
 def test_wide_query_heads_are_the_parents_heads(family):
     """Eq. 2 (copy) on [a | b]: q, k and v of the wide heads [0, H) are the LLM's projections of
     a + b, those of [H, 2H) the image parent's; k/v head groups stay with their parent's query heads
@@ -180,6 +182,12 @@ CROSS_CASES = {
     "gemma": (preset("gemma_tiny", layers=3), preset("gemma_tiny", layers=3)),
     # two sizes: the image parent narrower (16), shallower, with one k/v head of width 8
     "llama_asymmetric": (LLAMA, preset("llama_tiny", embed_dim=16, ffn_dim=48, heads=2, kv_heads=1, layers=2)),
+    # Chameleon's blocks (per-head q/k norms, the 30B model's swin norms) in both branches
+    "chameleon_swin": (preset("chameleon_tiny", layers=3, swin_norm=True),) * 2,
+    # two families (issue 24): a Llama branch beside a Chameleon branch (q/k norms), same size and narrower
+    "llama_beside_chameleon": (LLAMA, dataclasses.replace(LLAMA, qk_norm="layernorm_per_head")),
+    "llama_beside_small_chameleon_swin": (LLAMA, dataclasses.replace(
+        LLAMA, qk_norm="layernorm_per_head", swin_norm=True, embed_dim=16, ffn_dim=48, heads=2, kv_heads=1, layers=2)),
 }
 
 
@@ -222,6 +230,20 @@ def test_preserve_of_identical_untied_parents_is_the_parent():
 def test_parents_of_two_families_are_refused_by_field():
     with pytest.raises(ValueError, match="must share bias: the LLM has False"):
         cross_of(preset("llama_tiny"), 1, image_parent=preset("tiny"))
+
+
+def test_each_branch_keeps_its_own_block():
+    """A Chameleon image branch has its per-head q/k norms (and swin norms), the Llama branch none;
+    the cross blocks are plain pre-norm blocks of their branch's shape on both sides."""
+    a, b = CROSS_CASES["llama_beside_small_chameleon_swin"]
+    cfg = cross_of(a, 1, image_parent=b)
+    assert not cfg.symmetric and cfg.img.qk_norm == "layernorm_per_head" and cfg.llm.qk_norm == "none"
+    names = keys.state_keys(cfg)
+    assert any(n.startswith("decoder.layers_cm3.0.self_attn.q_norm") for n in names)
+    assert not any(n.startswith(("decoder.layers_llm.", "decoder.x_attn_layers")) and "q_norm" in n for n in names)
+    model = JamCrossLM(cfg)
+    assert model.decoder.layers_cm3[0].swin and not model.decoder.layers_llm[0].swin
+    assert set(model.state_dict()) == set(names)
 
 
 # ---- parameter counts -----------------------------------------------------------------------------

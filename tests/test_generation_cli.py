@@ -159,3 +159,33 @@ def test_out_dir_with_a_real_image_tokenizer(capsys, tmp_path):
                      "--tokenizer", "bytes", "--prompt", "a cat", "--image-tokenizer", tmp_path / "vq",
                      "--out", tmp_path / "out2", "--no-progress")
     assert rc == 2 and "(8, 8)" in err and "(4, 16)" in err
+
+
+def test_a_model_with_conversation_tokens_answers_a_first_turn(tmp_path, capsys):
+    """``--prompt-prefix auto``: a model whose manifest has the conversation tokens gets each prompt as
+    a chat's first user turn (``Conversation``'s framing) and its answer ends at ``<eot>``; ``eos``
+    keeps the document prefix; ``turn`` without the tokens is refused in one line."""
+    from jam_metaseq.data.tokenizers import ByteTokenizer
+    from jam_metaseq.generation.conversation import turn_prompt
+    from jam_metaseq.generation.run import PromptSpec, encode_prompts
+
+    vocab = tiny_manifest(text_size=256, conversation_tokens=True)
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=vocab.size, max_positions=80, init_std=0.3)
+    torch.save({"model": build_model(cfg).state_dict(), "jam_config": cfg.to_dict(), "jam_vocab": vocab.to_dict()},
+               tmp_path / "chat.pt")
+    text = [vocab.text_start + b for b in b"hi"]
+    ids = encode_prompts([PromptSpec(text="hi")], vocab=vocab, tokenizer=ByteTokenizer(), prefix="turn")
+    assert ids == [[vocab.eos] + turn_prompt(text, vocab=vocab)]
+    assert ids[0] == [vocab.eos, vocab.user_id, *text, vocab.eot, vocab.assistant_id]
+    common = ["--checkpoint", tmp_path / "chat.pt", "--tokenizer", "bytes", "--prompt", "hi", "--no-progress"]
+    rc, out, err = run(capsys, *common, "--max-new-tokens", "40")
+    assert rc == 0, err
+    a = json.loads(out.splitlines()[0])
+    assert a["prompt_ids"] == ids[0]
+    assert vocab.eot not in a["ids"][:-1] and (a["finish_reason"] == "eos") == (a["ids"][-1] == vocab.eot)
+    rc, out, _ = run(capsys, *common, "--max-new-tokens", "5", "--prompt-prefix", "eos")
+    assert rc == 0 and json.loads(out.splitlines()[0])["prompt_ids"] == [vocab.eos, *text]
+    tiny_manifest(text_size=256).save(tmp_path / "plain.json")
+    rc, _, err = run(capsys, *common, "--vocab", tmp_path / "plain.json", "--prompt-prefix", "turn")
+    assert rc == 2 and "--prompt-prefix turn needs a vocabulary with conversation tokens" in err

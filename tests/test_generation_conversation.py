@@ -1,7 +1,8 @@
 """A conversation that keeps its KV cache (issue 25 item 3): every turn's tokens equal a
 from-scratch ``Engine.generate`` on the whole history (unconditional row: the history with the
 current user turn's text masked), each history token goes through the model once, in eager and
-static decode modes; stopped turns, dropped images and dropped old exchanges keep that true."""
+static decode modes (and CUDA-graph mode equal to eager, on a GPU); stopped turns, dropped images
+and dropped old exchanges keep that true."""
 
 from __future__ import annotations
 
@@ -172,3 +173,20 @@ def test_old_exchanges_are_dropped_when_the_context_fills(model64):
     assert conv.turns[0].start == 1 and len(conv.history) <= 96
     with pytest.raises(ValueError, match="the message takes"):
         conv.say([T0 + 1] * 90)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (the eager and static modes are tested above)")
+@pytest.mark.parametrize("name", ["decoder", "cross"])
+def test_cuda_graph_mode_turns_equal_eager(name):
+    """On a GPU the chat's decode steps replay CUDA graphs (``Engine(decode="graph")``), turn after
+    turn on the same cache, and every answer is the eager one (float64: the two step shapes agree)."""
+    torch.manual_seed(3)
+    m = float64(build_model(tiny_config(name, vocab=V)).eval().cuda())
+    config = chat_config()
+    answers = {}
+    for decode in ("eager", "graph"):
+        engine = Engine(m, vocab=V, decode=decode, key_block=16)
+        conv = Conversation(engine, config=config)
+        answers[decode] = [conv.say(content).ids for content in USER_TURNS]
+    assert engine.decode_mode == "graph" and engine.static.graph_replays > 0
+    assert answers["graph"] == answers["eager"]

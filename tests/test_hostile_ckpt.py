@@ -29,7 +29,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
 import warnings
 from pathlib import Path
 
@@ -50,6 +49,10 @@ from _ckpt_util import save_metaseq, tiny_parent
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
+HANG_GUARD_S = 1800
+"""Timeout of every child process: only a guard against a hang. On a loaded machine a child that
+imports torch and merges two tiny checkpoints took 80-300 s (2 busy loops beside the suite), more than
+the 120 s these tests used to allow."""
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +88,7 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _run_child(code: str, *args: str, timeout: float = 120, prefix: list[str] | None = None
+def _run_child(code: str, *args: str, timeout: float = HANG_GUARD_S, prefix: list[str] | None = None
                ) -> subprocess.CompletedProcess:
     return subprocess.run([*(prefix or []), sys.executable, "-c", textwrap.dedent(code), *args],
                           capture_output=True, text=True, timeout=timeout, env=_child_env(), cwd=ROOT)
@@ -346,7 +349,7 @@ def _full_disk_cases(parents, tmp_path, *, how: str) -> None:
         prefix = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=4m tmpfs "$0" && shift && exec "$@"',
                   str(disk), "--"]
     cause = "No space left on device" if how == "tmpfs" else "File too large"
-    proc = _run_child(_WRITE_UNTIL_FULL, json.dumps(jobs), timeout=300, prefix=prefix)
+    proc = _run_child(_WRITE_UNTIL_FULL, json.dumps(jobs), prefix=prefix)
     _no_signal_death(proc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for (fmt, mp), job, res in zip(_DISK_CASES, jobs, json.loads(proc.stdout.strip().splitlines()[-1])):
@@ -452,7 +455,7 @@ def test_interrupt_inside_the_zip_writer_callback_does_not_abort(parents, tmp_pa
 
 
 _SIGTERM_MID_STREAM = """
-import signal, sys, time
+import os, signal, sys
 from pathlib import Path
 from checkpoints_tools.ops import CommonOptions, merge
 from checkpoints_tools.readers import MetaseqReader
@@ -462,12 +465,16 @@ def on_term(signum, frame):  # what every jam CLI's top-level handler does with 
     raise KeyboardInterrupt("SIGTERM")
 
 signal.signal(signal.SIGTERM, on_term)
+stop_at, marker = int(sys.argv[4]), int(sys.argv[5])
 real = MetaseqReader.get_into
-def slow(self, name, out):  # a big model: the signal lands mid-stream
-    time.sleep(0.02)
+calls = [0]
+def stopping(self, name, out):  # read number stop_at: say so, then freeze until the test sends SIGTERM
+    if calls[0] == stop_at:
+        os.write(marker, f"{name}\\n".encode())
+        os.kill(os.getpid(), signal.SIGSTOP)
+    calls[0] += 1
     return real(self, name, out)
-MetaseqReader.get_into = slow
-print("ready", flush=True)
+MetaseqReader.get_into = stopping
 try:
     merge(sys.argv[1:3], opts=CommonOptions(spec=OutputSpec(out_dir=Path(sys.argv[3]), mp=2), progress=False))
 except KeyboardInterrupt:
@@ -476,26 +483,55 @@ sys.exit(0)
 """
 
 
-def test_sigterm_mid_stream_leaves_nothing(parents, tmp_path):
-    """SLURM's SIGTERM (handled like Ctrl-C) at a random point of the stream: no temp dir."""
+def _stopped_child(argv: list[str], **popen) -> tuple[subprocess.Popen, str]:
+    """Start ``argv`` with a marker pipe as its last argument; return once the child has written its
+    marker line and stopped itself (SIGSTOP), with the line: event-driven, on a machine of any
+    speed or load (no sleep, no polling)."""
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen([*argv, str(w)], pass_fds=(w,), **popen)
+    finally:
+        os.close(w)
+    with os.fdopen(r, "rb") as marker:
+        line = marker.readline().decode()
+    if not line:  # the child ended without reaching the point
+        out, err = proc.communicate(timeout=HANG_GUARD_S)
+        raise AssertionError(f"the child never reached its stop point (exit {proc.returncode}): {err}")
+    os.waitid(os.P_PID, proc.pid, os.WSTOPPED)  # returns once it is stopped
+    return proc, line.strip()
+
+
+def _calls_in_a_merge(parents, tmp_path, monkeypatch) -> int:
+    n = [0]
+    real = MetaseqReader.get_into
+
+    def counting(self, name, out):
+        n[0] += 1
+        return real(self, name, out)
+
+    monkeypatch.setattr(MetaseqReader, "get_into", counting)
+    merge([parents["a"], parents["b"]], opts=_opts(tmp_path / "count", mp=2))
+    monkeypatch.undo()
+    shutil.rmtree(tmp_path / "count")
+    return n[0]
+
+
+def test_sigterm_mid_stream_leaves_nothing(parents, tmp_path, monkeypatch):
+    """SLURM's SIGTERM (handled like Ctrl-C) at the first, the middle and the last tensor read: the
+    child stops itself there and the signal is sent only then, so it lands mid-stream on any
+    machine (a delay after the temp dir appeared used to race the stream on a busy one)."""
+    calls = _calls_in_a_merge(parents, tmp_path, monkeypatch)
     out = tmp_path / "out"
-    for delay in (0.0, 0.5, 1.0):  # the stream takes ~1.2 s: start, middle, end
-        p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_SIGTERM_MID_STREAM), str(parents["a"]),
-                              str(parents["b"]), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=_child_env(), cwd=ROOT)
-        assert p.stdout.readline().strip() == "ready"
-        deadline = time.time() + 60
-        while not _leftovers(tmp_path, "out") and p.poll() is None and time.time() < deadline:
-            time.sleep(0.005)
-        time.sleep(delay)
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=60)
-        assert p.returncode in (143, 0), err[-2000:]
-        assert _leftovers(tmp_path, "out") == []
-        if p.returncode == 0:  # finished before the signal: a complete output
-            verify_checkpoint(out, forward=False)
-            shutil.rmtree(out)
-        assert not out.exists()
+    for stop_at in (0, calls // 2, calls - 1):
+        p, name = _stopped_child([sys.executable, "-c", textwrap.dedent(_SIGTERM_MID_STREAM), str(parents["a"]),
+                                  str(parents["b"]), str(out), str(stop_at)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(), cwd=ROOT)
+        assert _leftovers(tmp_path, "out"), f"no temp output while reading {name}"
+        os.kill(p.pid, signal.SIGTERM)
+        os.kill(p.pid, signal.SIGCONT)
+        _, err = p.communicate(timeout=HANG_GUARD_S)
+        assert p.returncode == 143, err[-2000:]
+        assert _leftovers(tmp_path, "out") == [] and not out.exists(), (stop_at, name)
 
 
 def test_stale_temp_dirs_of_dead_runs_are_swept(parents, tmp_path, capfd):
@@ -1018,7 +1054,7 @@ print("ok")
 def _run_zip_fuzz(tmp_path: Path, examples: int) -> None:
     """In a subprocess: an abort (SIGABRT, SIGSEGV) in torch on a corrupt zip fails the test
     with the signal named instead of killing pytest."""
-    proc = _run_child(_ZIP_FUZZ, str(tmp_path), str(examples), timeout=1800)
+    proc = _run_child(_ZIP_FUZZ, str(tmp_path), str(examples), timeout=2 * HANG_GUARD_S)
     _no_signal_death(proc)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.stdout + proc.stderr)[-4000:]
 

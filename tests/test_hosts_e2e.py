@@ -123,6 +123,24 @@ def test_e2e_gemma_width_from_hf_parents(data, tmp_path):
     assert (cfg.num_kv_heads, cfg.head_dim, cfg.norm) == (2, 16, "rmsnorm_plus_one")
 
 
+def test_e2e_llama_beside_chameleon_cross_from_hf_parents(data, tmp_path):
+    """Issue 24: JAM-Cross of an HF Llama and an HF Chameleon (its per-head q/k norms in the image
+    branch only) trains through fairseq-train (``--img-qk-norm``) and loads back as that model."""
+    from _hosts_util import jam_ckpt_fuse, llama_chameleon_parents
+    from checkpoints_tools import load_model
+
+    llm, img = llama_chameleon_parents(tmp_path / "hf")
+    start = jam_ckpt_fuse("jam_cross", llm=llm, img=img, out=tmp_path / "cross")
+    save = tmp_path / "run"
+    res = run_cli("fairseq-train", str(data), *COMMON, *TRAIN, "--arch", "jam_cross_llama_tiny", "--cross-every", "1",
+                  "--img-qk-norm", "layernorm_per_head", "--batch-size", "4", "--max-tokens", "256", "--max-update", "4",
+                  "--save-dir", str(save), "--restore-file", str(start), *RESETS)
+    curve = losses(res.stdout + res.stderr)
+    assert sorted(curve) == list(range(1, 5)) and all(math.isfinite(v) for v in curve.values()), curve
+    _, cfg, _ = load_model(save / "checkpoint_last.pt")
+    assert (cfg.llm.qk_norm, cfg.img.qk_norm) == ("none", "layernorm_per_head")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,6 +14,7 @@ the CPU build of metaseq is available), skips elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import re
@@ -27,8 +28,8 @@ import pytest
 import torch
 
 from _hosts_util import (
-    USER_DIR, VOCAB, fused_checkpoint, jam_ckpt_fuse, make_data, make_parents, run_cli, train_losses,
-    valid_stats,
+    USER_DIR, VOCAB, fused_checkpoint, jam_ckpt_fuse, make_conversation_data, make_data, make_parents, run_cli,
+    train_losses, valid_stats,
 )
 
 pytestmark = pytest.mark.metaseq
@@ -226,6 +227,26 @@ def test_llama_cross_from_hf_parents_logs_the_same_losses_at_mp_1_and_2(data, tm
         assert curves[2][u] == pytest.approx(curves[1][u], abs=TOL), (u, curves[2][u], curves[1][u])
 
 
+def test_llama_beside_chameleon_cross_logs_the_same_losses_at_mp_1_and_2(data, tmp_path):
+    """JAM-Cross across families (issue 24): an HF Llama LLM and an HF Chameleon image parent (its
+    per-head q/k norms in the image branch only) -> jam-ckpt cross --mp 1 / --mp 2 -> metaseq-train
+    --arch jam_cross_llama_tiny --img-qk-norm layernorm_per_head: the q/k norms split by heads with
+    their projections' rows; the size-2 run logs the size-1 losses."""
+    from _hosts_util import llama_chameleon_parents
+
+    llm, img = llama_chameleon_parents(tmp_path / "hf")
+    curves = {}
+    for mp in (1, 2):
+        start = jam_ckpt_fuse("jam_cross", llm=llm, img=img, out=tmp_path / f"cross-mp{mp}", mp=mp)
+        res = train(data, tmp_path / f"run{mp}", "--arch", "jam_cross_llama_tiny", "--cross-every", "1",
+                    "--img-qk-norm", "layernorm_per_head", "--max-update", "3", "--finetune-from-model", str(start),
+                    mp=mp)
+        curves[mp] = train_losses(res.stdout)
+    assert sorted(curves[1]) == sorted(curves[2]) == [1, 2, 3]
+    for u in curves[1]:
+        assert curves[2][u] == pytest.approx(curves[1][u], abs=TOL), (u, curves[2][u], curves[1][u])
+
+
 def test_a_model_parallel_size_that_splits_a_kv_head_stops_with_one_line(data, tmp_path):
     """Gemma's tiny parent has one k/v head: two model-parallel ranks cannot each hold whole ones."""
     res = train(data, tmp_path / "run", "--arch", "jam_cross_gemma_tiny", "--cross-every", "1", "--max-update", "1",
@@ -297,6 +318,38 @@ def test_launch_command_trains_with_tiny_sizes(data, fused, tmp_path):
               "--distributed-world-size": "1"}
     run_cli("metaseq-train", *cpu_argv([paths.get(a, a) for a in cmd[1:]], values=values), "--cross-every", "1")
     assert updates_of(tmp_path / "run" / "checkpoint_last.pt") == 2
+
+
+# ---- instruction tuning on conversations (issue 25): the pipeline's instruct stage on this host ----------
+def test_instruct_run_on_conversations(data, fused, tmp_path):
+    """``jam run``'s instruct stage with ``host: metaseq``: ``jam-ckpt extend-vocab
+    --conversation-tokens`` on the fused model (the stage's ``instruct/<variant>/start``), then the
+    stage's own training command for this host (``pipeline.train.host_command`` on an instruct
+    ``TrainJob``: ``--instruction``, the instruct + caption mixture, fully sharded on a GPU) run on
+    CPU the way the launch tests run jam-launch's (``cpu_argv``: GPU-only flags dropped, tiny sizes,
+    plain DDP): metaseq reads the conversations (binarized with the conversation tokens) and the
+    caption data binarized before them under the grown vocabulary, and trains."""
+    from _launch_cpu import cpu_argv
+    from jam_metaseq.pipeline.spec import quickstart_plan
+    from jam_metaseq.pipeline.train import TrainJob, host_command
+
+    conv = make_conversation_data(tmp_path / "data", base=data)
+    start = tmp_path / "start"
+    assert run_cli("jam-ckpt", "extend-vocab", str(fused[1]), "--conversation-tokens", "-o", str(start),
+                   "--quiet").returncode == 0
+    plan = dataclasses.replace(quickstart_plan(device="cuda"), host="metaseq")
+    job = TrainJob(desc="instruct", data=conv, save_dir=tmp_path / "run", arch="jam_cross_tiny",
+                   model_flags=["--cross-every", "1"], optim=plan.instruct, updates=3, tokens_per_sample=32, seed=1,
+                   restore=start / "checkpoint.pt", mixture={"instruct": 1.0, "caption": 1.0}, instruction=True)
+    cmd = host_command(job, plan=plan, gpus=1)
+    assert cmd[0] == "metaseq-train" and "--instruction" in cmd and "--cpu" not in cmd
+    assert cmd[cmd.index("--mixture") + 1] == "instruct=1,caption=1"
+    assert cmd[cmd.index("--ddp-backend") + 1] == "fully_sharded"
+    values = {"--ddp-backend": "pytorch_ddp", "--max-tokens": "128", "--batch-size": "4", "--log-interval": "1"}
+    res = run_cli("metaseq-train", *cpu_argv(cmd[1:], values={k: v for k, v in values.items() if k in cmd}))
+    curve = train_losses(res.stdout + res.stderr)
+    assert sorted(curve) == [1, 2, 3] and all(math.isfinite(v) for v in curve.values()), curve
+    assert updates_of(tmp_path / "run" / "checkpoint_last.pt") == 3
 
 
 # ---- starting checkpoints that cannot be used: one line, before training -----------------------------

@@ -156,3 +156,17 @@ def test_merge_flags_replaces_in_place_and_appends_new_flags():
     assert out == ["fairseq-train", "/d", "--lr", "1e-3", "--bf16", "--adam-betas", "(0.9, 0.98)", "--seed", "3",
                    "--cpu", "--distributed-port", "-1"]
     assert merge_flags(cmd, []) == cmd
+
+
+def test_fairseq_fully_sharded_defaults_to_fp16_and_refuses_bf16():
+    """fairseq's trainer refuses --bf16 with --ddp-backend fully_sharded: the default follows the host,
+    an explicit bf16 there is one line naming the ways out."""
+    base = dict(stage="alignment", data="/d", save_dir="/s")
+    (job,) = plan(LaunchConfig(host="fairseq", **base))
+    assert "--fp16" in job.command and "--bf16" not in job.command
+    (job,) = plan(LaunchConfig(host="metaseq", **base))
+    assert "--bf16" in job.command
+    (job,) = plan(LaunchConfig(host="fairseq", ddp_backend="legacy_ddp", **base))
+    assert "--bf16" in job.command
+    with pytest.raises(ValueError, match="refuses --bf16.*--precision fp16"):
+        LaunchConfig(host="fairseq", precision="bf16", **base)

@@ -21,11 +21,11 @@ PACKAGES = ("jam_metaseq", "checkpoints_tools", "launch")
 # A module belongs to the longest prefix listed; command-line front ends (``*.cli``, ``*_cli``,
 # ``__main__``) sit on top whatever their package. (``vocab_rows`` and ``serve`` arrive with issue 25.)
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # words every module uses: errors and the vocabulary manifest
-    ("jam_metaseq.errors", "jam_metaseq.vocab"),
+    # words every module uses: errors, untrusted-input checks and the vocabulary manifest
+    ("jam_metaseq.errors", "jam_metaseq.inputs", "jam_metaseq.vocab"),
     # the core: architectures, fusion math, objectives, the flag table, the data format and packing
     ("jam_metaseq.models", "jam_metaseq.fusion", "jam_metaseq.objectives", "jam_metaseq.flags", "jam_metaseq.data",
-     "jam_metaseq.vocab_rows"),
+     "jam_metaseq.vocab_rows", "jam_metaseq.vocab_transplant"),
     # checkpoint readers, writers and operations, above the core
     ("checkpoints_tools",),
     # what reads checkpoints: the image tokenizer, then retrieval (which encodes images), then the

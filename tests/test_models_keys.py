@@ -34,7 +34,7 @@ def _cfg(arch: str, *, layers: int, bias: bool, affine_ln: bool, cross_every: in
 configs = st.builds(_cfg, st.sampled_from(["decoder", "uniform", "width", "cross"]), layers=st.integers(1, 4),
                     bias=st.booleans(), affine_ln=st.booleans(), cross_every=st.integers(0, 4),
                     init=st.sampled_from(["paper", "preserve"]),
-                    family=st.sampled_from(["tiny", "llama_tiny", "qwen2_tiny", "gemma_tiny"]))
+                    family=st.sampled_from(["tiny", "llama_tiny", "qwen2_tiny", "gemma_tiny", "chameleon_tiny"]))
 
 
 @settings(max_examples=40, deadline=None)
@@ -64,6 +64,8 @@ _RECORDED_RULES = [(re.compile(p + r"$"), r) for p, r in [
     # Added after the recording with asymmetric JAM-Cross (issue 17): its per-branch input
     # embeddings are vocab-parallel like the shared one. No key recorded above changes.
     (r"decoder\.embed_tokens_(?:llm|cm3)\.weight", "vocab"),
+    # Chameleon's per-head q/k norms (issue 24): split by heads, with the q/k projections' rows.
+    (_L + r"self_attn\.(?:q_norm|k_norm)\.(?:weight|bias)", "column"),
 ]]
 
 
@@ -73,7 +75,7 @@ def _recorded_rule(key: str) -> str:
 
 def _any_keys() -> list[str]:
     locals_ = [f"{m}.{p}" for m in ("self_attn.qkv_proj", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                      "self_attn.out_proj", "cross_attn.q_proj", "cross_attn.k_proj",
+                                      "self_attn.out_proj", "self_attn.q_norm", "self_attn.k_norm", "cross_attn.q_proj", "cross_attn.k_proj",
                                       "cross_attn.v_proj", "cross_attn.out_proj", "cross_attn.qkv_proj", "fc1", "fc2",
                                       "fc3", "self_attn_layer_norm", "cross_attn_layer_norm", "final_layer_norm",
                                       "layer_norm")
@@ -113,6 +115,8 @@ def test_fresh_model_follows_the_init_rule_in_parameter_order(cfg, seed):
     for name, t in ref.named_parameters():
         if name.endswith("bias"):
             want[name] = torch.zeros(t.shape)
+        elif name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):  # Chameleon: LayerNorms
+            want[name] = torch.ones(t.shape)
         elif "layer_norm" in name:  # Gemma's norms scale by 1 + w: w starts at 0 (HF's init)
             want[name] = torch.zeros(t.shape) if p.norm == "rmsnorm_plus_one" else torch.ones(t.shape)
         else:

@@ -4,10 +4,12 @@ and plans that run end to end on a user's own JSONL files.
 
 The end-to-end plans use tiny data and a handful of updates: they check plumbing and artefacts, not
 model quality. The default suite runs a plan with given parents (random checkpoints in two layouts
-jam-ckpt reads), given tokenizers, a two-budget sweep, instruction tuning, named evaluation sets and
-answers; the slow test runs a plan that trains everything from the data (bpe and VQ tokenizers,
-both parents) with every training and evaluation unit placed through submitit's local executor
-(the SLURM path without a cluster), then reuses its outputs as a second plan's given parents.
+jam-ckpt reads), given tokenizers, a two-budget sweep, instruction tuning on conversations (the
+manifest's rows grown by extend-vocab, the fit rule, the report's history PPL), named evaluation
+sets and answers; the slow test runs a plan that trains everything from the data (bpe and VQ
+tokenizers, both parents, prompt/response instruct data) with every training and evaluation unit
+placed through submitit's local executor (the SLURM path without a cluster), then reuses its
+outputs as a second plan's given parents.
 """
 
 from __future__ import annotations
@@ -58,7 +60,22 @@ def _user_data(root: Path, *, n_text: int = 24, n_caption: int = 24, n_instruct:
             s.image.save(root / rel)
             idocs.append(qd.instruct_document(s, image=rel))
         out[f"instruct_{split}"] = qd.write_jsonl(root / f"howto_{split}.jsonl", idocs)
+        out[f"conv_{split}"] = qd.write_jsonl(root / f"chat_{split}.jsonl", _conversations(n_instruct, seed=seed))
     out["extra_caption"] = qd.write_jsonl(root / "extra_coco.jsonl", qd.read_jsonl(out["caption_valid"])[:6])
+    return out
+
+
+def _conversations(n: int, *, seed: int) -> list[dict]:
+    """Short conversations (byte tokens: they fit 96); every fourth opens with a picture (64 codes)
+    whose exchange the fit rule must drop for the follow-up to fit."""
+    turn = lambda role, *segs: {"role": role, "segments": list(segs)}  # noqa: E731
+    out = []
+    for i, s in enumerate(qd.caption_samples(n, size=32, seed=seed + 9)):
+        first = [{"text": f"a {s.colour} {s.shape}?"}]
+        if i % 4 == 3:
+            first = [{"image_tokens": [(7 * i + j) % 64 for j in range(64)]}, {"text": "what?"}]
+        out.append({"turns": [turn("user", *first), turn("assistant", {"text": f"yes, {s.colour}."}),
+                              turn("user", {"text": "and its shape?"}), turn("assistant", {"text": f"a {s.shape}."})]})
     return out
 
 
@@ -101,8 +118,8 @@ def _given_plan(user: dict, **changes) -> dict:
         "data": {
             "text": {"train": str(user["text_train"]), "valid": str(user["text_valid"])},
             "caption": {"train": [str(user["caption_train"])], "valid": str(user["caption_valid"])},
-            "instruct": {"train": str(user["instruct_train"]), "valid": str(user["instruct_valid"]),
-                         "format": "plain", "max_images": 1},
+            "instruct": {"train": str(user["conv_train"]), "valid": str(user["conv_valid"]),
+                         "format": "conversation", "max_images": 1},
             "vocab": str(user["vocab"]), "text_tokenizer": {"path": "bytes"},
             "image_tokenizer": {"path": str(user["vq"])}, "tokens_per_sample": TPS, "on_error": "fail"},
         "model": {"embed_dim": 32, "ffn_dim": 64, "layers": 4, "heads": 4, "activation": "relu", "bias": True,
@@ -284,6 +301,34 @@ def test_host_and_placement_rules(tmp_path, user, capsys):
     assert "pretrain.batch_size: 4 sequences do not divide over run.slurm.gpus = 3" in err
 
 
+def test_images_as_codes_need_no_image_tokenizer_and_dry_run_refuses_what_the_run_would(tmp_path, user, capsys):
+    """Issue 27: caption data whose images are already VQ codes (``image_tokens``) with a given
+    vocabulary manifest trains without an image tokenizer (none to train, none to encode with);
+    without the manifest the codes belong to, ``--dry-run`` refuses it as the run would."""
+    from jam_metaseq.vocab import VocabManifest
+
+    grid = VocabManifest.load(user["vocab"]).image_tokens_per_image
+    docs = [qd.caption_document(caption=f"a shape number {i}", codes=np.arange(grid) % 7) for i in range(8)]
+    codes = qd.write_jsonl(tmp_path / "codes.jsonl", docs)
+    plan = _given_plan(user, data__caption__train=[str(codes)], data__caption__valid=str(codes),
+                       data__image_tokenizer__path=None, data__instruct=None,
+                       eval__caption={"codes": str(codes)}, generate__prompts=[])
+    no_vocab = _given_plan(user, data__caption__train=[str(codes)], data__caption__valid=str(codes),
+                           data__image_tokenizer__path=None, data__vocab=None, data__instruct=None,
+                           eval__caption={"codes": str(codes)}, generate__prompts=[])
+    err = _fails(tmp_path, no_vocab, capsys, "--dry-run")
+    assert "data.image_tokenizer.path" in err and "give data.vocab" in err, err
+    path = _write_plan(tmp_path / "codes.yaml", plan)
+    out = tmp_path / "run"
+    rc = jam_main(["run", str(path), "--out", str(out), "--no-progress", "--stages", "data,tokenizers,binarize"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-3000:]
+    assert "no image tokenizer" in captured.err
+    assert not (out / "tokenizers" / "vq").exists()
+    assert VocabManifest.load(out / "tokenizers" / "vocab.json").image_codes == VocabManifest.load(user["vocab"]).image_codes
+    assert list(out.rglob("*.tokens.bin")) or list(out.rglob("*.bin"))
+
+
 # ---- training commands -------------------------------------------------------------------------------
 def _dry(tmp_path: Path, plan: dict, capsys) -> str:
     path = _write_plan(tmp_path / "dry.yaml", plan)
@@ -296,9 +341,11 @@ def test_dry_run_lists_units_and_commands(tmp_path, user, capsys):
     out = _dry(tmp_path, _given_plan(user), capsys)
     units = [line.split()[0] for line in out.splitlines()[1:] if not line.startswith(" ")]
     assert units == ["data", "tokenizers", "bin", "parents/llm", "parents/img", "fused/cross2_paper",
-                     "pretrain/768/cross2_paper", "pretrain/1536/cross2_paper", "instruct/cross2_paper/instruct+caption",
-                     "eval/parent_llm", "eval/parent_img", "eval/start/cross2_paper", "eval/768/cross2_paper",
-                     "eval/1536/cross2_paper", "eval/instruct/cross2_paper/instruct+caption", "report", "generate"]
+                     "pretrain/768/cross2_paper", "pretrain/1536/cross2_paper", "instruct/cross2_paper/start",
+                     "instruct/cross2_paper/instruct+caption", "eval/parent_llm", "eval/parent_img",
+                     "eval/start/cross2_paper", "eval/768/cross2_paper", "eval/1536/cross2_paper",
+                     "eval/instruct/cross2_paper/instruct+caption", "eval/conversations/cross2_paper/instruct+caption",
+                     "report", "generate"]
     cmds = [shlex.split(line) for line in out.splitlines() if line.startswith("    ")]
     assert len(cmds) == 3  # two budgets + one instruct run; given parents are not trained
     first = cmds[0]
@@ -469,6 +516,24 @@ def test_given_parents_plan_end_to_end_and_resume(tmp_path, user, capsys):
     assert res["rows"][0]["given"] and res["rows"][0]["params"] == res["rows"][1]["params"]
     # the image parent came as two model-parallel parts
     assert len(list(Path(user["img"]).parent.glob("checkpoint_last-model_part-*.pt"))) == 2
+    # conversations: the run's manifest (data.vocab) lacks their tokens, so the pretrained model got
+    # their rows (extend-vocab) and the instruct run trained with them
+    from jam_metaseq.data.binarize import open_dataset
+    from jam_metaseq.vocab import VocabManifest
+
+    base = VocabManifest.load(user["vocab"])
+    tuned = VocabManifest.load(out / "instruct" / "cross2_paper" / "instruct+caption" / "vocab.json")
+    assert tuned == base.with_conversation_tokens() != base
+    start = json.loads((out / "instruct" / "cross2_paper" / "start" / "ckpt" / "manifest.json").read_text())
+    assert start["operation"] == "extend-vocab" and start["vocab_rows"]["rows"] == [base.num_used, tuned.size]
+    # the fit rule dropped the picture exchange of every fourth conversation and kept its follow-up
+    ds = open_dataset(out / "bin" / "instruct" / "train" / "instruct")
+    users = [int((ds.document(j)["tokens"] == tuned.user_id).sum()) for j in range(ds.num_documents)]
+    assert users == [1 if i % 4 == 3 else 2 for i in range(8)]
+    conv = res["instruct"][0]["conversations"]
+    assert conv["history_ppl"]["exchanges"] == 6 and conv["history_ppl"]["tokens"] > 0
+    assert "prompt_following" not in conv  # the user's files: no known pictures to score
+    assert "Conversations:" in captured.out and "jam chat " in captured.out and "jam serve " in captured.out
     before = _mtimes(out)
     assert jam_main(["run", str(path), "--out", str(out), "--no-progress"]) == 0
     assert capsys.readouterr().out == captured.out and _mtimes(out) == before  # all skipped
@@ -493,6 +558,8 @@ def test_trained_plan_through_submitit_then_reused_as_given(tmp_path, user, caps
     plan["variants"] = ["uniform", "cross2_preserve"]
     plan["instruct"]["variants"] = ["cross2_preserve"]
     plan["instruct"]["mixtures"] = [{"instruct": 1}]
+    plan["data"]["instruct"].update(train=str(user["instruct_train"]), valid=str(user["instruct_valid"]),
+                                    format="plain")  # prompt/response documents: no conversation tokens
     plan["generate"]["prompts"] = ["red circle"]  # the answer's image must fit the parents' 96 positions
     plan["run"] = {"where": "slurm", "jobs": 2, "slurm": {"cluster": "local", "gpus": 0, "time_hours": 1}}
     path = _write_plan(tmp_path / "trained.yaml", plan)

@@ -131,10 +131,14 @@ def test_write_jsonl_round_trip(tmp_path):
 def test_builtin_plan_scales_training_and_width():
     base, short, wide = quickstart_plan(), quickstart_plan(steps=0.1), quickstart_plan(scale=2)
     tpu = base.pretrain.batch_size * base.data.tokens_per_sample
+    assert tpu == 4 * 320 == 8 * 160  # the tokens of an update did not change with the longer sequences
     assert base.budgets == [150 * tpu] and base.parents.train.budget_tokens == 500 * tpu
+    assert base.instruct.budget_tokens == 150 * tpu and base.instruct.variants == ["cross2_paper"]
+    assert base.data.conversations and base.data.builtin.train_instruct == 600
+    assert quickstart_plan(variants=["uniform", "cross2_preserve"]).instruct.variants == ["uniform"]
     assert short.budgets == [15 * tpu] and short.parents.train.budget_tokens == 50 * tpu
     assert short.data.image_tokenizer.steps == 60 and short.model.embed_dim == base.model.embed_dim
-    assert wide.model.embed_dim == 2 * base.model.embed_dim
+    assert wide.model.embed_dim == 2 * base.model.embed_dim and wide.pretrain.batch_size == 8
     assert wide.data.builtin.train_images == 2 * base.data.builtin.train_images
     assert wide.model.embed_dim % wide.model.heads == 0
     assert quickstart_plan(steps=1e-6).budgets == [2 * tpu]  # never zero updates
@@ -312,6 +316,50 @@ def test_results_tables_and_best_cross(tmp_path):
     rp.plot_curves(res, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(res)  # serialisable
+    assert rp.chat_model(res) is None and "conversations" not in t  # nothing tuned on conversations
+
+
+def test_conversation_measurements_sit_beside_the_caption_ppl():
+    """Instruct runs tuned on conversations: their history PPL, drawing accuracy and <eot> share in
+    the conversation table next to their caption PPL; jam chat is pointed at the answering model
+    (the lowest caption PPL), else at the run whose follow-ups have the lowest PPL after their
+    history."""
+    plan = quickstart_plan(variants=["cross2_paper"])
+    tag = budget_tag(plan.budgets[0])
+    evals = _fake_evals(("cross2_paper",), tag)
+    evals["instruct/cross2_paper/instruct"] = evals["instruct/cross2_paper/instruct+caption"] = evals[f"{tag}/cross2_paper"]
+    curve = {"curve": [], "updates": 1, "token_budget": 8}
+    instruct = {f"cross2_paper/{m}": {**curve, "variant": "cross2_paper", "mixture": mix}
+                for m, mix in (("instruct", {"instruct": 1.0}), ("instruct+caption", {"instruct": 1.0, "caption": 1.0}))}
+
+    def conv(with_h, drawn, ended, n):
+        sets = {k: {"all": drawn[i], "ended_with_eot": ended[i], "n": n[i]} for i, k in enumerate(("single", "follow_up"))}
+        return {"history_ppl": {"with_history": with_h, "without_history": 2 * with_h, "ratio": 2.0, "exchanges": 9,
+                                "tokens": 90}, "prompt_following": sets}
+
+    convs = {"cross2_paper/instruct": conv(3.0, (0.5, 0.25), (1.0, 0.5), (4, 4)),
+             "cross2_paper/instruct+caption": conv(2.5, (0.75, 0.5), (1.0, 1.0), (4, 12))}
+    res = rp.build_results(plan=plan, evals=evals, parents={"llm": curve, "img": curve},
+                           pretrain={plan.budgets[0]: {"cross2_paper": curve}}, instruct=instruct,
+                           conversations=convs)
+    rows = res["tables"]["conversations"]["rows"]
+    assert rows[0][1:] == ["instruct", 23.0, 3.0, 6.0, 2.0, 0.5, 0.25, 0.75]  # caption PPL of the fake eval
+    assert rows[1][-1] == 1.0 and rows[1][2] == res["instruct"][1]["caption_ppl"]
+    assert res["instruct"][1]["conversations"] == convs["cross2_paper/instruct+caption"]
+    assert rp.chat_model(res)["key"] == rp.best_model(res)["key"] == "cross2_paper/instruct"  # caption PPLs tie
+    res["instruct"][0]["caption_ppl"] = 99.0
+    assert rp.chat_model(res)["key"] == "cross2_paper/instruct+caption"
+    assert rp.chat_model(res, choice="cross2_paper")["key"] == "cross2_paper/instruct+caption"  # by history PPL
+    assert "Conversations:" in rp.render_tables(res)
+    assert res["tables"]["all"]["header"][-1] == "Caption"  # no drawing scores: no Drawn column
+    # every model that draws is scored beside its caption PPL (the all-models table's Drawn)
+    drawing = {"parent_img": {"all": 0.25, "n": 4}, f"{tag}/cross2_paper": {"all": 0.5, "n": 4}}
+    res = rp.build_results(plan=plan, evals=evals, parents={"llm": curve, "img": curve},
+                           pretrain={plan.budgets[0]: {"cross2_paper": curve}}, drawing=drawing)
+    table = res["tables"]["all"]
+    assert table["header"][-2:] == ["Caption", "Drawn"] and [r[-1] for r in table["rows"]] == [None, 0.25, 0.5]
+    assert [r[-2] for r in table["rows"]] == [r["caption_ppl"] for r in res["rows"]]
+    assert res["rows"][2]["drawn"] == drawing[f"{tag}/cross2_paper"] and "drawn" not in res["rows"][0]
 
 
 # ---- the CLI ------------------------------------------------------------------------------------------
@@ -346,6 +394,13 @@ def _check_artefacts(out: Path, variants: list[str], stdout: str) -> dict:
         if r["role"] == "jam":
             assert r["token_budget"] == res["rows"][-1]["token_budget"]  # same budget for all
             assert math.isfinite(r["start"]["text_ppl"])
+        if r["key"] != "parent_llm":  # every model that draws, scored beside its caption PPL (1 prompt x 2 seeds)
+            assert r["drawn"]["n"] == 2 and 0 <= r["drawn"]["all"] <= 1, r["key"]
+            sheet = out / "eval" / "drawing" / ("parent_img" if r["role"] == "parent" else
+                                                f"{budget_tag(res['budget'])}/{r['key']}") / "drawing-single.png"
+            assert sheet.read_bytes()[:4] == b"\x89PNG"
+    assert "parent_llm" not in {r["key"] for r in res["rows"] if "drawn" in r}
+    assert "Drawn" in stdout
     assert (out / "report" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Table 1" in stdout and "Table 2" in stdout
     html = (out / "generate" / "answers.html").read_text()
@@ -358,6 +413,27 @@ def _check_artefacts(out: Path, variants: list[str], stdout: str) -> dict:
     for v in variants:
         assert (out / "pretrain" / budget_tag(res["budget"]) / v / "checkpoint_last.pt").is_file()
         assert len(list((out / "fused" / v / "ckpt").glob("*.pt"))) == 1
+    # the paper's JAM-Cross (else the first variant) tuned on the generator's conversations, both
+    # mixtures, each measured as a chat: history PPL, pictures drawn as asked, answers closed
+    tuned = "cross2_paper" if "cross2_paper" in variants else variants[0]
+    assert [r["key"] for r in res["instruct"]] == [f"{tuned}/instruct", f"{tuned}/instruct+caption"]
+    for r in res["instruct"]:
+        c = r["conversations"]
+        assert c["history_ppl"]["exchanges"] > 64 and math.isfinite(c["history_ppl"]["ratio"])
+        for name in ("single", "follow_up"):
+            drawn = c["prompt_following"][name]
+            assert drawn["n"] == 2 and 0 <= drawn["all"] <= 1 and 0 <= drawn["ended_with_eot"] <= 1  # 1 prompt x 2 seeds
+            assert (out / "eval" / "conversations" / r["key"] / f"drawing-{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Conversations:" in stdout
+    assert f"jam chat {out}/instruct/{tuned}/" in stdout and f"--image-tokenizer {out}/tokenizers/vq" in stdout
+    # the answers came from the tuned model, as a chat's first turns
+    from jam_metaseq.vocab import VocabManifest
+
+    vocab = VocabManifest.load(out / "bin" / "instruct" / "vocab.json")
+    for line in (out / "generate" / "answers.jsonl").read_text().splitlines():
+        a = json.loads(line)
+        assert a["prompt_ids"][:2] == [vocab.eos, vocab.user_id] and a["prompt_ids"][-2:] == [vocab.eot,
+                                                                                              vocab.assistant_id]
     return res
 
 

@@ -126,7 +126,7 @@ def test_real_plan_end_to_end_tiny(tmp_path):
     from jam_metaseq.pipeline.units import RunOptions
 
     out = tmp_path / "real"
-    inputs = prepare_real_inputs(out, gguf=gguf, train_images=48, valid_images=16, valid_docs=2, train_docs=12,
+    inputs = prepare_real_inputs(out, gguf=gguf, train_images=48, valid_images=40, valid_docs=2, train_docs=12,
                                  max_chars=400, progress=False)
     plan = real_plan(inputs, steps=0.02, variants=["cross2_preserve"], prompts=["a red circle on a white background"])
     plan.data.image_tokenizer.steps = 4

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from checkpoints_tools.io.errors import write_error
+from jam_metaseq.inputs import dumps_json
 
 HASH_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="jam-ckpt-out-hash")
 """Helper threads hashing (sha256 here, CRC-32 in ``zip_crc``) beside the writes."""
@@ -176,9 +176,10 @@ class HashedFile:
 
 def write_json_fsync(path: Path, obj: Any) -> None:
     """``obj`` as indented JSON at ``path``: written to a temp file beside it, fsynced, renamed."""
+    text = dumps_json(obj, indent=2, sort_keys=False, default=str)  # strict JSON: a NaN is an error, not `NaN`
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write(text)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())

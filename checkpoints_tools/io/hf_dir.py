@@ -72,9 +72,13 @@ class HFDirWriter:
     """One model's HF files in a (temp) directory: ``add`` each tensor of ours in order, then ``finish``."""
 
     def __init__(self, tmp: Path, *, family: HFFamily, cfg: DecoderConfig, shapes: Mapping[str, Sequence[int]],
-                 dtype: torch.dtype, max_shard_size: int, shown: Any) -> None:
+                 dtype: torch.dtype, max_shard_size: int, shown: Any, vocab: Mapping[str, Any] | None = None) -> None:
         self.family, self.cfg = family, cfg
         self.config = family.hf_config(cfg, dtype=dtype)
+        if vocab and family.vocab_to_hf is not None:  # what transformers reads of the vocabulary (Chameleon's)
+            from jam_metaseq.vocab import VocabManifest
+
+            self.config.update(family.vocab_to_hf(VocabManifest.from_dict(dict(vocab), source="vocab.json")))
         plan = [(n, s, dtype) for n, s in family.hf_shapes(shapes, cfg=cfg).items()]
         shards = plan_shards(plan, max_shard_size=max_shard_size)
         k = len(shards)

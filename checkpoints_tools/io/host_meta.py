@@ -11,6 +11,7 @@ from argparse import Namespace
 from typing import Any, Mapping
 
 from jam_metaseq import flags as jam_flags
+from jam_metaseq.models.config import CHECKPOINT_KEY as CONFIG_KEY
 from jam_metaseq.models.config import ModelConfig
 from jam_metaseq.vocab import CHECKPOINT_KEY as VOCAB_KEY
 
@@ -66,6 +67,6 @@ def checkpoint_meta(cfg: ModelConfig, *, mp: int, fsdp: int, vocab: Mapping[str,
         "task_state": {},
         "extra_state": start_extra_state(),
         "last_optimizer_state": None,
-        "jam_config": cfg.to_dict(),
+        CONFIG_KEY: cfg.to_dict(),
         VOCAB_KEY: dict(vocab) if vocab else None,
     }

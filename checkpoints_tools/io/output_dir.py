@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import hashlib
 import json
+import math
 import os
 import tempfile
 import threading
@@ -42,7 +43,9 @@ from checkpoints_tools.io.target import (
 )
 from checkpoints_tools.io.torch_zip import TorchStreamWriter
 from checkpoints_tools.workspace import Workspace
+from jam_metaseq.inputs import FileSnapshot, resolve_output_dir, safe_component
 from jam_metaseq.models import keys
+from jam_metaseq.models.config import CHECKPOINT_KEY as CONFIG_KEY
 from jam_metaseq.models.config import CrossConfig, ModelConfig
 from jam_metaseq.vocab import CHECKPOINT_KEY as VOCAB_KEY
 
@@ -70,8 +73,16 @@ class OutputSpec:
     """Replace an existing jam-ckpt output directory (one with manifest.json), atomically."""
     overwrite_any_dir: bool = False
     """Replace an existing directory even if it is not a jam-ckpt output (implies ``overwrite``)."""
+    allow_non_finite: bool = False
+    """Write tensors holding NaN or inf (issue 27 §4; default: such a tensor stops the output, e.g.
+    an fp16 overflow of ``--weights 1e5 1e5 --dtype fp16``); the manifest then lists them."""
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     """HF outputs: bytes per safetensors shard at most (more than one shard: with the index)."""
+
+    def __post_init__(self) -> None:
+        # issue 27 §1: the stem is joined to the output directory; ``../victim/in`` would write (or
+        # truncate) a file elsewhere, an input among them
+        safe_component(self.name, what="--name (the output files' stem)")
 
     def file_names(self) -> list[list[str]]:
         """[rank][shard] -> file name: metaseq's names for a run of ``mp`` x ``fsdp`` processes,
@@ -126,6 +137,7 @@ class OutputDir:
         if spec.mp < 1 or spec.fsdp < 0:
             raise OutputError(f"bad layout mp={spec.mp} fsdp={spec.fsdp}")
         out = Path(spec.out_dir)
+        resolve_output_dir(out, what="output directory (-o)")  # a symlink loop: one line, not a traceback
         if out.name in ("", ".", ".."):
             out = Path(os.path.abspath(out))
         sweep_stale(Path(os.path.abspath(out)))
@@ -143,6 +155,9 @@ class OutputDir:
         self.shapes = collections.OrderedDict((k, tuple(int(s) for s in v)) for k, v in shapes.items())
         self.out = out
         self.inputs = list(inputs)
+        # issue 27 §2: an input rewritten while it is streamed would give an output mixed from two
+        # versions; what identifies each input file now is compared again before the commit
+        self._snapshots = [FileSnapshot.of(p) for p in dict.fromkeys(self.inputs) if os.path.isfile(p)]
         self.tmp: Path | None = None  # made by open()
         self._error: BaseException | None = None
         self._error_lock = threading.Lock()
@@ -150,6 +165,8 @@ class OutputDir:
         self._tied_sha: list[str | None] = [None] * spec.mp
         self._tied_stub: list[Any] = [None] * spec.mp
         self.tensor_meta: dict[str, dict[str, Any]] = {}
+        self.non_finite: set[str] = set()
+        """Tensors written with NaN or inf (only with ``spec.allow_non_finite``)."""
         names = spec.file_names()
         self._st: SafetensorsStreamWriter | None = None
         self._hf: HFDirWriter | None = None
@@ -192,10 +209,10 @@ class OutputDir:
         if self._family is not None:
             self._hf = HFDirWriter(self.tmp, family=self._family, cfg=self.cfg, shapes=self.shapes,
                                    dtype=self._dtypes[keys.EMBED], max_shard_size=self.spec.max_shard_size,
-                                   shown=self._shown)
+                                   shown=self._shown, vocab=self.vocab)
             return
         if self.spec.format == "safetensors":
-            md = {"format": "pt", "jam_config": json.dumps(self.cfg.to_dict())}
+            md = {"format": "pt", CONFIG_KEY: json.dumps(self.cfg.to_dict())}
             if self.vocab:
                 md[VOCAB_KEY] = json.dumps(dict(self.vocab))
             if self._expect_tied:
@@ -307,8 +324,27 @@ class OutputDir:
         self._done.add(name)
         return t
 
+    def _check_finite(self, name: str, piece: Any) -> None:
+        """Every value of a written floating-point tensor is finite unless ``allow_non_finite``
+        (issue 27 §4). Runs on the writer threads, beside the next tensor's reads, as one reduction
+        in the written dtype: ``aminmax`` propagates NaN, and an inf is the minimum or the maximum
+        (a tenth of the time of a float32 sum, which would also overflow on big finite values)."""
+        for t in piece if isinstance(piece, tuple) else (piece,):
+            if not t.is_floating_point() or keys.is_version(name) or t.numel() == 0:
+                continue
+            lo, hi = torch.aminmax(t)
+            if math.isfinite(lo) and math.isfinite(hi):
+                continue
+            if not self.spec.allow_non_finite:
+                raise OutputError(f"tensor {name} holds non-finite values (NaN or inf) as {str(t.dtype).replace('torch.', '')}"
+                                  " (a NaN in the inputs or weights, or an overflow of the output dtype): nothing was "
+                                  "written; pass --allow-non-finite to write it anyway")
+            with self._error_lock:
+                self.non_finite.add(name)
+
     def _write_single(self, name: str, t: torch.Tensor) -> None:
         """safetensors / HF outputs: tensors in plan order (HF: each into its shard)."""
+        self._check_finite(name, t)
         if self._hf is not None:
             self._hf.add(name, t)
         else:
@@ -325,6 +361,7 @@ class OutputDir:
             piece = torch.cat(piece, dim=0, out=buf)
         elif not piece.is_contiguous():  # a column block (row-parallel linear)
             piece = self._rank_ws[r].get("piece", piece.shape, piece.dtype).copy_(piece)
+        self._check_finite(name, piece)
         if name in TIED and self._model_ties and all(x in self.shapes for x in TIED) and not self._expect_tied:
             sha = hashlib.sha256(piece.contiguous().view(-1).view(torch.uint8).numpy().data).hexdigest()
             if name == TIED[0]:
@@ -398,6 +435,8 @@ class OutputDir:
         missing = [n for n in self.shapes if n not in self._done]
         if missing:
             raise OutputError(f"{len(missing)} tensor(s) never produced, e.g. {missing[:3]}")
+        for snap in self._snapshots:
+            snap.check_unchanged()
         files: dict[str, dict[str, Any]] = {}
         if self._st is not None:
             sha, nb = self._st.finish()
@@ -435,6 +474,8 @@ class OutputDir:
             "vocab": "vocab.json" if self.vocab else None,
             **dict(manifest_extra),
         }
+        if self.non_finite:
+            manifest["non_finite_tensors"] = sorted(self.non_finite)
         self._write_small("manifest.json", lambda path: write_json_fsync(path, manifest))
         fsync_dir(self.tmp)
         # mkdtemp made it 0700; the output is shared like any other directory the user makes.

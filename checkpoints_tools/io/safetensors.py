@@ -18,6 +18,8 @@ import torch
 from checkpoints_tools.io.errors import OutputError
 from checkpoints_tools.io.hashed_file import HashedFile
 from checkpoints_tools.safe_load import CheckpointError
+from jam_metaseq.errors import JamError
+from jam_metaseq.inputs import InputError, loads_json, safe_component
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -162,7 +164,9 @@ def read_safetensors_index(path: Path) -> dict[str, Path]:
     """The ``weight_map`` of a ``*.safetensors.index.json`` (or HF's ``pytorch_model.bin.index.json``, the
     same format): tensor -> file next to the index, validated."""
     try:
-        idx = json.loads(path.read_text())
+        idx = loads_json(path.read_bytes(), where=str(path))
+    except InputError as e:
+        raise CheckpointError(f"{path}: cannot read the index ({e.detail})") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read the index ({e})") from None
     wm = idx.get("weight_map") if isinstance(idx, dict) else None
@@ -170,10 +174,11 @@ def read_safetensors_index(path: Path) -> dict[str, Path]:
         raise CheckpointError(f"{path}: index has no \"weight_map\" object of tensor -> file name")
     out = {}
     for k, v in wm.items():
-        p = Path(v)
-        if p.is_absolute() or ".." in p.parts:
-            raise CheckpointError(f"{path}: weight_map names {v!r} for {k!r}: not a file next to the index")
-        out[k] = path.parent / p
+        try:  # issue 27 §1: a file name from a manifest is one plain component, next to the index
+            safe_component(v, what=f"weight_map's file for {k!r}")
+        except JamError as e:
+            raise CheckpointError(f"{path}: {e}: not a file next to the index") from None
+        out[k] = path.parent / v
     return out
 
 

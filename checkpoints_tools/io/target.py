@@ -11,7 +11,6 @@ replacing an earlier output, with a two-rename fallback that a later run can fin
 from __future__ import annotations
 
 import errno as errno_mod
-import json
 import os
 import re
 import shutil
@@ -22,6 +21,7 @@ from typing import Any, Sequence
 
 from checkpoints_tools.io.errors import OutputError
 from checkpoints_tools.io.hashed_file import fsync_dir
+from jam_metaseq.inputs import loads_json
 
 
 def check_free_space(out_dir: Path, need: int) -> None:
@@ -94,7 +94,7 @@ def current_umask() -> int:
 def is_jam_ckpt_output(path: Path) -> bool:
     """``path`` is a directory holding a jam-ckpt ``manifest.json``."""
     try:
-        m = json.loads((path / "manifest.json").read_text())
+        m = loads_json((path / "manifest.json").read_bytes(), allow_nan=True)
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(m, dict) and m.get("created_by") == "jam-ckpt"

@@ -17,7 +17,7 @@ from checkpoints_tools.readers import Reader, open_checkpoint
 from checkpoints_tools.readers.vocab_rows import extend_rows
 from checkpoints_tools.safe_load import CheckpointError
 from jam_metaseq.models.config import (
-    FUNCTION_FIELDS, SHAPE_FIELDS, TENSOR_FIELDS, CrossConfig, DecoderConfig, ModelConfig,
+    BRANCH_FIELDS, FUNCTION_FIELDS, SHAPE_FIELDS, TENSOR_FIELDS, CrossConfig, DecoderConfig, ModelConfig,
 )
 from jam_metaseq.vocab import VocabManifest, find_vocab
 
@@ -76,6 +76,9 @@ def _instead(fld: str, *, shapes_may_differ: bool) -> str:
     """What to do when two parents differ in ``fld``: the fusion that takes them, or why none does."""
     if fld in SHAPE_FIELDS and not shapes_may_differ:
         return "; parents of different sizes fuse with JAM-Cross (jam-ckpt cross), whose branches keep their shapes"
+    if fld in BRANCH_FIELDS and not shapes_may_differ:
+        return ("; parents of different families (blocks) fuse with JAM-Cross (jam-ckpt cross), whose branches keep "
+                "their own blocks")
     if fld == "vocab_size":
         return ("; give both parents one vocabulary: a manifest whose ids.extends adds the smaller embedding's missing "
                 "rows (--vocab; docs/FAMILIES.md)")
@@ -92,15 +95,17 @@ def check_same_parents(readers: Sequence[Reader], cfgs: Sequence[DecoderConfig],
     """Parents must agree in ``SHAPE_FIELDS`` (width, FFN, depth, heads), ``TENSOR_FIELDS``
     (vocab, positions, biases, norm kind), ``FUNCTION_FIELDS`` (activation, norm, rotary settings,
     embedding scale, padding) and every tensor shape; with ``shapes_may_differ`` (asymmetric
-    JAM-Cross) in ``TENSOR_FIELDS`` and ``FUNCTION_FIELDS`` only (each parent's tensors are then
+    JAM-Cross, whose branches also keep their own blocks: ``BRANCH_FIELDS``) in ``TENSOR_FIELDS`` and
+    ``FUNCTION_FIELDS`` only (each parent's tensors are then
     checked against its own config). Each refusal names the field and the fusion that would take
     the parents, if any."""
     a = cfgs[0]
     for r, c, role in zip(readers[1:], cfgs[1:], roles[1:]):
         differ = [f for f in (*SHAPE_FIELDS, *TENSOR_FIELDS, *FUNCTION_FIELDS)
-                  if getattr(c, f) != getattr(a, f) and not (shapes_may_differ and f in SHAPE_FIELDS)]
-        if differ:  # the one to name: a difference no fusion takes first, then the vocabulary, then the size
-            fld = min(differ, key=lambda f: (f in SHAPE_FIELDS, f in ("vocab_size", "padding_idx")))
+                  if getattr(c, f) != getattr(a, f) and not (shapes_may_differ and f in (*SHAPE_FIELDS, *BRANCH_FIELDS))]
+        if differ:  # the one to name: a difference no fusion takes first, then the vocabulary, then block and size
+            fld = min(differ, key=lambda f: (f in SHAPE_FIELDS or f in BRANCH_FIELDS, f in ("vocab_size", "padding_idx"),
+                                             f in SHAPE_FIELDS))
             raise CheckpointError(
                 f"{r.files[0] if r.files else r.path}: {role} parent has {fld}={getattr(c, fld)!r}, "
                 f"{roles[0]} parent ({readers[0].path}) has {getattr(a, fld)!r}"
@@ -158,8 +163,12 @@ def open_parents(paths: Sequence[str | os.PathLike], roles: Sequence[str], *, op
     readers = [extend_rows(r, vocab) for r in raw]
     cfgs = []
     for r, role in zip(readers, roles):
-        h = (role_heads or {}).get(role) or heads
-        c = r.config(**config_overrides(vocab, h))
+        own = (role_heads or {}).get(role)
+        h = own or heads
+        over = config_overrides(vocab, h)
+        if own:  # a disagreement names the flag the user gave (--img-heads), check_config
+            over["heads_flag"] = "--img-heads"
+        c = r.config(**over)
         if isinstance(c, CrossConfig):
             raise CheckpointError(f"{r.path}: {role} parent is a JAM-Cross model; parents must be decoders")
         cfgs.append(c)

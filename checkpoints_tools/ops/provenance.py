@@ -5,7 +5,6 @@ source's own jam-ckpt manifest when the file is unchanged (``HASH_SOURCES``).
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from checkpoints_tools.io.hashed_file import sha256_file
 from checkpoints_tools.readers import Reader
 from checkpoints_tools.safe_load import CheckpointError
+from jam_metaseq.inputs import loads_json
 
 HASH_SOURCES = ("auto", "full", "none")
 """How sources are hashed into the manifest: ``auto`` takes a file's sha256 from the manifest.json
@@ -126,8 +126,8 @@ def _manifest_hashes(d: Path) -> tuple[dict[str, Any], int]:
     """(files table, mtime_ns) of a jam-ckpt manifest.json in ``d``, or ({}, 0)."""
     m = d / "manifest.json"
     try:
-        data = json.loads(m.read_text())
-        if data.get("created_by") == "jam-ckpt" and isinstance(data.get("files"), dict):
+        data = loads_json(m.read_bytes(), where=str(m), allow_nan=True)  # bounded; older outputs may hold NaN
+        if isinstance(data, dict) and data.get("created_by") == "jam-ckpt" and isinstance(data.get("files"), dict):
             return data["files"], m.stat().st_mtime_ns
     except (OSError, ValueError):
         pass

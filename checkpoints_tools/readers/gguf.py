@@ -34,6 +34,7 @@ import torch
 
 from checkpoints_tools.io.gguf import GGUFHeader, GGUFTensor, read_gguf_header
 from checkpoints_tools.readers.base import Reader, TensorInfo
+from checkpoints_tools.readers.infer import check_config
 from checkpoints_tools.safe_load import CheckpointError
 from jam_metaseq.models import hf_families, keys
 from jam_metaseq.models.config import DecoderConfig
@@ -223,7 +224,7 @@ class GGUFReader(Reader):
         return mm
 
     def config(self, **overrides: Any) -> DecoderConfig:
-        return self._cfg
+        return check_config(self._cfg, self, overrides=overrides, claimed_by="its GGUF metadata")
 
     def tied(self, a: str, b: str) -> bool:
         return a in self._src and self._src.get(a) is self._src.get(b)

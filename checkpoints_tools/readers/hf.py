@@ -1,5 +1,5 @@
 """HF transformers checkpoints seen with our names, through their family's key map
-(``jam_metaseq.models.hf_families``: OPT, Llama, Qwen2, Gemma): an HF directory (``config.json`` +
+(``jam_metaseq.models.hf_families``: OPT, Llama, Qwen2, Gemma, Chameleon's decoder): an HF directory (``config.json`` +
 ``model.safetensors`` / ``pytorch_model.bin``, single or sharded with an index), or a bare state dict
 with HF names in a file of another format (``view``). Tensor by tensor, each read straight into the
 caller's buffer (a 7B parent is never whole in memory); tensors the key map fuses (OPT's q/k/v into
@@ -9,7 +9,6 @@ version buffer is our constant.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -19,10 +18,11 @@ import torch
 
 from checkpoints_tools.io.safetensors import read_safetensors_index
 from checkpoints_tools.readers.base import Reader, TensorInfo
+from checkpoints_tools.readers.infer import check_config
 from checkpoints_tools.readers.metaseq import MetaseqReader
 from checkpoints_tools.readers.safetensors import SafetensorsReader
 from checkpoints_tools.safe_load import CheckpointError
-from jam_metaseq.errors import read_json
+from jam_metaseq.inputs import int_field, read_json
 from jam_metaseq.models import keys
 from jam_metaseq.models.config import ModelConfig
 from jam_metaseq.models.hf_families import HF_OUTPUT, HFFamily, family_by_names, family_of, template
@@ -53,7 +53,7 @@ class HFReader(Reader):
         else:
             raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
         source = str(path / "config.json")
-        hf = read_json(path / "config.json", what="HF config")
+        hf = read_hf_config(path / "config.json")
         self._init(raw, path, hf, source, _family_of(hf, source))
 
     @classmethod
@@ -62,7 +62,7 @@ class HFReader(Reader):
         ``config.json`` beside it if there is one (whose ``model_type`` then names the family)."""
         self = cls.__new__(cls)
         cfg_file = (path if path.is_dir() else path.parent) / "config.json"
-        hf = read_json(cfg_file, what="HF config") if cfg_file.is_file() else None
+        hf = read_hf_config(cfg_file) if cfg_file.is_file() else None
         if hf is not None:
             family = _family_of(hf, str(cfg_file))
         self._init(raw, path, hf, str(cfg_file), family)
@@ -75,7 +75,7 @@ class HFReader(Reader):
         self.meta = dict(raw.meta)
         self.hf_config = dict(hf) if hf else None
         self._source = source
-        names = raw.names()
+        names = [n for n in raw.names() if not fam.is_other_part(n)]  # Chameleon's VQ model: hf_vqvae's
         bare = not any(n.startswith(fam.prefix) for n in names)  # a base model's state dict (no "model.")
         tied = fam.ties(hf) if hf else HF_OUTPUT not in names
         self._tied_output = tied
@@ -141,9 +141,23 @@ class HFReader(Reader):
             v = self.vocab()
             pad = None if v is None else v.pad
         try:
-            return self.family.config_from_hf(self.hf_config, source=self._source, padding_idx=pad)
+            cfg = self.family.config_from_hf(self.hf_config, source=self._source, padding_idx=pad)
         except ValueError as e:
             raise CheckpointError(str(e)) from None
+        return check_config(cfg, self, overrides=overrides, claimed_by="config.json")  # the tensors win (issue 27 §3)
+
+    def vocab(self, given: Any = None) -> Any:
+        """As ``Reader.vocab``; else the manifest the family's ``config.json`` states (Chameleon's
+        ``vocabulary_map``: ``HFFamily.vocab_from_hf``)."""
+        v = super().vocab(given)
+        if v is None and self.hf_config and self.hf_config.get("vocabulary_map") and self.family.vocab_from_hf:
+            try:
+                tok = self.path / "tokenizer.json"  # an HF directory's text tokenizer, if it has one
+                v = self.family.vocab_from_hf(self.hf_config, source=self._source,
+                                              text_tokenizer=str(tok) if tok.is_file() else None)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+        return v
 
     def tied(self, a: str, b: str) -> bool:
         return a in self._map and self._map.get(a) == self._map.get(b)  # e.g. lm_head = embed_tokens
@@ -166,6 +180,23 @@ class HFReader(Reader):
                 row += n
             return out
         return self.raw.get_into(src, out)
+
+
+HF_COUNTS = ("num_hidden_layers", "hidden_size", "intermediate_size", "ffn_dim", "num_attention_heads",
+             "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim", "word_embed_proj_dim")
+"""The sizes an HF ``config.json`` may hold, each a positive integer where given (``head_dim`` and
+``num_key_value_heads`` may be null: the family's default)."""
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    """An HF ``config.json`` (bounded JSON) whose sizes are positive integers (issue 27 §3: a field
+    is checked where it is read, naming the file and the field; ``2.5`` layers is not a count).
+    Whether they agree with the tensors is ``readers.infer.check_config``'s question."""
+    hf = read_json(path, what="HF config")
+    for key in HF_COUNTS:
+        if key in hf and not (hf[key] is None and key in ("head_dim", "num_key_value_heads")):
+            int_field(hf[key], name=key, source=str(path), lo=1)
+    return hf
 
 
 def _family_of(hf: Mapping[str, Any], source: str) -> HFFamily:

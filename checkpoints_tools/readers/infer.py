@@ -6,13 +6,15 @@ other fields cannot be told from shapes).
 from __future__ import annotations
 
 import dataclasses
-import json
 from argparse import Namespace
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from checkpoints_tools.safe_load import CheckpointError
 from jam_metaseq import flags as jam_flags
+from jam_metaseq.errors import JamError
+from jam_metaseq.inputs import agree, read_json
 from jam_metaseq.models import keys
+from jam_metaseq.models.config import CHECKPOINT_KEY as CONFIG_KEY
 from jam_metaseq.models.config import (
     ARCH_CROSS, CrossConfig, DecoderConfig, ModelConfig, config_from_dict,
 )
@@ -46,9 +48,10 @@ def resolve_config(reader: "Reader", **overrides: Any) -> ModelConfig:
     else inferred from its shapes and host args (``infer_config``)."""
     stored = stored_config(reader)
     if stored is not None:
-        return stored
+        return check_config(stored, reader, overrides=overrides, claimed_by="its stored config")
     ns = _host_args(reader)
-    return infer_config(reader.shapes(), ns, source=str(reader.path), **overrides)
+    return check_config(infer_config(reader.shapes(), ns, source=str(reader.path), **overrides), reader,
+                        overrides=overrides, claimed_by="its recorded model args")
 
 
 def _host_args(reader: "Reader") -> Namespace | None:
@@ -65,20 +68,48 @@ def _host_args(reader: "Reader") -> Namespace | None:
 
 def stored_config(reader: "Reader") -> ModelConfig | None:
     """The config ``reader``'s checkpoint stores (see ``resolve_config``), None if it stores none."""
-    d = reader.meta.get("jam_config")
+    d = reader.meta.get(CONFIG_KEY)
     task_state = reader.meta.get("task_state")
     if d is None and isinstance(task_state, dict):
-        d = task_state.get("jam_config")
+        d = task_state.get(CONFIG_KEY)
     if d is None and reader.path.is_dir() and (reader.path / "manifest.json").is_file():
-        d = json.loads((reader.path / "manifest.json").read_text()).get("config")
+        d = read_json(reader.path / "manifest.json", what="jam-ckpt manifest", allow_nan=True).get("config")
     if d is not None:
         return config_from_dict(d)
     ns = _host_args(reader)
-    stored = getattr(ns, "jam_config", None) if ns is not None else None
+    stored = getattr(ns, CONFIG_KEY, None) if ns is not None else None
     if stored:
         return config_from_dict(dict(stored))
     beside = _config_beside(reader)
     return None if beside is None else config_from_dict(beside)
+
+
+def check_config(cfg: ModelConfig, reader: "Reader", *, overrides: Mapping[str, Any], claimed_by: str) -> ModelConfig:
+    """What the tensors prove wins (issue 27 §3; ``jam_metaseq.inputs.agree``): ``cfg`` (a stored
+    or recorded config, the HF ``config.json``, the GGUF metadata) must have the layers and the
+    embedding its tensors have, and ``--heads`` / ``--img-heads`` must equal the heads the
+    checkpoint records (``overrides["heads_flag"]``: the flag that gave ``heads``, for the message). Checked from the tensor names and shapes alone, before any work: a config
+    claiming 10^9 layers is one line, not a model built layer by layer."""
+    source = str(reader.path)
+    shapes = reader.shapes()
+    branches = [(keys.BRANCH_LAYERS["llm"], cfg.llm, ""), (keys.BRANCH_LAYERS["img"], cfg.img, " (image branch)")] \
+        if isinstance(cfg, CrossConfig) else [(keys.LAYERS, cfg, "")]
+    for lay, c, label in branches:
+        present = 1 + max(keys.block_indices(shapes, lay), default=-1)
+        agree(what=f"layers{label}", given=c.layers, given_by=f"{claimed_by}", proven=present,
+              proven_by=f"{source}'s tensors")
+    if isinstance(cfg, DecoderConfig) and keys.EMBED in shapes:
+        rows, width = shapes[keys.EMBED][:2]
+        agree(what="embedding rows (vocab_size)", given=cfg.vocab_size, given_by=claimed_by, proven=int(rows),
+              proven_by=f"{source}'s {keys.EMBED}")
+        agree(what="hidden size (embed_dim)", given=cfg.embed_dim, given_by=claimed_by, proven=int(width),
+              proven_by=f"{source}'s {keys.EMBED}")
+    heads = {"heads": (cfg.llm if isinstance(cfg, CrossConfig) else cfg).heads,
+             "img_heads": (cfg.img if isinstance(cfg, CrossConfig) else cfg).heads}
+    for name, flag in (("heads", overrides.get("heads_flag") or "--heads"), ("img_heads", "--img-heads")):
+        agree(what="attention heads", given=overrides.get(name), given_by=flag, proven=heads[name],
+              proven_by=f"{source} ({claimed_by})")
+    return cfg
 
 
 def _config_beside(reader: "Reader") -> dict[str, Any] | None:
@@ -88,9 +119,9 @@ def _config_beside(reader: "Reader") -> dict[str, Any] | None:
     if not side.is_file():
         return None
     try:
-        d = json.loads(side.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{side}: not a JSON model config ({e})") from None
+        d = read_json(side, what="model config", expect=None)
+    except (OSError, UnicodeDecodeError, ValueError, JamError) as e:
+        raise CheckpointError(f"{side}: not a JSON model config ({getattr(e, 'detail', e)})") from None
     return d if isinstance(d, dict) and d.get("type") in ("DecoderConfig", "CrossConfig") else None
 
 
@@ -113,7 +144,7 @@ def infer_config(shapes: Mapping[str, Sequence[int]], ns: Namespace | None = Non
     if cross and pos_key not in shapes:
         pos_key = keys.BRANCH_POSITIONS["img"]
     padding_idx = int(overrides.get("padding_idx", 1))
-    heads = overrides.get("heads") or flags.get("heads")
+    heads = flags.get("heads") or overrides.get("heads")  # recorded heads win (check_config: a flag must agree)
     if not heads:
         raise CheckpointError(f"{source}: the number of attention heads is not stored; pass --heads")
     act = overrides.get("activation") or flags.get("activation", "relu")
@@ -136,7 +167,7 @@ def infer_config(shapes: Mapping[str, Sequence[int]], ns: Namespace | None = Non
     img_layers = 1 + max(keys.block_indices(shapes, img_lay), default=layers - 1)
     img_shape = {"embed_dim": int(img_fc1[1]), "ffn_dim": int(img_fc1[0]), "layers": img_layers}
     image_parent = None
-    img_heads = overrides.get("img_heads") or flags.get("img_heads")
+    img_heads = flags.get("img_heads") or overrides.get("img_heads")
     if any(img_shape[f] != getattr(parent, f) for f in img_shape) or img_heads:
         if not img_heads:  # shapes cannot tell heads, and the LLM's may divide the width by chance
             raise CheckpointError(f"{source}: the image branch ({img_shape['layers']} layers, width "

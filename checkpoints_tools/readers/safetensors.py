@@ -6,7 +6,6 @@ config and vocabulary, and names a tied tensor stored once.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -17,10 +16,12 @@ import torch
 from checkpoints_tools.io.safetensors import read_safetensors_header, read_safetensors_index
 from checkpoints_tools.readers.base import Reader, TensorInfo, check_parameter_dtype
 from checkpoints_tools.safe_load import CheckpointError
+from jam_metaseq.models.config import CHECKPOINT_KEY as CONFIG_KEY
 from checkpoints_tools.workspace import Workspace
+from jam_metaseq.inputs import loads_json
 from jam_metaseq.vocab import CHECKPOINT_KEY as VOCAB_KEY
 
-_JSON_METADATA = ("jam_config", VOCAB_KEY)
+_JSON_METADATA = (CONFIG_KEY, VOCAB_KEY)
 """``__metadata__`` entries holding JSON (jam-ckpt's): the config and the vocabulary manifest."""
 
 
@@ -48,7 +49,7 @@ class SafetensorsReader(Reader):
             for k, v in header.metadata.items():
                 if k in _JSON_METADATA:
                     try:
-                        self.meta[k] = json.loads(v)
+                        self.meta[k] = loads_json(v, where=f"{f}: __metadata__ {k}")
                     except ValueError as e:
                         raise CheckpointError(f"{f}: __metadata__ {k} is not valid JSON ({e})") from None
             for k, e in header.tensors.items():

@@ -37,7 +37,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from jam_metaseq.data.documents import DataReport, iter_jsonl
-from jam_metaseq.errors import read_json
+from jam_metaseq.inputs import read_json
 from jam_metaseq.data.packing import BREAK_MODES, pack_offsets
 from jam_metaseq.vocab import VocabManifest
 
@@ -165,7 +165,8 @@ class TokenBlockDataset:
         if missing:
             raise ValueError(f"{paths['index']}: incomplete dataset index (missing {', '.join(missing)})")
         stored = VocabManifest.load(paths["index"].parent / self.index["vocab"])
-        if vocab is not None and vocab.to_dict() != stored.to_dict():
+        # the same manifest, or it with conversation tokens added (every stored id means the same)
+        if vocab is not None and not (vocab.extends(stored) and vocab.text_tokenizer == stored.text_tokenizer):
             raise ValueError(
                 f"{self.prefix}: data was binarized with a vocabulary of {stored.size} ids "
                 f"(text {stored.text_size}, image {stored.image_codes}); the given one has {vocab.size} "
@@ -234,5 +235,6 @@ class TokenBlockDataset:
 
 def open_dataset(prefix: str | os.PathLike, *, vocab: VocabManifest | None = None,
                  block_size: int | None = None, break_mode: str | None = None) -> TokenBlockDataset:
-    """Open a binarized dataset; ``vocab`` checks it matches; block_size/break_mode re-pack."""
+    """Open a binarized dataset; ``vocab`` must be the manifest it was binarized with, or that manifest
+    with conversation tokens added (``VocabManifest.extends``); block_size/break_mode re-pack."""
     return TokenBlockDataset(prefix, vocab=vocab, block_size=block_size, break_mode=break_mode)

@@ -25,6 +25,7 @@ from jam_metaseq.data.documents import DataReport, iter_jsonl
 from jam_metaseq.data.instruct import FORMATS, make_transform
 from jam_metaseq.data.packing import BREAK_MODES
 from jam_metaseq.errors import add_trust_pickle_flag, run_cli
+from jam_metaseq.inputs import NON_NEGATIVE_INT, POSITIVE_INT
 from jam_metaseq.vocab import VocabManifest
 
 
@@ -45,10 +46,10 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
                         "all its turns when the vocabulary has conversation tokens), or conversations; all but "
                         "plain are fitted to --max-tokens (conversations: oldest whole exchanges dropped, "
                         "docs/CONVERSATIONS.md)")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--max-tokens", type=POSITIVE_INT, default=None,
                    help="longest document in tokens; longer ones are errors (lima/wikihow: fitted to it; "
                         "default 4096 there, unlimited for plain)")
-    p.add_argument("--max-images", type=int, default=3, help="wikiHow: keep at most this many images")
+    p.add_argument("--max-images", type=NON_NEGATIVE_INT, default=3, help="wikiHow: keep at most this many images")
     p.add_argument("--loss-on-prompt", action="store_true",
                    help="instruction data: also train on the prompt (default: loss on the response only; "
                         "conversations: on the assistant's turns only)")
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("binarize", help="tokenise JSONL documents into a memory-mapped dataset")
     _add_input_args(p)
     p.add_argument("--out", required=True, help="output prefix P (writes P.json, P.tokens.bin, ...)")
-    p.add_argument("--block-size", type=int, default=4096, help="tokens per training block")
+    p.add_argument("--block-size", type=POSITIVE_INT, default=4096, help="tokens per training block")
     p.add_argument("--break-mode", choices=BREAK_MODES, default="complete",
                    help="packing at document boundaries: complete (whole documents per block), none "
                         "(cut every block-size tokens), eos (one document per block)")
@@ -206,7 +207,7 @@ def dataset_stats(prefix: str, *, chunk: int = 1 << 22, progress: bool = True) -
         counts["text_tokens"] += n_text
         counts["image_tokens"] += n_img
         counts["special_tokens"] += t.size - n_text - n_img
-        counts["breaks"] += int((t == v.break_id).sum())
+        counts["breaks"] += int(v.is_frame(t).sum())
         counts["eos"] += int((t == v.eos).sum())
         counts["loss_tokens"] += int(np.count_nonzero(mask[s:s + chunk])) if mask is not None else t.size
     return {

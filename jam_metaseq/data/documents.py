@@ -48,7 +48,6 @@ Public API::
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from jam_metaseq.errors import JamError
+from jam_metaseq.inputs import InputError, check_int_list, load_rgb_image, loads_json
 from jam_metaseq.vocab import VocabManifest
 
 SEGMENT_KEYS = ("text", "image_tokens", "image")
@@ -110,7 +110,8 @@ class DataReport:
         self.text_tokens += n_text
         self.image_tokens += n_img
         self.special_tokens += int(tokens.size) - n_text - n_img
-        self.images += int((tokens == vocab.break_id).sum()) // 2
+        self.images += int((tokens == vocab.eoi).sum()) if vocab.eoi != vocab.boi else \
+            int((tokens == vocab.boi).sum()) // 2
 
     def add_error(self, err: DocumentError, *, keep: int = 20) -> None:
         self.skipped[err.reason] += 1
@@ -213,12 +214,10 @@ def _check_segment(seg: Any, i: int, *, vocab: VocabManifest, base_dir: Path | N
             raise DocumentError(
                 f"segment {i}: {len(value)} image tokens, expected {vocab.image_tokens_per_image}",
                 reason="image_token_count")
-        codes = np.asarray(value, dtype=np.int64)
-        bad = np.flatnonzero((codes < 0) | (codes >= vocab.image_codes))
-        if bad.size:
-            raise DocumentError(
-                f"segment {i}: image code {int(codes[bad[0]])} at index {int(bad[0])} out of range "
-                f"[0, {vocab.image_codes})", reason="image_code_range")
+        try:  # range-checked as Python ints: a code above 2**63 is out of range, not an OverflowError
+            check_int_list(value, lo=0, hi=vocab.image_codes, what=f"segment {i}: image code")
+        except InputError as e:
+            raise DocumentError(e.detail, reason="image_code_range") from None
     else:
         if not isinstance(value, str) or not value:
             raise DocumentError(f"segment {i}: 'image' must be a file path", reason="bad_segment")
@@ -266,18 +265,13 @@ def _segments_tokens(
         if image_tokenizer is None:
             raise DocumentError("'image' segment but no image tokenizer is configured "
                                 "(pre-tokenise to 'image_tokens' or pass one)", reason="no_image_tokenizer")
-        from PIL import Image
-
         images = []
         for p in paths:
             full = Path(p) if base_dir is None else base_dir / p
-            try:
-                with Image.open(full) as im:
-                    images.append(im.convert("RGB"))
-            except FileNotFoundError:
-                raise DocumentError(f"image file not found: {full}", reason="image_missing") from None
-            except OSError as e:
-                raise DocumentError(f"cannot read image {full}: {e}", reason="image_unreadable") from None
+            try:  # the pixel count is bounded from the header, before decoding
+                images.append(load_rgb_image(full))
+            except InputError as e:
+                raise DocumentError(f"{e.detail}: {full}", reason=e.reason) from None
         codes = np.asarray(image_tokenizer.encode_images(images), dtype=np.int64)
         codes = codes.reshape(len(images), -1)  # (N, h*w)
         if codes.shape[1] != vocab.image_tokens_per_image:
@@ -289,7 +283,7 @@ def _segments_tokens(
                                 reason="image_code_range")
         encoded = list(codes)
     out = []
-    brk = np.array([vocab.break_id], dtype=np.int64)
+    boi, eoi = np.array([vocab.boi], dtype=np.int64), np.array([vocab.eoi], dtype=np.int64)
     k = 0
     for seg in segments:
         if "text" in seg:
@@ -305,7 +299,7 @@ def _segments_tokens(
             else:
                 codes = encoded[k]
                 k += 1
-            out.append(np.concatenate([brk, codes + vocab.image_start, brk]))
+            out.append(np.concatenate([boi, vocab.image_id(codes), eoi]))
     return out
 
 
@@ -370,12 +364,9 @@ def detokenize_document(tokens: np.ndarray, *, vocab: VocabManifest, text_tokeni
     """
     tokens = np.asarray(tokens, dtype=np.int64)
     tokens = tokens[~np.isin(tokens, [vocab.eos, vocab.bos, vocab.pad])]
-    brk = np.flatnonzero(tokens == vocab.break_id)
-    if brk.size % 2:
-        raise ValueError(f"unclosed image: {brk.size} <break> tokens")
     out: list[dict] = []
     prev = 0
-    for s, e in list(zip(brk[0::2], brk[1::2])) + [(tokens.size, tokens.size)]:
+    for s, e in image_frames(tokens, vocab=vocab) + [(tokens.size, tokens.size)]:
         text = tokens[prev:s]
         if text.size:
             if not vocab.is_text(text).all():
@@ -386,9 +377,24 @@ def detokenize_document(tokens: np.ndarray, *, vocab: VocabManifest, text_tokeni
             codes = tokens[s + 1:e]
             if not vocab.is_image(codes).all():
                 raise ValueError("non-image id between <break> tokens")
-            out.append({"image_tokens": (codes - vocab.image_start).tolist()})
+            out.append({"image_tokens": vocab.image_code(codes).tolist()})
         prev = e + 1
     return out
+
+
+def image_frames(tokens: np.ndarray, *, vocab: VocabManifest) -> list[tuple[int, int]]:
+    """(position of ``boi``, position of ``eoi``) of each image in ``tokens``: pairs of ``<break>``
+    in our layout, each begin before its end where they differ (Chameleon); an unclosed image raises."""
+    if vocab.boi == vocab.eoi:
+        brk = np.flatnonzero(tokens == vocab.boi)
+        if brk.size % 2:
+            raise ValueError(f"unclosed image: {brk.size} <break> tokens")
+        return list(zip(brk[0::2].tolist(), brk[1::2].tolist()))
+    s, e = np.flatnonzero(tokens == vocab.boi), np.flatnonzero(tokens == vocab.eoi)
+    if s.size != e.size or not ((s < e).all() and (e[:-1] < s[1:]).all()):
+        raise ValueError(f"unclosed image: {s.size} image-begin ({vocab.boi}) and {e.size} image-end ({vocab.eoi}) "
+                         "tokens out of order")
+    return list(zip(s.tolist(), e.tolist()))
 
 
 def detokenize_conversation(tokens: np.ndarray, *, vocab: VocabManifest, text_tokenizer: Any) -> dict:
@@ -423,7 +429,9 @@ def parse_jsonl_line(raw: bytes | str) -> Any:
     """One JSONL line (bytes as read in binary mode, or text) -> its JSON value.
 
     Decoding happens here, per line, so a line that is not UTF-8 is one bad line
-    (``reason="bad_encoding"``) that ``on_error="skip"`` can skip, not the end of the file."""
+    (``reason="bad_encoding"``) that ``on_error="skip"`` can skip, not the end of the file; the
+    bounds of ``jam_metaseq.inputs.loads_json`` (nesting depth, non-finite numbers, lone surrogates,
+    integers too long to convert) are bad lines of their own reasons in the same way."""
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
@@ -431,9 +439,9 @@ def parse_jsonl_line(raw: bytes | str) -> Any:
             raise DocumentError(f"not UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1} of the line)",
                                 reason="bad_encoding") from None
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DocumentError(f"bad JSON ({e.msg} at column {e.colno})", reason="bad_json") from None
+        return loads_json(raw)
+    except InputError as e:  # bad JSON, nested too deep, NaN, a lone surrogate, a 5000-digit integer
+        raise DocumentError(e.detail, reason=e.reason) from None
 
 
 @dataclass

@@ -12,16 +12,25 @@ Public API::
         "bytes"                  -> UTF-8 bytes (vocab 256)
     TextTokenizer: .encode(str) -> list[int]  (0-based tokenizer ids; the vocabulary manifest
                    shifts them by ``vocab.text_start``), .decode(list[int]) -> str, .vocab_size,
-                   .spec (string that reloads it)
+                   .spec (string that reloads it), .token_bytes() -> list[bytes | str] (what each
+                   id stands for: its UTF-8 bytes, or a special token's name; ``vocab_transplant``)
     train_sentencepiece(texts, *, out_prefix, vocab_size, model_type="bpe") -> path of .model
     train_bpe(texts, *, out_path, vocab_size) -> path of .json
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Protocol, runtime_checkable
+
+SPACE_MARK = "\u2581"
+"""``▁``: sentencepiece's (and Metaspace tokenizers') spelling of a space inside a piece."""
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+"""A byte-fallback piece (``<0xE2>``): one raw byte."""
 
 
 @runtime_checkable
@@ -35,6 +44,29 @@ class TextTokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
+    def token_bytes(self) -> list[bytes | str]: ...
+
+
+@lru_cache(maxsize=1)
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, char -> byte: printable bytes stand for themselves, the other
+    68 are shifted to U+0100.. in byte order (``Ġ`` = space), so every byte is one visible char."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    out, shifted = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[chr(b)] = b
+        else:
+            out[chr(256 + shifted)] = b
+            shifted += 1
+    return out
+
+
+def piece_bytes(piece: str) -> bytes:
+    """A sentencepiece / Metaspace piece's text as bytes: ``▁`` is a space, ``<0xHH>`` one byte."""
+    m = _BYTE_PIECE.match(piece)
+    return bytes([int(m.group(1), 16)]) if m else piece.replace(SPACE_MARK, " ").encode("utf-8")
+
 
 class ByteTokenizer:
     """UTF-8 bytes as ids (vocab 256); decoding replaces invalid sequences."""
@@ -47,6 +79,9 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> list[bytes | str]:
+        return [bytes([i]) for i in range(256)]
 
 
 class SentencePieceTokenizer:
@@ -66,6 +101,12 @@ class SentencePieceTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def token_bytes(self) -> list[bytes | str]:
+        """Each piece's text (``▁`` = space, byte pieces their byte); control and unknown pieces by name."""
+        sp = self._sp
+        return [sp.id_to_piece(i) if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)
+                else piece_bytes(sp.id_to_piece(i)) for i in range(self.vocab_size)]
+
 
 class HFTokenizer:
     """A Hugging Face ``tokenizers`` JSON file (byte-level BPE, GPT-2/OPT style)."""
@@ -83,6 +124,24 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_bytes(self) -> list[bytes | str]:
+        """Each token's text: through the byte-level alphabet when the file decodes byte-level (GPT-2,
+        OPT, Llama-3, Qwen2), else as pieces (``▁``, ``<0xHH>``: Llama-2/Chameleon-style files);
+        special added tokens by name."""
+        spec = json.loads(self._tok.to_str())
+        byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+        alphabet = byte_level_alphabet()
+        special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        out: list[bytes | str] = [""] * self.vocab_size
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if i in special:
+                out[i] = token
+            elif byte_level and all(c in alphabet for c in token):
+                out[i] = bytes(alphabet[c] for c in token)
+            else:
+                out[i] = piece_bytes(token)
+        return out
 
 
 def load_text_tokenizer(path_or_spec: str | os.PathLike) -> TextTokenizer:

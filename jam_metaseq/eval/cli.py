@@ -15,7 +15,6 @@ stdout; bad input exits with status 2 and a one-line message.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -25,13 +24,7 @@ from typing import Any
 import torch
 
 from jam_metaseq.errors import add_trust_pickle_flag, run_cli
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+from jam_metaseq.inputs import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, dumps_json
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -39,7 +32,8 @@ def _write_json(path: str, obj: Any) -> None:
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        # strict JSON: a metric that does not exist (image PPL of a text-only set) is null, not NaN
+        tmp.write_text(dumps_json(obj, nan_as_null=True, indent=2, default=str) + "\n")
         os.replace(tmp, p)
     finally:
         tmp.unlink(missing_ok=True)  # interrupted or failed: no stray temp file
@@ -71,14 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                                        "'bytes'); default: the vocabulary manifest's text_tokenizer")
     q.add_argument("--config", help="model config JSON overriding the checkpoint's (config_to_json format)")
     q.add_argument("--vocab", help="vocabulary manifest JSON overriding the checkpoint's")
-    q.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default 8)")
-    q.add_argument("--max-len", type=_positive_int,
+    q.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="windows per forward pass (default 8)")
+    q.add_argument("--max-len", type=POSITIVE_INT,
                    help="window length in tokens (default: the model's max_positions)")
-    q.add_argument("--stride", type=_positive_int,
+    q.add_argument("--stride", type=POSITIVE_INT,
                    help="new targets per window, <= max-len (default: max-len, i.e. no overlap)")
     q.add_argument("--use-loss-mask", action="store_true",
                    help="count only targets with loss mask True (instruction data: the response only)")
-    q.add_argument("--limit", type=_positive_int, help="evaluate at most this many documents per file")
+    q.add_argument("--limit", type=POSITIVE_INT, help="evaluate at most this many documents per file")
     q.add_argument("--device", default="cpu", help="torch device (default cpu)")
     q.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="model weights dtype; log-probabilities are always fp32 (default float32)")
@@ -105,10 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra folder of lm_eval task YAMLs (their data must be local); repeatable")
     z.add_argument("--include-defaults", action="store_true",
                    help="also index lm_eval's built-in tasks (slow; they download data, so offline they fail)")
-    z.add_argument("--batch-size", type=_positive_int, default=8, help="requests per forward pass (default 8)")
-    z.add_argument("--limit", type=float, help="at most this many documents per task (or a fraction < 1)")
-    z.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (Table 1 is zero-shot: 0)")
-    z.add_argument("--seed", type=int, default=1234, help="random seed for lm_eval (default 1234)")
+    z.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="requests per forward pass (default 8)")
+    z.add_argument("--limit", type=POSITIVE_FLOAT, help="at most this many documents per task (or a fraction < 1)")
+    z.add_argument("--num-fewshot", type=NON_NEGATIVE_INT, default=0, help="few-shot examples (Table 1 is zero-shot: 0)")
+    z.add_argument("--seed", type=SEED, default=1234, help="random seed for lm_eval (default 1234)")
     z.add_argument("--cache-dir", help="datasets cache folder for the local JSON files (default: HF default)")
     z.add_argument("--output", help="write lm_eval's results (plus jam_summary) as JSON here (atomically)")
 

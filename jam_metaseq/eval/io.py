@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from jam_metaseq.errors import JamError
+from jam_metaseq.models.config import CHECKPOINT_KEY as CONFIG_KEY
+from jam_metaseq.vocab import CHECKPOINT_KEY as VOCAB_KEY
 from jam_metaseq.vocab import VocabManifest
 
 
@@ -35,7 +37,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, vocab: VocabMa
     """A single-file checkpoint (``model``, ``jam_config``, ``jam_vocab``) ``load_model`` reads, atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "jam_config": model.cfg.to_dict(), "jam_vocab": vocab.to_dict()}, tmp)
+    torch.save({"model": model.state_dict(), CONFIG_KEY: model.cfg.to_dict(), VOCAB_KEY: vocab.to_dict()}, tmp)
     os.replace(tmp, path)
 
 

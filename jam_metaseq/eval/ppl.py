@@ -32,6 +32,7 @@ Public API::
     perplexity(model, sequences, *, vocab, batch_size=8, max_len=None, stride=None,
                masks=None, progress=False) -> dict
     evaluate_ppl_files(*, checkpoint, data, ...) -> {file: perplexity dict}   (jam-eval ppl, jam run)
+    bits_per_byte(model, texts, *, text_tokenizer, vocab, ...) -> dict   (tokenizer-independent text score)
     score_windows(model, windows, *, padding_idx, batch_size, device=None, progress=False)
         -> list[(logprob (n,), greedy (n,))]     (the shared scoring kernel, also used by lm-eval)
 """
@@ -182,6 +183,22 @@ def perplexity(
     for c in TOKEN_CLASSES:
         out[c] = _summary(sums[c], counts[c])
     return out
+
+
+def bits_per_byte(model: nn.Module, texts: Sequence[str], *, text_tokenizer: Any, vocab: VocabManifest,
+                  batch_size: int = 8, max_len: int | None = None) -> dict[str, Any]:
+    """Bits per UTF-8 byte of plain ``texts`` under ``model`` and its ``text_tokenizer``: the
+    ``perplexity`` of each text as ``<s> text </s>`` (so every text token is a target, the first
+    one too), its text tokens' NLL in bits over the texts' bytes. Two models with different
+    tokenizers are compared on it, not on per-token perplexity (their tokens differ)."""
+    seqs = [[vocab.bos, *(vocab.text_start + i for i in text_tokenizer.encode(t)), vocab.eos] for t in texts]
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    if not nbytes:
+        raise ValueError("bits_per_byte needs some text")
+    out = perplexity(model, seqs, vocab=vocab, batch_size=batch_size, max_len=max_len)
+    text = out["text"]
+    return {"bits_per_byte": text["nll"] / math.log(2) / nbytes, "bytes": nbytes, "tokens": text["tokens"],
+            "bytes_per_token": nbytes / text["tokens"] if text["tokens"] else float("nan")}
 
 
 PPL_KINDS = ("text", "caption", "auto")

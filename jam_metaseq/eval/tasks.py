@@ -31,6 +31,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from jam_metaseq.inputs import safe_component
+
 # task name -> (file in the data folder, lm_eval config fields besides the data source)
 _ACC = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
 _ACC_NORM = _ACC + [{"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]
@@ -87,6 +89,67 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
 }
 """The fields each task's lines must hold (module docstring), checked before lm_eval reads them."""
 MC_REQUIRED = ("context", "choices", "label")
+
+
+def _index_label(label: Any, *, field: str, n: int, base: int = 0) -> str | None:
+    """Why ``label`` is not an answer index in ``[base, base + n)``, or None when it is one. -1 (or
+    empty) is how unlabelled test splits (PIQA's, Winogrande's) mark rows without an answer."""
+    if label in (-1, "", None) or (isinstance(label, str) and label.strip() == "-1"):
+        return (f"'{field}' is {label!r}: an unlabelled row (a test split without answers?) cannot be scored; "
+                "use the labelled validation split")
+    if isinstance(label, bool) or not isinstance(label, int):
+        return f"'{field}' must be an integer, got {label!r}"
+    if not base <= label < base + n:
+        return f"'{field}' is {label}, outside the {n} choices ({base}..{base + n - 1})"
+    return None
+
+
+def _choices(doc: dict, field: str, *, n: int | None = None) -> tuple[list | None, str | None]:
+    v = doc[field]
+    if not isinstance(v, list) or not v or (n is not None and len(v) != n):
+        want = f"a list of {n}" if n is not None else "a non-empty list"
+        return None, f"'{field}' must be {want}, got {v!r}"[:200]
+    return v, None
+
+
+def _arc_target(doc: dict) -> str | None:
+    c = doc["choices"]
+    if not isinstance(c, dict) or not isinstance(c.get("text"), list) or not isinstance(c.get("label"), list) \
+            or len(c["text"]) != len(c["label"]) or not c["text"]:
+        return "'choices' must be {\"text\": [...], \"label\": [...]} of equal, non-zero length"
+    if doc["answerKey"] not in c["label"]:
+        return (f"'answerKey' {doc['answerKey']!r} is none of the choice labels {c['label']}"
+                + (": an unlabelled row cannot be scored" if doc["answerKey"] in ("", None) else ""))
+    return None
+
+
+def _mc_target(doc: dict) -> str | None:
+    choices, problem = _choices(doc, "choices")
+    return problem or _index_label(doc["label"], field="label", n=len(choices))
+
+
+def _winograd_target(doc: dict) -> str | None:
+    _, problem = _choices(doc, "options", n=2)
+    return problem or _index_label(doc["label"], field="label", n=2)
+
+
+def _winogrande_target(doc: dict) -> str | None:
+    answer = doc["answer"]
+    if str(answer) not in ("1", "2") or isinstance(answer, bool):
+        return _index_label(answer, field="answer", n=2, base=1) or f"'answer' must be \"1\" or \"2\", got {answer!r}"
+    return None
+
+
+TARGET_CHECKS: dict[str, Any] = {
+    "piqa_local": lambda d: _index_label(d["label"], field="label", n=2),
+    "arc_easy_local": _arc_target,
+    "arc_challenge_local": _arc_target,
+    "storycloze_local": lambda d: _index_label(d["answer_right_ending"], field="answer_right_ending", n=2, base=1),
+    "winograd_local": _winograd_target,
+    "winogrande_local": _winogrande_target,
+}
+"""Per task: why a row's answer cannot be scored (None = it can). lm_eval would score an unlabelled
+row (label -1) as wrong, and a label past the choices ends in an IndexError inside it."""
 GROUP = "jam_table1"
 """Group name of the six Table 1 tasks (those whose files were found)."""
 UTILS_SOURCE = Path(__file__).with_name("task_utils.py")
@@ -117,9 +180,11 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def check_task_file(path: str | os.PathLike, *, task: str, fields: tuple[str, ...]) -> None:
-    """Every line of a task file is UTF-8 JSON, an object holding ``fields``; else a ``DocumentError``
-    naming ``file:line`` (lm_eval would fail later inside a template, naming nothing)."""
+def check_task_file(path: str | os.PathLike, *, task: str, fields: tuple[str, ...], target: Any = None) -> None:
+    """Every line of a task file is UTF-8 JSON (``parse_jsonl_line``'s bounds), an object holding
+    ``fields`` whose answer ``target(doc)`` accepts (``TARGET_CHECKS``; an unlabelled or out-of-range
+    answer is refused); else a ``DocumentError`` naming ``file:line`` (lm_eval would score the row as
+    wrong or fail later inside a template, naming nothing)."""
     from jam_metaseq.data.documents import DocumentError, parse_jsonl_line
 
     n = 0
@@ -139,6 +204,9 @@ def check_task_file(path: str | os.PathLike, *, task: str, fields: tuple[str, ..
             if missing:
                 raise DocumentError(f"task {task}: missing field(s) {', '.join(missing)}", reason="bad_schema",
                                     where=where)
+            problem = None if target is None else target(doc)
+            if problem is not None:
+                raise DocumentError(f"task {task}: {problem}", reason="bad_label", where=where)
             n += 1
     if not n:
         raise ValueError(f"{path}: task {task} has no documents")
@@ -177,7 +245,7 @@ def write_task_configs(
                 if names is not None:
                     raise FileNotFoundError(f"task {name}: data file not found: {path}")
                 continue
-            check_task_file(path, task=name, fields=REQUIRED_FIELDS[name])
+            check_task_file(path, task=name, fields=REQUIRED_FIELDS[name], target=TARGET_CHECKS[name])
             _atomic_write(out / f"{name}.yaml", task_yaml(name, data_file=path, fields=fields, cache_dir=cache_dir))
             written.append(name)
         if any(written):
@@ -186,11 +254,12 @@ def write_task_configs(
             _atomic_write(out / f"{GROUP}.yaml", f"group: {GROUP}\ntask: {json.dumps(table1)}\n"
                           "aggregate_metric_list: []\nmetadata: {\"version\": 1.0}\n")
     for name, path in (mc_tasks or {}).items():
+        safe_component(name, what="--mc-task name")  # it names OUT/NAME.yaml
         if name in TASKS or name == GROUP:
             raise ValueError(f"multiple-choice task name {name!r} clashes with a built-in local task")
         if not Path(path).is_file():
             raise FileNotFoundError(f"task {name}: data file not found: {path}")
-        check_task_file(path, task=name, fields=MC_REQUIRED)
+        check_task_file(path, task=name, fields=MC_REQUIRED, target=_mc_target)
         _atomic_write(out / f"{name}.yaml", task_yaml(name, data_file=path, fields=MC_FIELDS, cache_dir=cache_dir))
         written.append(name)
     return written

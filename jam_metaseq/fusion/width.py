@@ -8,7 +8,8 @@ vectors (biases, affine LayerNorm) are concatenated [llm; img] (per K/V/Q block 
 Llama-family parents need nothing else: their separate q/k/v/o, gate/up/down and untied head are
 plain matrices (so grouped k/v heads double with the query heads, whole, and each head keeps its
 rotary layout) and their RMSNorm weights vectors (docs/ARCHITECTURE.md, "JAM-Width for the Llama
-family").
+family"). Chameleon's per-head q/k norms (heads, D) stack their rows, [llm heads; img heads], as
+the widened q/k projections order their heads.
 
 The rule is data: ``widen_blocks`` lists, for one tensor, which block of the widened tensor comes
 from which rows of the parents and how (``block_value``). ``widen_tensor`` fills a whole tensor
@@ -100,6 +101,8 @@ def widen_blocks(name: str, shape: tuple[int, ...], *, parent: DecoderConfig, in
             else:
                 blocks += _vector_blocks(E, at=2 * b * E, src=b * E)
         return blocks
+    if keys.is_qk_norm(name):  # (heads, D) -> (2 heads, D): each head's own norm, [llm heads; img heads]
+        return [Block(slice(0, shape[0]), None, _ALL, "llm"), Block(slice(shape[0], 2 * shape[0]), None, _ALL, "img")]
     if len(shape) == 1:
         return _vector_blocks(shape[0], at=0, src=0)
     if len(shape) == 2:
@@ -113,6 +116,8 @@ def widened_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(shape)
     if name in _EMBEDDINGS:
         return (shape[0], 2 * shape[1])
+    if keys.is_qk_norm(name):  # one row per head: the heads double, the head width stays
+        return (2 * shape[0], *shape[1:])
     return tuple(2 * s for s in shape)
 
 

@@ -96,9 +96,11 @@ class Answer:
 
 
 def open_image_codes(prompt_ids: Sequence[int], *, vocab: VocabManifest) -> list[int] | None:
-    """Codes of an image the prompt leaves open (odd number of ``<break>``), else None."""
-    breaks = [i for i, t in enumerate(prompt_ids) if int(t) == vocab.break_id]
-    if len(breaks) % 2 == 0:
+    """Codes of an image the prompt leaves open (odd number of ``<break>``; more image begins than
+    ends), else None."""
+    breaks = [i for i, t in enumerate(prompt_ids) if int(t) == vocab.boi]
+    ends = len(breaks) // 2 if vocab.eoi == vocab.boi else sum(int(t) == vocab.eoi for t in prompt_ids)
+    if len(breaks) == (2 * ends if vocab.eoi == vocab.boi else ends):
         return None
     return [int(vocab.image_code(int(t))) for t in prompt_ids[breaks[-1] + 1 :] if vocab.is_image(int(t))]
 
@@ -126,13 +128,13 @@ def split_segments(
     for t in ids:
         t = int(t)
         if image is not None:
-            if t == vocab.break_id:
+            if t == vocab.eoi:
                 flush_image(image)
                 image = None
             elif vocab.is_image(t):
                 image.append(int(vocab.image_code(t)))
             continue
-        if t == vocab.break_id:
+        if t == vocab.boi:
             if text:
                 segs.append(TextSegment(ids=text))
                 text = []

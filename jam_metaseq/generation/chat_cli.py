@@ -10,8 +10,8 @@ without re-reading the history. Commands: ``/image PATH [text]`` sends a picture
 your turn, ``/new`` starts a new conversation, ``/quit`` (or Ctrl-D) leaves; Ctrl-C stops the
 answer being written.
 
-The flags of the model and of decoding are declared here once (``add_chat_args``) and shared by
-``jam serve``.
+The model and decoding flags are ``generation.options``' table (shared with ``jam-generate``);
+``add_chat_args`` puts them on ``jam chat`` and ``jam serve``.
 """
 
 from __future__ import annotations
@@ -23,51 +23,22 @@ import sys
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from jam_metaseq.errors import add_trust_pickle_flag, run_cli
+from jam_metaseq.errors import run_cli
 
 from .chat import ChatEvent, ChatModel, ChatSession
-from .cli import DTYPES
-from .config import GenerationConfig
-from .engine import DECODE_MODES
-from .sampling import SamplingConfig
+from .options import DTYPES, add_options, generation_config
 
 
 def add_chat_args(p: argparse.ArgumentParser) -> None:
-    """The model and decoding flags of ``jam chat`` and ``jam serve``."""
+    """The checkpoint and the model and decoding flags of ``jam chat`` and ``jam serve``
+    (``options.OPTIONS``' rows for chats, shared with ``jam-generate``)."""
     p.add_argument("checkpoint", help="checkpoint file or directory (any layout jam-ckpt reads); its vocabulary "
                    "manifest needs conversation tokens")
-    m = p.add_argument_group("model")
-    m.add_argument("--vocab", help="vocabulary manifest JSON (default: the checkpoint's own or vocab.json beside it)")
-    m.add_argument("--tokenizer", help="text tokenizer (default: the manifest's text_tokenizer)")
-    m.add_argument("--image-tokenizer", help="image tokenizer: draws PNGs and reads pictures you send "
-                   "(without it drawn pictures are code grids and sending pictures is off)")
-    m.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    m.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype (default: float32)")
-    add_trust_pickle_flag(m)
-    g = p.add_argument_group("decoding")
-    g.add_argument("--max-new-tokens", type=int, default=1280, help="tokens per answer, pictures included")
-    g.add_argument("--temperature", type=float, default=1.0, help="text and image temperature (0 = greedy)")
-    g.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (1 = off)")
-    g.add_argument("--guidance-scale", type=float, default=3.5,
-                   help="CFG alpha of Eq. 6 for image tokens; the unconditional row is the conversation with "
-                   "the current message's text masked (docs/CONVERSATIONS.md)")
-    g.add_argument("--no-guidance", action="store_true", help="no unconditional row (unguided pictures)")
-    g.add_argument("--max-images", type=int, default=3, help="pictures per answer")
-    g.add_argument("--min-images", type=int, default=0, help="pictures every answer must draw")
-    g.add_argument("--seed", type=int, default=0, help="answer k samples with seed + k")
-    g.add_argument("--decode", default="auto", choices=("auto", *DECODE_MODES),
-                   help="decode steps (as jam-generate): auto = graph on CUDA, eager elsewhere")
-
-
-def config_from_args(args: argparse.Namespace) -> GenerationConfig:
-    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
-    return GenerationConfig(max_new_tokens=args.max_new_tokens, text=sampling, image=sampling,
-                            guidance_scale=args.guidance_scale, guidance=not args.no_guidance,
-                            max_images=args.max_images, min_images=args.min_images, seed=args.seed)
+    add_options(p, "chat")
 
 
 def chat_model_from_args(args: argparse.Namespace) -> ChatModel:
-    config = config_from_args(args)  # bad values fail before the model loads
+    config = generation_config(args)  # bad values fail before the model loads
     return ChatModel.load(args.checkpoint, vocab=args.vocab, tokenizer=args.tokenizer,
                           image_tokenizer=args.image_tokenizer, device=args.device, dtype=DTYPES[args.dtype],
                           decode=args.decode, config=config, trust_pickle=args.trust_pickle)

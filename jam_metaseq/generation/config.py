@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from jam_metaseq.inputs import check_float
+
 from .cfg import DEFAULT_ALPHA
 from .sampling import SamplingConfig
 
@@ -40,6 +42,7 @@ class GenerationConfig:
     """The token that ends an answer (None: ``<eos>``; a conversation's turn ends with ``<eot>``)."""
 
     def __post_init__(self) -> None:
+        check_float(self.guidance_scale, name="guidance_scale")  # NaN or inf would make every image id NaN
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.max_images < 0 or self.min_images < 0:

@@ -93,6 +93,20 @@ class Turn:
     end: int
 
 
+def turn_prompt(content: Sequence[int], *, vocab) -> list[int]:
+    """``<user> content <eot> <assistant>``: what a user turn feeds, up to where the answer starts
+    (content: vocabulary ids, text and ``<break>``-framed images). A conversation's first turn
+    follows the ``<eos>`` that opens its history."""
+    content = [int(t) for t in content]
+    v = vocab
+    bad = [t for t in content if not (v.is_text(t) or v.is_image(t) or t == v.break_id)]
+    if bad:
+        raise ValueError(f"a user turn holds text, image codes and <break> only; got id {bad[0]}")
+    if sum(t == v.break_id for t in content) % 2:
+        raise ValueError("a user turn holds whole images only (an odd number of <break>)")
+    return frame_turn("user", content, vocab=v).tolist() + [v.assistant_id]
+
+
 class Conversation:
     """A chat with one model whose KV cache grows turn by turn (module docstring)."""
 
@@ -175,16 +189,8 @@ class Conversation:
 
     # ---- one turn --------------------------------------------------------------------------------
     def user_turn(self, content: Sequence[int]) -> list[int]:
-        """``<user> content <eot> <assistant>``: what a turn feeds (content: vocabulary ids, text
-        and ``<break>``-framed images)."""
-        content = [int(t) for t in content]
-        v = self.vocab
-        bad = [t for t in content if not (v.is_text(t) or v.is_image(t) or t == v.break_id)]
-        if bad:
-            raise ValueError(f"a user turn holds text, image codes and <break> only; got id {bad[0]}")
-        if sum(t == v.break_id for t in content) % 2:
-            raise ValueError("a user turn holds whole images only (an odd number of <break>)")
-        return frame_turn("user", content, vocab=v).tolist() + [v.assistant_id]
+        """``<user> content <eot> <assistant>``: what a turn feeds (``turn_prompt``)."""
+        return turn_prompt(content, vocab=self.vocab)
 
     def say(
         self, content: Sequence[int], *, seed: int | None = None, on_event: Callable[[Event], None] | None = None,
@@ -309,4 +315,4 @@ def _rewind(cache, n: int) -> None:
     cache.positions -= n
 
 
-__all__ = ["Conversation", "Event", "ImageDone", "ImageStarted", "TextDelta", "Turn", "TurnDone"]
+__all__ = ["Conversation", "Event", "ImageDone", "ImageStarted", "TextDelta", "Turn", "TurnDone", "turn_prompt"]

@@ -3,7 +3,8 @@
 Text segments are decoded with the text tokenizer when one is given (``attach_text``); image
 segments become PNG files when an image-tokenizer decoder is configured (any object with
 ``decode_codes(codes (N, h, w)) -> list[PIL.Image]``, see ``jam_metaseq.image_tokenizer``), and
-otherwise are shown as their code grid. Every file is written atomically (temp + rename).
+otherwise are shown as their code grid. ``write_answer_set`` writes the whole set atomically (a
+temp dir, fsynced, then renamed into place): a full disk leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -11,19 +12,58 @@ from __future__ import annotations
 import html
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .answer import Answer, ImageSegment, TextSegment
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+ANSWER_FILES = ("answers.jsonl", "answers.md", "answers.html")
+"""What ``write_answer_set`` writes besides ``images/``, in the order they are renamed into place."""
+
+
+def _write_durable(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through ``write(file)`` and fsync: a full disk surfaces here (also where a file system
+    reports it only on flush), before anything is renamed into place."""
+    with open(path, "xb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_answer_set(answers: Sequence[Answer], *, out_dir: str | os.PathLike, image_decoder: Any = None) -> None:
+    """``answers.jsonl``, ``answers.md``, ``answers.html`` and ``images/*.png`` written as one set.
+
+    Everything is first written to a temp dir ``OUT/.answers.tmp-*`` and fsynced; only then is each
+    file renamed into place (renames cannot fail for want of space). On any error (a full disk, an
+    interrupt) the temp dir is removed, ``OUT`` is removed too when this call created it, and files
+    of an earlier set in ``OUT`` stay as they were: never a half-written or 0-byte answer file."""
+    out = Path(out_dir)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".answers.tmp-", dir=out))
+    try:
+        if image_decoder is not None:
+            save_images(answers, image_decoder=image_decoder, out_dir=stage)
+        for name, text in zip(ANSWER_FILES, (to_jsonl(answers), to_markdown(answers), to_html(answers))):
+            _write_durable(stage / name, lambda f, t=text: f.write(t.encode()))
+        staged_images = sorted((stage / "images").iterdir()) if (stage / "images").is_dir() else []
+        if staged_images:
+            (out / "images").mkdir(exist_ok=True)
+        for png in staged_images:
+            os.replace(png, out / "images" / png.name)
+        for name in ANSWER_FILES:
+            os.replace(stage / name, out / name)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def attach_text(answers: Sequence[Answer], *, tokenizer: Any) -> None:
@@ -42,13 +82,16 @@ def save_images(answers: Sequence[Answer], *, image_decoder: Any, out_dir: Path)
         return
     codes = np.asarray([s.codes for _, _, s in jobs], dtype=np.int64)  # (N, h, w)
     images = image_decoder.decode_codes(codes)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
     for (i, j, s), img in zip(jobs, images):
         rel = Path("images") / f"answer{i}_image{j}.png"
         path = out_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            _write_durable(tmp, lambda f, im=img: im.save(f, format="PNG"))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         s.png = rel.as_posix()
 
 

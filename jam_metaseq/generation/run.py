@@ -35,13 +35,18 @@ from typing import Any, Sequence
 
 import torch
 
+from jam_metaseq.inputs import INT64_MAX, InputError, check_int, check_int_list
 from jam_metaseq.vocab import VocabManifest
 
 from .answer import Answer
 from .engine import Engine, GenerationConfig
-from .render import attach_text, save_images, to_html, to_jsonl, to_markdown, write_atomic
+from .render import attach_text, write_answer_set
 
-PROMPT_PREFIXES = {"eos": "eos", "bos": "bos", "none": None}
+PROMPT_PREFIXES = {"auto": "auto", "eos": "eos", "bos": "bos", "none": None, "turn": "turn"}
+"""What comes before each text prompt (``--prompt-prefix``): ``eos`` (the document separator),
+``bos``, nothing, or ``turn``: the prompt as a conversation's first user turn, ``<eos> <user> prompt
+<eot> <assistant>``, answered until ``<eot>`` (docs/CONVERSATIONS.md; needs conversation tokens).
+``auto``: ``turn`` when the manifest has conversation tokens, else ``eos``."""
 
 
 @dataclass
@@ -110,25 +115,47 @@ def read_prompts_jsonl(path: str | Path) -> list[PromptSpec]:
         text, ids = d.get("prompt"), d.get("prompt_ids")
         if text is not None and not isinstance(text, str):
             raise ValueError(f"{where}: 'prompt' must be a string")
-        if ids is not None and not (isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids)):
-            raise ValueError(f"{where}: 'prompt_ids' must be a non-empty list of integers")
+        if ids is not None:
+            if not (isinstance(ids, list) and ids):
+                raise ValueError(f"{where}: 'prompt_ids' must be a non-empty list of integers")
+            try:  # Python ints checked before torch sees them (2**63 would overflow); the vocabulary's
+                # range is the engine's check
+                ids = check_int_list(ids, lo=0, hi=INT64_MAX, what="prompt_ids").tolist()
+            except InputError as e:
+                raise ValueError(f"{where}: {e.detail}") from None
         seed = d.get("seed")
-        if seed is not None and not isinstance(seed, int):
-            raise ValueError(f"{where}: 'seed' must be an integer")
+        if seed is not None:
+            try:
+                seed = check_int(seed, name="'seed'", lo=0, hi=INT64_MAX)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
         specs.append(PromptSpec(text=text, ids=ids, seed=seed, source=where))
     if not specs:
         raise ValueError(f"{path}: no prompts")
     return specs
 
 
+def resolve_prefix(prefix: str | None, *, vocab: VocabManifest) -> str | None:
+    """``auto`` -> ``turn`` with conversation tokens, else ``eos`` (``PROMPT_PREFIXES``)."""
+    if prefix == "auto":
+        return "turn" if vocab.conversation_tokens else "eos"
+    if prefix == "turn" and not vocab.conversation_tokens:
+        raise ValueError("--prompt-prefix turn needs a vocabulary with conversation tokens")
+    return prefix
+
+
 def encode_prompts(
     specs: Sequence[PromptSpec], *, vocab: VocabManifest, tokenizer: Any | None, prefix: str | None = "eos",
 ) -> list[list[int]]:
-    """Text -> [prefix] + (tokenizer ids + text_start); ``prompt_ids`` pass through unchanged.
+    """Text -> [prefix] + (tokenizer ids + text_start), or with ``prefix="turn"`` the conversation's
+    first user turn ``<eos> <user> ids <eot> <assistant>`` (``conversation.turn_prompt``);
+    ``prompt_ids`` pass through unchanged.
 
     The default prefix is ``<eos>``: the data pipeline separates documents with ``<eos>`` (no
     ``<s>``), so an answer starts where a training document starts.
     """
+    from .conversation import turn_prompt
+
     out = []
     for s in specs:
         if s.ids is not None:
@@ -142,6 +169,9 @@ def encode_prompts(
             raise ValueError(
                 f"{s.source}: the tokenizer gives ids beyond the manifest's text_size {vocab.text_size}"
             )
+        if prefix == "turn":
+            out.append([vocab.eos] + turn_prompt(ids, vocab=vocab))
+            continue
         head = [] if prefix is None else [vocab.eos if prefix == "eos" else vocab.bos]
         out.append(head + ids)
     return out
@@ -228,7 +258,7 @@ def generate_answers(
     *, checkpoint: str | Path, prompts: Sequence[PromptSpec], config: GenerationConfig,
     vocab_path: str | Path | None = None, tokenizer: str | None = None,
     image_tokenizer: str | None = None, out_dir: str | Path | None = None, batch_size: int = 8,
-    device: str = "cpu", dtype: torch.dtype = torch.float32, prompt_prefix: str | None = "eos",
+    device: str = "cpu", dtype: torch.dtype = torch.float32, prompt_prefix: str | None = "auto",
     progress: bool = True, retrieval: RetrievalOptions | None = None, decode: str = "auto",
     trust_pickle: bool = False,
 ) -> list[Answer]:
@@ -236,6 +266,9 @@ def generate_answers(
 
     ``decode``: the engine's decode mode (``Engine(decode=...)``: eager, static or graph; ``auto``
     = graph on CUDA, eager elsewhere).
+
+    ``prompt_prefix``: ``PROMPT_PREFIXES``' values; with ``turn`` (``auto`` on a model with
+    conversation tokens) each answer ends at ``<eot>``, as a chat's first answer.
 
     ``retrieval``: prefix each text prompt with documents retrieved from a memory bank (module
     docstring); the answers are then ``RetrievalAnswer``s recording them.
@@ -267,6 +300,11 @@ def generate_answers(
                 f"image tokenizer {image_tokenizer} has a {tuple(decoder.grid)} grid of {decoder.n_codes} codes "
                 f"but the manifest says {tuple(vocab.image_grid)} and {vocab.image_codes}"
             )
+    prompt_prefix = resolve_prefix(prompt_prefix, vocab=vocab)
+    if prompt_prefix == "turn":
+        import dataclasses
+
+        config = dataclasses.replace(config, end_id=vocab.eot)
     ids = encode_prompts(prompts, vocab=vocab, tokenizer=tok, prefix=prompt_prefix)
     seeds = [s.seed if s.seed is not None else config.seed + i for i, s in enumerate(prompts)]
     uncond: list[list[int]] | None = None
@@ -294,10 +332,5 @@ def generate_answers(
     if tok is not None:
         attach_text(answers, tokenizer=tok)
     if out_dir is not None:
-        out = Path(out_dir)
-        if decoder is not None:
-            save_images(answers, image_decoder=decoder, out_dir=out)
-        write_atomic(out / "answers.jsonl", to_jsonl(answers))
-        write_atomic(out / "answers.md", to_markdown(answers))
-        write_atomic(out / "answers.html", to_html(answers))
+        write_answer_set(answers, out_dir=out_dir, image_decoder=decoder)
     return answers

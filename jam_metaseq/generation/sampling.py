@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from jam_metaseq.inputs import check_float, check_int
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -39,14 +41,11 @@ class SamplingConfig:
     """CTRL-style penalty on tokens already seen (1 = off): positive logits / p, negative * p."""
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        # finite and in range: a NaN passes every ``<`` check and samples all-zero ids
+        check_float(self.temperature, name="temperature", lo=0.0)
+        check_float(self.top_p, name="top_p", lo=0.0, hi=1.0, lo_open=True)
+        check_int(self.top_k, name="top_k", lo=0)
+        check_float(self.repetition_penalty, name="repetition_penalty", lo=0.0, lo_open=True)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:

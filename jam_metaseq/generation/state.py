@@ -2,7 +2,9 @@
 
 The model writes text until it samples ``<break>``; then exactly ``image_tokens`` image codes
 follow (only image codes allowed), a ``<break>`` is forced to close the image, and text resumes
-until ``<eos>`` or the length limit. This module knows ids only (``MixedModalRules``), never a
+until ``<eos>`` or the length limit. Where a vocabulary frames images with two ids (Chameleon: begin
+``<racm3:break>``, end ``<eoss>``; ``VocabManifest.boi`` / ``eoi``), the begin id opens and the end
+id is forced to close; text then never draws an image id or a frame id. This module knows ids only (``MixedModalRules``), never a
 tokenizer, and keeps every row's state in (B,) tensors so a decode step needs no host sync:
 
     TEXT  --<break>-->  IMAGE (image_tokens codes)  -->  CLOSE (forced <break>)  -->  TEXT
@@ -19,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from jam_metaseq.vocab import VocabManifest
@@ -42,7 +45,7 @@ class MixedModalRules:
     image_end: int
     """One past the last image-code id."""
     break_id: int
-    """``<break>``: opens and closes every image."""
+    """``<break>``: opens every image (``VocabManifest.boi``), and closes it unless ``eoi``."""
     eos: int
     """End of answer."""
     pad: int
@@ -57,13 +60,26 @@ class MixedModalRules:
     """``<eos>`` is forbidden until this many images were written (when one still fits)."""
     force_image_first: bool = False
     """Open an image right after the prompt (text-to-image)."""
+    eoi: int | None = None
+    """The id closing an image when it is not ``break_id`` (``VocabManifest.eoi``); None: ``<break>``."""
+    text_holes: tuple[int, ...] = ()
+    """Ids inside [text_start, text_end) that are not text and never drawn as text (an imported
+    tokenizer's specials and the reserved ids serving as CM3 sentinels: ``VocabManifest.is_text``)."""
+
+    @property
+    def close_id(self) -> int:
+        """The id forced after an image's last code."""
+        return self.break_id if self.eoi is None else self.eoi
 
     @classmethod
     def from_vocab(cls, vocab: VocabManifest, *, vocab_size: int | None = None, **limits) -> "MixedModalRules":
+        ids = np.arange(vocab.text_start, vocab.text_end)
+        holes = ids[~np.asarray(vocab.is_text(ids), dtype=bool) & ~np.asarray(vocab.is_image(ids), dtype=bool)]
         return cls(
             vocab_size=vocab_size or vocab.size, text_start=vocab.text_start, text_end=vocab.text_end,
-            image_start=vocab.image_start, image_end=vocab.image_end, break_id=vocab.break_id,
-            eos=vocab.eos, pad=vocab.pad,
+            image_start=vocab.image_start, image_end=vocab.image_end, break_id=vocab.boi,
+            eos=vocab.eos, pad=vocab.pad, eoi=None if vocab.eoi == vocab.boi else vocab.eoi,
+            text_holes=tuple(int(i) for i in holes),
             **{"image_tokens": vocab.image_tokens_per_image, **limits},
         )
 
@@ -77,10 +93,11 @@ class MixedModalRules:
 
 
 def scan_prompt(prompt: Sequence[int], rules: MixedModalRules) -> tuple[int, int]:
-    """(mode, image tokens already written) after ``prompt``: an odd number of ``<break>`` leaves an
-    image open (e.g. a text-to-image prompt ending in ``<break>``)."""
+    """(mode, image tokens already written) after ``prompt``: an odd number of ``<break>`` (more
+    begins than ends) leaves an image open (e.g. a text-to-image prompt ending in ``<break>``)."""
     breaks = [i for i, t in enumerate(prompt) if t == rules.break_id]
-    if len(breaks) % 2 == 0:
+    ends = len(breaks) // 2 if rules.eoi is None else sum(1 for t in prompt if t == rules.eoi)
+    if len(breaks) == (2 * ends if rules.eoi is None else ends):
         return TEXT, 0
     written = sum(1 for t in prompt[breaks[-1] + 1 :] if rules.image_start <= t < rules.image_end)
     if written > rules.image_tokens:
@@ -112,8 +129,12 @@ class MixedModalState:
         self.mode = torch.where(self.limit <= 0, torch.full_like(self.mode, DONE), self.mode)
         V = rules.vocab_size
         ids = torch.arange(V, device=device)
-        self._text_ok = (ids >= rules.text_start) & (ids < rules.text_end)  # (V,)
         self._image_ok = (ids >= rules.image_start) & (ids < rules.image_end)  # (V,)
+        # Text: the text range less image ids, frames and pad (an imported tokenizer's range holds them).
+        self._text_ok = (ids >= rules.text_start) & (ids < rules.text_end) & ~self._image_ok \
+            & (ids != rules.break_id) & (ids != rules.close_id) & (ids != rules.pad)  # (V,)
+        if rules.text_holes:
+            self._text_ok[torch.tensor(rules.text_holes, device=device)] = False
 
     @property
     def done(self) -> torch.Tensor:
@@ -155,7 +176,7 @@ class MixedModalState:
             | ((self.images < r.min_images) & (remaining <= (r.min_images - self.images) * (r.image_tokens + 2)))
         )
         forced = torch.where(owe_image, torch.full_like(forced, r.break_id), forced)
-        forced = torch.where(self.mode == CLOSE, torch.full_like(forced, r.break_id), forced)
+        forced = torch.where(self.mode == CLOSE, torch.full_like(forced, r.close_id), forced)
         forced = torch.where(self.mode == DONE, torch.full_like(forced, r.pad), forced)
         return forced
 
@@ -176,8 +197,8 @@ class MixedModalState:
         # IMAGE: count codes; the last one hands over to CLOSE.
         pos = torch.where(mode == IMAGE, self.image_pos + 1, self.image_pos)
         new_mode = torch.where((mode == IMAGE) & (pos >= r.image_tokens), torch.full_like(mode, CLOSE), new_mode)
-        # CLOSE: the forced <break> closes the image.
-        closed = (mode == CLOSE) & is_break
+        # CLOSE: the forced <break> (or end-of-image id) closes the image.
+        closed = (mode == CLOSE) & (tokens == r.close_id)
         new_mode = torch.where(closed, torch.full_like(mode, TEXT), new_mode)
         pos = torch.where(closed | ((mode == TEXT) & is_break), torch.zeros_like(pos), pos)
         self.images.add_(closed.long())

@@ -26,6 +26,7 @@ from jam_metaseq.hosts import args as jam_args
 from jam_metaseq.hosts import compat
 from jam_metaseq.models import build_model
 from jam_metaseq.objectives.loss import per_token_nll, reduce_token_nll, token_weights
+from jam_metaseq.models.config import CHECKPOINT_KEY as CONFIG_KEY
 from jam_metaseq.vocab import VocabManifest
 
 
@@ -197,7 +198,7 @@ class CM3TaskMixin:
     def on_model_built(self, model: Any, args: argparse.Namespace) -> None:
         """Record the config in the task state (the starting weights are checked when a trainer
         loads them: ``compat.patch_host_load_checkpoint``)."""
-        self.state.merge_state_dict({"jam_config": model.jam_config.to_dict()})  # type: ignore[attr-defined]
+        self.state.merge_state_dict({CONFIG_KEY: model.jam_config.to_dict()})  # type: ignore[attr-defined]
 
     def max_positions(self) -> int:
         return self.opts.tokens_per_sample

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from jam_metaseq.errors import JamError
+from jam_metaseq.inputs import loads_yaml
 
 from .config import VQGANConfig
 from .model import VQGAN
@@ -86,12 +87,12 @@ def resolve_paths(path: str | os.PathLike) -> tuple[Path, Path]:
 def read_config(yaml_path: str | os.PathLike) -> VQGANConfig:
     """``vqgan.yaml`` (taming ``model.params``, or the params mapping itself) -> ``VQGANConfig``."""
     yaml_path = Path(yaml_path)
-    yaml = _yaml()
+    _yaml()  # PyYAML's install advice
     try:
-        with open(yaml_path, "rb") as f:
-            doc = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{yaml_path}: not valid YAML ({' '.join(str(e).split())})") from None
+        text = yaml_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{yaml_path}: not UTF-8 text (byte offset {e.start})") from None
+    doc = loads_yaml(text, where=str(yaml_path))  # nesting and alias expansion bounded
     if not isinstance(doc, dict):
         raise ValueError(f"{yaml_path}: expected a YAML mapping")
     params = doc.get("model", {}).get("params", doc) if isinstance(doc.get("model"), dict) else doc

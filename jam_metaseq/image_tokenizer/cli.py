@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from jam_metaseq.errors import JamError, add_trust_pickle_flag, run_cli
+from jam_metaseq.inputs import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED, THREADS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -90,8 +91,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise JamError(f"--preset/--resolution/--codes: {e}") from None
     images = [str(p) for p in _expand_inputs(args.images)] if args.images else None
     if args.cycle_weight is not None:
-        if args.cycle_weight < 0:
-            raise JamError(f"--cycle-weight must be >= 0, got {args.cycle_weight}")
         extra["cycle_weight"] = args.cycle_weight
     tok = train_tiny_tokenizer(
         images,
@@ -191,20 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training images: files, directories or JSONL of {\"image\": path}; "
                         "default: procedural coloured shapes")
     t.add_argument("--preset", default="tiny", help="model preset (tiny, make_a_scene_256, chameleon_512)")
-    t.add_argument("--resolution", type=int, default=None, help="override the preset's image side in pixels")
-    t.add_argument("--codes", type=int, default=None, help="override the preset's codebook size")
-    t.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
-    t.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
-    t.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate, cosine-decayed (default 1e-3)")
+    t.add_argument("--resolution", type=POSITIVE_INT, default=None, help="override the preset's image side in pixels")
+    t.add_argument("--codes", type=POSITIVE_INT, default=None, help="override the preset's codebook size")
+    t.add_argument("--steps", type=POSITIVE_INT, default=1500, help="optimizer steps (default 1500)")
+    t.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="images per step (default 16)")
+    t.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3, help="peak Adam learning rate, cosine-decayed (default 1e-3)")
     t.add_argument("--codebook", choices=("ema", "loss"), default="ema",
                    help="codebook update: moving average (ema) or VQ loss gradient (loss)")
-    t.add_argument("--cycle-weight", type=float, default=None,
+    t.add_argument("--cycle-weight", type=NON_NEGATIVE_FLOAT, default=None,
                    help="weight of the cycle-consistency loss that keeps encode -> decode -> encode stable "
                         "(0 = off; default: TrainConfig's, 0.02)")
-    t.add_argument("--pool-size", type=int, default=1024,
+    t.add_argument("--pool-size", type=POSITIVE_INT, default=1024,
                    help="synthetic images generated up front when --images is not given (default 1024)")
-    t.add_argument("--seed", type=int, default=0, help="seed for weights, data and batch order")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads while training")
+    t.add_argument("--seed", type=SEED, default=0, help="seed for weights, data and batch order")
+    t.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads while training")
     common(t)
     t.set_defaults(func=cmd_train)
 
@@ -212,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--tokenizer", required=True,
                         help="directory with vqgan.ckpt + vqgan.yaml, or one of those files")
         sp.add_argument("--device", default="cpu", help="torch device (default cpu)")
-        sp.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+        sp.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="images per forward pass (default 16)")
         add_trust_pickle_flag(sp)
         common(sp)
 

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from jam_metaseq.inputs import load_image
+
 from . import checkpoint as ckpt_io
 from .config import VQGANConfig
 from .model import VQGAN
@@ -113,13 +115,9 @@ class ImageTokenizer:
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file fully (so the file handle closes) or raise naming the file."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy() if im.mode in ("RGB", "RGBA", "LA", "L", "P") else im.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from None
+    """Open an image file fully (so the file handle closes) or raise naming the file; its pixel
+    count is bounded from the header before decoding (``jam_metaseq.inputs.load_image``)."""
+    return load_image(path, modes=("RGB", "RGBA", "LA", "L", "P"))
 
 
 def load_image_tokenizer(

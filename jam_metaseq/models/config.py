@@ -28,6 +28,7 @@ NORMS = ("layernorm", "rmsnorm", "rmsnorm_plus_one")
 POSITION_KINDS = ("learned", "rotary")
 MLPS = ("plain", "gated")
 QKV_LAYOUTS = ("fused", "separate")
+QK_NORMS = ("none", "layernorm_per_head")
 ACTIVATIONS = ("relu", "gelu", "silu", "gelu_tanh")
 ROPE_TYPES: dict[str, tuple[str, ...]] = {
     "linear": ("factor",),
@@ -108,12 +109,26 @@ class DecoderConfig:
     embed_scale_in_dtype: bool = False
     """Round the sqrt(E) embedding factor to the model's dtype before the multiply (HF Gemma) rather
     than multiply by it in full precision (metaseq). Equal in fp32."""
+    # ---- Chameleon (issue 24): defaults again the OPT / Llama behaviour, left out of ``to_dict``.
+    qk_norm: Literal["none", "layernorm_per_head"] = "none"
+    """``layernorm_per_head`` (Chameleon): each head's query and key (D features) go through a
+    LayerNorm with that head's own weight and bias ((H, D) for q, (G, D) for k), after the
+    projection and before the rotary; eps 1e-5 (``norms.QK_NORM_EPS``)."""
+    swin_norm: bool = False
+    """Norms after the sublayers, inside the residual (Chameleon-30B, HF ``swin_norm``):
+    x + N(Attn(x)), then x + N(FFN(x)), instead of the pre-norm x + Attn(N(x)), x + FFN(N(x))."""
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "embed_dim", "ffn_dim", "heads", "max_positions"):  # issue 27 §3: counts
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 0:
+            raise ValueError(f"layers must be a non-negative integer, got {self.layers!r}")
         if self.attn_head_dim is None and self.embed_dim % self.heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by heads {self.heads}")
         for name, allowed in (("activation", ACTIVATIONS), ("norm", NORMS), ("positions", POSITION_KINDS),
-                              ("mlp", MLPS), ("qkv", QKV_LAYOUTS)):
+                              ("mlp", MLPS), ("qkv", QKV_LAYOUTS), ("qk_norm", QK_NORMS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.heads % self.num_kv_heads:
@@ -162,9 +177,10 @@ class DecoderConfig:
 FAMILY_DEFAULTS: dict[str, Any] = {
     f.name: f.default for f in dataclasses.fields(DecoderConfig)
     if f.name in ("norm", "positions", "rope_theta", "rope_scaling", "mlp", "kv_heads", "attn_head_dim", "qkv",
-                  "qkv_bias", "tie_embeddings", "embed_scale_in_dtype")
+                  "qkv_bias", "tie_embeddings", "embed_scale_in_dtype", "qk_norm", "swin_norm")
 }
-"""The Llama-family fields and their (OPT) defaults: ``to_dict`` writes them only where they differ."""
+"""The Llama-family and Chameleon fields and their (OPT) defaults: ``to_dict`` writes them only where
+they differ."""
 
 
 def normalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -192,13 +208,18 @@ SHAPE_FIELDS = ("embed_dim", "ffn_dim", "layers", "heads", "kv_heads", "attn_hea
 other ``DecoderConfig`` field (vocabulary, positions, padding, biases, norm kind, activation,
 embedding scale, dropout, init, the Llama-family fields) is shared. ``kv_heads`` and
 ``attn_head_dim`` (grouped k/v heads, head width) are shape: Gemma-2B and Gemma-7B differ in both."""
+BRANCH_FIELDS = ("qk_norm", "swin_norm")
+"""The block type a JAM-Cross branch keeps from its own parent besides its shape (issue 24: a
+Llama-2 branch without q/k norms beside a Chameleon branch with them): each branch computes its
+own block, so its parents may differ in these; JAM-Uniform and JAM-Width mix one block's weights
+and refuse parents that differ in them (naming JAM-Cross)."""
 TENSOR_FIELDS = ("vocab_size", "max_positions", "bias", "affine_ln", "positions", "mlp", "qkv", "qkv_bias",
-                 "tie_embeddings")
+                 "tie_embeddings", "qk_norm")
 """Besides ``SHAPE_FIELDS``, the fields a checkpoint's tensors show (embedding and position rows,
-biases, norm weights, the gate, separate or fused q/k/v, an untied head): the parents of every
-fusion agree in them, whatever their shapes."""
+biases, norm weights, the gate, separate or fused q/k/v, an untied head, per-head q/k norms): the
+parents of every fusion agree in them, whatever their shapes."""
 FUNCTION_FIELDS = ("activation", "scale_embedding", "ln_eps", "padding_idx", "norm", "rope_theta", "rope_scaling",
-                   "embed_scale_in_dtype")
+                   "embed_scale_in_dtype", "swin_norm")
 """Fields of the function, not of the tensors, that JAM-Cross's parents must share as well (its
 image branch takes the LLM's)."""
 
@@ -217,7 +238,8 @@ class CrossConfig:
 
     Symmetric (``image_parent`` None, the paper's case): both branches are shaped like ``parent``.
     Asymmetric (the paper's stated future work): the image branch is shaped like ``image_parent``,
-    which may differ from ``parent`` in ``SHAPE_FIELDS`` (width, FFN, depth, heads) only.
+    which may differ from ``parent`` in ``SHAPE_FIELDS`` (width, FFN, depth, heads) and in its block
+    type ``BRANCH_FIELDS`` (Chameleon's q/k norms beside a Llama branch) only.
 
     - Cross blocks are rectangular (Eq. 4): the block of side s takes its query from its own
       width E_s and projects keys and values from the other branch's width E_o to E_s (``k_proj``,
@@ -262,18 +284,18 @@ class CrossConfig:
         if self.image_parent is not None:
             a, b = self.parent, self.image_parent
             for f in dataclasses.fields(DecoderConfig):
-                if f.name not in SHAPE_FIELDS and f.name != "arch" and getattr(a, f.name) != getattr(b, f.name):
+                if f.name not in (*SHAPE_FIELDS, *BRANCH_FIELDS, "arch") and getattr(a, f.name) != getattr(b, f.name):
                     raise ValueError(f"the parents of JAM-Cross must share {f.name}: the LLM has "
                                      f"{getattr(a, f.name)!r}, the image parent {getattr(b, f.name)!r} "
-                                     f"(they may differ only in {', '.join(SHAPE_FIELDS)})")
-            if all(getattr(a, f) == getattr(b, f) for f in SHAPE_FIELDS):
+                                     f"(they may differ only in {', '.join((*SHAPE_FIELDS, *BRANCH_FIELDS))})")
+            if all(getattr(a, f) == getattr(b, f) for f in (*SHAPE_FIELDS, *BRANCH_FIELDS)):
                 self.image_parent = None  # one shape: the symmetric model, whatever the spelling
             else:
                 self.image_parent = dataclasses.replace(b, arch=ARCH_DECODER)
 
     @property
     def symmetric(self) -> bool:
-        """Both branches have the LLM's shape (the paper's JAM-Cross)."""
+        """Both branches have the LLM's shape and block (the paper's JAM-Cross)."""
         return self.image_parent is None
 
     @property
@@ -359,6 +381,12 @@ class CrossConfig:
 
 
 ModelConfig = Union[DecoderConfig, CrossConfig]
+
+
+CHECKPOINT_KEY = "jam_config"
+"""Where a checkpoint stores its model's config (as ``to_dict()``): a top-level entry of a ``.pt``
+(beside ``jam_metaseq.vocab.CHECKPOINT_KEY``), an ``__metadata__`` entry (JSON) of a safetensors
+file, ``task_state[CHECKPOINT_KEY]`` of a host-trained checkpoint."""
 
 
 def config_from_dict(d: dict[str, Any]) -> ModelConfig:
@@ -487,6 +515,22 @@ PRESETS.update({
                               attn_head_dim=256, max_positions=8192, padding_idx=0, **_GEMMA),
     "gemma_7b": DecoderConfig(vocab_size=256000, embed_dim=3072, ffn_dim=24576, layers=28, heads=16,
                               attn_head_dim=256, max_positions=8192, padding_idx=0, **_GEMMA),
+})
+
+# Chameleon (issue 24): the Llama-2 block with per-head q/k LayerNorm (``qk_norm``), and for the 30B
+# model the norms after the sublayers (``swin_norm``); FFN = 8E/3 rounded up to 256 (HF's converter:
+# 11,008 and 22,016). The 30B model is the paper's "34B": 8 k/v heads give 34.29 B parameters (64
+# would give 39.9 B). 65,536 ids, 8,192 of them image codes (docs/FAMILIES.md, "Chameleon and
+# different tokenizers"); ``<pad>`` is id 1, as in our manifests. Anole-7B (GAIR) is Chameleon-7B's
+# tensors fine-tuned: the same preset.
+_CHAMELEON = dict(_LLAMA, qk_norm="layernorm_per_head")
+PRESETS.update({
+    "chameleon_tiny": DecoderConfig(vocab_size=128, embed_dim=32, ffn_dim=64, layers=2, heads=4, kv_heads=2,
+                                    max_positions=64, **_CHAMELEON),
+    "chameleon_7b": DecoderConfig(vocab_size=65536, embed_dim=4096, ffn_dim=11008, layers=32, heads=32,
+                                  max_positions=4096, padding_idx=1, **_CHAMELEON),
+    "chameleon_30b": DecoderConfig(vocab_size=65536, embed_dim=8192, ffn_dim=22016, layers=48, heads=64, kv_heads=8,
+                                   max_positions=4096, padding_idx=1, swin_norm=True, **_CHAMELEON),
 })
 
 

@@ -16,6 +16,11 @@ them), ``mlp="gated"``, grouped k/v heads (``kv_heads``; the KV cache stores k/v
 width of its own (``attn_head_dim``), separate q/k/v, an untied output projection. Each reproduces
 HF's ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``GemmaForCausalLM`` (``tests/test_models_families.py``).
 
+Chameleon (issue 24) is that block with two more fields: ``qk_norm="layernorm_per_head"`` (each
+head's query and key normalised by a LayerNorm with per-head weights before the rotary,
+``norms.HeadNorm``) and ``swin_norm`` (the 30B model's norms after attention and FFN, inside the
+residual). It reproduces HF's ``ChameleonForConditionalGeneration`` (``tests/test_models_chameleon.py``).
+
 Attention runs through ``torch.nn.functional.scaled_dot_product_attention``; tokens equal to
 ``padding_idx`` are masked as keys and get the padding position row, so left-padded batches give
 each row the result it would give alone (unlike metaseq's training path, which ignores padding).
@@ -41,7 +46,7 @@ from torch import nn
 from . import keys
 from .cache import KVCache
 from .config import CrossConfig, DecoderConfig, ModelConfig
-from .norms import make_norm
+from .norms import HeadNorm, make_norm
 from .rotary import apply_rotary, rotary_tables
 
 
@@ -217,12 +222,16 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.slot = slot
         self.dropout = cfg.attention_dropout
+        self.q_norm: nn.Module | None = None  # per-head q/k norms (``qk_norm``): self-attention only
+        self.k_norm: nn.Module | None = None
 
     def attend_and_project(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            ctx: AttentionContext) -> torch.Tensor:
         """(B, T, H D), 2 x (B, T, G D) -> (B, T, E)."""
         D = self.head_dim
         q, k, v = split_heads(q, q.shape[-1] // D), split_heads(k, k.shape[-1] // D), split_heads(v, v.shape[-1] // D)
+        if self.q_norm is not None:  # Chameleon: per head, before the rotary (HF, Meta's code)
+            q, k = self.q_norm(q), self.k_norm(k)
         if ctx.rotary is not None:
             cos, sin = ctx.rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -232,7 +241,8 @@ class Attention(nn.Module):
 
 class SelfAttention(Attention):
     """Self-attention: fused ``qkv_proj`` with rows [K; V; Q] as in metaseq (``qkv="fused"``), or
-    separate ``q_proj`` (H D, E), ``k_proj`` / ``v_proj`` (G D, E) (``qkv="separate"``)."""
+    separate ``q_proj`` (H D, E), ``k_proj`` / ``v_proj`` (G D, E) (``qkv="separate"``); with
+    ``qk_norm``, per-head ``q_norm`` (H, D) and ``k_norm`` (G, D)."""
 
     def __init__(self, cfg: DecoderConfig, slot: int) -> None:
         super().__init__(cfg, slot)
@@ -246,6 +256,9 @@ class SelfAttention(Attention):
             self.k_proj = nn.Linear(E, kv_dim, bias=cfg.has_qkv_bias)
             self.v_proj = nn.Linear(E, kv_dim, bias=cfg.has_qkv_bias)
         self.out_proj = nn.Linear(cfg.heads * cfg.head_dim, E, bias=cfg.bias)
+        if cfg.qk_norm == "layernorm_per_head":
+            self.q_norm = HeadNorm(cfg.heads, cfg.head_dim)
+            self.k_norm = HeadNorm(cfg.num_kv_heads, cfg.head_dim)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         if self.fused:
@@ -288,7 +301,8 @@ class PreLNBlock(nn.Module):
 
 
 class DecoderLayer(PreLNBlock):
-    """Pre-LN: x + Attn(LN(x)), then x + FFN(LN(x))."""
+    """Pre-LN: x + Attn(LN(x)), then x + FFN(LN(x)); with ``swin_norm`` (Chameleon-30B) the norms
+    follow the sublayers: x + LN(Attn(x)), then x + LN(FFN(x)) (same tensors, same names)."""
 
     def __init__(self, cfg: DecoderConfig, slot: int) -> None:
         super().__init__()
@@ -296,8 +310,13 @@ class DecoderLayer(PreLNBlock):
         self.self_attn = SelfAttention(cfg, slot)
         self.self_attn_layer_norm = make_norm(cfg.embed_dim, cfg)
         self.add_ffn(cfg)
+        self.swin = cfg.swin_norm
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if self.swin:
+            p, training = self.cfg.dropout, self.training
+            x = x + F.dropout(self.self_attn_layer_norm(self.self_attn(x, ctx)), p=p, training=training)
+            return x + F.dropout(self.final_layer_norm(self.ffn(x)), p=p, training=training)
         return self.residual_and_ffn(x, self.self_attn(self.self_attn_layer_norm(x), ctx))
 
 

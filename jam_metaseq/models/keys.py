@@ -25,7 +25,8 @@ Biases exist only with ``cfg.bias`` (q/k/v: ``cfg.has_qkv_bias``), norm weights 
 ``self_attn.{q,k,v}_proj`` instead of ``qkv_proj`` (``Q_PROJ`` says why), a gate ``fc_gate`` beside
 ``fc1``/``fc2``, RMSNorms under the ``*layer_norm`` names and no position table; with
 ``tie_embeddings=False`` the output projection is its own tensor. HF's names for them:
-``jam_metaseq/models/hf_families.py``.
+``jam_metaseq/models/hf_families.py``. Chameleon (``qk_norm``) adds per-head ``self_attn.q_norm`` /
+``self_attn.k_norm`` weights and biases (``Q_NORM`` says how they split and start).
 
 Model-parallel rules (Megatron, as metaseq splits): ``replicated`` (every rank holds it),
 ``vocab`` (rows split: vocab-parallel embedding and output projection), ``column`` (output rows
@@ -66,6 +67,7 @@ NEEDS = {
     "separate_qkv": lambda c: c.qkv == "separate",
     "gated": lambda c: c.mlp == "gated",
     "learned_positions": lambda c: c.learned_positions,
+    "qk_norm": lambda c: c.qk_norm != "none",
 }
 """What an ``Entry.needs`` may name: a property of a ``DecoderConfig`` (the block's branch)."""
 
@@ -94,6 +96,16 @@ whose M row blocks are whole heads, and rank r's query heads [rH/M, (r+1)H/M) re
 k/v heads [rG/M, (r+1)G/M) (query head h reads k/v head h // (H/G)), so a rank needs no other
 rank's keys. It is also the HF layout, tensor for tensor: reading or writing a 7B HF checkpoint
 streams one tensor at a time with no concatenation, and JAM-Width widens each as a plain matrix."""
+Q_NORM, K_NORM = "self_attn.q_norm", "self_attn.k_norm"
+"""Chameleon's per-head query / key LayerNorms (``qk_norm="layernorm_per_head"``, HF's names):
+weight and bias of shape (H, D) for q and (G, D) for k, one row per head.
+
+Model parallelism: rule ``column`` (rows = heads), the split of the q/k projections they follow:
+the rank holding query heads [rH/M, (r+1)H/M) and k/v heads [rG/M, (r+1)G/M) holds exactly those
+rows (the statistics are per head, so no rank needs another's). Meta's original MP=M files hold one
+(D,) vector per rank, which HF's converter repeats over that rank's heads: the same split read back.
+JAM-Width stacks the parents' rows, [llm heads; img heads], as it orders the widened heads.
+Fresh init: weight 1, bias 0 (torch's LayerNorm), whatever ``norm`` the rest of the block uses."""
 FC_GATE, FC1, FC2 = "fc_gate", "fc1", "fc2"
 """The FFN's (F, E) and (E, F) projections, in decoder layers and cross blocks alike; a gated
 MLP (``mlp="gated"``) adds ``fc_gate`` (F, E): fc2(act(fc_gate(x)) * fc1(x)), i.e. HF's
@@ -114,11 +126,14 @@ LAYER: tuple[Entry, ...] = (
     *_linear(K_PROJ, "column", "column", needs=("separate_qkv",), bias="qkv_bias"),
     *_linear(V_PROJ, "column", "column", needs=("separate_qkv",), bias="qkv_bias"),
     *_linear("self_attn.out_proj", "row", "replicated"),
+    *_linear(Q_NORM, "column", "column", needs=("qk_norm",), bias="qk_norm"),
+    *_linear(K_NORM, "column", "column", needs=("qk_norm",), bias="qk_norm"),
     *_norm("self_attn_layer_norm"),
     *_FFN,
 )
-"""A decoder layer: self-attention (fused [K; V; Q] or separate q/k/v), its norm, the FFN (gated
-or not) and its norm. The norms keep metaseq's ``*layer_norm`` names whatever their kind."""
+"""A decoder layer: self-attention (fused [K; V; Q] or separate q/k/v; Chameleon's per-head q/k
+norms), its norm, the FFN (gated or not) and its norm. The norms keep metaseq's ``*layer_norm``
+names whatever their kind."""
 
 CROSS: tuple[Entry, ...] = (
     *_linear("cross_attn.q_proj", "column", "column", bias="qkv_bias"),
@@ -294,9 +309,18 @@ def block_indices(keys: Iterable[str], container: str) -> set[int]:
     return {b[1] for b in map(block_of, keys) if b is not None and b[0] == container}
 
 
+_QK_NORMS = tuple(f"{n}.{kind}" for n in (Q_NORM, K_NORM) for kind in ("weight", "bias"))
+
+
+def is_qk_norm(key: str) -> bool:
+    """A per-head q/k norm's weight or bias (``Q_NORM``, ``K_NORM``)."""
+    return key.endswith(_QK_NORMS)
+
+
 def is_norm(key: str) -> bool:
-    """A normalisation's tensor (LayerNorm or RMSNorm: the ``*layer_norm`` names)."""
-    return "layer_norm" in key
+    """A normalisation's tensor (LayerNorm or RMSNorm: the ``*layer_norm`` names; Chameleon's
+    per-head q/k norms)."""
+    return "layer_norm" in key or is_qk_norm(key)
 
 
 def config_of(key: str, cfg):
@@ -318,13 +342,16 @@ Init = Literal["normal", "zeros", "ones", "eye_halves"]
 
 def init_rule(key: str, cfg) -> Init:
     """How a fresh tensor ``key`` of the model ``cfg`` starts: ``zeros`` (biases), ``ones``
-    (norm weights; ``zeros`` for Gemma's ``rmsnorm_plus_one``, whose scale is 1 + w), ``normal``
+    (norm weights; ``zeros`` for Gemma's ``rmsnorm_plus_one``, whose scale is 1 + w; Chameleon's
+    q/k norms are LayerNorms: ``ones``), ``normal``
     (N(0, init_std): matrices and embeddings); with JAM-Cross's
     ``cross_init="preserve"`` the cross blocks' ``CROSS_PRESERVE_ZEROS`` are ``zeros`` and the
     feature projection is ``eye_halves``, [I/2, I/2] (asymmetric: [P_img/2, P_llm/2], P_s the
     (W, E_s) rectangular identity), so the new parts start as the identity."""
     if key.endswith("bias"):
         return "zeros"
+    if is_qk_norm(key):
+        return "ones"  # a LayerNorm whatever the block's ``norm``
     if is_norm(key):
         return "zeros" if config_of(key, cfg).norm == "rmsnorm_plus_one" else "ones"
     if getattr(cfg, "cross_init", None) == "preserve" and is_cross_new(key):

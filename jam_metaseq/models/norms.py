@@ -1,6 +1,7 @@
 """The normalisations of the decoder block: metaseq's LayerNorm (OPT) or RMSNorm (the Llama family;
 Gemma's (1 + w) form), chosen by ``DecoderConfig.norm``; the fusion code concatenates (JAM-Width)
-or averages (JAM-Uniform, JAM-Cross's final norm) their weights alike.
+or averages (JAM-Uniform, JAM-Cross's final norm) their weights alike. Chameleon's per-head query /
+key LayerNorm (``DecoderConfig.qk_norm``) is ``HeadNorm``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,30 @@ class RMSNorm(nn.Module):
         if self.plus_one:
             return (y * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * y.to(x.dtype)
+
+
+QK_NORM_EPS = 1e-5
+"""Epsilon of Chameleon's q/k norms: torch's LayerNorm default, which Meta's code uses and HF's
+``ChameleonLayerNorm`` fixes (it does not read ``rms_norm_eps``)."""
+
+
+class HeadNorm(nn.Module):
+    """LayerNorm over each head's D features with that head's own weight and bias, (heads, D) each:
+    (B, h, T, D) -> (B, h, T, D), computed in the input dtype (HF ``ChameleonLayerNorm``).
+
+    Statistics are per head and token, so a model-parallel rank holding heads [a, b) needs only
+    rows [a, b) of the weight and bias: they split by heads, like the q/k projections' rows
+    (``keys``: rule ``column``). ``h`` is read off the input, so a rank's module holds its rows."""
+
+    def __init__(self, heads: int, head_dim: int, *, eps: float = QK_NORM_EPS) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x, (x.shape[-1],), eps=self.eps)
+        return y * self.weight[:, None, :] + self.bias[:, None, :]
 
 
 def make_norm(dim: int, cfg: DecoderConfig) -> nn.Module:

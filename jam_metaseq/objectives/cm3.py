@@ -24,7 +24,11 @@ Rules, stated once:
   the end of the sequence) and sorted; span i = [p_2i, p_2i+1), cut short at the first barrier token after its start. So spans
   never overlap, never touch each other, have length >= 1 and never contain a barrier. Barriers:
   ``<break>`` and ``<pad>`` always; ``<eos>``/``<s>`` too unless ``cross_documents=True`` (spans do
-  not cross document boundaries inside a packed block).
+  not cross document boundaries inside a packed block); with a vocabulary's conversation tokens,
+  ``<user>``, ``<assistant>`` and ``<eot>`` (docs/CONVERSATIONS.md): a span lies inside one turn's
+  content, so every turn keeps its role token and its closing ``<eot>`` in place (the layout the
+  chat feeds and the ``<eot>`` it must learn to write where a turn ends), and no user token moves
+  into an assistant turn or the other way.
 - Length policy (``max_len``): the output is L + 3n long. When that exceeds max_len, the *input* is
   truncated to max_len - 3n tokens before the spans are drawn (policy "truncate"), so the appended
   spans always fit and the result stays invertible (to the truncated input). Binarizing with
@@ -69,7 +73,9 @@ def _num_spans(
 
 
 def _barrier_mask(tokens: np.ndarray, *, vocab: VocabManifest, cross_documents: bool) -> np.ndarray:
-    barrier = (tokens == vocab.break_id) | (tokens == vocab.pad)
+    barrier = vocab.is_frame(tokens) | (tokens == vocab.pad)
+    if vocab.conversation_tokens:  # a span stays inside one turn's content
+        barrier |= (tokens == vocab.user_id) | (tokens == vocab.assistant_id) | (tokens == vocab.eot)
     if not cross_documents:
         barrier |= (tokens == vocab.eos) | (tokens == vocab.bos)
     return barrier

@@ -10,12 +10,15 @@ field (and its line in the plan file). Checkpoints are opened lazily: no tensor 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
 from jam_metaseq.pipeline.spec import PARENTS, OptimSpec, PlanError, PlanSpec, ShapeSpec
 
-SHAPE_FIELDS = ("embed_dim", "ffn_dim", "layers", "heads", "activation", "bias", "affine_ln")
+SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(ShapeSpec))
+"""What a plan's ``model`` / ``image_model`` says (``ShapeSpec``'s fields, which are ``DecoderConfig``'s
+of the same names): a given parent checkpoint must match it there."""
 DOCS_CHECKED = 20
 """Documents of each JSONL file parsed up front (binarization checks the rest, naming file:line)."""
 
@@ -73,6 +76,35 @@ def _check_jsonl(path: Path, loc: tuple, probs: _Problems) -> None:
         return
     if seen == 0:
         probs.add(loc, f"{path}: no documents (the file is empty)")
+
+
+def caption_image_paths(paths: list[Path], *, limit: int) -> list[Path]:
+    """Image files named by ``{"image": path}`` segments of JSONL documents (relative to each file's
+    folder), at most ``limit``; bad lines are left to the readers that report them. None found in a
+    user's caption files means their images are already VQ codes (``image_tokens``): no image
+    tokenizer is needed to train and evaluate (issue 27), only to draw pictures."""
+    from jam_metaseq.data.documents import DocumentError, document_parts, parse_jsonl_line
+
+    out: list[Path] = []
+    for path in paths:
+        try:
+            f = open(path, "rb")
+        except OSError:
+            continue
+        with f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    prompt, segs = document_parts(parse_jsonl_line(line))
+                except DocumentError:
+                    continue
+                for s in (prompt or []) + segs:
+                    if isinstance(s, dict) and isinstance(s.get("image"), str):
+                        out.append(path.parent / s["image"])
+                        if len(out) >= limit:
+                            return out
+    return out
 
 
 def _check_budget(tokens: int, optim: OptimSpec, tps: int, loc: tuple, probs: _Problems) -> None:
@@ -148,6 +180,9 @@ def check_plan(plan: PlanSpec, *, source: str = "plan", lines: Mapping[tuple, in
         if missing:
             probs.add(("data", "image_tokenizer", "path"), f"{it}: no {' / '.join(missing)} (a VQGAN folder holds "
                                                             "vqgan.ckpt and vqgan.yaml)")
+    # ---- images as VQ codes (a user's caption files without one {"image": path} segment)
+    codes_only = it is None and d.caption is not None and not probs.items and \
+        not caption_image_paths([Path(f) for f in d.caption.train], limit=1)
     # ---- parents
     for role in PARENTS:
         spec = getattr(plan.parents, role)
@@ -192,9 +227,15 @@ def check_plan(plan: PlanSpec, *, source: str = "plan", lines: Mapping[tuple, in
         if d.text_tokenizer.path is None and d.vocab is None and not all(v is not None for _, v in given.values()):
             probs.add(("data", "text_tokenizer", "path"), "a given parent needs the tokenizer it was trained with "
                                                           "(a trained tokenizer would not match its embedding)")
-        if d.image_tokenizer.path is None and "img" in given:
+        if d.image_tokenizer.path is None and codes_only is False and "img" in given:
             probs.add(("data", "image_tokenizer", "path"), "a given parent needs the image tokenizer it was trained "
                                                            "with (a trained one would not match its image codes)")
+    # ---- image codes without an image tokenizer: the manifest they belong to must be given (what
+    # the tokenizers stage would refuse, refused here first)
+    if codes_only and d.vocab is None and not (given and all(v is not None for _, v in given.values())):
+        probs.add(("data", "image_tokenizer", "path"), "the caption training files hold no {\"image\": path} "
+                  "segment to train an image tokenizer on (image_tokens?): give data.vocab, the manifest their "
+                  "codes belong to, or data.image_tokenizer.path")
     # ---- budgets
     if any(getattr(plan.parents, r).trained for r in PARENTS):
         _check_budget(plan.parents.train.budget_tokens, plan.parents.train, tps, ("parents", "train", "budget_tokens"),
@@ -236,4 +277,4 @@ def check_plan(plan: PlanSpec, *, source: str = "plan", lines: Mapping[tuple, in
     return {"parents": given}
 
 
-__all__ = ["check_plan"]
+__all__ = ["caption_image_paths", "check_plan"]

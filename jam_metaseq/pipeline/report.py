@@ -5,7 +5,11 @@ sweep, and the choice of the model that writes the answers.
 pretraining on the largest budget) with its perplexities on every evaluation set, its training
 curve and its perplexities at the start of continued pretraining (the fused weights); ``sweep``
 holds every variant's final text and caption PPL for every budget, the parents as references;
-``instruct`` the instruction-tuned runs (Table 5). ``tables.txt`` prints the tables,
+``instruct`` the instruction-tuned runs (Table 5), with the conversation measurements of those
+tuned on conversations (``conversations``: assistant-turn PPL of held-out follow-ups with and
+without their history, prompt-following accuracy single-turn and as a follow-up, the share of
+answers closed with ``<eot>``; docs/CONVERSATIONS.md); with the built-in generator a row's ``drawn``
+is its single-turn prompt-following score (pictures drawn after a caption, read off their pixels). ``tables.txt`` prints the tables,
 ``curves.png`` the validation curves of the largest budget, ``sweep.png`` PPL against
 continued-pretraining tokens (one line per variant, parents as horizontal lines).
 
@@ -23,7 +27,7 @@ from typing import Any, Sequence
 from jam_metaseq.pipeline.layout import budget_tag
 from jam_metaseq.pipeline.spec import PAPER_CROSS, PARENTS, VARIANTS, PlanSpec, plan_dict
 
-TABLE_NAMES = ("table1", "table2", "table3", "table4", "table5", "sweep", "all")
+TABLE_NAMES = ("table1", "table2", "table3", "table4", "table5", "conversations", "sweep", "all")
 
 
 def _fmt(x: Any) -> str:
@@ -65,24 +69,30 @@ def _ppls(e: dict) -> dict:
 
 def build_results(*, plan: PlanSpec, evals: dict[str, dict], parents: dict[str, dict],
                   pretrain: dict[int, dict[str, dict]], instruct: dict[str, dict] | None = None,
-                  data_tokens: dict[int, dict[str, int]] | None = None) -> dict:
+                  data_tokens: dict[int, dict[str, int]] | None = None,
+                  conversations: dict[str, dict] | None = None, drawing: dict[str, dict] | None = None) -> dict:
     """The results document: one row per model (parents first), curves, the sweep, the tables.
     ``data_tokens``: budget -> source -> training tokens of that budget's continued pretraining
-    (the sweep then says how many epochs of each source a budget is)."""
+    (the sweep then says how many epochs of each source a budget is). ``conversations``: instruct
+    run -> ``eval.conversations.evaluate_conversations``'s result. ``drawing``: ``parent_img`` and
+    ``<budget>/<variant>`` -> ``eval.conversations.evaluate_drawing``'s scores (a row's ``drawn``)."""
+    drawing = drawing or {}
     top = plan.budgets[-1]
     rows = []
     for r, label in PARENTS.items():
         e, m = evals[f"parent_{r}"], parents[r]
         rows.append({"key": f"parent_{r}", "model": label, "role": "parent", "params": e["params"], **_ppls(e),
                      "curve": m.get("curve", []), "updates": m.get("updates", 0),
-                     "token_budget": m.get("token_budget", 0), "given": bool(m.get("given"))})
+                     "token_budget": m.get("token_budget", 0), "given": bool(m.get("given")),
+                     **({"drawn": drawing[f"parent_{r}"]} if f"parent_{r}" in drawing else {})})
     tag = budget_tag(top)
     for key in plan.variants:
         v, e, s, m = VARIANTS[key], evals[f"{tag}/{key}"], evals[f"start/{key}"], pretrain[top][key]
         rows.append({"key": key, "model": v.label, "role": "jam", "family": v.family, "init": v.init,
                      "cross_every": v.cross_every if v.family == "jam_cross" else None, "params": e["params"],
                      **_ppls(e), "start": {"text_ppl": _ppls(s)["text_ppl"], "caption_ppl": _ppls(s)["caption_ppl"]},
-                     "curve": m["curve"], "updates": m["updates"], "token_budget": m["token_budget"]})
+                     "curve": m["curve"], "updates": m["updates"], "token_budget": m["token_budget"],
+                     **({"drawn": drawing[f"{tag}/{key}"]} if f"{tag}/{key}" in drawing else {})})
     by = {r["key"]: r for r in rows}
 
     def pick(keys: Sequence[str]) -> list[dict]:
@@ -118,12 +128,17 @@ def build_results(*, plan: PlanSpec, evals: dict[str, dict], parents: dict[str, 
         for name, m in instruct.items():
             e = evals[f"instruct/{name}"]
             irows.append({"key": name, "variant": m["variant"], "mixture": m["mixture"], **_ppls(e),
-                          "curve": m["curve"], "updates": m["updates"], "token_budget": m["token_budget"]})
+                          "curve": m["curve"], "updates": m["updates"], "token_budget": m["token_budget"],
+                          **({"conversations": conversations[name]} if conversations and name in conversations
+                             else {})})
         results["instruct"] = irows
         tables["table5"] = {"title": "Table 5 (miniature): instruction tuning; validation image-caption PPL",
                             "header": ["Model", "Mixture", "Caption PPL", "Text PPL"],
                             "rows": [[VARIANTS[r["variant"]].label, " + ".join(r["mixture"]), r["caption_ppl"],
                                       r["text_ppl"]] for r in irows]}
+        conv = [r for r in irows if "conversations" in r]
+        if conv:
+            tables["conversations"] = _conversation_table(conv)
     # the budget sweep
     sweep = {"budgets": plan.budgets,
              "parents": {f"parent_{r}": {"model": PARENTS[r], **{k: by[f"parent_{r}"][k]
@@ -152,15 +167,49 @@ def build_results(*, plan: PlanSpec, evals: dict[str, dict], parents: dict[str, 
                 f"{src} " + ", ".join(_fmt(e) for e in eps) for src, eps in sweep["epochs"].items()) + "."
         tables["sweep"] = {"title": "Budget sweep: validation PPL after continued pretraining on each budget (tokens)",
                            "header": header, "rows": srows, "note": note}
+    drawn = any("drawn" in r for r in rows)
     allrows = [[r["model"], _size(r["params"]), r.get("start", {}).get("text_ppl"), r["text_ppl"],
-                r.get("start", {}).get("caption_ppl"), r["caption_ppl"]] for r in rows]
+                r.get("start", {}).get("caption_ppl"), r["caption_ppl"]]
+               + ([(r.get("drawn") or {}).get("all")] if drawn else []) for r in rows]
     tables["all"] = {"title": "All models: validation PPL at the start of continued pretraining (fused) and after",
-                     "header": ["Model", "Size", "Text@start", "Text", "Caption@start", "Caption"], "rows": allrows,
+                     "header": ["Model", "Size", "Text@start", "Text", "Caption@start", "Caption"]
+                     + (["Drawn"] if drawn else []), "rows": allrows,
                      "note": f"Same budget for every JAM model: {top // tpu} updates x {plan.pretrain.batch_size} "
                              f"x {plan.data.tokens_per_sample} tokens = {top:,} tokens; parents are the reference "
-                             "rows (no continued pretraining)."}
+                             "rows (no continued pretraining)."
+                             + (" Drawn: share of the pictures drawn after a caption ('a red circle on a white "
+                                "background') whose background, colour and shape match it, read off their "
+                                "pixels (a miniature GenEval, docs/CONVERSATIONS.md)." if drawn else "")}
     results["tables"] = {k: tables[k] for k in TABLE_NAMES if k in tables}
     return results
+
+
+def _conversation_table(rows: Sequence[dict]) -> dict:
+    """The conversation measurements of the instruct runs, beside their caption PPL."""
+    def drawn(r: dict, name: str, key: str) -> Any:
+        return ((r["conversations"].get("prompt_following") or {}).get(name) or {}).get(key)
+
+    def ended(r: dict) -> Any:
+        sets = (r["conversations"].get("prompt_following") or {}).values()
+        n = sum(s["n"] for s in sets)
+        return sum(s["ended_with_eot"] * s["n"] for s in sets) / n if n else None
+
+    out = []
+    for r in rows:
+        h = r["conversations"]["history_ppl"] or {}
+        out.append([VARIANTS[r["variant"]].label, " + ".join(r["mixture"]), r["caption_ppl"], h.get("with_history"),
+                    h.get("without_history"), h.get("ratio"), drawn(r, "single", "all"), drawn(r, "follow_up", "all"),
+                    ended(r)])
+    return {"title": "Conversations: assistant-turn PPL of held-out follow-ups with and without the history; "
+                     "pictures drawn as asked",
+            "header": ["Model", "Mixture", "Caption PPL", "Turn PPL", "no history", "ratio", "Drawn: single",
+                       "follow-up", "<eot>"],
+            "rows": out,
+            "note": "Turn PPL: the follow-up answers (second and later exchanges) of the held-out conversations, "
+                    "scored after their history and alone (ratio = alone / after: above 1, the history helps). "
+                    "Drawn: share of pictures whose background, colour and shape match the request (read off "
+                    "their pixels), single-turn and as a follow-up; <eot>: share of those answers the model "
+                    "closed itself."}
 
 
 def render_tables(results: dict) -> str:
@@ -253,11 +302,31 @@ def best_model(results: dict, *, choice: str = "auto") -> dict:
     jam = [r for r in results["rows"] if r["role"] == "jam"]
     if choice != "auto":
         return next(r for r in jam if r["key"] == choice)
+    def ppl(v: float | None) -> float:  # results.json holds null for a metric that does not exist
+        return math.inf if v is None or not math.isfinite(v) else v
+
     if results.get("instruct"):
-        best = min(results["instruct"], key=lambda r: r["caption_ppl"])
+        best = min(results["instruct"], key=lambda r: ppl(r["caption_ppl"]))
         return {**best, "model": f"{VARIANTS[best['variant']].label}, instruct ({best['key']})", "instruct": True}
     pool = [r for r in jam if r.get("family") == "jam_cross"] or jam
-    return min(pool, key=lambda r: math.log(r["text_ppl"]) + math.log(r["caption_ppl"]))
+    return min(pool, key=lambda r: math.log(ppl(r["text_ppl"])) + math.log(ppl(r["caption_ppl"])))
 
 
-__all__ = ["best_model", "build_results", "plot_curves", "plot_sweep", "render_tables"]
+def chat_model(results: dict, *, choice: str = "auto") -> dict | None:
+    """The instruct run ``jam chat`` / ``jam serve`` are pointed at: the answering model
+    (``best_model``) when it was tuned on conversations, else of the runs tuned on conversations
+    the one whose follow-up answers have the lowest PPL after their history (without follow-ups to
+    score, the lowest caption PPL); None when no run was tuned on conversations."""
+    runs = [r for r in results.get("instruct") or [] if "conversations" in r]
+    best = best_model(results, choice=choice) if runs else {}
+    if best.get("instruct") and "conversations" in best:
+        return best
+
+    def key(r: dict) -> tuple[float, float]:
+        h = r["conversations"]["history_ppl"]
+        return (h["with_history"] if h else math.inf, r["caption_ppl"])
+
+    return min(runs, key=key) if runs else None
+
+
+__all__ = ["best_model", "build_results", "chat_model", "plot_curves", "plot_sweep", "render_tables"]

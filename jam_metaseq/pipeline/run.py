@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from jam_metaseq.errors import run_cli
+from jam_metaseq.inputs import resolve_output_dir
 from jam_metaseq.pipeline.spec import (
     VARIANTS, PlanError, PlanSpec, apply_override, parse_plan, plan_dict, plan_yaml, quickstart_plan,
 )
@@ -92,6 +93,14 @@ def run_plan(plan: PlanSpec, options: RunOptions, *, source: str = "plan",
     paths = {"results": p.path("report") / "results.json", "tables": p.path("report") / "tables.txt",
              "curves": p.path("report") / "curves.png", "sweep": p.path("report") / "sweep.png",
              "html": p.path("generate") / "answers.html", "checkpoints": p.path("pretrain")}
+    if results:
+        from jam_metaseq.pipeline.report import chat_model
+        from jam_metaseq.pipeline.stages.context import instruct_checkpoint, tokenizer_paths
+
+        chat = chat_model(results, choice=plan.generate.model)
+        if chat is not None:
+            paths["chat"] = instruct_checkpoint(ctx, chat["key"])
+            paths["image_tokenizer"] = tokenizer_paths(ctx)["image_tokenizer"]
     if not options.dry_run:
         log(f"finished in {time.time() - t0:.0f} s ({len(p.ran)} units run, {len(p.skipped)} skipped)")
     return {"results": results, "paths": paths, "ran": p.ran, "skipped": p.skipped, "planned": p.planned,
@@ -213,6 +222,13 @@ def load_for_cli(path: Path, *, overrides: Sequence[str], budgets: str | None,
     return parse_plan(data, source=str(path), base_dir=base, lines=lines), str(path), lines
 
 
+def chat_commands(checkpoint: Path, image_tokenizer: Path | None) -> list[str]:
+    """The commands that talk to a tuned model (``jam chat``, ``jam serve``; without an image
+    tokenizer, when the data's images were VQ codes, pictures stay code grids)."""
+    args = [str(checkpoint)] + (["--image-tokenizer", str(image_tokenizer)] if image_tokenizer else [])
+    return [shlex.join(["jam", "chat", *args]), shlex.join(["jam", "serve", *args, "--port", "8000"])]
+
+
 def print_outputs(out: dict) -> None:
     from jam_metaseq.pipeline.report import render_tables
 
@@ -221,9 +237,15 @@ def print_outputs(out: dict) -> None:
     g = out["results"].get("generation")
     if g:
         print(f"\ngenerated answers: {g.get('label')} ({g.get('images')} decoded images)")
-    for k, v in out["paths"].items():
+    paths = dict(out["paths"])
+    chat, vq = paths.pop("chat", None), paths.pop("image_tokenizer", None)
+    for k, v in paths.items():
         if Path(v).exists():
             print(f"{k:<12}{v}")
+    if chat is not None and Path(chat).exists():
+        print("\ntalk to the model tuned on conversations (docs/CONVERSATIONS.md):")
+        for cmd in chat_commands(chat, vq):
+            print(f"  {cmd}")
 
 
 def execute(plan: PlanSpec, options: RunOptions, *, source: str, lines: dict | None = None,
@@ -252,6 +274,7 @@ def _run(args: argparse.Namespace) -> int:
     plan, source, lines = load_for_cli(args.plan, overrides=args.overrides, budgets=args.budgets,
                                        variants=args.variants)
     out_dir = args.out or plan.out or Path("runs") / args.plan.stem
+    resolve_output_dir(out_dir, what="output directory (--out / the plan's out)")  # a symlink loop: one line
     options = RunOptions(out=out_dir, stages=args.stages, force=args.force, progress=not args.no_progress,
                          dry_run=args.dry_run)
     return execute(plan, options, source=source, lines=lines, print_plan=args.print_plan)
@@ -264,5 +287,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                    interrupted="finished units are kept: run the same command again to resume")
 
 
-__all__ = ["add_run_flags", "build_parser", "default_jobs", "execute", "main", "parse_budgets", "print_outputs",
+__all__ = ["add_run_flags", "build_parser", "chat_commands", "default_jobs", "execute", "main", "parse_budgets", "print_outputs",
            "render_dry_run", "run_plan", "threads_per_job"]

@@ -90,9 +90,11 @@ def host_command(job: TrainJob, *, plan: PlanSpec, gpus: int, slurm: SlurmSpec |
                          adam_betas=(o.betas[0], o.betas[1]), weight_decay=o.weight_decay, clip_norm=o.clip_norm,
                          end_lr=o.end_lr, log_interval=max(1, min(10, job.updates // 20)))
     pkg, _ = repo_paths()
-    extra = [*job.model_flags,
-             "--validate-interval-updates", str(every), "--validate-interval", "1000000",
-             "--save-interval", "1000000", "--no-epoch-checkpoints", "--num-workers", "0",
+    # validation and checkpoints by updates only (the curve's points), none at an epoch's end:
+    # fairseq's flags; metaseq validates by updates alone and names the epoch save interval its way
+    epoch_end = (["--validate-interval", "1000000", "--save-interval", "1000000", "--no-epoch-checkpoints"]
+                 if plan.host == "fairseq" else ["--save-interval-epochs", "1000000"])
+    extra = [*job.model_flags, "--validate-interval-updates", str(every), *epoch_end, "--num-workers", "0",
              "--batch-size-valid", str(max(1, o.batch_size // replicas))]
     if job.mixture:
         extra += ["--mixture", ",".join(f"{k}={v:g}" for k, v in job.mixture.items())]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from jam_metaseq.errors import JamError
+from jam_metaseq.inputs import dumps_json
 
 STAGES = ("data", "tokenizers", "binarize", "parents", "fuse", "pretrain", "instruct", "eval", "report",
           "generate")
@@ -90,10 +91,16 @@ def json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any, *, nan_as_null: bool = False) -> None:
+    """``obj`` as JSON at ``path`` (temp file + rename). ``nan_as_null``: strict JSON for readers
+    outside the pipeline (``report/results.json``, issue 27): a metric that does not exist (NaN,
+    e.g. ``image_ppl`` of a text-only set) is ``null``; the pipeline's own markers keep NaN."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=json_default, allow_nan=True) + "\n")
+    text = json.dumps(obj, indent=2, default=json_default, allow_nan=True)
+    if nan_as_null:
+        text = dumps_json(json.loads(text), nan_as_null=True, indent=2)
+    tmp.write_text(text + "\n")
     os.replace(tmp, path)
 
 

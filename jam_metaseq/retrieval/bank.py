@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from jam_metaseq.errors import read_json
+from jam_metaseq.inputs import INT64_MAX, InputError, check_int_list, load_rgb_image, read_json
 from jam_metaseq.retrieval.encoders import QueryParts
 from jam_metaseq.retrieval.index import IndexConfig, build_index, load_index, save_index
 from jam_metaseq.vocab import VocabManifest
@@ -110,21 +110,22 @@ def document_parts(doc: SourceDocument, *,
     ``{"image_tokens"}`` segments become images only through ``image_decoder`` (VQ codes -> PIL);
     without one they are skipped (the document is then encoded by its text alone).
     """
-    from PIL import Image
-
     texts, images = [], []
     for seg in doc.segments:
         if "text" in seg:
             texts.append(str(seg["text"]))
         elif "image" in seg:
             path = doc.base_dir / seg["image"]
-            try:
-                with Image.open(path) as im:
-                    images.append(im.convert("RGB"))
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{doc.where}: cannot read image {path} ({e})") from None
+            try:  # pixel count bounded from the header before decoding
+                images.append(load_rgb_image(path))
+            except InputError as e:
+                raise ValueError(f"{doc.where}: cannot read image {path} ({e.detail})") from None
         elif image_decoder is not None:
-            images.append(image_decoder(np.asarray(seg["image_tokens"], dtype=np.int64)))
+            try:
+                codes = check_int_list(seg["image_tokens"], lo=0, hi=INT64_MAX, what="image_tokens")
+            except InputError as e:
+                raise ValueError(f"{doc.where}: {e.detail}") from None
+            images.append(image_decoder(codes))
     parts = QueryParts(text=" ".join(t.strip() for t in texts if t.strip()) or None, images=images)
     if parts.is_empty():
         raise ValueError(f"{doc.where}: document has no text and no readable image to encode")
@@ -251,7 +252,7 @@ def build_memory_bank(
     fp = _fingerprint(sources=sources, encoder=encoder.describe(), config=config)
     state = {"fingerprint": fp, "shards": []}
     if state_path.exists() and resume:
-        old = json.loads(state_path.read_text())
+        old = read_json(state_path, what="unfinished bank build state")
         if old.get("fingerprint") != fp:
             raise ValueError(f"{state_path}: unfinished build with other inputs or encoder; "
                              "remove the folder or build elsewhere")
@@ -268,8 +269,8 @@ def build_memory_bank(
         bar = tqdm(total=total, initial=done, desc="memory bank", unit="doc", file=sys.stderr)
 
     def flush(batch: list[SourceDocument]) -> None:
+        token_seqs = [_as_tokens(tokenize(d), where=d.where) for d in batch]  # validates first
         parts = [document_parts(d, image_decoder=image_decoder) for d in batch]
-        token_seqs = [_as_tokens(tokenize(d), where=d.where) for d in batch]
         vectors = encoder.encode_documents(parts)
         idx = len(state["shards"])
         rng = np.random.default_rng([config.seed, idx])  # per shard: a resumed build draws the same
@@ -354,7 +355,7 @@ def _consolidate(out: Path, *, state: dict, dim: int, encoder: dict, sources: Se
     _atomic_save_npy(out / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
     ids: list[str] = []
     for st in stems:
-        ids += json.loads(Path(f"{st}.ids.json").read_text())
+        ids += read_json(f"{st}.ids.json", what="shard document ids", expect=list)
     _atomic_write_text(out / "doc_ids.json", json.dumps(ids))
 
     vectors = np.load(out / "vectors.npy", mmap_mode="r")

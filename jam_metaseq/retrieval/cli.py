@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from jam_metaseq.errors import add_trust_pickle_flag, run_cli
+from jam_metaseq.inputs import POSITIVE_INT, RATE, SEED, finite_float
 from jam_metaseq.retrieval.index import INDEX_KINDS, IndexConfig
 
 
@@ -29,14 +30,14 @@ def _add_index_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("faiss index")
     g.add_argument("--index", choices=INDEX_KINDS, default="flat",
                    help="flat = exact IndexFlatIP; ivf = IndexIVFFlat; hnsw = IndexHNSWFlat (default flat)")
-    g.add_argument("--nlist", type=int, default=None,
+    g.add_argument("--nlist", type=POSITIVE_INT, default=None,
                    help="ivf: number of k-means cells (default about 4*sqrt(N))")
-    g.add_argument("--nprobe", type=int, default=32, help="ivf: cells visited per query (default 32)")
-    g.add_argument("--train-size", type=int, default=131072,
+    g.add_argument("--nprobe", type=POSITIVE_INT, default=32, help="ivf: cells visited per query (default 32)")
+    g.add_argument("--train-size", type=POSITIVE_INT, default=131072,
                    help="ivf: at most this many vectors train the k-means (default 131072)")
-    g.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node (default 32)")
-    g.add_argument("--ef-construction", type=int, default=80, help="hnsw: build beam width (default 80)")
-    g.add_argument("--ef-search", type=int, default=128, help="hnsw: search beam width (default 128)")
+    g.add_argument("--hnsw-m", type=POSITIVE_INT, default=32, help="hnsw: links per node (default 32)")
+    g.add_argument("--ef-construction", type=POSITIVE_INT, default=80, help="hnsw: build beam width (default 80)")
+    g.add_argument("--ef-search", type=POSITIVE_INT, default=128, help="hnsw: search beam width (default 128)")
     g.add_argument("--no-gpu", action="store_true", help="never use faiss-gpu, even when installed")
 
 
@@ -55,22 +56,18 @@ def _check_count(s: str) -> int | None:
     return n
 
 
-def _threshold(s: str) -> float | None:
-    return None if s.lower() == "none" else float(s)
-
-
 def _add_select_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("selection (diversity rules)")
-    g.add_argument("-k", type=int, default=2, help="documents retrieved per query (default 2)")
-    g.add_argument("--score-threshold", type=_threshold, default=0.9,
+    g.add_argument("-k", type=POSITIVE_INT, default=2, help="documents retrieved per query (default 2)")
+    g.add_argument("--score-threshold", type=finite_float(none_ok=True), default=0.9,
                    help="relevance threshold of the diversity rule, or 'none' (default 0.9)")
     g.add_argument("--threshold-rule", choices=("skip_above", "skip_at_or_below"), default="skip_above",
                    help="skip_above: skip candidates scoring above the threshold (CM3leon, default); "
                         "skip_at_or_below: the JAM paper's literal sentence")
-    g.add_argument("--duplicate-cosine", type=_threshold, default=0.9,
+    g.add_argument("--duplicate-cosine", type=finite_float(none_ok=True), default=0.9,
                    help="a candidate this similar to an already chosen document is a duplicate "
                         "('none' = only exact token copies are; default 0.9)")
-    g.add_argument("--query-dropout", type=float, default=0.2,
+    g.add_argument("--query-dropout", type=RATE, default=0.2,
                    help="fraction of query tokens dropped when retrieving for training (default 0.2)")
 
 
@@ -104,15 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use randomly initialised CLIP weights (smoke tests only: retrieval is meaningless)")
     add_trust_pickle_flag(p)
     p.add_argument("--device", default="cpu", help="torch device of the CLIP encoder (default cpu)")
-    p.add_argument("--batch-size", type=int, default=64, help="texts or images per CLIP forward (default 64)")
-    p.add_argument("--shard-size", type=int, default=4096,
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="texts or images per CLIP forward (default 64)")
+    p.add_argument("--shard-size", type=POSITIVE_INT, default=4096,
                    help="documents per resumable shard (default 4096)")
     p.add_argument("--query-vectors", action="store_true",
                    help="also store each document encoded with query dropout, for training retrieval "
                         "by bank row")
-    p.add_argument("--query-dropout", type=float, default=0.2,
+    p.add_argument("--query-dropout", type=RATE, default=0.2,
                    help="fraction of tokens dropped for --query-vectors (default 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the query dropout and the ivf k-means")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the query dropout and the ivf k-means")
     p.add_argument("--restart", action="store_true",
                    help="discard an unfinished build in --out instead of resuming it")
     _add_index_args(p)
@@ -129,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CLIP weights file, when it moved since the bank was built")
     add_trust_pickle_flag(p)
     p.add_argument("--device", default="cpu", help="torch device of the CLIP encoder (default cpu)")
-    p.add_argument("--nprobe", type=int, default=None, help="override the ivf nprobe")
-    p.add_argument("--ef-search", type=int, default=None, help="override the hnsw efSearch")
+    p.add_argument("--nprobe", type=POSITIVE_INT, default=None, help="override the ivf nprobe")
+    p.add_argument("--ef-search", type=POSITIVE_INT, default=None, help="override the hnsw efSearch")
     p.add_argument("--tokens", action="store_true", help="print each document's token ids too")
     _add_select_args(p)
 
@@ -140,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bank", type=Path, help="bank directory")
     p.add_argument("--training", action="store_true",
                    help="query with the stored query-dropout vectors (bank built with --query-vectors)")
-    p.add_argument("--batch-size", type=int, default=1024, help="queries per faiss search (default 1024)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=1024, help="queries per faiss search (default 1024)")
     p.add_argument("--dataset", action="append", default=[], metavar="PREFIX",
                    help="a 'jam-data binarize' output prefix made from the bank's JSONL files; repeat in "
                         "bank order when the bank spans several. Writes PREFIX.neighbours.npy (one row of "
@@ -157,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from jam_metaseq.data.documents import tokenize_document
+    from jam_metaseq.data.documents import DocumentError, tokenize_document
     from jam_metaseq.data.tokenizers import load_text_tokenizer
     from jam_metaseq.retrieval.bank import BankBuildConfig, build_memory_bank, count_documents, read_documents
     from jam_metaseq.retrieval.encoders import ClipDocumentEncoder, ClipEncoderConfig
@@ -194,8 +191,11 @@ def cmd_build(args: argparse.Namespace) -> int:
                              index=_index_config(args))
 
     def tokenize(d):
-        return tokenize_document(d.doc, vocab=vocab, text_tokenizer=text_tok, image_tokenizer=image_tok,
-                                 base_dir=d.base_dir)[0]
+        try:  # validates the document against the manifest (image codes in range) before CLIP sees it
+            return tokenize_document(d.doc, vocab=vocab, text_tokenizer=text_tok, image_tokenizer=image_tok,
+                                     base_dir=d.base_dir)[0]
+        except DocumentError as e:
+            raise e.at(d.where) from None
 
     bank = build_memory_bank(documents=read_documents(paths), out_dir=args.out, encoder=encoder,
                              tokenize=tokenize, config=config, sources=paths, vocab=vocab,
@@ -223,11 +223,11 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise ValueError("give --text and/or --image")
     image = None
     if args.image is not None:
-        from PIL import Image
+        from jam_metaseq.inputs import load_rgb_image
 
         if not args.image.is_file():
             raise FileNotFoundError(f"query image not found: {args.image}")
-        image = Image.open(args.image).convert("RGB")
+        image = load_rgb_image(args.image)  # pixel count bounded from the header
     overrides: dict[str, Any] = {}
     if args.nprobe is not None:
         overrides["nprobe"] = args.nprobe

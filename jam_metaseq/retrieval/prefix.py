@@ -47,7 +47,7 @@ def safe_cut(tokens: np.ndarray, *, limit: int, vocab: VocabManifest) -> int:
     while c > 0:
         last = tokens[c - 1]
         nxt = tokens[c]  # c < tokens.size here
-        opening_break = last == vocab.break_id and bool(vocab.is_image(nxt))
+        opening_break = last == vocab.boi and bool(vocab.is_image(nxt))
         if not bool(vocab.is_image(last)) and not opening_break:
             return c
         c -= 1

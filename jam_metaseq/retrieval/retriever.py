@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from jam_metaseq.inputs import check_float, read_json
 from jam_metaseq.retrieval.bank import MemoryBank, content_hash
 from jam_metaseq.retrieval.index import search
 from jam_metaseq.retrieval.prefix import build_retrieval_prefix
@@ -65,6 +66,9 @@ class RetrieverConfig:
                              "('skip_above', 'skip_at_or_below')")
         if not 0.0 <= self.query_dropout < 1.0:
             raise ValueError(f"query_dropout must be in [0, 1), got {self.query_dropout}")
+        for name in ("score_threshold", "duplicate_cosine"):  # None = off; NaN would pass every comparison
+            if getattr(self, name) is not None:
+                check_float(getattr(self, name), name=name)
         if self.candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
 
@@ -490,8 +494,6 @@ def load_block_neighbours(prefix: str, *, num_blocks: int, bank_size: int, mmap:
     Raises ValueError (naming the file) when the file does not fit: wrong shape or dtype, rows
     outside the bank, or a ``.neighbours.info`` made for another bank size or block layout.
     """
-    import json
-
     path, meta_path = Path(prefix + NEIGHBOURS_SUFFIX), Path(prefix + NEIGHBOURS_META_SUFFIX)
     if not path.is_file():
         path, meta_path = (Path(prefix + s) for s in LEGACY_SUFFIXES)
@@ -503,7 +505,7 @@ def load_block_neighbours(prefix: str, *, num_blocks: int, bank_size: int, mmap:
         raise ValueError(f"{path}: shape {nb.shape} dtype {nb.dtype}, but the dataset has {num_blocks} "
                          f"blocks (want ({num_blocks}, k) integer bank rows per block): {redo}")
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, what="neighbours info")
         if int(meta.get("bank_count", bank_size)) != bank_size:
             raise ValueError(f"{meta_path}: made for a bank of {meta['bank_count']} rows, the bank in use "
                              f"has {bank_size}: {redo}")

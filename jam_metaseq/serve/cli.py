@@ -17,6 +17,7 @@ import sys
 from typing import Sequence
 
 from jam_metaseq.errors import run_cli
+from jam_metaseq.inputs import POSITIVE_FLOAT, bounded_int
 from jam_metaseq.generation.chat_cli import add_chat_args, chat_model_from_args
 
 
@@ -29,13 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
-    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    s.add_argument("--port", type=bounded_int(0, 65535), default=8000, help="port (default 8000; 0 = any free port)")
     s.add_argument("--max-conversations", type=int, default=d.max_conversations,
                    help="conversations kept, each with its KV cache (the least recently used idle one is "
                    f"forgotten first; default {d.max_conversations})")
     s.add_argument("--max-generating", type=int, default=d.max_generating,
                    help=f"answers written at once; more are refused as busy (default {d.max_generating})")
-    s.add_argument("--max-upload-mb", type=float, default=d.max_image_bytes / 2**20,
+    s.add_argument("--max-upload-mb", type=POSITIVE_FLOAT, default=d.max_image_bytes / 2**20,
                    help=f"largest picture a visitor may send, MiB (default {d.max_image_bytes / 2**20:.0f})")
     return p
 

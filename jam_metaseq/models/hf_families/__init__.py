@@ -8,6 +8,9 @@ One file per family, each holding its ``HFFamily`` (``base.py``: the key map as 
 - ``opt.py``: ``OPTForCausalLM`` (metaseq's own block: fused [K; V; Q], learned positions).
 - ``llama.py``: ``LlamaForCausalLM``, and the block ``qwen2.py`` (``Qwen2ForCausalLM``) and
   ``gemma.py`` (``GemmaForCausalLM``) share with it: one key map, per-family spellings.
+- ``chameleon.py``: ``ChameleonForConditionalGeneration``'s decoder (issue 24): Llama's map plus the
+  per-head q/k norms, Llama's config plus ``qk_norm`` / ``swin_norm``; its VQ model
+  (``model.vqmodel.*``) is another part of the files, read by ``image_tokenizer.hf_vqvae``.
 
 Everything that reads or writes HF names goes through here: the model tests, the checkpoint
 readers (``checkpoints_tools.readers.hf``) and writers (``checkpoints_tools.io``, ``jam-ckpt convert
@@ -26,11 +29,13 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..config import CrossConfig, DecoderConfig, ModelConfig
-from . import gemma, llama, opt, qwen2
+from . import chameleon, gemma, llama, opt, qwen2
 from .base import HF_OUTPUT, HFFamily, template
 
-FAMILIES: dict[str, HFFamily] = {f.model_type: f for f in (opt.FAMILY, llama.FAMILY, qwen2.FAMILY, gemma.FAMILY)}
-"""Every HF family we read and write, by ``config.json``'s ``model_type``."""
+FAMILIES: dict[str, HFFamily] = {f.model_type: f for f in (opt.FAMILY, chameleon.FAMILY, llama.FAMILY, qwen2.FAMILY,
+                                                              gemma.FAMILY)}
+"""Every HF family we read and write, by ``config.json``'s ``model_type`` (Chameleon before Llama:
+its tensor names are Llama's plus the q/k norms, ``family_by_names`` asks it first)."""
 
 
 def family_of(hf: Mapping[str, Any], *, source: str = "config.json") -> HFFamily:

@@ -69,6 +69,17 @@ class HFFamily:
     """Whether a ``config.json`` ties ``lm_head`` to the embedding (the family's default if unset)."""
     hf_only: tuple[str, ...] = ()
     """HF name templates with no counterpart of ours (saved rotary frequencies): dropped on reading."""
+    other_parts: tuple[str, ...] = ()
+    """Name prefixes of another component the same files carry (Chameleon's VQ model,
+    ``model.vqmodel.``): not decoder tensors, left out when the decoder is read; their own reader
+    (``image_tokenizer.hf_vqvae``) takes them."""
+    vocab_from_hf: Callable[..., Any] | None = None
+    """``(config.json dict, *, source, text_tokenizer) -> VocabManifest`` where the family's config states its
+    vocabulary (Chameleon's ``vocabulary_map``): the manifest a reader gives when none is beside
+    the files. None: the files state none (a ``vocab.json`` or ``--vocab`` names it)."""
+    vocab_to_hf: Callable[[Any], dict] | None = None
+    """``VocabManifest -> config.json entries`` stating it (Chameleon's ``vocabulary_map``), the
+    inverse of ``vocab_from_hf`` for what ``transformers`` reads; None: the files state none."""
     _from_hf: dict = field(init=False, repr=False, compare=False)
     _hf_templates: frozenset = field(init=False, repr=False, compare=False)
 
@@ -100,6 +111,8 @@ class HFFamily:
         """An HF tensor ``name`` (with or without ``prefix``) -> ours; None for what we do not keep
         (a tied ``lm_head.weight``, saved rotary frequencies). A name whose rows are part of one of
         our tensors (OPT's q/k/v in the fused projection) is refused by name."""
+        if self.is_other_part(name):
+            return None
         tpl, layer = template(name)
         if tpl not in self._hf_templates and self.prefix + tpl in self._hf_templates:
             tpl = self.prefix + tpl
@@ -112,6 +125,10 @@ class HFFamily:
             raise ValueError(f"tensor {name}: rows {ours[1] + 1} of {ours[2]} of our {ours[0]}; read the "
                              "state dict through checkpoints_tools.readers")
         return ours.format(layer) if layer is not None else ours
+
+    def is_other_part(self, name: str) -> bool:
+        """An HF tensor of another component of the files (``other_parts``), with or without ``prefix``."""
+        return any(name.startswith(p) or (self.prefix + name).startswith(p) for p in self.other_parts)
 
     def is_hf_name(self, name: str) -> bool:
         """An HF tensor name (with or without ``prefix``) this family knows."""

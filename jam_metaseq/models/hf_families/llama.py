@@ -161,7 +161,7 @@ def check(cfg: DecoderConfig, *, sp: Spelling) -> None:
     """``ValueError`` naming the field when HF's ``sp`` class does not compute the model ``cfg``."""
     what = f"HF {sp.architecture}"
     check_one_of(cfg, what, norm=(sp.norm,), positions=("rotary",), mlp=("gated",), qkv=("separate",),
-                 affine_ln=(True,))
+                 affine_ln=(True,), qk_norm=("none",), swin_norm=(False,))
     if cfg.scale_embedding != sp.scale_embedding or (sp.scale_embedding and not cfg.embed_scale_in_dtype):
         raise ValueError(f"{what} {'scales' if sp.scale_embedding else 'does not scale'} the "
                          f"embedding by sqrt(E){' in the model dtype' if sp.scale_embedding else ''}; this model "

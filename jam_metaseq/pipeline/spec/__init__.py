@@ -21,7 +21,7 @@ Public API::
 
 from jam_metaseq.pipeline.spec.quickstart import QUICKSTART_UPDATES, quickstart_plan
 from jam_metaseq.pipeline.spec.schema import (
-    SOURCES, DataSpec, EvalSpec, Files, GenerateSpec, GeneratorSpec, ImageTokenizerSpec, InstructFiles, InstructSpec,
+    CONVERSATION_FORMATS, SOURCES, DataSpec, EvalSpec, Files, GenerateSpec, GeneratorSpec, ImageTokenizerSpec, InstructFiles, InstructSpec,
     OptimSpec, ParentSpec, ParentsSpec, ParentTrainSpec, PlanError, PlanSpec, PretrainSpec, RunSpec, ShapeSpec,
     SlurmSpec, TextTokenizerSpec, field_name, parse_plan, resolve_paths,
 )
@@ -31,7 +31,7 @@ from jam_metaseq.pipeline.spec.yaml_io import (
 )
 
 __all__ = [
-    "DataSpec", "EvalSpec", "Files", "GenerateSpec", "GeneratorSpec", "ImageTokenizerSpec", "InstructFiles",
+    "CONVERSATION_FORMATS", "DataSpec", "EvalSpec", "Files", "GenerateSpec", "GeneratorSpec", "ImageTokenizerSpec", "InstructFiles",
     "InstructSpec", "OptimSpec", "PAPER_CROSS", "PARENTS", "ParentSpec", "ParentTrainSpec", "ParentsSpec",
     "PlanError", "PlanSpec", "PretrainSpec", "QUICKSTART_UPDATES", "RunSpec", "SOURCES", "ShapeSpec", "SlurmSpec",
     "TextTokenizerSpec", "VARIANTS", "Variant", "apply_override", "field_name", "load_plan", "parse_plan",

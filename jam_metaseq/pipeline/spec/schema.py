@@ -23,6 +23,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_vali
 from pydantic.dataclasses import dataclass
 
 from jam_metaseq.errors import JamError
+from jam_metaseq.inputs import safe_component
 from jam_metaseq.pipeline.spec.variants import PAPER_CROSS, VARIANTS
 
 
@@ -40,9 +41,13 @@ class PlanError(JamError, ValueError):
 
 
 SOURCES = ("text", "caption", "instruct")
+CONVERSATION_FORMATS = ("conversation", "lima")
+"""Instruct formats read as conversations (LIMA keeps every exchange when the vocabulary has the
+conversation tokens, ``data.instruct.make_transform``)."""
 """Names of the data sources (binarized as ``DATA/{split}/{source}``; mixture keys)."""
 
-_CFG = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+_CFG = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
+"""Every plan class: unknown fields refused, and no float field takes NaN or inf (issue 27 §4)."""
 
 
 def _listify(v: Any) -> Any:
@@ -68,9 +73,14 @@ class GeneratorSpec:
     follow_up: float = Field(0.3, ge=0.0, le=1.0)
     """Fraction of training caption documents with a sentence after the image."""
     train_instruct: int = Field(0, ge=0)
-    """Instruction documents for training ("draw a ..." -> text + image); 0 = no instruct data."""
+    """Instruction documents for training (``instruct_format``); 0 = no instruct data."""
     valid_instruct: int = Field(0, ge=0)
-    """Instruction documents for validation."""
+    """Instruction documents for validation (another seed: the held-out conversations of the
+    report's history PPL)."""
+    instruct_format: Literal["plain", "conversation"] = "plain"
+    """``plain``: "draw a ..." answered by a sentence, the picture and a sentence (one exchange);
+    ``conversation``: multi-turn conversations whose follow-ups only the history answers ("now make
+    it blue.", "what colour was the background?"; docs/CONVERSATIONS.md)."""
     grow_with_budget: bool = True
     """Continued pretraining on a budget b times the plan's first budget gets b times the training
     documents (new ones after the first), so every budget of a sweep sees its data for the same
@@ -106,8 +116,11 @@ class InstructFiles:
     """Training files."""
     valid: list[Path] = Field(min_length=1)
     """Validation files."""
-    format: Literal["plain", "lima", "wikihow"] = "plain"
-    """Record format: ``plain`` (already prompt/response), ``lima`` or ``wikihow`` (converted, §3.1.1)."""
+    format: Literal["plain", "lima", "wikihow", "conversation"] = "plain"
+    """Record format: ``plain`` (already prompt/response), ``lima`` or ``wikihow`` (converted, §3.1.1),
+    ``conversation`` (``{"turns": [...]}``, docs/CONVERSATIONS.md). ``conversation`` and ``lima``
+    (every exchange kept) train the conversation tokens: the instruct stage gives the model their
+    rows (``jam-ckpt extend-vocab``) when the run's vocabulary lacks them."""
     max_images: int = Field(3, ge=0)
     """wikiHow: images kept per article (the paper's 3)."""
 
@@ -183,6 +196,20 @@ class DataSpec:
     @property
     def has_instruct(self) -> bool:
         return self.instruct is not None or (self.builtin is not None and self.builtin.train_instruct > 0)
+
+    @property
+    def instruct_format(self) -> str | None:
+        """The instruct data's format (``InstructFiles.format``, the generator's
+        ``instruct_format``); None without instruct data."""
+        if self.instruct is not None:
+            return self.instruct.format
+        return self.builtin.instruct_format if self.has_instruct else None
+
+    @property
+    def conversations(self) -> bool:
+        """The instruct data are multi-turn conversations (``CONVERSATION_FORMATS``): the instruct
+        stage's vocabulary has the conversation tokens."""
+        return self.instruct_format in CONVERSATION_FORMATS
 
 
 # ---- models ----------------------------------------------------------------------------------
@@ -361,11 +388,22 @@ class EvalSpec:
     """Image-caption sets by name (the MS-COCO PPL role); null = the caption validation files."""
     batch_size: int = Field(16, ge=1)
     """Sequences per forward pass."""
+    drawing_prompts: int = Field(12, ge=0)
+    """Instruct-tuned models on the generator's conversations: drawing prompts per set (single-turn,
+    and a follow-up after a first exchange) of the prompt-following score (docs/CONVERSATIONS.md);
+    0 = no score."""
+    drawing_seeds: int = Field(2, ge=1)
+    """Pictures drawn per drawing prompt (one per seed)."""
 
     @field_validator("text", "caption", mode="before")
     @classmethod
     def _wrap(cls, v: Any) -> Any:
         if isinstance(v, Mapping):
+            for k in v:  # issue 27 §1: a set's name becomes a folder (bin/eval/KIND/NAME)
+                try:
+                    safe_component(k, what="set name")
+                except JamError as e:
+                    raise ValueError(str(e)) from None
             return {k: _listify(x) for k, x in v.items()}
         return v
 
@@ -633,7 +671,7 @@ def resolve_paths(obj: Any, base: Path) -> None:
 
 
 __all__ = [
-    "DataSpec", "EvalSpec", "Files", "GenerateSpec", "GeneratorSpec", "ImageTokenizerSpec", "InstructFiles",
+    "CONVERSATION_FORMATS", "DataSpec", "EvalSpec", "Files", "GenerateSpec", "GeneratorSpec", "ImageTokenizerSpec", "InstructFiles",
     "InstructSpec", "OptimSpec", "ParentSpec", "ParentTrainSpec", "ParentsSpec", "PlanError", "PlanSpec",
     "PretrainSpec", "RunSpec", "SOURCES", "ShapeSpec", "SlurmSpec", "TextTokenizerSpec", "field_name", "parse_plan",
     "resolve_paths",

@@ -12,18 +12,17 @@ from typing import Any, Sequence
 
 import yaml
 
+from jam_metaseq.inputs import InputError, compose_yaml, loads_yaml
 from jam_metaseq.pipeline.spec.schema import PlanError, PlanSpec, parse_plan
 
 
 def parse_yaml(text: str, *, source: str) -> Any:
     """``text`` parsed as YAML (safe types only); ``PlanError`` naming ``source`` and the line."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise PlanError([f"{where}not valid YAML ({problem})"], source=source) from None
+    try:  # bounded (issue 27 §2): nesting depth, alias expansion, no recursive alias
+        return loads_yaml(text)
+    except InputError as e:
+        where = f"line {e.line}: " if e.line is not None else ""
+        raise PlanError([f"{where}{e.detail}"], source=source) from None
 
 
 def _yaml_lines(text: str) -> dict[tuple, int]:
@@ -43,8 +42,8 @@ def _yaml_lines(text: str) -> dict[tuple, int]:
                 walk(v, path + (i,))
 
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
+        root = compose_yaml(text)  # bounded: walking an unchecked alias bomb would never end
+    except InputError:
         return out
     if root is not None:
         walk(root, ())

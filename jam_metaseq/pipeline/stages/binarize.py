@@ -1,5 +1,10 @@
 """Stage ``binarize``: JSONL -> ``jam-data`` memory-mapped blocks (§3.1 Datasets): text, caption,
-mixed (continued pretraining), instruct, and the evaluation sets; a budget sweep's grown sets."""
+mixed (continued pretraining), instruct, and the evaluation sets; a budget sweep's grown sets.
+
+The instruct data are converted and fitted to ``tokens_per_sample`` by their format's rule
+(``data.instruct.make_transform``) and binarized with the instruct stage's vocabulary
+(``context.instruct_vocab``: with the conversation tokens when they are conversations); the
+caption data linked beside them for a mixture read the same under it (``VocabManifest.extends``)."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jam_metaseq.pipeline.layout import budget_tag
-from jam_metaseq.pipeline.stages.context import KINDS, Context, Sources, tokenizer_paths
+from jam_metaseq.pipeline.stages.context import KINDS, Context, Sources, instruct_vocab, tokenizer_paths
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -46,17 +51,16 @@ def _tools(ctx: Context) -> dict:
     paths = tokenizer_paths(ctx)
     vocab = VocabManifest.load(paths["vocab"])
     return {"vocab": vocab, "text": load_text_tokenizer(vocab.text_tokenizer),
-            "image": load_image_tokenizer(paths["image_tokenizer"], device="cpu")}
+            "image": load_image_tokenizer(paths["image_tokenizer"], device="cpu") if paths["image_tokenizer"] else None}
 
 
 def _instruct_transform(ctx: Context, tools: dict) -> Any:
+    """The instruct documents' converter and fit rule (None: plain documents, as they are)."""
     from jam_metaseq.data.instruct import make_transform
 
-    spec = ctx.plan.data.instruct
-    if spec is None:
-        return None
-    return make_transform(spec.format, vocab=tools["vocab"], text_tokenizer=tools["text"],
-                          max_tokens=ctx.plan.data.tokens_per_sample, max_images=spec.max_images)
+    d = ctx.plan.data
+    return make_transform(d.instruct_format, vocab=tools["vocab"], text_tokenizer=tools["text"],
+                          max_tokens=d.tokens_per_sample, max_images=d.instruct.max_images if d.instruct else 3)
 
 
 def stage_binarize(ctx: Context, src: Sources, toks: dict) -> dict[int | None, dict]:
@@ -73,23 +77,27 @@ def stage_binarize(ctx: Context, src: Sources, toks: dict) -> dict[int | None, d
                                                        ctx=ctx, tools=tools)
                 _link_prefix(tmp / source / split / source, tmp / "mixed" / split)
         if has_instruct:
-            transform = _instruct_transform(ctx, tools)
+            itools = {**tools, "vocab": instruct_vocab(ctx, tools["vocab"])}
+            transform = _instruct_transform(ctx, itools)
             for split in ("train", "valid"):
                 stats[f"{split}.instruct"] = _binarize(src.files[split]["instruct"],
-                                                       tmp / "instruct" / split / "instruct", ctx=ctx, tools=tools,
+                                                       tmp / "instruct" / split / "instruct", ctx=ctx, tools=itools,
                                                        transform=transform)
                 _link_prefix(tmp / "caption" / split / "caption", tmp / "instruct" / split)
+            itools["vocab"].save(tmp / "instruct" / "vocab.json")
         for kind in KINDS:
             for name, files in src.eval_sets[kind].items():
                 if files != src.files["valid"][kind]:
                     stats[f"eval.{kind}.{name}"] = _binarize(files, tmp / "eval" / kind / name, ctx=ctx, tools=tools)
-        for sub in ("text", "caption", "mixed") + (("instruct",) if has_instruct else ()):
+        for sub in ("text", "caption", "mixed"):
             tools["vocab"].save(tmp / sub / "vocab.json")
         return {"stats": stats}
 
     material = {"data": src.run, "tokenizers": toks["run"], "tokens_per_sample": plan.data.tokens_per_sample,
                 "on_error": plan.data.on_error,
-                "instruct": dataclasses.asdict(plan.data.instruct) if plan.data.instruct else None}
+                "instruct": dataclasses.asdict(plan.data.instruct) if plan.data.instruct else None,
+                # a key runs recorded before conversations keep
+                **({"conversation_tokens": True} if plan.data.conversations else {})}
     out: dict[int | None, dict] = {None: p.unit("binarize", "bin", material, build)}
     for budget, files in src.grown.items():
         tag = budget_tag(budget)

@@ -49,14 +49,15 @@ class Context:
         final = self.path(rel)
         return final.with_name(f".{final.name}.tmp")
 
-    def train(self, rel: str, job: TrainJob) -> tuple[TrainJob, Any]:
-        """Register ``job`` (built in unit ``rel``) and return it with a build function running it."""
+    def train(self, rel: str, job: TrainJob, *, vocab: Path | None = None) -> tuple[TrainJob, Any]:
+        """Register ``job`` (built in unit ``rel``) and return it with a build function running it;
+        ``vocab``: the manifest its checkpoints go with (default: the run's)."""
         self.jobs[rel] = job
 
         def build(tmp: Path) -> dict:
             assert tmp == job.save_dir, (tmp, job.save_dir)
             info = train(job, plan=self.plan, placement=self.placement)
-            shutil.copy(tokenizer_paths(self)["vocab"], tmp / "vocab.json")
+            shutil.copy(vocab or tokenizer_paths(self)["vocab"], tmp / "vocab.json")
             return info
 
         return job, build
@@ -87,12 +88,27 @@ def fingerprint(paths: list[Path]) -> list[list]:
     return out
 
 
-def tokenizer_paths(ctx: Context) -> dict[str, Path]:
-    """The manifest and image tokenizer of the run (after the tokenizers stage)."""
+def tokenizer_paths(ctx: Context) -> dict[str, Path | None]:
+    """The manifest and image tokenizer of the run (after the tokenizers stage); the image tokenizer
+    is None when the data's images are VQ codes and none was given (nothing to encode or draw)."""
     m = ctx.markers["tokenizers"]
     image = m.get("image_tokenizer")
     return {"vocab": ctx.path("tokenizers") / "vocab.json",
-            "image_tokenizer": Path(image) if image else ctx.path("tokenizers") / "vq"}
+            "image_tokenizer": None if m.get("no_image_tokenizer") else
+            Path(image) if image else ctx.path("tokenizers") / "vq"}
+
+
+def instruct_vocab(ctx: Context, base: Any) -> Any:
+    """The instruct stage's vocabulary: the run's manifest (``base``), with the conversation tokens
+    when the instruct data are conversations (``DataSpec.conversations``). The parents and the
+    continued pretraining never see those tokens; the instruct stage gives a model their rows
+    (``jam-ckpt extend-vocab``) when the run's manifest lacks them (docs/CONVERSATIONS.md)."""
+    return base.with_conversation_tokens() if ctx.plan.data.conversations else base
+
+
+def instruct_vocab_path(ctx: Context) -> Path:
+    """Where the binarize stage writes the instruct vocabulary (``instruct_vocab``)."""
+    return ctx.path("bin") / "instruct" / "vocab.json"
 
 
 def eval_prefix(ctx: Context, src: Sources, kind: str, name: str) -> Path:
@@ -120,4 +136,11 @@ def pretrained_checkpoint(ctx: Context, budget: int, key: str) -> Path:
     return ctx.path(f"pretrain/{budget_tag(budget)}/{key}") / "checkpoint_last.pt"
 
 
-__all__ = ["Context", "KINDS", "Sources", "eval_prefix", "fingerprint", "fused_checkpoint", "parent_checkpoint", "pretrain_data", "pretrained_checkpoint", "tokenizer_paths"]
+def instruct_checkpoint(ctx: Context, name: str) -> Path:
+    """An instruct run's checkpoint (``name``: ``variant/mixture``); its manifest is beside it."""
+    return ctx.path(f"instruct/{name}") / "checkpoint_last.pt"
+
+
+__all__ = ["Context", "KINDS", "Sources", "eval_prefix", "fingerprint", "fused_checkpoint", "instruct_checkpoint",
+           "instruct_vocab", "instruct_vocab_path", "parent_checkpoint", "pretrain_data", "pretrained_checkpoint",
+           "tokenizer_paths"]

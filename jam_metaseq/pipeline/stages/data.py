@@ -15,7 +15,8 @@ from jam_metaseq.pipeline.units import bar, write_json
 
 def _write_generated(tmp: Path, *, plan: PlanSpec, split: str, n_text: int, n_img: int, n_instruct: int,
                      seed: int, follow_up: float, progress: bool, image_dir: str) -> dict[str, int]:
-    """The generator's documents of one split: ``{split}.{text,caption,instruct}.jsonl`` + PNGs."""
+    """The generator's documents of one split: ``{split}.{text,caption,instruct}.jsonl`` + PNGs
+    (instruct: prompt/response documents, or conversations with ``instruct_format: conversation``)."""
     from jam_metaseq import quickstart_data as qd
 
     g = plan.data.builtin
@@ -32,7 +33,15 @@ def _write_generated(tmp: Path, *, plan: PlanSpec, split: str, n_text: int, n_im
             pbar.update(1)
     qd.write_jsonl(tmp / f"{split}.caption.jsonl", docs)
     counts = {"text": n_text, "caption": n_img}
-    if n_instruct:
+    if n_instruct and g.instruct_format == "conversation":
+        idocs = []
+        for i, c in enumerate(qd.conversation_samples(n_instruct, size=g.image_size, seed=seed + 77)):
+            rels = [f"{image_dir}/conversation-{i:06d}-{k}.png" for k in range(len(c.pictures))]
+            for rel, pic in zip(rels, c.pictures):
+                pic.image.save(tmp / rel)
+            idocs.append(qd.conversation_document(c, images=rels))
+        qd.write_jsonl(tmp / f"{split}.instruct.jsonl", idocs)
+    elif n_instruct:
         idocs = []
         for i, s in enumerate(qd.instruct_samples(n_instruct, size=g.image_size, seed=seed + 77)):
             rel = f"{image_dir}/instruct-{i:06d}.png"
@@ -58,6 +67,8 @@ def stage_data(ctx: Context) -> Sources:
             return {"counts": counts}
 
         gen = {k: v for k, v in dataclasses.asdict(g).items() if k != "grow_with_budget"}
+        if gen["instruct_format"] == "plain":  # the key runs recorded before conversations keep
+            del gen["instruct_format"]
         m = p.unit("data", "data", {"seed": plan.seed, "generator": gen}, build)
         base = p.path("data")
         files = {split: {s: [base / f"{split}.{s}.jsonl"] for s in ("text", "caption")

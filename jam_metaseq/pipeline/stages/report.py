@@ -22,8 +22,9 @@ def stage_report(ctx: Context) -> dict:
             data_tokens[b] = {src: stats.get(f"train.{src}", {}).get("num_tokens") for src in KINDS}
         results = rp.build_results(plan=ctx.plan, evals=ctx.markers["eval"], parents=ctx.markers["parents"],
                                    pretrain=ctx.markers["pretrain"], instruct=ctx.markers.get("instruct"),
-                                   data_tokens=data_tokens)
-        write_json(tmp / "results.json", results)
+                                   data_tokens=data_tokens, conversations=ctx.markers.get("conversations"),
+                                   drawing=ctx.markers.get("drawing"))
+        write_json(tmp / "results.json", results, nan_as_null=True)  # strict JSON: null, not NaN
         (tmp / "tables.txt").write_text(rp.render_tables(results) + "\n")
         rp.plot_curves(results, tmp / "curves.png")
         if len(ctx.plan.budgets) > 1:

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from jam_metaseq.pipeline.check import caption_image_paths
 from jam_metaseq.pipeline.stages.context import Context, Sources, fingerprint
 from jam_metaseq.pipeline.units import PipelineError, log
 
@@ -34,28 +35,6 @@ def _texts(paths: list[Path], *, limit: int, on_error: str) -> Iterator[str]:
                         n += 1
                         if n >= limit:
                             return
-
-
-def _image_paths(paths: list[Path], *, limit: int) -> list[Path]:
-    """Image files named by ``{"image": path}`` segments (relative to each file's folder)."""
-    from jam_metaseq.data.documents import DocumentError, document_parts, parse_jsonl_line
-
-    out: list[Path] = []
-    for path in paths:
-        with open(path, "rb") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    prompt, segs = document_parts(parse_jsonl_line(line))
-                except DocumentError:
-                    continue
-                for s in (prompt or []) + segs:
-                    if isinstance(s, dict) and isinstance(s.get("image"), str):
-                        out.append(path.parent / s["image"])
-                        if len(out) >= limit:
-                            return out
-    return out
 
 
 def stage_tokenizers(ctx: Context, src: Sources) -> dict:
@@ -110,18 +89,26 @@ def stage_tokenizers(ctx: Context, src: Sources) -> dict:
         else:
             from jam_metaseq.image_tokenizer import train_tiny_tokenizer
 
-            images = _image_paths(src.files["train"]["caption"], limit=d.image_tokenizer.max_images)
-            if not images:
+            images = caption_image_paths(src.files["train"]["caption"], limit=d.image_tokenizer.max_images)
+            if not images and given_vocab is None:
                 raise PipelineError("data.image_tokenizer: no {\"image\": path} segment in the caption training "
-                                    "files to train an image tokenizer on; give data.image_tokenizer.path")
-            log(f"tokenizers: image tokenizer on {len(images)} images, {d.image_tokenizer.steps} steps")
-            vq = train_tiny_tokenizer([str(x) for x in images], out_path=tmp / "vq", steps=d.image_tokenizer.steps,
-                                      seed=plan.seed, progress=ctx.progress, pool_size=len(images))
-        grid = tuple(int(x) for x in vq.grid)
+                                    "files to train an image tokenizer on; give data.image_tokenizer.path (or "
+                                    "data.vocab when their images are image_tokens)")
+            if images:
+                log(f"tokenizers: image tokenizer on {len(images)} images, {d.image_tokenizer.steps} steps")
+                vq = train_tiny_tokenizer([str(x) for x in images], out_path=tmp / "vq", steps=d.image_tokenizer.steps,
+                                          seed=plan.seed, progress=ctx.progress, pool_size=len(images))
+            else:  # images given as VQ codes of the given manifest: nothing to encode, no pictures drawn
+                vq = None
+                info["no_image_tokenizer"] = True
+                log("tokenizers: no image tokenizer: the caption data holds image_tokens of the given manifest "
+                    "(training and evaluation need none; the generate stage writes code grids, no pictures)")
+        grid = tuple(int(x) for x in vq.grid) if vq is not None else tuple(given_vocab.image_grid)
+        n_codes = int(vq.n_codes) if vq is not None else given_vocab.image_codes
         if given_vocab is not None:
             problems = []
-            if given_vocab.image_codes != int(vq.n_codes) or tuple(given_vocab.image_grid) != grid:
-                problems.append(f"image tokenizer has {vq.n_codes} codes on a {grid} grid, the manifest "
+            if given_vocab.image_codes != n_codes or tuple(given_vocab.image_grid) != grid:
+                problems.append(f"image tokenizer has {n_codes} codes on a {grid} grid, the manifest "
                                 f"{given_vocab.image_codes} on {tuple(given_vocab.image_grid)}")
             if text_size > given_vocab.text_size:
                 problems.append(f"text tokenizer has {text_size} ids, the manifest's text range {given_vocab.text_size}")
@@ -129,10 +116,10 @@ def stage_tokenizers(ctx: Context, src: Sources) -> dict:
                 raise PipelineError(f"data.vocab {d.vocab}: " + "; ".join(problems))
             vocab = dataclasses.replace(given_vocab, text_tokenizer=spec)
         else:
-            vocab = VocabManifest(text_size=text_size, image_codes=int(vq.n_codes), num_sentinels=d.num_sentinels,
+            vocab = VocabManifest(text_size=text_size, image_codes=n_codes, num_sentinels=d.num_sentinels,
                                   image_tokens_per_image=grid[0] * grid[1], image_grid=grid, text_tokenizer=spec)
         vocab.save(tmp / "vocab.json")
-        return {**info, "text_size": text_size, "image_codes": int(vq.n_codes), "grid": list(grid),
+        return {**info, "text_size": text_size, "image_codes": n_codes, "grid": list(grid),
                 "vocab_size": vocab.size}
 
     material = {"data": src.run, "text": dataclasses.asdict(tt), "image": dataclasses.asdict(d.image_tokenizer),
