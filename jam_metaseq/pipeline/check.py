@@ -227,7 +227,7 @@ def check_plan(plan: PlanSpec, *, source: str = "plan", lines: Mapping[tuple, in
         if d.text_tokenizer.path is None and d.vocab is None and not all(v is not None for _, v in given.values()):
             probs.add(("data", "text_tokenizer", "path"), "a given parent needs the tokenizer it was trained with "
                                                           "(a trained tokenizer would not match its embedding)")
-        if d.image_tokenizer.path is None and codes_only is False:
+        if d.image_tokenizer.path is None and codes_only is False and "img" in given:
             probs.add(("data", "image_tokenizer", "path"), "a given parent needs the image tokenizer it was trained "
                                                            "with (a trained one would not match its image codes)")
     # ---- image codes without an image tokenizer: the manifest they belong to must be given (what

@@ -224,9 +224,13 @@ class ShapeSpec:
     layers: int = Field(4, ge=1)
     """Layers; 4 or more, so that a cross block every 1, 2 and 4 layers differ."""
     heads: int = Field(4, ge=1)
-    """Attention heads (E must be a multiple)."""
-    activation: Literal["relu", "gelu"] = "relu"
-    """FFN activation."""
+    """Attention heads (E must be a multiple unless ``attn_head_dim`` is set)."""
+    kv_heads: int | None = Field(None, ge=1)
+    """Key/value heads of grouped-query attention (Llama family); null = ``heads``."""
+    attn_head_dim: int | None = Field(None, ge=1)
+    """Width of one head when it is not E / heads (Gemma); null = E / heads."""
+    activation: Literal["relu", "gelu", "silu", "gelu_tanh"] = "relu"
+    """FFN activation (``silu``, ``gelu_tanh``: the Llama family's, for given parents of it)."""
     bias: bool = True
     """Biases in the projections (False: CM3leon's ``--disable-bias``)."""
     affine_ln: bool = True
@@ -234,7 +238,9 @@ class ShapeSpec:
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ShapeSpec":
-        if self.embed_dim % self.heads:
+        if self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ValueError(f"kv_heads {self.kv_heads} does not divide heads {self.heads}")
+        if self.attn_head_dim is None and self.embed_dim % self.heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of heads {self.heads}")
         return self
 

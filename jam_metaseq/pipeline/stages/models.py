@@ -13,7 +13,9 @@ from jam_metaseq.pipeline.stages.context import Context
 
 def parent_config(ctx: Context, role: str = "llm") -> Any:
     """Parent ``role``'s ``DecoderConfig`` (a given parent's, else the plan's shape for it:
-    ``model``, or ``image_model`` for the image parent). Parents of one shape: either role's."""
+    ``model``, or ``image_model`` for the image parent). Parents of one shape: either role's. A
+    parent trained next to a given parent of another shape takes the plan's shape and every other
+    field from the given one (``config.SHAPE_FIELDS``: all the rest is shared)."""
     from jam_metaseq.models.config import DecoderConfig, config_from_dict
 
     roles = [role] + ([] if ctx.plan.asymmetric else [r for r in PARENTS if r != role])
@@ -25,6 +27,12 @@ def parent_config(ctx: Context, role: str = "llm") -> Any:
             return config_from_dict(m["config"])
     s: ShapeSpec = ctx.plan.image_shape if role == "img" else ctx.plan.shape
     vocab_size = ctx.markers["tokenizers"].get("vocab_size", 0) or 8
+    other = next((ctx.given[r][0] for r in PARENTS if r != role and r in ctx.given), None)
+    if other is not None:
+        # a parent trained next to a given one of another size (JAM-Cross): the plan's shape, every
+        # other field (family, norm, rotary, padding, positions, vocabulary) the given parent's
+        return dataclasses.replace(other, embed_dim=s.embed_dim, ffn_dim=s.ffn_dim, layers=s.layers, heads=s.heads,
+                                   kv_heads=s.kv_heads, attn_head_dim=s.attn_head_dim, arch="decoder")
     return DecoderConfig(vocab_size=vocab_size, embed_dim=s.embed_dim, ffn_dim=s.ffn_dim, layers=s.layers,
                          heads=s.heads, max_positions=ctx.plan.data.tokens_per_sample, bias=s.bias,
                          affine_ln=s.affine_ln, activation=s.activation)
