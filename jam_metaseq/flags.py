@@ -179,10 +179,11 @@ MODEL_FLAGS: tuple[Flag, ...] = (
     Flag("img_layers", "layers", "image", int,
          "JAM-Cross: layers of the image branch (cross pairs aligned by proportional depth)", "L"),
     Flag("img_attention_heads", "heads", "image", int, "JAM-Cross: attention heads of the image branch", "H"),
-    Flag("img_kv_heads", "kv_heads", "image", int, "JAM-Cross: key/value heads of the image branch", "G",
+    Flag("img_kv_heads", "kv_heads", "image", int, "JAM-Cross: key/value heads of the image branch (default: the "
+         "LLM's, or, with --img-attention-heads, as many as the image branch's heads)", "G", when_set=True),
+    Flag("img_head_dim", "attn_head_dim", "image", int, "JAM-Cross: attention head width of the image branch "
+         "(default: the LLM's, or, with --img-embed-dim or --img-attention-heads, its width / heads)", "D",
          when_set=True),
-    Flag("img_head_dim", "attn_head_dim", "image", int, "JAM-Cross: attention head width of the image branch",
-         "D", when_set=True),
     Flag("img_qk_norm", "qk_norm", "image", str,
          "JAM-Cross between parents of two families: the image branch's q/k norm (a Chameleon image parent "
          "beside a Llama LLM: layernorm_per_head)", choices=QK_NORMS, when_set=True),
@@ -274,6 +275,9 @@ def config_from_args(args: argparse.Namespace, *, vocab_size: int, padding_idx: 
         return uniform_of(parent)
     if family == ARCH_WIDTH:
         return width_of(parent)
+    if image:  # the image branch's own heads / width: its grouping and head width are its own too
+        image = {**({"kv_heads": None} if "heads" in image else {}),
+                 **({"attn_head_dim": None} if "heads" in image or "embed_dim" in image else {}), **image}
     return cross_of(parent, int(args.cross_every), cross_init=args.cross_init,
                     image_vocab_start=image_range[0], image_vocab_end=image_range[1],
                     image_parent=dataclasses.replace(parent, **image) if image else None)

@@ -125,3 +125,19 @@ def test_a_when_set_row_keeps_older_configs_bytes(monkeypatch):
     assert flags.args_from_config(changed)["attention_dropout_new"] == 0.25
     words = flags.command_line_from_config(changed)
     assert words[words.index("--attention-dropout-new") + 1] == "0.25"
+
+
+def test_image_branch_heads_without_kv_heads_is_plain_multi_head():
+    """--img-attention-heads without --img-kv-heads beside a grouped-query LLM (SmolLM2: 9 heads, 3
+    k/v heads): the image branch is plain multi-head, not the LLM's 3 k/v heads (which do not divide
+    4 heads); and a config with such a branch survives args_from_config -> config_from_args."""
+    from jam_metaseq.flags import args_from_config, config_from_args
+    from jam_metaseq.models.config import PRESETS, cross_of
+
+    llm = dataclasses.replace(PRESETS["llama_tiny"], embed_dim=48, heads=6, kv_heads=3)
+    img = dataclasses.replace(llm, embed_dim=32, heads=4, kv_heads=None, ffn_dim=48)
+    cfg = cross_of(llm, 1, image_parent=img)
+    ns = argparse.Namespace(**args_from_config(cfg))
+    back = config_from_args(ns, vocab_size=cfg.vocab_size, padding_idx=cfg.padding_idx)
+    assert back.img.num_kv_heads == 4 and back.llm.num_kv_heads == 3
+    assert back == cfg
