@@ -8,7 +8,7 @@ the ratio of the fastest turns (the least disturbed on a shared machine).
 Steps: a training step (forward + next-token cross-entropy + backward), a prefill, and one-token
 decode steps through the KV cache, eager (keys grow) and static (``span=``, the CUDA-graph step).
 
-    python benchmarks/bench_models_ab.py --baseline /work/wt/base              # tiny, opt_125m
+    python benchmarks/bench_models_ab.py --baseline ../base-checkout          # tiny, opt_125m
     python benchmarks/bench_models_ab.py --baseline ../main --shapes tiny,llama_tiny --repeats 50
 
 A shape the baseline does not know (e.g. a preset added since) is skipped with a note.
