@@ -1,6 +1,7 @@
 """Tiny random HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``GemmaForCausalLM`` models built
 from HF's own config classes and parameter names (the independent side of the family tests:
-``test_models_families.py``, ``test_ckpt_families.py``, ``test_fusion_families.py``)."""
+``test_models_families.py``, ``test_ckpt_families.py``, ``test_fusion_families.py``), and our model
+of any HF model (``ours_from``, also for Chameleon's)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,13 @@ def randomize_hf(model, *, seed: int, plus_one: bool):
             noise = torch.randn(p.shape, generator=g) * 0.1
             p.copy_(noise + (1.0 if "norm" in name and not plus_one else 0.0))  # Gemma scales by 1 + w
     return model
+
+
+def ours_from(hf) -> tuple[torch.nn.Module, object]:
+    """Our model of the HF model ``hf`` (any family of ``hf_families``), loaded strictly with its weights."""
+    from jam_metaseq.models import build_model, hf_families
+
+    cfg = hf_families.config_from_hf(hf.config.to_dict())
+    model = build_model(cfg).eval()
+    model.load_state_dict(hf_families.from_hf_state(hf.state_dict(), cfg), strict=True)
+    return model, cfg

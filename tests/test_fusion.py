@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _model_util import randomize_, random_tokens, tiny_cfg
+from _model_util import pre_norm_hidden, randomize_, random_tokens, tiny_cfg
 from jam_metaseq.fusion import (
     cross_tensor, fresh_tensor, merge_tensor, state_shapes, widen_matrix, widen_tensor,
 )
@@ -180,16 +180,6 @@ def _cross_state(cfg, llm: dict, img: dict, seed: int = 0) -> dict:
     return {k: cross_tensor(k, cfg=cfg, llm=llm.__getitem__, img=img.__getitem__, seed=seed) for k in state_shapes(cfg)}
 
 
-def _pre_ln_hidden(model: DecoderLM, tokens: torch.Tensor) -> torch.Tensor:
-    """The parent's hidden state entering its final LayerNorm: (B, T, E)."""
-    seen = []
-    h = model.decoder.layer_norm.register_forward_hook(lambda m, i, o: seen.append(i[0]))
-    try:
-        with torch.no_grad():
-            model(tokens)
-    finally:
-        h.remove()
-    return seen[0]
 
 
 def _parents(parent_cfg):
@@ -216,8 +206,8 @@ def test_preserve_init_reproduces_each_parent_in_its_branch(every, overrides):
     with torch.no_grad():
         x_llm, _ = fused.branch_features(text)
         _, x_img = fused.branch_features(image)
-    torch.testing.assert_close(x_llm, _pre_ln_hidden(llm, text), atol=1e-5, rtol=0)
-    torch.testing.assert_close(x_img, _pre_ln_hidden(img, image), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_llm, pre_norm_hidden(llm, text), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_img, pre_norm_hidden(img, image), atol=1e-5, rtol=0)
 
 
 def test_preserve_with_a_shared_embedding_reproduces_both_parents_on_mixed_tokens():
@@ -231,8 +221,8 @@ def test_preserve_with_a_shared_embedding_reproduces_both_parents_on_mixed_token
         x_llm, x_img = fused.branch_features(tokens)
         # Feature projection [I/2, I/2] then the averaged final LayerNorm.
         feats = fused.extract_features(tokens)
-    torch.testing.assert_close(x_llm, _pre_ln_hidden(llm, tokens), atol=1e-5, rtol=0)
-    torch.testing.assert_close(x_img, _pre_ln_hidden(img, tokens), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_llm, pre_norm_hidden(llm, tokens), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_img, pre_norm_hidden(img, tokens), atol=1e-5, rtol=0)
     torch.testing.assert_close(feats, fused.decoder.layer_norm((x_llm + x_img) / 2), atol=1e-6, rtol=0)
 
 
@@ -253,7 +243,7 @@ def test_paper_init_mixes_the_branches():
     text = random_tokens(2, 10, low=4, high=IMG_START, seed=3)
     with torch.no_grad():
         x_llm, _ = fused.branch_features(text)
-    assert (x_llm - _pre_ln_hidden(llm, text)).abs().max() > 1e-3
+    assert (x_llm - pre_norm_hidden(llm, text)).abs().max() > 1e-3
 
 
 def test_cross_tensor_sources():

@@ -1,4 +1,4 @@
-"""The repository's layering (issue 22 item 4, STYLE.md #22): imports point down the layers and no
+"""The repository's layering (issue 22 item 4; docs/ARCHITECTURE.md): imports point down the layers and no
 module is part of an import cycle. Read from the source with ``ast``; nothing is imported.
 
 Every ``import`` statement counts, at module level and inside functions alike: a function-level

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _hf_util import ours_from
 from _model_util import left_pad, random_tokens
 from jam_metaseq.models import build_model, count_parameters, hf_families, keys, preset
 from jam_metaseq.models.hf_families import chameleon as hf_chameleon
@@ -61,12 +62,6 @@ def hf_model(case: str, *, seed: int = 0, **over):
             p.copy_(noise + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
     return model.eval()
 
-
-def ours_from(hf) -> tuple[torch.nn.Module, DecoderConfig]:
-    cfg = hf_chameleon.config_from_hf(hf.config.to_dict())
-    model = build_model(cfg).eval()
-    model.load_state_dict(hf_families.from_hf_state(hf.state_dict(), cfg), strict=True)
-    return model, cfg
 
 
 @pytest.fixture(scope="module", params=list(CASES))

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _model_util import left_pad, randomize_, random_tokens, tiny_cfg
+from _model_util import left_pad, pre_norm_hidden, randomize_, random_tokens, tiny_cfg
 from jam_metaseq.fusion import cross_tensor, state_shapes
 from jam_metaseq.models import DecoderLM, JamCrossLM, build_model, count_parameters, cross_of, keys
 from jam_metaseq.models.config import CrossConfig, align_layer, config_from_json, config_to_json
@@ -298,15 +298,6 @@ def _parents(img_cfg):
     return llm, img
 
 
-def _pre_ln_hidden(model: DecoderLM, tokens: torch.Tensor) -> torch.Tensor:
-    seen = []
-    h = model.decoder.layer_norm.register_forward_hook(lambda m, i, o: seen.append(i[0]))
-    try:
-        with torch.no_grad():
-            model(tokens)
-    finally:
-        h.remove()
-    return seen[0]
 
 
 def _fused(cfg, llm, img, seed=0):
@@ -328,21 +319,21 @@ def test_preserve_init_reproduces_each_parent_in_its_branch(img, every):
     with torch.no_grad():
         x_llm, _ = fused.branch_features(text)
         _, x_img = fused.branch_features(image)
-    torch.testing.assert_close(x_llm, _pre_ln_hidden(llm, text), atol=1e-5, rtol=0)
-    torch.testing.assert_close(x_img, _pre_ln_hidden(imgm, image), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_llm, pre_norm_hidden(llm, text), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_img, pre_norm_hidden(imgm, image), atol=1e-5, rtol=0)
     if img.embed_dim != LLM.embed_dim:  # own embeddings: each branch is its parent on any tokens
         with torch.no_grad():
             x_llm, x_img = fused.branch_features(mixed)
             feats = fused.extract_features(mixed)
-        torch.testing.assert_close(x_llm, _pre_ln_hidden(llm, mixed), atol=1e-5, rtol=0)
-        torch.testing.assert_close(x_img, _pre_ln_hidden(imgm, mixed), atol=1e-5, rtol=0)
+        torch.testing.assert_close(x_llm, pre_norm_hidden(llm, mixed), atol=1e-5, rtol=0)
+        torch.testing.assert_close(x_img, pre_norm_hidden(imgm, mixed), atol=1e-5, rtol=0)
         W = max(LLM.embed_dim, img.embed_dim)
         pad = lambda x: torch.nn.functional.pad(x, (0, W - x.shape[-1]))  # noqa: E731
         torch.testing.assert_close(feats, fused.decoder.layer_norm((pad(x_llm) + pad(x_img)) / 2), atol=1e-6, rtol=0)
     # control: paper init mixes the branches
     paper = _fused(asym(img, every, "paper"), llm, imgm)
     with torch.no_grad():
-        assert (paper.branch_features(text)[0] - _pre_ln_hidden(llm, text)).abs().max() > 1e-3
+        assert (paper.branch_features(text)[0] - pre_norm_hidden(llm, text)).abs().max() > 1e-3
 
 
 def test_output_head_and_final_norm_of_two_widths():

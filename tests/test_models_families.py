@@ -23,16 +23,10 @@ from jam_metaseq.models.config import DecoderConfig
 from jam_metaseq.models.decoder import build_context, rotary_context
 
 transformers = pytest.importorskip("transformers")
-from _hf_util import CASES, MAIN, V, hf_model  # noqa: E402 (needs transformers)
+from _hf_util import CASES, MAIN, V, hf_model, ours_from  # noqa: E402 (needs transformers)
 
 torch.set_num_threads(1)
 ATOL = 1e-5
-
-def ours_from(hf) -> tuple[torch.nn.Module, DecoderConfig]:
-    cfg = hf_families.config_from_hf(hf.config.to_dict())
-    model = build_model(cfg).eval()
-    model.load_state_dict(hf_families.from_hf_state(hf.state_dict(), cfg), strict=True)
-    return model, cfg
 
 
 @pytest.fixture(scope="module", params=list(CASES))
