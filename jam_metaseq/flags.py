@@ -1,5 +1,5 @@
 """The host flags of a JAM training command, each declared once next to the field it fills (paper
-§2.1, §3.1; STYLE.md #23).
+§2.1, §3.1; docs/ARCHITECTURE.md, "Where is ...": one flag, one row).
 
 ``MODEL_FLAGS`` is the table of model flags: one ``Flag`` row per flag, with the config field it
 fills, its type, its default and its help. Everything that reads or writes model flags derives

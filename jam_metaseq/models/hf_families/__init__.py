@@ -1,5 +1,5 @@
 """Hugging Face ``transformers`` families <-> our models: the one registry of HF key maps and config
-translations (STYLE.md #2, #9, #24: a family is configuration plus a key map).
+translations (a family is configuration of our one decoder plus a key map; docs/ARCHITECTURE.md).
 
 One file per family, each holding its ``HFFamily`` (``base.py``: the key map as data, its
 ``config.json`` both ways, the check that its HF class computes a model of ours), and one entry in

@@ -1,5 +1,5 @@
 """One Hugging Face ``transformers`` family seen with our names: ``HFFamily``, a state-dict adapter
-(STYLE.md #9, #24) that is data.
+that is data (a family is configuration of our one decoder plus a key map; docs/ARCHITECTURE.md).
 
 An ``HFFamily`` holds the family's key map (each of our keys, block keys as ``decoder.layers.{}.``
 templates, -> its full HF name, the HF names whose rows concatenate into it, or None), its
